@@ -1,0 +1,34 @@
+"""One exception root for geoseg, mixed with the stdlib types callers already catch.
+
+Every message names the file or setting at fault and says what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class GeosegError(Exception):
+    """Root of every error geoseg raises on purpose."""
+
+
+class InputError(GeosegError, ValueError):
+    """An input raster, label file or band list cannot be used as given."""
+
+
+class InputNotFoundError(InputError, FileNotFoundError):
+    """An input path does not exist."""
+
+
+class GridMismatchError(InputError):
+    """Rasters that must share one grid (CRS, transform, shape) do not."""
+
+
+class ModelError(GeosegError, ValueError):
+    """A model directory or model card is missing, corrupt or inconsistent."""
+
+
+class OutputExistsError(GeosegError, FileExistsError):
+    """The output location already holds something that would be overwritten."""
+
+
+class ConfigError(GeosegError, ValueError):
+    """A job file, cluster profile or option is invalid."""

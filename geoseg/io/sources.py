@@ -1,0 +1,169 @@
+"""Input rasters: one multi-band file or several single-band files on one grid, stacked.
+
+Everything here opens files; the rest of geoseg sees a `RasterStack` (a small immutable
+description) and the arrays `read_window` returns.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import rasterio
+from odc.geo.geobox import GeoBox
+from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """One band of one file, as read into the stack."""
+
+    path: str
+    band: int  # 1-based, as GDAL counts
+    description: str | None
+    nodata: float | None
+    dtype: str
+    use_mask: bool  # the file has a mask band or alpha: read GDAL's mask, not only nodata
+
+
+@dataclass(frozen=True)
+class RasterStack:
+    """Bands from one or more files that share one grid, in the order they are stacked."""
+
+    bands: tuple[BandSource, ...]
+    grid: GeoBox
+    block_shape: tuple[int, int]
+
+    @property
+    def count(self) -> int:
+        return len(self.bands)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.path for b in self.bands))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.grid.shape)  # type: ignore[return-value]
+
+    def select(self, positions: Sequence[int]) -> "RasterStack":
+        return RasterStack(tuple(self.bands[i] for i in positions), self.grid, self.block_shape)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path or path.startswith("/vsi")
+
+
+def _open(path: str) -> rasterio.io.DatasetReader:
+    if not _is_remote(path) and not Path(path).exists():
+        raise InputNotFoundError(f"{path}: no such file; check the path")
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as exc:
+        raise InputError(
+            f"{path}: not a raster GDAL can read ({str(exc).splitlines()[0]}); "
+            "give a GeoTIFF, COG or VRT"
+        ) from None
+
+
+def grid_of(ds: rasterio.io.DatasetReader, path: str) -> GeoBox:
+    if ds.crs is None:
+        raise InputError(
+            f"{path}: raster has no CRS; assign one first, for example "
+            f"'gdal_edit.py -a_srs EPSG:XXXX {path}'"
+        )
+    if ds.transform.is_identity:
+        raise InputError(f"{path}: raster has no geotransform; georeference it first")
+    if ds.transform.b != 0 or ds.transform.d != 0:
+        raise InputError(f"{path}: rotated rasters are not supported; warp it north-up first (gdalwarp)")
+    return GeoBox((ds.height, ds.width), ds.transform, ds.crs)
+
+
+def same_grid(a: GeoBox, b: GeoBox) -> bool:
+    return (
+        tuple(a.shape) == tuple(b.shape)
+        and a.affine.almost_equals(b.affine, precision=1e-9 * max(1.0, abs(a.affine.a)))
+        and a.crs == b.crs
+    )
+
+
+def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
+    """Open inputs lazily: one multi-band raster, or several rasters on one grid, bands in order."""
+    if not paths:
+        raise InputError("no input raster given")
+    bands: list[BandSource] = []
+    grid: GeoBox | None = None
+    first = ""
+    block_shape = (512, 512)
+    for p in map(str, paths):
+        with _open(p) as ds:
+            g = grid_of(ds, p)
+            if grid is None:
+                grid, first = g, p
+                block_shape = tuple(ds.block_shapes[0])  # type: ignore[assignment]
+            elif not same_grid(grid, g):
+                raise GridMismatchError(
+                    f"{p}: grid differs from {first} (CRS, transform or shape); "
+                    "band files must share one grid: warp them onto one first (gdalwarp -tap)"
+                )
+            per_dataset = MaskFlags.per_dataset in ds.mask_flag_enums[0] or MaskFlags.alpha in ds.mask_flag_enums[0]
+            for i in range(1, ds.count + 1):
+                if ds.colorinterp[i - 1].name == "alpha":
+                    continue
+                bands.append(
+                    BandSource(
+                        path=p,
+                        band=i,
+                        description=ds.descriptions[i - 1],
+                        nodata=ds.nodatavals[i - 1],
+                        dtype=ds.dtypes[i - 1],
+                        use_mask=per_dataset,
+                    )
+                )
+    assert grid is not None
+    return RasterStack(tuple(bands), grid, block_shape)
+
+
+def _valid(data: np.ndarray, band: BandSource) -> np.ndarray:
+    valid = np.ones(data.shape, bool)
+    if band.nodata is not None:
+        if np.isnan(band.nodata):
+            valid &= ~np.isnan(data)
+        else:
+            valid &= data != band.nodata
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data)
+    return valid
+
+
+def read_window(stack: RasterStack, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """Bands of ``window`` as float32 ``(bands, h, w)`` and the valid mask ``(h, w)``.
+
+    A pixel is valid where every band is valid: not nodata, finite, not masked by a
+    mask band or alpha.
+    """
+    h, w = int(window.height), int(window.width)
+    out = np.empty((stack.count, h, w), np.float32)
+    valid = np.ones((h, w), bool)
+    by_path: dict[str, list[tuple[int, BandSource]]] = {}
+    for pos, b in enumerate(stack.bands):
+        by_path.setdefault(b.path, []).append((pos, b))
+    for path, items in by_path.items():
+        try:
+            with rasterio.open(path) as ds:
+                data = ds.read([b.band for _, b in items], window=window)
+                for k, (pos, b) in enumerate(items):
+                    valid &= _valid(data[k], b)
+                    out[pos] = data[k]
+                if items[0][1].use_mask:
+                    valid &= ds.read_masks(items[0][1].band, window=window) > 0
+        except RasterioIOError as exc:
+            raise InputError(f"{path}: read failed at {window} ({exc}); the file may be truncated") from None
+    return out, valid

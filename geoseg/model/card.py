@@ -1,0 +1,142 @@
+"""The model card: everything needed to run a network on a raster, stored as `model.json`.
+
+Network output index ``i`` is class ``classes[i].id``; ids are 0-254 and 255 is nodata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import ModelError
+
+SCHEMA_VERSION = 1
+NODATA_CLASS = 255
+CARD_NAME = "model.json"
+WEIGHTS_NAME = "weights.safetensors"
+
+# A palette that reads well in GIS viewers for the first classes of a generated model.
+DEFAULT_COLORS = (
+    "#d7191c", "#f2d680", "#a6d96a", "#1a9641", "#2b83ba", "#7b3294", "#e66101", "#bababa",
+    "#ff00ff", "#00ffff", "#8c510a", "#01665e", "#c51b7d", "#4d9221", "#542788", "#b35806",
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BandInfo(_Frozen):
+    """One input band as the network expects it, in stacking order."""
+
+    name: str
+    description: str | None = None
+    file: str | None = None
+    resolution_m: float | None = None
+
+
+class ClassInfo(_Frozen):
+    id: int = Field(ge=0, le=254)
+    name: str
+    color: str = "#808080"
+
+    @field_validator("color")
+    @classmethod
+    def _hex(cls, v: str) -> str:
+        if not re.fullmatch(r"#[0-9a-fA-F]{6}", v):
+            raise ValueError(f"colour {v!r} is not of the form #rrggbb")
+        return v.lower()
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+class Normalization(_Frozen):
+    """Per-band affine normalisation applied before the network: ``(x - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "Normalization":
+        if len(self.mean) != len(self.std):
+            raise ValueError("normalization mean and std must have one value per band")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("normalization std values must be > 0")
+        return self
+
+
+class ModelCard(_Frozen):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    encoder_depth: int = Field(default=5, ge=1, le=5)
+    arch_params: dict[str, Any] = Field(default_factory=dict)
+    bands: tuple[BandInfo, ...]
+    normalization: Normalization
+    classes: tuple[ClassInfo, ...]
+    stride: int = Field(ge=1, description="input size must be a multiple of this (encoder output stride)")
+    tile_size: int = Field(default=1024, ge=32)
+    receptive_field: int = Field(ge=0, description="radius in pixels of the measured impulse response")
+    default_halo: int = Field(ge=0)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ModelCard":
+        if len(self.normalization.mean) != len(self.bands):
+            raise ValueError(
+                f"normalization has {len(self.normalization.mean)} values but the card lists "
+                f"{len(self.bands)} bands"
+            )
+        ids = [c.id for c in self.classes]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"class ids must be unique, got {ids}")
+        if len(ids) < 1:
+            raise ValueError("a model needs at least one class")
+        return self
+
+    @property
+    def n_bands(self) -> int:
+        return len(self.bands)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        return tuple(c.id for c in self.classes)
+
+    @property
+    def exact_halo(self) -> int:
+        """The smallest stride-aligned halo that covers the receptive field."""
+        return -(-self.receptive_field // self.stride) * self.stride
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    @classmethod
+    def read(cls, path: Path) -> "ModelCard":
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ModelError(
+                f"{path}: model card not found; a model directory holds {CARD_NAME} and "
+                f"{WEIGHTS_NAME} (make one with 'geoseg model init' or 'geoseg train')"
+            ) from None
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "card"
+            raise ModelError(f"{path}: invalid model card at {where}: {first['msg']}") from None

@@ -1,0 +1,202 @@
+"""Model directories: ``model.json`` (the card) + ``weights.safetensors``. No pickle anywhere."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from geoseg.errors import ModelError, OutputExistsError
+from geoseg.model.card import (
+    CARD_NAME,
+    DEFAULT_COLORS,
+    WEIGHTS_NAME,
+    BandInfo,
+    ClassInfo,
+    ModelCard,
+    Normalization,
+)
+from geoseg.model.network import build_network, network_stride
+from geoseg.model.receptive_field import measure_receptive_field
+
+DEFAULT_HALO = 64
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded model: its card, the network in eval mode and the directory's digest."""
+
+    card: ModelCard
+    net: torch.nn.Module
+    digest: str
+    path: Path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_digest(model_dir: Path) -> str:
+    """Hash of card and weights together: what makes two model directories the same model."""
+    model_dir = Path(model_dir)
+    h = hashlib.sha256()
+    h.update((model_dir / CARD_NAME).read_bytes())
+    h.update(file_sha256(model_dir / WEIGHTS_NAME).encode())
+    return h.hexdigest()
+
+
+def read_card(model_dir: str | os.PathLike) -> ModelCard:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelError(
+            f"{model_dir}: model directory not found; make one with 'geoseg model init' or 'geoseg train'"
+        )
+    return ModelCard.read(model_dir / CARD_NAME)
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
+    """Validate card and weights file without building the network (cheap, for the client)."""
+    card = read_card(model_dir)
+    weights = Path(model_dir) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelError(f"{weights}: weights file missing; the model directory is incomplete, re-export it")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, Exception) as exc:  # safetensors raises several types
+        raise ModelError(f"{weights}: weights file is corrupt or truncated ({exc}); re-export the model") from None
+    return card
+
+
+def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
+    model_dir = Path(model_dir)
+    card = check_model_dir(model_dir)
+    weights = model_dir / WEIGHTS_NAME
+    net = build_network(card.arch, card.encoder, card.n_bands, card.n_classes, card.encoder_depth, card.arch_params)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:
+        raise ModelError(f"{weights}: weights file is corrupt or truncated ({exc}); re-export the model") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{weights}: weights do not fit the network in {model_dir / CARD_NAME} "
+            f"({str(exc).splitlines()[0]}); the card and weights come from different models"
+        ) from None
+    net = net.eval().to(device)
+    return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir)
+
+
+def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a model directory atomically: a temporary sibling renamed into place when complete."""
+    model_dir = Path(model_dir)
+    if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{model_dir}: already exists and is not empty; choose another directory or pass --overwrite")
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "geoseg_card_schema": "1"})
+        (tmp / CARD_NAME).write_text(card.to_json())
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        os.replace(tmp, model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model_dir
+
+
+def make_card(
+    net: torch.nn.Module,
+    *,
+    arch: str,
+    encoder: str,
+    encoder_depth: int,
+    bands: list[BandInfo],
+    classes: list[ClassInfo],
+    normalization: Normalization,
+    arch_params: dict[str, Any] | None = None,
+    tile_size: int = 1024,
+    default_halo: int | None = None,
+    provenance: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+) -> ModelCard:
+    """A card for ``net`` with its receptive field measured from the impulse response."""
+    stride = network_stride(net, encoder_depth)
+    rf = measure_receptive_field(net, len(bands), stride)
+    halo = DEFAULT_HALO if default_halo is None else default_halo
+    halo = -(-halo // stride) * stride
+    from geoseg import __version__
+
+    prov = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "geoseg": __version__}
+    prov.update(provenance or {})
+    return ModelCard(
+        arch=arch,
+        encoder=encoder,
+        encoder_depth=encoder_depth,
+        arch_params=dict(arch_params or {}),
+        bands=tuple(bands),
+        normalization=normalization,
+        classes=tuple(classes),
+        stride=stride,
+        tile_size=-(-tile_size // stride) * stride,
+        receptive_field=rf,
+        default_halo=min(halo, -(-rf // stride) * stride),
+        provenance=prov,
+        training=training,
+    )
+
+
+def default_classes(n: int) -> list[ClassInfo]:
+    return [ClassInfo(id=i, name=f"class_{i}", color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in range(n)]
+
+
+def init_model(
+    model_dir: str | os.PathLike,
+    *,
+    arch: str = "unet",
+    encoder: str = "resnet18",
+    n_bands: int = 4,
+    n_classes: int = 5,
+    seed: int = 0,
+    encoder_depth: int = 5,
+    classes: list[ClassInfo] | None = None,
+    bands: list[BandInfo] | None = None,
+    normalization: Normalization | None = None,
+    tile_size: int = 1024,
+    overwrite: bool = False,
+) -> ModelCard:
+    """Make a model directory with seeded random weights, so the pipeline runs before training."""
+    torch.manual_seed(seed)
+    classes = classes or default_classes(n_classes)
+    net = build_network(arch, encoder, n_bands, len(classes), encoder_depth)
+    card = make_card(
+        net,
+        arch=arch,
+        encoder=encoder,
+        encoder_depth=encoder_depth,
+        bands=bands or [BandInfo(name=f"band_{i + 1}") for i in range(n_bands)],
+        classes=classes,
+        normalization=normalization or Normalization(mean=(0.0,) * n_bands, std=(1.0,) * n_bands),
+        tile_size=tile_size,
+        provenance={"source": "geoseg model init", "seed": seed, "weights": "random"},
+    )
+    save_model(net, card, model_dir, overwrite=overwrite)
+    return card

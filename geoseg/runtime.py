@@ -1,0 +1,68 @@
+"""Per-process model cache: each worker loads a model once, from its directory, never from the graph."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from geoseg.model.store import ModelBundle, load_model
+
+_CACHE: dict["ModelRef", ModelBundle] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a task needs to find its model: a path and the digest it must have (a few bytes in the graph)."""
+
+    path: str
+    digest: str
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return requested
+
+
+def _worker_threads() -> int | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().state.nthreads
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def get_model(ref: ModelRef) -> ModelBundle:
+    """The model for ``ref``, loaded on first use in this process and kept."""
+    bundle = _CACHE.get(ref)
+    if bundle is not None:
+        return bundle
+    with _LOCK:
+        bundle = _CACHE.get(ref)
+        if bundle is None:
+            threads = _worker_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
+            if threads:
+                # One torch thread per dask thread: workers never oversubscribe the cores.
+                torch.set_num_threads(threads)
+            device = pick_device(ref.device)
+            bundle = load_model(ref.path, device=device)
+            if bundle.digest != ref.digest:
+                raise RuntimeError(
+                    f"{ref.path}: model changed while the job ran (digest {bundle.digest[:12]} != {ref.digest[:12]}); rerun the job"
+                )
+            bundle.net.to(memory_format=torch.channels_last)
+            _CACHE[ref] = bundle
+    return bundle
+
+
+def loaded_models() -> int:
+    """How many models this process holds (tests use it to show a worker loads once)."""
+    return len(_CACHE)

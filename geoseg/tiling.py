@@ -1,0 +1,161 @@
+"""The tiling plan: chunks with a halo on the raster's grid, planned without computing anything.
+
+Every output pixel is computed by a forward pass whose input reaches at least ``halo`` pixels
+beyond it wherever the scene continues. At the scene's edges inputs are cut, never filled.
+Chunk and tile origins, chunk and tile sizes and the halo are multiples of the network's stride,
+so every forward pass starts on the stride lattice and a pass that reaches the scene's end is
+padded to the same lattice point as one pass over the whole scene: tiled equals untiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterator
+
+from rasterio.windows import Window
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-int(value) // multiple) * multiple
+
+
+@dataclass(frozen=True, order=True)
+class Box:
+    """Half-open pixel rectangle ``[y0, y1) x [x0, x1)`` on the scene grid."""
+
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.y1 - self.y0, self.x1 - self.x0)
+
+    @property
+    def size(self) -> int:
+        return (self.y1 - self.y0) * (self.x1 - self.x0)
+
+    @property
+    def window(self) -> Window:
+        return Window(self.x0, self.y0, self.x1 - self.x0, self.y1 - self.y0)
+
+    def grow(self, by: int, limit: tuple[int, int]) -> "Box":
+        """This box grown by ``by`` on every side, cut (never filled) at the scene's limits."""
+        return Box(max(0, self.y0 - by), min(limit[0], self.y1 + by), max(0, self.x0 - by), min(limit[1], self.x1 + by))
+
+    def intersect(self, other: "Box") -> "Box | None":
+        b = Box(max(self.y0, other.y0), min(self.y1, other.y1), max(self.x0, other.x0), min(self.x1, other.x1))
+        return b if b.y0 < b.y1 and b.x0 < b.x1 else None
+
+    def relative_to(self, outer: "Box") -> tuple[slice, slice]:
+        """Slices selecting this box inside an array that covers ``outer``."""
+        return slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One forward pass: ``core`` is what it outputs, ``input`` what it reads (core + halo, cut)."""
+
+    core: Box
+    input: Box
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One unit of distributed work: ``core`` is written, ``input`` is read (core + halo, cut)."""
+
+    iy: int
+    ix: int
+    core: Box
+    input: Box
+
+
+@dataclass(frozen=True)
+class TilingPlan:
+    """How a scene of ``shape`` is cut into chunks and forward-pass tiles.
+
+    ``chunk_size`` is the side of the written chunks (the Zarr chunks), ``tile_size`` the side
+    of one forward pass's output; tiles of one chunk are batched together and never with
+    another chunk's, so results do not depend on scheduling.
+    """
+
+    shape: tuple[int, int]
+    chunk_size: int
+    halo: int
+    stride: int
+    tile_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_size", "tile_size", "halo"):
+            v = getattr(self, name)
+            if v < 0 or v % self.stride:
+                raise ValueError(f"{name}={v} must be a non-negative multiple of the network stride {self.stride}")
+        if self.chunk_size <= 0 or self.tile_size <= 0:
+            raise ValueError("chunk_size and tile_size must be > 0")
+
+    @classmethod
+    def make(
+        cls, shape: tuple[int, int], *, stride: int, chunk_size: int, halo: int, tile_size: int | None = None
+    ) -> "TilingPlan":
+        """A plan with sizes rounded up to the stride and tiles no larger than chunks."""
+        chunk = round_up(chunk_size, stride)
+        tile = min(round_up(tile_size or chunk, stride), chunk)
+        return cls((int(shape[0]), int(shape[1])), chunk, round_up(halo, stride), stride, tile)
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return (-(-self.shape[0] // self.chunk_size), -(-self.shape[1] // self.chunk_size))
+
+    @property
+    def chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Dask-style chunk sizes along y and x."""
+        return tuple(  # type: ignore[return-value]
+            tuple(min(self.chunk_size, n - o) for o in range(0, n, self.chunk_size)) for n in self.shape
+        )
+
+    def chunk(self, iy: int, ix: int) -> Chunk:
+        cs = self.chunk_size
+        core = Box(iy * cs, min(self.shape[0], (iy + 1) * cs), ix * cs, min(self.shape[1], (ix + 1) * cs))
+        return Chunk(iy, ix, core, core.grow(self.halo, self.shape))
+
+    def __iter__(self) -> Iterator[Chunk]:
+        ny, nx = self.grid_shape
+        for iy in range(ny):
+            for ix in range(nx):
+                yield self.chunk(iy, ix)
+
+    def __len__(self) -> int:
+        ny, nx = self.grid_shape
+        return ny * nx
+
+    def tiles(self, chunk: Chunk) -> list[Tile]:
+        c, ts = chunk.core, self.tile_size
+        return [
+            Tile(core, core.grow(self.halo, self.shape))
+            for y in range(c.y0, c.y1, ts)
+            for x in range(c.x0, c.x1, ts)
+            for core in [Box(y, min(c.y1, y + ts), x, min(c.x1, x + ts))]
+        ]
+
+    @cached_property
+    def forward_pixels(self) -> int:
+        """Pixels the network processes over the whole scene (before padding to the stride)."""
+        return sum(t.input.size for ch in self for t in self.tiles(ch))
+
+    @property
+    def overhead(self) -> float:
+        """Forward-pass pixels per scene pixel: the price of the halo."""
+        return self.forward_pixels / (self.shape[0] * self.shape[1])
+
+    def describe(self) -> dict:
+        return {
+            "shape": list(self.shape),
+            "chunk_size": self.chunk_size,
+            "tile_size": self.tile_size,
+            "halo": self.halo,
+            "stride": self.stride,
+            "chunks": len(self),
+            "overhead": round(self.overhead, 4),
+        }
