@@ -1,0 +1,28 @@
+# geoseg: one command to set up and run the demo, one to set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO ?= demo
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,cluster]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	bash scripts/demo.sh $(DEMO)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/predict_throughput.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

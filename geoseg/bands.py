@@ -1,0 +1,41 @@
+"""Match an input stack to the bands a model card expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from geoseg.errors import InputError
+from geoseg.io.sources import RasterStack
+from geoseg.model.card import ModelCard
+
+
+def match_bands(stack: RasterStack, card: ModelCard, model_dir: str = "the model") -> RasterStack:
+    """The stack's bands chosen and ordered as the card lists them, or a clear error.
+
+    Same count: taken in the order given, refused where band descriptions or file names show
+    a different band or order. More bands than the card: chosen by description.
+    """
+    where = ", ".join(stack.paths)
+    expected = [b.description or b.name for b in card.bands]
+    descs = [b.description for b in stack.bands]
+    if stack.count != card.n_bands:
+        if all(descs) and all(e in descs for e in expected):
+            return stack.select([descs.index(e) for e in expected])
+        raise InputError(
+            f"{where}: {stack.count} band(s) given but {model_dir} expects {card.n_bands} "
+            f"({', '.join(expected)}); give exactly those bands, in that order"
+        )
+    for i, (want, got) in enumerate(zip(card.bands, stack.bands)):
+        if want.description and got.description and want.description != got.description:
+            raise InputError(
+                f"{got.path}: band {got.band} is {got.description!r} but {model_dir} expects "
+                f"{want.description!r} at position {i + 1}; give the bands in the card's order ({', '.join(expected)})"
+            )
+    want_files = [b.file for b in card.bands]
+    got_files = [Path(b.path).name for b in stack.bands]
+    if all(want_files) and sorted(want_files) == sorted(got_files) and want_files != got_files:
+        raise InputError(
+            f"{where}: band files given in a different order than {model_dir} was trained on "
+            f"({', '.join(want_files)}); give them in that order"
+        )
+    return stack

@@ -1,0 +1,1 @@
+"""The `geoseg` command line (click, in the manner of rasterio's `rio`)."""

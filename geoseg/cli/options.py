@@ -1,0 +1,22 @@
+"""Options shared by several geoseg subcommands."""
+
+from __future__ import annotations
+
+import click
+
+images_arg = click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+model_opt = click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False),
+                         help="Model directory (model.json + weights.safetensors).")
+scheduler_opt = click.option("--scheduler", default=None, metavar="ADDRESS",
+                             help="Address of a running dask scheduler (tcp:// or tls://). Default: an embedded local cluster.")
+workers_opt = click.option("--workers", "n_workers", type=int, default=None,
+                           help="Worker processes of the embedded cluster (default: one per core).")
+chunk_opt = click.option("--chunk-size", type=int, default=None, metavar="PX",
+                         help="Side of the chunks a worker segments and writes (default 2048; rounded up to the network stride).")
+halo_opt = click.option("--halo", type=int, default=None, metavar="PX",
+                        help="Context read around every tile (default: the card's default_halo).")
+exact_opt = click.option("--exact", is_flag=True,
+                         help="Halo = the model's receptive field: the class map no longer depends on the chunking.")
+precision_opt = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+                             help="Numerics of the forward pass (bf16: autocast, fast on CPUs with AMX and on GPUs).")
+overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finished output.")

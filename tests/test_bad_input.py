@@ -1,0 +1,132 @@
+"""Bad input: one clear line naming the file, a non-zero exit, nothing written that looks complete.
+
+Each of these fails while the job is planned, before any cluster starts.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from geoseg.cli.main import cli
+
+from conftest import blob_scene, write_raster
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return result.exit_code, result.output
+
+
+def assert_refused(code, output, names, out_dir):
+    assert code != 0
+    line = output.strip().splitlines()[-1]
+    assert line.startswith("geoseg: error:"), output
+    assert str(names) in line, line
+    assert "Traceback" not in output
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+def test_missing_input(random_model, tmp_path):
+    code, out = run("predict", tmp_path / "nope.tif", "--model", random_model, "--out", tmp_path / "out")
+    assert_refused(code, out, tmp_path / "nope.tif", tmp_path / "out")
+    assert "no such file" in out
+
+
+def test_not_a_raster(random_model, tmp_path):
+    bad = tmp_path / "notes.tif"
+    bad.write_text("this is not a GeoTIFF")
+    code, out = run("predict", bad, "--model", random_model, "--out", tmp_path / "out")
+    assert_refused(code, out, bad, tmp_path / "out")
+
+
+def test_raster_without_crs(random_model, tmp_path):
+    image, _ = blob_scene(64, 64, 4, seed=0)
+    path = tmp_path / "nocrs.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4, dtype="uint16") as ds:
+        ds.write(image)
+    code, out = run("predict", path, "--model", random_model, "--out", tmp_path / "out")
+    assert_refused(code, out, path, tmp_path / "out")
+    assert "no CRS" in out
+
+
+def test_band_count_mismatch(random_model, tmp_path):
+    image, _ = blob_scene(64, 64, 3, seed=0)
+    path = write_raster(tmp_path / "three.tif", image)
+    code, out = run("predict", path, "--model", random_model, "--out", tmp_path / "out")
+    assert_refused(code, out, path, tmp_path / "out")
+    assert "expects 4" in out
+
+
+def test_mixed_grids(random_model, tmp_path):
+    a = write_raster(tmp_path / "a.tif", blob_scene(64, 64, 2, seed=0)[0])
+    b = write_raster(tmp_path / "b.tif", blob_scene(64, 80, 2, seed=0)[0])
+    code, out = run("predict", a, b, "--model", random_model, "--out", tmp_path / "out")
+    assert_refused(code, out, b, tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])
+def test_broken_weights(random_model, scene_path, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    weights = model / "weights.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        weights.write_bytes(b"\x00" * 64)
+    code, out = run("predict", scene_path, "--model", model, "--out", tmp_path / "out")
+    assert_refused(code, out, weights, tmp_path / "out")
+
+
+def test_corrupt_card(random_model, scene_path, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    (model / "model.json").write_text('{"schema_version": 1, "arch": "unet"')
+    code, out = run("predict", scene_path, "--model", model, "--out", tmp_path / "out")
+    assert_refused(code, out, model / "model.json", tmp_path / "out")
+
+
+def test_output_directory_with_other_files(random_model, scene_path, tmp_path):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "thesis.docx").write_text("precious")
+    code, out = run("predict", scene_path, "--model", random_model, "--out", out_dir)
+    assert code != 0 and str(out_dir) in out and "thesis.docx" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["thesis.docx"]
+
+
+def test_finished_output_needs_overwrite(client, random_model, scene_path, tmp_path):
+    from geoseg.predict import PredictOptions, predict
+
+    out_dir = tmp_path / "out"
+    predict([scene_path], random_model, out_dir, PredictOptions(chunk_size=256, cog=False, vectors=False), client=client)
+    before = (out_dir / "run.json").read_text()
+    code, out = run("predict", scene_path, "--model", random_model, "--out", out_dir)
+    assert code != 0 and "--overwrite" in out and str(out_dir) in out
+    assert (out_dir / "run.json").read_text() == before
+    record = predict([scene_path], random_model, out_dir, PredictOptions(chunk_size=128, overwrite=True, cog=False, vectors=False), client=client)
+    assert record["parameters"]["chunk_size"] == 128
+
+
+def test_interrupted_output_is_not_finished(client, random_model, scene_path, tmp_path):
+    """A run that dies mid-way leaves only *.partial names, never prediction.zarr or run.json."""
+    from geoseg.predict import PredictOptions, plan_job, run_segmentation
+
+    job = plan_job([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=128, resume=True))
+    (tmp_path / "out").mkdir()
+    store = tmp_path / "out" / "prediction.zarr.partial"
+    run_segmentation(job, client, store)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["prediction.zarr.partial"]
+    # Resuming the same job reuses every finished chunk and publishes the result.
+    from geoseg.predict import run_job
+
+    record = run_job(job, client)
+    assert record["chunks"]["reused"] == record["chunks"]["chunks"] and record["chunks"]["computed"] == 0
+    assert (tmp_path / "out" / "prediction.zarr").is_dir() and (tmp_path / "out" / "run.json").is_file()

@@ -1,0 +1,169 @@
+"""End-to-end `geoseg predict` on a real LocalCluster: seamless, georeferenced, nodata-exact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.features
+from rasterio.transform import from_origin
+
+from geoseg.infer import InferenceSettings, segment_array
+from geoseg.io.sources import open_stack, read_window
+from geoseg.io.zarr_store import open_prediction
+from geoseg.model.store import load_model
+from geoseg.predict import PredictOptions, predict
+from geoseg.tiling import Box
+
+from conftest import blob_scene, write_raster
+
+
+def one_pass(model_dir, image_path):
+    """The reference: one forward pass over the whole scene, no tiling."""
+    bundle = load_model(model_dir)
+    stack = open_stack([image_path])
+    data, valid = read_window(stack, Box(0, stack.shape[0], 0, stack.shape[1]).window)
+    return segment_array(bundle.net, bundle.card, data, valid, InferenceSettings())
+
+
+@pytest.mark.parametrize("model", ["random_model", "trained_model"])
+def test_exact_tiling_equals_one_pass(request, client, scene_path, tmp_path, model):
+    model_dir = request.getfixturevalue(model)
+    record = predict([scene_path], model_dir, tmp_path / "out", PredictOptions(chunk_size=256, exact=True, tile_size=128, cog=False, vectors=False), client=client)
+    assert record["chunks"]["computed"] == record["chunks"]["chunks"] > 1
+    ds = open_prediction(tmp_path / "out" / "prediction.zarr")
+    tiled_class, tiled_conf = ds["class_id"].values, ds["confidence"].values
+    ref_class, ref_conf = one_pass(model_dir, scene_path)
+    assert tiled_class.dtype == np.uint8
+    differing = np.count_nonzero(tiled_class != ref_class)
+    assert differing <= 1e-5 * ref_class.size, f"{differing} pixels differ"
+    valid = ref_class != 255
+    assert np.array_equal(np.isnan(tiled_conf), ~valid)
+    assert np.nanmax(np.abs(tiled_conf - ref_conf)) < 1e-4
+    # The scene is not trivially one class: the comparison means something.
+    assert len(np.unique(ref_class[valid])) > 1
+
+
+def test_small_halo_differs_from_exact(client, random_model, scene_path, tmp_path):
+    """With a halo below the receptive field, chunk borders show: the exact halo is what removes them."""
+    predict([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=64, halo=0, tile_size=64, cog=False, vectors=False), client=client)
+    tiled = open_prediction(tmp_path / "out" / "prediction.zarr")["class_id"].values
+    ref, _ = one_pass(random_model, scene_path)
+    assert np.count_nonzero(tiled != ref) > 0
+
+
+@pytest.fixture(scope="module")
+def full_run(client, trained_model, scene_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "out"
+    record = predict([scene_path], trained_model, out, PredictOptions(chunk_size=128), client=client)
+    return out, record
+
+
+def test_outputs_share_the_input_grid(full_run, scene_path):
+    out, record = full_run
+    with rasterio.open(scene_path) as src:
+        crs, transform, shape = src.crs, src.transform, src.shape
+    ds = open_prediction(out / "prediction.zarr")
+    assert ds.rio.crs == crs
+    assert ds.rio.transform() == transform
+    assert ds["class_id"].shape == shape
+    with rasterio.open(out / "classes.tif") as cog:
+        assert cog.crs == crs and cog.transform == transform and cog.shape == shape
+        assert cog.nodata == 255 and cog.dtypes[0] == "uint8"
+        assert np.array_equal(cog.read(1), ds["class_id"].values)
+    import geopandas as gpd
+
+    gdf = gpd.read_file(out / "landuse.gpkg")
+    assert gdf.crs == crs
+
+
+def test_nodata_is_255_everywhere(full_run, scene_path):
+    out, _ = full_run
+    with rasterio.open(scene_path) as src:
+        nodata = src.read(1) == 0
+    assert nodata.any()
+    class_id = open_prediction(out / "prediction.zarr")["class_id"].values
+    assert (class_id[nodata] == 255).all()
+    assert (class_id[~nodata] != 255).all()
+    with rasterio.open(out / "classes.tif") as cog:
+        assert (cog.read(1)[nodata] == 255).all()
+
+
+def test_cog_is_valid_with_colours_and_names(full_run, trained_model):
+    from rio_cogeo.cogeo import cog_validate
+
+    from geoseg.model.store import read_card
+
+    out, _ = full_run
+    valid, errors, _ = cog_validate(str(out / "classes.tif"))
+    assert valid, errors
+    card = read_card(trained_model)
+    with rasterio.open(out / "classes.tif") as cog:
+        cmap = cog.colormap(1)
+        for c in card.classes:
+            assert cmap[c.id][:3] == c.rgb
+        tags = json.dumps(cog.tags())
+        for c in card.classes:
+            assert c.name in tags
+
+
+def test_polygons_rasterize_back_to_the_class_map(full_run, scene_path):
+    import geopandas as gpd
+
+    out, _ = full_run
+    class_id = open_prediction(out / "prediction.zarr")["class_id"].values
+    with rasterio.open(scene_path) as src:
+        transform = src.transform
+    gdf = gpd.read_file(out / "landuse.gpkg")
+    assert {"class_id", "class_name", "area_m2"} <= set(gdf.columns)
+    burned = rasterio.features.rasterize(zip(gdf.geometry, gdf.class_id.astype(int)), out_shape=class_id.shape,
+                                         transform=transform, fill=255, dtype="uint8")
+    assert np.array_equal(burned, class_id)
+    assert np.isclose(gdf.area_m2.sum(), np.count_nonzero(class_id != 255) * 100.0)
+
+
+def test_run_record(full_run, trained_model):
+    from geoseg.model.store import model_digest
+
+    out, record = full_run
+    on_disk = json.loads((out / "run.json").read_text())
+    assert on_disk["model"]["digest"] == model_digest(trained_model)
+    assert on_disk["throughput_mpx_s"] > 0
+    assert {"torch", "rasterio", "dask"} <= set(on_disk["versions"])
+    assert not list(out.glob("*.partial"))
+
+
+def test_geographic_crs(client, random_model, tmp_path):
+    image, _ = blob_scene(100, 150, 4, seed=5)
+    path = write_raster(tmp_path / "geo.tif", image, crs="EPSG:4326", transform=from_origin(-79.0, 36.0, 1e-4, 1e-4), nodata=0)
+    out = tmp_path / "out"
+    predict([path], random_model, out, PredictOptions(chunk_size=64), client=client)
+    ds = open_prediction(out / "prediction.zarr")
+    assert ds.rio.crs == "EPSG:4326"
+    assert ds.rio.transform() == from_origin(-79.0, 36.0, 1e-4, 1e-4)
+    import geopandas as gpd
+
+    gdf = gpd.read_file(out / "landuse.gpkg")
+    # ~ 9 m x 11 m pixels at 36 N: geodesic, not square degrees.
+    px = gdf.area_m2.sum() / (100 * 150)
+    assert 90 < px < 110
+
+
+def test_band_files_are_stacked_in_order(client, random_model, scene_path, tmp_path):
+    """Four single-band files give the same result as the multi-band file."""
+    with rasterio.open(scene_path) as src:
+        data, profile = src.read(), src.profile
+    paths = []
+    for i in range(4):
+        profile.update(count=1)
+        p = tmp_path / f"b{i}.tif"
+        with rasterio.open(p, "w", **profile) as dst:
+            dst.write(data[i : i + 1])
+        paths.append(p)
+    predict(paths, random_model, tmp_path / "a", PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    predict([scene_path], random_model, tmp_path / "b", PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    a = open_prediction(tmp_path / "a" / "prediction.zarr")["class_id"].values
+    b = open_prediction(tmp_path / "b" / "prediction.zarr")["class_id"].values
+    assert np.array_equal(a, b)
