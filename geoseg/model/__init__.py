@@ -1,15 +1,16 @@
-"""Model cards, model directories and the networks they describe."""
+"""Model cards, model directories and the networks they describe.
 
-from geoseg.model.card import ClassInfo, ModelCard, BandInfo, Normalization
-from geoseg.model.store import init_model, load_model, save_model, ModelBundle
+``geoseg.model.card`` is light (pydantic only); ``store``/``network`` import torch on use.
+"""
 
-__all__ = [
-    "BandInfo",
-    "ClassInfo",
-    "ModelBundle",
-    "ModelCard",
-    "Normalization",
-    "init_model",
-    "load_model",
-    "save_model",
-]
+from geoseg.model.card import BandInfo, ClassInfo, ModelCard, Normalization
+
+__all__ = ["BandInfo", "ClassInfo", "ModelCard", "Normalization", "init_model", "load_model", "save_model"]
+
+
+def __getattr__(name: str):
+    if name in ("init_model", "load_model", "save_model", "ModelBundle"):
+        from geoseg.model import store
+
+        return getattr(store, name)
+    raise AttributeError(name)

@@ -1,0 +1,195 @@
+"""Polygons of the class map: exact, 4-connected, with areas in square metres, written atomically."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import deque
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+from affine import Affine
+from pyproj import CRS, Geod
+from rasterio.features import rasterize
+
+from geoseg.errors import ConfigError
+from geoseg.model.card import NODATA_CLASS
+from geoseg.sample import class_field, sample_classes, scene_spec, valid_mask
+from geoseg.tiling import Box
+from geoseg.vectorize import polygonize, write_vectors
+
+CLASSES = sample_classes(5)
+UTM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
+
+
+def components(a: np.ndarray, nodata: int = NODATA_CLASS) -> dict[int, list[int]]:
+    """Sizes of the 4-connected regions of each class, by flood fill (independent of GDAL)."""
+    seen = np.zeros(a.shape, bool)
+    out: dict[int, list[int]] = {}
+    h, w = a.shape
+    for y in range(h):
+        for x in range(w):
+            if seen[y, x] or a[y, x] == nodata:
+                continue
+            value, size, queue = a[y, x], 0, deque([(y, x)])
+            seen[y, x] = True
+            while queue:
+                cy, cx = queue.popleft()
+                size += 1
+                for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
+                    if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and a[ny, nx] == value:
+                        seen[ny, nx] = True
+                        queue.append((ny, nx))
+            out.setdefault(int(value), []).append(size)
+    return out
+
+
+def burn(gdf: gpd.GeoDataFrame, shape: tuple[int, int], transform: Affine) -> np.ndarray:
+    if len(gdf) == 0:
+        return np.full(shape, NODATA_CLASS, np.uint8)
+    pairs = zip(gdf.geometry, gdf["class_id"].astype(int))
+    return rasterize(pairs, out_shape=shape, transform=transform, fill=NODATA_CLASS, all_touched=False, dtype="uint8")
+
+
+def check_exact(a: np.ndarray, transform: Affine, gdf: gpd.GeoDataFrame) -> None:
+    np.testing.assert_array_equal(burn(gdf, a.shape, transform), a)
+    expected = components(a)
+    got = gdf.groupby("class_id").size().to_dict()
+    assert got == {k: len(v) for k, v in expected.items()}
+    # polygons do not overlap: their areas add up to the valid pixels exactly
+    assert shapely.area(gdf.geometry.values).sum() == pytest.approx((a != NODATA_CLASS).sum() * abs(transform.determinant))
+
+
+@pytest.fixture(scope="module")
+def blob_map() -> np.ndarray:
+    spec = scene_spec(120, 150, seed=11)
+    box = Box(0, 120, 0, 150)
+    a = class_field(spec, box)
+    a[~valid_mask(spec, box)] = NODATA_CLASS
+    return a
+
+
+def test_blob_map_round_trips_exactly(blob_map):
+    gdf = polygonize(blob_map, UTM, "EPSG:32617", CLASSES)
+    assert list(gdf.columns) == ["class_id", "class_name", "area_m2", "geometry"]
+    assert gdf.crs.to_epsg() == 32617
+    assert gdf.geom_type.eq("Polygon").all() and gdf.is_valid.all()
+    check_exact(blob_map, UTM, gdf)
+    names = dict(zip(gdf["class_id"], gdf["class_name"]))
+    assert names == {c.id: c.name for c in CLASSES if c.id in names}
+
+
+def test_diagonals_and_holes_follow_4_connectivity():
+    a = np.array(
+        [
+            [0, 1, 0, 2, 2, 2, 2, 2],
+            [1, 0, 1, 2, 3, 3, 3, 2],
+            [0, 1, 0, 2, 3, 255, 3, 2],
+            [255, 255, 3, 2, 3, 3, 3, 2],
+            [1, 1, 1, 2, 2, 2, 2, 2],
+            [1, 7, 1, 0, 0, 255, 0, 0],
+        ],
+        np.uint8,
+    )
+    gdf = polygonize(a, UTM, "EPSG:32617", CLASSES)
+    check_exact(a, UTM, gdf)
+    counts = gdf.groupby("class_id").size().to_dict()
+    # the 0s and 1s of the checkerboard touch only at corners: 5 + 2 zeros, 4 + 1 ones
+    assert counts == {0: 7, 1: 5, 2: 1, 3: 2, 7: 1}
+    ring = gdf[gdf["class_id"] == 2].geometry.iloc[0]
+    assert len(ring.interiors) == 1  # the ring of 2s has the 3s (and their nodata pixel) inside
+    assert ring.area == 16 * 100.0
+    assert gdf.loc[gdf["class_id"] == 7, "class_name"].item() == "class_7"
+    # the nodata pixel inside the 3s is in no polygon: a hole of the 3s' ring
+    threes = gdf[(gdf["class_id"] == 3)].sort_values("area_m2").geometry.iloc[-1]
+    assert len(threes.interiors) == 1
+    nodata_centre = shapely.Point(UTM @ (5.5, 2.5))
+    assert not gdf.geometry.covers(nodata_centre).any()
+
+
+def test_area_is_pixel_count_times_pixel_area(blob_map):
+    gdf = polygonize(blob_map, UTM, "EPSG:32617", CLASSES)
+    expected = components(blob_map)
+    for class_id, sizes in expected.items():
+        got = sorted(gdf.loc[gdf["class_id"] == class_id, "area_m2"])
+        assert got == pytest.approx(sorted(s * 100.0 for s in sizes))
+
+
+def test_area_in_us_survey_feet():
+    a = np.zeros((4, 5), np.uint8)
+    a[1:3, 1:4] = 1
+    feet = Affine(10.0, 0.0, 2000000.0, 0.0, -10.0, 700000.0)  # 10 ftUS pixels
+    gdf = polygonize(a, feet, "EPSG:2264", CLASSES)  # NC State Plane, US survey feet
+    assert CRS(gdf.crs).axis_info[0].unit_name == "US survey foot"
+    ft = 1200 / 3937
+    area = dict(zip(gdf["class_id"], gdf["area_m2"]))
+    assert area[1] == pytest.approx(6 * 100 * ft * ft)
+    assert area[0] == pytest.approx(14 * 100 * ft * ft)
+
+
+def test_geodesic_area_for_geographic_crs():
+    a = np.full((30, 30), 1, np.uint8)
+    a[10:20, 10:20] = 2  # 0.1 x 0.1 degrees: a hole in class 1's polygon
+    t = Affine(0.01, 0.0, -79.0, 0.0, -0.01, 36.0)
+    gdf = polygonize(a, t, "EPSG:4326", CLASSES)
+    check_exact(a, t, gdf)
+    geod = Geod(ellps="WGS84")
+    inner, _ = geod.polygon_area_perimeter([-78.9, -78.8, -78.8, -78.9], [35.9, 35.9, 35.8, 35.8])
+    outer, _ = geod.polygon_area_perimeter([-79.0, -78.7, -78.7, -79.0], [36.0, 36.0, 35.7, 35.7])
+    area = dict(zip(gdf["class_id"], gdf["area_m2"]))
+    assert area[2] == pytest.approx(abs(inner), rel=1e-9)
+    assert area[1] == pytest.approx(abs(outer) - abs(inner), rel=1e-9)
+    # and plausible on its own: 0.1 degree of latitude ~ 11.1 km, of longitude ~ 11.1 km x cos(35.85)
+    assert area[2] == pytest.approx(11.09e3 * 11.09e3 * np.cos(np.radians(35.85)), rel=0.01)
+
+
+def test_all_nodata_gives_empty_frame_with_schema(tmp_path):
+    gdf = polygonize(np.full((8, 8), NODATA_CLASS, np.uint8), UTM, "EPSG:32617", CLASSES)
+    assert len(gdf) == 0
+    assert list(gdf.columns) == ["class_id", "class_name", "area_m2", "geometry"]
+    assert gdf.crs.to_epsg() == 32617
+    names = ["empty.gpkg"] + (["empty.parquet"] if importlib.util.find_spec("pyarrow") else [])
+    for name in names:
+        path = write_vectors(gdf, tmp_path / name)
+        back = gpd.read_file(path) if name.endswith(".gpkg") else gpd.read_parquet(path)
+        assert len(back) == 0
+        assert list(back.columns) == ["class_id", "class_name", "area_m2", "geometry"]
+        assert back.crs.to_epsg() == 32617
+    info = pyogrio.read_info(tmp_path / "empty.gpkg", layer="landuse")
+    assert info["geometry_type"] == "Polygon"
+
+
+@pytest.mark.parametrize("name", ["landuse.gpkg", "landuse.parquet"])
+def test_files_round_trip(tmp_path, blob_map, name):
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    gdf = polygonize(blob_map, UTM, "EPSG:32617", CLASSES)
+    path = write_vectors(gdf, tmp_path / name)
+    if name.endswith(".gpkg"):
+        assert pyogrio.list_layers(path)[:, 0].tolist() == ["landuse"]
+        back = gpd.read_file(path, layer="landuse")
+    else:
+        back = gpd.read_parquet(path)
+    assert back.crs == gdf.crs and back.crs.to_epsg() == 32617
+    assert len(back) == len(gdf)
+    assert back["class_id"].astype(int).tolist() == gdf["class_id"].astype(int).tolist()
+    assert back["class_name"].tolist() == gdf["class_name"].tolist()
+    np.testing.assert_allclose(back["area_m2"], gdf["area_m2"])
+    assert shapely.equals(back.geometry.values, gdf.geometry.values).all()
+    check_exact(blob_map, UTM, back)
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+    # writing again replaces the file in one step
+    write_vectors(gdf.iloc[:3], path)
+    again = gpd.read_file(path) if name.endswith(".gpkg") else gpd.read_parquet(path)
+    assert len(again) == 3
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_unknown_suffix_is_refused(tmp_path, blob_map):
+    gdf = polygonize(blob_map, UTM, "EPSG:32617", CLASSES)
+    with pytest.raises(ConfigError, match=r"\.gpkg"):
+        write_vectors(gdf, tmp_path / "landuse.shp")
+    assert list(tmp_path.iterdir()) == []
