@@ -5,18 +5,20 @@ BIN := $(VENV)/bin
 DEMO ?= demo
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-synthetic test bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,cluster]"
 	touch $@
 
 install: $(BIN)/.installed
 
 demo: install
-	bash scripts/demo.sh $(DEMO)
+	BIN=$(BIN) bash scripts/demo.sh $(DEMO)
+
+demo-synthetic: install
+	BIN=$(BIN) bash scripts/demo_synthetic.sh $(DEMO)-synthetic
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -25,4 +27,4 @@ bench: install
 	$(BIN)/python benchmarks/predict_throughput.py
 
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) $(DEMO)-synthetic .pytest_cache

@@ -46,6 +46,11 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     # geoseg speaks at the chosen level; dask and the rest only when something is wrong (or -vv).
     logging.basicConfig(level=logging.DEBUG if verbosity > 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("geoseg").setLevel(level)
+    # distributed configures its own loggers at INFO when first imported, and the embedded
+    # scheduler runs in this process: import it now, then quieten it.
+    import distributed  # noqa: F401
+
+    logging.getLogger("distributed").setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 

@@ -1,0 +1,144 @@
+"""`geoseg train`: train a model directory on labelled imagery."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+
+import click
+
+from geoseg.cli import options as opt
+
+
+@contextlib.contextmanager
+def geoseg_warnings():
+    """Show geoseg's own warnings (labels accepted on an equivalent CRS, ...) as one plain line."""
+    from geoseg.train.labels import LabelGridWarning
+
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, LabelGridWarning):
+                click.echo(f"geoseg: warning: {message}", err=True)
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
+region_opts = [
+    click.option("--bbox", nargs=4, type=float, default=None, metavar="XMIN YMIN XMAX YMAX",
+                 help="Use only this area (image CRS coordinates; snapped outward to whole pixels)."),
+    click.option("--window", nargs=4, type=int, default=None, metavar="COL ROW WIDTH HEIGHT",
+                 help="Use only this pixel window of the image."),
+]  # fmt: skip
+
+label_opts = [
+    click.option("--labels", "labels", required=True, type=click.Path(dir_okay=False),
+                 help="Class raster on the image grid, or polygons (GeoPackage, GeoJSON, Shapefile)."),
+    click.option("--label-field", default=None, metavar="FIELD",
+                 help="Vector labels: the field with class ids or class names (default: class_id, class or label)."),
+    click.option("--ignore-index", "ignore", type=int, multiple=True, metavar="ID",
+                 help="A label value left out of the loss and the metrics (repeatable). Nodata always is."),
+    click.option("--reproject-labels", is_flag=True,
+                 help="Resample a label raster on another grid onto the image grid (nearest neighbour)."),
+]  # fmt: skip
+
+
+def apply(options):
+    def deco(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+
+    return deco
+
+
+@click.command(short_help="Train a model on labelled imagery.")
+@opt.images_arg
+@apply(label_opts)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
+              help="classes.yaml: a list of {id, name, color}; default: from the labels.")
+@click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
+@click.option("--encoder", default="resnet18", show_default=True, help="Encoder (randomly initialised, nothing downloaded).")
+@click.option("--encoder-depth", type=click.IntRange(1, 5), default=4, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
+@click.option("--chip-size", type=click.IntRange(8), default=128, show_default=True, metavar="PX",
+              help="Side of the training chips (rounded to the network stride).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Batches per epoch (default: ~2 passes over the training area, 10-200).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate (warm-up, then cosine decay).")
+@click.option("--weight-decay", type=float, default=1e-4, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=8, show_default=True,
+              help="Stop after this many epochs without a better validation mIoU.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
+              help="Share of the labelled spatial blocks held out for validation.")
+@click.option("--block-size", type=click.IntRange(8), default=None, metavar="PX",
+              help="Side of the spatial blocks of the train/validation split (default: twice the chip size).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA (mixed precision) when a GPU is present, else the CPU.")
+@click.option("--no-amp", is_flag=True, help="Train in fp32 on CUDA too.")
+@click.option("--tile-size", type=int, default=1024, show_default=True, help="Forward-pass tile recorded in the card for predict.")
+@apply(region_opts)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out from its last finished epoch.")
+@opt.overwrite_opt
+@click.pass_context
+def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, classes_file, arch, encoder, encoder_depth,
+          epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed,
+          device, no_amp, tile_size, bbox, window, resume, overwrite):
+    """Train a network on IMAGE (one multi-band raster, or several single-band rasters on one
+    grid, stacked in the order given) and --labels, and write the model directory --out
+    (model.json + weights.safetensors), the format `geoseg predict` reads.
+
+    \b
+    Class ids keep the values the labels use (0-254). Chips are drawn from labelled pixels;
+    training and validation come from separate spatial blocks. Normalisation statistics come
+    from the training imagery and go into the card. After every epoch a checkpoint is saved
+    next to --out (OUT.training/); --resume continues an interrupted run from it.
+    """
+    from geoseg.train.loop import TrainConfig, TrainInputs, working_dir
+    from geoseg.train.loop import train as run
+
+    verbosity = (ctx.obj or {}).get("verbosity", 0)
+    config = TrainConfig(
+        arch=arch, encoder=encoder, encoder_depth=encoder_depth, epochs=epochs, chip_size=chip_size,
+        batch_size=batch_size, steps_per_epoch=steps_per_epoch, lr=lr, weight_decay=weight_decay, patience=patience,
+        val_fraction=val_fraction, block_size=block_size, seed=seed, tile_size=tile_size,
+    )  # fmt: skip
+    inputs = TrainInputs(
+        images=tuple(images), labels=labels, label_field=label_field, classes_file=classes_file, ignore=tuple(ignore),
+        reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
+    )  # fmt: skip
+
+    def progress(r):
+        if verbosity < 0:
+            return
+        val = "" if r.get("val_miou") is None else f"  val loss {r['val_loss']:.4f}  val mIoU {r['val_miou']:.4f}"
+        stop = "  (no better for --patience epochs: stopping)" if r["stopped"] else ""
+        click.echo(f"epoch {r['epoch']:>3}/{r['epochs']}  loss {r['loss']:.4f}{val}  lr {r['lr']:.2e}  {r['seconds']:.1f} s{stop}")
+
+    try:
+        with geoseg_warnings():
+            result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
+                         progress=progress)  # fmt: skip
+    except KeyboardInterrupt:
+        click.echo(f"geoseg: interrupted; the last finished epoch is saved in {working_dir(out_dir)}: "
+                   "run the same command with --resume to continue", err=True)  # fmt: skip
+        sys.exit(130)
+    if verbosity >= 0:
+        from geoseg.train.metrics import Metrics
+
+        tr = result.card.training or {}
+        if tr.get("metrics"):
+            click.echo(f"\nvalidation (epoch {tr['best_epoch']}, {tr['split']['val']['blocks']} held-out blocks):")
+            click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
+        click.echo(
+            f"model written to {out_dir}: {result.card.arch}/{result.card.encoder} depth {result.card.encoder_depth}, "
+            f"{result.card.n_bands} bands, {result.card.n_classes} classes, {tr.get('epochs_run')} epochs in "
+            f"{tr.get('seconds', 0):.0f} s on {tr.get('device')}"
+        )

@@ -1,0 +1,491 @@
+"""Labels on the image grid: a class raster, or vector polygons rasterized window by window.
+
+Every label source answers one question, ``read_labels(source, box)``: the class ids (uint8,
+255 = no label) of the image pixels in ``box``. Ids keep the values the labels use; they must
+be integers 0-254. Nodata, values passed as ``ignore`` and pixels outside the labels are 255.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pyproj
+import rasterio
+from odc.geo.geobox import GeoBox
+from rasterio.enums import MaskFlags, Resampling
+from rasterio.errors import RasterioIOError
+from rasterio.vrt import WarpedVRT
+from affine import Affine
+
+from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
+from geoseg.io.sources import grid_of
+from geoseg.model.card import DEFAULT_COLORS, NODATA_CLASS, ClassInfo
+from geoseg.tiling import Box
+
+log = logging.getLogger(__name__)
+
+VECTOR_SUFFIXES = frozenset({".gpkg", ".geojson", ".json", ".shp", ".fgb", ".gml", ".kml", ".parquet", ".sqlite"})
+# Field names taken as the class field when --label-field is not given, in this order.
+FIELD_GUESSES = ("class_id", "classid", "class", "label", "class_name", "classname", "landcover", "lc")
+# PROJ terms that name a datum or its realisation rather than the projection itself.
+_DATUM_TERMS = ("datum", "towgs84", "nadgrids", "ellps", "no_defs", "type", "wktext", "geoidgrids", "vunits", "init")
+
+
+class LabelGridWarning(UserWarning):
+    """Labels were accepted on a grid whose CRS differs from the image's only in datum realisation."""
+
+
+# -- classes ---------------------------------------------------------------------------------
+
+
+def load_classes(path: str | os.PathLike) -> tuple[ClassInfo, ...]:
+    """Classes from a YAML file: a list of ``{id, name, color}`` (or ``{classes: [...]}``), sorted by id."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path}: classes file not found; give a YAML list of {{id, name, color}}")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); give a list of {{id, name, color}}") from None
+    if isinstance(doc, dict) and "classes" in doc:
+        doc = doc["classes"]
+    if not isinstance(doc, list) or not doc:
+        raise InputError(f"{path}: expected a non-empty list of {{id, name, color}} entries")
+    classes = []
+    for i, entry in enumerate(doc):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise InputError(f"{path}: entry {i + 1} is not a mapping with an id (and name, color)")
+        cid = entry["id"]
+        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid <= 254:
+            raise InputError(f"{path}: entry {i + 1} has id {cid!r}; class ids must be integers 0-254 (255 is nodata)")
+        color = entry.get("color") or DEFAULT_COLORS[len(classes) % len(DEFAULT_COLORS)]
+        try:
+            classes.append(ClassInfo(id=cid, name=str(entry.get("name") or f"class_{cid}"), color=str(color)))
+        except ValueError as exc:
+            raise InputError(f"{path}: entry {i + 1} ({cid}): {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}") from None
+    ids = [c.id for c in classes]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise InputError(f"{path}: class id(s) {dup} listed more than once; each id once")
+    names = [c.name.casefold() for c in classes]
+    dup_names = sorted({c.name for c in classes if names.count(c.name.casefold()) > 1})
+    if dup_names:
+        raise InputError(f"{path}: class name(s) {dup_names} listed more than once; each name once")
+    return tuple(sorted(classes, key=lambda c: c.id))
+
+
+def default_classes(ids: Iterable[int]) -> tuple[ClassInfo, ...]:
+    """Named ``class_<id>`` with the default palette, for labels that come without names."""
+    return tuple(
+        ClassInfo(id=int(i), name=f"class_{int(i)}", color=DEFAULT_COLORS[k % len(DEFAULT_COLORS)])
+        for k, i in enumerate(sorted(set(int(i) for i in ids)))
+    )
+
+
+# -- CRS -------------------------------------------------------------------------------------
+
+
+def _pyproj(crs: Any) -> pyproj.CRS:
+    proj = getattr(crs, "proj", None)  # odc-geo CRS
+    if isinstance(proj, pyproj.CRS):
+        return proj
+    if hasattr(crs, "to_wkt"):
+        return pyproj.CRS.from_wkt(crs.to_wkt())
+    return pyproj.CRS.from_user_input(crs)
+
+
+def _projection_terms(crs: pyproj.CRS) -> dict[str, Any]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # to_dict warns that it drops datum information: that is the point
+        terms = crs.to_dict()
+    return {k: v for k, v in terms.items() if k not in _DATUM_TERMS}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-9)
+    return a == b
+
+
+def crs_equivalent(a: Any, b: Any) -> bool:
+    """Same projection, parameters, units and ellipsoid; the datum realisation may differ.
+
+    EPSG:32119 (NAD83) and EPSG:3358 (NAD83(HARN)) are equivalent: pyproj calls them unequal,
+    but coordinates on one grid mean the same pixels to well under a metre.
+    """
+    pa, pb = _pyproj(a), _pyproj(b)
+    if pa.equals(pb, ignore_axis_order=True):
+        return True
+    if pa.is_projected != pb.is_projected or pa.is_geographic != pb.is_geographic:
+        return False
+    ea, eb = pa.ellipsoid, pb.ellipsoid
+    if ea is None or eb is None:
+        return False
+    if not (
+        math.isclose(ea.semi_major_metre, eb.semi_major_metre, rel_tol=1e-12)
+        and math.isclose(ea.semi_minor_metre, eb.semi_minor_metre, rel_tol=1e-12)
+    ):
+        return False
+    pma, pmb = pa.prime_meridian, pb.prime_meridian
+    if pma is not None and pmb is not None and not math.isclose(pma.longitude, pmb.longitude, abs_tol=1e-12):
+        return False
+    ta, tb = _projection_terms(pa), _projection_terms(pb)
+    return ta.keys() == tb.keys() and all(_same_value(ta[k], tb[k]) for k in ta)
+
+
+def _crs_name(crs: Any) -> str:
+    p = _pyproj(crs)
+    epsg = p.to_epsg(min_confidence=70)
+    if epsg:
+        return f"EPSG:{epsg} ({p.name})"
+    name = p.name if p.name and p.name != "unnamed" else "an unnamed CRS"
+    try:  # GDAL identifies more of the CRSs old files carry than PROJ does
+        like = rasterio.crs.CRS.from_wkt(p.to_wkt()).to_epsg()
+    except Exception:
+        like = None
+    return f"{name} (GDAL reads it as EPSG:{like})" if like else name
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def _to_ids(data: np.ndarray, valid: np.ndarray, nodata: float | None, ignore: Sequence[int], path: str, box: Box) -> np.ndarray:
+    """Label values to uint8 class ids (255 = no label), or a clear error for values that are no id."""
+    if nodata is not None:
+        valid &= ~np.isnan(data) if np.isnan(nodata) else data != nodata
+    if np.issubdtype(data.dtype, np.floating):
+        valid &= np.isfinite(data)
+    for v in ignore:
+        valid &= data != v
+    values = data[valid]
+    out = np.full(data.shape, NODATA_CLASS, np.uint8)
+    if values.size == 0:
+        return out
+    if np.issubdtype(values.dtype, np.floating):
+        frac = values != np.floor(values)
+        if frac.any():
+            raise InputError(
+                f"{path}: label value {values[frac][0]!r} (window rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}) "
+                "is not an integer class id; labels must hold integer ids 0-254"
+            )
+    lo, hi = values.min(), values.max()
+    if lo < 0 or hi > 254:
+        bad = lo if lo < 0 else hi
+        bad_s = int(bad) if np.isfinite(bad) else bad
+        raise InputError(
+            f"{path}: label value {bad_s} is not a class id (ids are 0-254, 255 means nodata); "
+            f"set it as the raster's nodata or pass --ignore-index {bad_s} to leave it out"
+        )
+    out[valid] = values.astype(np.uint8)
+    return out
+
+
+@dataclass(frozen=True)
+class RasterLabels:
+    """A single-band class raster, read on the image grid (directly, or warped nearest-neighbour)."""
+
+    path: str
+    grid: GeoBox
+    nodata: float | None
+    ignore: tuple[int, ...] = ()
+    use_mask: bool = False
+    warp: bool = False
+    source_crs_wkt: str | None = None  # CRS the source is read in when warped (the image's, when equivalent)
+
+    @property
+    def classes(self) -> tuple[ClassInfo, ...] | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": Path(self.path).name, "kind": "raster", "ignore": list(self.ignore), "reprojected": self.warp}
+
+    def __dask_tokenize__(self) -> Any:
+        return ("geoseg-labels", _identity(self.path), _grid_token(self.grid), self.ignore, self.warp)
+
+    def read(self, box: Box) -> np.ndarray:
+        try:
+            with rasterio.open(self.path) as ds:
+                if self.warp:
+                    g = self.grid
+                    kwargs: dict[str, Any] = {
+                        "crs": rasterio.crs.CRS.from_wkt(g.crs.to_wkt()),
+                        "transform": g.affine,
+                        "width": g.shape[1],
+                        "height": g.shape[0],
+                        "resampling": Resampling.nearest,  # class ids: never interpolate
+                    }
+                    if self.source_crs_wkt:
+                        kwargs["src_crs"] = rasterio.crs.CRS.from_wkt(self.source_crs_wkt)
+                    if ds.nodata is None:
+                        kwargs["add_alpha"] = True  # so pixels outside the label raster read as masked
+                    with WarpedVRT(ds, **kwargs) as vrt:
+                        data = vrt.read(1, window=box.window)
+                        valid = vrt.read_masks(1, window=box.window) > 0
+                else:
+                    data = ds.read(1, window=box.window)
+                    valid = ds.read_masks(1, window=box.window) > 0 if self.use_mask else np.ones(data.shape, bool)
+        except RasterioIOError as exc:
+            raise InputError(f"{self.path}: read failed at {box.window} ({exc}); the file may be truncated") from None
+        return _to_ids(data, valid, self.nodata, self.ignore, self.path, box)
+
+
+@dataclass(frozen=True, eq=False)
+class VectorLabels:
+    """Polygons (or lines, points) with a class id each, in the image CRS, rasterized per window.
+
+    Pixels take the id of the polygon that contains their centre; where polygons overlap the
+    one later in the file wins.
+    """
+
+    path: str
+    field: str
+    grid: GeoBox
+    geoms: np.ndarray  # shapely geometries in the image CRS
+    bounds: np.ndarray  # (n, 4) minx, miny, maxx, maxy
+    ids: np.ndarray  # uint8 class id per geometry
+    classes: tuple[ClassInfo, ...] | None  # classes the file defines by name (None when it holds ids)
+    all_touched: bool = False
+
+    def describe(self) -> dict[str, Any]:
+        return {"file": Path(self.path).name, "kind": "vector", "field": self.field, "features": int(len(self.ids))}
+
+    def __dask_tokenize__(self) -> Any:
+        return ("geoseg-labels", _identity(self.path), self.field, _grid_token(self.grid), self.ids.tobytes(), self.all_touched)
+
+    def read(self, box: Box) -> np.ndarray:
+        from rasterio.features import rasterize
+
+        a = self.grid.affine
+        left, top = a @ (box.x0, box.y0)
+        right, bottom = a @ (box.x1, box.y1)
+        left, right, bottom, top = min(left, right), max(left, right), min(bottom, top), max(bottom, top)
+        b = self.bounds
+        hit = (b[:, 0] <= right) & (b[:, 2] >= left) & (b[:, 1] <= top) & (b[:, 3] >= bottom)
+        if not hit.any():
+            return np.full(box.shape, NODATA_CLASS, np.uint8)
+        shapes = zip(self.geoms[hit], self.ids[hit].tolist())
+        return rasterize(
+            shapes,
+            out_shape=box.shape,
+            transform=self.grid.affine @ Affine.translation(box.x0, box.y0),
+            fill=NODATA_CLASS,
+            dtype="uint8",
+            all_touched=self.all_touched,
+        )
+
+
+LabelSource = RasterLabels | VectorLabels
+
+
+def read_labels(source: LabelSource, box: Box) -> np.ndarray:
+    """Class ids (uint8, 255 = no label) of the image pixels in ``box``."""
+    return source.read(box)
+
+
+def _identity(path: str) -> tuple[Any, ...]:
+    try:
+        st = os.stat(path)
+        return (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return (path,)
+
+
+def _grid_token(grid: GeoBox) -> tuple[Any, ...]:
+    return (tuple(grid.shape), tuple(grid.affine)[:6], grid.crs.to_wkt())
+
+
+def is_vector(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in VECTOR_SUFFIXES or str(path).lower().endswith(".shp.zip")
+
+
+def open_labels(
+    path: str | os.PathLike,
+    grid: GeoBox,
+    *,
+    field: str | None = None,
+    classes: Sequence[ClassInfo] | None = None,
+    classes_from: str = "--classes",
+    ignore: Sequence[int] = (),
+    reproject: bool = False,
+    layer: str | None = None,
+    all_touched: bool = False,
+    image: str = "the image",
+) -> LabelSource:
+    """Open a label raster or vector file for reading onto ``grid``; checks everything it can cheaply.
+
+    ``classes`` map class names of a vector field to ids (``classes_from`` says where they
+    came from, for messages); ``image`` names the image for messages.
+    """
+    path = str(path)
+    if "://" not in path and not path.startswith("/vsi") and not Path(path).exists():
+        raise InputNotFoundError(f"{path}: no such label file; check the path")
+    ignore = tuple(int(v) for v in ignore)
+    if is_vector(path):
+        return _open_vector(path, grid, field, classes, classes_from, ignore, layer, all_touched, image)
+    if field:
+        raise InputError(f"{path}: --label-field {field!r} is for vector labels, but this is a raster; drop it")
+    return _open_raster(path, grid, ignore, reproject, image)
+
+
+def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bool, image: str) -> RasterLabels:
+    try:
+        ds = rasterio.open(path)
+    except RasterioIOError as exc:
+        raise InputError(
+            f"{path}: neither a raster GDAL can read nor a vector file ({str(exc).splitlines()[0]}); "
+            "give a class raster (GeoTIFF) or polygons (GeoPackage, GeoJSON, Shapefile)"
+        ) from None
+    with ds:
+        lgrid = grid_of(ds, path)
+        if ds.count != 1:
+            raise InputError(f"{path}: label raster has {ds.count} bands; give a single-band class raster")
+        if not np.issubdtype(np.dtype(ds.dtypes[0]), np.number) or np.issubdtype(np.dtype(ds.dtypes[0]), np.complexfloating):
+            raise InputError(f"{path}: label raster has data type {ds.dtypes[0]}; give integer class ids")
+        nodata = ds.nodata
+        flags = ds.mask_flag_enums[0]
+        use_mask = MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+    same_frame = tuple(lgrid.shape) == tuple(grid.shape) and lgrid.affine.almost_equals(
+        grid.affine, precision=1e-9 * max(1.0, abs(grid.affine.a))
+    )
+    same_crs = lgrid.crs == grid.crs
+    equivalent = same_crs or crs_equivalent(lgrid.crs, grid.crs)
+    if same_frame and equivalent:
+        if not same_crs:
+            msg = (
+                f"{path}: label CRS {_crs_name(lgrid.crs)} differs from the image CRS {_crs_name(grid.crs)} only in "
+                "datum realisation (same projection and ellipsoid) and the grids match; using the labels as they are"
+            )
+            warnings.warn(msg, LabelGridWarning, stacklevel=3)
+        return RasterLabels(path, grid, nodata, ignore, use_mask)
+    if not reproject:
+        what = []
+        if not equivalent:
+            what.append(f"CRS {_crs_name(lgrid.crs)} vs {_crs_name(grid.crs)}")
+        if tuple(lgrid.shape) != tuple(grid.shape):
+            what.append(f"shape {lgrid.shape[0]}x{lgrid.shape[1]} vs {grid.shape[0]}x{grid.shape[1]}")
+        if not lgrid.affine.almost_equals(grid.affine):
+            what.append(f"transform {tuple(lgrid.affine)[:6]} vs {tuple(grid.affine)[:6]}")
+        raise GridMismatchError(
+            f"{path}: label grid differs from the grid of {image} ({'; '.join(what)}); give labels on the image grid, "
+            "or pass --reproject-labels to resample them onto it (nearest neighbour)"
+        )
+    # Equivalent CRSs are read as the image's CRS: resampling only, no datum shift.
+    src_crs = grid.crs.to_wkt() if equivalent and not same_crs else None
+    return RasterLabels(path, grid, nodata, ignore, use_mask, warp=True, source_crs_wkt=src_crs)
+
+
+def _read_vector(path: str, layer: str | None):
+    import geopandas as gpd
+
+    try:
+        return gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+    except Exception as exc:  # pyogrio raises DataSourceError, DataLayerError, ...
+        raise InputError(
+            f"{path}: cannot read vector labels ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON or Shapefile"
+        ) from None
+
+
+def _pick_field(path: str, columns: Sequence[str], field: str | None) -> str:
+    if field:
+        if field not in columns:
+            raise InputError(f"{path}: no field {field!r}; its fields are {', '.join(columns) or '(none)'}")
+        return field
+    lower = {c.lower(): c for c in columns}
+    for guess in FIELD_GUESSES:
+        if guess in lower:
+            return lower[guess]
+    if len(columns) == 1:
+        return columns[0]
+    raise InputError(
+        f"{path}: which field holds the classes? pass --label-field (one of {', '.join(columns) or '(no fields)'})"
+    )
+
+
+def _open_vector(
+    path: str,
+    grid: GeoBox,
+    field: str | None,
+    classes: Sequence[ClassInfo] | None,
+    classes_from: str,
+    ignore: tuple[int, ...],
+    layer: str | None,
+    all_touched: bool,
+    image: str,
+) -> VectorLabels:
+    import pandas as pd
+
+    gdf = _read_vector(path, layer)
+    columns = [c for c in gdf.columns if c != gdf.geometry.name]
+    field = _pick_field(path, columns, field)
+    if gdf.crs is None:
+        raise InputError(f"{path}: vector labels have no CRS; assign one first (ogr2ogr -a_srs EPSG:XXXX)")
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    values = gdf[field]
+    missing = values.isna()
+    if missing.any():
+        log.warning("%s: %d feature(s) have no value in %r and are left out", path, int(missing.sum()), field)
+        gdf, values = gdf[~missing], values[~missing]
+    defined: tuple[ClassInfo, ...] | None = None
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        v = values.to_numpy(np.float64)
+        if (v != np.floor(v)).any():
+            raise InputError(f"{path}: field {field!r} holds non-integer values; class ids must be integers 0-254")
+        ids = v.astype(np.int64)
+    else:
+        names = values.astype(str).str.strip()
+        if classes:
+            exact = {c.name: c.id for c in classes}
+            folded = {c.name.casefold(): c.id for c in classes}
+            unknown = sorted({n for n in names if n not in exact and n.casefold() not in folded})
+            if unknown:
+                raise InputError(
+                    f"{path}: field {field!r} holds class name(s) {', '.join(map(repr, unknown))} not in {classes_from} "
+                    f"(known: {', '.join(c.name for c in classes)}); add them there or fix the names"
+                )
+            ids = np.array([exact.get(n, folded.get(n.casefold())) for n in names], np.int64)
+        else:
+            # No class list: names sorted alphabetically get ids 1, 2, ... (0 stays free for a background class).
+            order = sorted(set(names))
+            if len(order) > 254:
+                raise InputError(f"{path}: field {field!r} holds {len(order)} distinct names; at most 254 classes")
+            lookup = {n: i + 1 for i, n in enumerate(order)}
+            ids = np.array([lookup[n] for n in names], np.int64)
+            defined = tuple(
+                ClassInfo(id=lookup[n], name=n, color=DEFAULT_COLORS[(lookup[n] - 1) % len(DEFAULT_COLORS)]) for n in order
+            )
+    keep = ~np.isin(ids, ignore)
+    gdf, ids = gdf[keep], ids[keep]
+    bad = ids[(ids < 0) | (ids > 254)]
+    if bad.size:
+        raise InputError(
+            f"{path}: field {field!r} holds {int(bad[0])}, not a class id (ids are 0-254, 255 is nodata); "
+            f"fix the value or pass --ignore-index {int(bad[0])}"
+        )
+    image_crs = _pyproj(grid.crs)
+    label_crs = pyproj.CRS.from_user_input(gdf.crs)
+    if not label_crs.equals(image_crs, ignore_axis_order=True):
+        if crs_equivalent(label_crs, image_crs):
+            gdf = gdf.set_crs(image_crs, allow_override=True)  # same projection: no datum shift
+        else:
+            gdf = gdf.to_crs(image_crs)
+    geoms = np.asarray(gdf.geometry.values, dtype=object)
+    bounds = np.asarray(gdf.geometry.bounds.to_numpy(np.float64)).reshape(-1, 4)
+    left, bottom, right, top = grid.extent.boundingbox
+    inside = (bounds[:, 0] <= right) & (bounds[:, 2] >= left) & (bounds[:, 1] <= top) & (bounds[:, 3] >= bottom)
+    if not inside.any():
+        raise InputError(
+            f"{path}: no labelled feature overlaps {image} (labels in {_crs_name(label_crs)}, image in "
+            f"{_crs_name(image_crs)}); check that both cover the same area"
+        )
+    return VectorLabels(
+        path, field, grid, geoms[inside], bounds[inside], ids[inside].astype(np.uint8), defined, all_touched
+    )

@@ -1,0 +1,623 @@
+"""`geoseg train`: inputs checked, data surveyed and split, the network trained, a model directory written.
+
+Training runs in this process (CUDA with mixed precision when there is a GPU, else the CPU,
+seeded and deterministic). After every epoch a checkpoint goes to ``<MODEL_DIR>.training/``:
+weights and optimizer state as safetensors, everything else as JSON (no pickle), so an
+interrupted run continues with ``resume=True`` from the last finished epoch and ends where an
+uninterrupted run would. The model directory is written once, at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from geoseg.errors import ConfigError, InputError, OutputExistsError
+from geoseg.io.sources import RasterStack, open_stack
+from geoseg.model.card import NODATA_CLASS, BandInfo, ClassInfo, ModelCard, Normalization
+from geoseg.model.network import build_network, network_stride
+from geoseg.model.store import make_card, save_model
+from geoseg.runtime import pick_device
+from geoseg.tiling import Box
+from geoseg.train.chips import (
+    CELL,
+    DEFAULT_CACHE_BYTES,
+    BlockSplit,
+    ChipReader,
+    Survey,
+    augment,
+    chip_candidates,
+    class_lut,
+    region_box,
+    split_blocks,
+    survey,
+    train_normalization,
+)
+from geoseg.train.labels import LabelSource, default_classes, load_classes, open_labels
+from geoseg.train.metrics import Metrics, confusion_indices
+
+log = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".training"
+STATE_NAME = "state.json"
+CHECKPOINT_FORMAT = "geoseg-train-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train: network, chips, optimisation, split. Everything here decides the result."""
+
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    encoder_depth: int = 4
+    epochs: int = 30
+    chip_size: int = 128
+    batch_size: int = 8
+    steps_per_epoch: int | None = None  # None: about two passes over the training blocks, 10-200 steps
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 8  # epochs without a better validation mIoU before stopping
+    val_fraction: float = 0.2
+    block_size: int | None = None  # None: twice the chip size
+    min_labelled: float = 0.01  # share of a chip's pixels that must be labelled
+    dice_weight: float = 1.0
+    val_max_pixels: int = 4_000_000  # validation blocks beyond this are sampled (seeded)
+    seed: int = 0
+    tile_size: int = 1024  # the card's forward-pass tile for predict
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "chip_size": self.chip_size >= CELL,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "patience": self.patience >= 1,
+            "val_fraction": 0 <= self.val_fraction < 1,
+            "steps_per_epoch": self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+            "block_size": self.block_size is None or self.block_size >= CELL,
+            "encoder_depth": 1 <= self.encoder_depth <= 5,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """What to train on: imagery, labels and how to read them."""
+
+    images: tuple[str, ...]
+    labels: str
+    label_field: str | None = None
+    classes_file: str | None = None
+    ignore: tuple[int, ...] = ()
+    reproject_labels: bool = False
+    bbox: tuple[float, float, float, float] | None = None  # region used, in the image CRS
+    window: tuple[int, int, int, int] | None = None  # or col_off, row_off, width, height
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images", tuple(str(p) for p in self.images))
+        object.__setattr__(self, "labels", str(self.labels))
+        object.__setattr__(self, "ignore", tuple(int(v) for v in self.ignore))
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """Everything checked and surveyed before training starts; nothing written yet."""
+
+    stack: RasterStack
+    labels: LabelSource
+    classes: tuple[ClassInfo, ...]
+    classes_from: str
+    region: Box
+    chip_size: int
+    survey: Survey
+    split: BlockSplit
+    normalization: Normalization
+    normalization_pixels: int
+    candidates: np.ndarray  # (n, 2) training chip corners
+    val_boxes: tuple[Box, ...]
+    steps_per_epoch: int
+
+    def reader(self) -> ChipReader:
+        return ChipReader(self.stack, self.labels, self.region, self.normalization, class_lut(self.classes), self.survey.cache)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    card: ModelCard
+    model_dir: Path
+    history: tuple[dict[str, Any], ...]
+
+
+def working_dir(out_dir: str | os.PathLike) -> Path:
+    """Where checkpoints of a training run into ``out_dir`` live: a sibling, ``<out_dir>.training``."""
+    out = Path(out_dir)
+    return out.with_name(out.name + WORK_SUFFIX)
+
+
+def band_infos(stack: RasterStack) -> list[BandInfo]:
+    """The card's bands: position, file name, description and resolution of every stacked band."""
+    units = tuple(stack.grid.crs.units) if stack.grid.crs is not None else ()
+    metric = bool(units) and all(u in ("metre", "meter", "m", "metres", "meters") for u in units)
+    res = abs(float(stack.grid.affine.a)) if metric else None
+    per_file: dict[str, int] = {}
+    for b in stack.bands:
+        per_file[b.path] = per_file.get(b.path, 0) + 1
+    out = []
+    for b in stack.bands:
+        stem = Path(b.path).stem
+        name = b.description or (stem if per_file[b.path] == 1 else f"{stem}_b{b.band}")
+        out.append(BandInfo(name=name, description=b.description, file=Path(b.path).name, resolution_m=res))
+    return out
+
+
+def _round_to(value: int, multiple: int) -> int:
+    return max(multiple, (int(value) // multiple) * multiple)
+
+
+def _resolve_classes(inputs: TrainInputs, labels: LabelSource, id_counts: np.ndarray) -> tuple[tuple[ClassInfo, ...], str]:
+    present = [int(i) for i in np.nonzero(id_counts[:NODATA_CLASS])[0]]
+    if inputs.classes_file:
+        classes = load_classes(inputs.classes_file)
+        known = {c.id for c in classes}
+        unknown = [i for i in present if i not in known]
+        if unknown:
+            raise InputError(
+                f"{inputs.labels}: labels hold class id(s) {unknown} that {inputs.classes_file} does not list; "
+                "add them there or pass --ignore-index to leave them out"
+            )
+        return classes, Path(inputs.classes_file).name
+    if labels.classes is not None:
+        return labels.classes, f"{Path(inputs.labels).name} field {getattr(labels, 'field', '')!r}"
+    return default_classes(present), "label values"
+
+
+def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Prepared:
+    """Open and check inputs, survey imagery and labels, split, compute normalisation. Writes nothing."""
+    stack = open_stack(inputs.images)
+    pre_classes = load_classes(inputs.classes_file) if inputs.classes_file else None
+    image_name = stack.paths[0] if len(stack.paths) == 1 else f"the image ({stack.paths[0]}, ...)"
+    labels = open_labels(
+        inputs.labels,
+        stack.grid,
+        field=inputs.label_field,
+        classes=pre_classes,
+        classes_from=str(inputs.classes_file),
+        ignore=inputs.ignore,
+        reproject=inputs.reproject_labels,
+        image=image_name,
+    )
+    h, w = stack.shape
+    region = region_box(stack.grid, inputs.bbox, inputs.window) or Box(0, h, 0, w)
+    unit = math.lcm(stride, CELL)
+    chip = min(_round_to(config.chip_size, unit), _round_to(min(region.shape), unit))
+    if chip > min(region.shape):
+        raise InputError(f"the training region ({region.shape[0]} x {region.shape[1]} px) is smaller than one chip of {unit} px")
+    block = _round_to(config.block_size or 2 * chip, CELL)
+    if block < chip:
+        raise ConfigError(f"--block-size {block} is smaller than the chip size {chip}; blocks must hold whole chips")
+    sv = survey(stack, labels, region, block, cache_bytes)
+    counts = sv.id_counts
+    if counts.sum() == 0:
+        raise InputError(
+            f"{inputs.labels}: no labelled pixel on valid imagery in the training region; the labels are all "
+            "nodata or ignored, or they do not cover the image"
+        )
+    classes, classes_from = _resolve_classes(inputs, labels, counts)
+    split = split_blocks(sv, config.val_fraction, config.seed)
+    norm, norm_px = train_normalization(sv, split)
+    cands = chip_candidates(sv, split, chip, config.min_labelled)
+    if len(cands) == 0:
+        raise InputError(
+            f"{inputs.labels}: no {chip} px training chip lies inside training blocks with labels; "
+            "use a smaller --chip-size, a larger --block-size or denser labels"
+        )
+    val_boxes = split.boxes("val")
+    if sum(b.size for b in val_boxes) > config.val_max_pixels:
+        rng = np.random.default_rng([config.seed, 0xDA7A])
+        keep = max(1, config.val_max_pixels // (block * block))
+        pick = sorted(rng.choice(len(val_boxes), keep, replace=False))
+        val_boxes = [val_boxes[i] for i in pick]
+    steps = config.steps_per_epoch or int(
+        np.clip(math.ceil(2 * int(split.train.sum()) * block * block / (chip * chip) / config.batch_size), 10, 200)
+    )
+    return Prepared(stack, labels, classes, classes_from, region, chip, sv, split, norm, norm_px, cands, tuple(val_boxes), steps)
+
+
+# -- optimisation ----------------------------------------------------------------------------
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 1% of ``base``: a pure function of the step (resumable)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+@dataclass(frozen=True)
+class _Numerics:
+    device: str
+    amp_dtype: torch.dtype | None  # autocast dtype on CUDA, None for fp32
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16-mixed", torch.float16: "fp16-mixed"}[self.amp_dtype]
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+
+def _numerics(device: str, amp: bool) -> _Numerics:
+    device = pick_device(device)
+    if device.startswith("cuda") and amp:
+        return _Numerics(device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return _Numerics(device, None)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.default_rng([seed, epoch, 0x70C4]).integers(2**62))
+
+
+def _batch(reader: ChipReader, corners: np.ndarray, chip: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    xs, ts = [], []
+    for y, x in corners:
+        xi, ti = reader.read(Box(int(y), int(y) + chip, int(x), int(x) + chip))
+        xi, ti = augment(xi, ti, rng)
+        xs.append(xi)
+        ts.append(ti)
+    return np.stack(xs), np.stack(ts)
+
+
+def _pad_to(t: torch.Tensor, stride: int) -> torch.Tensor:
+    h, w = t.shape[-2:]
+    ph, pw = -h % stride, -w % stride
+    return torch.nn.functional.pad(t, (0, pw, 0, ph)) if ph or pw else t
+
+
+def validate(
+    net: torch.nn.Module, reader: ChipReader, boxes: Sequence[Box], n_classes: int, stride: int, num: _Numerics
+) -> tuple[np.ndarray, float]:
+    """Confusion (target index x predicted index) and mean cross-entropy over the validation blocks.
+
+    Each block is one forward pass on its own pixels (padded like predict pads at the scene's end).
+    """
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    loss_sum, loss_n = 0.0, 0
+    net.eval()
+    with torch.inference_mode():
+        for box in boxes:
+            x, target = reader.read(box)
+            t = _pad_to(torch.from_numpy(x)[None], stride).to(num.device)
+            with num.autocast():
+                logits = net(t)
+            logits = logits.float()[:, :, : box.shape[0], : box.shape[1]]
+            tt = torch.from_numpy(target.astype(np.int64))[None].to(num.device)
+            labelled = int((tt != NODATA_CLASS).sum())
+            if labelled:
+                loss_sum += float(torch.nn.functional.cross_entropy(logits, tt, ignore_index=NODATA_CLASS, reduction="sum"))
+                loss_n += labelled
+            pred = logits.argmax(dim=1)[0].cpu().numpy()
+            cm += confusion_indices(target, pred, n_classes)
+    return cm, (loss_sum / loss_n if loss_n else math.nan)
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+
+
+def save_checkpoint(
+    work: Path,
+    epoch: int,
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    best: tuple[int, dict[str, torch.Tensor]] | None,
+    state: dict[str, Any],
+) -> Path:
+    """Weights and optimizer tensors as safetensors, the rest as JSON; crash-safe.
+
+    Tensor files are named by epoch and written first (the best weights only when they change);
+    ``state.json`` then points at them and is replaced atomically, so a crash at any moment
+    leaves one consistent checkpoint. Files it no longer points at are removed last.
+    """
+    from safetensors.torch import save_file
+
+    tensors = {f"model/{k}": v for k, v in _cpu_state(net).items()}
+    osd = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in osd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim/{pid}/{name}"] = v.detach().to("cpu", copy=True).contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    meta = {"format": CHECKPOINT_FORMAT, "epoch": str(epoch)}
+    name = f"epoch-{epoch:04d}.safetensors"
+    tmp = work / f".{name}.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, work / name)
+    best_name = None
+    if best is not None:
+        best_name = f"best-{best[0]:04d}.safetensors"
+        if not (work / best_name).exists():
+            tmp = work / f".{best_name}.tmp"
+            save_file(best[1], str(tmp), metadata=dict(meta, epoch=str(best[0])))
+            os.replace(tmp, work / best_name)
+    doc = dict(state, format=CHECKPOINT_FORMAT, epoch=epoch, checkpoint=name, best_checkpoint=best_name,
+               optimizer={"param_groups": groups, "scalars": scalars})  # fmt: skip
+    tmp_state = work / f".{STATE_NAME}.tmp"
+    tmp_state.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    os.replace(tmp_state, work / STATE_NAME)
+    for old in [*work.glob("epoch-*.safetensors"), *work.glob("best-*.safetensors")]:
+        if old.name not in (name, best_name):
+            old.unlink(missing_ok=True)
+    return work / name
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
+
+
+def load_checkpoint(
+    work: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore weights and optimizer from ``work``; returns the JSON state and the best weights (or None)."""
+    from safetensors.torch import load_file
+
+    state_path = work / STATE_NAME
+    try:
+        doc = json.loads(state_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{work}: no checkpoint to resume ({STATE_NAME} missing); start without --resume") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{state_path}: checkpoint state is corrupt ({exc}); start again with --overwrite") from None
+    if doc.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{state_path}: not a geoseg training checkpoint; start again with --overwrite")
+    try:
+        tensors = load_file(str(work / doc["checkpoint"]))
+    except Exception as exc:
+        raise ConfigError(f"{work / doc['checkpoint']}: checkpoint weights unreadable ({exc}); start again with --overwrite") from None
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    best = None
+    if doc.get("best_checkpoint"):
+        try:
+            best = load_file(str(work / doc["best_checkpoint"]))
+        except Exception as exc:
+            raise ConfigError(
+                f"{work / doc['best_checkpoint']}: best weights unreadable ({exc}); start again with --overwrite"
+            ) from None
+    ostate: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim/"):
+            _, pid, name = k.split("/", 2)
+            ostate.setdefault(int(pid), {})[name] = v
+    for pid, sc in doc["optimizer"]["scalars"].items():
+        ostate.setdefault(int(pid), {}).update(sc)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in doc["optimizer"]["param_groups"]]
+    optimizer.load_state_dict({"state": ostate, "param_groups": groups})
+    return doc, best
+
+
+def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
+    d = asdict(inputs)
+    d["images"] = [os.path.abspath(p) for p in inputs.images]
+    d["labels"] = os.path.abspath(inputs.labels)
+    d["classes_file"] = os.path.abspath(inputs.classes_file) if inputs.classes_file else None
+    return json.loads(json.dumps({"inputs": d, "config": asdict(config)}))
+
+
+def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+    if resume:
+        if not (work / STATE_NAME).is_file():
+            raise ConfigError(f"{work}: no interrupted training run to resume there; start without --resume")
+    elif work.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{work}: holds an interrupted training run for {out}; pass --resume to continue it or --overwrite to start again"
+        )
+
+
+# -- the loop --------------------------------------------------------------------------------
+
+
+def train(
+    inputs: TrainInputs,
+    out_dir: str | os.PathLike,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: str = "auto",
+    amp: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> TrainResult:
+    """Train a network on ``inputs`` and write the model directory ``out_dir`` (model.json + weights).
+
+    ``progress`` is called with each epoch's record after its checkpoint is saved (an exception
+    it raises interrupts the run; ``resume=True`` continues it). Bad inputs fail before anything
+    is written.
+    """
+    out = Path(out_dir)
+    work = working_dir(out)
+    _check_outputs(out, work, resume, overwrite)
+    num = _numerics(device, amp)
+    torch.manual_seed(config.seed)
+    net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # only to learn the stride
+    stride = network_stride(net, config.encoder_depth)
+    prep = prepare(inputs, config, stride, cache_bytes)
+    n_classes = len(prep.classes)
+
+    torch.manual_seed(config.seed)
+    net = build_network(config.arch, config.encoder, prep.stack.count, n_classes, config.encoder_depth).to(num.device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda") if num.amp_dtype == torch.float16 else None
+    fingerprint = _fingerprint(inputs, config)
+
+    best_state: dict[str, torch.Tensor] | None = None  # weights of the epoch with the best validation mIoU
+    state: dict[str, Any] = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
+                             "stopped": False, "seconds": 0.0}  # fmt: skip
+    start_epoch = 1
+    if resume:
+        doc, best_state = load_checkpoint(work, net, optimizer)
+        if doc["fingerprint"] != fingerprint:
+            diff = _differences(doc["fingerprint"], fingerprint)
+            raise ConfigError(
+                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
+                "ones, or start again with --overwrite"
+            )
+        state = {k: doc[k] for k in state}
+        start_epoch = int(doc["epoch"]) + 1
+        if scaler is not None and doc.get("scaler"):
+            scaler.load_state_dict(doc["scaler"])
+        log.info("resuming %s after epoch %d", out, doc["epoch"])
+    else:
+        if work.exists():
+            shutil.rmtree(work)  # --overwrite: a stale run must not be mixed with this one
+    work.mkdir(parents=True, exist_ok=True)
+
+    reader = prep.reader()
+    ce = torch.nn.CrossEntropyLoss(ignore_index=NODATA_CLASS)
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    dice = DiceLoss("multiclass", from_logits=True, ignore_index=NODATA_CLASS)
+    steps = prep.steps_per_epoch
+    total = config.epochs * steps
+    warmup = min(steps, max(1, total // 10))
+    chip = prep.chip_size
+
+    for epoch in range(start_epoch, config.epochs + 1):
+        if state["stopped"]:
+            break
+        t0 = time.perf_counter()
+        torch.manual_seed(_epoch_seed(config.seed, epoch))
+        rng = np.random.default_rng([config.seed, epoch])
+        net.train()
+        losses = []
+        for _ in range(steps):
+            lr = lr_at(state["step"], total, config.lr, warmup)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            corners = prep.candidates[rng.integers(len(prep.candidates), size=config.batch_size)]
+            xb, tb = _batch(reader, corners, chip, rng)
+            x = torch.from_numpy(xb).to(num.device)
+            t = torch.from_numpy(tb.astype(np.int64)).to(num.device)
+            optimizer.zero_grad(set_to_none=True)
+            with num.autocast():
+                logits = net(x)
+            logits = logits.float()
+            loss = ce(logits, t) + config.dice_weight * dice(logits, t)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            losses.append(float(loss.detach()))
+            state["step"] += 1
+        record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "lr": lr}
+        if prep.val_boxes:
+            cm, val_loss = validate(net, reader, prep.val_boxes, n_classes, stride, num)
+            m = Metrics(tuple(c.id for c in prep.classes), tuple(c.name for c in prep.classes), cm)
+            miou = m.miou
+            record.update(val_loss=round(val_loss, 6), val_miou=round(miou, 6) if math.isfinite(miou) else None,
+                          val_accuracy=round(m.overall_accuracy, 6))  # fmt: skip
+            best_miou = state["best"]["miou"] if state["best"] else -math.inf
+            if math.isfinite(miou) and miou > best_miou + 1e-9:
+                state["best"] = {"epoch": epoch, "miou": miou, "metrics": m.to_dict()}
+                best_state = _cpu_state(net)
+                state["bad_epochs"] = 0
+            else:
+                state["bad_epochs"] += 1
+            state["stopped"] = state["bad_epochs"] >= config.patience
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        state["seconds"] += record["seconds"]
+        state["history"].append(record)
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        best = (state["best"]["epoch"], best_state) if state["best"] and best_state is not None else None
+        save_checkpoint(work, epoch, net, optimizer, best, {**state, **extra})
+        log.debug(
+            "epoch %d/%d loss %.4f val mIoU %s (%.1f s)", epoch, config.epochs, record["loss"],
+            "-" if record.get("val_miou") is None else f"{record['val_miou']:.4f}", record["seconds"],
+        )  # fmt: skip
+        if progress is not None:
+            progress(dict(record, epochs=config.epochs, stopped=state["stopped"]))
+
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net = net.eval().cpu().float()
+    card = make_card(
+        net,
+        arch=config.arch,
+        encoder=config.encoder,
+        encoder_depth=config.encoder_depth,
+        bands=band_infos(prep.stack),
+        classes=list(prep.classes),
+        normalization=prep.normalization,
+        tile_size=config.tile_size,
+        provenance={"source": "geoseg train", "seed": config.seed},
+        training=_training_record(inputs, config, prep, state, num),
+    )
+    save_model(net, card, out, overwrite=True)  # emptiness was checked up front
+    shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(card, out, tuple(state["history"]))
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} then, {vb!r} now")
+    return out
+
+
+def _training_record(inputs: TrainInputs, config: TrainConfig, prep: Prepared, state: dict[str, Any], num: _Numerics) -> dict[str, Any]:
+    best = state["best"]
+    history = state["history"]
+    return {
+        "images": [Path(p).name for p in inputs.images],
+        "labels": prep.labels.describe(),
+        "classes_from": prep.classes_from,
+        "ignore_index": list(inputs.ignore),
+        "region": [prep.region.y0, prep.region.y1, prep.region.x0, prep.region.x1],
+        "config": dict(asdict(config), chip_size=prep.chip_size, steps_per_epoch=prep.steps_per_epoch),
+        "split": prep.split.describe(prep.survey, [c.id for c in prep.classes]),
+        "validation_blocks_used": len(prep.val_boxes),
+        "normalization_pixels": prep.normalization_pixels,
+        "training_chip_positions": int(len(prep.candidates)),
+        "device": num.device,
+        "precision": num.name,
+        "epochs_run": len(history),
+        "best_epoch": best["epoch"] if best else (history[-1]["epoch"] if history else None),
+        "stopped_early": bool(state["stopped"]) and len(history) < config.epochs,
+        "seconds": round(state["seconds"], 3),
+        "history": history,
+        "metrics": best["metrics"] if best else None,  # validation scores of the kept (best) epoch
+    }

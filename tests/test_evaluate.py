@@ -1,0 +1,188 @@
+"""`geoseg evaluate`: the tiled predict graph against labels, checked against plain numpy."""
+
+from __future__ import annotations
+
+import json
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from _scenes import LABEL_NODATA, trained_model, write_polygons, write_tif
+from geoseg.errors import GridMismatchError, InputError
+from geoseg.evaluate import EvaluateOptions, confusion_array, evaluate, plan_evaluation
+from geoseg.infer import InferenceSettings, segment_array
+from geoseg.model.store import load_model
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """The whole-scene class map from one forward pass, from files read with plain rasterio."""
+    scene, model_dir, _, _ = trained
+    data, valid = [], np.ones(scene.truth.shape, bool)
+    for p in scene.bands:
+        with rasterio.open(p) as ds:
+            a = ds.read(1)
+            valid &= a != ds.nodata
+            data.append(a.astype(np.float32))
+    bundle = load_model(model_dir)
+    pred, _ = segment_array(bundle.net, bundle.card, np.stack(data), valid, InferenceSettings())
+    with rasterio.open(scene.labels) as ds:
+        labels = ds.read(1)
+    return pred, labels, bundle.card
+
+
+def numpy_scores(pred: np.ndarray, labels: np.ndarray, ids) -> dict:
+    """An independent computation: loops over classes, no shared code with geoseg.train.metrics."""
+    keep = (pred != 255) & (labels != LABEL_NODATA)
+    p, t = pred[keep], labels[keep]
+    cm = np.array([[np.sum((t == a) & (p == b)) for b in ids] for a in ids])
+    out = {"confusion": cm, "iou": [], "precision": [], "recall": [], "f1": []}
+    for c in ids:
+        tp, fp, fn = np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c))
+        with np.errstate(divide="ignore", invalid="ignore"):  # undefined scores are NaN, as in geoseg
+            out["iou"].append(tp / (tp + fp + fn))
+            out["precision"].append(tp / (tp + fp))
+            out["recall"].append(tp / (tp + fn))
+            out["f1"].append(2 * tp / (2 * tp + fp + fn))
+    out["miou"] = float(np.mean(out["iou"]))
+    out["accuracy"] = float(np.mean(p == t))
+    out["pixels"] = int(keep.sum())
+    return out
+
+
+def _check(metrics, expect) -> None:
+    np.testing.assert_array_equal(metrics.confusion, expect["confusion"])
+    for k in ("iou", "precision", "recall", "f1"):
+        np.testing.assert_allclose(getattr(metrics, k), expect[k], rtol=1e-12)
+    assert metrics.miou == pytest.approx(expect["miou"], rel=1e-12)
+    assert metrics.overall_accuracy == pytest.approx(expect["accuracy"], rel=1e-12)
+    assert metrics.pixels == expect["pixels"]
+
+
+def test_evaluate_equals_an_independent_numpy_computation(trained, reference):
+    scene, model_dir, _, _ = trained
+    pred, labels, card = reference
+    # exact: the halo covers the receptive field, so the tiled map equals the one-pass map
+    with dask.config.set(scheduler="threads"):
+        result = evaluate(scene.bands, model_dir, scene.labels, EvaluateOptions(exact=True, chunk_size=64))
+    assert len(result.job.plan) == 9  # 192 px in 64 px chunks: the sum runs over many chunks
+    _check(result.metrics, numpy_scores(pred, labels, card.class_ids))
+    assert result.metrics.miou > 0.85
+    d = result.to_dict()
+    assert d["miou"] == pytest.approx(result.metrics.miou, abs=1e-6) and len(d["classes"]) == 3
+    assert d["confusion"]["class_ids"] == [2, 5, 9]
+
+
+def test_evaluate_a_region_and_ignore_a_class(trained, reference):
+    scene, model_dir, _, _ = trained
+    pred, labels, card = reference
+    with dask.config.set(scheduler="threads"):
+        result = evaluate(scene.bands, model_dir, scene.labels,
+                          EvaluateOptions(exact=True, chunk_size=64, window=(100, 30, 92, 120), ignore=(5,)))  # fmt: skip
+    sub_pred, sub_lab = pred[30:150, 100:192].copy(), labels[30:150, 100:192].copy()
+    sub_lab[sub_lab == 5] = LABEL_NODATA
+    expect = numpy_scores(sub_pred, sub_lab, card.class_ids)
+    np.testing.assert_array_equal(result.metrics.confusion, expect["confusion"])
+    assert result.metrics.label_pixels[1] == 0  # class 5 left out of the labels
+    assert result.to_dict()["region"] == {"rows": [30, 150], "cols": [100, 192]}
+
+
+def test_vector_labels_by_class_name(trained, reference, tmp_path):
+    scene, model_dir, _, _ = trained
+    pred, _, card = reference
+    polys = write_polygons(tmp_path / "check.gpkg", [((40, 80, 40, 90), "Urban"), ((120, 160, 20, 60), "water")])
+    with dask.config.set(scheduler="threads"):
+        result = evaluate(scene.bands, model_dir, polys, EvaluateOptions(exact=True, chunk_size=64))
+    lab = np.zeros_like(pred)
+    lab[40:80, 40:90], lab[120:160, 20:60] = 9, 2
+    np.testing.assert_array_equal(result.metrics.confusion, numpy_scores(pred, lab, card.class_ids)["confusion"])
+
+
+def test_confusion_array_sums_chunk_matrices():
+    rng = np.random.default_rng(0)
+    pred = rng.integers(0, 4, (70, 90)).astype(np.uint8)
+    lab = rng.integers(0, 4, (70, 90)).astype(np.uint8)
+    pred[:5] = 255
+    lab[:, :3] = 255
+    cm = confusion_array(da.from_array(pred, chunks=(16, 32)), da.from_array(lab, chunks=(16, 32)))
+    assert cm.shape == (256, 256)
+    got = cm.compute(scheduler="sync")
+    keep = (pred != 255) & (lab != 255)
+    expect = np.zeros((256, 256), np.int64)
+    np.add.at(expect, (lab[keep], pred[keep]), 1)
+    np.testing.assert_array_equal(got, expect)
+
+
+def test_unknown_label_ids_and_empty_labels_are_clear_errors(trained, tmp_path):
+    scene, model_dir, _, _ = trained
+    with rasterio.open(scene.labels) as ds:
+        lab = ds.read(1)
+    lab7 = lab.copy()
+    lab7[50:60, 50:60] = 7  # on valid imagery: label ids under image nodata do not count
+    bad = write_tif(tmp_path / "seven.tif", lab7, nodata=LABEL_NODATA)
+    with dask.config.set(scheduler="threads"), pytest.raises(InputError, match="--ignore-index") as exc:
+        evaluate(scene.bands, model_dir, bad, EvaluateOptions(chunk_size=96))
+    assert str(bad) in str(exc.value) and "7" in str(exc.value)
+    with dask.config.set(scheduler="threads"):
+        ok = evaluate(scene.bands, model_dir, bad, EvaluateOptions(chunk_size=96, ignore=(7,)))
+    assert ok.metrics.pixels > 0
+    empty = write_tif(tmp_path / "empty.tif", np.zeros_like(lab), nodata=LABEL_NODATA)
+    with dask.config.set(scheduler="threads"), pytest.raises(InputError, match="no pixel") as exc:
+        evaluate(scene.bands, model_dir, empty, EvaluateOptions(chunk_size=96))
+    assert str(empty) in str(exc.value)
+
+
+def test_labels_on_another_grid_fail_before_anything_runs(trained, tmp_path):
+    scene, model_dir, _, _ = trained
+    other = write_tif(tmp_path / "other.tif", np.ones((50, 50), np.uint8), crs="EPSG:32618")
+    with pytest.raises(GridMismatchError, match="other.tif"):
+        plan_evaluation(scene.bands, model_dir, other)
+
+
+def test_band_list_must_match_the_card(trained):
+    scene, model_dir, _, _ = trained
+    with pytest.raises(InputError, match="order"):
+        plan_evaluation([scene.bands[1], scene.bands[0], scene.bands[2]], model_dir, scene.labels)
+    with pytest.raises(InputError, match="expects 3"):
+        plan_evaluation(scene.bands[:2], model_dir, scene.labels)
+
+
+def test_cli_prints_a_table_and_writes_json(trained, reference, tmp_path, client):
+    from geoseg.cli.main import cli
+
+    scene, model_dir, _, _ = trained
+    pred, labels, card = reference
+    report = tmp_path / "report.json"
+    args = ["evaluate", *map(str, scene.bands), "--model", str(model_dir), "--labels", str(scene.labels),
+            "--json", str(report), "--exact", "--chunk-size", "64", "--scheduler", client.scheduler.address]  # fmt: skip
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert "water" in r.output and "mIoU" in r.output and "confusion" in r.output
+    d = json.loads(report.read_text())
+    expect = numpy_scores(pred, labels, card.class_ids)
+    assert d["confusion"]["matrix"] == expect["confusion"].tolist()
+    assert [c["iou"] for c in d["classes"]] == pytest.approx(expect["iou"], abs=1e-6)
+    assert d["miou"] == pytest.approx(expect["miou"], abs=1e-6)
+    # an existing report is kept unless --overwrite
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+def test_cli_bad_input_writes_no_report(trained, tmp_path):
+    from geoseg.cli.main import cli
+
+    scene, model_dir, _, _ = trained
+    report = tmp_path / "report.json"
+    r = CliRunner().invoke(cli, ["evaluate", *map(str, scene.bands), "--model", str(model_dir), "--labels",
+                                 str(tmp_path / "missing.gpkg"), "--json", str(report)], catch_exceptions=False)  # fmt: skip
+    assert r.exit_code != 0 and "missing.gpkg" in r.output
+    assert not report.exists()

@@ -1,0 +1,204 @@
+"""Labels onto the image grid: rasters, vectors, CRS equivalence, class names and bad input."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pyproj
+import pytest
+from affine import Affine
+
+from _scenes import ORIGIN, RES, write_polygons, write_tif
+from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
+from geoseg.io.sources import open_stack
+from geoseg.model.card import ClassInfo
+from geoseg.tiling import Box
+from geoseg.train.labels import LabelGridWarning, crs_equivalent, load_classes, open_labels, read_labels
+
+H, W = 40, 50
+ALL = Box(0, H, 0, W)
+
+
+@pytest.fixture
+def grid(tmp_path):
+    img = write_tif(tmp_path / "img.tif", np.ones((2, H, W), np.uint16))
+    return open_stack([img]).grid
+
+
+def test_raster_labels_keep_their_ids_nodata_and_ignore_become_255(tmp_path, grid):
+    lab = np.full((H, W), 3, np.int16)
+    lab[:10] = 7
+    lab[0, :5] = -1  # nodata
+    lab[5, :3] = 99  # ignored
+    path = write_tif(tmp_path / "lab.tif", lab, nodata=-1)
+    ids = read_labels(open_labels(path, grid, ignore=[99]), ALL)
+    assert ids.dtype == np.uint8
+    assert (ids[0, :5] == 255).all() and (ids[5, :3] == 255).all()
+    assert ids[1, 0] == 7 and ids[20, 20] == 3
+    assert set(np.unique(ids)) == {3, 7, 255}
+
+
+def test_float_label_raster_with_integer_values_is_fine(tmp_path, grid):
+    lab = np.where(np.arange(W)[None] < 25, 1.0, 6.0).repeat(H, 0).astype(np.float32)
+    lab[3, 3] = np.nan
+    ids = read_labels(open_labels(write_tif(tmp_path / "f.tif", lab, nodata=-99999.0), grid), ALL)
+    assert ids[0, 0] == 1 and ids[0, 40] == 6 and ids[3, 3] == 255
+
+
+@pytest.mark.parametrize("value, hint", [(300, "--ignore-index 300"), (255, "--ignore-index 255"), (2.5, "integer")])
+def test_values_that_are_no_class_id_are_a_clear_error(tmp_path, grid, value, hint):
+    dtype = np.float32 if isinstance(value, float) else np.int16
+    lab = np.ones((H, W), dtype)
+    lab[7, 7] = value
+    path = write_tif(tmp_path / "bad.tif", lab)
+    with pytest.raises(InputError, match=hint) as exc:
+        read_labels(open_labels(path, grid), ALL)
+    assert str(path) in str(exc.value)
+
+
+def test_crs_equivalence_ignores_only_the_datum_realisation():
+    assert crs_equivalent(pyproj.CRS(32119), pyproj.CRS(3358))  # NAD83 vs NAD83(HARN), North Carolina
+    assert crs_equivalent("EPSG:32617", "EPSG:32617")
+    assert not crs_equivalent(pyproj.CRS(32119), pyproj.CRS(32118))  # another state plane zone
+    assert not crs_equivalent(pyproj.CRS(32617), pyproj.CRS(32618))  # another UTM zone
+    assert not crs_equivalent(pyproj.CRS(4326), pyproj.CRS(3857))
+    assert not crs_equivalent(pyproj.CRS(32617), pyproj.CRS(26917))  # WGS84 vs GRS80 ellipsoid: not the same
+
+
+def test_label_raster_on_an_equivalent_crs_is_accepted_with_a_warning(tmp_path):
+    t = Affine(28.5, 0.0, 630534.0, 0.0, -28.5, 228114.0)
+    img = write_tif(tmp_path / "img.tif", np.ones((1, H, W), np.uint8), crs="EPSG:32119", transform_=t)
+    lab = write_tif(tmp_path / "lab.tif", np.full((H, W), 4, np.uint8), crs="EPSG:3358", transform_=t)
+    grid = open_stack([img]).grid
+    with pytest.warns(LabelGridWarning, match="datum realisation"):
+        src = open_labels(lab, grid)
+    assert (read_labels(src, ALL) == 4).all()
+
+
+def test_label_raster_on_another_grid_is_refused_or_reprojected_on_request(tmp_path, grid):
+    # Labels on a larger, aligned grid: 3 px more on every side.
+    big = np.zeros((H + 6, W + 6), np.uint8)
+    big[3:-3, 3:-3] = np.arange(W)[None] % 5 + 1
+    t = Affine(RES, 0.0, ORIGIN[0] - 3 * RES, 0.0, -RES, ORIGIN[1] + 3 * RES)
+    path = write_tif(tmp_path / "big.tif", big, transform_=t, nodata=0)
+    with pytest.raises(GridMismatchError, match="--reproject-labels") as exc:
+        open_labels(path, grid)
+    assert str(path) in str(exc.value)
+    ids = read_labels(open_labels(path, grid, reproject=True), ALL)
+    assert np.array_equal(ids, big[3:-3, 3:-3])
+
+
+def test_label_raster_in_another_crs_is_refused(tmp_path, grid):
+    path = write_tif(tmp_path / "utm18.tif", np.ones((H, W), np.uint8), crs="EPSG:32618")
+    with pytest.raises(GridMismatchError, match="CRS"):
+        open_labels(path, grid)
+
+
+def test_missing_label_file_is_named(tmp_path, grid):
+    with pytest.raises(InputNotFoundError, match="nope.tif"):
+        open_labels(tmp_path / "nope.tif", grid)
+
+
+# -- vectors ---------------------------------------------------------------------------------
+
+
+POLYS = [((2, 10, 3, 12), "water"), ((20, 30, 30, 45), "Forest"), ((12, 18, 0, 6), "water")]
+
+
+def test_polygons_rasterize_onto_the_right_pixels_with_names_mapped(tmp_path, grid):
+    path = write_polygons(tmp_path / "p.gpkg", POLYS)
+    classes = [ClassInfo(id=4, name="water"), ClassInfo(id=11, name="forest")]
+    ids = read_labels(open_labels(path, grid, classes=classes), ALL)
+    expect = np.full((H, W), 255, np.uint8)
+    expect[2:10, 3:12] = 4
+    expect[20:30, 30:45] = 11  # names match case-insensitively
+    expect[12:18, 0:6] = 4
+    assert np.array_equal(ids, expect)
+    # windows read the same pixels as the whole
+    assert np.array_equal(read_labels(open_labels(path, grid, classes=classes), Box(5, 25, 8, 40)), expect[5:25, 8:40])
+
+
+def test_polygons_in_another_crs_are_reprojected(tmp_path, grid):
+    path = write_polygons(tmp_path / "p.geojson", [((10, 30, 10, 40), 3)], crs="EPSG:4326", field="class_id")
+    ids = read_labels(open_labels(path, grid), ALL)
+    assert (ids[11:29, 11:39] == 3).all()  # the interior: edges may move a fraction of a pixel
+    assert (ids[:9] == 255).all() and (ids[31:] == 255).all()
+
+
+def test_integer_field_and_names_without_a_class_list(tmp_path, grid):
+    p = write_polygons(tmp_path / "ints.shp", [((0, 5, 0, 5), 7), ((5, 10, 0, 5), 0)], field="code")
+    ids = read_labels(open_labels(p, grid, field="code"), ALL)
+    assert ids[2, 2] == 7 and ids[7, 2] == 0 and ids[20, 20] == 255
+    src = open_labels(write_polygons(tmp_path / "names.gpkg", POLYS), grid)
+    assert [(c.id, c.name) for c in src.classes] == [(1, "Forest"), (2, "water")]  # sorted names get 1, 2, ...
+
+
+def test_unknown_class_name_is_a_clear_error(tmp_path, grid):
+    path = write_polygons(tmp_path / "p.gpkg", POLYS + [((0, 2, 0, 2), "lava")])
+    with pytest.raises(InputError, match="'lava'") as exc:
+        open_labels(path, grid, classes=[ClassInfo(id=1, name="water"), ClassInfo(id=2, name="forest")], classes_from="c.yaml")
+    assert str(path) in str(exc.value) and "c.yaml" in str(exc.value)
+
+
+def test_missing_field_lists_the_fields(tmp_path, grid):
+    path = write_polygons(tmp_path / "p.gpkg", POLYS, field="kind")
+    with pytest.raises(InputError, match="kind"):
+        open_labels(path, grid, field="landuse")
+
+
+def test_polygons_outside_the_image_are_an_error(tmp_path, grid):
+    path = write_polygons(tmp_path / "far.gpkg", [((-500, -400, 0, 10), "water")])
+    with pytest.raises(InputError, match="overlaps"):
+        open_labels(path, grid)
+
+
+# -- classes files ---------------------------------------------------------------------------
+
+
+def test_classes_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- {id: 9, name: urban, color: '#FF0000'}\n- {id: 2, name: water}\n")
+    classes = load_classes(p)
+    assert [(c.id, c.name) for c in classes] == [(2, "water"), (9, "urban")]
+    assert classes[1].color == "#ff0000"
+    p.write_text("classes:\n  - {id: 1, name: a}\n")
+    assert load_classes(p)[0].name == "a"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("- {id: 255, name: x}\n", "0-254"),
+    ("- {id: 1, name: a}\n- {id: 1, name: b}\n", "more than once"),
+    ("- {id: 1, name: a, color: red}\n", "colour"),
+    ("just text\n", "list"),
+])  # fmt: skip
+def test_bad_classes_file(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(InputError, match=match):
+        load_classes(p)
+
+
+def test_no_warning_when_crs_is_identical(tmp_path, grid):
+    path = write_tif(tmp_path / "lab.tif", np.ones((H, W), np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LabelGridWarning)
+        open_labels(path, grid)
+
+
+@pytest.mark.shared_data
+def test_nc_strata_labels_are_accepted_on_the_landsat_grid():
+    from conftest import SHARED_DATA
+
+    d = SHARED_DATA / "grass-nc-landsat7"
+    if not (d / "strata.tif").exists():
+        pytest.skip("shared NC data not present")
+    stack = open_stack([d / f"lsat7_2000_{b}.tif" for b in (10, 20, 30, 40, 50, 70)])
+    with pytest.warns(LabelGridWarning):
+        src = open_labels(d / "strata.tif", stack.grid)
+    ids = read_labels(src, Box(0, 443, 0, 489))
+    assert set(np.unique(ids)) <= {1, 2, 3, 4, 5, 6, 7, 255}
+    polys = open_labels(d / "landsat96_polygons.shp", stack.grid, field="id")
+    pids = read_labels(polys, Box(0, 443, 0, 489))
+    m = pids != 255
+    assert m.sum() > 1000 and (pids[m] == ids[m]).mean() > 0.99  # the polygons agree with the map

@@ -1,0 +1,286 @@
+"""`geoseg train`: learning, the card it writes, the spatial split, normalisation, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from affine import Affine
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from _scenes import ORIGIN, RES, make_scene, trained_model, write_polygons, write_tif
+from geoseg.errors import ConfigError, OutputExistsError
+from geoseg.infer import normalize
+from geoseg.model.store import load_model
+from geoseg.tiling import Box
+from geoseg.train import TrainConfig, TrainInputs, prepare, train, working_dir
+from geoseg.train.loop import STATE_NAME
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return make_scene(tmp_path_factory.mktemp("scene"), h=128, w=128, seed=4)
+
+
+def cli(*args: str):
+    from geoseg.cli.main import cli as group
+
+    return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
+
+
+# -- learning and the card -------------------------------------------------------------------
+
+
+def test_training_separates_the_classes_within_a_small_budget(trained):
+    scene, model_dir, result, seconds = trained
+    tr = result.card.training
+    best = max(r["val_miou"] for r in tr["history"])
+    assert best >= 0.9, tr["history"]
+    assert tr["metrics"]["miou"] == pytest.approx(best, abs=1e-6)  # the kept weights are the best epoch's
+    assert seconds < 180  # fixed work (6 x 8 batches of 8 chips of 64 px): ~6 s on an idle 2-core machine
+    assert 1 <= tr["epochs_run"] <= 6 and len(tr["history"]) == tr["epochs_run"]
+    assert {"loss", "val_loss", "val_miou", "val_accuracy", "lr", "seconds"} <= set(tr["history"][0])
+    assert not working_dir(model_dir).exists()  # checkpoints are gone once the model is written
+
+
+def test_card_keeps_class_ids_names_and_bands(trained):
+    scene, model_dir, result, _ = trained
+    bundle = load_model(model_dir)
+    card = bundle.card
+    assert [(c.id, c.name, c.color) for c in card.classes] == [
+        (2, "water", "#2b83ba"), (5, "forest", "#1a9641"), (9, "urban", "#d7191c")
+    ]  # fmt: skip
+    assert [b.file for b in card.bands] == ["band_1.tif", "band_2.tif", "band_3.tif"]
+    assert [b.name for b in card.bands] == ["blue", "band_2", "band_3"]
+    assert card.bands[0].description == "blue" and card.bands[1].description is None
+    assert all(b.resolution_m == RES for b in card.bands)
+    assert card.encoder_depth == 3 and card.stride == 8 and card.tile_size == 128
+    assert card.training["labels"]["file"] == "labels.tif" and card.training["classes_from"] == "classes.yaml"
+
+
+def test_normalisation_is_computed_from_training_imagery_and_round_trips(trained):
+    scene, model_dir, result, _ = trained
+    card = load_model(model_dir).card
+    split = card.training["split"]
+    not_val = np.ones(scene.valid.shape, bool)
+    for y0, y1, x0, x1 in split["val"]["boxes"]:
+        not_val[y0:y1, x0:x1] = False
+    pix = scene.image[:, scene.valid & not_val].astype(np.float64)
+    assert card.training["normalization_pixels"] == pix.shape[1]
+    np.testing.assert_allclose(card.normalization.mean, pix.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(card.normalization.std, pix.std(axis=1), rtol=1e-9)
+    # predict applies exactly what training applied: (x - mean) / std, 0 where nodata
+    x = normalize(scene.image, scene.valid, card)
+    mean, std = np.array(card.normalization.mean), np.array(card.normalization.std)
+    expect = ((scene.image - mean[:, None, None].astype(np.float32)) / std[:, None, None].astype(np.float32))
+    expect[:, ~scene.valid] = 0
+    np.testing.assert_array_equal(x, expect)
+
+
+def test_spatial_split_has_no_overlap(trained):
+    scene = trained[0]
+    config = TrainConfig(encoder_depth=3, chip_size=32, block_size=48, val_fraction=0.3, seed=3)
+    prep = prepare(TrainInputs(scene.bands, scene.labels), config, stride=8)
+    split = prep.split
+    assert split.val.any() and split.train.any() and not (split.val & split.train).any()
+    train_px = np.zeros(scene.valid.shape, bool)
+    for y, x in prep.candidates:
+        box_splits = split.overlaps(Box(y, y + 32, x, x + 32))
+        assert box_splits == {"train"}
+        train_px[y : y + 32, x : x + 32] = True
+    val_px = np.zeros(scene.valid.shape, bool)
+    for b in prep.val_boxes:
+        assert split.overlaps(b) == {"val"}
+        val_px[b.y0 : b.y1, b.x0 : b.x1] = True
+    assert train_px.any() and val_px.any()
+    assert not (train_px & val_px).any()
+    d = split.describe(prep.survey, [c.id for c in prep.classes])
+    assert d["val"]["blocks"] == len(prep.val_boxes) and d["train"]["labelled_pixels"] > 0
+    # classes come from the label values when nothing names them
+    assert [c.id for c in prep.classes] == [2, 5, 9] and prep.classes[0].name == "class_2"
+
+
+def test_windowed_survey_equals_the_in_memory_one(trained):
+    scene = trained[0]
+    config = TrainConfig(encoder_depth=3, chip_size=32, block_size=32)
+    a = prepare(TrainInputs(scene.bands, scene.labels), config, 8)
+    b = prepare(TrainInputs(scene.bands, scene.labels), config, 8, cache_bytes=0)
+    assert a.survey.cache is not None and b.survey.cache is None
+    assert a.normalization == b.normalization
+    assert np.array_equal(a.candidates, b.candidates)
+    box = a.val_boxes[0]
+    xa, ta = a.reader().read(box)
+    xb, tb = b.reader().read(box)
+    assert np.array_equal(xa, xb) and np.array_equal(ta, tb)
+
+
+def test_bands_of_a_multiband_file(trained, tmp_path):
+    from geoseg.io.sources import open_stack
+    from geoseg.train.loop import band_infos
+
+    scene = trained[0]
+    path = write_tif(tmp_path / "stack.tif", scene.image, descriptions=["blue", "", "nir"])
+    infos = band_infos(open_stack([path]))
+    assert [(b.name, b.description, b.file) for b in infos] == [
+        ("blue", "blue", "stack.tif"), ("stack_b2", None, "stack.tif"), ("nir", "nir", "stack.tif")
+    ]  # fmt: skip
+    prep = prepare(TrainInputs([path], scene.labels), TrainConfig(encoder_depth=3, chip_size=32, block_size=32), 8)
+    assert prep.stack.count == 3 and len(prep.candidates) > 0
+
+
+def test_vector_labels_with_names_train_on_the_classes_file(trained, tmp_path):
+    scene = trained[0]
+    polys = write_polygons(tmp_path / "p.gpkg", [((0, 60, 40, 100), "urban"), ((100, 180, 60, 120), "Water")])
+    prep = prepare(TrainInputs(scene.bands, str(polys), classes_file=str(scene.classes)),
+                   TrainConfig(encoder_depth=3, chip_size=32, block_size=32), 8)  # fmt: skip
+    assert [c.id for c in prep.classes] == [2, 5, 9]
+    counts = prep.survey.id_counts
+    assert counts[9] == 60 * 60 and counts[2] > 0 and counts[5] == 0
+
+
+def test_region_restricts_training(trained):
+    scene = trained[0]
+    prep = prepare(TrainInputs(scene.bands, scene.labels, window=(0, 0, 96, 192)),
+                   TrainConfig(encoder_depth=3, chip_size=32, block_size=32), 8)  # fmt: skip
+    assert (prep.region.x0, prep.region.x1) == (0, 96)
+    assert (prep.candidates[:, 1] + 32 <= 96).all()
+    bbox = (ORIGIN[0] + 96 * RES, ORIGIN[1] - 192 * RES, ORIGIN[0] + 192 * RES, ORIGIN[1])
+    prep = prepare(TrainInputs(scene.bands, scene.labels, bbox=bbox), TrainConfig(encoder_depth=3, chip_size=32), 8)
+    assert (prep.region.y0, prep.region.y1, prep.region.x0, prep.region.x1) == (0, 192, 96, 192)
+
+
+# -- checkpoints and resume ------------------------------------------------------------------
+
+TINY = dict(encoder_depth=3, epochs=3, chip_size=32, batch_size=2, steps_per_epoch=2, block_size=64, seed=0)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(epoch: int):
+    def progress(record):
+        if record["epoch"] == epoch:
+            raise Stop
+
+    return progress
+
+
+def _checkpoint(work: Path) -> tuple[dict, dict]:
+    state = json.loads((work / STATE_NAME).read_text())
+    tensors = load_file(str(work / state["checkpoint"]))
+    tensors.update({f"best/{k}": v for k, v in load_file(str(work / state["best_checkpoint"])).items()})
+    return state, tensors
+
+
+def test_resume_continues_from_the_saved_epoch_with_the_same_result(scene, tmp_path):
+    inputs = TrainInputs(scene.bands, scene.labels)
+    config = TrainConfig(**TINY)
+    # A: uninterrupted up to the end of epoch 2
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "a", config, progress=stop_after(2))
+    # B: interrupted after epoch 1, resumed, stopped after epoch 2
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "b", config, progress=stop_after(1))
+    work_b = working_dir(tmp_path / "b")
+    # weights as safetensors, the rest JSON: no pickle anywhere
+    assert sorted(p.name for p in work_b.iterdir()) == ["best-0001.safetensors", "epoch-0001.safetensors", STATE_NAME]
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "b", config, resume=True, progress=stop_after(2))
+    state_a, tensors_a = _checkpoint(working_dir(tmp_path / "a"))
+    state_b, tensors_b = _checkpoint(work_b)
+    assert state_a["epoch"] == state_b["epoch"] == 2 and state_b["step"] == 4
+    assert tensors_a.keys() == tensors_b.keys()
+    assert any(k.startswith("optim/") for k in tensors_a) and any(k.startswith("best/") for k in tensors_a)
+    for k in tensors_a:
+        assert torch.equal(tensors_a[k], tensors_b[k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(state_a["history"]) == strip(state_b["history"])
+
+    # Resume B to the end through the CLI, with the options the library run used.
+    r = cli("train", *scene.bands, "--labels", scene.labels, "--out", tmp_path / "b", "--encoder-depth", 3,
+            "--epochs", 3, "--chip-size", 32, "--batch-size", 2, "--steps-per-epoch", 2, "--block-size", 64,
+            "--seed", 0, "--resume")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "epoch   3/3" in r.output and "epoch   1/3" not in r.output
+    card = load_model(tmp_path / "b").card
+    assert [h["epoch"] for h in card.training["history"]] == [1, 2, 3]
+    assert not work_b.exists()
+
+
+def test_resume_refuses_other_options_and_nothing_to_resume(scene, tmp_path):
+    inputs = TrainInputs(scene.bands, scene.labels)
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "m", TrainConfig(**TINY), progress=stop_after(1))
+    with pytest.raises(ConfigError, match="lr"):
+        train(inputs, tmp_path / "m", TrainConfig(**dict(TINY, lr=0.5)), resume=True)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(inputs, tmp_path / "m", TrainConfig(**TINY))
+    with pytest.raises(ConfigError, match="nothing|no interrupted"):
+        train(inputs, tmp_path / "other", TrainConfig(**TINY), resume=True)
+
+
+def test_existing_model_directory_is_not_overwritten(scene, tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "model.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        train(TrainInputs(scene.bands, scene.labels), out, TrainConfig(**TINY))
+    assert (out / "model.json").read_text() == "{}"
+
+
+# -- bad input through the CLI: a clear error naming the file, non-zero exit, nothing written --
+
+
+def _bad_inputs(scene, tmp: Path) -> dict[str, tuple[list, str]]:
+    shifted = write_tif(tmp / "shifted.tif", np.full((128, 128), 2, np.uint8),
+                        transform_=Affine(RES, 0, ORIGIN[0] + 50, 0, -RES, ORIGIN[1]))  # fmt: skip
+    empty = write_tif(tmp / "empty.tif", np.zeros((128, 128), np.uint8), nodata=0)
+    lava = write_polygons(tmp / "lava.gpkg", [((0, 20, 0, 20), "lava"), ((30, 40, 0, 20), "water")])
+    other_grid = write_tif(tmp / "band_x.tif", np.ones((130, 128), np.uint16))
+    bands = [str(b) for b in scene.bands]
+    return {
+        "labels on another grid": ([*bands, "--labels", shifted], str(shifted)),
+        "unknown class name": ([*bands, "--labels", lava, "--classes", scene.classes], str(lava)),
+        "no valid label pixel": ([*bands, "--labels", empty], str(empty)),
+        "images of mixed grids": ([bands[0], other_grid, "--labels", scene.labels], str(other_grid)),
+        "missing image": ([bands[0], tmp / "missing.tif", "--labels", scene.labels], "missing.tif"),
+        "missing labels": ([*bands, "--labels", tmp / "nolabels.tif"], "nolabels.tif"),
+        "missing classes file": ([*bands, "--labels", scene.labels, "--classes", tmp / "c.yaml"], "c.yaml"),
+    }
+
+
+@pytest.mark.parametrize("case", ["labels on another grid", "unknown class name", "no valid label pixel",
+                                  "images of mixed grids", "missing image", "missing labels", "missing classes file"])  # fmt: skip
+def test_bad_input_is_a_clear_error_and_writes_nothing(scene, tmp_path, case):
+    args, named = _bad_inputs(scene, tmp_path)[case]
+    out = tmp_path / "out" / "model"
+    r = cli("train", *args, "--out", out, "--encoder-depth", 3, "--epochs", 1, "--chip-size", 32)
+    assert r.exit_code != 0
+    assert "geoseg: error:" in r.output and named in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not out.exists() and not working_dir(out).exists() and not (tmp_path / "out").exists()
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="epochs"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ConfigError, match="val_fraction"):
+        TrainConfig(val_fraction=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_mixed_precision(scene, tmp_path):
+    result = train(TrainInputs(scene.bands, scene.labels), tmp_path / "m", TrainConfig(**dict(TINY, epochs=1)), device="cuda")
+    assert result.card.training["device"].startswith("cuda")
+    assert result.card.training["precision"] in ("bf16-mixed", "fp16-mixed")
