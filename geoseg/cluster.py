@@ -1,11 +1,13 @@
-"""Where the graph runs: an embedded LocalCluster (localhost only) or an existing scheduler."""
+"""Where the graph runs: an embedded LocalCluster (localhost only), an existing scheduler, or the
+cluster a profile (geoseg.jobs.profiles) describes: SLURM through dask-jobqueue, Kubernetes."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from typing import Iterator
+import shutil
+from typing import Any, Iterator
 
 from geoseg.errors import ConfigError
 
@@ -23,18 +25,22 @@ def connect(
     threads_per_worker: int = 1,
     security: object | None = None,
     memory_limit: str | float | None = "auto",
+    *,
+    resources: dict[str, float] | None = None,
+    timeout: str = "30s",
 ) -> Iterator["distributed.Client"]:  # noqa: F821
     """A client on an existing scheduler (``scheduler`` address) or on a new local cluster.
 
     The local cluster runs worker processes with one thread each (one torch stream per core
-    is the fastest way to run a CNN on CPU cores) and binds to 127.0.0.1 only.
+    is the fastest way to run a CNN on CPU cores) and binds to 127.0.0.1 only; ``resources``
+    are what each of its workers offers (``{"GPU": 1}`` for model tasks annotated so).
     """
     import dask
     from distributed import Client, LocalCluster
 
     if scheduler:
         try:
-            client = Client(scheduler, security=security, timeout="30s")
+            client = Client(scheduler, security=security, timeout=timeout)
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from None
         try:
@@ -51,6 +57,7 @@ def connect(
             dashboard_address="127.0.0.1:0",
             memory_limit=memory_limit,
             silence_logs=logging.WARNING,
+            **({"resources": dict(resources)} if resources else {}),
         )
     try:
         with Client(cluster) as client:
@@ -58,3 +65,113 @@ def connect(
             yield client
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def connect_profile(profile: Any, name: str = "") -> Iterator["distributed.Client"]:  # noqa: F821
+    """A client on the cluster a profile (geoseg.jobs.profiles) describes; the cluster closes after."""
+    label = f"cluster profile {name!r}" if name else f"the {profile.kind} cluster profile"
+    if profile.kind == "local":
+        with connect(None, profile.n_workers, profile.threads_per_worker, None, profile.memory_limit,
+                     resources=profile.resources) as client:
+            yield client
+    elif profile.kind == "address":
+        with connect(profile.address, security=profile.security(), timeout=profile.timeout) as client:
+            yield client
+    elif profile.kind == "kubernetes":
+        address = profile.scheduler_address()
+        if profile.create:
+            with _kubernetes(profile, label) as client:
+                yield client
+        elif address:
+            with connect(address, security=profile.security(), timeout=profile.timeout) as client:
+                yield client
+        else:
+            raise ConfigError(
+                f"{label} has no scheduler address; set address: to the DaskCluster's scheduler service "
+                f"(tcp://{profile.name}-scheduler.NAMESPACE.svc.cluster.local:8786), run where "
+                "DASK_SCHEDULER_ADDRESS is set (a DaskJob pod), or set create: true"
+            )
+    elif profile.kind == "slurm":
+        with _slurm(profile, label) as client:
+            yield client
+    else:
+        raise ConfigError(f"{label}: unknown kind {profile.kind!r}; use local, address, slurm or kubernetes")
+
+
+@contextlib.contextmanager
+def _slurm(profile: Any, label: str) -> Iterator["distributed.Client"]:  # noqa: F821
+    from distributed import Client
+
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise ConfigError(f"{label} needs dask-jobqueue: pip install dask-jobqueue") from None
+    if shutil.which("sbatch") is None:
+        raise ConfigError(
+            f"{label} submits worker jobs with sbatch, which is not on this machine's PATH; run geoseg on a "
+            "SLURM login node (geoseg run JOB --dry-run shows the worker job script)"
+        )
+    kw = profile.jobqueue_kwargs()
+    if profile.scheduler_options:
+        kw["scheduler_options"] = dict(profile.scheduler_options)
+    if profile.tls:
+        kw["security"] = True  # temporary certificates; workers get theirs through shared_temp_directory
+        if profile.shared_temp_directory:
+            kw["shared_temp_directory"] = profile.shared_temp_directory
+    try:
+        cluster = SLURMCluster(**kw)
+    except ValueError as exc:
+        raise ConfigError(f"{label}: {exc}") from None
+    try:
+        if profile.maximum_jobs:
+            cluster.adapt(minimum_jobs=profile.jobs, maximum_jobs=profile.maximum_jobs)
+        else:
+            cluster.scale(jobs=profile.jobs)
+        with Client(cluster) as client:
+            log.info("slurm cluster: scheduler %s, %d job(s) requested", cluster.scheduler_address, profile.jobs)
+            yield client
+    finally:
+        cluster.close()
+
+
+@contextlib.contextmanager
+def _kubernetes(profile: Any, label: str) -> Iterator["distributed.Client"]:  # noqa: F821
+    from distributed import Client
+
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError:
+        raise ConfigError(
+            f"{label} has create: true, which needs the Dask Kubernetes operator's client: pip install dask-kubernetes "
+            "(or set address: to the scheduler service of a running DaskCluster, e.g. infra/kubernetes/daskcluster.yaml)"
+        ) from None
+    kw = {"namespace": profile.namespace} if profile.namespace else {}
+    cluster = KubeCluster(custom_cluster_spec=profile.manifest(), **kw)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def check_resources(client: Any, needed: dict[str, float] | None) -> None:
+    """Refuse a cluster whose workers cannot run tasks that need ``needed`` (they would wait forever).
+
+    A cluster with no worker yet (a SLURM or Kubernetes cluster still starting) passes.
+    """
+    if not needed:
+        return
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    if not workers:
+        return
+    for w in workers.values():
+        offered = w.get("resources") or {}
+        if all(offered.get(k, 0) >= v for k, v in needed.items()):
+            return
+    want = ",".join(f"{k}={v:g}" for k, v in needed.items())
+    raise ConfigError(
+        f"no worker of the cluster at {client.scheduler.address} offers {want}, which the model tasks need "
+        f"(model_resources of the cluster profile); start GPU workers with 'dask worker ... --resources {want}' "
+        "or drop model_resources"
+    )

@@ -1,4 +1,8 @@
-"""Per-process model cache: each worker loads a model once, from its directory, never from the graph."""
+"""Per-process model cache: each worker loads a model once, from its directory, never from the graph.
+
+A model directory at a URL is fetched once per machine into the local cache, keyed and checked
+by its digest (``geoseg.model.store.fetch_model_dir``); the graph only carries the URL and digest.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from geoseg.model.store import ModelBundle, load_model
+from geoseg.errors import ModelError
+from geoseg.model.store import ModelBundle, load_model, local_model_dir
 
 _CACHE: dict["ModelRef", ModelBundle] = {}
 _LOCK = threading.Lock()
@@ -18,7 +23,7 @@ _LOCK = threading.Lock()
 class ModelRef:
     """What a task needs to find its model: a path and the digest it must have (a few bytes in the graph)."""
 
-    path: str
+    path: str  # a local directory or a URL (s3://...)
     digest: str
     device: str = "auto"  # auto | cpu | cuda
 
@@ -53,9 +58,10 @@ def get_model(ref: ModelRef) -> ModelBundle:
                 # One torch thread per dask thread: workers never oversubscribe the cores.
                 torch.set_num_threads(threads)
             device = pick_device(ref.device)
-            bundle = load_model(ref.path, device=device)
+            # a URL: the cached copy with this digest (fetched and verified on first use)
+            bundle = load_model(local_model_dir(ref.path, ref.digest), device=device)
             if bundle.digest != ref.digest:
-                raise RuntimeError(
+                raise ModelError(
                     f"{ref.path}: model changed while the job ran (digest {bundle.digest[:12]} != {ref.digest[:12]}); rerun the job"
                 )
             bundle.net.to(memory_format=torch.channels_last)

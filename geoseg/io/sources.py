@@ -1,7 +1,9 @@
 """Input rasters: one multi-band file or several single-band files on one grid, stacked.
 
 Everything here opens files; the rest of geoseg sees a `RasterStack` (a small immutable
-description) and the arrays `read_window` returns.
+description) and the arrays `read_window` returns. Inputs may be local paths, URLs
+(``s3://``, ``https://``: GDAL reads them through /vsis3/ and /vsicurl/) or GDAL ``/vsi...``
+paths; remote ones are opened inside ``storage.gdal_env`` on the client and on every worker.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
+from geoseg.io import storage
 
 
 @dataclass(frozen=True)
@@ -61,9 +64,30 @@ def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("/vsi")
 
 
+def _check_exists(path: str) -> None:
+    """A missing input named as such, not as GDAL's generic 'not recognized' (URLs asked through fsspec)."""
+    if not _is_remote(path):
+        if not Path(path).exists():
+            raise InputNotFoundError(f"{path}: no such file; check the path")
+        return
+    if not storage.is_url(path):
+        return  # a GDAL /vsi... path: GDAL alone knows how to reach it
+    try:
+        found = storage.exists(path)
+    except ImportError:
+        return  # no fsspec driver for this scheme here: GDAL may still reach it
+    except (OSError, ValueError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{path}: cannot reach it ({detail}); check the URL, the endpoint and the credentials (AWS_* variables)"
+        ) from None
+    if not found:
+        raise InputNotFoundError(f"{path}: no such object; check the URL and that your credentials can read it")
+
+
 def _open(path: str) -> rasterio.io.DatasetReader:
-    if not _is_remote(path) and not Path(path).exists():
-        raise InputNotFoundError(f"{path}: no such file; check the path")
+    """Open ``path`` (call inside ``storage.gdal_env(path)``: remote rasters need its settings)."""
+    _check_exists(path)
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
@@ -103,7 +127,7 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
     first = ""
     block_shape = (512, 512)
     for p in map(str, paths):
-        with _open(p) as ds:
+        with storage.gdal_env(p), _open(p) as ds:
             g = grid_of(ds, p)
             if grid is None:
                 grid, first = g, p
@@ -157,7 +181,7 @@ def read_window(stack: RasterStack, window: Window) -> tuple[np.ndarray, np.ndar
         by_path.setdefault(b.path, []).append((pos, b))
     for path, items in by_path.items():
         try:
-            with rasterio.open(path) as ds:
+            with storage.gdal_env(path), rasterio.open(path) as ds:
                 data = ds.read([b.band for _, b in items], window=window)
                 for k, (pos, b) in enumerate(items):
                     valid &= _valid(data[k], b)

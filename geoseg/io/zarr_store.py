@@ -1,11 +1,19 @@
 """The prediction store: a georeferenced Zarr dataset written chunk by chunk, never whole.
 
 Each chunk's write task leaves a marker (``.geoseg/done/IY_IX``) holding the job key once its
-data are in place, so an interrupted job knows which chunks it can reuse.
+data are in place, so an interrupted job knows which chunks it can reuse. A store is a local
+directory or a URL prefix (``s3://...``, through fsspec).
+
+Why a marker can be trusted: it is written only after both arrays' writes of its chunk have
+returned, and each chunk object is replaced whole (zarr writes a local chunk file to a
+temporary name and renames it; an object store's PUT is atomic; a chunk region always covers
+its whole Zarr chunk, so zarr never reads the old chunk back). A chunk without a marker, even
+one whose worker died half-way through writing it, is computed again and rewritten entirely.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,10 +23,12 @@ import numpy as np
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
+from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS
 from geoseg.tiling import Chunk, TilingPlan
 
 MARKERS = ".geoseg/done"
+JOB_ATTR, COMPLETE_ATTR = "geoseg_job", "geoseg_complete"
 
 
 def pixel_centres(grid: GeoBox) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +48,7 @@ def georeference(ds: xr.Dataset, grid: GeoBox) -> xr.Dataset:
     return ds
 
 
-def create_store(path: Path, grid: GeoBox, plan: TilingPlan, attrs: dict[str, Any]) -> None:
+def create_store(path: str | os.PathLike, grid: GeoBox, plan: TilingPlan, attrs: dict[str, Any]) -> None:
     """Write the store's metadata and coordinates; the data chunks come from the write tasks."""
     y, x = pixel_centres(grid)
     shape, chunks = tuple(grid.shape), plan.chunks
@@ -58,8 +68,14 @@ def create_store(path: Path, grid: GeoBox, plan: TilingPlan, attrs: dict[str, An
         "class_id": {"_FillValue": None, "fill_value": NODATA_CLASS, "chunks": zchunks},
         "confidence": {"_FillValue": np.nan, "chunks": zchunks},
     }
-    ds.to_zarr(str(path), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3)
-    (Path(path) / MARKERS).mkdir(parents=True, exist_ok=True)
+    ds.to_zarr(str(path), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3,
+               **storage.zarr_kwargs(path))
+    if not storage.is_url(path):
+        (Path(path) / MARKERS).mkdir(parents=True, exist_ok=True)
+
+
+def _marker(path: str | os.PathLike, iy: int, ix: int) -> str | Path:
+    return storage.join(path, MARKERS, f"{iy}_{ix}")
 
 
 def write_chunk(path: str, chunk: Chunk, job_key: str, result: tuple[np.ndarray, np.ndarray]) -> dict[str, int]:
@@ -67,40 +83,98 @@ def write_chunk(path: str, chunk: Chunk, job_key: str, result: tuple[np.ndarray,
     import zarr
 
     class_id, confidence = result
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(path, mode="r+", **storage.zarr_kwargs(path))
     region = (slice(chunk.core.y0, chunk.core.y1), slice(chunk.core.x0, chunk.core.x1))
     group["class_id"][region] = class_id
     group["confidence"][region] = confidence
-    marker = Path(path) / MARKERS / f"{chunk.iy}_{chunk.ix}"
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(job_key)
-    tmp.replace(marker)
+    # Only now, both writes returned: the marker vouches for data that are in place.
+    storage.write_atomic(_marker(path, chunk.iy, chunk.ix), job_key.encode())
     return {"iy": chunk.iy, "ix": chunk.ix, "valid": int((class_id != NODATA_CLASS).sum())}
 
 
-def done_chunks(path: Path, job_key: str) -> set[tuple[int, int]]:
-    """Chunks a previous run of the same job (same key) finished."""
-    root = Path(path) / MARKERS
-    if not root.is_dir():
-        return set()
-    done = set()
-    for m in root.iterdir():
-        if m.suffix == ".tmp":
-            continue
+def _parse_marker(name: str) -> tuple[int, int] | None:
+    if name.startswith(".") or name.endswith(".tmp"):
+        return None  # a marker being written (or left half-written by a killed worker)
+    try:
+        iy, ix = name.split("_")
+        return int(iy), int(ix)
+    except ValueError:
+        return None
+
+
+def done_chunks(path: str | os.PathLike, job_key: str) -> set[tuple[int, int]]:
+    """Chunks whose marker holds ``job_key`` (a previous run of the same job finished them)."""
+    root = storage.join(path, MARKERS)
+    contents: dict[str, bytes] = {}
+    if storage.is_url(path):
+        fs, prefix = storage.filesystem(str(root))
         try:
-            if m.read_text() == job_key:
-                iy, ix = m.name.split("_")
-                done.add((int(iy), int(ix)))
-        except (OSError, ValueError):
-            continue
+            names = [p for p in fs.ls(prefix, detail=False) if _parse_marker(p.rsplit("/", 1)[-1])]
+        except FileNotFoundError:
+            return set()
+        if names:
+            contents = {p.rsplit("/", 1)[-1]: v for p, v in fs.cat(names, on_error="omit").items()}
+    else:
+        if not Path(root).is_dir():
+            return set()
+        for m in Path(root).iterdir():
+            if _parse_marker(m.name):
+                try:
+                    contents[m.name] = m.read_bytes()
+                except OSError:
+                    continue
+    done = set()
+    for name, value in contents.items():
+        ij = _parse_marker(name)
+        if ij is not None and value == job_key.encode():
+            done.add(ij)
     return done
 
 
-def finalize_store(path: Path) -> None:
-    """Drop the markers of a complete store (a finished store needs none)."""
+def store_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The store's attributes, or None where there is no readable store."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path)).attrs)
+    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError):
+        return None  # missing or not a Zarr group: nothing to reuse
+
+
+def reusable_chunks(path: str | os.PathLike, job_key: str, plan: TilingPlan) -> set[tuple[int, int]]:
+    """Chunks of ``plan`` a store at ``path`` already holds for exactly this job.
+
+    A store made for another job key (other inputs, model, plan or numerics) gives nothing,
+    whatever its markers say; a finalized store of this job gives every chunk.
+    """
+    if not storage.exists(path):
+        return set()
+    attrs = store_attrs(path)
+    if not attrs or attrs.get(JOB_ATTR) != job_key:
+        return set()
+    every = {(ch.iy, ch.ix) for ch in plan}
+    if attrs.get(COMPLETE_ATTR):
+        return every
+    return done_chunks(path, job_key) & every
+
+
+def finalize_store(path: str | os.PathLike) -> None:
+    """Mark a store whose every chunk is written complete, then drop its markers (it needs none)."""
+    import zarr
+
+    group = zarr.open_group(str(path), mode="r+", **storage.zarr_kwargs(path))
+    group.attrs.update({COMPLETE_ATTR: True})
+    if storage.is_url(path):
+        storage.remove(storage.join(path, ".geoseg"), recursive=True)
+        return
     shutil.rmtree(Path(path) / ".geoseg", ignore_errors=True)
+    # zarr writes a chunk to "<key>.<uuid>.partial" and renames it; a worker killed in between
+    # leaves that file behind. It is never read (the chunk was written again), only litter.
+    for leftover in Path(path).rglob("*.partial"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
 
 
-def open_prediction(path: str | Path) -> xr.Dataset:
+def open_prediction(path: str | os.PathLike) -> xr.Dataset:
     """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8."""
-    return xr.open_zarr(str(path), decode_coords="all", consolidated=False)
+    return xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))

@@ -83,8 +83,57 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     return card
 
 
+def fetch_model_dir(url: str, digest: str | None = None) -> Path:
+    """The model directory at ``url`` in the local cache, ``<cache>/models/<digest>``.
+
+    A model is fetched once per cache directory (per machine); the files are hashed before
+    they are put in place (a directory rename, so a cached model is always complete), and when
+    ``digest`` is given a model with any other digest is refused rather than used.
+    """
+    from geoseg.io import storage
+
+    root = storage.cache_dir("models")
+    if digest and (root / digest).is_dir():
+        return root / digest
+    url = url.rstrip("/")
+    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
+    try:
+        for name in (CARD_NAME, WEIGHTS_NAME):
+            try:
+                storage.download(f"{url}/{name}", tmp / name)
+            except FileNotFoundError:
+                raise ModelError(f"{url}/{name}: not found; check the model URL (a directory holding {CARD_NAME} and {WEIGHTS_NAME})") from None
+            except OSError as exc:
+                raise ModelError(f"{url}/{name}: cannot fetch it ({exc}); check the URL and the credentials (AWS_* variables)") from None
+        try:
+            check_model_dir(tmp)
+        except ModelError as exc:
+            raise ModelError(str(exc).replace(str(tmp), url)) from None
+        got = model_digest(tmp)
+        if digest and got != digest:
+            raise ModelError(
+                f"{url}: model changed while the job ran (digest {got[:12]} != {digest[:12]}); rerun the job"
+            )
+        final = root / got
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # another process putting the same model in place wins the race
+                raise
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def local_model_dir(model_dir: str | os.PathLike, digest: str | None = None) -> Path:
+    """A model directory on this machine: a local path as given, a URL fetched into the cache."""
+    from geoseg.io.storage import is_url
+
+    return fetch_model_dir(str(model_dir), digest) if is_url(model_dir) else Path(model_dir)
+
+
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
-    model_dir = Path(model_dir)
+    model_dir = local_model_dir(model_dir)
     card = check_model_dir(model_dir)
     weights = model_dir / WEIGHTS_NAME
     net = build_network(card.arch, card.encoder, card.n_bands, card.n_classes, card.encoder_depth, card.arch_params)

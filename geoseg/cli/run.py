@@ -1,0 +1,113 @@
+"""`geoseg run`: a declarative job (pipelines/NAME.yaml): many scenes, one model, one cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+import click
+import yaml
+
+from geoseg.cli import options as opt
+
+
+@click.command(short_help="Run a job file: many scenes on one cluster.")
+@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True, help="Recompute finished scenes, also those finished with another model or parameters.")
+@click.option("--resume", is_flag=True, help="Reuse the chunks interrupted runs finished; recompute scenes finished with another model or parameters.")
+@opt.scheduler_opt
+@click.option("--profile", default=None, metavar="NAME", help="Cluster profile to use (cluster.profiles in the job file, dask config or defaults).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override one setting, for example --set chunking.chunk_size=1024 (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved settings, the cluster and what each scene would do; run nothing.")
+@click.pass_context
+def run(ctx, job_file, overwrite, resume, scheduler, profile, settings, dry_run):
+    """Segment every scene of JOB_FILE into its own folder under the job's output root.
+
+    \b
+    Settings come in layers, later wins: geoseg's defaults, dask config files
+    (~/.config/dask/*.yaml, key geoseg:), the job file, the environment
+    (DASK_GEOSEG__CHUNKING__CHUNK_SIZE=1024), then --profile/--scheduler/--set.
+    Every scene is checked before any cluster starts. Finished scenes (same inputs,
+    model and parameters) are reused; job.json in the output root records the run.
+    """
+    verbosity = ctx.obj["verbosity"] if ctx.obj else 0
+    with _quiet_dask(verbosity < 2):
+        _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity)
+
+
+@contextlib.contextmanager
+def _quiet_dask(quiet: bool):
+    """distributed's INFO lines (cluster start, every client) only with -vv.
+
+    The group's root handler would print them; its intent is dask only when something is wrong.
+    """
+    import distributed  # noqa: F401  (its import sets its loggers' levels: set ours after)
+
+    logger = logging.getLogger("distributed")
+    old = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity) -> None:
+    from geoseg.io import storage
+    from geoseg.jobs.runner import execute, format_summary, plan
+    from geoseg.jobs.spec import resolve
+
+    spec = resolve(job_file, profile=profile, scheduler=scheduler, settings=settings)
+    if dry_run:
+        _print_dry_run(spec, overwrite, resume)
+        return
+    jp = plan(spec, overwrite=overwrite, resume=resume)
+    say = click.echo if verbosity >= 0 else None
+    if say and jp.todo:
+        say(f"job {spec.job_name}: {len(jp.scenes)} scenes, {len(jp.todo)} to compute, "
+            f"{len(jp.scenes) - len(jp.todo)} finished; cluster profile {spec.cluster.profile} ({spec.profile.kind})")
+    summary = execute(jp, progress=verbosity >= 0 and sys.stderr.isatty(), report=say)
+    if verbosity < 0:
+        return
+    if summary["status"] == "nothing to do":
+        click.echo(f"nothing to do: all {len(jp.scenes)} scenes of {job_file} are finished with the same inputs, "
+                   "model and parameters (pass --overwrite to recompute them)")
+    click.echo(format_summary(summary))
+    if summary["status"] != "nothing to do":
+        click.echo(f"summary written to {storage.join(spec.output_root, 'job.json')}")
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data):  # manifests are read by people and kubectl: no &anchors
+        return True
+
+
+def _yaml(data) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False).rstrip()
+
+
+def _print_dry_run(spec, overwrite: bool, resume: bool) -> None:
+    from geoseg.jobs.runner import plan
+
+    layers = " < ".join(layer.name for layer in spec.layers)
+    click.echo(f"# {spec.source}: resolved settings ({layers})")
+    click.echo(_yaml(spec.settings()))
+    profile = spec.profile
+    click.echo(f"\n# cluster profile {spec.cluster.profile} ({profile.kind})")
+    if profile.kind == "slurm":
+        click.echo("# worker job script (one per job; geoseg run submits it with sbatch):")
+        click.echo(profile.job_script().rstrip())
+    elif profile.kind == "kubernetes":
+        address = profile.scheduler_address()
+        click.echo(f"# scheduler: {address or '(none set: create: true or DASK_SCHEDULER_ADDRESS)'}")
+        click.echo("# DaskCluster manifest (kubectl apply -f -):")
+        click.echo(_yaml(profile.manifest()))
+    jp = plan(spec, overwrite=overwrite, resume=resume)
+    click.echo(f"\n# plan: {len(jp.todo)} of {len(jp.scenes)} scenes to compute")
+    for sp in jp.scenes:
+        p = sp.job.plan
+        click.echo(f"{sp.scene.name}: {sp.action} ({sp.reason}); {p.shape[0]} x {p.shape[1]} px, {len(p)} chunks "
+                   f"of {p.chunk_size} px, halo {p.halo} px -> {sp.scene.out_dir}")

@@ -1,0 +1,120 @@
+"""geoseg's settings, layered the way dask layers its own configuration.
+
+The packaged ``geoseg/geoseg.yaml`` becomes the ``geoseg`` namespace of dask's defaults (as
+``distributed/config.py`` does for ``distributed``), so ``dask.config.get("geoseg.…")`` works
+everywhere. A job resolves its settings from five layers, later wins: packaged defaults < dask
+config files < the job file < environment (``DASK_GEOSEG__…``) < command line.
+
+dask's own merged config already holds defaults, files and environment, but the job file has to
+sit between files and environment, so the layers are collected here one by one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import dask.config
+import yaml
+
+from geoseg.errors import ConfigError
+
+DEFAULTS_PATH = Path(__file__).resolve().parents[1] / "geoseg.yaml"
+NAMESPACE = "geoseg"
+
+with open(DEFAULTS_PATH) as _f:
+    _PACKAGED: dict[str, Any] = yaml.safe_load(_f)
+
+dask.config.update_defaults(_PACKAGED)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings: its ``geoseg`` namespace and where relative paths in it start."""
+
+    kind: str  # defaults | files | job | env | cli
+    name: str  # how messages name it
+    data: Mapping[str, Any]
+    base: Path
+
+    def has(self, loc: Sequence[str | int]) -> bool:
+        node: Any = self.data
+        for part in loc:
+            if isinstance(node, Mapping) and part in node:
+                node = node[part]
+            elif isinstance(node, Mapping) and isinstance(part, str) and part.replace("_", "-") in node:
+                node = node[part.replace("_", "-")]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                return False
+        return True
+
+    def describe(self, loc: Sequence[str | int]) -> str:
+        """Where a value at ``loc`` was set, in the words a user would search for."""
+        if self.kind == "env":
+            return "DASK_GEOSEG__" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+        return self.name
+
+
+def packaged_defaults() -> dict[str, Any]:
+    return copy.deepcopy(_PACKAGED[NAMESPACE])
+
+
+def defaults_layer() -> Layer:
+    return Layer("defaults", "geoseg's packaged defaults", packaged_defaults(), Path.cwd())
+
+
+def files_layer(paths: Iterable[str] | None = None) -> Layer:
+    """The ``geoseg`` sections of dask's YAML config files (/etc/dask, ~/.config/dask, $DASK_CONFIG)."""
+    try:
+        found = dask.config.collect_yaml(list(paths if paths is not None else dask.config.paths))
+    except Exception as exc:  # dask raises whatever the YAML parser raised, naming the file
+        raise ConfigError(f"a dask config file cannot be read ({exc}); fix or remove it") from None
+    data = dask.config.merge(*found).get(NAMESPACE) or {}
+    return Layer("files", "dask config files", data if isinstance(data, dict) else {}, Path.cwd())
+
+
+def env_layer(env: Mapping[str, str] | None = None) -> Layer:
+    """``DASK_GEOSEG__A__B=value`` variables, read now (dask's own copy was read at import)."""
+    data = dask.config.collect_env(dict(os.environ if env is None else env)).get(NAMESPACE) or {}
+    return Layer("env", "environment", data if isinstance(data, dict) else {}, Path.cwd())
+
+
+def cli_layer(profile: str | None = None, settings: Iterable[str] = ()) -> Layer:
+    """``--profile NAME`` and ``--set dotted.key=value`` (values parsed as YAML)."""
+    data: dict[str, Any] = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set chunking.chunk_size=1024")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} was set to a value above; set the nested keys only")
+        node[parts[-1]] = value
+    if profile:
+        data.setdefault("cluster", {})["profile"] = profile
+    return Layer("cli", "the command line", data, Path.cwd())
+
+
+def merge(layers: Sequence[Layer]) -> dict[str, Any]:
+    """The layers merged, later wins, nested mappings merged key by key (``a-b`` matches ``a_b``)."""
+    return dask.config.merge(*(copy.deepcopy(dict(layer.data)) for layer in layers))
+
+
+def origin(layers: Sequence[Layer], loc: Sequence[str | int]) -> Layer | None:
+    """The layer whose value for ``loc`` won, if any set it."""
+    for layer in reversed(layers):
+        if layer.has(loc):
+            return layer
+    return None

@@ -1,0 +1,283 @@
+"""Run a job: every scene checked and planned first, then the work runs on one client.
+
+A scene whose output folder holds a ``run.json`` with the planned job key (same inputs, model,
+tiling and numerics) and the outputs asked for is finished and reused; one finished with
+anything else is refused unless ``--overwrite`` (or ``--resume``) is given, so a changed
+model never silently replaces results. ``job.json`` in the output root records what ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from geoseg.errors import ConfigError, GeosegError, OutputExistsError
+from geoseg.io import storage
+from geoseg.jobs.spec import JobSpec, Scene, resolve
+from geoseg.predict import COG_NAME, PARTIAL, RUN_NAME, VECTOR_NAME, ZARR_NAME, Job, plan_job
+
+JOB_NAME = "job.json"
+Report = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ScenePlan:
+    """One scene, checked and planned: what will happen to it and why."""
+
+    scene: Scene
+    job: Job
+    action: str  # compute | reuse
+    reason: str
+    previous: dict[str, Any] | None  # the run.json found in its output folder
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    spec: JobSpec
+    scenes: tuple[ScenePlan, ...]
+
+    @property
+    def todo(self) -> tuple[ScenePlan, ...]:
+        return tuple(s for s in self.scenes if s.action == "compute")
+
+
+def load_job(path: str | os.PathLike, *, check_inputs: bool = False, **layers: Any) -> JobSpec:
+    """The job file validated with every settings layer; ``check_inputs`` also plans every scene
+    (globs match, rasters open, bands fit the model, output folders can be written)."""
+    spec = resolve(path, **layers)
+    if check_inputs:
+        plan(spec)
+    return spec
+
+
+def _read_run(out_dir: Path | str) -> dict[str, Any] | None:
+    """The run.json of a finished output folder (``{}`` if unreadable), None if unfinished."""
+    p = storage.join(out_dir, RUN_NAME)
+    if not storage.isfile(p):
+        return None
+    try:
+        record = json.loads(storage.read_bytes(p))
+    except (OSError, ValueError):
+        return {}  # unreadable: finished by something we cannot vouch for
+    return record if isinstance(record, dict) else {}
+
+
+def _interrupted(out_dir: Path | str) -> bool:
+    # Locally the store grows under a .partial name; under a URL in place (no rename there).
+    name = ZARR_NAME if storage.is_url(out_dir) else ZARR_NAME + PARTIAL
+    return storage.exists(storage.join(out_dir, name))
+
+
+def _wanted(spec: JobSpec) -> list[str]:
+    return [ZARR_NAME] + [COG_NAME] * spec.outputs.cog + [VECTOR_NAME] * spec.outputs.vectors
+
+
+def _decide(spec: JobSpec, job: Job, previous: dict[str, Any] | None, overwrite: bool, resume: bool) -> tuple[str, str, bool]:
+    """(action, reason, replace finished outputs) for a planned scene, or OutputExistsError."""
+    if previous is None:
+        if resume and _interrupted(job.out_dir):
+            return "compute", "resuming an interrupted run", False
+        return "compute", "not run yet", False
+    missing = [n for n in _wanted(spec) if n not in (previous.get("outputs") or [])]
+    if previous.get("job_key") == job.key and not missing:
+        if overwrite:
+            return "compute", "finished; recomputing (--overwrite)", True
+        return "reuse", f"finished {previous.get('finished', '')}".strip(), False
+    if previous.get("job_key") != job.key:
+        why = "with a different model, input or parameters"
+        detail = f" (job key {str(previous.get('job_key') or 'unknown')[:12]}, now {job.key[:12]})"
+    else:
+        why, detail = "without " + ", ".join(missing), ", which the job now asks for"
+    if overwrite or resume:
+        return "compute", f"finished {why}; recomputing ({'--overwrite' if overwrite else '--resume'})", True
+    raise OutputExistsError(f"{job.out_dir}: holds a prediction finished {why}{detail}; pass --overwrite to "
+                            "recompute it (or --resume)")
+
+
+def _combine(spec: JobSpec, n: int, errors: list[tuple[str, GeosegError]]) -> GeosegError:
+    cls = type(errors[0][1]) if len({type(e) for _, e in errors}) == 1 else ConfigError
+    if len(errors) == 1:
+        name, exc = errors[0]
+        return cls(f"{spec.source}: scene {name}: {exc}")
+    lines = "\n".join(f"  - {name}: {exc}" for name, exc in errors)
+    return cls(f"{spec.source}: {len(errors)} of {n} scenes cannot run:\n{lines}")
+
+
+def plan(spec: JobSpec, *, overwrite: bool = False, resume: bool = False) -> JobPlan:
+    """Check and plan every scene (nothing runs); raises one error naming every scene that cannot run."""
+    from geoseg.model.store import check_model_dir, local_model_dir
+
+    scenes = spec.expand_scenes()
+    try:
+        check_model_dir(local_model_dir(spec.model_dir))
+    except GeosegError as exc:
+        raise type(exc)(f"{spec.source}: model: {exc}") from None
+    # Plan as if overwriting, so a finished folder is not refused before its job key is known.
+    probe = spec.predict_options(overwrite=True, resume=resume)
+    planned: list[ScenePlan] = []
+    errors: list[tuple[str, GeosegError]] = []
+    for scene in scenes:
+        try:
+            job = plan_job(scene.inputs, spec.model_dir, scene.out_dir, probe)
+            previous = _read_run(scene.out_dir)
+            action, reason, replace_outputs = _decide(spec, job, previous, overwrite, resume)
+        except GeosegError as exc:
+            errors.append((scene.name, exc))
+            continue
+        job = replace(job, options=replace(job.options, overwrite=replace_outputs))
+        planned.append(ScenePlan(scene, job, action, reason, previous))
+    if errors:
+        raise _combine(spec, len(scenes), errors)
+    return JobPlan(spec, tuple(planned))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _scene_entry(sp: ScenePlan, status: str, record: dict[str, Any] | None, wall_s: float | None,
+                 error: str | None = None) -> dict[str, Any]:
+    record = record or {}
+    entry: dict[str, Any] = {
+        "name": sp.scene.name,
+        "status": status,
+        "reason": sp.reason,
+        "inputs": list(sp.scene.inputs),
+        "out_dir": str(sp.scene.out_dir),
+        "job_key": sp.job.key,
+        "chunks": record.get("chunks"),
+        "timings": record.get("timings", {}),
+        "wall_s": None if wall_s is None else round(wall_s, 3),
+        "finished": record.get("finished"),
+    }
+    if error:
+        entry["error"] = error
+    return entry
+
+
+@contextlib.contextmanager
+def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
+    from geoseg.cluster import check_resources, connect_profile
+    from geoseg.predict import cluster_info
+
+    name, profile = spec.cluster.profile, spec.profile
+    if client is not None:
+        check_resources(client, profile.model_resources)
+        yield client, {**cluster_info(client), "profile": "(given client)"}
+        return
+    t0 = time.perf_counter()
+    with connect_profile(profile, name) as c:
+        check_resources(c, profile.model_resources)
+        yield c, {**cluster_info(c), "profile": name, "kind": profile.kind, "start_s": round(time.perf_counter() - t0, 3)}
+
+
+def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: Report | None = None) -> dict[str, Any]:
+    """Run the scenes a plan computes, one after the other on one client; returns the job summary.
+
+    Nothing to compute: no cluster starts, no file is touched. Otherwise ``job.json`` is written
+    to the output root, also when a scene fails (the rest are then skipped).
+    """
+    from geoseg.predict import run_job
+
+    say = report or (lambda _msg: None)
+    spec, started, t0 = jp.spec, _now(), time.perf_counter()
+    entries: dict[str, dict[str, Any]] = {
+        sp.scene.name: _scene_entry(sp, "reused", sp.previous, 0.0) for sp in jp.scenes if sp.action == "reuse"
+    }
+
+    def summary(status: str, cluster: dict[str, Any] | None) -> dict[str, Any]:
+        scenes = [entries[sp.scene.name] for sp in jp.scenes]
+        totals = {k: sum(e["status"] == k for e in scenes) for k in ("computed", "reused", "skipped", "failed")}
+        return {
+            "geoseg_job": 1,
+            "job": spec.job_name,
+            "job_file": str(spec.source.resolve()),
+            "status": status,
+            "started": started,
+            "finished": _now(),
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "cluster": cluster,
+            "settings": spec.settings(),
+            "scenes": scenes,
+            "totals": {"scenes": len(scenes), **totals},
+        }
+
+    todo = jp.todo
+    if not todo:
+        return summary("nothing to do", None)
+    info: dict[str, Any] | None = None
+    try:
+        with _client(spec, client) as (c, info):
+            say(f"cluster: {info['workers']} workers, {info['threads']} threads at {info['scheduler']}"
+                + (f" (dashboard {info['dashboard']})" if info.get("dashboard") else ""))
+            for i, sp in enumerate(todo):
+                say(f"{sp.scene.name}: {sp.reason}")
+                s0 = time.perf_counter()
+                try:
+                    record = run_job(sp.job, c, progress, info)
+                except BaseException as exc:
+                    entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
+                                                          f"{type(exc).__name__}: {exc}")
+                    for rest in todo[i + 1:]:
+                        entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
+                    raise
+                entries[sp.scene.name] = _scene_entry(sp, "computed", record, time.perf_counter() - s0)
+    except BaseException:
+        if any(e["status"] == "failed" for e in entries.values()):
+            write_summary(spec.output_root, summary("failed", info))
+        raise
+    result = summary("finished", info)
+    write_summary(spec.output_root, result)
+    return result
+
+
+def write_summary(root: Path | str, summary: dict[str, Any]) -> Path | str:
+    """``job.json`` in the output root (a folder or a URL prefix), replaced atomically."""
+    if not storage.is_url(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    final = storage.join(root, JOB_NAME)
+    storage.write_atomic(final, (json.dumps(summary, indent=2) + "\n").encode())
+    return final
+
+
+def run(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, client: Any = None,
+        progress: bool = False, report: Report | None = None, **layers: Any) -> dict[str, Any]:
+    """Load, check and plan a job file, then run it (see ``execute``)."""
+    spec = resolve(path, **layers)
+    return execute(plan(spec, overwrite=overwrite, resume=resume), client=client, progress=progress, report=report)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The job summary as a table, one line per scene."""
+    rows = [("scene", "status", "chunks", "segment", "cog", "vectors", "wall", "output")]
+    for s in summary["scenes"]:
+        ch, t = s.get("chunks") or {}, s.get("timings") or {}
+
+        def sec(key: str) -> str:
+            return f"{t[key]:.1f} s" if key in t else "-"
+
+        chunks = f"{ch.get('computed', 0)}/{ch.get('chunks', 0)}" if ch else "-"
+        wall = "-" if s.get("wall_s") is None or s["status"] == "reused" else f"{s['wall_s']:.1f} s"
+        rows.append((s["name"], s["status"], chunks, sec("segment_s"), sec("cog_s"), sec("vectorize_s"), wall, _rel(s["out_dir"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    tot = summary["totals"]
+    lines.append(f"{tot['scenes']} scenes: {tot['computed']} computed, {tot['reused']} reused, "
+                 f"{tot['skipped']} skipped, {tot['failed']} failed in {summary['wall_s']:.1f} s")
+    return "\n".join(lines)
+
+
+def _rel(p: str) -> str:
+    if storage.is_url(p):
+        return p
+    try:
+        r = os.path.relpath(p)
+    except ValueError:
+        return p
+    return p if r.startswith("..") else r

@@ -1,0 +1,143 @@
+"""Faults survived: a worker process killed mid-job on a real scheduler, and the job still finishes.
+
+The cluster here is what a deployment runs: `dask scheduler` and two `dask worker` processes
+(each a nanny and its worker, in a process group of its own) on loopback, reached through
+``--scheduler``. The worker killed is one that is running an inference task at that moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geoseg.io.zarr_store import MARKERS, open_prediction
+from geoseg.predict import PredictOptions, predict
+
+from conftest import blob_scene, write_raster
+
+DASK = str(Path(sys.executable).with_name("dask"))
+# 64 chunks of 64 px; a small halo keeps each chunk's work short (the test is about faults).
+OPTIONS = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def dask_processes(tmp_path):
+    """A scheduler and two single-threaded workers as separate processes; all killed afterwards."""
+    from distributed import Client
+
+    scheduler_file = tmp_path / "scheduler.json"
+    # scratch space of scheduler and workers in this test's folder, not a shared /tmp one
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DASK_TEMPORARY_DIRECTORY": str(tmp_path)}
+    logs = []
+    procs: list[subprocess.Popen] = []
+
+    def spawn(name: str, *args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")
+        logs.append(log)
+        # A session per process: killing a worker's group takes its nanny too (the worker is gone
+        # for good, as when a node is lost), and teardown leaves nothing behind.
+        p = subprocess.Popen([DASK, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        spawn("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+              "--scheduler-file", str(scheduler_file))
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
+            assert procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
+            time.sleep(0.05)
+        time.sleep(0.05)  # the file is written in one go, but be sure it is complete JSON
+        address = json.loads(scheduler_file.read_text())["address"]
+        workers = [
+            spawn(f"worker{i}", "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--nworkers", "1",
+                  "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}")
+            for i in range(2)
+        ]
+        with Client(address, timeout="30s") as monitor:
+            yield address, workers, monitor  # workers may still be starting: the test waits for them
+    finally:
+        for p in reversed(procs):
+            _kill_group(p)
+        for log in logs:
+            log.close()
+
+
+@pytest.fixture(scope="module")
+def big_scene(tmp_path_factory) -> Path:
+    """512 x 512 px, 4 bands: 64 chunks, enough for a job to be caught in the middle."""
+    image, _ = blob_scene(512, 512, 4, seed=11)
+    return write_raster(tmp_path_factory.mktemp("faults") / "big.tif", image, nodata=0)
+
+
+def _markers(store: Path) -> int:
+    root = store / MARKERS
+    return sum(1 for m in root.iterdir() if "_" in m.name and not m.name.startswith(".")) if root.is_dir() else 0
+
+
+def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, tmp_path):
+    address, workers, monitor = dask_processes
+    out = tmp_path / "faulty"
+    store = out / "prediction.zarr.partial"
+    # no `with`: on a failure the fixture's teardown must get to kill the processes, not wait on them
+    pool = ThreadPoolExecutor(2)
+    try:
+        # the clean run, on the test session's cluster, while this cluster's workers start
+        clean_run = pool.submit(predict, [big_scene], random_model, tmp_path / "clean", OPTIONS, client=client)
+        monitor.wait_for_workers(2, timeout=120)
+        job = pool.submit(predict, [big_scene], random_model, out, OPTIONS, scheduler=address)
+        victim = None
+        deadline = time.monotonic() + 180
+        while victim is None:
+            assert not job.done(), f"the job ended before a worker could be killed: {job.exception()!r}"
+            assert time.monotonic() < deadline, "no chunk finished in time"
+            if _markers(store) >= 2:
+                # the worker inside an inference task right now (not merely holding one queued)
+                # (a lambda: cloudpickle sends it by value, the workers cannot import this module)
+                running = monitor.run(lambda dask_worker: (os.getpid(), [str(ts.key) for ts in dask_worker.state.executing]))
+                victim = next((w for w, (_, keys) in running.items() if any("geoseg-infer" in k for k in keys)), None)
+            if victim is None:
+                time.sleep(0.02)
+        group = os.getpgid(running[victim][0])
+        assert group in {w.pid for w in workers}
+        done_at_kill = _markers(store)
+        os.killpg(group, signal.SIGKILL)
+        record = job.result(timeout=300)
+        clean = clean_run.result(timeout=300)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    total = clean["chunks"]["chunks"]
+    assert total == 64
+    # the kill landed in the middle of the job, on a worker that was working
+    assert 2 <= done_at_kill < total
+    assert victim not in monitor.scheduler_info(n_workers=-1)["workers"]
+    assert record["chunks"] == {"chunks": total, "computed": total, "reused": 0}
+    assert (out / "run.json").is_file()
+    # the result is the clean run's, bit for bit
+    faulty_ds = open_prediction(out / "prediction.zarr")
+    clean_ds = open_prediction(tmp_path / "clean" / "prediction.zarr")
+    assert faulty_ds["class_id"].values.tobytes() == clean_ds["class_id"].values.tobytes()
+    assert np.array_equal(faulty_ds["confidence"].values, clean_ds["confidence"].values, equal_nan=True)
+    # nothing of the dead worker's half-done writes is left in the finished store
+    assert not list((out / "prediction.zarr").rglob("*.partial"))
+    assert not (out / "prediction.zarr" / ".geoseg").exists()

@@ -1,0 +1,340 @@
+"""Declarative jobs: job files validated before anything runs, many scenes on one cluster,
+finished scenes reused, changed parameters refused without --overwrite, layered settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from geoseg.cli.main import cli
+from geoseg.errors import ConfigError, InputError, InputNotFoundError, OutputExistsError
+from geoseg.jobs import load_job, plan, validate_spec
+
+from conftest import blob_scene, write_raster
+
+PIPELINES = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.yaml"))
+NO_ENV: dict[str, str] = {}
+
+
+def write_job(path: Path, **settings) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return path
+
+
+def invoke(*args) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    """A folder with one 4-band scene (data/field.tif) and one scene as four single-band files."""
+    root = tmp_path_factory.mktemp("job")
+    image, _ = blob_scene(160, 200, 4, seed=7)
+    image[:, :8, :8] = 0
+    (root / "data").mkdir()
+    write_raster(root / "data" / "field.tif", image, nodata=0)
+    bands = root / "LC08_044034_20230715"
+    bands.mkdir()
+    other, _ = blob_scene(160, 200, 4, seed=8)
+    for i in range(4):
+        write_raster(bands / f"SR_B{i + 2}.tif", other[i], nodata=0)
+    return root
+
+
+def job_settings(model: Path, **extra) -> dict:
+    return {
+        "scenes": ["data/*.tif", {"name": "landsat", "bands": [f"LC08_044034_20230715/SR_B{i}.tif" for i in (2, 3, 4, 5)]}],
+        "model": str(model),
+        "output": "out",
+        "chunking": {"chunk_size": 128, "halo": 16},
+        **extra,
+    }
+
+
+# -- validation -------------------------------------------------------------------------------
+
+def test_missing_field_names_the_file_and_says_what_to_add(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], output="out")
+    with pytest.raises(ConfigError) as exc:
+        validate_spec(job, env=NO_ENV, config_files=[])
+    msg = str(exc.value)
+    assert msg.startswith(str(job)) and "model: missing" in msg and "model directory" in msg
+
+
+def test_unknown_and_bad_fields_are_all_reported(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
+                    chunking={"chunksize": 512, "precision": "fp16", "batch_size": 0})
+    with pytest.raises(ConfigError) as exc:
+        validate_spec(job, env=NO_ENV, config_files=[])
+    msg = str(exc.value)
+    assert "3 problems" in msg
+    assert "chunking.chunksize: unknown setting; did you mean chunk_size?" in msg
+    assert "chunking.precision" in msg and "fp32 or bf16" in msg
+    assert "chunking.batch_size" in msg and "greater than 0" in msg
+
+
+def test_bad_value_from_the_environment_names_the_variable(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
+    with pytest.raises(ConfigError, match=r"chunking\.chunk_size: .*\(set by DASK_GEOSEG__CHUNKING__CHUNK_SIZE\)"):
+        validate_spec(job, env={"DASK_GEOSEG__CHUNKING__CHUNK_SIZE": "-5"}, config_files=[])
+
+
+def test_unknown_profile_lists_the_known_ones(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", cluster={"profile": "gpus"})
+    with pytest.raises(ConfigError) as exc:
+        validate_spec(job, env=NO_ENV, config_files=[])
+    assert str(exc.value).startswith(str(job))
+    assert "unknown profile 'gpus'" in str(exc.value) and "kubernetes, local" in str(exc.value)
+    code, out = invoke("run", job, "--profile", "hpc")
+    assert code == 2 and "unknown profile 'hpc'" in out and "(set by the command line)" in out
+
+
+def test_profile_kind_and_tls_are_checked(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
+                    cluster={"profile": "x", "profiles": {"x": {"kind": "yarn"}}})
+    with pytest.raises(ConfigError, match=r"cluster\.profiles\.x: kind 'yarn' is no cluster profile kind"):
+        validate_spec(job, env=NO_ENV, config_files=[])
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
+                    cluster={"profile": "x", "profiles": {"x": {"kind": "address", "address": "tls://h:8786"}}})
+    with pytest.raises(ConfigError, match=r"cluster\.profiles\.x: .*TLS address; add tls:"):
+        validate_spec(job, env=NO_ENV, config_files=[])
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("scenes: [a.tif\nmodel: m\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+: not valid YAML"):
+        validate_spec(bad)
+    bad.write_text("- a.tif\n")
+    with pytest.raises(ConfigError, match="a job file is a mapping"):
+        validate_spec(bad)
+    with pytest.raises(ConfigError, match="no such job file"):
+        validate_spec(tmp_path / "missing.yaml")
+
+
+def test_scene_entries_are_checked(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=[{"name": "a", "path": "x.tif", "bands": ["y.tif"]}, 5, {"name": "../up", "path": "z.tif"}],
+                    model="m", output="o")
+    with pytest.raises(ConfigError) as exc:
+        validate_spec(job, env=NO_ENV, config_files=[])
+    msg = str(exc.value)
+    assert "scenes[0]: give either path: (a raster or a glob) or bands: (a list of single-band files), not both" in msg
+    assert "scenes[1]: 5 is no scene" in msg and "scenes[2].name: '../up' cannot be used; a scene name is one folder name" in msg
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=[p.name for p in PIPELINES])
+def test_every_pipeline_validates(path):
+    spec = validate_spec(path, env=NO_ENV, config_files=[])
+    assert spec.scenes and spec.model and spec.output
+    assert spec.profile.kind in ("local", "address", "slurm", "kubernetes")
+    # Relative paths start at the pipeline's folder, wherever geoseg runs from.
+    for p in (spec.model, spec.output):
+        assert Path(p).is_absolute()
+
+
+def test_pipelines_cover_the_documented_cases():
+    specs = {p.stem: validate_spec(p, env=NO_ENV, config_files=[]) for p in PIPELINES}
+    assert {"sample_local", "landsat_bands", "slurm_gpu", "address_tls"} <= set(specs)
+    root = PIPELINES[0].parent.parent
+    sample = specs["sample_local"]
+    assert sample.profile.kind == "local"
+    assert Path(sample.scenes[0].path) == root / "demo" / "data" / "image.tif"  # what `geoseg sample-data demo/data` writes
+    assert Path(sample.model) == root / "demo" / "model"
+    assert any(s.bands and len(s.bands) == 4 for s in specs["landsat_bands"].scenes)
+    gpu = specs["slurm_gpu"]
+    assert gpu.profile.kind == "slurm" and gpu.profile.model_resources == {"GPU": 1}
+    assert gpu.predict_options().model_resources == {"GPU": 1}
+    tls = specs["address_tls"].profile
+    assert tls.kind == "address" and tls.address.startswith("tls://") and tls.tls is not None
+
+
+# -- scenes -----------------------------------------------------------------------------------
+
+def test_scenes_globs_band_lists_and_names(scenes, random_model, monkeypatch, tmp_path):
+    job = write_job(scenes / "names.yaml", **job_settings(random_model))
+    monkeypatch.chdir(tmp_path)  # relative paths start at the job file, not here
+    spec = load_job(job, env=NO_ENV, config_files=[])
+    found = spec.expand_scenes()
+    assert [s.name for s in found] == ["field", "landsat"]
+    assert found[0].inputs == (str(scenes / "data" / "field.tif"),)
+    assert [Path(p).name for p in found[1].inputs] == ["SR_B2.tif", "SR_B3.tif", "SR_B4.tif", "SR_B5.tif"]
+    assert found[1].out_dir == scenes / "out" / "landsat"
+    # A band list without a name is named after its folder; band entries may be one-file globs.
+    job = write_job(scenes / "names.yaml", **job_settings(random_model, scenes=[[f"LC08_*/SR_B{i}.tif" for i in (2, 3, 4, 5)]]))
+    assert [s.name for s in load_job(job, env=NO_ENV, config_files=[]).expand_scenes()] == ["LC08_044034_20230715"]
+
+
+def test_glob_without_match_names_the_job_file(scenes, random_model):
+    job = write_job(scenes / "nomatch.yaml", **job_settings(random_model, scenes=["data/*.tiff"]))
+    with pytest.raises(InputNotFoundError) as exc:
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+    assert str(exc.value).startswith(f"{job}: scenes[0]:") and "*.tiff matches no file" in str(exc.value)
+    assert not (scenes / "out").exists()
+
+
+def test_scene_name_clashes_and_ambiguous_bands(scenes, random_model):
+    job = write_job(scenes / "clash.yaml", **job_settings(random_model, scenes=["data/field.tif", {"path": "data/*.tif"}]))
+    with pytest.raises(ConfigError, match="two scenes are named 'field'"):
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+    job = write_job(scenes / "clash.yaml", **job_settings(random_model, scenes=[{"name": "x", "bands": ["LC08_*/SR_B*.tif"]}]))
+    with pytest.raises(ConfigError, match=r"band LC08_\*/SR_B\*\.tif matches 4 files"):
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+
+
+def test_earlier_outputs_are_never_inputs(scenes, random_model, tmp_path):
+    folder = tmp_path / "tiles"
+    (folder / "out" / "a").mkdir(parents=True)
+    write_raster(folder / "a.tif", blob_scene(32, 32, 4, seed=2)[0])
+    write_raster(folder / "out" / "a" / "classes.tif", np.zeros((1, 32, 32), np.uint8))
+    job = write_job(folder / "job.yaml", scenes=["**/*.tif"], model=str(random_model), output="out")
+    assert [s.name for s in load_job(job, env=NO_ENV, config_files=[]).expand_scenes()] == ["a"]
+
+
+def test_every_scene_is_checked_before_anything_runs(scenes, random_model, tmp_path):
+    three = tmp_path / "three.tif"
+    write_raster(three, blob_scene(64, 64, 3, seed=1)[0])
+    job = write_job(scenes / "bad.yaml", **job_settings(random_model, scenes=["data/field.tif", str(three), "missing.tif"]))
+    with pytest.raises(InputError) as exc:
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+    msg = str(exc.value)
+    assert msg.startswith(str(job)) and "missing.tif: no such file" in msg
+    job = write_job(scenes / "bad.yaml", **job_settings(random_model, scenes=["data/field.tif", str(three)]))
+    with pytest.raises(InputError, match=r"scene three: .*3 band\(s\) given but .* expects 4"):
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+    assert not (scenes / "out").exists()
+
+
+# -- layered settings -------------------------------------------------------------------------
+
+def test_settings_layers_default_job_env_cli(tmp_path):
+    """packaged default < job file < DASK_GEOSEG__... < --set/--profile."""
+    profiles = {name: {"kind": "local", "n_workers": 1} for name in ("from_job", "from_env", "from_cli")}
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
+    spec = validate_spec(job, env=NO_ENV, config_files=[])
+    assert spec.chunking.chunk_size is None and spec.cluster.profile == "local" and spec.chunking.precision == "fp32"
+
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
+                    chunking={"chunk_size": 256, "precision": "bf16"}, cluster={"profile": "from_job", "profiles": profiles})
+    spec = validate_spec(job, env=NO_ENV, config_files=[])
+    assert (spec.chunking.chunk_size, spec.cluster.profile, spec.chunking.precision) == (256, "from_job", "bf16")
+
+    env = {"DASK_GEOSEG__CHUNKING__CHUNK_SIZE": "512", "DASK_GEOSEG__CLUSTER__PROFILE": "from_env"}
+    spec = validate_spec(job, env=env, config_files=[])
+    assert (spec.chunking.chunk_size, spec.cluster.profile, spec.chunking.precision) == (512, "from_env", "bf16")
+
+    spec = validate_spec(job, env=env, config_files=[], settings=["chunking.chunk_size=1024"], profile="from_cli")
+    assert (spec.chunking.chunk_size, spec.cluster.profile, spec.chunking.precision) == (1024, "from_cli", "bf16")
+    # The packaged local profile merges with a job's partial one.
+    assert spec.cluster.profiles["local"].threads_per_worker == 1
+
+
+def test_dask_config_files_sit_between_defaults_and_job(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "geoseg.yaml").write_text(yaml.safe_dump({"geoseg": {"chunking": {"batch_size": 6, "halo": 8}, "cluster": {
+        "profiles": {"hpc": {"kind": "slurm", "cores": 4, "memory": "8GiB"}}}}}))
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", chunking={"halo": 32},
+                    cluster={"profile": "hpc"})
+    spec = validate_spec(job, env=NO_ENV, config_files=[str(site)])
+    assert spec.chunking.batch_size == 6 and spec.chunking.halo == 32 and spec.profile.kind == "slurm"
+
+
+def test_environment_is_read_by_the_cli(tmp_path, monkeypatch):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
+    monkeypatch.setenv("DASK_GEOSEG__CHUNKING__BATCH_SIZE", "0")
+    code, out = invoke("run", job, "--dry-run")
+    assert code == 2 and "chunking.batch_size" in out and "DASK_GEOSEG__CHUNKING__BATCH_SIZE" in out
+
+
+# -- a real job -------------------------------------------------------------------------------
+
+def test_run_two_scenes_then_nothing_then_overwrite(client, scenes, random_model, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    for p in scenes.iterdir():
+        if p.is_dir() and p.name != "out":
+            (root / p.name).symlink_to(p)
+    job = write_job(root / "pipeline.yaml", **job_settings(random_model, name="two"))
+    address = client.scheduler.address
+
+    # Dry run: settings and plan printed, nothing written.
+    code, out = invoke("run", job, "--scheduler", address, "--dry-run")
+    assert code == 0, out
+    assert "chunk_size: 128" in out and "field: compute (not run yet)" in out and "landsat: compute" in out
+    assert not (root / "out").exists()
+
+    code, out = invoke("run", job, "--scheduler", address)
+    assert code == 0, out
+    summary = json.loads((root / "out" / "job.json").read_text())
+    assert summary["status"] == "finished" and summary["job"] == "two"
+    assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("field", "computed"), ("landsat", "computed")]
+    assert summary["totals"] == {"scenes": 2, "computed": 2, "reused": 0, "skipped": 0, "failed": 0}
+    assert summary["cluster"]["scheduler"] == address
+    for s in summary["scenes"]:
+        out_dir = root / "out" / s["name"]
+        assert Path(s["out_dir"]) == out_dir
+        assert sorted(p.name for p in out_dir.iterdir()) == ["classes.tif", "landuse.gpkg", "prediction.zarr", "run.json"]
+        run = json.loads((out_dir / "run.json").read_text())
+        assert run["job_key"] == s["job_key"] and s["chunks"]["computed"] == 4 and s["timings"]["segment_s"] > 0
+    landsat_run = json.loads((root / "out" / "landsat" / "run.json").read_text())
+    assert [b["file"].rsplit("/", 1)[1] for b in landsat_run["bands"]] == ["SR_B2.tif", "SR_B3.tif", "SR_B4.tif", "SR_B5.tif"]
+    assert "field" in out and "computed" in out and "summary written to" in out
+
+    # Again: nothing to do, no cluster contacted, nothing touched.
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*.json")}
+    code, out = invoke("run", job, "--scheduler", "tcp://127.0.0.1:9")  # unreachable: it must not be needed
+    assert code == 0, out
+    assert "nothing to do: all 2 scenes" in out and "reused" in out
+    assert {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*.json")} == stamps
+
+    # A changed parameter: refused, naming both scenes and the way out.
+    code, out = invoke("run", job, "--scheduler", address, "--set", "chunking.halo=24")
+    assert code == 2
+    assert "2 of 2 scenes cannot run" in out and "different model, input or parameters" in out and "--overwrite" in out
+    assert {p: p.stat().st_mtime_ns for p in (root / "out").rglob("*.json")} == stamps
+
+    code, out = invoke("run", job, "--scheduler", address, "--set", "chunking.halo=24", "--overwrite")
+    assert code == 0, out
+    again = json.loads((root / "out" / "job.json").read_text())
+    assert [s["status"] for s in again["scenes"]] == ["computed", "computed"]
+    for old, new in zip(summary["scenes"], again["scenes"]):
+        assert new["job_key"] != old["job_key"]
+        assert json.loads((Path(new["out_dir"]) / "run.json").read_text())["parameters"]["halo"] == 24
+
+    # The library view of the same state: both scenes finished with the new settings.
+    spec = load_job(job, env=NO_ENV, config_files=[], settings=["chunking.halo=24"])
+    assert [sp.action for sp in plan(spec).scenes] == ["reuse", "reuse"]
+    # A scene finished without an output the job asks for is not finished for this job.
+    run_json = root / "out" / "field" / "run.json"
+    record = json.loads(run_json.read_text())
+    run_json.write_text(json.dumps({**record, "outputs": [o for o in record["outputs"] if o != "landuse.gpkg"]}))
+    with pytest.raises(OutputExistsError, match=r"scene field: .*finished without landuse.gpkg, which the job now asks for"):
+        plan(spec)
+    assert [sp.action for sp in plan(spec, resume=True).scenes] == ["compute", "reuse"]
+
+
+def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random_model, tmp_path):
+    from geoseg.jobs import execute
+
+    for name in ("a", "b"):
+        shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif"], model=str(random_model), output="out",
+                    chunking={"chunk_size": 256}, outputs={"cog": False, "vectors": False})
+    jp = plan(load_job(job, env=NO_ENV, config_files=[]))
+    (tmp_path / "a.tif").unlink()  # gone after the checks: the workers cannot read it
+    # (Exception, not InputError: distributed cannot unpickle rasterio's error kept in the InputError's
+    # __context__ and sends a plain Exception; the message survives.)
+    with pytest.raises(Exception, match=r"a\.tif: read failed"):
+        execute(jp, client=client)
+    summary = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert summary["status"] == "failed"
+    assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("a", "failed"), ("b", "skipped")]
+    assert "a.tif" in summary["scenes"][0]["error"] and not (tmp_path / "out" / "a" / "run.json").exists()

@@ -1,0 +1,196 @@
+"""Resumable jobs: a killed `geoseg predict` leaves nothing that looks finished, and --resume
+recomputes only what it had not finished, never reusing chunks of another job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from geoseg.cli.main import cli
+from geoseg.io.zarr_store import JOB_ATTR, MARKERS, create_store, open_prediction, reusable_chunks
+from geoseg.predict import PredictOptions, plan_job, predict, run_job, run_segmentation
+
+from conftest import blob_scene, write_raster
+
+GEOSEG = str(Path(sys.executable).with_name("geoseg"))
+# 64 chunks of 64 px with a small halo: many short chunks, so a kill lands in the middle.
+CLI_OPTS = ["--chunk-size", "64", "--halo", "16", "--no-cog", "--no-vectors"]
+OPTIONS = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    image, _ = blob_scene(512, 512, 4, seed=17)
+    return write_raster(tmp_path_factory.mktemp("resume") / "scene.tif", image, nodata=0)
+
+
+def _markers(store: Path) -> int:
+    root = store / MARKERS
+    return sum(1 for m in root.iterdir() if "_" in m.name and not m.name.startswith(".")) if root.is_dir() else 0
+
+
+def _visible(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+
+
+def _same_maps(a: Path, b: Path) -> None:
+    da, db = open_prediction(a), open_prediction(b)
+    assert da["class_id"].values.tobytes() == db["class_id"].values.tobytes()
+    assert np.array_equal(da["confidence"].values, db["confidence"].values, equal_nan=True)
+
+
+def test_killed_job_resumes(client, random_model, scene, tmp_path):
+    out = tmp_path / "out"
+    store = out / "prediction.zarr.partial"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DASK_TEMPORARY_DIRECTORY": str(tmp_path)}
+    # the uninterrupted run, on the test session's cluster, while the job below starts
+    pool = ThreadPoolExecutor(1)
+    reference = pool.submit(predict, [scene], random_model, tmp_path / "ref", OPTIONS, client=client)
+    pool.shutdown(wait=False)
+    with open(tmp_path / "job.log", "wb") as log:
+        # its own session: the kill takes the job process and its local cluster's workers at once
+        proc = subprocess.Popen([GEOSEG, "-q", "predict", str(scene), "--model", str(random_model), "--out", str(out),
+                                 *CLI_OPTS, "--workers", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while _markers(store) < 3:
+                assert proc.poll() is None, f"the job ended before it was killed:\n{(tmp_path / 'job.log').read_text()}"
+                assert time.monotonic() < deadline, "no chunk finished in time"
+                time.sleep(0.02)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    # wait until every process of the group is gone (then no marker can appear any more)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "processes of the killed job survive"
+        time.sleep(0.05)
+
+    done = _markers(store)
+    assert 3 <= done < 64
+    # nothing that looks finished: no prediction.zarr, no run.json, only the partial store
+    assert _visible(out) == ["prediction.zarr.partial"]
+
+    # `geoseg predict --resume`, here on the test session's running cluster (--scheduler)
+    result = CliRunner().invoke(cli, ["predict", str(scene), "--model", str(random_model), "--out", str(out), *CLI_OPTS,
+                                      "--resume", "--scheduler", client.scheduler.address])
+    assert result.exit_code == 0, result.output
+    assert f"{64 - done} computed, {done} reused" in result.output
+    record = json.loads((out / "run.json").read_text())
+    assert record["chunks"] == {"chunks": 64, "computed": 64 - done, "reused": done}
+    assert _visible(out) == ["prediction.zarr", "run.json"]
+
+    reference.result(timeout=300)
+    _same_maps(out / "prediction.zarr", tmp_path / "ref" / "prediction.zarr")
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> Path:
+    """The random model's architecture with other weights: another digest."""
+    from geoseg.model.store import init_model
+
+    path = tmp_path_factory.mktemp("models") / "other"
+    init_model(path, n_bands=4, n_classes=4, encoder_depth=3, seed=2, tile_size=128)
+    return path
+
+
+@pytest.mark.parametrize("change", ["halo", "model"])
+def test_other_job_never_reuses_chunks(client, random_model, other_model, scene_path, tmp_path, change):
+    """Chunks finished for one job key are never taken for another, whatever the markers say."""
+    out = tmp_path / "out"
+    first = plan_job([scene_path], random_model, out, PredictOptions(chunk_size=128, resume=True, cog=False, vectors=False))
+    out.mkdir()
+    store = out / "prediction.zarr.partial"
+    run_segmentation(first, client, store)  # every chunk finished and marked with the first key
+    assert _markers(store) == len(first.plan) == 12
+
+    if change == "halo":
+        options, model = PredictOptions(chunk_size=128, halo=first.plan.halo - 32, resume=True, cog=False, vectors=False), random_model
+    else:
+        options, model = PredictOptions(chunk_size=128, resume=True, cog=False, vectors=False), other_model
+    second = plan_job([scene_path], model, out, options)
+    assert second.key != first.key
+    # Even a marker claiming the new key does not make the old job's store reusable.
+    (store / MARKERS / "0_0").write_text(second.key)
+    assert reusable_chunks(store, second.key, second.plan) == set()
+
+    record = run_job(second, client)
+    assert record["chunks"] == {"chunks": 12, "computed": 12, "reused": 0}
+    fresh = predict([scene_path], model, tmp_path / "fresh", PredictOptions(chunk_size=128, halo=options.halo, cog=False, vectors=False),
+                    client=client)
+    assert fresh["job_key"] == record["job_key"]
+    _same_maps(out / "prediction.zarr", tmp_path / "fresh" / "prediction.zarr")
+
+
+def test_markers_of_another_key_are_ignored(random_model, scene_path, tmp_path):
+    """In a store of this job, only markers holding this job's key count."""
+    job = plan_job([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=128, resume=True))
+    store = tmp_path / "store.zarr"
+    create_store(store, job.stack.grid, job.plan, {JOB_ATTR: job.key})
+    (store / MARKERS / "0_0").write_text(job.key)
+    (store / MARKERS / "0_1").write_text("0" * 64)  # another job's
+    (store / MARKERS / "0_2").write_text(job.key[:20])  # a marker cut short
+    (store / MARKERS / ".1_1.0a1b2c.tmp").write_text(job.key)  # one being written
+    assert reusable_chunks(store, job.key, job.plan) == {(0, 0)}
+    assert reusable_chunks(store, "f" * 64, job.plan) == set()
+
+
+def test_chunk_killed_mid_write_is_rewritten(client, random_model, scene_path, tmp_path):
+    """A chunk whose marker is missing is computed again and written whole, even over garbage."""
+    opts = PredictOptions(chunk_size=128, resume=True, cog=False, vectors=False)
+    out = tmp_path / "out"
+    job = plan_job([scene_path], random_model, out, opts)
+    out.mkdir()
+    store = out / "prediction.zarr.partial"
+    run_segmentation(job, client, store)
+    # an interior chunk and the corner chunk (cut by the scene's edge): data destroyed, marker gone,
+    # as if the worker died mid-write; plus the litter a killed writer leaves
+    for iy, ix in ((1, 1), (2, 3)):
+        (store / MARKERS / f"{iy}_{ix}").unlink()
+        for var in ("class_id", "confidence"):
+            chunk_file = store / var / "c" / str(iy) / str(ix)
+            assert chunk_file.is_file()
+            chunk_file.write_bytes(b"\x00garbage")
+            (chunk_file.parent / f"{ix}.0123456789abcdef.partial").write_bytes(b"half a chunk")
+    (store / MARKERS / ".1_1.0a1b2c.tmp").write_text(job.key[:10])
+
+    record = run_job(job, client)
+    assert record["chunks"] == {"chunks": 12, "computed": 2, "reused": 10}
+    predict([scene_path], random_model, tmp_path / "ref", PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    _same_maps(out / "prediction.zarr", tmp_path / "ref" / "prediction.zarr")
+    assert not list((out / "prediction.zarr").rglob("*.partial"))
+
+
+def test_failure_after_segmentation_leaves_nothing_finished(client, random_model, scene_path, tmp_path, monkeypatch):
+    """A run that dies while writing the COG publishes nothing; --resume then reuses the whole store."""
+    import geoseg.io.cog
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    out = tmp_path / "out"
+    opts = PredictOptions(chunk_size=128, vectors=False)
+    monkeypatch.setattr(geoseg.io.cog, "write_cog", broken)
+    with pytest.raises(OSError, match="simulated"):
+        predict([scene_path], random_model, out, opts, client=client)
+    assert sorted(p.name for p in out.iterdir()) == ["prediction.zarr.partial"]  # staging folder gone too
+    monkeypatch.undo()
+
+    record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, vectors=False, resume=True), client=client)
+    assert record["chunks"] == {"chunks": 12, "computed": 0, "reused": 12}
+    assert _visible(out) == ["classes.tif", "prediction.zarr", "run.json"]

@@ -1,0 +1,237 @@
+"""Storage a cluster can reach: input, model and outputs on S3 (a real moto server on loopback).
+
+The workers get nothing but their environment (AWS_* variables, as on a real cluster): the
+dedicated LocalCluster below is started after the variables are set, so its worker processes
+inherit them; geoseg.io.storage turns them into GDAL options and fsspec storage options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.errors import InputNotFoundError, ModelError, OutputExistsError
+from geoseg.io import storage
+from geoseg.io.zarr_store import open_prediction
+from geoseg.model.store import fetch_model_dir, model_digest
+from geoseg.predict import PredictOptions, predict
+
+BUCKET = "geoseg-test"
+
+
+@dataclass
+class S3:
+    endpoint: str
+    host: str
+    client: Any  # distributed.Client of the dedicated cluster
+    boto: Any
+    cache: Path
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.boto.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+    def get(self, key: str) -> bytes:
+        return self.boto.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from geoseg.cluster import connect
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    cache = tmp_path_factory.mktemp("cache")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k in list(os.environ):
+                if k.startswith(("AWS_", "GDAL_")):
+                    mp.delenv(k)  # nothing of this machine's own cloud settings
+            mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+            mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)  # the one variable boto3, s3fs and (through geoseg) GDAL use
+            mp.setenv("GEOSEG_CACHE_DIR", str(cache / "workers"))
+            boto = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            boto.create_bucket(Bucket=BUCKET)
+            with connect(n_workers=1) as client:  # its worker inherits the environment set above
+                # the client process caches models elsewhere: the worker must fetch its own copy
+                mp.setenv("GEOSEG_CACHE_DIR", str(cache / "client"))
+                yield S3(endpoint, f"{host}:{port}", client, boto, cache)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def uploaded(s3, random_model, scene_path):
+    s3.boto.upload_file(str(scene_path), BUCKET, "in/scene.tif")
+    for f in ("model.json", "weights.safetensors"):
+        s3.boto.upload_file(str(random_model / f), BUCKET, f"models/random/{f}")
+    return f"s3://{BUCKET}/in/scene.tif", f"s3://{BUCKET}/models/random"
+
+
+def _object_times(prefix: str) -> dict[str, Any]:
+    """When moto stored each object under ``prefix`` (microseconds; S3's own listing gives seconds)."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+
+    bucket = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[BUCKET]
+    return {name: key.last_modified for name, key in bucket.keys.items() if name.startswith(prefix)}
+
+
+@pytest.fixture(scope="module")
+def local_run(s3, random_model, scene_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    predict([scene_path], random_model, out, PredictOptions(chunk_size=128), client=s3.client)
+    return out
+
+
+def test_predict_from_and_to_s3(s3, uploaded, local_run, random_model, scene_path):
+    scene_url, model_url = uploaded
+    out_url = f"s3://{BUCKET}/runs/one"
+    record = predict([scene_url], model_url, out_url, PredictOptions(chunk_size=128), client=s3.client)
+    assert record["chunks"] == {"chunks": 12, "computed": 12, "reused": 0}
+    assert record["inputs"] == [scene_url] and record["model"]["path"] == model_url
+    digest = model_digest(random_model)
+    assert record["model"]["digest"] == digest
+
+    # the model was fetched, verified and cached by digest: by the client and by the worker
+    assert (s3.cache / "client" / "models" / digest / "weights.safetensors").is_file()
+    assert (s3.cache / "workers" / "models" / digest / "weights.safetensors").is_file()
+
+    keys = s3.keys("runs/one/")
+    assert "runs/one/run.json" in keys and "runs/one/classes.tif" in keys and "runs/one/landuse.gpkg" in keys
+    assert not [k for k in keys if "/.geoseg" in k or k.endswith((".partial", ".tmp"))]
+    # run.json is the last object written
+    times = _object_times("runs/one/")
+    assert max(times, key=times.get) == "runs/one/run.json"
+    assert json.loads(s3.get("runs/one/run.json"))["job_key"] == record["job_key"]
+
+    # the Zarr store read back with plain xarray + s3fs: CRS and transform intact, same class map
+    import xarray as xr
+
+    ds = xr.open_zarr(f"{out_url}/prediction.zarr", decode_coords="all", consolidated=False,
+                      storage_options={"client_kwargs": {"endpoint_url": s3.endpoint}})
+    with rasterio.open(scene_path) as src:
+        crs, transform = src.crs, src.transform
+    assert ds.rio.crs == crs and ds.rio.transform() == transform
+    local = open_prediction(local_run / "prediction.zarr")
+    assert ds["class_id"].values.tobytes() == local["class_id"].values.tobytes()
+    assert np.array_equal(ds["confidence"].values, local["confidence"].values, equal_nan=True)
+
+    # the COG through GDAL's /vsis3/, configured the GDAL way (credentials: rasterio asks boto3)
+    with rasterio.Env(AWS_S3_ENDPOINT=s3.host, AWS_HTTPS="NO", AWS_VIRTUAL_HOSTING="FALSE"):
+        with rasterio.open(f"/vsis3/{BUCKET}/runs/one/classes.tif") as cog:
+            assert cog.crs == crs and cog.transform == transform
+            remote_cog = cog.read(1)
+    with rasterio.open(local_run / "classes.tif") as cog:
+        assert np.array_equal(remote_cog, cog.read(1))
+    assert s3.get("runs/one/landuse.gpkg")[:16] == b"SQLite format 3\x00"
+
+    # a finished prefix is refused without --overwrite, before anything runs
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        predict([scene_url], model_url, out_url, PredictOptions(chunk_size=128), client=s3.client)
+
+
+def test_failed_run_publishes_no_run_json(s3, uploaded, local_run, monkeypatch):
+    """A run that fails after its store is written leaves no run.json; --resume then finishes it."""
+    import geoseg.io.cog
+
+    def broken(*args, **kwargs):
+        raise OSError("COG driver failed (simulated)")
+
+    scene_url, model_url = uploaded
+    out_url = f"s3://{BUCKET}/runs/two"
+    opts = PredictOptions(chunk_size=128, vectors=False)
+    monkeypatch.setattr(geoseg.io.cog, "write_cog", broken)
+    with pytest.raises(OSError, match="simulated"):
+        predict([scene_url], model_url, out_url, opts, client=s3.client)
+    keys = s3.keys("runs/two/")
+    assert "runs/two/prediction.zarr/zarr.json" in keys
+    assert "runs/two/run.json" not in keys and "runs/two/classes.tif" not in keys
+    monkeypatch.undo()
+
+    record = predict([scene_url], model_url, out_url, PredictOptions(chunk_size=128, vectors=False, resume=True), client=s3.client)
+    assert record["chunks"] == {"chunks": 12, "computed": 0, "reused": 12}
+    times = _object_times("runs/two/")
+    assert max(times, key=times.get) == "runs/two/run.json"
+    ds = open_prediction(f"{out_url}/prediction.zarr")
+    assert ds["class_id"].values.tobytes() == open_prediction(local_run / "prediction.zarr")["class_id"].values.tobytes()
+
+
+def test_remote_model_is_verified(s3, uploaded, random_model):
+    _, model_url = uploaded
+    before = sorted(p.name for p in (s3.cache / "client" / "models").iterdir()) if (s3.cache / "client" / "models").exists() else []
+    with pytest.raises(ModelError, match="model changed"):
+        fetch_model_dir(model_url, "0" * 64)
+    assert sorted(p.name for p in (s3.cache / "client" / "models").iterdir()) == sorted(set(before) | {model_digest(random_model)})
+    with pytest.raises(ModelError, match=f"s3://{BUCKET}/models/nothing/model.json"):
+        fetch_model_dir(f"s3://{BUCKET}/models/nothing")
+
+
+def test_missing_remote_input(s3, uploaded, tmp_path):
+    _, model_url = uploaded
+    with pytest.raises(InputNotFoundError, match=f"s3://{BUCKET}/in/nope.tif"):
+        predict([f"s3://{BUCKET}/in/nope.tif"], model_url, tmp_path / "out", client=s3.client)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "env, endpoint, gdal",
+    [
+        ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}, "http://127.0.0.1:9000",
+         {"AWS_S3_ENDPOINT": "127.0.0.1:9000", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}),
+        ({"AWS_S3_ENDPOINT": "minio.lan:9000", "AWS_HTTPS": "NO"}, "http://minio.lan:9000",
+         {"AWS_S3_ENDPOINT": "minio.lan:9000", "AWS_HTTPS": "NO", "AWS_VIRTUAL_HOSTING": "FALSE"}),
+        ({"AWS_ENDPOINT_URL_S3": "https://s3.example.org", "AWS_VIRTUAL_HOSTING": "TRUE"}, "https://s3.example.org",
+         {"AWS_S3_ENDPOINT": "s3.example.org", "AWS_HTTPS": "YES", "AWS_VIRTUAL_HOSTING": "TRUE"}),
+        ({}, None, {}),
+    ],
+)
+def test_settings_from_the_environment(monkeypatch, env, endpoint, gdal):
+    for k in list(os.environ):
+        if k.startswith("AWS_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert storage.s3_endpoint() == endpoint
+    opts = storage.gdal_options("s3://b/k.tif")
+    assert {k: opts[k] for k in gdal} == gdal and ("AWS_S3_ENDPOINT" in opts) == bool(gdal)
+    assert opts["GDAL_DISABLE_READDIR_ON_OPEN"] == "EMPTY_DIR"
+    fs_opts = storage.storage_options("s3://b/prefix")
+    assert fs_opts.get("client_kwargs", {}).get("endpoint_url") == endpoint
+    # local files get no settings at all
+    assert storage.storage_options("/data/scene.tif") == {} and storage.gdal_options("/data/scene.tif").keys() <= set(gdal)
+
+
+def test_locations():
+    assert storage.is_url("s3://b/k") and storage.is_url("https://h/x.tif")
+    assert not storage.is_url("/data/x.tif") and not storage.is_url("/vsis3/b/k") and not storage.is_url("file:///data/x")
+    assert storage.join("s3://b/run/", "prediction.zarr", ".geoseg/done") == "s3://b/run/prediction.zarr/.geoseg/done"
+    assert storage.join("/data/run", "run.json") == Path("/data/run/run.json")
+
+
+def test_remote_input_identity_follows_its_content(s3):
+    """The job key sees a replaced object (its ETag), as it sees a local file's size and mtime."""
+    url = f"s3://{BUCKET}/in/identity.bin"
+    s3.boto.put_object(Bucket=BUCKET, Key="in/identity.bin", Body=b"first version")
+    before = storage.identity(url)
+    s3.boto.put_object(Bucket=BUCKET, Key="in/identity.bin", Body=b"other version")
+    after = storage.identity(url)
+    assert before[0] == after[0] == url and before[1] == after[1] == 13
+    assert before != after
