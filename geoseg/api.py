@@ -16,36 +16,16 @@ from typing import Sequence
 import xarray as xr
 
 from geoseg.bands import match_bands
-from geoseg.errors import ConfigError
 from geoseg.graph import build_segmentation
 from geoseg.infer import InferenceSettings
 from geoseg.io.sources import open_stack
 from geoseg.io.zarr_store import georeference, open_prediction, pixel_centres
-from geoseg.model.card import NODATA_CLASS, ModelCard
+from geoseg.model.card import NODATA_CLASS
 from geoseg.model.store import check_model_dir, model_digest
 from geoseg.runtime import ModelRef
-from geoseg.tiling import TilingPlan
+from geoseg.tiling import plan_for
 
-DEFAULT_CHUNK = 1024
-
-
-def plan_tiling(
-    card: ModelCard,
-    shape: tuple[int, int],
-    *,
-    chunk_size: int | None = None,
-    halo: int | None = None,
-    exact: bool = False,
-    tile_size: int | None = None,
-) -> TilingPlan:
-    """The tiling a model gets on a scene: the card's defaults, ``exact`` = halo of the receptive field."""
-    if exact and halo is not None and halo < card.exact_halo:
-        raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
-    if halo is not None and halo < 0:
-        raise ConfigError(f"--halo must be >= 0, got {halo}")
-    chosen = halo if halo is not None else (card.exact_halo if exact else card.default_halo)
-    return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk_size or DEFAULT_CHUNK, halo=chosen,
-                           tile_size=tile_size or card.tile_size)
+plan_tiling = plan_for
 
 
 def segment(

@@ -29,14 +29,13 @@ from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import CARD_NAME, ModelCard
 from geoseg.model.store import check_model_dir, model_digest
 from geoseg.runtime import ModelRef
-from geoseg.tiling import Box, TilingPlan
+from geoseg.tiling import Box, TilingPlan, plan_for
 from geoseg.train.chips import region_box
 from geoseg.train.labels import LabelSource, open_labels, read_labels
 from geoseg.train.metrics import ID_SPACE, Metrics, confusion_ids, restrict_confusion
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -162,16 +161,8 @@ def plan_evaluation(
     )
     h, w = stack.shape
     region = region_box(stack.grid, options.bbox, options.window) or Box(0, h, 0, w)
-    if options.exact and options.halo is not None and options.halo < card.exact_halo:
-        raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
-    halo = card.exact_halo if options.exact else (card.default_halo if options.halo is None else options.halo)
-    plan = TilingPlan.make(
-        stack.shape,
-        stride=card.stride,
-        chunk_size=options.chunk_size or DEFAULT_CHUNK,
-        halo=max(halo, options.halo or 0),
-        tile_size=options.tile_size or card.tile_size,
-    )
+    plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
+                    tile_size=options.tile_size)
     digest = model_digest(Path(model_dir))
     ref = ModelRef(str(Path(model_dir).resolve()), digest, options.device)
     seg = build_segmentation(stack, plan, ref, InferenceSettings(options.precision, options.batch_size))

@@ -45,13 +45,13 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from geoseg.bands import match_bands
 from geoseg.errors import ConfigError, OutputExistsError
-from geoseg.graph import Segmentation, build_segmentation
+from geoseg.graph import build_segmentation
 from geoseg.infer import InferenceSettings
 from geoseg.io import storage
 from geoseg.io.sources import RasterStack, open_stack
@@ -59,7 +59,7 @@ from geoseg.model.card import ModelCard
 from geoseg.model.store import check_model_dir, local_model_dir, model_digest
 from geoseg.monitor import Stage
 from geoseg.runtime import ModelRef
-from geoseg.tiling import TilingPlan
+from geoseg.tiling import TilingPlan, plan_for
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME = "prediction.zarr", "classes.tif", "
 OUTPUTS = (ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME)
 PARTIAL = ".partial"
 STAGING = ".geoseg-staging-"
-DEFAULT_CHUNK = 2048
 DEFAULT_PRECISION = "fp32"
 
 
@@ -177,16 +176,8 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("fp32", "bf16"):
         raise ConfigError(f"--precision must be fp32 or bf16, not {options.precision!r}")
-    halo = card.exact_halo if options.exact else (card.default_halo if options.halo is None else options.halo)
-    if options.exact and options.halo is not None and options.halo < card.exact_halo:
-        raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
-    plan = TilingPlan.make(
-        stack.shape,
-        stride=card.stride,
-        chunk_size=options.chunk_size or DEFAULT_CHUNK,
-        halo=max(halo, options.halo or 0),
-        tile_size=options.tile_size or card.tile_size,
-    )
+    plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
+                    tile_size=options.tile_size)
     digest = model_digest(local_model)
     return Job(inputs, str(model_dir), out, stack, card, digest, plan, options, job_key(inputs, digest, plan, options))
 

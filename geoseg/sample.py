@@ -18,13 +18,13 @@ import numpy as np
 import rasterio
 import yaml
 from affine import Affine
-from pydantic import ValidationError
 from pyproj import CRS
 from pyproj.exceptions import CRSError
 from rasterio.crs import CRS as RioCRS
 
-from geoseg.errors import InputError, InputNotFoundError
+from geoseg.errors import InputError
 from geoseg.model.card import DEFAULT_COLORS, NODATA_CLASS, ClassInfo
+from geoseg.io.classes import load_classes  # noqa: F401  (re-exported: sample scenes ship a classes.yaml)
 from geoseg.tiling import Box
 
 IMAGE_NAME = "image.tif"
@@ -355,38 +355,3 @@ def make_sample(
     return SampleScene(image_path, labels_path, classes_path, classes)
 
 
-def load_classes(path: str | os.PathLike) -> tuple[ClassInfo, ...]:
-    """Classes from a classes.yaml, sorted by id: a list of {id, name, color} (or {classes: [...]}).
-
-    Ids must be unique integers 0-254; a missing colour is grey.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputNotFoundError(f"{path}: classes file not found; give a YAML list of {{id, name, color}}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if isinstance(data, dict) and "classes" in data:
-        data = data["classes"]
-    if not isinstance(data, list) or not data:
-        raise InputError(f"{path}: expected a non-empty list of {{id, name, color}} entries")
-    classes = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise InputError(f"{path}: entry {i} is {entry!r}, expected a mapping with id, name, color")
-        if isinstance(entry.get("id"), bool):  # YAML's yes/no would otherwise pass as 1/0
-            raise InputError(f"{path}: entry {i} has id {entry['id']!r}; class ids are integers 0-254")
-        try:
-            classes.append(ClassInfo.model_validate(entry))
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "entry"
-            raise InputError(f"{path}: entry {i} ({where}): {first['msg']}; ids are 0-254, colours #rrggbb") from None
-    ids = [c.id for c in classes]
-    if len(set(ids)) != len(ids):
-        dupes = sorted({x for x in ids if ids.count(x) > 1})
-        raise InputError(f"{path}: class ids must be unique, repeated: {dupes}")
-    return tuple(sorted(classes, key=lambda c: c.id))

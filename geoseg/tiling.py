@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from geoseg.model.card import ModelCard
 
 from rasterio.windows import Window
 
@@ -159,3 +162,31 @@ class TilingPlan:
             "chunks": len(self),
             "overhead": round(self.overhead, 4),
         }
+
+
+DEFAULT_CHUNK = 1024
+
+
+def plan_for(
+    card: "ModelCard",
+    shape: tuple[int, int],
+    *,
+    chunk_size: int | None = None,
+    halo: int | None = None,
+    exact: bool = False,
+    tile_size: int | None = None,
+) -> TilingPlan:
+    """The tiling a model gets on a scene: the card's defaults; ``exact``: halo = receptive field.
+
+    Default chunks are 1024 px: big enough that reading and writing cost little beside the
+    network, small enough that a few-thousand-pixel scene still feeds every worker.
+    """
+    from geoseg.errors import ConfigError
+
+    if halo is not None and halo < 0:
+        raise ConfigError(f"--halo must be >= 0, got {halo}")
+    if exact and halo is not None and halo < card.exact_halo:
+        raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
+    chosen = halo if halo is not None else (card.exact_halo if exact else card.default_halo)
+    return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk_size or DEFAULT_CHUNK, halo=chosen,
+                           tile_size=tile_size or card.tile_size)

@@ -31,7 +31,7 @@ def init(out_dir, arch, encoder, encoder_depth, n_bands, n_classes, classes_file
 
     classes = None
     if classes_file:
-        from geoseg.sample import load_classes
+        from geoseg.io.classes import load_classes
 
         classes = list(load_classes(classes_file))
     elif not n_classes:

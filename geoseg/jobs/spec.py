@@ -9,7 +9,7 @@
         bands: [LC08_B2.TIF, LC08_B3.TIF, LC08_B4.TIF, LC08_B5.TIF]
     model: models/landcover       # a model directory
     output: out                   # every scene gets out/<name>/; job.json goes in out/
-    chunking: {chunk_size: 2048, halo: null, exact: false, tile_size: null, precision: fp32, batch_size: 2}
+    chunking: {chunk_size: 1024, halo: null, exact: false, tile_size: null, precision: fp32, batch_size: 2}
     outputs: {cog: true, vectors: true}
     cluster:
       profile: gpu

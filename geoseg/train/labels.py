@@ -26,6 +26,7 @@ from affine import Affine
 
 from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
 from geoseg.io.sources import grid_of
+from geoseg.io.classes import load_classes  # noqa: F401  (part of the labels API)
 from geoseg.model.card import DEFAULT_COLORS, NODATA_CLASS, ClassInfo
 from geoseg.tiling import Box
 
@@ -43,44 +44,6 @@ class LabelGridWarning(UserWarning):
 
 
 # -- classes ---------------------------------------------------------------------------------
-
-
-def load_classes(path: str | os.PathLike) -> tuple[ClassInfo, ...]:
-    """Classes from a YAML file: a list of ``{id, name, color}`` (or ``{classes: [...]}``), sorted by id."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: classes file not found; give a YAML list of {{id, name, color}}")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); give a list of {{id, name, color}}") from None
-    if isinstance(doc, dict) and "classes" in doc:
-        doc = doc["classes"]
-    if not isinstance(doc, list) or not doc:
-        raise InputError(f"{path}: expected a non-empty list of {{id, name, color}} entries")
-    classes = []
-    for i, entry in enumerate(doc):
-        if not isinstance(entry, dict) or "id" not in entry:
-            raise InputError(f"{path}: entry {i + 1} is not a mapping with an id (and name, color)")
-        cid = entry["id"]
-        if isinstance(cid, bool) or not isinstance(cid, int) or not 0 <= cid <= 254:
-            raise InputError(f"{path}: entry {i + 1} has id {cid!r}; class ids must be integers 0-254 (255 is nodata)")
-        color = entry.get("color") or DEFAULT_COLORS[len(classes) % len(DEFAULT_COLORS)]
-        try:
-            classes.append(ClassInfo(id=cid, name=str(entry.get("name") or f"class_{cid}"), color=str(color)))
-        except ValueError as exc:
-            raise InputError(f"{path}: entry {i + 1} ({cid}): {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}") from None
-    ids = [c.id for c in classes]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise InputError(f"{path}: class id(s) {dup} listed more than once; each id once")
-    names = [c.name.casefold() for c in classes]
-    dup_names = sorted({c.name for c in classes if names.count(c.name.casefold()) > 1})
-    if dup_names:
-        raise InputError(f"{path}: class name(s) {dup_names} listed more than once; each name once")
-    return tuple(sorted(classes, key=lambda c: c.id))
 
 
 def default_classes(ids: Iterable[int]) -> tuple[ClassInfo, ...]:
