@@ -22,7 +22,7 @@ from geoseg.io.sources import open_stack
 from geoseg.io.zarr_store import georeference, open_prediction, pixel_centres
 from geoseg.model.card import NODATA_CLASS
 from geoseg.model.store import check_model_dir, model_digest
-from geoseg.runtime import ModelRef
+from geoseg.runtime import ModelRef, resolve_precision
 from geoseg.tiling import plan_for
 
 plan_tiling = plan_for
@@ -36,7 +36,7 @@ def segment(
     halo: int | None = None,
     exact: bool = False,
     tile_size: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     batch_size: int = 2,
     device: str = "auto",
 ) -> xr.Dataset:
@@ -46,7 +46,7 @@ def segment(
     stack = match_bands(stack, card, str(model))
     plan = plan_tiling(card, stack.shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
     ref = ModelRef(str(Path(model).resolve()), model_digest(Path(model)), device)
-    seg = build_segmentation(stack, plan, ref, InferenceSettings(precision, batch_size))
+    seg = build_segmentation(stack, plan, ref, InferenceSettings(resolve_precision(precision, device, exact), batch_size))
     y, x = pixel_centres(stack.grid)
     ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)},
                     coords={"y": y, "x": x})

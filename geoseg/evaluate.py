@@ -28,7 +28,7 @@ from geoseg.infer import PRECISIONS, InferenceSettings
 from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import CARD_NAME, ModelCard
 from geoseg.model.store import check_model_dir, model_digest
-from geoseg.runtime import ModelRef
+from geoseg.runtime import ModelRef, resolve_precision
 from geoseg.tiling import Box, TilingPlan, plan_for
 from geoseg.train.chips import region_box
 from geoseg.train.labels import LabelSource, open_labels, read_labels
@@ -46,7 +46,7 @@ class EvaluateOptions:
     halo: int | None = None
     exact: bool = False  # halo = receptive field: same class map as one pass over the scene
     tile_size: int | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     batch_size: int = 2
     device: str = "auto"
     label_field: str | None = None
@@ -57,8 +57,9 @@ class EvaluateOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(int(v) for v in self.ignore))
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, not {self.precision!r}")
+        object.__setattr__(self, "precision", resolve_precision(self.precision, self.device, self.exact))
 
 
 @dataclass(frozen=True, eq=False)

@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -58,7 +58,7 @@ from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import ModelCard
 from geoseg.model.store import check_model_dir, local_model_dir, model_digest
 from geoseg.monitor import Stage
-from geoseg.runtime import ModelRef
+from geoseg.runtime import ModelRef, resolve_precision
 from geoseg.tiling import TilingPlan, plan_for
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME = "prediction.zarr", "classes.tif", "
 OUTPUTS = (ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME)
 PARTIAL = ".partial"
 STAGING = ".geoseg-staging-"
-DEFAULT_PRECISION = "fp32"
+DEFAULT_PRECISION = "auto"  # see geoseg.runtime.resolve_precision
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,9 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     stack = match_bands(stack, card, str(model_dir))
     out: Path | str = str(out_dir).rstrip("/") if storage.is_url(out_dir) else Path(out_dir)
     check_out_dir(out, options.overwrite, options.resume)
-    if options.precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision must be fp32 or bf16, not {options.precision!r}")
+    if options.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
+    options = replace(options, precision=resolve_precision(options.precision, options.device, options.exact))
     plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                     tile_size=options.tile_size)
     digest = model_digest(local_model)

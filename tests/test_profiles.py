@@ -28,7 +28,7 @@ def pipeline_profile(name: str, profile: str | None = None):
 
 def test_packaged_defaults_are_dask_defaults():
     assert dask.config.get("geoseg.cluster.profile") == "local"
-    assert dask.config.get("geoseg.chunking.precision") == "fp32"
+    assert dask.config.get("geoseg.chunking.precision") == "auto"
     d = packaged_defaults()
     # The models' own defaults are the packaged ones: code and geoseg.yaml cannot drift apart.
     assert Chunking() == Chunking(**d["chunking"]) and Outputs() == Outputs(**d["outputs"])

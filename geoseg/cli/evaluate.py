@@ -43,7 +43,7 @@ def evaluate(ctx, images, model_dir, labels, label_field, ignore, reproject_labe
     from geoseg.evaluate import EvaluateOptions, plan_evaluation, run_evaluation
 
     options = EvaluateOptions(
-        chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or "fp32",
+        chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or "auto",
         batch_size=batch_size, device=device, label_field=label_field, ignore=tuple(ignore),
         reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
     )  # fmt: skip

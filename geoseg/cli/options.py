@@ -17,6 +17,7 @@ halo_opt = click.option("--halo", type=int, default=None, metavar="PX",
                         help="Context read around every tile (default: the card's default_halo).")
 exact_opt = click.option("--exact", is_flag=True,
                          help="Halo = the model's receptive field: the class map no longer depends on the chunking.")
-precision_opt = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
-                             help="Numerics of the forward pass (bf16: autocast, fast on CPUs with AMX and on GPUs).")
+precision_opt = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+                             help="Numerics of the forward pass. auto (default): bf16 autocast where the device computes "
+                                  "bf16 natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32; fp32 with --exact.")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finished output.")

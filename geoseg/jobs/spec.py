@@ -9,7 +9,7 @@
         bands: [LC08_B2.TIF, LC08_B3.TIF, LC08_B4.TIF, LC08_B5.TIF]
     model: models/landcover       # a model directory
     output: out                   # every scene gets out/<name>/; job.json goes in out/
-    chunking: {chunk_size: 1024, halo: null, exact: false, tile_size: null, precision: fp32, batch_size: 2}
+    chunking: {chunk_size: 1024, halo: null, exact: false, tile_size: null, precision: auto, batch_size: 2}
     outputs: {cog: true, vectors: true}
     cluster:
       profile: gpu
@@ -48,7 +48,7 @@ class Chunking(Settings):
     halo: NonNegativeInt | None = None
     exact: bool = False
     tile_size: PositiveInt | None = None
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     batch_size: PositiveInt = 2
 
 
@@ -362,7 +362,7 @@ _HINTS = {
     "scenes": "list the scenes: raster paths or globs, or {name: ..., bands: [...]} for single-band files",
     "model": "give the model directory (from `geoseg model init` or `geoseg train`)",
     "output": "give the output root folder; every scene gets a folder in it",
-    "chunking.precision": "use fp32 or bf16",
+    "chunking.precision": "use auto, fp32 or bf16",
     "version": "this geoseg reads version: 1 job files",
 }
 _FIELDS = sorted({f for m in (JobSpec, Chunking, Outputs, SceneEntry, ClusterSettings, TLSFiles, *PROFILE_CLASSES)

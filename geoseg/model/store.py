@@ -28,7 +28,7 @@ from geoseg.model.card import (
 from geoseg.model.network import build_network, network_stride
 from geoseg.model.receptive_field import measure_receptive_field
 
-DEFAULT_HALO = 64
+DEFAULT_HALO = 32  # trained U-Net-resnet18: 0.007% of pixels differ from --exact; see README
 
 
 @dataclass(frozen=True)
