@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="keep scenes and outputs here (default: a temp dir)")
     ap.add_argument("--bare-seconds", type=float, default=20.0)
     ap.add_argument("--skip-exact", action="store_true")
+    ap.add_argument("--halo", type=int, default=None, help="halo of the default mode (default: the card's default_halo)")
     ap.add_argument("--memory-sizes", default="2048", help="extra scene sizes whose peak memory is measured")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
@@ -110,7 +111,9 @@ def main() -> None:
             maps = {}
             for mode in ("default",) + (() if args.skip_exact else ("exact",)):
                 out = work / f"out-{precision}-{mode}"
-                rec = run_predict(client, image, model, out, precision=precision, exact=mode == "exact", vectors=mode == "default")
+                halo = args.halo if mode == "default" else None
+                rec = run_predict(client, image, model, out, precision=precision, exact=mode == "exact", halo=halo,
+                                  vectors=mode == "default")
                 t = rec["timings"]
                 px = rec["parameters"]["shape"][0] * rec["parameters"]["shape"][1]
                 pipeline = px / 1e6 / (t["segment_s"] + t.get("cog_s", 0.0))

@@ -14,6 +14,9 @@ from geoseg.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+WORKER_ENVIRON = {"GDAL_CACHEMAX": "128"}  # MB
+
+
 def default_workers() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
@@ -48,7 +51,11 @@ def connect(
         finally:
             client.close()
         return
-    with dask.config.set({"distributed.worker.daemon": False}):
+    # GDAL's block cache defaults to 5% of RAM per process; a read task reads each block once, so
+    # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
+    # image, as infra/docker does).
+    environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON}
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ}):
         cluster = LocalCluster(
             n_workers=n_workers or default_workers(),
             threads_per_worker=threads_per_worker,

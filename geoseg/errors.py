@@ -32,3 +32,24 @@ class OutputExistsError(GeosegError, FileExistsError):
 
 class ConfigError(GeosegError, ValueError):
     """A job file, cluster profile or option is invalid."""
+
+
+def detached(fn):
+    """Wrap a task run on dask workers so that geoseg's errors reach the client as themselves.
+
+    A geoseg error raised while handling a GDAL error carries it as ``__context__``; distributed
+    pickles the chain, and GDAL's error types do not unpickle, so the client would get a bare
+    ``Exception``. The message already says what went wrong: drop the chain.
+    """
+    import functools
+
+    @functools.wraps(fn)
+    def task(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GeosegError as exc:
+            exc.__cause__ = exc.__context__ = None
+            exc.__suppress_context__ = True
+            raise
+
+    return task

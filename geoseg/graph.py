@@ -17,12 +17,14 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
+from geoseg.errors import detached
 from geoseg.infer import InferenceSettings, segment_chunk
 from geoseg.io.sources import RasterStack, read_window
 from geoseg.runtime import ModelRef, get_model
 from geoseg.tiling import Box, Chunk, TilingPlan
 
 
+@detached
 def read_block(stack: RasterStack, box: Box) -> tuple[np.ndarray, np.ndarray]:
     return read_window(stack, box.window)
 
@@ -41,6 +43,7 @@ def assemble(boxes: Sequence[Box], blocks: Sequence[tuple[np.ndarray, np.ndarray
     return data, valid
 
 
+@detached
 def infer_chunk(
     ref: ModelRef,
     plan: TilingPlan,

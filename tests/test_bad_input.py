@@ -129,3 +129,18 @@ def test_interrupted_output_is_not_finished(client, random_model, scene_path, tm
     record = run_job(job, client)
     assert record["chunks"]["reused"] == record["chunks"]["chunks"] and record["chunks"]["computed"] == 0
     assert (tmp_path / "out" / "prediction.zarr").is_dir() and (tmp_path / "out" / "run.json").is_file()
+
+
+def test_file_damaged_after_planning_is_a_clear_error_from_the_workers(client, random_model, tmp_path):
+    """A read failure on a worker reaches the client as geoseg's InputError naming the file."""
+    from geoseg.errors import InputError
+    from geoseg.predict import PredictOptions, plan_job, run_job
+
+    path = write_raster(tmp_path / "scene.tif", blob_scene(512, 512, 4, seed=0)[0], nodata=0, block=128)
+    job = plan_job([path], random_model, tmp_path / "out", PredictOptions(chunk_size=128))
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    with pytest.raises(InputError, match="read failed") as info:
+        run_job(job, client)
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "prediction.zarr").exists()

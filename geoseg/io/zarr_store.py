@@ -23,6 +23,7 @@ import numpy as np
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
+from geoseg.errors import detached
 from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS
 from geoseg.tiling import Chunk, TilingPlan
@@ -78,6 +79,7 @@ def _marker(path: str | os.PathLike, iy: int, ix: int) -> str | Path:
     return storage.join(path, MARKERS, f"{iy}_{ix}")
 
 
+@detached
 def write_chunk(path: str, chunk: Chunk, job_key: str, result: tuple[np.ndarray, np.ndarray]) -> dict[str, int]:
     """Write one chunk's class map and confidence into the store, then mark it done."""
     import zarr
