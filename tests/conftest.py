@@ -99,3 +99,11 @@ def trained_model(tmp_path_factory, scene_path) -> Path:
     path = tmp_path_factory.mktemp("models") / "trained"
     save_model(net, card, path)
     return path
+
+
+def count_markers(store: Path) -> int:
+    """Finished-chunk markers in a prediction store (how far a running job has got)."""
+    from geoseg.io.zarr_store import MARKERS
+
+    root = store / MARKERS
+    return sum(1 for m in root.iterdir() if "_" in m.name and not m.name.startswith(".")) if root.is_dir() else 0

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geoseg.io.zarr_store import MARKERS, open_prediction
+from geoseg.io.zarr_store import open_prediction
 from geoseg.predict import PredictOptions, predict
 
-from conftest import blob_scene, write_raster
+from conftest import blob_scene, write_raster, count_markers
 
 DASK = str(Path(sys.executable).with_name("dask"))
 # 64 chunks of 64 px; a small halo keeps each chunk's work short (the test is about faults).
@@ -89,11 +89,6 @@ def big_scene(tmp_path_factory) -> Path:
     return write_raster(tmp_path_factory.mktemp("faults") / "big.tif", image, nodata=0)
 
 
-def _markers(store: Path) -> int:
-    root = store / MARKERS
-    return sum(1 for m in root.iterdir() if "_" in m.name and not m.name.startswith(".")) if root.is_dir() else 0
-
-
 def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, tmp_path):
     address, workers, monitor = dask_processes
     out = tmp_path / "faulty"
@@ -110,7 +105,7 @@ def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, 
         while victim is None:
             assert not job.done(), f"the job ended before a worker could be killed: {job.exception()!r}"
             assert time.monotonic() < deadline, "no chunk finished in time"
-            if _markers(store) >= 2:
+            if count_markers(store) >= 2:
                 # the worker inside an inference task right now (not merely holding one queued)
                 # (a lambda: cloudpickle sends it by value, the workers cannot import this module)
                 running = monitor.run(lambda dask_worker: (os.getpid(), [str(ts.key) for ts in dask_worker.state.executing]))
@@ -119,7 +114,7 @@ def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, 
                 time.sleep(0.02)
         group = os.getpgid(running[victim][0])
         assert group in {w.pid for w in workers}
-        done_at_kill = _markers(store)
+        done_at_kill = count_markers(store)
         os.killpg(group, signal.SIGKILL)
         record = job.result(timeout=300)
         clean = clean_run.result(timeout=300)

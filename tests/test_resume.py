@@ -20,7 +20,7 @@ from geoseg.cli.main import cli
 from geoseg.io.zarr_store import JOB_ATTR, MARKERS, create_store, open_prediction, reusable_chunks
 from geoseg.predict import PredictOptions, plan_job, predict, run_job, run_segmentation
 
-from conftest import blob_scene, write_raster
+from conftest import blob_scene, write_raster, count_markers
 
 GEOSEG = str(Path(sys.executable).with_name("geoseg"))
 # 64 chunks of 64 px with a small halo: many short chunks, so a kill lands in the middle.
@@ -32,11 +32,6 @@ OPTIONS = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
 def scene(tmp_path_factory) -> Path:
     image, _ = blob_scene(512, 512, 4, seed=17)
     return write_raster(tmp_path_factory.mktemp("resume") / "scene.tif", image, nodata=0)
-
-
-def _markers(store: Path) -> int:
-    root = store / MARKERS
-    return sum(1 for m in root.iterdir() if "_" in m.name and not m.name.startswith(".")) if root.is_dir() else 0
 
 
 def _visible(out: Path) -> list[str]:
@@ -64,7 +59,7 @@ def test_killed_job_resumes(client, random_model, scene, tmp_path):
                                 start_new_session=True)
         try:
             deadline = time.monotonic() + 120
-            while _markers(store) < 3:
+            while count_markers(store) < 3:
                 assert proc.poll() is None, f"the job ended before it was killed:\n{(tmp_path / 'job.log').read_text()}"
                 assert time.monotonic() < deadline, "no chunk finished in time"
                 time.sleep(0.02)
@@ -81,7 +76,7 @@ def test_killed_job_resumes(client, random_model, scene, tmp_path):
         assert time.monotonic() < deadline, "processes of the killed job survive"
         time.sleep(0.05)
 
-    done = _markers(store)
+    done = count_markers(store)
     assert 3 <= done < 64
     # nothing that looks finished: no prediction.zarr, no run.json, only the partial store
     assert _visible(out) == ["prediction.zarr.partial"]
@@ -117,7 +112,7 @@ def test_other_job_never_reuses_chunks(client, random_model, other_model, scene_
     out.mkdir()
     store = out / "prediction.zarr.partial"
     run_segmentation(first, client, store)  # every chunk finished and marked with the first key
-    assert _markers(store) == len(first.plan) == 12
+    assert count_markers(store) == len(first.plan) == 12
 
     if change == "halo":
         options, model = PredictOptions(chunk_size=128, halo=first.plan.halo - 32, resume=True, cog=False, vectors=False), random_model
