@@ -307,7 +307,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             from geoseg.io.cog import write_cog
 
             with Stage("cog") as st:
-                write_cog(_ZarrWindows(store), staging / COG_NAME,
+                write_cog(_class_array(store), staging / COG_NAME,
                           grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest})
             timings["cog_s"], memory["cog_peak_rss"] = st.seconds, st.peak_rss
             outputs.append(COG_NAME)
@@ -368,18 +368,11 @@ def _staging(parent: Path | None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _ZarrWindows:
-    """The class map of a finished store, read window by window (what write_cog needs)."""
+def _class_array(path: Path | str) -> Any:
+    """The finished store's class_id as a zarr array: windowed reads, and chunks write_cog aligns to."""
+    import zarr
 
-    def __init__(self, path: Path | str) -> None:
-        import zarr
-
-        self._arr = zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path))["class_id"]
-        self.shape = self._arr.shape
-        self.dtype = self._arr.dtype
-
-    def __getitem__(self, key: Any) -> Any:
-        return self._arr[key]
+    return zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path))["class_id"]
 
 
 def cluster_info(client: Any) -> dict[str, Any]:

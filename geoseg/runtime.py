@@ -69,11 +69,6 @@ def get_model(ref: ModelRef) -> ModelBundle:
     return bundle
 
 
-def loaded_models() -> int:
-    """How many models this process holds (tests use it to show a worker loads once)."""
-    return len(_CACHE)
-
-
 def fast_bf16(device: str) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
     if device.startswith("cuda"):
