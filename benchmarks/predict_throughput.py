@@ -1,162 +1,306 @@
-"""geoseg predict throughput against the bare model's ceiling, measured side by side in one run.
+"""geoseg against plain processes running the same network, and its seams, measured side by side in one run.
 
-    python benchmarks/predict_throughput.py [--size 8192] [--precisions fp32,bf16] [--model DIR]
+    python benchmarks/predict_throughput.py [--size 8192] [--seam-size 4096] [--model DIR] [--precision auto]
+        [--bare-seconds 20] [--workdir DIR] [--skip-seams] [--skip-cli] [--json PATH]
 
-Prints, per precision and halo mode (default halo, --exact):
-  * geoseg Mpx/s: scene pixels / wall time of read -> infer -> Zarr + COG, on an already started cluster;
-  * bare Mpx/s: the same network on 512 px tiles without overlap, one single-threaded stream per
-    core (the cluster's own worker processes), channels_last, in the same precision: the ceiling;
-  * their ratio, per-stage timings, the vectorize time, and the class-map disagreement of the
-    default halo against --exact.
-Then the peak memory of the segmentation stage (per worker process) for a 2048 and a --size scene.
+Prints, in this order:
+  1. ceiling: N plain processes (spawned outside dask, N = usable cores, 1 torch thread each) run the
+     bare network on 512 px random tiles (batch 1, no overlap, channels_last, the job's precision),
+     all started together for --bare-seconds: total Mpx / the longest wall time;
+  2. segment: geoseg's read -> infer -> Zarr stage on an already started embedded cluster (model loaded in
+     the workers by a warm-up) on a --size scene: Mpx/s and its ratio to the ceiling (aim >= 0.80);
+  3. bytes moved between workers during that run: total, per chunk, and per chunk over a chunk's input
+     bytes (core pixels x bands x itemsize; aim <= 1.2x);
+  4. the peak memory of every worker process after it;
+  5. the whole `geoseg predict` command (cluster start, imports, COG, polygons) timed from launch to exit,
+     with no cluster of this benchmark alive: Mpx/s and its ratio to the ceiling (aim >= 0.70);
+  6. seams of the default plan on three models (random weights; 60 optimizer steps; well trained): the share
+     of valid pixels differing from --exact within 2 px of the default plan's chunk lines, the share
+     elsewhere, their ratio (aim <= 1.0), and the plan's pixel overhead (aim <= 1.15);
+  7. a summary table; --json writes every figure.
+Without --model, steps 1-5 use the well-trained model of step 6 (trained first). Scenes and trained
+models are cached in --workdir.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TILE, SEAM_PX = 512, 2
+GEOSEG = str(Path(sys.executable).with_name("geoseg"))  # the console script: the package has no __main__
+_BARRIER = None
 
 
-def bare_model(ref, precision: str, tile: int, seconds: float) -> tuple[int, float]:
-    """Forward passes on random tiles for about ``seconds`` in this worker; (pixels, wall)."""
+def scene(work: Path, size: int, seed: int) -> Path:
+    from geoseg.sample import make_sample
+
+    d = work / f"scene{size}-seed{seed}"
+    if not (d / "image.tif").exists():
+        t = time.perf_counter()
+        make_sample(d, size=size, bands=4, seed=seed)
+        print(f"generated a {size}x{size} scene (seed {seed}) in {time.perf_counter() - t:.1f} s", flush=True)
+    return d / "image.tif"
+
+
+def trained(work: Path, name: str, epochs: int, steps: int, scale: float, env: dict) -> Path:
+    """A U-Net-resnet18 trained by `geoseg train` on a 2048 scene (seed 0), cached in WORK."""
+    epochs, steps = max(1, round(epochs * scale)), max(1, round(steps * scale))
+    out = work / (f"model-{name}" if scale == 1 else f"model-{name}-x{scale:g}")
+    if not (out / "model.json").exists():
+        img = scene(work, 2048, 0)
+        cmd = [GEOSEG, "train", str(img), "--labels", str(img.with_name("labels.tif")), "--classes",
+               str(img.with_name("classes.yaml")), "--out", str(out), "--epochs", str(epochs), "--steps-per-epoch",
+               str(steps), "--chip-size", "128", "--batch-size", "4", "--patience", "100", "--overwrite"]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        print(f"trained {out.name} ({epochs * steps} steps) in {time.perf_counter() - t:.0f} s", flush=True)
+    return out
+
+
+def _bare_init(barrier) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+
+
+def _bare_stream(job: tuple[str, str, float]) -> tuple[int, float, str | None]:
+    """One plain process: load, warm up, wait for the others, then forward passes for ``seconds``."""
+    import numpy as np
+    import torch
+
+    from geoseg.infer import InferenceSettings, forward
+    from geoseg.model.store import load_model
+
+    model, precision, seconds = job
+    torch.set_num_threads(1)
+    bundle = load_model(model)
+    net, stride = bundle.net.to(memory_format=torch.channels_last), bundle.card.stride
+    settings = InferenceSettings(precision=precision, batch_size=1, device="cpu")
+    x = np.random.default_rng(os.getpid()).standard_normal((1, bundle.card.n_bands, TILE, TILE), dtype=np.float32)
+    for _ in range(2):
+        forward(net, x, stride, settings)
+    _BARRIER.wait(timeout=600)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        forward(net, x, stride, settings)
+        n += 1
+    return n * TILE * TILE, time.perf_counter() - t0, os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def ceiling(model: Path, precision: str, seconds: float) -> dict:
+    n = len(os.sched_getaffinity(0))
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    with ctx.Pool(n, initializer=_bare_init, initargs=(barrier,)) as pool:
+        res = pool.map(_bare_stream, [(str(model), precision, seconds)] * n, chunksize=1)
+    mpx_s = sum(px for px, _, _ in res) / 1e6 / max(wall for _, wall, _ in res)
+    trim = {t for _, _, t in res}
+    print(f"[1] ceiling: {n} plain processes, {precision}, {TILE} px tiles: {mpx_s:.3f} Mpx/s "
+          f"(MALLOC_TRIM_THRESHOLD_ there: {trim.pop() if trim != {None} else 'unset'})", flush=True)
+    return {"processes": n, "precision": precision, "mpx_s": mpx_s}
+
+
+def _warm_worker(ref, precision: str) -> None:
     import numpy as np
 
     from geoseg.infer import InferenceSettings, forward
     from geoseg.runtime import get_model
 
-    bundle = get_model(ref)
-    settings = InferenceSettings(precision=precision, batch_size=1, device=str(next(bundle.net.parameters()).device))
-    x = np.random.default_rng(0).standard_normal((1, bundle.card.n_bands, tile, tile)).astype(np.float32)
-    forward(bundle.net, x, bundle.card.stride, settings)  # warm-up: kernels chosen, memory allocated
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        forward(bundle.net, x, bundle.card.stride, settings)
-        n += 1
-    return n * tile * tile, time.perf_counter() - t0
+    b = get_model(ref)
+    x = np.zeros((1, b.card.n_bands, TILE, TILE), np.float32)
+    forward(b.net, x, b.card.stride, InferenceSettings(precision, 1, str(next(b.net.parameters()).device)))
 
 
-def bare_throughput(client, ref, precision: str, seconds: float = 20.0) -> float:
-    """Mpx/s of all workers running bare forward passes at the same time."""
-    workers = list(client.scheduler_info()["workers"])
-    futs = [client.submit(bare_model, ref, precision, 512, seconds, workers=[w], pure=False) for w in workers]
-    results = client.gather(futs)
-    return sum(px for px, _ in results) / 1e6 / max(s for _, s in results)
+def _moved(client) -> tuple[int, int]:
+    """(bytes, transfers) sent between workers so far: the workers' outgoing totals (incoming has no byte total)."""
+    out = client.run(lambda dask_worker: (dask_worker.transfer_outgoing_bytes_total, dask_worker.transfer_outgoing_count_total))
+    return sum(b for b, _ in out.values()), sum(c for _, c in out.values())
 
 
-def worker_peak_rss(client) -> int:
-    return max(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024).values())
+def options(args, **kw):
+    from geoseg.predict import PredictOptions
+
+    return PredictOptions(**{"chunk_size": args.chunk_size, "cog": False, "vectors": False, "overwrite": True, **kw})
 
 
-def run_predict(client, image, model, out, **options):
-    from geoseg.predict import PredictOptions, predict
+def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil: float) -> dict:
+    import numpy as np
+    import rasterio
 
-    return predict([image], model, out, PredictOptions(overwrite=True, **options), client=client)
+    from geoseg.model.store import model_digest
+    from geoseg.predict import predict
+    from geoseg.runtime import ModelRef
+
+    t = time.perf_counter()
+    # small chunks spread the warm-up over the workers; then every worker loads the model and runs a tile
+    rec = predict([warm], model, work / "out-warmup", options(args, precision=args.precision, chunk_size=256), client=client)
+    ref = ModelRef(str(model.resolve()), model_digest(model), "auto")
+    client.gather([client.submit(_warm_worker, ref, rec["parameters"]["precision"], workers=[w], pure=False)
+                   for w in client.scheduler_info(n_workers=-1)["workers"]])
+    print(f"    warm-up in {time.perf_counter() - t:.1f} s", flush=True)
+    b0, c0 = _moved(client)
+    rec = predict([image], model, work / "out-segment", options(args, precision=args.precision), client=client)
+    b1, c1 = _moved(client)
+    p = rec["parameters"]
+    h, w = p["shape"]
+    mpx_s = h * w / 1e6 / rec["timings"]["segment_s"]
+    with rasterio.open(image) as src:
+        chunk_in = p["chunk_size"] ** 2 * src.count * np.dtype(src.dtypes[0]).itemsize
+    n = rec["chunks"]["chunks"]
+    per_chunk = (b1 - b0) / n
+    rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(f"[2] segment: {h}x{w} in {rec['timings']['segment_s']:.1f} s = {mpx_s:.3f} Mpx/s, ratio to ceiling "
+          f"{mpx_s / ceil:.2f} (aim >= 0.80); {p['precision']}, chunk {p['chunk_size']}, halo {p['halo']}, "
+          f"overhead {p['overhead']}", flush=True)
+    print(f"[3] moved between workers: {(b1 - b0) / 1e6:.1f} MB ({c1 - c0} get-data replies, the client's gathers of "
+          f"chunk results included), {per_chunk / 1e6:.2f} MB per "
+          f"chunk = {per_chunk / chunk_in:.3f}x a chunk's input of {chunk_in / 1e6:.1f} MB (aim <= 1.2x; on one "
+          "machine the scheduler tends to run infer where the read ran)", flush=True)
+    print("[4] worker peak RSS: " + ", ".join(f"{v / 2**20:.0f} MB" for v in sorted(rss.values())), flush=True)
+    return {"mpx_s": mpx_s, "ratio": mpx_s / ceil, "segment_s": rec["timings"]["segment_s"], "parameters": p,
+            "numerics": rec["numerics"], "chunks": n, "moved_bytes": b1 - b0, "transfers": c1 - c0,
+            "moved_per_chunk": per_chunk, "chunk_input_bytes": chunk_in, "moved_ratio": per_chunk / chunk_in,
+            "worker_peak_rss_mb": sorted(round(v / 2**20, 1) for v in rss.values())}
+
+
+def seam_figures(default, exact, chunk: int) -> dict:
+    """Shares of valid pixels where the default map differs from --exact: within SEAM_PX of an interior chunk line, and elsewhere."""
+    import numpy as np
+
+    def lines(n: int) -> np.ndarray:
+        m = np.zeros(n, bool)
+        for k in range(chunk, n, chunk):
+            m[k - SEAM_PX:k + SEAM_PX] = True
+        return m
+
+    near = lines(default.shape[0])[:, None] | lines(default.shape[1])[None, :]
+    valid, diff = (default != 255) & (exact != 255), default != exact
+    p_near, p_else = (float(diff[m].mean()) if m.any() else math.nan for m in (near & valid, ~near & valid))
+    ratio = ("n/a" if math.isnan(p_near) or math.isnan(p_else) or p_near == p_else == 0 else
+             "inf" if p_else == 0 else round(p_near / p_else, 3))
+    return {"near": p_near, "elsewhere": p_else, "ratio": ratio}
+
+
+def seams(client, args, models: dict, precision: str, work: Path) -> list[dict]:
+    from geoseg.io.zarr_store import open_prediction
+    from geoseg.model.store import read_card
+    from geoseg.predict import predict
+
+    image, rows = scene(work, args.seam_size, 1), []
+    for name, model in models.items():
+        maps, recs = {}, {}
+        for exact in (False, True):
+            out = work / f"seam-{name}-{'exact' if exact else 'default'}"
+            recs[exact] = predict([image], model, out, options(args, precision=precision, exact=exact), client=client)
+            maps[exact] = open_prediction(out / "prediction.zarr")["class_id"].values
+        p, card = recs[False]["parameters"], read_card(model)
+        row = {"model": name, "depth": card.encoder_depth, "rf": card.receptive_field, "chunk": p["chunk_size"],
+               "halo": p["halo"], "exact_halo": recs[True]["parameters"]["halo"], "overhead": p["overhead"],
+               "precision": p["precision"], **seam_figures(maps[False], maps[True], p["chunk_size"])}
+        rows.append(row)
+        print(f"[6] {name}: near chunk lines {row['near']:.4%}, elsewhere {row['elsewhere']:.4%}, ratio {row['ratio']} "
+              f"(aim <= 1.0); chunk {row['chunk']}, halo {row['halo']} (exact {row['exact_halo']}), overhead "
+              f"{row['overhead']} (aim <= 1.15), depth {row['depth']}, receptive field {row['rf']}", flush=True)
+    return rows
+
+
+def whole_cli(args, model: Path, image: Path, work: Path, ceil: float, env: dict) -> dict:
+    out = work / "out-cli"
+    cmd = [GEOSEG, "predict", str(image), "--model", str(model), "--out", str(out), "--overwrite",
+           "--precision", args.precision] + (["--chunk-size", str(args.chunk_size)] if args.chunk_size else [])
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t0
+    rec = json.loads((out / "run.json").read_text())
+    h, w = rec["parameters"]["shape"]
+    mpx_s = h * w / 1e6 / wall
+    t = rec["timings"]
+    print(f"[5] geoseg predict: {wall:.1f} s launch to exit = {mpx_s:.3f} Mpx/s, ratio to ceiling {mpx_s / ceil:.2f} "
+          f"(aim >= 0.70); cluster start {rec['cluster'].get('start_s')} s, segment {t['segment_s']} s, "
+          f"cog {t.get('cog_s')} s, vectorize {t.get('vectorize_s')} s", flush=True)
+    return {"wall_s": wall, "mpx_s": mpx_s, "ratio": mpx_s / ceil, "timings": t, "cluster_start_s": rec["cluster"].get("start_s")}
+
+
+def summary(fig: dict) -> None:
+    rows = [("ceiling, plain processes", f"{fig['ceiling']['mpx_s']:.3f} Mpx/s", "")]
+    if "segment" in fig:
+        s = fig["segment"]
+        rows += [("segment stage", f"{s['mpx_s']:.3f} Mpx/s = {s['ratio']:.2f}x ceiling", ">= 0.80"),
+                 ("moved per chunk / chunk input", f"{s['moved_ratio']:.3f}x ({s['moved_bytes'] / 1e6:.1f} MB in all)", "<= 1.2"),
+                 ("worker peak RSS, max", f"{max(s['worker_peak_rss_mb']):.0f} MB", "")]
+    if "cli" in fig:
+        rows.append(("geoseg predict, whole", f"{fig['cli']['mpx_s']:.3f} Mpx/s = {fig['cli']['ratio']:.2f}x ceiling", ">= 0.70"))
+    for r in fig.get("seams", []):
+        rows.append((f"seams, {r['model']}", f"ratio {r['ratio']} at overhead {r['overhead']}", "<= 1.0 at <= 1.15"))
+    print("\n" + "\n".join(f"{a:32} {b:44} {c}" for a, b, c in [("figure", "value", "aim"), *rows]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--model", default=None, help="model directory (default: a fresh U-Net-resnet18 with random weights)")
-    ap.add_argument("--workdir", default=None, help="keep scenes and outputs here (default: a temp dir)")
+    ap.add_argument("--size", type=int, default=8192, help="side of the throughput scene")
+    ap.add_argument("--seam-size", type=int, default=4096, help="side of the seam scene (seed 1)")
+    ap.add_argument("--model", default=None, help="model of steps 1-5 (default: the well-trained one of step 6)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     ap.add_argument("--bare-seconds", type=float, default=20.0)
-    ap.add_argument("--skip-exact", action="store_true")
-    ap.add_argument("--halo", type=int, default=None, help="halo of the default mode (default: the card's default_halo)")
-    ap.add_argument("--memory-sizes", default="2048", help="extra scene sizes whose peak memory is measured")
-    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--workdir", default=None, help="keep scenes, models and outputs here (default: a temp dir)")
+    ap.add_argument("--skip-seams", action="store_true")
+    ap.add_argument("--skip-cli", action="store_true")
+    ap.add_argument("--json", default=None, help="also write every figure here")
+    ap.add_argument("--chunk-size", type=int, default=None, help=argparse.SUPPRESS)  # smoke runs on small scenes
+    ap.add_argument("--train-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # scales epochs and steps
     args = ap.parse_args()
 
     from geoseg.cluster import connect
-    from geoseg.io.zarr_store import open_prediction
-    from geoseg.model.store import init_model, model_digest, read_card
-    from geoseg.runtime import ModelRef
-    from geoseg.sample import make_sample
+    from geoseg.model.store import init_model
+    from geoseg.numerics import resolve_here
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="geoseg-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    figures: dict = {"size": args.size, "cpu_count": os.cpu_count()}
+    # Plain processes and the CLI get this environment: a nanny writes its pre-spawn variables
+    # (OMP_NUM_THREADS, ...) into this process's os.environ when the cluster starts.
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    env = dict(os.environ)
+    num = resolve_here(args.precision)
+    print(f"precision {args.precision} -> {num.precision} here ({num.reason}); {len(os.sched_getaffinity(0))} cores", flush=True)
+    fig: dict = {"size": args.size, "seam_size": args.seam_size, "precision": num.precision, "cores": len(os.sched_getaffinity(0))}
 
-    def scene(size: int) -> Path:
-        d = work / f"scene{size}"
-        if not (d / "image.tif").exists():
-            t = time.perf_counter()
-            make_sample(d, size=size, bands=4, seed=0)
-            print(f"generated {size}x{size} scene in {time.perf_counter() - t:.1f} s", flush=True)
-        return d / "image.tif"
+    models: dict[str, Path] = {}
+    if not args.skip_seams:
+        models["random"] = work / "model-random"
+        if not (models["random"] / "model.json").exists():
+            init_model(models["random"], n_bands=4, n_classes=5, encoder="resnet18", seed=0, encoder_depth=5)
+        models["60 steps"] = trained(work, "light", 3, 20, args.train_scale, env)
+    if not args.skip_seams or not args.model:
+        models["well trained"] = trained(work, "well", 20, 30, args.train_scale, env)
+    model = Path(args.model) if args.model else models["well trained"]
+    image, warm = scene(work, args.size, 0), scene(work, min(args.size, 1024), 0)
 
-    model = Path(args.model) if args.model else work / "model"
-    if not (model / "model.json").exists():
-        init_model(model, n_bands=4, n_classes=5, encoder="resnet18", seed=0)
-    card = read_card(model)
-    figures["model"] = {"arch": card.arch, "encoder": card.encoder, "receptive_field": card.receptive_field,
-                        "default_halo": card.default_halo, "exact_halo": card.exact_halo, "tile_size": card.tile_size}
-    image = scene(args.size)
-
-    t0 = time.perf_counter()
-    with connect() as client:
-        figures["cluster_start_s"] = round(time.perf_counter() - t0, 2)
-        ref = ModelRef(str(model.resolve()), model_digest(model))
-        rows = []
-        for precision in args.precisions.split(","):
-            bare = bare_throughput(client, ref, precision, args.bare_seconds)
-            maps = {}
-            for mode in ("default",) + (() if args.skip_exact else ("exact",)):
-                out = work / f"out-{precision}-{mode}"
-                halo = args.halo if mode == "default" else None
-                rec = run_predict(client, image, model, out, precision=precision, exact=mode == "exact", halo=halo,
-                                  vectors=mode == "default")
-                t = rec["timings"]
-                px = rec["parameters"]["shape"][0] * rec["parameters"]["shape"][1]
-                pipeline = px / 1e6 / (t["segment_s"] + t.get("cog_s", 0.0))
-                maps[mode] = open_prediction(out / "prediction.zarr")["class_id"].values
-                row = {"precision": precision, "mode": mode, "halo": rec["parameters"]["halo"],
-                       "tile_size": rec["parameters"]["tile_size"], "chunk_size": rec["parameters"]["chunk_size"],
-                       "overhead": rec["parameters"]["overhead"], "geoseg_mpx_s": round(pipeline, 3),
-                       "bare_mpx_s": round(bare, 3), "ratio": round(pipeline / bare, 3), **t}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-            if "exact" in maps:
-                valid = maps["exact"] != 255
-                rate = float((maps["default"] != maps["exact"])[valid].mean())
-                figures.setdefault("default_halo_disagreement", {})[precision] = rate
-                print(f"{precision}: default halo disagrees with --exact on {rate:.4%} of valid pixels", flush=True)
-        figures["runs"] = rows
-
-    memory = {}
-    for size in sorted({int(s) for s in args.memory_sizes.split(",") if s} | {args.size}):
-        img = scene(size)
+    try:
+        fig["ceiling"] = ceiling(model, num.precision, args.bare_seconds)
         with connect() as client:
-            rec = run_predict(client, img, model, work / f"mem-{size}", precision=args.precisions.split(",")[0])
-            memory[size] = {"worker_peak_rss_mb": round(worker_peak_rss(client) / 2**20, 1),
-                            "vectorize_peak_rss_mb": round(rec["memory_client_bytes"].get("vectorize_peak_rss", 0) / 2**20, 1),
-                            "vectorize_s": rec["timings"].get("vectorize_s")}
-        print(f"{size}x{size}: {json.dumps(memory[size])}", flush=True)
-    figures["memory"] = memory
-    sizes = sorted(memory)
-    if len(sizes) > 1:
-        growth = memory[sizes[-1]]["worker_peak_rss_mb"] / memory[sizes[0]]["worker_peak_rss_mb"]
-        figures["worker_memory_growth"] = round(growth, 3)
-        print(f"segmentation peak memory grows {growth:.2f}x from {sizes[0]}² to {sizes[-1]}² "
-              f"({(sizes[-1] / sizes[0]) ** 2:.0f}x pixels)")
-    print("\nprecision mode     halo  geoseg Mpx/s  bare Mpx/s  ratio  segment_s  cog_s  vectorize_s")
-    for r in figures["runs"]:
-        print(f"{r['precision']:9} {r['mode']:8} {r['halo']:5} {r['geoseg_mpx_s']:12.3f} {r['bare_mpx_s']:11.3f} "
-              f"{r['ratio']:6.3f} {r['segment_s']:10.1f} {r.get('cog_s', 0):6.1f} {r.get('vectorize_s', 0) or 0:12.1f}")
-    print(f"cluster start {figures['cluster_start_s']} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2))
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
-
+            fig["segment"] = segment(client, args, model, image, warm, work, fig["ceiling"]["mpx_s"])
+        if not args.skip_cli:  # no cluster of ours alive now: the cores are the command's
+            fig["cli"] = whole_cli(args, model, image, work, fig["ceiling"]["mpx_s"], env)
+        if not args.skip_seams:
+            with connect() as client:
+                fig["seams"] = seams(client, args, models, num.precision, work)
+        summary(fig)
+        if args.json:
+            Path(args.json).write_text(json.dumps(fig, indent=2, default=str))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,6 @@ Only the chunks a selection touches are read and segmented.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import xarray as xr
@@ -21,8 +20,9 @@ from geoseg.infer import InferenceSettings
 from geoseg.io.sources import open_stack
 from geoseg.io.zarr_store import georeference, open_prediction, pixel_centres
 from geoseg.model.card import NODATA_CLASS
-from geoseg.model.store import check_model_dir, model_digest
-from geoseg.runtime import ModelRef, resolve_precision
+from geoseg.model.store import open_model
+from geoseg.numerics import resolve_current
+from geoseg.runtime import ModelRef
 from geoseg.tiling import plan_for
 
 plan_tiling = plan_for
@@ -42,11 +42,13 @@ def segment(
 ) -> xr.Dataset:
     """A lazy Dataset (``class_id`` uint8 with 255 = nodata, ``confidence``) on the input's grid."""
     stack = open_stack([str(p) for p in images])
-    card = check_model_dir(model)
+    opened = open_model(model)
+    card = opened.card
     stack = match_bands(stack, card, str(model))
     plan = plan_tiling(card, stack.shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
-    ref = ModelRef(str(Path(model).resolve()), model_digest(Path(model)), device)
-    seg = build_segmentation(stack, plan, ref, InferenceSettings(resolve_precision(precision, device, exact), batch_size))
+    ref = ModelRef(opened.location, opened.digest, device)
+    numerics = resolve_current(precision, device, exact)
+    seg = build_segmentation(stack, plan, ref, InferenceSettings(numerics.precision, batch_size))
     y, x = pixel_centres(stack.grid)
     ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)},
                     coords={"y": y, "x": x})

@@ -41,12 +41,15 @@ def connect(
     import dask
     from distributed import Client, LocalCluster
 
+    from geoseg.workers import register
+
     if scheduler:
         try:
             client = Client(scheduler, security=security, timeout=timeout)
         except (OSError, TimeoutError) as exc:
             raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from None
         try:
+            register(client)
             yield client
         finally:
             client.close()
@@ -55,7 +58,11 @@ def connect(
     # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
     # image, as infra/docker does).
     environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON}
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ}):
+    # distributed's MALLOC_TRIM_THRESHOLD_ turns off glibc's dynamic mmap threshold: every forward
+    # pass would map and fault its activations afresh (geoseg.workers). Local workers go without it.
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), "MALLOC_TRIM_THRESHOLD_": None}
+    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
+                          "distributed.nanny.pre-spawn-environ": pre_spawn}):
         cluster = LocalCluster(
             n_workers=n_workers or default_workers(),
             threads_per_worker=threads_per_worker,
@@ -68,6 +75,7 @@ def connect(
         )
     try:
         with Client(cluster) as client:
+            register(client)
             log.info("local cluster: %d workers, dashboard %s", len(cluster.workers), client.dashboard_link)
             yield client
     finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,8 +27,9 @@ from geoseg.graph import build_segmentation
 from geoseg.infer import PRECISIONS, InferenceSettings
 from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import CARD_NAME, ModelCard
-from geoseg.model.store import check_model_dir, model_digest
-from geoseg.runtime import ModelRef, resolve_precision
+from geoseg.model.store import open_model
+from geoseg.numerics import resolve_current
+from geoseg.runtime import ModelRef
 from geoseg.tiling import Box, TilingPlan, plan_for
 from geoseg.train.chips import region_box
 from geoseg.train.labels import LabelSource, open_labels, read_labels
@@ -59,7 +60,6 @@ class EvaluateOptions:
         object.__setattr__(self, "ignore", tuple(int(v) for v in self.ignore))
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, not {self.precision!r}")
-        object.__setattr__(self, "precision", resolve_precision(self.precision, self.device, self.exact))
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,11 +143,18 @@ def plan_evaluation(
     model_dir: str | os.PathLike,
     labels: str | os.PathLike,
     options: EvaluateOptions = EvaluateOptions(),
+    *,
+    resolve: bool = True,
 ) -> EvaluationJob:
-    """Check inputs, model and labels and build the graph. Computes nothing, writes nothing."""
+    """Check inputs, model and labels and build the graph. Computes nothing, writes nothing.
+
+    The precision is decided on the current distributed client's workers (here without one);
+    ``resolve=False`` only checks (fp32 graph).
+    """
     images = tuple(map(str, images))
     stack = open_stack(images)
-    card = check_model_dir(model_dir)
+    opened = open_model(model_dir)
+    card = opened.card
     stack = match_bands(stack, card, str(model_dir))
     image_name = stack.paths[0] if len(stack.paths) == 1 else f"the image ({stack.paths[0]}, ...)"
     source = open_labels(
@@ -164,9 +171,11 @@ def plan_evaluation(
     region = region_box(stack.grid, options.bbox, options.window) or Box(0, h, 0, w)
     plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                     tile_size=options.tile_size)
-    digest = model_digest(Path(model_dir))
-    ref = ModelRef(str(Path(model_dir).resolve()), digest, options.device)
-    seg = build_segmentation(stack, plan, ref, InferenceSettings(options.precision, options.batch_size))
+    digest = opened.digest
+    ref = ModelRef(opened.location, digest, options.device)
+    precision = resolve_current(options.precision, options.device, options.exact).precision if resolve else "fp32"
+    options = replace(options, precision=precision)
+    seg = build_segmentation(stack, plan, ref, InferenceSettings(precision, options.batch_size))
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     confusion = confusion_array(seg.class_id[ys, xs], labels_array(source, plan)[ys, xs])
     return EvaluationJob(images, str(model_dir), str(labels), stack, card, digest, source, plan, region, confusion, options)

@@ -1,16 +1,18 @@
 """Build the dask graph of a segmentation: read -> infer -> (write). Building never computes.
 
 Reading, inference and writing are separate layers so a cluster can place them apart (CPU
-workers for I/O, GPU workers for the model: the infer layer carries the resource annotation).
-Read blocks are the chunk cores, so reads are aligned to the chunk grid and each pixel is read
-once; an infer task gathers the blocks its chunk's input window (core + halo) touches.
+workers for I/O, GPU workers for the model: the infer layer carries the resource annotation,
+and ``submit`` hands the scheduler the layered graph so that annotation reaches it).
+Each read task reads its chunk's whole input window (core + halo) in the file's own dtype, so an
+infer task depends on exactly one read: what travels to the model's worker is the chunk's input
+and its halo, nothing more.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 import dask.array as da
 import numpy as np
@@ -26,21 +28,14 @@ from geoseg.tiling import Box, Chunk, TilingPlan
 
 @detached
 def read_block(stack: RasterStack, box: Box) -> tuple[np.ndarray, np.ndarray]:
-    return read_window(stack, box.window)
+    """The bands of ``box`` in the rasters' common dtype (no float copy on the wire) and the valid
+    mask packed to bits (an eighth of a byte per pixel on the wire)."""
+    data, valid = read_window(stack, box.window, dtype=stack.dtype)
+    return data, np.packbits(valid, axis=None)
 
 
-def assemble(boxes: Sequence[Box], blocks: Sequence[tuple[np.ndarray, np.ndarray]], outer: Box) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the window ``outer`` out of the read blocks that cover it."""
-    bands = blocks[0][0].shape[0]
-    data = np.empty((bands, *outer.shape), np.float32)
-    valid = np.empty(outer.shape, bool)
-    for box, (d, v) in zip(boxes, blocks):
-        part = box.intersect(outer)
-        assert part is not None
-        dst, src = part.relative_to(outer), part.relative_to(box)
-        data[(slice(None), *dst)] = d[(slice(None), *src)]
-        valid[dst] = v[src]
-    return data, valid
+def unpack_valid(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
 
 
 @detached
@@ -49,11 +44,11 @@ def infer_chunk(
     plan: TilingPlan,
     chunk: Chunk,
     settings: InferenceSettings,
-    boxes: Sequence[Box],
-    blocks: Sequence[tuple[np.ndarray, np.ndarray]],
+    block: tuple[np.ndarray, np.ndarray],
 ) -> tuple[np.ndarray, np.ndarray]:
     bundle = get_model(ref)
-    data, valid = assemble(boxes, blocks, chunk.input)
+    data, packed = block
+    valid = unpack_valid(packed, chunk.input.shape)
     device_settings = InferenceSettings(settings.precision, settings.batch_size, str(next(bundle.net.parameters()).device))
     return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid, device_settings)
 
@@ -66,6 +61,7 @@ class Segmentation:
     class_id: da.Array
     confidence: da.Array
     graph: HighLevelGraph
+    read_name: str
     infer_name: str
 
     def infer_key(self, chunk: Chunk) -> tuple[str, int, int]:
@@ -82,31 +78,42 @@ def build_segmentation(
     """The read and infer layers of a segmentation and its output arrays (nothing is computed)."""
     token = tokenize(stack, plan, ref, settings)
     read_name, infer_name = f"geoseg-read-{token}", f"geoseg-infer-{token}"
-    reads: dict[Any, Any] = {}
-    for ch in plan:
-        reads[(read_name, ch.iy, ch.ix)] = (read_block, stack, ch.core)
-    infers: dict[Any, Any] = {}
-    cs = plan.chunk_size
-    for ch in plan:
-        keys, boxes = [], []
-        for iy in range(ch.input.y0 // cs, (ch.input.y1 - 1) // cs + 1):
-            for ix in range(ch.input.x0 // cs, (ch.input.x1 - 1) // cs + 1):
-                keys.append((read_name, iy, ix))
-                boxes.append(plan.chunk(iy, ix).core)
-        infers[(infer_name, ch.iy, ch.ix)] = (infer_chunk, ref, plan, ch, settings, boxes, keys)
-    annotations = {"resources": model_resources} if model_resources else None
+    reads = {(read_name, ch.iy, ch.ix): (read_block, stack, ch.input) for ch in plan}
+    infers = {(infer_name, ch.iy, ch.ix): (infer_chunk, ref, plan, ch, settings, (read_name, ch.iy, ch.ix)) for ch in plan}
+    annotations = {"resources": dict(model_resources)} if model_resources else None
     layers: dict[str, Any] = {
         read_name: MaterializedLayer(reads),
         infer_name: MaterializedLayer(infers, annotations=annotations),
     }
     deps: dict[str, set[str]] = {read_name: set(), infer_name: {read_name}}
     arrays = {}
-    for i, (name, dtype) in enumerate((("class_id", np.uint8), ("confidence", np.float32))):
+    for i, name in enumerate(("class_id", "confidence")):
         out = f"geoseg-{name}-{token}"
         layers[out] = MaterializedLayer({(out, ch.iy, ch.ix): (operator.getitem, (infer_name, ch.iy, ch.ix), i) for ch in plan})
         deps[out] = {infer_name}
-        arrays[name] = (out, dtype)
+        arrays[name] = out
     graph = HighLevelGraph(layers, deps)
-    class_id = da.Array(graph, arrays["class_id"][0], plan.chunks, dtype=np.uint8)
-    confidence = da.Array(graph, arrays["confidence"][0], plan.chunks, dtype=np.float32)
-    return Segmentation(plan, class_id, confidence, graph, infer_name)
+    class_id = da.Array(graph, arrays["class_id"], plan.chunks, dtype=np.uint8)
+    confidence = da.Array(graph, arrays["confidence"], plan.chunks, dtype=np.float32)
+    return Segmentation(plan, class_id, confidence, graph, read_name, infer_name)
+
+
+def with_layer(graph: HighLevelGraph, name: str, tasks: Mapping[Any, Any], depends_on: set[str],
+               annotations: dict[str, Any] | None = None) -> HighLevelGraph:
+    """``graph`` with one more layer (its annotations kept: never flatten a graph to a dict)."""
+    layers = dict(graph.layers)
+    deps = {k: set(v) for k, v in graph.dependencies.items()}
+    layers[name] = MaterializedLayer(dict(tasks), annotations=annotations)
+    deps[name] = set(depends_on)
+    return HighLevelGraph(layers, deps)
+
+
+def submit(client: Any, graph: HighLevelGraph, keys: list[Any], priority: int = 0) -> list[Any]:
+    """Futures for ``keys`` of a layered graph; layer annotations (resources) reach the scheduler.
+
+    ``Client.get`` on a HighLevelGraph sends each layer's annotations with its tasks; a plain
+    dict made from the graph would drop them and let model tasks run on any worker.
+    """
+    if not keys:
+        return []
+    return client.get(graph, keys, sync=False, priority=priority)

@@ -164,7 +164,8 @@ class TilingPlan:
         }
 
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 2048
+HALO_PER_CHUNK = 32  # default halo: at least chunk / 32 (64 px at 2048): forward-pass overhead about 1.13
 
 
 def plan_for(
@@ -176,10 +177,15 @@ def plan_for(
     exact: bool = False,
     tile_size: int | None = None,
 ) -> TilingPlan:
-    """The tiling a model gets on a scene: the card's defaults; ``exact``: halo = receptive field.
+    """The tiling a model gets on a scene; ``exact``: halo = receptive field.
 
-    Default chunks are 1024 px: big enough that reading and writing cost little beside the
-    network, small enough that a few-thousand-pixel scene still feeds every worker.
+    Defaults: chunks of 2048 px segmented in one forward pass each (tile = chunk), halo the larger
+    of the card's default_halo and chunk / 32 (64 px). For the same pixel overhead (about 1.13)
+    that doubles the context at chunk lines over 1024 px chunks with 32 px: on a lightly trained
+    U-Net-resnet18 (2048² scene), 0.018% of the pixels within 2 px of chunk lines differ from one
+    pass at halo 64 against 0.196% at halo 32. ``tile_size`` smaller than the chunk bounds the
+    memory of one forward pass (each tile gets its own halo). The card's ``tile_size`` is not a
+    default: it records what the model was trained and checked with.
     """
     from geoseg.errors import ConfigError
 
@@ -187,6 +193,7 @@ def plan_for(
         raise ConfigError(f"--halo must be >= 0, got {halo}")
     if exact and halo is not None and halo < card.exact_halo:
         raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
-    chosen = halo if halo is not None else (card.exact_halo if exact else card.default_halo)
-    return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk_size or DEFAULT_CHUNK, halo=chosen,
-                           tile_size=tile_size or card.tile_size)
+    chunk = chunk_size or DEFAULT_CHUNK
+    default = max(card.default_halo, min(chunk // HALO_PER_CHUNK, card.exact_halo))
+    chosen = halo if halo is not None else (card.exact_halo if exact else default)
+    return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=chosen, tile_size=tile_size or chunk)

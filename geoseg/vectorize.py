@@ -1,73 +1,38 @@
-"""Polygons of a class map: one per 4-connected region of one class, as GDAL's polygonize draws them.
+"""Polygons of class maps: one per connected region of one class, exactly as GDAL's polygonize draws them.
 
-Polygons follow pixel edges exactly, so rasterizing them back (pixel centres, no all_touched)
-gives the class map again. Files are written atomically as GeoPackage or GeoParquet.
+* ``vectorize(source, outputs)``: a prediction store or a class raster of any size, polygonized
+  chunk by chunk on a Dask cluster with an exact join across chunk borders (geoseg.vector.run),
+  written to GeoPackage / GeoParquet / FlatGeobuf with a QGIS style.
+* ``polygonize(array, transform, crs, classes)``: an in-memory class map, in this process.
+
+Polygons follow pixel edges, so rasterizing them back (pixel centres) gives the class map again.
+``area_m2`` and ``perimeter_m`` are measured on the ellipsoid in every CRS (geoseg.vector.measure).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import geopandas as gpd
 import numpy as np
-import pandas as pd
-import shapely
 from affine import Affine
-from pyproj import CRS, Geod
-from rasterio.features import shapes
 
-from geoseg.errors import ConfigError, InputError
+from geoseg.errors import InputError
+from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS, ClassInfo
+from geoseg.vector.measure import Measurer, to_pyproj
+from geoseg.vector.polygons import attributes, label_polygons, region_stats
+from geoseg.vector.regions import check_connectivity, label_regions
+from geoseg.vector.run import ClassRaster, VectorizeOptions, iter_parts, open_class_raster, vectorize_parts
+from geoseg.vector.writers import LAYER, check_vector_path, empty_frame, write_layer
 
-LAYER = "landuse"
-COLUMNS = ("class_id", "class_name", "area_m2")
-
-
-def _empty(crs: CRS | None) -> gpd.GeoDataFrame:
-    return gpd.GeoDataFrame(
-        {
-            "class_id": pd.Series([], dtype="uint8"),
-            "class_name": pd.Series([], dtype=object),
-            "area_m2": pd.Series([], dtype="float64"),
-        },
-        geometry=gpd.GeoSeries([], crs=crs),
-        crs=crs,
-    )
-
-
-def _to_pyproj(crs: Any) -> CRS | None:
-    if crs is None:
-        return None
-    try:
-        return CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
-    except Exception as exc:  # pyproj raises CRSError, odc and rasterio their own types
-        raise InputError(f"CRS {crs!r} is not understood: {exc}") from None
-
-
-def areas_m2(geoms: np.ndarray, crs: CRS | None) -> np.ndarray:
-    """Area of each polygon in square metres: planar for projected CRSs, geodesic for geographic.
-
-    NaN where the CRS says nothing about metres (no CRS, or an engineering CRS).
-    """
-    if crs is None or len(geoms) == 0:
-        return np.full(len(geoms), np.nan)
-    if crs.is_geographic:
-        # GeographicLib on the CRS's own ellipsoid; rasterio's x is longitude (GIS axis order)
-        geod: Geod = crs.get_geod()  # type: ignore[assignment]
-        to_degrees = crs.axis_info[0].unit_conversion_factor / (math.pi / 180.0)
-        if not math.isclose(to_degrees, 1.0, rel_tol=1e-12):
-            geoms = shapely.transform(geoms, lambda xy: xy * to_degrees)
-        # orient: exteriors counter-clockwise, holes clockwise, so holes subtract and areas are > 0
-        return np.array([abs(geod.geometry_area_perimeter(shapely.orient_polygons(g))[0]) for g in geoms])
-    if crs.is_projected:
-        # metres per CRS unit: 0.3048006096 for US survey feet, 1.0 for metres
-        factor = crs.axis_info[0].unit_conversion_factor
-        return shapely.area(geoms) * factor * factor
-    return np.full(len(geoms), np.nan)
+__all__ = ["LAYER", "polygonize", "vectorize", "write_vectors", "classes_of"]
 
 
 def polygonize(
@@ -75,12 +40,14 @@ def polygonize(
     transform: Affine,
     crs: Any,
     classes: Iterable[ClassInfo],
-    nodata: int = NODATA_CLASS,
+    nodata: int | None = NODATA_CLASS,
+    connectivity: int = 4,
+    confidence: np.ndarray | None = None,
 ) -> gpd.GeoDataFrame:
-    """One polygon per 4-connected region of one class (nodata in none), in ``crs``.
+    """One polygon per connected region of one class (nodata in none), in ``crs``, in this process.
 
-    Columns: ``class_id`` (uint8), ``class_name`` ("class_<id>" for ids not in ``classes``),
-    ``area_m2`` and ``geometry``. Holds the whole ``class_id`` array and its polygons in memory.
+    Columns: ``class_id``, ``class_name`` ("class_<id>" for ids not in ``classes``), ``area_m2``,
+    ``perimeter_m`` (ellipsoidal), ``pixels``, ``mean_confidence`` (with ``confidence``), ``geometry``.
     """
     a = np.asarray(class_id)
     if a.ndim != 2:
@@ -89,57 +56,108 @@ def polygonize(
         if a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() > 255)):
             raise InputError(f"class ids must be uint8 (0-255), got dtype {a.dtype}")
         a = a.astype(np.uint8)
-    pcrs = _to_pyproj(crs)
-    names = {c.id: c.name for c in classes}
-    geoms: list[shapely.Polygon] = []
-    ids: list[int] = []
-    mask = a != nodata
-    if mask.any():
-        for geom, value in shapes(a, mask=mask, connectivity=4, transform=transform):
-            rings = geom["coordinates"]
-            geoms.append(shapely.Polygon(rings[0], rings[1:]))
-            ids.append(int(value))
-    if not geoms:
-        return _empty(pcrs)
-    geom_arr = np.array(geoms, dtype=object)
-    id_arr = np.array(ids, dtype=np.uint8)
-    return gpd.GeoDataFrame(
-        {
-            "class_id": id_arr,
-            "class_name": [names.get(i, f"class_{i}") for i in ids],
-            "area_m2": areas_m2(geom_arr, pcrs),
-        },
-        geometry=gpd.GeoSeries(geom_arr, crs=pcrs),
-        crs=pcrs,
-    )
+    check_connectivity(connectivity)
+    pcrs = to_pyproj(crs)
+    labels, lab_class = label_regions(a, nodata, connectivity)
+    ids, geoms = label_polygons(labels, transform, connectivity)
+    if not len(ids):
+        return empty_frame(pcrs, confidence is not None)
+    pixels, conf_sum = region_stats(labels, len(lab_class), confidence)
+    cols = attributes(geoms, lab_class[ids], pixels[ids], None if conf_sum is None else conf_sum[ids],
+                      {c.id: c.name for c in classes}, Measurer(pcrs))
+    return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries(geoms, crs=pcrs), crs=pcrs)
 
 
-def write_vectors(gdf: gpd.GeoDataFrame, path: str | os.PathLike) -> Path:
-    """Write ``gdf`` as GeoPackage (.gpkg, layer "landuse") or GeoParquet (.parquet), atomically.
+def write_vectors(gdf: gpd.GeoDataFrame, path: str | os.PathLike, classes: Iterable[ClassInfo] = ()) -> Path:
+    """Write an in-memory polygon layer as .gpkg / .parquet / .fgb, atomically, styled by ``classes``."""
+    classes = list(classes) or [ClassInfo(id=int(i), name=f"class_{int(i)}", color="#888888")
+                                for i in sorted(set(gdf["class_id"].astype(int)))] if len(gdf) else list(classes)
+    write_layer([gdf], path, crs=gdf.crs, classes=classes, confidence="mean_confidence" in gdf)
+    return Path(path)
 
-    An existing file at ``path`` is replaced only once the new one is complete.
-    """
-    out = Path(path)
-    suffix = out.suffix.lower()
-    if suffix not in (".gpkg", ".parquet"):
-        raise ConfigError(f"{out}: vector output must end in .gpkg (GeoPackage) or .parquet (GeoParquet)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
+
+def classes_of(src: ClassRaster) -> list[ClassInfo]:
+    """The classes a class map carries (a geoseg store's or COG's class names and colours), else none."""
+    import json
+
+    if src.kind == "zarr":
+        from geoseg.io.zarr_store import store_attrs
+
+        found = (store_attrs(src.path) or {}).get("geoseg_classes")
+        return [ClassInfo(**c) for c in found] if found else []
+    import rasterio
+
+    with storage.gdal_env(src.path), rasterio.open(src.path) as ds:
+        tags = ds.tags()
+    if "CLASS_NAMES" not in tags:
+        return []
+    names = json.loads(tags["CLASS_NAMES"])
+    colors = json.loads(tags.get("CLASS_COLORS", "{}"))
+    return [ClassInfo(id=int(k), name=v, color=colors.get(k, "#888888")) for k, v in names.items()]
+
+
+@contextlib.contextmanager
+def _parts_dir(near: str | os.PathLike | None) -> Any:
+    """Where workers put part files: a hidden folder beside the output (local) or under its prefix (URL)."""
+    if near is not None and storage.is_url(near):
+        loc = storage.join(str(near), f".geoseg-parts-{uuid.uuid4().hex[:12]}")
+        try:
+            yield str(loc)
+        finally:
+            storage.remove(loc, recursive=True)
+        return
+    parent = Path(near) if near is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".geoseg-parts-", dir=parent))
     try:
-        if suffix == ".gpkg":
-            # geometry_type: an empty layer still declares polygons rather than "Unknown"
-            gdf.to_file(tmp, layer=LAYER, driver="GPKG", engine="pyogrio", geometry_type="Polygon")
-        else:
-            try:
-                import pyarrow  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    f"{out}: writing GeoParquet needs the pyarrow package; install it or write .gpkg"
-                ) from None
-            gdf.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        yield str(tmp)
     finally:
-        # GeoPackage is SQLite: an interrupted write can leave -journal/-wal files beside it
-        for leftover in (tmp, *out.parent.glob(f"{tmp.name}-*")):
-            leftover.unlink(missing_ok=True)
-    return out
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def vectorize(
+    source: str | os.PathLike | ClassRaster,
+    outputs: Sequence[str | os.PathLike],
+    *,
+    client: Any = None,
+    chunk_size: int | None = None,
+    connectivity: int = 4,
+    classes: Iterable[ClassInfo] | None = None,
+    keep_classes: Sequence[int] | None = None,
+    parts_near: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Polygonize ``source`` (prediction.zarr or a class raster) on the cluster into each of ``outputs``.
+
+    Same polygons as GDAL's polygonize of the whole raster, for any chunk size (4-connectivity;
+    with 8, regions joined only at a corner across a chunk line come out as MultiPolygons).
+    Without ``client`` an embedded local cluster runs it. Returns counts and the files written.
+    """
+    for out in outputs:
+        check_vector_path(out)
+    src = source if isinstance(source, ClassRaster) else open_class_raster(source)
+    classes = list(classes) if classes is not None else classes_of(src)
+    opts = VectorizeOptions(chunk_size=chunk_size, connectivity=check_connectivity(connectivity),
+                            keep_classes=None if keep_classes is None else tuple(int(k) for k in keep_classes),
+                            names={c.id: c.name for c in classes})
+    near = parts_near if parts_near is not None else Path(outputs[0]).parent if outputs else None
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            from geoseg.cluster import connect
+
+            client = stack.enter_context(connect())
+        parts = stack.enter_context(_parts_dir(near))
+        stats = vectorize_parts(client, src, parts, opts)
+        if not classes:
+            classes = _classes_from_parts(parts)
+        written = [write_layer(iter_parts(parts), out, crs=to_pyproj(src.crs_wkt), classes=classes,
+                               multi=connectivity == 8, confidence=src.has_confidence) for out in outputs]
+    return {**stats, "outputs": written}
+
+
+def _classes_from_parts(parts: str) -> list[ClassInfo]:
+    from geoseg.model.card import DEFAULT_COLORS
+
+    ids: set[int] = set()
+    for gdf in iter_parts(parts):
+        ids |= set(int(i) for i in gdf["class_id"].unique())
+    return [ClassInfo(id=i, name=f"class_{i}", color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in sorted(ids)]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -107,3 +113,63 @@ def count_markers(store: Path) -> int:
 
     root = store / MARKERS
     return sum(1 for m in root.iterdir() if "_" in m.name and not m.name.startswith(".")) if root.is_dir() else 0
+
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def dask_cluster(tmp_path: Path, worker_args: list[list[str]]):
+    """``dask scheduler`` and one ``dask worker`` per item of ``worker_args`` (extra arguments), as
+    separate processes on loopback, each in a session of its own; all killed afterwards.
+
+    Yields (address, worker processes, a client); workers may still be starting.
+    """
+    from distributed import Client
+
+    scheduler_file = tmp_path / "scheduler.json"
+    # scratch space of scheduler and workers in this test's folder, not a shared /tmp one
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DASK_TEMPORARY_DIRECTORY": str(tmp_path)}
+    logs = []
+    procs: list[subprocess.Popen] = []
+
+    def spawn(name: str, *args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"{name}.log", "wb")
+        logs.append(log)
+        # A session per process: killing a worker's group takes its nanny too (the worker is gone
+        # for good, as when a node is lost), and teardown leaves nothing behind.
+        p = subprocess.Popen([DASK, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        spawn("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+              "--scheduler-file", str(scheduler_file))
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
+            assert procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
+            time.sleep(0.05)
+        time.sleep(0.05)  # the file is written in one go, but be sure it is complete JSON
+        address = json.loads(scheduler_file.read_text())["address"]
+        workers = [
+            spawn(f"worker{i}", "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--nworkers", "1",
+                  "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}", *extra)
+            for i, extra in enumerate(worker_args)
+        ]
+        with Client(address, timeout="30s") as monitor:
+            yield address, workers, monitor
+    finally:
+        for p in reversed(procs):
+            kill_group(p)
+        for log in logs:
+            log.close()

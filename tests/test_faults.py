@@ -7,11 +7,8 @@ The cluster here is what a deployment runs: `dask scheduler` and two `dask worke
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,64 +19,17 @@ import pytest
 from geoseg.io.zarr_store import open_prediction
 from geoseg.predict import PredictOptions, predict
 
-from conftest import blob_scene, write_raster, count_markers
+from conftest import blob_scene, count_markers, dask_cluster, write_raster
 
-DASK = str(Path(sys.executable).with_name("dask"))
 # 64 chunks of 64 px; a small halo keeps each chunk's work short (the test is about faults).
 OPTIONS = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
 
 
 @pytest.fixture
 def dask_processes(tmp_path):
     """A scheduler and two single-threaded workers as separate processes; all killed afterwards."""
-    from distributed import Client
-
-    scheduler_file = tmp_path / "scheduler.json"
-    # scratch space of scheduler and workers in this test's folder, not a shared /tmp one
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DASK_TEMPORARY_DIRECTORY": str(tmp_path)}
-    logs = []
-    procs: list[subprocess.Popen] = []
-
-    def spawn(name: str, *args: str) -> subprocess.Popen:
-        log = open(tmp_path / f"{name}.log", "wb")
-        logs.append(log)
-        # A session per process: killing a worker's group takes its nanny too (the worker is gone
-        # for good, as when a node is lost), and teardown leaves nothing behind.
-        p = subprocess.Popen([DASK, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
-        procs.append(p)
-        return p
-
-    try:
-        spawn("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-              "--scheduler-file", str(scheduler_file))
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
-            assert time.monotonic() < deadline, (tmp_path / "scheduler.log").read_text()
-            assert procs[0].poll() is None, (tmp_path / "scheduler.log").read_text()
-            time.sleep(0.05)
-        time.sleep(0.05)  # the file is written in one go, but be sure it is complete JSON
-        address = json.loads(scheduler_file.read_text())["address"]
-        workers = [
-            spawn(f"worker{i}", "worker", "--scheduler-file", str(scheduler_file), "--nthreads", "1", "--nworkers", "1",
-                  "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}")
-            for i in range(2)
-        ]
-        with Client(address, timeout="30s") as monitor:
-            yield address, workers, monitor  # workers may still be starting: the test waits for them
-    finally:
-        for p in reversed(procs):
-            _kill_group(p)
-        for log in logs:
-            log.close()
+    with dask_cluster(tmp_path, [[], []]) as (address, workers, monitor):
+        yield address, workers, monitor  # workers may still be starting: the test waits for them
 
 
 @pytest.fixture(scope="module")

@@ -327,7 +327,7 @@ def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random
     for name in ("a", "b"):
         shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
     job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif"], model=str(random_model), output="out",
-                    chunking={"chunk_size": 256}, outputs={"cog": False, "vectors": False})
+                    chunking={"chunk_size": 256}, outputs={"cog": False, "vectors": False}, scenes_in_flight=1)
     jp = plan(load_job(job, env=NO_ENV, config_files=[]))
     (tmp_path / "a.tif").unlink()  # gone after the checks: the workers cannot read it
     # (Exception, not InputError: distributed cannot unpickle rasterio's error kept in the InputError's
@@ -338,3 +338,26 @@ def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random
     assert summary["status"] == "failed"
     assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("a", "failed"), ("b", "skipped")]
     assert "a.tif" in summary["scenes"][0]["error"] and not (tmp_path / "out" / "a" / "run.json").exists()
+
+
+def test_scenes_run_concurrently(client, scenes, random_model, tmp_path):
+    """Two scenes in flight: the job takes less than its scenes' wall times added up, and each equals a lone run."""
+    from geoseg.jobs import execute
+    from geoseg.predict import PredictOptions, predict
+
+    for name in ("a", "b", "c"):
+        shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif", "c.tif"], model=str(random_model), output="out",
+                    chunking={"chunk_size": 64}, outputs={"cog": True, "vectors": True}, scenes_in_flight=2)
+    summary = execute(plan(load_job(job, env=NO_ENV, config_files=[])), client=client)
+    assert [s["status"] for s in summary["scenes"]] == ["computed"] * 3
+    walls = [s["wall_s"] for s in summary["scenes"]]
+    assert summary["wall_s"] < 0.9 * sum(walls), (summary["wall_s"], walls)
+    alone = predict([tmp_path / "a.tif"], random_model, tmp_path / "alone", PredictOptions(chunk_size=64), client=client)
+    from geoseg.io.zarr_store import open_prediction
+
+    ref = open_prediction(tmp_path / "alone" / "prediction.zarr")["class_id"].values
+    for name in ("a", "b", "c"):
+        got = open_prediction(tmp_path / "out" / name / "prediction.zarr")["class_id"].values
+        np.testing.assert_array_equal(got, ref)
+    assert summary["cluster"]["numerics"]["precision"] == alone["numerics"]["precision"]

@@ -14,7 +14,7 @@ from geoseg.infer import InferenceSettings, segment_array
 from geoseg.io.sources import open_stack, read_window
 from geoseg.io.zarr_store import open_prediction
 from geoseg.model.store import load_model
-from geoseg.predict import PredictOptions, predict
+from geoseg.predict import PredictOptions, plan_job, predict
 from geoseg.tiling import Box
 
 from conftest import blob_scene, write_raster
@@ -169,13 +169,44 @@ def test_band_files_are_stacked_in_order(client, random_model, scene_path, tmp_p
     assert np.array_equal(a, b)
 
 
-def test_precision_is_resolved_once_on_the_client(random_model, scene_path, tmp_path):
-    """auto becomes one concrete precision in the plan (so all workers agree); --exact means fp32."""
-    from geoseg.predict import plan_job
-    from geoseg.runtime import fast_bf16
+def test_precision_is_decided_on_the_workers(client, random_model, scene_path, tmp_path):
+    """auto becomes one precision that the model's workers compute natively; run.json says which and why."""
+    from geoseg.workers import capabilities
 
-    auto = plan_job([scene_path], random_model, tmp_path / "a", PredictOptions())
-    assert auto.options.precision == ("bf16" if fast_bf16("cpu") else "fp32")
-    assert plan_job([scene_path], random_model, tmp_path / "b", PredictOptions(exact=True)).options.precision == "fp32"
-    forced = plan_job([scene_path], random_model, tmp_path / "c", PredictOptions(precision="bf16", exact=True))
-    assert forced.options.precision == "bf16" and forced.key != plan_job([scene_path], random_model, tmp_path / "d", PredictOptions(exact=True)).key
+    native = all(c["bf16_native"] for c in client.run(capabilities).values())
+    plan = plan_job([scene_path], random_model, tmp_path / "a", PredictOptions())
+    assert plan.options.precision == "auto"  # nothing decided on the client
+    rec = predict([scene_path], random_model, tmp_path / "a", PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    num = rec["numerics"]
+    assert set(num["workers"]) == set(client.scheduler_info(n_workers=-1)["workers"])
+    assert all(w["device"] == "cpu" and w["torch_threads"] == 1 for w in num["workers"].values())
+    assert num["precision"] == rec["parameters"]["precision"] == ("bf16" if native else "fp32")
+    assert rec["parameters"]["precision_requested"] == "auto" and num["reason"]
+    exact = predict([scene_path], random_model, tmp_path / "b", PredictOptions(exact=True, cog=False, vectors=False), client=client)
+    assert exact["numerics"]["precision"] == "fp32"
+
+
+def test_forced_bf16_warns_where_it_is_emulated(client, random_model, scene_path, tmp_path):
+    from geoseg.numerics import SlowPrecisionWarning
+    from geoseg.workers import capabilities
+
+    native = all(c["bf16_native"] for c in client.run(capabilities).values())
+    opts = PredictOptions(chunk_size=256, precision="bf16", cog=False, vectors=False)
+    if native:
+        rec = predict([scene_path], random_model, tmp_path / "o", opts, client=client)
+        assert "bf16_slowdown" not in rec["numerics"]
+    else:
+        with pytest.warns(SlowPrecisionWarning, match=r"measured \d+\.\d+x slower than fp32"):
+            rec = predict([scene_path], random_model, tmp_path / "o", opts, client=client)
+        assert rec["numerics"]["bf16_slowdown"] > 0
+    assert rec["numerics"]["precision"] == "bf16"
+
+
+def test_workers_that_disagree_get_fp32():
+    from geoseg.numerics import decide
+
+    assert decide("auto", False, {"a": {"bf16_native": True}, "b": {"bf16_native": True}})[0] == "bf16"
+    precision, reason = decide("auto", False, {"a": {"bf16_native": True}, "b": {"bf16_native": False}})
+    assert precision == "fp32" and "disagree" in reason
+    assert decide("auto", True, {"a": {"bf16_native": True}})[0] == "fp32"
+    assert decide("bf16", False, {"a": {"bf16_native": False}})[0] == "bf16"

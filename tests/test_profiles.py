@@ -76,7 +76,7 @@ def test_gpu_profile_annotates_the_infer_layer(random_model, scene_path, tmp_pat
     (scene,) = plan(validate_spec(job, env={}, config_files=[])).scenes
     opts = scene.job.options
     assert opts.model_resources == {"GPU": 1}
-    seg = build_segmentation(scene.job.stack, scene.job.plan, scene.job.ref, scene.job.settings, opts.model_resources)
+    seg = build_segmentation(scene.job.stack, scene.job.plan, scene.job.ref, scene.job.settings("fp32"), opts.model_resources)
     assert seg.graph.layers[seg.infer_name].annotations == {"resources": {"GPU": 1}}
     others = [name for name in seg.graph.layers if name != seg.infer_name]
     assert others and all(not seg.graph.layers[name].annotations for name in others)

@@ -22,7 +22,7 @@ from geoseg.cli.train import apply, geoseg_warnings, label_opts, region_opts
 @opt.chunk_opt
 @opt.halo_opt
 @opt.exact_opt
-@click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the card's tile_size).")
+@click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the chunk).")
 @opt.precision_opt
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -50,10 +50,12 @@ def evaluate(ctx, images, model_dir, labels, label_field, ignore, reproject_labe
     if json_path and Path(json_path).exists() and not overwrite:
         raise OutputExistsError(f"{json_path}: already exists; choose another --json path or pass --overwrite")
     with geoseg_warnings():
-        job = plan_evaluation(images, model_dir, labels, options)  # everything checked before a cluster starts
+        plan_evaluation(images, model_dir, labels, options, resolve=False)  # everything checked before a cluster starts
         from geoseg.cluster import connect
 
         with connect(scheduler, n_workers):
+            # planned again on the cluster: the numerics are decided by the workers that run the model
+            job = plan_evaluation(images, model_dir, labels, options)
             result = run_evaluation(job)
     report = result.to_dict()
     if json_path:

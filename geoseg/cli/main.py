@@ -55,9 +55,10 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
 
 def _register() -> None:
-    from geoseg.cli import info, model, predict, sample_data
+    from geoseg.cli import info, model, predict, sample_data, vectorize
 
     cli.add_command(predict.predict)
+    cli.add_command(vectorize.vectorize)
     cli.add_command(model.model)
     cli.add_command(info.info)
     cli.add_command(sample_data.sample_data)

@@ -12,9 +12,9 @@ scheduler_opt = click.option("--scheduler", default=None, metavar="ADDRESS",
 workers_opt = click.option("--workers", "n_workers", type=int, default=None,
                            help="Worker processes of the embedded cluster (default: one per core).")
 chunk_opt = click.option("--chunk-size", type=int, default=None, metavar="PX",
-                         help="Side of the chunks a worker segments and writes (default 1024; rounded up to the network stride).")
+                         help="Side of the chunks a worker segments and writes (default 2048; rounded up to the network stride).")
 halo_opt = click.option("--halo", type=int, default=None, metavar="PX",
-                        help="Context read around every tile (default: the card's default_halo).")
+                        help="Context read around every tile (default: the larger of the card's default_halo and chunk / 32).")
 exact_opt = click.option("--exact", is_flag=True,
                          help="Halo = the model's receptive field: the class map no longer depends on the chunking.")
 precision_opt = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,

@@ -16,7 +16,7 @@ from geoseg.cli import options as opt
 @opt.chunk_opt
 @opt.halo_opt
 @opt.exact_opt
-@click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the card's tile_size, at most the chunk).")
+@click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the chunk; smaller bounds the memory of a pass, each tile gets its own halo).")
 @opt.precision_opt
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per forward pass (tiles of one chunk only).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

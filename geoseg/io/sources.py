@@ -56,6 +56,11 @@ class RasterStack:
     def shape(self) -> tuple[int, int]:
         return tuple(self.grid.shape)  # type: ignore[return-value]
 
+    @property
+    def dtype(self) -> str:
+        """One dtype that holds every band exactly (numpy's promotion of the bands' dtypes)."""
+        return str(np.result_type(*[np.dtype(b.dtype) for b in self.bands]))
+
     def select(self, positions: Sequence[int]) -> "RasterStack":
         return RasterStack(tuple(self.bands[i] for i in positions), self.grid, self.block_shape)
 
@@ -167,14 +172,14 @@ def _valid(data: np.ndarray, band: BandSource) -> np.ndarray:
     return valid
 
 
-def read_window(stack: RasterStack, window: Window) -> tuple[np.ndarray, np.ndarray]:
-    """Bands of ``window`` as float32 ``(bands, h, w)`` and the valid mask ``(h, w)``.
+def read_window(stack: RasterStack, window: Window, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Bands of ``window`` as ``dtype`` (float32 by default) ``(bands, h, w)`` and the valid mask ``(h, w)``.
 
     A pixel is valid where every band is valid: not nodata, finite, not masked by a
     mask band or alpha.
     """
     h, w = int(window.height), int(window.width)
-    out = np.empty((stack.count, h, w), np.float32)
+    out = np.empty((stack.count, h, w), dtype)
     valid = np.ones((h, w), bool)
     by_path: dict[str, list[tuple[int, BandSource]]] = {}
     for pos, b in enumerate(stack.bands):

@@ -29,7 +29,7 @@ from geoseg.model.card import NODATA_CLASS
 from geoseg.tiling import Chunk, TilingPlan
 
 MARKERS = ".geoseg/done"
-JOB_ATTR, COMPLETE_ATTR = "geoseg_job", "geoseg_complete"
+JOB_ATTR, COMPLETE_ATTR, CLASSES_ATTR = "geoseg_job", "geoseg_complete", "geoseg_classes"
 
 
 def pixel_centres(grid: GeoBox) -> tuple[np.ndarray, np.ndarray]:

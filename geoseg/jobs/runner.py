@@ -178,12 +178,17 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
 
 
 def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: Report | None = None) -> dict[str, Any]:
-    """Run the scenes a plan computes, one after the other on one client; returns the job summary.
+    """Run the scenes a plan computes on one client, ``scenes_in_flight`` at a time; returns the job summary.
 
-    Nothing to compute: no cluster starts, no file is touched. Otherwise ``job.json`` is written
-    to the output root, also when a scene fails (the rest are then skipped).
+    Scenes overlap: while one scene's last chunks and its finishing (COG, polygons, on the
+    client) run, the next scene's chunks are already on the cluster, earlier scenes first
+    (dask priorities). At most ``scenes_in_flight`` scenes hold memory at once. Nothing to
+    compute: no cluster starts, no file is touched. Otherwise ``job.json`` is written to the
+    output root, also when a scene fails (scenes not started then are skipped).
     """
-    from geoseg.predict import run_job
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from geoseg.predict import prepare_cluster, run_job
 
     say = report or (lambda _msg: None)
     spec, started, t0 = jp.spec, _now(), time.perf_counter()
@@ -212,22 +217,42 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     if not todo:
         return summary("nothing to do", None)
     info: dict[str, Any] | None = None
+    errors: list[BaseException] = []
     try:
         with _client(spec, client) as (c, info):
             say(f"cluster: {info['workers']} workers, {info['threads']} threads at {info['scheduler']}"
                 + (f" (dashboard {info['dashboard']})" if info.get("dashboard") else ""))
-            for i, sp in enumerate(todo):
+            numerics = prepare_cluster(c, todo[0].job, timeout=_timeout(spec))
+            info = {**info, "numerics": numerics.record()}
+
+            def one(i: int, sp: ScenePlan) -> None:
                 say(f"{sp.scene.name}: {sp.reason}")
                 s0 = time.perf_counter()
                 try:
-                    record = run_job(sp.job, c, progress, info)
+                    record = run_job(sp.job, c, progress, info, numerics=numerics, priority=len(todo) - i)
                 except BaseException as exc:
                     entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
                                                           f"{type(exc).__name__}: {exc}")
-                    for rest in todo[i + 1:]:
-                        entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
                     raise
                 entries[sp.scene.name] = _scene_entry(sp, "computed", record, time.perf_counter() - s0)
+                say(f"{sp.scene.name}: finished in {time.perf_counter() - s0:.1f} s")
+
+            queue = list(enumerate(todo))
+            with ThreadPoolExecutor(max_workers=min(spec.scenes_in_flight, len(todo)), thread_name_prefix="geoseg-scene") as pool:
+                running = set()
+                while queue or running:
+                    while queue and not errors and len(running) < spec.scenes_in_flight:
+                        running.add(pool.submit(one, *queue.pop(0)))
+                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        if f.exception() is not None:
+                            errors.append(f.exception())
+                    if errors:
+                        for _, rest in queue:
+                            entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
+                        queue = []
+            if errors:
+                raise errors[0]
     except BaseException:
         if any(e["status"] == "failed" for e in entries.values()):
             write_summary(spec.output_root, summary("failed", info))
@@ -235,6 +260,14 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     result = summary("finished", info)
     write_summary(spec.output_root, result)
     return result
+
+
+def _timeout(spec: JobSpec) -> float:
+    """How long to wait for a worker that can run the model tasks (the profile's timeout, default 30 s)."""
+    from dask.utils import parse_timedelta
+
+    value = getattr(spec.profile, "timeout", None) or "30s"
+    return float(parse_timedelta(value, default="s"))
 
 
 def write_summary(root: Path | str, summary: dict[str, Any]) -> Path | str:

@@ -88,6 +88,7 @@ class JobSpec(Settings):
     chunking: Chunking = Chunking()
     outputs: Outputs = Outputs()
     cluster: ClusterSettings = ClusterSettings()
+    scenes_in_flight: PositiveInt = 2
 
     _source: Path = PrivateAttr(default=Path("job.yaml"))
     _layers: tuple[config.Layer, ...] = PrivateAttr(default=())

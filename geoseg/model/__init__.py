@@ -5,11 +5,11 @@
 
 from geoseg.model.card import BandInfo, ClassInfo, ModelCard, Normalization
 
-__all__ = ["BandInfo", "ClassInfo", "ModelCard", "Normalization", "init_model", "load_model", "save_model"]
+__all__ = ["BandInfo", "ClassInfo", "ModelCard", "Normalization", "init_model", "load_model", "open_model", "save_model"]
 
 
 def __getattr__(name: str):
-    if name in ("init_model", "load_model", "save_model", "ModelBundle"):
+    if name in ("init_model", "load_model", "open_model", "OpenedModel", "save_model", "ModelBundle"):
         from geoseg.model import store
 
         return getattr(store, name)

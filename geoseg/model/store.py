@@ -41,12 +41,22 @@ class ModelBundle:
     path: Path
 
 
+_SHA256: dict[tuple[str, int, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
+    """sha256 of a file, hashed once per file version (path, inode, size, mtime) in this process."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    known = _SHA256.get(key)
+    if known is not None:
+        return known
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
 
 
 def model_digest(model_dir: Path) -> str:
@@ -130,6 +140,30 @@ def local_model_dir(model_dir: str | os.PathLike, digest: str | None = None) -> 
     from geoseg.io.storage import is_url
 
     return fetch_model_dir(str(model_dir), digest) if is_url(model_dir) else Path(model_dir)
+
+
+@dataclass(frozen=True)
+class OpenedModel:
+    """A model directory checked and located: what predict, evaluate and the Python API start from."""
+
+    location: str  # an absolute local path or the URL, as workers find it
+    local_dir: Path  # this machine's copy (the directory itself, or the cache's copy of a URL)
+    card: ModelCard
+    digest: str
+
+
+def open_model(model: str | os.PathLike) -> OpenedModel:
+    """The one way to open a model directory, local or at a URL (fetched once into the cache).
+
+    Card and weights are checked without building the network; the digest hashes the weights
+    once per file version.
+    """
+    from geoseg.io.storage import is_url
+
+    location = str(model).rstrip("/") if is_url(model) else str(Path(model).resolve())
+    local = local_model_dir(location if is_url(model) else model)
+    card = check_model_dir(local)
+    return OpenedModel(location, Path(local), card, model_digest(local))
 
 
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:

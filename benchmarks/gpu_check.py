@@ -1,0 +1,219 @@
+"""One command for a machine with a CUDA GPU: the GPU tests, the bare model's speed, and geoseg end to end.
+
+    python benchmarks/gpu_check.py [--size 16384] [--workdir DIR] [--model DIR] [--vectors] [--skip-pytest]
+
+Prints, in well under 10 minutes on one GPU and ~16 cores:
+  (a) `pytest -m gpu -q`: its outcome (exit code 5, no test marked gpu, is fine and said so);
+  (b) model only: img/s and Mpx/s of a U-Net-resnet18 (random weights, init_model) on 512x512 tiles,
+      batch 8, bf16 autocast, channels_last, on cuda;
+  (c) geoseg end to end on a generated --size scene (make_sample) on a dask cluster started here:
+      a scheduler, N-1 CPU workers (`--nthreads 1`, no GPU visible) for reading and writing, and one
+      GPU worker (`--resources GPU=1 --nthreads 1`) for the model tasks (model_resources={"GPU": 1});
+      after a warm-up on a 2048 scene: the segment stage's Mpx/s, the whole call's Mpx/s (COG
+      included; polygons only with --vectors: predict polygonizes the whole class map in this
+      process, which on a random model's 16384^2 map takes far longer than 10 minutes), timings
+      and run.json's numerics;
+  (d) the GPU's busy share during that run: nvidia-smi's utilization.gpu sampled every 0.5 s.
+On a machine without CUDA it says so and exits 0, having measured nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run_pytest(timeout: float) -> bool:
+    try:
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q"]
+        rc = subprocess.run(cmd, check=False, cwd=REPO, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"(a) pytest -m gpu: stopped after {timeout:.0f} s", flush=True)
+        return False
+    print("(a) pytest -m gpu: " + {0: "passed", 5: "no test is marked gpu (exit 5): fine"}.get(rc, f"FAILED (exit {rc})"), flush=True)
+    return rc in (0, 5)
+
+
+def model_only(model: Path, seconds: float, batch: int = 8, tile: int = 512) -> float:
+    import torch
+
+    from geoseg.model.store import load_model
+
+    bundle = load_model(model, device="cuda")
+    net = bundle.net.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, bundle.card.n_bands, tile, tile, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(5):
+            net(x)
+        torch.cuda.synchronize()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(10):
+                net(x)
+            torch.cuda.synchronize()
+            n += 10
+        wall = time.perf_counter() - t0
+    del net, x, bundle
+    torch.cuda.empty_cache()
+    img_s = n * batch / wall
+    print(f"(b) model only: {img_s:.0f} img/s = {img_s * tile * tile / 1e6:.0f} Mpx/s ({tile}x{tile}, batch {batch}, "
+          f"bf16 autocast, channels_last, {torch.cuda.get_device_name(0)})", flush=True)
+    return img_s
+
+
+class GpuSampler(threading.Thread):
+    """utilization.gpu of the first GPU every ``period`` s, until stopped."""
+
+    def __init__(self, period: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.period, self.samples, self.stopped = period, [], threading.Event()
+
+    def run(self) -> None:
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self.stopped.is_set():
+            try:
+                out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=10).stdout.split()
+                self.samples.append(float(out[0]))
+            except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+                pass  # one sample missed
+            self.stopped.wait(self.period)
+
+
+def start_cluster(work: Path, cpu_workers: int) -> tuple[str, list[subprocess.Popen]]:
+    """A scheduler, ``cpu_workers`` CPU workers and one GPU worker, each in its own process session."""
+    sched_file = work / "scheduler.json"
+    sched_file.unlink(missing_ok=True)
+    with open(work / "dask.log", "w") as log:  # each child keeps its own copy of the descriptor
+        common = {"start_new_session": True, "stdout": subprocess.DEVNULL, "stderr": log}
+        procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                                   "--scheduler-file", str(sched_file)], **common)]
+        for _ in range(60):
+            if sched_file.exists() and sched_file.stat().st_size:
+                break
+            time.sleep(0.5)
+        worker = [str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--nthreads",
+                  "1", "--no-dashboard", "--local-directory", str(work / "dask-workers")]
+        if cpu_workers:
+            procs.append(subprocess.Popen(worker + ["--nworkers", str(cpu_workers), "--name", "cpu"],
+                                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, **common))
+        procs.append(subprocess.Popen(worker + ["--resources", "GPU=1", "--name", "gpu"], **common))
+    return json.loads(sched_file.read_text())["address"], procs
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def end_to_end(args, model: Path, work: Path) -> None:
+    from distributed import Client
+
+    from geoseg.predict import PredictOptions, predict
+    from geoseg.sample import make_sample
+
+    scenes = {}
+    for size in (2048, args.size):
+        d = work / f"scene{size}"
+        if not (d / "image.tif").exists():
+            t = time.perf_counter()
+            make_sample(d, size=size, bands=4, seed=0)
+            print(f"    generated a {size}x{size} scene in {time.perf_counter() - t:.0f} s", flush=True)
+        scenes[size] = d / "image.tif"
+    cores = len(os.sched_getaffinity(0))
+    cpu_workers = args.cpu_workers if args.cpu_workers is not None else max(1, cores - 1)
+    address, procs = start_cluster(work, cpu_workers)
+    try:
+        with Client(address) as client:
+            client.wait_for_workers(cpu_workers + 1, timeout=120)
+            gpu = {"GPU": 1}
+            t = time.perf_counter()
+            predict([scenes[2048]], model, work / "out-warmup", PredictOptions(model_resources=gpu, overwrite=True, cog=False,
+                    vectors=False), client=client)
+            print(f"    cluster of {cpu_workers} CPU workers + 1 GPU worker; warm-up in {time.perf_counter() - t:.0f} s", flush=True)
+            sampler = GpuSampler() if shutil.which("nvidia-smi") else None
+            if sampler:
+                sampler.start()
+            t0 = time.perf_counter()
+            rec = predict([scenes[args.size]], model, work / "out", PredictOptions(model_resources=gpu, overwrite=True,
+                          vectors=args.vectors), client=client)
+            wall = time.perf_counter() - t0
+            if sampler:
+                sampler.stopped.set()
+                sampler.join()
+    finally:
+        stop(procs)
+    h, w = rec["parameters"]["shape"]
+    p = rec["parameters"]
+    print(f"(c) geoseg {h}x{w}: segment stage {rec['throughput_mpx_s']} Mpx/s; whole predict call {wall:.1f} s = "
+          f"{h * w / 1e6 / wall:.1f} Mpx/s; timings {rec['timings']}; chunk {p['chunk_size']}, halo {p['halo']}, "
+          f"overhead {p['overhead']}, {p['precision']}", flush=True)
+    print("    numerics: " + json.dumps(rec["numerics"]), flush=True)
+    if sampler is None:
+        print("(d) GPU busy: nvidia-smi not found, not measured", flush=True)
+    elif sampler.samples:
+        s = sampler.samples
+        busy = [i for i, v in enumerate(s) if v > 0]
+        seg = s[busy[0]:busy[-1] + 1] if busy else []
+        print(f"(d) GPU busy: mean {sum(s) / len(s):.0f}% over the whole call ({len(s)} samples, 0.5 s apart); "
+              f"{(sum(seg) / len(seg)) if seg else 0:.0f}% from the first to the last busy sample (the segment stage)", flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=16384, help="side of the end-to-end scene")
+    ap.add_argument("--model", default=None, help="model directory (default: a U-Net-resnet18 with random weights)")
+    ap.add_argument("--workdir", default=None, help="keep scenes, model and outputs here (default: a temp dir)")
+    ap.add_argument("--cpu-workers", type=int, default=None, help="CPU workers (default: usable cores - 1)")
+    ap.add_argument("--model-seconds", type=float, default=10.0)
+    ap.add_argument("--vectors", action="store_true", help="also polygonize (slow on a random model's map)")
+    ap.add_argument("--skip-pytest", action="store_true")
+    ap.add_argument("--pytest-timeout", type=float, default=180.0)
+    args = ap.parse_args()
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("no CUDA device found (torch.cuda.is_available() is False): nothing was measured")
+        return 0
+    ok = True if args.skip_pytest else run_pytest(args.pytest_timeout)
+    from geoseg.model.store import init_model
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="geoseg-gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        model = Path(args.model) if args.model else work / "model"
+        if not (model / "model.json").exists():
+            init_model(model, n_bands=4, n_classes=5, encoder="resnet18", seed=0)
+        model_only(model, args.model_seconds)
+        end_to_end(args, model, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Numerics decided where the model runs: the workers that take model tasks say what they compute in.
+
+``auto`` gives bf16 autocast only where every model worker computes bf16 natively (CUDA, or a
+CPU with AVX512-BF16 or AMX), fp32 with ``--exact`` or when the model workers disagree (a job's
+chunks all come from one precision). Forcing bf16 where a worker emulates it runs, with a
+warning that gives the slowdown measured on that worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from geoseg.errors import ConfigError
+from geoseg.workers import bf16_slowdown, capabilities
+
+log = logging.getLogger(__name__)
+
+
+class SlowPrecisionWarning(UserWarning):
+    """bf16 was asked for on hardware that emulates it."""
+
+
+@dataclass(frozen=True)
+class Numerics:
+    precision: str  # fp32 | bf16
+    device: str  # the kind the model workers compute on: cpu | cuda | mixed
+    reason: str
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bf16_slowdown: float | None = None
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"precision": self.precision, "device": self.device, "reason": self.reason,
+                               "workers": self.workers}
+        if self.bf16_slowdown is not None:
+            out["bf16_slowdown"] = round(self.bf16_slowdown, 2)
+        return out
+
+
+def model_workers(client: Any, resources: dict[str, float] | None) -> list[str]:
+    """Addresses of the workers that can take model tasks (those offering ``resources``, or all)."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return [a for a, w in workers.items() if all((w.get("resources") or {}).get(k, 0) >= v for k, v in (resources or {}).items())]
+
+
+def wait_for_model_workers(client: Any, resources: dict[str, float] | None, timeout: float = 30.0) -> list[str]:
+    """The model workers, waiting up to ``timeout`` s for one to join; a clear error instead of a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = model_workers(client, resources)
+        if found:
+            return found
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.25)
+    n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    if resources:
+        want = ",".join(f"{k}={v:g}" for k, v in resources.items())
+        raise ConfigError(
+            f"no worker of the cluster at {client.scheduler.address} offers {want} after {timeout:g} s ({n} worker(s) "
+            f"without it), and the model tasks need it (model_resources); start GPU workers with "
+            f"'dask worker ... --resources {want}' or drop model_resources"
+        )
+    raise ConfigError(f"the cluster at {client.scheduler.address} has no worker after {timeout:g} s; start workers "
+                      "or raise the profile's timeout")
+
+
+def decide(requested: str, exact: bool, caps: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """(precision, reason) for ``requested`` given what each model worker said of itself."""
+    if requested not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision must be auto, fp32 or bf16, not {requested!r}")
+    native = [c.get("bf16_native", False) for c in caps.values()]
+    if requested != "auto":
+        return requested, "asked for"
+    if exact:
+        return "fp32", "--exact compares with one fp32 pass"
+    if native and all(native):
+        return "bf16", "every model worker computes bf16 natively"
+    if any(native):
+        return "fp32", "model workers disagree on native bf16; one precision for every chunk"
+    return "fp32", "no model worker computes bf16 natively"
+
+
+def _device_kind(caps: dict[str, dict[str, Any]]) -> str:
+    kinds = {str(c.get("device", "cpu")).split(":")[0] for c in caps.values()}
+    return kinds.pop() if len(kinds) == 1 else ("mixed" if kinds else "cpu")
+
+
+def _warn_emulated(where: str, ratio: float | None) -> None:
+    msg = (f"--precision bf16 on {where}, which has no native bf16: "
+           + (f"measured {ratio:.1f}x slower than fp32 there" if ratio else "expect it to run slower than fp32")
+           + "; use --precision auto or fp32")
+    warnings.warn(msg, SlowPrecisionWarning, stacklevel=3)
+    log.warning(msg)
+
+
+def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact: bool = False,
+                       resources: dict[str, float] | None = None, timeout: float = 30.0) -> Numerics:
+    """Ask the model workers what they compute in and decide the job's precision there."""
+    addrs = wait_for_model_workers(client, resources, timeout)
+    caps = client.run(capabilities, device, workers=addrs)
+    precision, reason = decide(requested, exact, caps)
+    slowdown = None
+    if precision == "bf16":
+        emulated = [a for a, c in caps.items() if not c.get("bf16_native")]
+        if emulated:
+            c = caps[emulated[0]]
+            slowdown = client.run(bf16_slowdown, c.get("device", "cpu"), workers=[emulated[0]])[emulated[0]]
+            _warn_emulated(f"{len(emulated)} model worker(s) ({c.get('cpu') or c.get('gpu') or c.get('device')})", slowdown)
+    return Numerics(precision, _device_kind(caps), reason, caps, slowdown)
+
+
+def resolve_here(requested: str, device: str = "auto", exact: bool = False) -> Numerics:
+    """The same decision for a process that runs the model itself (no distributed client)."""
+    caps = {"local": capabilities(device)}
+    precision, reason = decide(requested, exact, caps)
+    slowdown = None
+    if precision == "bf16" and not caps["local"]["bf16_native"]:
+        slowdown = bf16_slowdown(caps["local"]["device"])
+        _warn_emulated(f"this machine ({caps['local'].get('cpu') or caps['local']['device']})", slowdown)
+    return Numerics(precision, _device_kind(caps), reason, caps, slowdown)
+
+
+def resolve_current(requested: str, device: str = "auto", exact: bool = False,
+                    resources: dict[str, float] | None = None) -> Numerics:
+    """Decided on the current distributed client's model workers if there is one, else here."""
+    try:
+        from distributed import default_client
+
+        client = default_client()
+    except (ImportError, ValueError):
+        return resolve_here(requested, device, exact)
+    from geoseg.workers import register
+
+    register(client)
+    return resolve_on_cluster(client, requested, device, exact, resources)

@@ -1,0 +1,203 @@
+"""Committing a prediction: the store finished, COG and polygons built, every output published, run.json last.
+
+Commit protocol
+---------------
+Reader rule: **OUT is finished if and only if OUT/run.json exists**; then every output it
+lists is complete and comes from the run it describes. Without run.json nothing in OUT is to
+be used. The steps, and what a crash at any point leaves:
+
+1. Planning checks inputs, model and OUT and writes nothing.
+2. A run first deletes OUT/run.json (only --overwrite or --resume get this far on a
+   finished OUT): from then on OUT no longer claims to be finished. Then it deletes the
+   COG and GeoPackage of an earlier run (and with --overwrite its store).
+3. Chunks are written into the store (locally ``prediction.zarr.partial``; under a URL
+   ``prediction.zarr`` itself, as object stores cannot rename), each followed by its marker
+   ``.geoseg/done/IY_IX`` holding the chunk key, written only after the chunk's data writes
+   returned. Chunk objects are replaced whole (see geoseg.io.zarr_store).
+4. When every chunk is done the store is marked complete (attribute ``geoseg_complete``) and
+   its markers are dropped.
+5. classes.tif and landuse.gpkg are built whole in a staging folder (a hidden
+   ``.geoseg-staging-*`` folder in OUT, or a local temporary one for a URL).
+6. Publishing: locally renames (store, COG, GeoPackage); for a URL, uploads, each object
+   appearing only once complete. Then run.json, last, atomically (rename or one PUT).
+
+A kill during steps 2-5 leaves locally only ``*.partial`` and hidden names, never
+prediction.zarr or run.json; under a URL, no run.json.
+
+Resume (--resume) reuses a chunk only if the store was created for the same chunk key (inputs
+by path, size and mtime or ETag; model digest; tiling plan; batch size; the precision and device
+the workers resolved) and its marker holds that key; a store marked complete for that key is
+reused whole. A chunk without a marker is computed again and rewritten whole; a store of any
+other key is rebuilt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from geoseg.io import storage
+from geoseg.monitor import Stage
+from geoseg.numerics import Numerics
+from geoseg.predict.execute import prepare_cluster, run_segmentation
+from geoseg.predict.plan import COG_NAME, PARTIAL, RUN_NAME, STAGING, VECTOR_NAME, ZARR_NAME, Job, _ours
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import rasterio
+
+    out = {"python": sys.version.split()[0], "gdal": rasterio.__gdal_version__}
+    for pkg in ("geoseg", "torch", "segmentation-models-pytorch", "rasterio", "dask", "distributed", "xarray", "zarr", "numpy", "geopandas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished local output into place (replacing an older one)."""
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() and not final.is_symlink() else final.unlink()
+    os.replace(tmp, final)
+
+
+def _sweep(out: Path) -> None:
+    """Temporaries a killed local run left in OUT (never read: every run stages anew)."""
+    for p in out.iterdir():
+        if p.name.startswith(".") and _ours(p.name) and p.name != ".geoseg":
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | None = None,
+            numerics: Numerics | None = None, priority: int = 0) -> dict[str, Any]:
+    """Run a planned job on ``client`` and publish its outputs (commit protocol above); returns the run record.
+
+    ``numerics``: decided already for this cluster (``prepare_cluster``); decided here otherwise.
+    ``priority``: the dask priority of its tasks (a job runs earlier scenes first).
+    """
+    from geoseg.io.zarr_store import finalize_store
+
+    if numerics is None:
+        numerics = prepare_cluster(client, job)
+
+    out = job.out_dir
+    remote = storage.is_url(out)
+    if not remote:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        _sweep(Path(out))
+    # Step 2: OUT stops claiming to be finished before anything in it changes; outputs of an
+    # earlier run go too (they are rebuilt from the store), the store itself only with --overwrite.
+    storage.remove(storage.join(out, RUN_NAME))
+    for name in (COG_NAME, VECTOR_NAME) + ((ZARR_NAME,) if job.options.overwrite else ()):
+        storage.remove(storage.join(out, name), recursive=True)
+    if remote:
+        store = storage.join(out, ZARR_NAME)  # no rename on object stores: the store is built in place
+    else:
+        store = Path(out) / (ZARR_NAME + PARTIAL)
+        published = Path(out) / ZARR_NAME
+        if job.options.resume and not store.exists() and published.is_dir():
+            # A run that died after publishing its store: take the store back; its chunks are
+            # reused if (and only if) it was made for this job key.
+            os.replace(published, store)
+    timings: dict[str, float] = {}
+    memory: dict[str, int] = {}
+    with Stage("segment") as st:
+        counts = run_segmentation(job, client, store, numerics, progress, priority)
+    timings["segment_s"] = st.seconds
+    finalize_store(store)
+    classes = job.card.classes
+    outputs = [ZARR_NAME]
+    polygons = None
+    staging_parent = None if remote else Path(out)
+    with _staging(staging_parent) as staging:
+        if job.options.cog:
+            from geoseg.io.cog import write_cog
+
+            with Stage("cog") as st:
+                write_cog(_class_array(store), staging / COG_NAME,
+                          grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest})
+            timings["cog_s"], memory["cog_peak_rss"] = st.seconds, st.peak_rss
+            outputs.append(COG_NAME)
+        if job.options.vectors:
+            from geoseg.vectorize import vectorize
+
+            with Stage("vectorize") as st:
+                # chunk-parallel on the cluster; workers leave part files beside the staging folder
+                # (under OUT's prefix for a URL, where remote workers reach it too)
+                vec = vectorize(str(store), [staging / VECTOR_NAME], client=client, chunk_size=job.plan.chunk_size,
+                                classes=classes, parts_near=out if remote else staging)
+            timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
+            polygons = vec["polygons"]
+            outputs.append(VECTOR_NAME)
+        # Step 6: publish every output, then run.json.
+        if not remote:
+            _publish(Path(store), Path(out) / ZARR_NAME)
+        for name in outputs[1:]:
+            if remote:
+                storage.upload(staging / name, storage.join(out, name))
+            else:
+                _publish(staging / name, Path(out) / name)
+    h, w = job.stack.shape
+    record = {
+        "geoseg_run": 1,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": list(job.inputs),
+        "bands": [{"file": b.path, "band": b.band, "description": b.description} for b in job.stack.bands],
+        "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
+        "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(),
+                  "arch": job.card.arch, "encoder": job.card.encoder, "receptive_field": job.card.receptive_field},
+        "parameters": {**job.plan.describe(), "exact": job.options.exact, "precision": numerics.precision,
+                       "precision_requested": job.options.precision,
+                       "batch_size": job.options.batch_size, "device": job.options.device},
+        "job_key": job.key,
+        "numerics": numerics.record(),
+        "chunks": counts,
+        "polygons": polygons,
+        "cluster": cluster_info or {},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "throughput_mpx_s": round(h * w / 1e6 / timings["segment_s"], 4) if counts["computed"] == counts["chunks"] else None,
+        "memory_client_bytes": memory,
+        "outputs": outputs,
+        "versions": _versions(),
+    }
+    storage.write_atomic(storage.join(out, RUN_NAME), (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
+@contextlib.contextmanager
+def _staging(parent: Path | None) -> Iterator[Path]:
+    """Where COG and GeoPackage are built: a hidden folder in a local OUT (same file system, so
+    publishing is a rename), a private temporary folder when OUT is a URL."""
+    if parent is None:
+        with storage.local_staging() as tmp:
+            yield tmp
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=STAGING, dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _class_array(path: Path | str) -> Any:
+    """The finished store's class_id as a zarr array: windowed reads, and chunks write_cog aligns to."""
+    import zarr
+
+    return zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path))["class_id"]
+
+
+def cluster_info(client: Any) -> dict[str, Any]:
+    info = client.scheduler_info()
+    return {"scheduler": client.scheduler.address, "workers": len(info.get("workers", {})),
+            "threads": sum(w.get("nthreads", 0) for w in info.get("workers", {}).values()),
+            "dashboard": client.dashboard_link}

@@ -1,0 +1,93 @@
+"""Running a planned prediction on a cluster: workers set up, numerics decided on them, chunks computed and written."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from geoseg.graph import build_segmentation, submit, with_layer
+from geoseg.io import storage
+from geoseg.numerics import Numerics, resolve_on_cluster
+from geoseg.predict.plan import Job, chunk_key
+
+log = logging.getLogger(__name__)
+
+
+def prepare_cluster(client: Any, job: Job, timeout: float | None = None) -> Numerics:
+    """Set up every worker (allocator, threads: geoseg.workers) and decide the job's numerics on
+    the workers that take its model tasks; a clear error if none offers the resources they need."""
+    from geoseg.workers import register
+
+    register(client)
+    return resolve_on_cluster(client, job.options.precision, job.options.device, job.options.exact,
+                              job.options.model_resources, job.options.worker_timeout if timeout is None else timeout)
+
+
+def _progress(total_px: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=round(total_px / 1e6, 2), unit="Mpx", unit_scale=False, disable=not enabled, dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]")
+
+
+def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: list) -> tuple[Any, list]:
+    """The read -> infer -> write graph of the chunks in ``todo`` and the write keys (built, not run)."""
+    from dask.base import tokenize
+
+    from geoseg.io.zarr_store import write_chunk
+
+    key = chunk_key(job.key, numerics.precision, numerics.device)
+    seg = build_segmentation(job.stack, job.plan, job.ref, job.settings(numerics.precision), job.options.model_resources)
+    # Reads and inferences of one job are the same wherever they go (a shared cluster may share
+    # them); writes are not: their name carries the store, or a second run of the same job into
+    # another OUT would be merged with the first and write nothing.
+    write_name = f"geoseg-write-{tokenize(key, str(store))}"
+    writes = {(write_name, ch.iy, ch.ix): (write_chunk, str(store), ch, key, seg.infer_key(ch)) for ch in todo}
+    graph = with_layer(seg.graph, write_name, writes, {seg.infer_name})
+    return graph, list(writes)
+
+
+def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numerics | None = None, progress: bool = False,
+                     priority: int = 0) -> dict[str, Any]:
+    """Compute and write every chunk that is not already done; returns counts.
+
+    With --resume, chunks the store holds for this very job and numerics are kept; otherwise (or
+    when the store belongs to another key) the store is made anew.
+    """
+    from distributed import as_completed
+
+    from geoseg.io.zarr_store import CLASSES_ATTR, JOB_ATTR, create_store, reusable_chunks
+
+    if numerics is None:
+        numerics = prepare_cluster(client, job)
+    plan = job.plan
+    key = chunk_key(job.key, numerics.precision, numerics.device)
+    done = reusable_chunks(store, key, plan) if job.options.resume else set()
+    if not done:
+        storage.remove(store, recursive=True)
+        create_store(store, job.stack.grid, plan, {JOB_ATTR: key, CLASSES_ATTR: [c.model_dump() for c in job.card.classes]})
+    todo = [ch for ch in plan if (ch.iy, ch.ix) not in done]
+    graph, keys = segmentation_graph(job, store, numerics, todo)
+    bar = _progress(sum(ch.core.size for ch in todo), progress)
+    # A worker lost mid-job is survived by the scheduler: its tasks (and results other tasks
+    # still need) are computed again elsewhere; a write task lost half-way rewrites its chunk
+    # whole. How often one task may take a worker down with it before the job fails is the
+    # scheduler's distributed.scheduler.allowed-failures (default 3).
+    futures = submit(client, graph, keys, priority)
+    pending = {f.key: f for f in futures}
+    sizes = {(ch.iy, ch.ix): ch.core.size for ch in todo}
+    try:
+        for fut in as_completed(futures):
+            res = fut.result()
+            # The chunk is on disk: let its result go, or the scheduler would recompute every
+            # finished chunk whose (tiny) result sat on a worker that is lost later.
+            fut.release()
+            pending.pop(fut.key, None)
+            bar.update(round(sizes[(res["iy"], res["ix"])] / 1e6, 4))
+    except BaseException:
+        client.cancel(list(pending.values()))
+        raise
+    finally:
+        bar.close()
+    return {"chunks": len(plan), "computed": len(todo), "reused": len(done)}

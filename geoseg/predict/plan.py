@@ -1,0 +1,147 @@
+"""Planning a prediction: inputs, model and OUT checked, tiling planned; nothing runs, nothing is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from geoseg.bands import match_bands
+from geoseg.errors import ConfigError, OutputExistsError
+from geoseg.infer import InferenceSettings
+from geoseg.io import storage
+from geoseg.io.sources import RasterStack, open_stack
+from geoseg.model.card import ModelCard
+from geoseg.model.store import open_model
+from geoseg.runtime import ModelRef
+from geoseg.tiling import TilingPlan, plan_for
+
+ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME = "prediction.zarr", "classes.tif", "landuse.gpkg", "run.json"
+OUTPUTS = (ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME)
+PARTIAL = ".partial"
+STAGING = ".geoseg-staging-"
+DEFAULT_PRECISION = "auto"  # decided on the model's workers: see geoseg.numerics
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    chunk_size: int | None = None
+    halo: int | None = None
+    exact: bool = False
+    tile_size: int | None = None
+    precision: str = DEFAULT_PRECISION
+    batch_size: int = 2
+    device: str = "auto"
+    overwrite: bool = False
+    resume: bool = False
+    cog: bool = True
+    vectors: bool = True
+    model_resources: dict[str, float] | None = None
+    worker_timeout: float = 30.0  # s to wait for a worker that can run the model tasks
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything checked and planned for one scene; nothing has run yet."""
+
+    inputs: tuple[str, ...]
+    model_dir: str
+    out_dir: Path | str  # a Path for a local directory, a str for a URL prefix
+    stack: RasterStack
+    card: ModelCard
+    digest: str
+    plan: TilingPlan
+    options: PredictOptions
+    key: str = field(default="")
+
+    def settings(self, precision: str) -> InferenceSettings:
+        return InferenceSettings(precision, self.options.batch_size)
+
+    @property
+    def model_location(self) -> str:
+        """The model directory as workers find it: an absolute path or the URL."""
+        return self.model_dir if storage.is_url(self.model_dir) else str(Path(self.model_dir).resolve())
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.model_location, self.digest, self.options.device)
+
+
+def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: PredictOptions) -> str:
+    """What a finished output's reuse depends on: inputs, model, plan and the numerics asked for.
+
+    Chunks are reused under ``chunk_key``, which adds the numerics the workers resolved.
+    """
+    blob = json.dumps(
+        {
+            "inputs": [storage.identity(p) for p in inputs],
+            "model": digest,
+            "plan": plan.describe(),
+            "precision": options.precision,
+            "batch_size": options.batch_size,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _ours(name: str) -> bool:
+    """Names geoseg writes in OUT, including temporaries a killed run can leave behind."""
+    if name in OUTPUTS or name.endswith(PARTIAL) and name[: -len(PARTIAL)] in OUTPUTS:
+        return True
+    return name.startswith(".geoseg") or any(name.startswith("." + Path(n).stem + ".") for n in OUTPUTS)
+
+
+def check_out_dir(out_dir: Path | str, overwrite: bool, resume: bool) -> None:
+    """Refuse an OUT that holds a finished result (unless --overwrite or --resume) or anything not ours."""
+    if storage.is_url(out_dir):
+        if storage.scheme(out_dir) in ("http", "https"):
+            raise ConfigError(f"{out_dir}: outputs cannot be written over HTTP; give a local directory or an object-store URL (s3://...)")
+        try:
+            is_object = storage.isfile(out_dir)
+            names = [] if is_object else storage.list_names(out_dir)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{out_dir}: cannot list the output prefix ({exc}); check the URL and the credentials (AWS_* variables)") from None
+        if is_object:
+            raise OutputExistsError(f"{out_dir}: is an object, not a prefix; choose another output URL")
+    else:
+        out = Path(out_dir)
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise OutputExistsError(f"{out_dir}: exists and is not a directory; choose another output directory")
+        names = [p.name for p in out.iterdir()]
+    foreign = sorted(n for n in names if not _ours(n))
+    if foreign:
+        raise OutputExistsError(
+            f"{out_dir}: holds files geoseg did not write ({', '.join(foreign[:3])}); choose an empty or new output directory"
+        )
+    if RUN_NAME in names and not (overwrite or resume):
+        raise OutputExistsError(f"{out_dir}: holds a finished prediction; pass --overwrite to replace it")
+
+
+def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: PredictOptions) -> Job:
+    """Check inputs, model and output directory and plan the tiling. Starts nothing."""
+    inputs = tuple(map(str, inputs))
+    stack = open_stack(inputs)
+    model_dir = str(model_dir).rstrip("/") if storage.is_url(model_dir) else model_dir
+    model = open_model(model_dir)  # a URL's model is fetched once into the local cache
+    card = model.card
+    stack = match_bands(stack, card, str(model_dir))
+    out: Path | str = str(out_dir).rstrip("/") if storage.is_url(out_dir) else Path(out_dir)
+    check_out_dir(out, options.overwrite, options.resume)
+    if options.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
+    plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
+                    tile_size=options.tile_size)
+    return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, job_key(inputs, model.digest, plan, options))
+
+
+def chunk_key(key: str, precision: str, device: str) -> str:
+    """The key a chunk's marker holds: the job's key and the numerics its workers computed in."""
+    return hashlib.sha256(f"{key}:{precision}:{device}".encode()).hexdigest()
+
+

@@ -1,0 +1,68 @@
+"""Polygons of one chunk's regions, and the merge of a region's pieces across chunk borders.
+
+A region inside a chunk is polygonized there by GDAL (rasterio.features.shapes on the chunk's
+labels), which draws it exactly as GDAL's polygonize of the whole raster does: the same pixels,
+the same pixel edges. A region that crosses chunk borders is the union of its pieces (they share
+whole pixel edges), with the vertices the chunk lines added along straight edges removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import shapely
+from affine import Affine
+from rasterio.features import shapes
+
+from geoseg.vector.measure import Measurer
+
+
+def label_polygons(labels: np.ndarray, transform: Affine, connectivity: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, polygons) of every non-zero label of ``labels`` (one polygon per label)."""
+    ids: list[int] = []
+    geoms: list[Any] = []
+    if labels.any():
+        for geom, value in shapes(labels, mask=labels > 0, connectivity=connectivity, transform=transform):
+            rings = geom["coordinates"]
+            ids.append(int(value))
+            geoms.append(shapely.Polygon(rings[0], rings[1:]))
+    return np.asarray(ids, np.int64), np.asarray(geoms, dtype=object)
+
+
+def merge_pieces(pieces: Iterable[Any]) -> Any:
+    """One region from its pieces: their union, without the vertices chunk lines left on straight edges."""
+    pieces = list(pieces)
+    if len(pieces) == 1:
+        return pieces[0]
+    merged = shapely.union_all(pieces)
+    # collinear vertices (where chunk lines crossed straight edges) go; corners stay exactly
+    return shapely.simplify(merged, 0.0, preserve_topology=True)
+
+
+def region_stats(labels: np.ndarray, n: int, confidence: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pixel count of each label 0..n-1 and the sum of ``confidence`` over it (NaN-free pixels)."""
+    flat = labels.ravel()
+    count = np.bincount(flat, minlength=n).astype(np.int64)
+    if confidence is None:
+        return count, None
+    conf = confidence.ravel().astype(np.float64)
+    ok = np.isfinite(conf)
+    return count, np.bincount(flat[ok], weights=conf[ok], minlength=n)
+
+
+def attributes(geoms: np.ndarray, class_ids: np.ndarray, pixels: np.ndarray, conf_sum: np.ndarray | None,
+               names: dict[int, str], measurer: Measurer) -> dict[str, Any]:
+    """The columns of the polygon layer for ``geoms``."""
+    area, perimeter = measurer(geoms)
+    cols: dict[str, Any] = {
+        "class_id": class_ids.astype(np.uint8),
+        "class_name": np.asarray([names.get(int(c), f"class_{int(c)}") for c in class_ids], dtype=object),
+        "area_m2": area,
+        "perimeter_m": perimeter,
+        "pixels": pixels.astype(np.int64),
+    }
+    if conf_sum is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cols["mean_confidence"] = (conf_sum / np.maximum(pixels, 1)).astype(np.float32)
+    return cols

@@ -1,0 +1,271 @@
+"""Vectorize a class map on a Dask cluster, chunk by chunk, exactly as GDAL polygonizes the whole raster.
+
+Phase 1 (one task per chunk, on the workers): label the chunk's regions, polygonize them with
+GDAL, write the polygons of regions that do not touch an interior chunk border to a part file,
+keep the pieces of those that do (on the worker), and send the client only the chunk's border
+pixels' labels and the classes of its labels.
+
+Join (on the client, border pixels only): a union-find over facing border pixels of the same
+class says which pieces form one region.
+
+Phase 2 (one task per chunk that owns merged regions, on the workers): union each region's
+pieces (moved from the chunks that hold them: only pieces, never rasters), measure it, write
+a part file.
+
+Memory: a worker holds one chunk and its pieces; the client holds the border labels. Nothing
+grows with the scene but the borders and the regions that cross them.
+"""
+
+from __future__ import annotations
+
+import io
+import operator
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import shapely
+from affine import Affine
+
+from geoseg.errors import detached
+from geoseg.io import storage
+from geoseg.tiling import Box, TilingPlan
+from geoseg.vector.measure import Measurer
+from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats
+from geoseg.vector.regions import Edges, check_connectivity, join_borders, label_regions
+
+DEFAULT_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class ClassRaster:
+    """A class map to vectorize: a geoseg prediction store (class_id, confidence) or a class GeoTIFF."""
+
+    path: str
+    kind: str  # zarr | raster
+    shape: tuple[int, int]
+    affine: Affine
+    crs_wkt: str | None
+    nodata: int | None
+    chunks: tuple[int, int] | None  # the source's own chunking (reads aligned to it)
+    has_confidence: bool = False
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray | None]:
+        ys, xs = slice(box.y0, box.y1), slice(box.x0, box.x1)
+        if self.kind == "zarr":
+            import zarr
+
+            g = zarr.open_group(self.path, mode="r", **storage.zarr_kwargs(self.path))
+            conf = np.asarray(g["confidence"][ys, xs]) if self.has_confidence else None
+            return np.asarray(g["class_id"][ys, xs]), conf
+        import rasterio
+
+        with storage.gdal_env(self.path), rasterio.open(self.path) as ds:
+            return ds.read(1, window=box.window), None
+
+
+@dataclass(frozen=True)
+class VectorizeOptions:
+    chunk_size: int | None = None  # None: the source's chunks (at least 1024), else 2048
+    connectivity: int = 4
+    keep_classes: tuple[int, ...] | None = None  # None: every class
+    names: dict[int, str] = field(default_factory=dict)
+
+
+def _code(chunk_index: int, labels: np.ndarray) -> np.ndarray:
+    return (np.int64(chunk_index) << 32) | labels.astype(np.int64)
+
+
+def _part_bytes(cols: dict[str, Any], geoms: np.ndarray, crs_wkt: str | None) -> bytes:
+    import geopandas as gpd
+
+    gdf = gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries(geoms, crs=crs_wkt), crs=crs_wkt)
+    buf = io.BytesIO()
+    gdf.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def _write_part(parts: str, name: str, cols: dict[str, Any], geoms: np.ndarray, crs_wkt: str | None) -> int:
+    if len(geoms):
+        storage.write_atomic(storage.join(parts, name), _part_bytes(cols, geoms, crs_wkt))
+    return len(geoms)
+
+
+@detached
+def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions, parts: str) -> tuple[dict, dict]:
+    """Phase 1 of one chunk: (summary for the client, border pieces kept on the worker)."""
+    ch = plan.chunk(iy, ix)
+    box = ch.core
+    values, conf = src.read(box)
+    labels, classes = label_regions(values, src.nodata, opts.connectivity)
+    n = len(classes)
+    transform = src.affine * Affine.translation(box.x0, box.y0)
+    ids, geoms = label_polygons(labels, transform, opts.connectivity)
+    pixels, conf_sum = region_stats(labels, n, conf)
+    edges = Edges.of(labels)
+    # borders that face another chunk (the scene's own edges join nothing)
+    ny, nx = plan.grid_shape
+    facing = [e for e, inner in ((edges.top, iy > 0), (edges.bottom, iy < ny - 1), (edges.left, ix > 0),
+                                 (edges.right, ix < nx - 1)) if inner]
+    border = np.unique(np.concatenate(facing)) if facing else np.zeros(0, np.int32)
+    border = border[border > 0]
+    at_border = np.isin(ids, border)
+    keep = np.ones(len(ids), bool) if opts.keep_classes is None else np.isin(classes[ids], opts.keep_classes)
+    inner_ids, inner_geoms = ids[~at_border & keep], geoms[~at_border & keep]
+    cols = attributes(inner_geoms, classes[inner_ids], pixels[inner_ids],
+                      None if conf_sum is None else conf_sum[inner_ids], opts.names, Measurer(src.crs_wkt))
+    written = _write_part(parts, f"inner-{iy}-{ix}.parquet", cols, inner_geoms, src.crs_wkt)
+    summary = {
+        "iy": iy, "ix": ix, "edges": edges, "classes": classes.astype(np.uint8),
+        "border_labels": border, "written": written,
+    }
+    pieces = {
+        "labels": ids[at_border], "wkb": shapely.to_wkb(geoms[at_border]),
+        "pixels": pixels[ids[at_border]], "conf_sum": None if conf_sum is None else conf_sum[ids[at_border]],
+    }
+    return summary, pieces
+
+
+def select_pieces(pieces: dict, labels: np.ndarray) -> dict:
+    """The pieces of ``labels`` out of one chunk's border pieces (runs where they are kept)."""
+    order = np.argsort(pieces["labels"])
+    sorted_labels = pieces["labels"][order]
+    pos = order[np.searchsorted(sorted_labels, labels)]
+    return {"labels": labels, "wkb": pieces["wkb"][pos], "pixels": pieces["pixels"][pos],
+            "conf_sum": None if pieces["conf_sum"] is None else pieces["conf_sum"][pos]}
+
+
+@detached
+def merge_phase(owner: int, region_ids: np.ndarray, region_class: np.ndarray, members: list[tuple[np.ndarray, dict]],
+                src: ClassRaster, opts: VectorizeOptions, parts: str) -> int:
+    """Phase 2 for the regions ``owner`` owns: union of each region's pieces, measured, written."""
+    rid_all, wkb_all, px_all, conf_all = [], [], [], []
+    for rids, sel in members:
+        rid_all.append(rids)
+        wkb_all.append(sel["wkb"])
+        px_all.append(sel["pixels"])
+        conf_all.append(sel["conf_sum"] if sel["conf_sum"] is not None else np.zeros(len(rids)))
+    rid = np.concatenate(rid_all)
+    geoms = shapely.from_wkb(np.concatenate(wkb_all))
+    px, conf = np.concatenate(px_all), np.concatenate(conf_all)
+    order = np.argsort(rid, kind="stable")
+    rid, geoms, px, conf = rid[order], geoms[order], px[order], conf[order]
+    starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+    ends = np.r_[starts[1:], len(rid)]
+    out = np.empty(len(starts), dtype=object)
+    for k, (a, b) in enumerate(zip(starts, ends)):
+        out[k] = merge_pieces(geoms[a:b])
+    uniq = rid[starts]
+    cls = region_class[np.searchsorted(region_ids, uniq)]
+    pixels = np.add.reduceat(px, starts)
+    conf_sum = np.add.reduceat(conf, starts) if src.has_confidence else None
+    cols = attributes(out, cls, pixels, conf_sum, opts.names, Measurer(src.crs_wkt))
+    return _write_part(parts, f"merged-{owner}.parquet", cols, out, src.crs_wkt)
+
+
+def plan_chunks(src: ClassRaster, chunk_size: int | None) -> TilingPlan:
+    size = chunk_size or (max(src.chunks[0], 1024) if src.chunks else DEFAULT_CHUNK)
+    return TilingPlan.make(src.shape, stride=1, chunk_size=size, halo=0)
+
+
+def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOptions = VectorizeOptions()) -> dict[str, Any]:
+    """Both phases on ``client``; the polygons end up as GeoParquet part files under ``parts``."""
+    from distributed import wait
+
+    check_connectivity(opts.connectivity)
+    if not storage.is_url(parts):
+        os.makedirs(parts, exist_ok=True)
+    plan = plan_chunks(src, opts.chunk_size)
+    ny, nx = plan.grid_shape
+    first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, pure=False) for ch in plan}
+    summaries_f = {k: client.submit(operator.getitem, f, 0, pure=False) for k, f in first.items()}
+    pieces_f = {k: client.submit(operator.getitem, f, 1, pure=False) for k, f in first.items()}
+    summaries = dict(zip(summaries_f, client.gather(list(summaries_f.values()))))
+    del first
+    edges = {k: s["edges"] for k, s in summaries.items()}
+    classes = {k: s["classes"] for k, s in summaries.items()}
+    join = join_borders((ny, nx), edges, classes, opts.connectivity)
+    # Every border label of every chunk: its region; each region is owned by its first chunk.
+    owners: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    region_owner = np.full(int(join.region.max()) + 1 if len(join.region) else 0, np.iinfo(np.int64).max, np.int64)
+    per_chunk: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for (iy, ix), s in summaries.items():
+        labels = s["border_labels"].astype(np.int64)
+        if not len(labels):
+            continue
+        if opts.keep_classes is not None:
+            labels = labels[np.isin(s["classes"][labels], opts.keep_classes)]
+        c = iy * nx + ix
+        rid = join.region_of(c, labels)
+        per_chunk[(iy, ix)] = (labels, rid)
+        np.minimum.at(region_owner, rid, c)
+    n_regions = len(region_owner)
+    region_class = np.zeros(n_regions, np.uint8)
+    for (iy, ix), (labels, rid) in per_chunk.items():
+        region_class[rid] = summaries[(iy, ix)]["classes"][labels]
+    for (iy, ix), (labels, rid) in per_chunk.items():
+        own = region_owner[rid]
+        for o in np.unique(own):
+            sel = own == o
+            owners.setdefault(int(o), []).append((iy * nx + ix, labels[sel], rid[sel]))
+    merges = []
+    for owner, items in owners.items():
+        members = []
+        for c, labels, rid in items:
+            piece = client.submit(select_pieces, pieces_f[(c // nx, c % nx)], labels, pure=False)
+            members.append((rid, piece))
+        owned = np.unique(np.concatenate([rid for _, _, rid in items]))  # sorted: merge_phase searches it
+        merges.append(client.submit(merge_phase, owner, owned, region_class[owned], members, src, opts, parts, pure=False))
+    wait(merges)
+    merged = sum(f.result() for f in merges)
+    inner = sum(s["written"] for s in summaries.values())
+    del pieces_f
+    return {"chunks": len(plan), "chunk_size": plan.chunk_size, "polygons": inner + merged, "inner": inner,
+            "merged": merged, "border_labels": len(join.keys), "connectivity": opts.connectivity}
+
+
+def iter_parts(parts: str) -> Iterator[Any]:
+    """The part files' GeoDataFrames, one at a time, in a fixed order."""
+    import geopandas as gpd
+
+    names = sorted(n for n in storage.list_names(parts) if n.endswith(".parquet"))
+    for name in names:
+        path = storage.join(parts, name)
+        if storage.is_url(path):
+            yield gpd.read_parquet(io.BytesIO(storage.read_bytes(path)))
+        else:
+            yield gpd.read_parquet(path)
+
+
+def open_class_raster(path: str | os.PathLike) -> ClassRaster:
+    """A class map to vectorize: ``prediction.zarr`` (with confidence) or a single-band integer raster."""
+    from geoseg.errors import InputError
+
+    p = str(path).rstrip("/")
+    if p.endswith(".zarr") or storage.exists(storage.join(p, "zarr.json")):
+        import zarr
+
+        try:
+            g = zarr.open_group(p, mode="r", **storage.zarr_kwargs(p))
+            arr = g["class_id"]
+        except Exception as exc:  # zarr raises several types for a missing or foreign store
+            raise InputError(f"{p}: not a geoseg prediction store ({exc}); give prediction.zarr or a class raster") from None
+        ds = __import__("geoseg.io.zarr_store", fromlist=["open_prediction"]).open_prediction(p)
+        crs = ds.rio.crs
+        return ClassRaster(p, "zarr", tuple(arr.shape), ds.rio.transform(), None if crs is None else crs.to_wkt(),
+                           int(ds["class_id"].attrs.get("nodata", 255)), tuple(arr.chunks), "confidence" in g)
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    if not storage.is_url(p) and not os.path.exists(p):
+        raise InputError(f"{p}: no such file; check the path")
+    try:
+        with storage.gdal_env(p), rasterio.open(p) as ds:
+            if ds.count != 1 or ds.dtypes[0] not in ("uint8", "int8", "uint16", "int16", "uint32", "int32"):
+                raise InputError(f"{p}: a class raster has one integer band; this has {ds.count} band(s) of {ds.dtypes[0]}")
+            nodata = None if ds.nodata is None else int(ds.nodata)
+            return ClassRaster(p, "raster", (ds.height, ds.width), ds.transform,
+                               None if ds.crs is None else ds.crs.to_wkt(), nodata, tuple(ds.block_shapes[0]))
+    except RasterioIOError as exc:
+        raise InputError(f"{p}: not a raster GDAL can open ({exc})") from None

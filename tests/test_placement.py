@@ -1,0 +1,94 @@
+"""Where tasks run on a real cluster: `dask scheduler`, one `dask worker --resources GPU=1` and one without.
+
+Model tasks must run on the worker that offers the resource, reads and writes anywhere; what the
+task stream recorded is checked, not the graph. Workers started by someone else get geoseg's
+worker set-up (allocator thresholds, threads) through the plugin the client registers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from geoseg.errors import ConfigError
+from geoseg.predict import PredictOptions, predict
+
+from conftest import dask_cluster
+
+
+@pytest.fixture
+def gpu_and_cpu_workers(tmp_path):
+    with dask_cluster(tmp_path, [["--resources", "GPU=1"], []]) as (address, procs, client):
+        client.wait_for_workers(2, timeout=60)
+        yield client
+
+
+def _worker_with_gpu(client) -> str:
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    (gpu,) = [a for a, w in workers.items() if w.get("resources", {}).get("GPU")]
+    return gpu
+
+
+def test_model_tasks_run_only_on_the_gpu_worker(gpu_and_cpu_workers, random_model, scene_path, tmp_path):
+    from distributed import get_task_stream
+
+    client = gpu_and_cpu_workers
+    gpu = _worker_with_gpu(client)
+    opts = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False, model_resources={"GPU": 1})
+    with get_task_stream(client) as ts:
+        record = predict([scene_path], random_model, tmp_path / "out", opts, client=client)
+    ran: dict[str, list[str]] = {}
+    for t in ts.data:
+        prefix = t["key"][0] if isinstance(t["key"], tuple) else str(t["key"])
+        ran.setdefault(prefix.rsplit("-", 1)[0], []).append(t["worker"])
+    n_chunks = record["chunks"]["chunks"]
+    assert n_chunks == 35  # 300 x 437 in 64 px chunks
+    assert len(ran["geoseg-infer"]) == n_chunks and set(ran["geoseg-infer"]) == {gpu}
+    # reads and writes are not held to the GPU worker: they ran on both
+    assert len(ran["geoseg-read"]) == n_chunks and len(ran["geoseg-write"]) == n_chunks
+    assert len(set(ran["geoseg-read"]) | set(ran["geoseg-write"])) == 2
+    # only the model's workers were asked what they compute in
+    assert list(record["numerics"]["workers"]) == [gpu]
+
+
+def test_each_infer_task_reads_one_block(random_model, scene_path, tmp_path):
+    """One read per chunk: an infer task depends on exactly one read, which covers its haloed window."""
+    from geoseg.graph import build_segmentation
+    from geoseg.predict import plan_job
+
+    job = plan_job([scene_path], random_model, tmp_path / "x", PredictOptions(chunk_size=64, halo=16))
+    seg = build_segmentation(job.stack, job.plan, job.ref, job.settings("fp32"))
+    reads, infers = seg.graph.layers[seg.read_name], seg.graph.layers[seg.infer_name]
+    assert len(reads) == len(infers) == len(job.plan)
+    for ch in job.plan:
+        task = infers[(seg.infer_name, ch.iy, ch.ix)]
+        deps = [a for a in task[1:] if isinstance(a, tuple) and a and a[0] == seg.read_name]
+        assert deps == [(seg.read_name, ch.iy, ch.ix)]
+        assert reads[deps[0]][2] == ch.input  # the read covers the chunk's core and halo
+
+
+def test_missing_resource_is_a_clear_error_not_a_hang(gpu_and_cpu_workers, random_model, scene_path, tmp_path):
+    client = gpu_and_cpu_workers
+    opts = PredictOptions(chunk_size=128, cog=False, vectors=False, model_resources={"TPU": 1}, worker_timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"no worker .* offers TPU=1 after 2 s.*--resources TPU=1"):
+        predict([scene_path], random_model, tmp_path / "out", opts, client=client)
+    assert time.monotonic() - t0 < 20
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_workers_started_elsewhere_get_the_allocator_fix(gpu_and_cpu_workers):
+    """`dask worker` processes carry distributed's MALLOC_TRIM_THRESHOLD_; the plugin undoes its cost."""
+    import os
+
+    from geoseg.workers import register
+
+    client = gpu_and_cpu_workers
+    register(client)
+    env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert set(env.values()) == {"65536"}  # distributed's nanny set it in every worker
+    setups = client.run(lambda dask_worker: dask_worker.geoseg_setup)
+    for s in setups.values():
+        assert s["allocator"]["mmap_threshold"] >= 32 << 20
+        assert s["allocator"]["trim_threshold"] == 256 << 20

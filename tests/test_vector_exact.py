@@ -1,0 +1,203 @@
+"""Chunk-parallel polygons on a real cluster equal GDAL's polygonize of the whole raster, for any chunk size.
+
+The class map is built to be hard: many regions, rings with holes and islands in the holes,
+regions crossing several chunk lines, regions touching only at corners, one region spanning
+the whole raster, nodata holes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from affine import Affine
+from click.testing import CliRunner
+from rasterio.features import shapes
+
+from geoseg.cli.main import cli
+from geoseg.model.card import ClassInfo
+from geoseg.vectorize import vectorize
+
+from conftest import write_raster
+
+T = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)
+CLASSES = [ClassInfo(id=i, name=n, color=c) for i, n, c in
+           [(0, "urban", "#d7191c"), (1, "crop", "#f2d680"), (2, "grass", "#a6d96a"), (3, "forest", "#1a9641"),
+            (5, "water", "#2b83ba"), (6, "road", "#7b3294")]]
+
+
+def hard_map(h: int = 300, w: int = 437, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    a = np.kron(rng.integers(0, 4, size=(h // 7 + 1, w // 7 + 1)), np.ones((7, 7), int))[:h, :w].astype(np.uint8)
+    a[100:200, 50:400] = 5  # a ring across several chunk lines...
+    a[120:180, 100:150] = 1  # ...with a hole...
+    a[140:160, 120:130] = 5  # ...and an island of the ring's class inside it
+    a[:, 220] = 6  # one region spanning the raster top to bottom
+    a[40:45, 300:305] = 6
+    a[45:50, 305:310] = 6  # touches the one above at a corner only
+    a[63:65, 63:65] = 1  # a 2x2 block at a chunk corner (chunk 64)
+    a[10:20, 10:20] = 255  # nodata
+    a[150, 60] = 255
+    return a
+
+
+def gdal(a: np.ndarray, connectivity: int = 4) -> list[tuple[int, shapely.Polygon]]:
+    out = []
+    for g, v in shapes(a, mask=a != 255, connectivity=connectivity, transform=T):
+        r = g["coordinates"]
+        out.append((int(v), shapely.Polygon(r[0], r[1:])))
+    return out
+
+
+def canonical(pairs) -> list[tuple[int, bytes]]:
+    return sorted((int(k), shapely.normalize(g).wkb) for k, g in pairs)
+
+
+@pytest.fixture(scope="module")
+def class_tif(tmp_path_factory):
+    return write_raster(tmp_path_factory.mktemp("vec") / "classes.tif", hard_map(), nodata=255, block=64)
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 256, 1024])
+def test_polygons_equal_gdal_for_every_chunk_size(client, class_tif, tmp_path, chunk):
+    a = hard_map()
+    out = tmp_path / "landuse.gpkg"
+    result = vectorize(class_tif, [out], client=client, chunk_size=chunk, classes=CLASSES)
+    got = gpd.read_file(out, layer="landuse")
+    ref = gdal(a)
+    assert result["polygons"] == len(got) == len(ref)
+    if chunk < 300:
+        assert result["merged"] > 0  # regions crossing chunk lines went through the join
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(ref)
+    # rasterized back (pixel centres) they give the class map again
+    back = rasterio.features.rasterize(zip(got.geometry, got["class_id"].astype(int)), out_shape=a.shape, transform=T,
+                                       fill=255, dtype="uint8")
+    np.testing.assert_array_equal(back, a)
+    assert (got["pixels"].sum()) == (a != 255).sum()
+
+
+def test_eight_connectivity_joins_corners_like_gdal(client, class_tif, tmp_path):
+    a = hard_map()
+    out = tmp_path / "eight.gpkg"
+    vectorize(class_tif, [out], client=client, chunk_size=64, connectivity=8, classes=CLASSES)
+    got = gpd.read_file(out, layer="landuse")
+    ref = gdal(a, 8)
+    assert len(got) == len(ref) < len(gdal(a, 4))
+    # each polygon covers exactly the pixels of one of GDAL's (corner joins across chunk lines are MultiPolygons)
+    ours = rasterio.features.rasterize(((g, i + 1) for i, g in enumerate(got.geometry)), out_shape=a.shape, transform=T,
+                                       dtype="int32")
+    theirs = rasterio.features.rasterize(((g, i + 1) for i, (_, g) in enumerate(ref)), out_shape=a.shape, transform=T,
+                                         dtype="int32")
+    pairs = np.unique(np.stack([ours.ravel(), theirs.ravel()]), axis=1)
+    assert len(pairs[0]) == len(set(pairs[0])) == len(set(pairs[1])) == len(ref) + 1  # a bijection (0: nodata)
+    assert sorted(got["class_id"].astype(int)) == sorted(k for k, _ in ref)
+
+
+def test_classes_filter_and_nodata(client, class_tif, tmp_path):
+    out = tmp_path / "water.gpkg"
+    vectorize(class_tif, [out], client=client, chunk_size=64, keep_classes=[5], classes=CLASSES)
+    got = gpd.read_file(out, layer="landuse")
+    assert set(got["class_id"]) == {5} and set(got["class_name"]) == {"water"}
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical([p for p in gdal(hard_map()) if p[0] == 5])
+
+
+def test_square_has_the_same_area_in_every_crs():
+    """One 1 km x 1 km UTM square, also drawn in EPSG:3857 and EPSG:4326: the same ellipsoidal area."""
+    from pyproj import Transformer
+
+    from geoseg.vector.measure import Measurer
+
+    x0, y0 = 500000.0, 2650000.0  # UTM 17N at about 24 N
+    square = shapely.box(x0, y0, x0 + 1000, y0 + 1000)
+    areas = {}
+    for crs in ("EPSG:32617", "EPSG:3857", "EPSG:4326"):
+        t = Transformer.from_crs("EPSG:32617", crs, always_xy=True)
+        geom = shapely.transform(shapely.segmentize(square, 10.0), lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+        area, perim = Measurer(crs)(np.array([geom]))
+        areas[crs] = area[0]
+        assert perim[0] == pytest.approx(4000 / 0.99961, rel=2e-3)
+    # UTM's planar area is off by its scale factor; the ellipsoidal ones agree
+    assert areas["EPSG:3857"] == pytest.approx(areas["EPSG:32617"], rel=1e-3)
+    assert areas["EPSG:4326"] == pytest.approx(areas["EPSG:32617"], rel=1e-3)
+    planar_3857 = shapely.area(shapely.transform(square, lambda xy: np.column_stack(
+        Transformer.from_crs("EPSG:32617", "EPSG:3857", always_xy=True).transform(xy[:, 0], xy[:, 1]))))
+    assert planar_3857 > 1.19 * areas["EPSG:3857"]  # what a planar area in Web Mercator would have said
+
+
+def test_geopackage_carries_its_style_and_other_formats_a_qml(client, class_tif, tmp_path):
+    outs = [tmp_path / "l.gpkg", tmp_path / "l.parquet", tmp_path / "l.fgb"]
+    result = vectorize(class_tif, outs, client=client, chunk_size=128, classes=CLASSES)
+    n = result["polygons"]
+    # OGR opens the GeoPackage and the FlatGeobuf, geopandas (pyarrow) the GeoParquet: the same polygons
+    for p in (outs[0], outs[2]):
+        info = pyogrio.read_info(p, layer=0)
+        assert info["features"] == n and info["crs"] == "EPSG:32617"
+    pq_frame = gpd.read_parquet(outs[1])
+    assert len(pq_frame) == n and pq_frame.crs.to_epsg() == 32617
+    ref = gpd.read_file(outs[0], layer="landuse")
+    assert canonical(zip(pq_frame["class_id"], pq_frame.geometry)) == canonical(zip(ref["class_id"], ref.geometry))
+    assert pyogrio.read_info(outs[0], layer="landuse")["geometry_type"] == "Polygon"
+    con = sqlite3.connect(outs[0])
+    rows = con.execute("SELECT f_table_name, useAsDefault, styleQML FROM layer_styles").fetchall()
+    registered = con.execute("SELECT data_type FROM gpkg_contents WHERE table_name = 'layer_styles'").fetchall()
+    rtree = con.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rtree_landuse_%'").fetchall()
+    con.close()
+    assert registered == [("attributes",)] and rtree
+    ((table, default, qml),) = rows
+    assert table == "landuse" and default == 1
+    assert 'type="categorizedSymbol" attr="class_id"' in qml
+    for c in CLASSES:
+        assert f'value="{c.id}"' in qml and f'label="{c.name}"' in qml
+    r, g, b = (int(CLASSES[4].color[i:i + 2], 16) for i in (1, 3, 5))
+    assert f'value="{r},{g},{b},255"' in qml
+    # GeoParquet 1.1 with a bbox covering column
+    import pyarrow.parquet as pq
+
+    meta = json.loads(pq.read_schema(outs[1]).metadata[b"geo"])
+    assert meta["version"] == "1.1.0"
+    assert meta["columns"]["geometry"]["covering"]["bbox"]["xmin"] == ["bbox", "xmin"]
+    for p in outs[1:]:
+        assert p.with_suffix(".qml").read_text().count("<category ") == len(CLASSES)
+    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert hidden == []
+
+
+def test_cli_vectorize(class_tif, tmp_path):
+    out = tmp_path / "cli.gpkg"
+    res = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(out), "--chunk-size", "128", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    assert f"{len(gdal(hard_map()))} polygons" in res.output
+    again = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    bad = CliRunner().invoke(cli, ["vectorize", str(tmp_path / "nope.tif"), "--out", str(tmp_path / "x.gpkg")])
+    assert bad.exit_code == 2 and "nope.tif: no such file" in bad.output
+    wrong = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(tmp_path / "x.shp")])
+    assert wrong.exit_code == 2 and ".gpkg" in wrong.output
+
+
+def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scene_path, tmp_path):
+    from geoseg.io.zarr_store import open_prediction
+    from geoseg.predict import PredictOptions, predict
+
+    rec = predict([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=64), client=client)
+    ds = open_prediction(tmp_path / "out" / "prediction.zarr")
+    a = ds["class_id"].values
+    with rasterio.open(scene_path) as src:
+        transform = src.transform
+    ref = [(int(v), shapely.Polygon(g["coordinates"][0], g["coordinates"][1:]))
+           for g, v in shapes(a, mask=a != 255, connectivity=4, transform=transform)]
+    got = gpd.read_file(tmp_path / "out" / "landuse.gpkg", layer="landuse")
+    assert rec["polygons"] == len(got) == len(ref)
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(ref)
+    # mean confidence of each polygon from the store's confidence layer
+    conf = ds["confidence"].values
+    big = got.sort_values("pixels").iloc[-1]
+    inside = rasterio.features.geometry_mask([big.geometry], a.shape, transform, invert=True)
+    assert big["mean_confidence"] == pytest.approx(float(np.nanmean(conf[inside])), rel=1e-5)
