@@ -12,12 +12,16 @@ import click
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(paths, as_json):
-    """Summarise PATHS: rasters (grid, bands, nodata) or a model directory (card)."""
+    """Summarise PATHS: rasters (grid, bands, nodata), a model directory (card), or a finished output
+    folder (classes with their area shares, polygon count, run figures)."""
     from geoseg.io.sources import open_stack
     from geoseg.model.store import check_model_dir
 
     out = []
     for p in paths:
+        if Path(p).is_dir() and (Path(p) / "run.json").exists():
+            out.append(output_summary(Path(p)))
+            continue
         if Path(p).is_dir() and (Path(p) / "model.json").exists():
             card = check_model_dir(p)
             out.append({"model": p, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
@@ -36,6 +40,48 @@ def info(paths, as_json):
         click.echo(json.dumps(out, indent=2, default=str))
         return
     for item in out:
+        classes = item.pop("classes_table", None)
         for k, v in item.items():
             click.echo(f"{k:>16}: {v}")
+        if classes:
+            click.echo(f"{'':>16}  {'id':>3}  {'class':<20} {'share':>8} {'pixels':>12} {'area km2':>12} {'polygons':>9}")
+            for c in classes:
+                area = "-" if c["area_km2"] is None else f"{c['area_km2']:.3f}"
+                click.echo(f"{'':>16}  {c['id']:>3}  {c['name']:<20} {c['share_pct']:>7.2f}% {c['pixels']:>12} {area:>12} "
+                           f"{c['polygons'] if c['polygons'] is not None else '-':>9}")
         click.echo("")
+
+
+def output_summary(folder: Path) -> dict:
+    """What a finished output folder holds: classes and their shares (true areas from the polygons), run figures."""
+    from geoseg.errors import InputError
+
+    try:
+        run = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{folder / 'run.json'}: unreadable ({exc}); the output is not finished") from None
+    names: dict[int, str] = {}
+    item_path = folder / "item.json"
+    if item_path.exists():
+        item = json.loads(item_path.read_text())
+        for c in item.get("assets", {}).get("classes", item.get("assets", {}).get("prediction", {})).get("classification:classes", []):
+            if not c.get("nodata"):
+                names[int(c["value"])] = c.get("title") or c.get("name")
+    pixels = {int(k): int(v) for k, v in (run.get("class_pixels") or {}).items()}
+    total = sum(pixels.values()) or 1
+    areas: dict[int, tuple[float, int]] = {}
+    gpkg = folder / "landuse.gpkg"
+    if gpkg.exists():
+        import pyogrio
+
+        df = pyogrio.read_dataframe(gpkg, sql="SELECT class_id, SUM(area_m2) AS area, COUNT(*) AS n FROM landuse GROUP BY class_id",
+                                    read_geometry=False)
+        areas = {int(r.class_id): (float(r.area), int(r.n)) for r in df.itertuples()}
+    table = [{"id": k, "name": names.get(k, f"class_{k}"), "pixels": n, "share_pct": round(100.0 * n / total, 3),
+              "area_km2": None if k not in areas else round(areas[k][0] / 1e6, 6),
+              "polygons": None if k not in areas else areas[k][1]} for k, n in sorted(pixels.items())]
+    t = run.get("timings", {})
+    return {"output": str(folder), "finished": run.get("finished"), "shape": run.get("grid", {}).get("shape"),
+            "model": run.get("model", {}).get("path"), "precision": run.get("parameters", {}).get("precision"),
+            "chunks": run.get("chunks"), "polygons": run.get("polygons"), "throughput_mpx_s": run.get("throughput_mpx_s"),
+            "timings_s": t, "outputs": run.get("outputs"), "classes_table": table}

@@ -47,7 +47,18 @@ from geoseg.io import storage
 from geoseg.monitor import Stage
 from geoseg.numerics import Numerics
 from geoseg.predict.execute import prepare_cluster, run_segmentation
-from geoseg.predict.plan import COG_NAME, PARTIAL, RUN_NAME, STAGING, VECTOR_NAME, ZARR_NAME, Job, _ours
+from geoseg.predict.plan import (
+    COG_NAME,
+    COG_STYLE,
+    ITEM_NAME,
+    PARTIAL,
+    RUN_NAME,
+    STAGING,
+    VECTOR_NAME,
+    ZARR_NAME,
+    Job,
+    _ours,
+)
 
 
 def _versions() -> dict[str, str]:
@@ -98,7 +109,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     # Step 2: OUT stops claiming to be finished before anything in it changes; outputs of an
     # earlier run go too (they are rebuilt from the store), the store itself only with --overwrite.
     storage.remove(storage.join(out, RUN_NAME))
-    for name in (COG_NAME, VECTOR_NAME) + ((ZARR_NAME,) if job.options.overwrite else ()):
+    for name in (COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME) + ((ZARR_NAME,) if job.options.overwrite else ()):
         storage.remove(storage.join(out, name), recursive=True)
     if remote:
         store = storage.join(out, ZARR_NAME)  # no rename on object stores: the store is built in place
@@ -121,13 +132,17 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     staging_parent = None if remote else Path(out)
     with _staging(staging_parent) as staging:
         if job.options.cog:
-            from geoseg.io.cog import write_cog
+            from geoseg.io.cog_cluster import write_cog_cluster
 
             with Stage("cog") as st:
-                write_cog(_class_array(store), staging / COG_NAME,
-                          grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest})
+                # tiles and overviews made by the workers; this process lays out a few tiles at a time
+                write_cog_cluster(client, _class_array(store), staging / COG_NAME,
+                                  grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest})
             timings["cog_s"], memory["cog_peak_rss"] = st.seconds, st.peak_rss
-            outputs.append(COG_NAME)
+            from geoseg.vector.style import raster_qml, write_qml
+
+            write_qml(staging / COG_NAME, raster_qml(classes))  # QGIS loads classes.qml with classes.tif
+            outputs += [COG_NAME, COG_STYLE]
         if job.options.vectors:
             from geoseg.vectorize import vectorize
 
@@ -139,6 +154,37 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
             polygons = vec["polygons"]
             outputs.append(VECTOR_NAME)
+        with Stage("item") as st:
+            from geoseg.io.stac import class_counts
+
+            pixels = class_counts(_class_array(store))
+        timings["item_s"] = st.seconds
+        h, w = job.stack.shape
+        record = {
+            "geoseg_run": 1,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "inputs": list(job.inputs),
+            "bands": [{"file": b.path, "band": b.band, "description": b.description} for b in job.stack.bands],
+            "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
+            "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(),
+                      "arch": job.card.arch, "encoder": job.card.encoder, "receptive_field": job.card.receptive_field},
+            "parameters": {**job.plan.describe(), "exact": job.options.exact, "precision": numerics.precision,
+                           "precision_requested": job.options.precision,
+                           "batch_size": job.options.batch_size, "device": job.options.device},
+            "job_key": job.key,
+            "numerics": numerics.record(),
+            "chunks": counts,
+            "polygons": polygons,
+            "class_pixels": {str(k): v for k, v in pixels.items()},
+            "cluster": cluster_info or {},
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "throughput_mpx_s": round(h * w / 1e6 / timings["segment_s"], 4) if counts["computed"] == counts["chunks"] else None,
+            "memory_client_bytes": memory,
+            "outputs": outputs + [ITEM_NAME],
+            "versions": _versions(),
+        }
+        _item(job, record, pixels, staging / ITEM_NAME)
+        outputs.append(ITEM_NAME)
         # Step 6: publish every output, then run.json.
         if not remote:
             _publish(Path(store), Path(out) / ZARR_NAME)
@@ -147,31 +193,27 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
                 storage.upload(staging / name, storage.join(out, name))
             else:
                 _publish(staging / name, Path(out) / name)
-    h, w = job.stack.shape
-    record = {
-        "geoseg_run": 1,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": list(job.inputs),
-        "bands": [{"file": b.path, "band": b.band, "description": b.description} for b in job.stack.bands],
-        "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
-        "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(),
-                  "arch": job.card.arch, "encoder": job.card.encoder, "receptive_field": job.card.receptive_field},
-        "parameters": {**job.plan.describe(), "exact": job.options.exact, "precision": numerics.precision,
-                       "precision_requested": job.options.precision,
-                       "batch_size": job.options.batch_size, "device": job.options.device},
-        "job_key": job.key,
-        "numerics": numerics.record(),
-        "chunks": counts,
-        "polygons": polygons,
-        "cluster": cluster_info or {},
-        "timings": {k: round(v, 3) for k, v in timings.items()},
-        "throughput_mpx_s": round(h * w / 1e6 / timings["segment_s"], 4) if counts["computed"] == counts["chunks"] else None,
-        "memory_client_bytes": memory,
-        "outputs": outputs,
-        "versions": _versions(),
-    }
     storage.write_atomic(storage.join(out, RUN_NAME), (json.dumps(record, indent=2) + "\n").encode())
     return record
+
+
+def _item(job: Job, record: dict[str, Any], pixels: dict[int, int], path: Path) -> None:
+    """item.json: the STAC Item of the output folder (geoseg.io.stac)."""
+    from geoseg.io.stac import make_item, write_item
+
+    hrefs = {"prediction": ZARR_NAME, "classes": COG_NAME, "classes-style": COG_STYLE, "polygons": VECTOR_NAME,
+             "run": RUN_NAME}
+    present = set(record["outputs"]) | {RUN_NAME}
+    card = job.card
+    model = {"digest": job.digest, "card_sha256": card.digest(), "arch": card.arch, "encoder": card.encoder,
+             "encoder_depth": card.encoder_depth, "bands": [b.name for b in card.bands],
+             "provenance": card.provenance, "metrics": (card.training or {}).get("metrics")}
+    run = {k: record[k] for k in ("finished", "parameters", "chunks", "polygons", "timings", "throughput_mpx_s")}
+    run["precision"] = record["numerics"]["precision"]
+    item = make_item(Path(str(job.out_dir)).name or "prediction", job.stack.grid, card.classes,
+                     {k: v for k, v in hrefs.items() if v in present}, counts=pixels, model=model, run=run,
+                     when=datetime.fromisoformat(record["finished"]))
+    write_item(item, path)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,8 @@ from geoseg.runtime import ModelRef
 from geoseg.tiling import TilingPlan, plan_for
 
 ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME = "prediction.zarr", "classes.tif", "landuse.gpkg", "run.json"
-OUTPUTS = (ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME)
+COG_STYLE, ITEM_NAME = "classes.qml", "item.json"
+OUTPUTS = (ZARR_NAME, COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME, RUN_NAME)
 PARTIAL = ".partial"
 STAGING = ".geoseg-staging-"
 DEFAULT_PRECISION = "auto"  # decided on the model's workers: see geoseg.numerics

@@ -1,0 +1,257 @@
+"""The class map as a Cloud-Optimized GeoTIFF built on the cluster: workers make the tiles, the client lays them out.
+
+Workers compute the overview levels (MODE of 2x2 blocks, nodata ignored: averaging would
+invent classes) and DEFLATE-compress every 512 px tile of every level. The client first
+learns only the tiles' sizes, writes the TIFF header (IFDs before data, as GDAL's COG driver
+lays them out, with its "ghost" structural metadata), then appends the tiles in COG order
+(smallest overview first, full resolution last, rows in order), fetching a few at a time.
+
+GeoTIFF keys, GDAL metadata (class names and colours), nodata and the colour table are the
+bytes GDAL itself writes for this grid: taken from a tiny GeoTIFF GDAL makes in memory.
+odc-geo's ``save_cog_with_dask`` does the same job but pads the raster to a multiple of its
+overview factor (the grid would change), so geoseg lays the file out itself.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from odc.geo.geobox import GeoBox
+
+from geoseg.model.card import NODATA_CLASS, ClassInfo
+
+TILE = 512
+_GHOST = ("LAYOUT=IFDS_BEFORE_DATA\nBLOCK_ORDER=ROW_MAJOR\nBLOCK_LEADER=SIZE_AS_UINT4\n"
+          "BLOCK_TRAILER=LAST_4_BYTES_REPEATED\nKNOWN_INCOMPATIBLE_EDITION=NO\n ")
+# tags copied from GDAL's own GeoTIFF: ColorMap, GeoTIFF keys and transform, GDAL metadata and nodata
+_COPIED = (320, 33550, 33922, 34264, 34735, 34736, 34737, 42112, 42113)
+_TYPES = {1: ("B", 1), 2: ("s", 1), 3: ("H", 2), 4: ("I", 4), 12: ("d", 8), 16: ("Q", 8)}
+
+
+def mode2(a: np.ndarray) -> np.ndarray:
+    """One overview step: the most frequent valid value of each 2x2 block (ties: the first in
+    row order), nodata where the block has none. ``a`` has even sides."""
+    v = np.stack([a[0::2, 0::2], a[0::2, 1::2], a[1::2, 0::2], a[1::2, 1::2]])
+    valid = v != NODATA_CLASS
+    counts = np.stack([((v == v[i]) & valid).sum(0) * valid[i] for i in range(4)])
+    out = np.take_along_axis(v, counts.argmax(0)[None], 0)[0]
+    out[~valid.any(0)] = NODATA_CLASS
+    return out
+
+
+def levels(full: Any) -> list[Any]:
+    """Full resolution and its MODE overviews (dask arrays) until a level fits in one tile."""
+    import dask.array as da
+
+    out = [full]
+    while max(out[-1].shape) > TILE:
+        a = out[-1]
+        h, w = a.shape
+        a = da.pad(a, ((0, h % 2), (0, w % 2)), constant_values=NODATA_CLASS).rechunk(2 * TILE)
+        out.append(a.map_blocks(mode2, chunks=tuple(tuple(c // 2 for c in cs) for cs in a.chunks), dtype=np.uint8))
+    return out
+
+
+def compress_tile(block: np.ndarray) -> bytes:
+    """A full 512 x 512 tile (edge tiles padded with nodata), DEFLATE as TIFF compression 8."""
+    tile = np.full((TILE, TILE), NODATA_CLASS, np.uint8)
+    tile[: block.shape[0], : block.shape[1]] = block
+    return zlib.compress(tile.tobytes(), 6)
+
+
+def gdal_tags(grid: GeoBox, classes: Iterable[ClassInfo], tags: Mapping[str, Any] | None) -> dict[int, tuple[int, Any]]:
+    """{tag: (TIFF type, values)} of the tags GDAL writes for this grid, class metadata and colour table."""
+    import tifffile
+    from rasterio.io import MemoryFile
+
+    from geoseg.io.cog import _rio_crs, class_tags, colormap
+
+    classes = tuple(classes)
+    dataset_tags, band_tags = class_tags(classes)
+    dataset_tags |= {str(k): str(v) for k, v in (tags or {}).items()}
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", height=16, width=16, count=1, dtype="uint8", nodata=NODATA_CLASS,
+                      crs=_rio_crs(grid), transform=grid.affine) as dst:
+            dst.write_colormap(1, colormap(classes))
+            dst.set_band_description(1, "class_id")
+            dst.update_tags(**dataset_tags)
+            dst.update_tags(1, **band_tags)
+            dst.write(np.zeros((1, 16, 16), np.uint8))
+        data = mem.read()
+    import io
+
+    out: dict[int, tuple[int, Any]] = {}
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:
+        for tag in tf.pages[0].tags:
+            if tag.code in _COPIED:
+                value = tag.value
+                if tag.dtype == 2:
+                    value = (value if isinstance(value, str) else value.decode()).encode("utf-8") + b"\0"
+                elif tag.code == 320:
+                    value = np.asarray(value, np.uint16).ravel()
+                out[tag.code] = (int(tag.dtype), value)
+    return out
+
+
+class _Ifd:
+    """One IFD's tags, laid out classic (4-byte offsets) or BigTIFF (8-byte)."""
+
+    def __init__(self, big: bool) -> None:
+        self.big = big
+        self.tags: dict[int, tuple[int, Any]] = {}
+
+    def add(self, code: int, typ: int, values: Any) -> None:
+        self.tags[code] = (typ, values)
+
+    @staticmethod
+    def _raw(typ: int, values: Any) -> tuple[bytes, int]:
+        if typ == 2:
+            raw = bytes(values)
+            return raw, len(raw)
+        fmt, _ = _TYPES[typ]
+        vals = np.atleast_1d(np.asarray(values)).ravel().tolist()
+        return struct.pack("<" + fmt * len(vals), *vals), len(vals)
+
+    def size(self) -> int:
+        """Bytes of the IFD and its out-of-line values."""
+        entry, head, inline = (20, 8 + 8, 8) if self.big else (12, 2 + 4, 4)
+        extra = 0
+        for typ, values in self.tags.values():
+            raw, _ = self._raw(typ, values)
+            if len(raw) > inline:
+                extra += len(raw) + (len(raw) % 2)
+        return head + entry * len(self.tags) + extra
+
+    def pack(self, at: int, next_ifd: int) -> bytes:
+        entry, inline = (20, 8) if self.big else (12, 4)
+        n = len(self.tags)
+        head = struct.pack("<Q", n) if self.big else struct.pack("<H", n)
+        tail_at = at + len(head) + entry * n + (8 if self.big else 4)
+        entries, blobs = b"", b""
+        for code in sorted(self.tags):
+            typ, values = self.tags[code]
+            raw, count = self._raw(typ, values)
+            if len(raw) <= inline:
+                field = raw.ljust(inline, b"\0")
+            else:
+                off = tail_at + len(blobs)
+                field = struct.pack("<Q", off) if self.big else struct.pack("<I", off)
+                blobs += raw + (b"\0" if len(raw) % 2 else b"")
+            entries += struct.pack("<HHQ", code, typ, count) if self.big else struct.pack("<HHI", code, typ, count)
+            entries += field
+        nxt = struct.pack("<Q", next_ifd) if self.big else struct.pack("<I", next_ifd)
+        return head + entries + nxt + blobs
+
+
+def write_cog_cluster(
+    client: Any,
+    class_id: Any,
+    out_path: str | os.PathLike,
+    *,
+    grid: GeoBox,
+    classes: Iterable[ClassInfo],
+    tags: Mapping[str, Any] | None = None,
+    batch: int = 16,
+    bigtiff: bool | None = None,
+) -> dict[str, Any]:
+    """Write ``class_id`` (a zarr array or dask array, uint8, ``grid.shape``) as a COG built on ``client``'s workers.
+
+    The file appears at ``out_path`` complete or not at all. Returns the levels and tile counts.
+    """
+    import dask
+    import dask.array as da
+
+    out = Path(out_path)
+    full = class_id if isinstance(class_id, da.Array) else da.from_zarr(class_id)
+    if tuple(full.shape) != tuple(grid.shape) or full.dtype != np.uint8:
+        from geoseg.errors import InputError
+
+        raise InputError(f"class map of shape {tuple(full.shape)} ({full.dtype}) does not fit the grid {tuple(grid.shape)} (uint8)")
+    pyramid = levels(full)
+    # every tile of every level compressed on the workers; the futures stay there until written
+    # one graph for every level, so the overviews share the full resolution's reads
+    per_level = [[dask.delayed(compress_tile)(b) for b in lvl.rechunk(TILE).to_delayed().ravel()] for lvl in pyramid]
+    flat = client.compute([t for lvl in per_level for t in lvl])
+    tiles: list[list[Any]] = []
+    for lvl in per_level:
+        tiles.append(flat[: len(lvl)])
+        flat = flat[len(lvl):]
+    sizes = [client.gather(client.map(len, futs, pure=False)) for futs in tiles]
+    total = sum(sum(s) for s in sizes)
+    big = total + 8 * sum(len(s) for s in sizes) + 2**20 > 2**32 - 1 if bigtiff is None else bigtiff
+    copied = gdal_tags(grid, classes, tags)
+    ifds = []
+    for i, lvl in enumerate(pyramid):
+        h, w = (int(v) for v in lvl.shape)
+        ifd = _Ifd(big)
+        ifd.add(254, 4, 1 if i else 0)  # NewSubfileType: reduced-resolution image for overviews
+        ifd.add(256, 4, w)
+        ifd.add(257, 4, h)
+        ifd.add(258, 3, 8)
+        ifd.add(259, 3, 8)  # DEFLATE
+        ifd.add(262, 3, 3)  # palette
+        ifd.add(277, 3, 1)
+        ifd.add(284, 3, 1)
+        ifd.add(322, 3, TILE)
+        ifd.add(323, 3, TILE)
+        n = len(sizes[i])
+        ifd.add(324, 16 if big else 4, np.zeros(n, np.uint64))
+        ifd.add(325, 16 if big else 4, np.asarray(sizes[i], np.uint64))
+        ifd.add(339, 3, 1)
+        ifd.add(320, 3, copied[320][1])
+        if i == 0:
+            for code, (typ, value) in copied.items():
+                if code != 320:
+                    ifd.add(code, typ, value)
+        elif 42113 in copied:
+            ifd.add(42113, *copied[42113])
+        ifds.append(ifd)
+    header_len = 16 if big else 8
+    ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(_GHOST):06d} bytes\n{_GHOST}".encode()
+    first_ifd = header_len + len(ghost)
+    first_ifd += first_ifd % 2
+    ifd_at, at = [], first_ifd
+    for ifd in ifds:
+        ifd_at.append(at)
+        at += ifd.size()
+        at += at % 2
+    data_at = at
+    # tile offsets: smallest overview first, full resolution last; each tile has GDAL's leader
+    # (its size, 4 bytes) and trailer (its last 4 bytes again), which readers use to fetch it in one go
+    cursor = data_at
+    for i in reversed(range(len(ifds))):
+        offs = np.zeros(len(sizes[i]), np.uint64)
+        for k, s in enumerate(sizes[i]):
+            offs[k] = cursor + 4
+            cursor += 4 + s + 4
+        ifds[i].add(324, 16 if big else 4, offs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"II+\0" + struct.pack("<HHQ", 8, 0, first_ifd) if big else b"II*\0" + struct.pack("<I", first_ifd))
+            f.write(ghost)
+            f.write(b"\0" * (first_ifd - f.tell()))
+            for k, ifd in enumerate(ifds):
+                nxt = ifd_at[k + 1] if k + 1 < len(ifds) else 0
+                f.write(ifd.pack(ifd_at[k], nxt))
+                f.write(b"\0" * ((ifd_at[k + 1] if k + 1 < len(ifds) else data_at) - f.tell()))
+            for i in reversed(range(len(ifds))):
+                futs = tiles[i]
+                for s in range(0, len(futs), batch):
+                    for blob in client.gather(futs[s:s + batch]):
+                        f.write(struct.pack("<I", len(blob)) + blob + blob[-4:])
+                    for fu in futs[s:s + batch]:
+                        fu.release()
+            assert f.tell() == cursor, (f.tell(), cursor)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"levels": [list(map(int, lvl.shape)) for lvl in pyramid], "tiles": sum(len(s) for s in sizes),
+            "bytes": cursor, "bigtiff": big}

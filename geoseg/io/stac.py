@@ -1,0 +1,113 @@
+"""A STAC Item for a finished output folder: its grid, its classes and every output as an asset.
+
+Written with pystac: the projection extension (code or WKT2, shape, transform), raster (uint8,
+nodata 255) and classification (class ids, names, colours, pixel counts and shares) on the class
+assets, the model card's provenance under ``geoseg:model``, and ``geoseg:run`` figures.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from odc.geo.geobox import GeoBox
+
+from geoseg.model.card import NODATA_CLASS, ClassInfo
+
+ITEM_NAME = "item.json"
+MEDIA = {
+    ".tif": "image/tiff; application=geotiff; profile=cloud-optimized",
+    ".zarr": "application/vnd+zarr",
+    ".gpkg": "application/geopackage+sqlite3",
+    ".parquet": "application/vnd.apache.parquet",
+    ".fgb": "application/vnd.flatgeobuf",
+    ".json": "application/json",
+    ".qml": "text/xml",
+}
+ROLES = {".tif": ["data"], ".zarr": ["data"], ".gpkg": ["data"], ".parquet": ["data"], ".fgb": ["data"],
+         ".json": ["metadata"], ".qml": ["style"]}
+
+
+def footprint(grid: GeoBox) -> dict[str, Any]:
+    """The grid's outline in longitude/latitude (densified edges), as GeoJSON."""
+    return json.loads(json.dumps(grid.extent.to_crs("EPSG:4326", resolution=None).geom.__geo_interface__))
+
+
+def class_items(classes: Iterable[ClassInfo], counts: Mapping[int, int] | None) -> list[Any]:
+    from pystac.extensions.classification import Classification
+
+    total = sum((counts or {}).values())
+    out = []
+    for c in classes:
+        n = None if counts is None else int(counts.get(c.id, 0))
+        out.append(Classification.create(value=c.id, name=_slug(c.name), title=c.name, color_hint=c.color.lstrip("#").upper(),
+                                         count=n, percentage=None if not total or n is None else round(100.0 * n / total, 4)))
+    out.append(Classification.create(value=NODATA_CLASS, name="nodata", title="no data", nodata=True))
+    return out
+
+
+def _slug(name: str) -> str:
+    """classification:classes names are machine-readable (letters, digits, - and _)."""
+    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.strip())
+    return s or "class"
+
+
+def make_item(
+    item_id: str,
+    grid: GeoBox,
+    classes: Iterable[ClassInfo],
+    assets: Mapping[str, str],
+    *,
+    counts: Mapping[int, int] | None = None,
+    model: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
+    when: datetime | None = None,
+) -> Any:
+    """A pystac Item; ``assets`` maps asset keys to hrefs relative to the item (class rasters get the class list)."""
+    import pystac
+    from pystac.extensions.classification import ClassificationExtension
+    from pystac.extensions.projection import ProjectionExtension
+    from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+    classes = list(classes)
+    geom = footprint(grid)
+    xs = [p[0] for ring in geom["coordinates"] for p in ring]
+    ys = [p[1] for ring in geom["coordinates"] for p in ring]
+    props: dict[str, Any] = {}
+    if model:
+        props["geoseg:model"] = dict(model)
+    if run:
+        props["geoseg:run"] = dict(run)
+    item = pystac.Item(item_id, geom, [min(xs), min(ys), max(xs), max(ys)], when or datetime.now(timezone.utc), props)
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    epsg = grid.crs.epsg
+    proj.apply(code=f"EPSG:{epsg}" if epsg else None, wkt2=None if epsg else grid.crs.to_wkt(),
+               shape=[int(v) for v in grid.shape], transform=[float(v) for v in list(grid.affine)[:6]])
+    for key, href in assets.items():
+        suffix = "." + href.rsplit(".", 1)[-1] if "." in href else ""
+        asset = pystac.Asset(href, title=key, media_type=MEDIA.get(suffix), roles=ROLES.get(suffix, ["data"]))
+        item.add_asset(key, asset)
+        if key in ("classes", "prediction"):
+            RasterExtension.ext(asset, add_if_missing=True).apply(
+                bands=[RasterBand.create(nodata=NODATA_CLASS, data_type=DataType.UINT8)])
+            ClassificationExtension.ext(asset, add_if_missing=True).apply(classes=class_items(classes, counts))
+    return item
+
+
+def write_item(item: Any, path: Any) -> None:
+    """The item as JSON (relative asset hrefs, no self link), written atomically."""
+    from geoseg.io import storage
+
+    d = item.to_dict(include_self_link=False, transform_hrefs=False)
+    storage.write_atomic(path, (json.dumps(d, indent=2) + "\n").encode())
+
+
+def class_counts(class_id: Any) -> dict[int, int]:
+    """Pixels per class id of a (dask or zarr-backed) uint8 class map, computed chunk by chunk."""
+    import dask.array as da
+
+    arr = class_id if isinstance(class_id, da.Array) else da.from_zarr(class_id)
+    counts = np.asarray(da.bincount(arr.ravel(), minlength=256).compute())
+    return {i: int(n) for i, n in enumerate(counts) if n and i != NODATA_CLASS}

@@ -1,0 +1,132 @@
+"""Finishing on the cluster: the COG built from worker-made tiles, the STAC item, `geoseg info OUT`."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from click.testing import CliRunner
+from odc.geo.geobox import GeoBox
+from rasterio.transform import from_origin
+
+from geoseg.cli.main import cli
+from geoseg.io.cog import validate_cog
+from geoseg.io.cog_cluster import mode2, write_cog_cluster
+from geoseg.model.card import ClassInfo
+
+GRID = GeoBox((1100, 1337), from_origin(500000.0, 4000000.0, 10.0, 10.0), "EPSG:32617")
+CLASSES = [ClassInfo(id=i, name=n, color=c) for i, n, c in
+           [(0, "urban", "#d7191c"), (1, "crop", "#f2d680"), (2, "forêt", "#1a9641"), (3, "water", "#2b83ba")]]
+
+
+@pytest.fixture(scope="module")
+def class_store(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    h, w = GRID.shape
+    a = np.kron(rng.integers(0, 4, size=(h // 9 + 1, w // 9 + 1)), np.ones((9, 9), np.uint8))[:h, :w].astype(np.uint8)
+    a[:50, :70] = 255
+    a[rng.random(a.shape) < 0.01] = 255
+    path = tmp_path_factory.mktemp("cog") / "a.zarr"
+    z = zarr.open_array(str(path), mode="w", shape=a.shape, chunks=(512, 512), dtype="uint8")
+    z[:] = a
+    return z, a
+
+
+def mode_reference(a: np.ndarray) -> np.ndarray:
+    """MODE of 2x2 blocks written out pixel by pixel: most frequent valid value, ties to the first in row order."""
+    h, w = a.shape
+    p = np.full((h + h % 2, w + w % 2), 255, np.uint8)
+    p[:h, :w] = a
+    out = np.full((p.shape[0] // 2, p.shape[1] // 2), 255, np.uint8)
+    for y in range(out.shape[0]):
+        for x in range(out.shape[1]):
+            vals = [int(v) for v in p[2 * y:2 * y + 2, 2 * x:2 * x + 2].ravel() if v != 255]
+            if vals:
+                out[y, x] = max(vals, key=lambda v: (vals.count(v), -vals.index(v)))
+    return out
+
+
+def test_mode_overview_kernel():
+    rng = np.random.default_rng(1)
+    a = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(40, 38), p=[0.3, 0.3, 0.2, 0.2])
+    np.testing.assert_array_equal(mode2(a), mode_reference(a))
+
+
+@pytest.mark.parametrize("bigtiff", [None, True])
+def test_cluster_cog_is_a_valid_cog_of_the_map(client, class_store, tmp_path, bigtiff):
+    z, a = class_store
+    out = tmp_path / "classes.tif"
+    info = write_cog_cluster(client, z, out, grid=GRID, classes=CLASSES, tags={"GEOSEG_MODEL": "abc"}, bigtiff=bigtiff)
+    assert info["bigtiff"] is bool(bigtiff)
+    assert info["levels"] == [[1100, 1337], [550, 669], [275, 335]]
+    ok, errors, warnings = validate_cog(out)
+    assert ok, errors
+    with rasterio.open(out) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"  # GDAL reads its own COG layout
+        assert ds.tags(ns="IMAGE_STRUCTURE")["COMPRESSION"] == "DEFLATE"
+        assert (ds.width, ds.height) == (1337, 1100) and ds.transform == GRID.affine and ds.crs.to_epsg() == 32617
+        assert ds.nodata == 255 and ds.block_shapes == [(512, 512)] and ds.descriptions == ("class_id",)
+        np.testing.assert_array_equal(ds.read(1), a)
+        assert ds.overviews(1) == [2, 4]
+        assert ds.colormap(1)[1] == (242, 214, 128, 255) and ds.colormap(1)[255][3] == 0
+        assert json.loads(ds.tags()["CLASS_NAMES"])["2"] == "forêt" and ds.tags()["GEOSEG_MODEL"] == "abc"
+    with rasterio.open(out, OVERVIEW_LEVEL=0) as ov:  # the first overview, as stored
+        np.testing.assert_array_equal(ov.read(1), mode_reference(a))
+    assert [p.name for p in tmp_path.iterdir()] == ["classes.tif"]
+
+
+def test_predict_finishes_with_cog_style_and_stac_item(client, random_model, scene_path, tmp_path):
+    import pystac
+    from pystac.validation import validate_dict
+
+    from geoseg.io.zarr_store import open_prediction
+    from geoseg.predict import PredictOptions, predict
+
+    out = tmp_path / "out"
+    rec = predict([scene_path], random_model, out, PredictOptions(chunk_size=128), client=client)
+    assert set(rec["outputs"]) == {"prediction.zarr", "classes.tif", "classes.qml", "landuse.gpkg", "item.json"}
+    assert validate_cog(out / "classes.tif")[0]
+    a = open_prediction(out / "prediction.zarr")["class_id"].values
+    with rasterio.open(out / "classes.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), a)
+    qml = (out / "classes.qml").read_text()
+    assert 'type="paletted"' in qml and qml.count("<paletteEntry") == 4
+    # the STAC item, as pystac reads it
+    item = pystac.Item.from_file(str(out / "item.json"))
+    assert item.properties["proj:code"] == "EPSG:32617" and item.properties["proj:shape"] == [300, 437]
+    assert set(item.assets) == {"prediction", "classes", "classes-style", "polygons", "run"}
+    assert item.assets["classes"].media_type.startswith("image/tiff; application=geotiff; profile=cloud-optimized")
+    cls = item.assets["classes"].extra_fields["classification:classes"]
+    counts = {c["value"]: c.get("count") for c in cls if not c.get("nodata")}
+    ids, n = np.unique(a[a != 255], return_counts=True)
+    assert {int(i): int(k) for i, k in zip(ids, n)} == {k: v for k, v in counts.items() if v}
+    assert item.properties["geoseg:model"]["digest"] == rec["model"]["digest"]
+    lon0, lat0, lon1, lat1 = item.bbox
+    assert -84 < lon0 < lon1 < -80 and 36 < lat0 < lat1 < 37.1  # UTM 17N, 500 km E, 4000 km N
+    # the core STAC schema (shipped with pystac) checked offline; extension schemas need the network
+    core = {k: v for k, v in item.to_dict(include_self_link=False).items()}
+    core["stac_extensions"] = []
+    validate_dict(core)
+
+
+def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp_path):
+    from geoseg.predict import PredictOptions, predict
+
+    out = tmp_path / "out"
+    rec = predict([scene_path], random_model, out, PredictOptions(chunk_size=128), client=client)
+    res = CliRunner().invoke(cli, ["info", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    (summary,) = json.loads(res.output)
+    assert summary["polygons"] == rec["polygons"] > 0
+    table = summary["classes_table"]
+    assert sum(c["share_pct"] for c in table) == pytest.approx(100.0, abs=0.01)
+    con = sqlite3.connect(out / "landuse.gpkg")
+    n_by_class = dict(con.execute("SELECT class_id, COUNT(*) FROM landuse GROUP BY class_id").fetchall())
+    con.close()
+    assert {c["id"]: c["polygons"] for c in table} == n_by_class
+    text = CliRunner().invoke(cli, ["info", str(out)])
+    assert text.exit_code == 0 and all(c["name"] in text.output for c in table) and "%" in text.output
