@@ -124,13 +124,16 @@ def vectorize(
     connectivity: int = 4,
     classes: Iterable[ClassInfo] | None = None,
     keep_classes: Sequence[int] | None = None,
+    min_area: str | float | None = None,
     parts_near: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Polygonize ``source`` (prediction.zarr or a class raster) on the cluster into each of ``outputs``.
 
     Same polygons as GDAL's polygonize of the whole raster, for any chunk size (4-connectivity;
     with 8, regions joined only at a corner across a chunk line come out as MultiPolygons).
-    Without ``client`` an embedded local cluster runs it. Returns counts and the files written.
+    ``min_area``: sieve the map first: regions smaller than this ("25px", "500m2", "0.5ha"; a bare
+    number is pixels) take the class they share the longest border with, so the polygons stay a
+    partition. Without ``client`` an embedded local cluster runs it. Returns counts and the files written.
     """
     for out in outputs:
         check_vector_path(out)
@@ -138,7 +141,7 @@ def vectorize(
     classes = list(classes) if classes is not None else classes_of(src)
     opts = VectorizeOptions(chunk_size=chunk_size, connectivity=check_connectivity(connectivity),
                             keep_classes=None if keep_classes is None else tuple(int(k) for k in keep_classes),
-                            names={c.id: c.name for c in classes})
+                            names={c.id: c.name for c in classes}, min_pixels=min_area_pixels(min_area, src))
     near = parts_near if parts_near is not None else Path(outputs[0]).parent if outputs else None
     with contextlib.ExitStack() as stack:
         if client is None:
@@ -152,6 +155,38 @@ def vectorize(
         written = [write_layer(iter_parts(parts), out, crs=to_pyproj(src.crs_wkt), classes=classes,
                                multi=connectivity == 8, confidence=src.has_confidence) for out in outputs]
     return {**stats, "outputs": written}
+
+
+def min_area_pixels(value: str | float | None, src: ClassRaster) -> int:
+    """``--min-area`` in pixels: "25", "25px", "500m2" or "0.5ha" (areas by the pixel's size on the ground)."""
+    import re
+
+    from geoseg.errors import ConfigError
+
+    if value is None or value == "" or value == 0:
+        return 0
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(px|m2|ha)?\s*", str(value))
+    if not m:
+        raise ConfigError(f"--min-area {value!r}: give pixels (25 or 25px), square metres (500m2) or hectares (0.5ha)")
+    number, unit = float(m.group(1)), m.group(2) or "px"
+    if unit == "px":
+        return int(np.ceil(number))
+    metres = number * (1e4 if unit == "ha" else 1.0)
+    pixel = _pixel_area_m2(src)
+    if not np.isfinite(pixel) or pixel <= 0:
+        raise ConfigError(f"--min-area {value!r}: {src.path} has no CRS in metres to measure pixels with; give pixels")
+    return int(np.ceil(metres / pixel))
+
+
+def _pixel_area_m2(src: ClassRaster) -> float:
+    """Ground area of the scene's central pixel on the ellipsoid."""
+    import shapely
+
+    h, w = src.shape
+    t = src.affine
+    px = shapely.Polygon([t * (w // 2 + dx, h // 2 + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1))])
+    area, _ = Measurer(to_pyproj(src.crs_wkt))(np.array([px]))
+    return float(area[0])
 
 
 def _classes_from_parts(parts: str) -> list[ClassInfo]:

@@ -201,3 +201,41 @@ def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scen
     big = got.sort_values("pixels").iloc[-1]
     inside = rasterio.features.geometry_mask([big.geometry], a.shape, transform, invert=True)
     assert big["mean_confidence"] == pytest.approx(float(np.nanmean(conf[inside])), rel=1e-5)
+
+
+def test_sieve_kernel():
+    from geoseg.vector.regions import sieve
+
+    a = np.zeros((8, 8), np.uint8)
+    a[2:4, 2:4] = 1  # 4 px island in class 0: goes
+    a[5:8, 5:8] = 2  # 9 px: stays
+    a[0, 7] = 3  # 1 px in the corner: goes
+    a[6, 0] = 255  # nodata is never sieved
+    a[7, 0] = 4  # 1 px touching only nodata and 0: becomes 0
+    out = sieve(a, 255, 5)
+    expected = a.copy()
+    expected[2:4, 2:4] = 0
+    expected[0, 7] = 0
+    expected[7, 0] = 0
+    np.testing.assert_array_equal(out, expected)
+    # a small region at an edge the scene continues beyond is left to the window that holds it whole
+    assert sieve(a, 255, 5, open_edges=(True, False, False, False))[0, 7] == 3
+
+
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_min_area_is_seamless(client, class_tif, tmp_path, chunk):
+    """Sieving chunk by chunk (with its halo) gives the polygons of the whole map sieved at once."""
+    from geoseg.vector.regions import sieve
+
+    a = hard_map()
+    sieved = sieve(a, 255, 30)
+    assert (sieved != a).sum() > 100  # the sieve did something
+    out = tmp_path / "sieved.gpkg"
+    vectorize(class_tif, [out], client=client, chunk_size=chunk, classes=CLASSES, min_area="30px")
+    got = gpd.read_file(out, layer="landuse")
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(gdal(sieved))
+    assert (got["pixels"] < 30).sum() < (gpd.GeoSeries([g for _, g in gdal(a)]).area < 3000).sum()
+    # in square metres: 30 px of 10 m x 10 m is 3000 m2 (the ellipsoidal pixel is a little larger)
+    again = tmp_path / "m2.gpkg"
+    vectorize(class_tif, [again], client=client, chunk_size=chunk, classes=CLASSES, min_area="2990m2")
+    assert len(gpd.read_file(again, layer="landuse")) == len(got)

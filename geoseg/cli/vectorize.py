@@ -17,10 +17,14 @@ from geoseg.cli.options import scheduler_opt, workers_opt
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,
               help="Pixels of one region touch along edges (4, GDAL's default) or edges and corners (8).")
 @click.option("--classes", "keep", default=None, metavar="ID,ID,...", help="Keep only these class ids.")
+@click.option("--min-area", default=None, metavar="AREA",
+              help="Sieve first: regions smaller than AREA (25px, 500m2, 0.5ha; a bare number is pixels) take the "
+                   "class they share the longest border with. Chunks read a halo of that many pixels, so the "
+                   "result does not depend on the chunking.")
 @scheduler_opt
 @workers_opt
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def vectorize(source, outputs, chunk_size, connectivity, keep, scheduler, n_workers, overwrite):
+def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, scheduler, n_workers, overwrite):
     """Polygonize SOURCE (a prediction.zarr or a single-band class raster such as classes.tif).
 
     One polygon per connected region of one class, the same as GDAL's polygonize of the whole
@@ -46,6 +50,7 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, scheduler, n_work
         raise ConfigError(f"--classes must be class ids separated by commas, not {keep!r}") from None
     src = open_class_raster(source)  # checked before any cluster starts
     with connect(scheduler, n_workers) as client:
-        result = run(src, list(outputs), client=client, chunk_size=chunk_size, connectivity=int(connectivity), keep_classes=ids)
+        result = run(src, list(outputs), client=client, chunk_size=chunk_size, connectivity=int(connectivity), keep_classes=ids,
+                     min_area=min_area)
     for w in result["outputs"]:
         click.echo(f"{w['path']}: {w['polygons']} polygons ({w['format']})")

@@ -133,3 +133,44 @@ def join_borders(grid_shape: tuple[int, int], edges: dict[tuple[int, int], Edges
     else:
         region = np.arange(len(keys))
     return Join(keys, region.astype(np.int64))
+
+
+def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity: int = 4,
+          open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False)) -> np.ndarray:
+    """Regions of fewer than ``min_pixels`` pixels take the class they share the most pixel edges with.
+
+    One pass on the map as given (every small region decides from the original map, so the
+    result does not depend on any order); nodata is never sieved nor given; a small region with
+    no valid neighbour stays. ``open_edges`` (top, bottom, left, right): edges of a window that
+    the scene continues beyond; regions touching them are not judged here. A window grown by
+    ``min_pixels`` on those sides judges every small region of its core exactly as the whole
+    map would, so sieving chunk by chunk equals sieving the whole scene.
+    """
+    if min_pixels <= 1:
+        return values
+    labels, classes = label_regions(values, nodata, connectivity)
+    n = len(classes)
+    small = np.bincount(labels.ravel(), minlength=n) < min_pixels
+    small[0] = False
+    for edge, is_open in zip((labels[0], labels[-1], labels[:, 0], labels[:, -1]), open_edges):
+        if is_open:
+            small[edge] = False
+    if not small.any():
+        return values
+    idx = np.full(n, -1, np.int64)
+    idx[small] = np.arange(int(small.sum()))
+    votes = np.zeros((int(small.sum()), 256), np.int64)
+    # every pixel edge between a small region and another region with a class is one vote
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:, 1:], labels[:, :-1]),
+                 (labels[:-1, :], labels[1:, :]), (labels[1:, :], labels[:-1, :])):
+        m = small[a] & (b != a) & (b > 0)
+        np.add.at(votes, (idx[a[m]], classes[b[m]]), 1)
+    has = votes.sum(1) > 0
+    new_class = votes.argmax(1)  # ties: the lowest class id
+    out = values.copy()
+    pix = small[labels]
+    repl = idx[labels[pix]]
+    keep = has[repl]
+    sel = np.flatnonzero(pix.ravel())[keep]
+    out.ravel()[sel] = new_class[repl[keep]].astype(values.dtype)
+    return out

@@ -33,7 +33,7 @@ from geoseg.io import storage
 from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
 from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats
-from geoseg.vector.regions import Edges, check_connectivity, join_borders, label_regions
+from geoseg.vector.regions import Edges, check_connectivity, join_borders, label_regions, sieve
 
 DEFAULT_CHUNK = 2048
 
@@ -71,6 +71,7 @@ class VectorizeOptions:
     connectivity: int = 4
     keep_classes: tuple[int, ...] | None = None  # None: every class
     names: dict[int, str] = field(default_factory=dict)
+    min_pixels: int = 0  # sieve: regions smaller than this take their main neighbour's class
 
 
 def _code(chunk_index: int, labels: np.ndarray) -> np.ndarray:
@@ -97,7 +98,7 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
     """Phase 1 of one chunk: (summary for the client, border pieces kept on the worker)."""
     ch = plan.chunk(iy, ix)
     box = ch.core
-    values, conf = src.read(box)
+    values, conf = _read_sieved(src, plan, box, opts)
     labels, classes = label_regions(values, src.nodata, opts.connectivity)
     n = len(classes)
     transform = src.affine * Affine.translation(box.x0, box.y0)
@@ -125,6 +126,19 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
         "pixels": pixels[ids[at_border]], "conf_sum": None if conf_sum is None else conf_sum[ids[at_border]],
     }
     return summary, pieces
+
+
+def _read_sieved(src: ClassRaster, plan: TilingPlan, box: Box, opts: VectorizeOptions) -> tuple[np.ndarray, np.ndarray | None]:
+    """The chunk's class map, sieved with a halo of ``min_pixels``: any region that small and touching
+    the core lies wholly in the window, so chunks agree with a sieve of the whole map."""
+    if opts.min_pixels <= 1:
+        return src.read(box)
+    window = box.grow(opts.min_pixels, plan.shape)
+    values, conf = src.read(window)
+    opened = (window.y0 > 0, window.y1 < plan.shape[0], window.x0 > 0, window.x1 < plan.shape[1])
+    values = sieve(values, src.nodata, opts.min_pixels, opts.connectivity, opened)
+    ys, xs = box.relative_to(window)
+    return values[ys, xs], None if conf is None else conf[ys, xs]
 
 
 def select_pieces(pieces: dict, labels: np.ndarray) -> dict:
