@@ -239,3 +239,22 @@ def test_min_area_is_seamless(client, class_tif, tmp_path, chunk):
     again = tmp_path / "m2.gpkg"
     vectorize(class_tif, [again], client=client, chunk_size=chunk, classes=CLASSES, min_area="2990m2")
     assert len(gpd.read_file(again, layer="landuse")) == len(got)
+
+
+def test_simplified_polygons_still_partition_the_map(client, tmp_path):
+    yy, xx = np.mgrid[:300, :437]
+    a = ((np.hypot(yy - 150, xx - 200) // 37) % 4).astype(np.uint8)  # rings: staircase borders everywhere
+    a[(yy + 2 * xx) % 97 < 9] = 5  # diagonal bands
+    a[10:20, 10:20] = 255
+    path = write_raster(tmp_path / "rings.tif", a, nodata=255, block=64)
+    out = tmp_path / "simple.gpkg"
+    vectorize(path, [out], client=client, chunk_size=64, classes=CLASSES, simplify="1.5px")
+    got = gpd.read_file(out, layer="landuse")
+    exact = gdal(a)
+    assert len(got) == len(exact)
+    assert shapely.get_num_coordinates(got.geometry.values).sum() < 0.8 * sum(shapely.get_num_coordinates(g) for _, g in exact)
+    # no gaps: together they cover what the exact polygons cover; no overlaps: their areas add up to it
+    union = shapely.union_all(got.geometry.values)
+    valid = shapely.union_all([g for _, g in exact])
+    assert union.symmetric_difference(valid).area == pytest.approx(0.0, abs=1e-6)
+    assert got.geometry.area.sum() == pytest.approx(union.area, rel=1e-9)

@@ -21,10 +21,13 @@ from geoseg.cli.options import scheduler_opt, workers_opt
               help="Sieve first: regions smaller than AREA (25px, 500m2, 0.5ha; a bare number is pixels) take the "
                    "class they share the longest border with. Chunks read a halo of that many pixels, so the "
                    "result does not depend on the chunking.")
+@click.option("--simplify", default=None, metavar="TOL",
+              help="Simplify borders by TOL (1.5px, or CRS units) with GEOS's coverage simplification: shared "
+                   "borders stay shared (no gaps, no overlaps). Runs over the whole layer in this process.")
 @scheduler_opt
 @workers_opt
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, scheduler, n_workers, overwrite):
+def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplify, scheduler, n_workers, overwrite):
     """Polygonize SOURCE (a prediction.zarr or a single-band class raster such as classes.tif).
 
     One polygon per connected region of one class, the same as GDAL's polygonize of the whole
@@ -51,6 +54,6 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, schedul
     src = open_class_raster(source)  # checked before any cluster starts
     with connect(scheduler, n_workers) as client:
         result = run(src, list(outputs), client=client, chunk_size=chunk_size, connectivity=int(connectivity), keep_classes=ids,
-                     min_area=min_area)
+                     min_area=min_area, simplify=simplify)
     for w in result["outputs"]:
         click.echo(f"{w['path']}: {w['polygons']} polygons ({w['format']})")
