@@ -27,7 +27,7 @@ def peak_rss() -> int:
 
 def run(image: Path, model: Path, out: Path, n_workers: int, precision: str) -> dict:
     from geoseg.cluster import connect
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
 
     with connect(n_workers=n_workers) as client:
         rec = predict([image], model, out, PredictOptions(overwrite=True, precision=precision, cog=False, vectors=False), client=client)

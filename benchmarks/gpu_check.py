@@ -131,7 +131,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
 def end_to_end(args, model: Path, work: Path) -> None:
     from distributed import Client
 
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
     from geoseg.sample import make_sample
 
     scenes = {}

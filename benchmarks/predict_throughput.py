@@ -129,7 +129,7 @@ def _moved(client) -> tuple[int, int]:
 
 
 def options(args, **kw):
-    from geoseg.predict import PredictOptions
+    from geoseg.pipeline import PredictOptions
 
     return PredictOptions(**{"chunk_size": args.chunk_size, "cog": False, "vectors": False, "overwrite": True, **kw})
 
@@ -139,7 +139,7 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
     import rasterio
 
     from geoseg.model.store import model_digest
-    from geoseg.predict import predict
+    from geoseg.pipeline import predict
     from geoseg.runtime import ModelRef
 
     t = time.perf_counter()
@@ -195,7 +195,7 @@ def seam_figures(default, exact, chunk: int) -> dict:
 def seams(client, args, models: dict, precision: str, work: Path) -> list[dict]:
     from geoseg.io.zarr_store import open_prediction
     from geoseg.model.store import read_card
-    from geoseg.predict import predict
+    from geoseg.pipeline import predict
 
     image, rows = scene(work, args.seam_size, 1), []
     for name, model in models.items():

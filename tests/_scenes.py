@@ -120,7 +120,7 @@ _BUILT: dict[str, object] = {}
 
 def fixture_config():
     """A shallow U-Net trained briefly: enough to separate the scene's classes."""
-    from geoseg.train import TrainConfig
+    from geoseg.training import TrainConfig
 
     return TrainConfig(encoder_depth=3, epochs=6, chip_size=64, batch_size=8, steps_per_epoch=8, lr=3e-3,
                        patience=3, block_size=64, seed=0, tile_size=128)  # fmt: skip
@@ -130,7 +130,7 @@ def trained_model(tmp_path_factory) -> tuple[Scene, Path, object, float]:
     """(scene, model_dir, TrainResult, seconds): built once per run, shared by the test modules."""
     import time
 
-    from geoseg.train import TrainInputs, train
+    from geoseg.training import TrainInputs, train
 
     if "trained" not in _BUILT:
         root = tmp_path_factory.mktemp("trained")

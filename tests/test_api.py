@@ -6,7 +6,7 @@ import numpy as np
 
 import geoseg
 from geoseg.io.zarr_store import open_prediction
-from geoseg.predict import PredictOptions, predict
+from geoseg.pipeline import PredictOptions, predict
 
 
 def test_segment_is_lazy_and_matches_predict(client, random_model, scene_path, tmp_path):

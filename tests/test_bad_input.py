@@ -101,7 +101,7 @@ def test_output_directory_with_other_files(random_model, scene_path, tmp_path):
 
 
 def test_finished_output_needs_overwrite(client, random_model, scene_path, tmp_path):
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
 
     out_dir = tmp_path / "out"
     predict([scene_path], random_model, out_dir, PredictOptions(chunk_size=256, cog=False, vectors=False), client=client)
@@ -115,7 +115,7 @@ def test_finished_output_needs_overwrite(client, random_model, scene_path, tmp_p
 
 def test_interrupted_output_is_not_finished(client, random_model, scene_path, tmp_path):
     """A run that dies mid-way leaves only *.partial names, never prediction.zarr or run.json."""
-    from geoseg.predict import PredictOptions, plan_job, run_segmentation
+    from geoseg.pipeline import PredictOptions, plan_job, run_segmentation
 
     job = plan_job([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=128, resume=True))
     (tmp_path / "out").mkdir()
@@ -124,7 +124,7 @@ def test_interrupted_output_is_not_finished(client, random_model, scene_path, tm
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["prediction.zarr.partial"]
     # Resuming the same job reuses every finished chunk and publishes the result.
-    from geoseg.predict import run_job
+    from geoseg.pipeline import run_job
 
     record = run_job(job, client)
     assert record["chunks"]["reused"] == record["chunks"]["chunks"] and record["chunks"]["computed"] == 0
@@ -134,7 +134,7 @@ def test_interrupted_output_is_not_finished(client, random_model, scene_path, tm
 def test_file_damaged_after_planning_is_a_clear_error_from_the_workers(client, random_model, tmp_path):
     """A read failure on a worker reaches the client as geoseg's InputError naming the file."""
     from geoseg.errors import InputError
-    from geoseg.predict import PredictOptions, plan_job, run_job
+    from geoseg.pipeline import PredictOptions, plan_job, run_job
 
     path = write_raster(tmp_path / "scene.tif", blob_scene(512, 512, 4, seed=0)[0], nodata=0, block=128)
     job = plan_job([path], random_model, tmp_path / "out", PredictOptions(chunk_size=128))

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from _scenes import LABEL_NODATA, trained_model, write_polygons, write_tif
 from geoseg.errors import GridMismatchError, InputError
-from geoseg.evaluate import EvaluateOptions, confusion_array, evaluate, plan_evaluation
+from geoseg.evaluation import EvaluateOptions, confusion_array, evaluate, plan_evaluation
 from geoseg.infer import InferenceSettings, segment_array
 from geoseg.model.store import load_model
 
@@ -41,7 +41,7 @@ def reference(trained):
 
 
 def numpy_scores(pred: np.ndarray, labels: np.ndarray, ids) -> dict:
-    """An independent computation: loops over classes, no shared code with geoseg.train.metrics."""
+    """An independent computation: loops over classes, no shared code with geoseg.training.metrics."""
     keep = (pred != 255) & (labels != LABEL_NODATA)
     p, t = pred[keep], labels[keep]
     cm = np.array([[np.sum((t == a) & (p == b)) for b in ids] for a in ids])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from geoseg.io.zarr_store import open_prediction
-from geoseg.predict import PredictOptions, predict
+from geoseg.pipeline import PredictOptions, predict
 
 from conftest import blob_scene, count_markers, dask_cluster, write_raster
 

@@ -84,7 +84,7 @@ def test_predict_finishes_with_cog_style_and_stac_item(client, random_model, sce
     from pystac.validation import validate_dict
 
     from geoseg.io.zarr_store import open_prediction
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
 
     out = tmp_path / "out"
     rec = predict([scene_path], random_model, out, PredictOptions(chunk_size=128), client=client)
@@ -114,7 +114,7 @@ def test_predict_finishes_with_cog_style_and_stac_item(client, random_model, sce
 
 
 def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp_path):
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
 
     out = tmp_path / "out"
     rec = predict([scene_path], random_model, out, PredictOptions(chunk_size=128), client=client)

@@ -343,7 +343,7 @@ def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random
 def test_scenes_run_concurrently(client, scenes, random_model, tmp_path):
     """Two scenes in flight: the job takes less than its scenes' wall times added up, and each equals a lone run."""
     from geoseg.jobs import execute
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
 
     for name in ("a", "b", "c"):
         shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")

@@ -14,7 +14,7 @@ from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
 from geoseg.io.sources import open_stack
 from geoseg.model.card import ClassInfo
 from geoseg.tiling import Box
-from geoseg.train.labels import LabelGridWarning, crs_equivalent, load_classes, open_labels, read_labels
+from geoseg.training.labels import LabelGridWarning, crs_equivalent, load_classes, open_labels, read_labels
 
 H, W = 40, 50
 ALL = Box(0, H, 0, W)

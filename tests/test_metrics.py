@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from geoseg.train.metrics import Metrics, confusion_ids, confusion_indices, restrict_confusion
+from geoseg.training.metrics import Metrics, confusion_ids, confusion_indices, restrict_confusion
 
 
 def test_confusion_ids_leaves_out_nodata_on_either_side():

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from geoseg.errors import ConfigError
-from geoseg.predict import PredictOptions, predict
+from geoseg.pipeline import PredictOptions, predict
 
 from conftest import dask_cluster
 
@@ -55,7 +55,7 @@ def test_model_tasks_run_only_on_the_gpu_worker(gpu_and_cpu_workers, random_mode
 def test_each_infer_task_reads_one_block(random_model, scene_path, tmp_path):
     """One read per chunk: an infer task depends on exactly one read, which covers its haloed window."""
     from geoseg.graph import build_segmentation
-    from geoseg.predict import plan_job
+    from geoseg.pipeline import plan_job
 
     job = plan_job([scene_path], random_model, tmp_path / "x", PredictOptions(chunk_size=64, halo=16))
     seg = build_segmentation(job.stack, job.plan, job.ref, job.settings("fp32"))
@@ -92,3 +92,21 @@ def test_workers_started_elsewhere_get_the_allocator_fix(gpu_and_cpu_workers):
     for s in setups.values():
         assert s["allocator"]["mmap_threshold"] >= 32 << 20
         assert s["allocator"]["trim_threshold"] == 256 << 20
+
+
+@pytest.mark.gpu
+def test_model_tasks_run_on_a_cuda_worker(random_model, scene_path, tmp_path):
+    """Where a CUDA device exists: the model workers say cuda, compute bf16 natively, and the job runs there."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from geoseg.cluster import connect
+
+    with connect(n_workers=1, resources={"GPU": 1}) as client:
+        rec = predict([scene_path], random_model, tmp_path / "out",
+                      PredictOptions(chunk_size=128, model_resources={"GPU": 1}, cog=False, vectors=False), client=client)
+    (worker,) = rec["numerics"]["workers"].values()
+    assert worker["device"].startswith("cuda") and worker["gpu"]
+    assert rec["numerics"]["device"] == "cuda"
+    assert rec["numerics"]["precision"] == ("bf16" if worker["bf16_native"] else "fp32")

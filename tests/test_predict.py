@@ -14,7 +14,7 @@ from geoseg.infer import InferenceSettings, segment_array
 from geoseg.io.sources import open_stack, read_window
 from geoseg.io.zarr_store import open_prediction
 from geoseg.model.store import load_model
-from geoseg.predict import PredictOptions, plan_job, predict
+from geoseg.pipeline import PredictOptions, plan_job, predict
 from geoseg.tiling import Box
 
 from conftest import blob_scene, write_raster

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from geoseg.cli.main import cli
 from geoseg.io.zarr_store import JOB_ATTR, MARKERS, create_store, open_prediction, reusable_chunks
-from geoseg.predict import PredictOptions, plan_job, predict, run_job, run_segmentation
+from geoseg.pipeline import PredictOptions, plan_job, predict, run_job, run_segmentation
 
 from conftest import blob_scene, write_raster, count_markers
 

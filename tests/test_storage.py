@@ -21,7 +21,7 @@ from geoseg.errors import InputNotFoundError, ModelError, OutputExistsError
 from geoseg.io import storage
 from geoseg.io.zarr_store import open_prediction
 from geoseg.model.store import fetch_model_dir, model_digest
-from geoseg.predict import PredictOptions, predict
+from geoseg.pipeline import PredictOptions, predict
 
 BUCKET = "geoseg-test"
 

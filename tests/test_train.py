@@ -17,8 +17,8 @@ from geoseg.errors import ConfigError, OutputExistsError
 from geoseg.infer import normalize
 from geoseg.model.store import load_model
 from geoseg.tiling import Box
-from geoseg.train import TrainConfig, TrainInputs, prepare, train, working_dir
-from geoseg.train.loop import STATE_NAME
+from geoseg.training import TrainConfig, TrainInputs, prepare, train, working_dir
+from geoseg.training.loop import STATE_NAME
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +125,7 @@ def test_windowed_survey_equals_the_in_memory_one(trained):
 
 def test_bands_of_a_multiband_file(trained, tmp_path):
     from geoseg.io.sources import open_stack
-    from geoseg.train.loop import band_infos
+    from geoseg.training.loop import band_infos
 
     scene = trained[0]
     path = write_tif(tmp_path / "stack.tif", scene.image, descriptions=["blue", "", "nir"])

@@ -23,7 +23,7 @@ from rasterio.features import shapes
 
 from geoseg.cli.main import cli
 from geoseg.model.card import ClassInfo
-from geoseg.vectorize import vectorize
+from geoseg.vector.api import vectorize
 
 from conftest import write_raster
 
@@ -184,7 +184,7 @@ def test_cli_vectorize(class_tif, tmp_path):
 
 def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scene_path, tmp_path):
     from geoseg.io.zarr_store import open_prediction
-    from geoseg.predict import PredictOptions, predict
+    from geoseg.pipeline import PredictOptions, predict
 
     rec = predict([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=64), client=client)
     ds = open_prediction(tmp_path / "out" / "prediction.zarr")

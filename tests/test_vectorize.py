@@ -18,7 +18,7 @@ from geoseg.errors import ConfigError
 from geoseg.model.card import NODATA_CLASS
 from geoseg.sample import class_field, sample_classes, scene_spec, valid_mask
 from geoseg.tiling import Box
-from geoseg.vectorize import polygonize, write_vectors
+from geoseg.vector.api import polygonize, write_vectors
 
 CLASSES = sample_classes(5)
 UTM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4000000.0)

@@ -40,7 +40,7 @@ def evaluate(ctx, images, model_dir, labels, label_field, ignore, reproject_labe
     region with --bbox or --window, e.g. an area held out from training.
     """
     from geoseg.errors import OutputExistsError
-    from geoseg.evaluate import EvaluateOptions, plan_evaluation, run_evaluation
+    from geoseg.evaluation import EvaluateOptions, plan_evaluation, run_evaluation
 
     options = EvaluateOptions(
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or "auto",

@@ -40,8 +40,8 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
 
     Inputs, model and output directory are checked before any cluster starts.
     """
-    from geoseg.predict import DEFAULT_PRECISION, PredictOptions
-    from geoseg.predict import predict as run
+    from geoseg.pipeline import DEFAULT_PRECISION, PredictOptions
+    from geoseg.pipeline import predict as run
 
     options = PredictOptions(
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or DEFAULT_PRECISION,

@@ -14,7 +14,7 @@ from geoseg.cli import options as opt
 @contextlib.contextmanager
 def geoseg_warnings():
     """Show geoseg's own warnings (labels accepted on an equivalent CRS, ...) as one plain line."""
-    from geoseg.train.labels import LabelGridWarning
+    from geoseg.training.labels import LabelGridWarning
 
     with warnings.catch_warnings():
         original = warnings.showwarning
@@ -101,8 +101,8 @@ def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, c
     from the training imagery and go into the card. After every epoch a checkpoint is saved
     next to --out (OUT.training/); --resume continues an interrupted run from it.
     """
-    from geoseg.train.loop import TrainConfig, TrainInputs, working_dir
-    from geoseg.train.loop import train as run
+    from geoseg.training.loop import TrainConfig, TrainInputs, working_dir
+    from geoseg.training.loop import train as run
 
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     config = TrainConfig(
@@ -131,7 +131,7 @@ def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, c
                    "run the same command with --resume to continue", err=True)  # fmt: skip
         sys.exit(130)
     if verbosity >= 0:
-        from geoseg.train.metrics import Metrics
+        from geoseg.training.metrics import Metrics
 
         tr = result.card.training or {}
         if tr.get("metrics"):

@@ -41,7 +41,7 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplif
     from geoseg.errors import ConfigError, OutputExistsError
     from geoseg.vector.run import open_class_raster
     from geoseg.vector.writers import check_vector_path
-    from geoseg.vectorize import vectorize as run
+    from geoseg.vector.api import vectorize as run
 
     for out in outputs:
         check_vector_path(out)

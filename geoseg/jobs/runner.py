@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from geoseg.errors import ConfigError, GeosegError, OutputExistsError
 from geoseg.io import storage
 from geoseg.jobs.spec import JobSpec, Scene, resolve
-from geoseg.predict import COG_NAME, PARTIAL, RUN_NAME, VECTOR_NAME, ZARR_NAME, Job, plan_job
+from geoseg.pipeline import COG_NAME, PARTIAL, RUN_NAME, VECTOR_NAME, ZARR_NAME, Job, plan_job
 
 JOB_NAME = "job.json"
 Report = Callable[[str], None]
@@ -164,7 +164,7 @@ def _scene_entry(sp: ScenePlan, status: str, record: dict[str, Any] | None, wall
 @contextlib.contextmanager
 def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
     from geoseg.cluster import check_resources, connect_profile
-    from geoseg.predict import cluster_info
+    from geoseg.pipeline import cluster_info
 
     name, profile = spec.cluster.profile, spec.profile
     if client is not None:
@@ -188,7 +188,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from geoseg.predict import prepare_cluster, run_job
+    from geoseg.pipeline import prepare_cluster, run_job
 
     say = report or (lambda _msg: None)
     spec, started, t0 = jp.spec, _now(), time.perf_counter()

@@ -130,7 +130,7 @@ class JobSpec(Settings):
         return self.output.rstrip("/") if storage.is_url(self.output) else Path(self.output)
 
     def predict_options(self, *, overwrite: bool = False, resume: bool = False) -> Any:
-        from geoseg.predict import PredictOptions
+        from geoseg.pipeline import PredictOptions
 
         c, p = self.chunking, self.profile
         return PredictOptions(

@@ -265,7 +265,9 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
             arr = g["class_id"]
         except Exception as exc:  # zarr raises several types for a missing or foreign store
             raise InputError(f"{p}: not a geoseg prediction store ({exc}); give prediction.zarr or a class raster") from None
-        ds = __import__("geoseg.io.zarr_store", fromlist=["open_prediction"]).open_prediction(p)
+        from geoseg.io.zarr_store import open_prediction
+
+        ds = open_prediction(p)
         crs = ds.rio.crs
         return ClassRaster(p, "zarr", tuple(arr.shape), ds.rio.transform(), None if crs is None else crs.to_wkt(),
                            int(ds["class_id"].attrs.get("nodata", 255)), tuple(arr.chunks), "confidence" in g)

@@ -30,7 +30,7 @@ from geoseg.model.network import build_network, network_stride
 from geoseg.model.store import make_card, save_model
 from geoseg.runtime import pick_device
 from geoseg.tiling import Box
-from geoseg.train.chips import (
+from geoseg.training.chips import (
     CELL,
     DEFAULT_CACHE_BYTES,
     BlockSplit,
@@ -44,8 +44,8 @@ from geoseg.train.chips import (
     survey,
     train_normalization,
 )
-from geoseg.train.labels import LabelSource, default_classes, load_classes, open_labels
-from geoseg.train.metrics import Metrics, confusion_indices
+from geoseg.training.labels import LabelSource, default_classes, load_classes, open_labels
+from geoseg.training.metrics import Metrics, confusion_indices
 
 log = logging.getLogger(__name__)
 

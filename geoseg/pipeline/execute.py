@@ -9,7 +9,7 @@ from typing import Any
 from geoseg.graph import build_segmentation, submit, with_layer
 from geoseg.io import storage
 from geoseg.numerics import Numerics, resolve_on_cluster
-from geoseg.predict.plan import Job, chunk_key
+from geoseg.pipeline.plan import Job, chunk_key
 
 log = logging.getLogger(__name__)
 

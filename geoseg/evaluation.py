@@ -31,9 +31,9 @@ from geoseg.model.store import open_model
 from geoseg.numerics import resolve_current
 from geoseg.runtime import ModelRef
 from geoseg.tiling import Box, TilingPlan, plan_for
-from geoseg.train.chips import region_box
-from geoseg.train.labels import LabelSource, open_labels, read_labels
-from geoseg.train.metrics import ID_SPACE, Metrics, confusion_ids, restrict_confusion
+from geoseg.training.chips import region_box
+from geoseg.training.labels import LabelSource, open_labels, read_labels
+from geoseg.training.metrics import ID_SPACE, Metrics, confusion_ids, restrict_confusion
 
 log = logging.getLogger(__name__)
 

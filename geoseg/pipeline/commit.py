@@ -46,8 +46,8 @@ from typing import Any, Iterator
 from geoseg.io import storage
 from geoseg.monitor import Stage
 from geoseg.numerics import Numerics
-from geoseg.predict.execute import prepare_cluster, run_segmentation
-from geoseg.predict.plan import (
+from geoseg.pipeline.execute import prepare_cluster, run_segmentation
+from geoseg.pipeline.plan import (
     COG_NAME,
     COG_STYLE,
     ITEM_NAME,
@@ -144,7 +144,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             write_qml(staging / COG_NAME, raster_qml(classes))  # QGIS loads classes.qml with classes.tif
             outputs += [COG_NAME, COG_STYLE]
         if job.options.vectors:
-            from geoseg.vectorize import vectorize
+            from geoseg.vector.api import vectorize
 
             with Stage("vectorize") as st:
                 # chunk-parallel on the cluster; workers leave part files beside the staging folder

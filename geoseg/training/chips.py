@@ -21,8 +21,8 @@ from geoseg.infer import normalize
 from geoseg.io.sources import RasterStack, read_window
 from geoseg.model.card import NODATA_CLASS, ClassInfo, Normalization
 from geoseg.tiling import Box
-from geoseg.train.labels import LabelSource, read_labels
-from geoseg.train.metrics import ID_SPACE
+from geoseg.training.labels import LabelSource, read_labels
+from geoseg.training.metrics import ID_SPACE
 
 CELL = 8  # chips start on this lattice; labelled pixels are counted per CELL x CELL cell
 SURVEY_WINDOW = 1024  # pixels per side read at once by the survey (rounded to whole blocks)

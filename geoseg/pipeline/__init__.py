@@ -1,7 +1,7 @@
 """`geoseg predict`: plan (``plan``), run on a cluster (``execute``), publish (``commit``).
 
 OUT is a local directory or a URL prefix (``s3://bucket/run/``); inputs and the model
-directory may be URLs too (see geoseg.io.storage). The commit protocol is in geoseg.predict.commit.
+directory may be URLs too (see geoseg.io.storage). The commit protocol is in geoseg.pipeline.commit.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import os
 import time
 from typing import Any, Sequence
 
-from geoseg.predict.commit import cluster_info, run_job
-from geoseg.predict.execute import prepare_cluster, run_segmentation, segmentation_graph
-from geoseg.predict.plan import (
+from geoseg.pipeline.commit import cluster_info, run_job
+from geoseg.pipeline.execute import prepare_cluster, run_segmentation, segmentation_graph
+from geoseg.pipeline.plan import (
     COG_NAME,
     DEFAULT_PRECISION,
     OUTPUTS,
