@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,cluster]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,cluster,notebook]"
 	touch $@
 
 install: $(BIN)/.installed

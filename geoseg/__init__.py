@@ -1,15 +1,41 @@
-"""geoseg: distributed batch segmentation of very large geospatial rasters."""
+"""geoseg: distributed batch segmentation of very large geospatial rasters.
+
+The Python API (geoseg.api), imported on first use (it pulls in dask, xarray and torch):
+``open_scene``, ``predict``, ``vectorize``, ``train``, ``evaluate``, ``cluster``, ``Model``,
+``open_prediction``, ``to_cog``; ``import geoseg`` also registers the ``.geoseg`` xarray accessor.
+"""
+
+import warnings
 
 from geoseg.errors import GeosegError
 
+# segmentation-models-pytorch's imports pull in tqdm.auto, which warns in a notebook without ipywidgets;
+# geoseg draws its own progress bars (a widget only where ipywidgets is installed)
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 __version__ = "0.1.0"
-__all__ = ["GeosegError", "__version__", "open_prediction", "segment"]
+_API = ("Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "plan_tiling", "predict",
+        "segment", "to_cog", "train", "vectorize")
+__all__ = ["GeosegError", "__version__", *_API]
 
 
 def __getattr__(name: str):
-    # The xarray API pulls in torch and dask: import it only when asked for.
-    if name in ("segment", "open_prediction", "plan_tiling"):
+    if name in _API:
         from geoseg import api
 
         return getattr(api, name)
+    if name in ("plot", "pipeline"):  # submodules, imported on first use
+        import importlib
+
+        return importlib.import_module(f"geoseg.{name}")
     raise AttributeError(name)
+
+
+def __dir__():
+    return sorted(__all__)
+
+
+try:  # the accessor is cheap (xarray only); without xarray geoseg's CLI still runs
+    from geoseg import accessor as _accessor  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass

@@ -1,36 +1,190 @@
-"""The Python/xarray face of geoseg: lazy segmentations as xarray Datasets.
+"""The Python/xarray face of geoseg: lazy scenes in, lazy predictions out. The CLI is a layer over it.
 
     >>> import geoseg
-    >>> ds = geoseg.segment(["scene.tif"], "model_dir")        # lazy: nothing computed yet
-    >>> ds.class_id.sel(x=slice(..), y=slice(..)).compute()     # on the active dask client, if any
+    >>> scene = geoseg.open_scene(["B2.tif", "B3.tif", "B4.tif", "B8.tif"])   # lazy DataArray (band, y, x)
+    >>> with geoseg.cluster() as client:                                      # or your own distributed.Client
+    ...     ds = geoseg.predict(scene, "model_dir")                           # lazy Dataset: class_id, confidence
+    ...     ds.class_id.isel(y=slice(0, 2048), x=slice(0, 2048)).compute()    # only the chunks it touches
+    >>> gdf = geoseg.vectorize(ds)                                            # polygons as a GeoDataFrame
 
-Only the chunks a selection touches are read and segmented.
+A scene can be file paths, a local STAC Item (pystac) whose assets are the bands, or any
+DataArray with a CRS (rioxarray, odc-stac, stackstac). Without any client, dask's threaded
+scheduler runs the model with one torch thread per dask thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import xarray as xr
 
-from geoseg.bands import match_bands
-from geoseg.graph import build_segmentation
-from geoseg.infer import InferenceSettings
-from geoseg.io.sources import open_stack
-from geoseg.io.zarr_store import georeference, open_prediction, pixel_centres
-from geoseg.model.card import NODATA_CLASS
-from geoseg.model.store import open_model
-from geoseg.numerics import resolve_current
-from geoseg.runtime import ModelRef
-from geoseg.tiling import plan_for
+from geoseg.errors import ConfigError, InputError
+from geoseg.model.card import NODATA_CLASS, ModelCard
+from geoseg.tiling import TilingPlan, plan_for
 
 plan_tiling = plan_for
 
 
-def segment(
-    images: Sequence[str | os.PathLike],
-    model: str | os.PathLike,
+# ---------------------------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model directory (local or at a URL), checked: its card, where workers find it, its digest."""
+
+    location: str
+    card: ModelCard
+    digest: str
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Model":
+        from geoseg.model.store import open_model
+
+        m = open_model(path)
+        return cls(m.location, m.card, m.digest)
+
+    @property
+    def classes(self) -> dict[int, str]:
+        return {c.id: c.name for c in self.card.classes}
+
+    def __repr__(self) -> str:
+        c = self.card
+        lines = [f"geoseg Model {c.arch}/{c.encoder} depth {c.encoder_depth} at {self.location}",
+                 f"  bands: {', '.join(b.name for b in c.bands)}",
+                 f"  classes: {', '.join(f'{k} {v}' for k, v in self.classes.items())}",
+                 f"  receptive field {c.receptive_field} px, stride {c.stride}, digest {self.digest[:12]}"]
+        metrics = (c.training or {}).get("metrics") or {}
+        if "miou" in metrics:
+            lines.append(f"  validation mIoU {metrics['miou']:.3f}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        c = self.card
+        rows = "".join(
+            f'<tr><td>{k.id}</td><td><span style="display:inline-block;width:1em;height:1em;background:{k.color}"></span></td>'
+            f"<td>{escape(k.name)}</td></tr>" for k in c.classes)
+        metrics = (c.training or {}).get("metrics") or {}
+        miou = f"<p>validation mIoU {metrics['miou']:.3f}</p>" if "miou" in metrics else ""
+        return (f"<div><b>geoseg Model</b> {escape(c.arch)}/{escape(c.encoder)} depth {c.encoder_depth}"
+                f"<br><small>{escape(self.location)} &middot; digest {self.digest[:12]}</small>"
+                f"<p>bands: {escape(', '.join(b.name for b in c.bands))}; receptive field {c.receptive_field} px</p>"
+                f"{miou}<table><tr><th>id</th><th></th><th>class</th></tr>{rows}</table></div>")
+
+
+def _model(model: "Model | str | os.PathLike") -> Model:
+    return model if isinstance(model, Model) else Model.open(model)
+
+
+# ---------------------------------------------------------------------------------------------- cluster
+
+
+@contextlib.contextmanager
+def cluster(n_workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
+    """The embedded local cluster (localhost, one single-threaded worker per core), or a client on
+    ``scheduler``; it is the default client inside the block, so ``compute()`` runs there."""
+    from geoseg.cluster import connect
+
+    with connect(scheduler, n_workers) as client:
+        yield client
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+
+
+def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None = None) -> xr.DataArray:
+    """A lazy ``(band, y, x)`` DataArray of a scene, on its grid, band names and nodata kept.
+
+    ``source``: a raster path, a list of single-band (or multi-band) rasters stacked in order,
+    a pystac Item (its ``assets``, or every GeoTIFF asset, in order), or a DataArray (checked
+    and passed through).
+    """
+    if isinstance(source, xr.DataArray):
+        return _as_scene(source)
+    if type(source).__name__ == "Item" and hasattr(source, "assets"):
+        keys = list(assets) if assets else [k for k, a in source.assets.items()
+                                            if (a.media_type or "").startswith("image/tiff") or a.href.endswith((".tif", ".tiff"))]
+        if not keys:
+            raise InputError(f"STAC item {source.id}: no GeoTIFF asset; pass assets=[...] to name the bands")
+        missing = [k for k in keys if k not in source.assets]
+        if missing:
+            raise InputError(f"STAC item {source.id}: no asset {', '.join(missing)}; it has {', '.join(source.assets)}")
+        paths = [source.assets[k].get_absolute_href() or source.assets[k].href for k in keys]
+        scene = open_scene(paths, chunks=chunks)
+        return scene.assign_coords(band=keys)
+    paths = [str(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)]
+    from geoseg.io.sources import open_stack
+
+    open_stack(paths)  # one clear error for a missing file, no CRS or mixed grids
+    import rioxarray
+
+    parts = []
+    for p in paths:
+        da_ = rioxarray.open_rasterio(p, chunks={"band": -1, "y": chunks, "x": chunks}, lock=False)
+        names = da_.attrs.get("long_name")
+        names = [names] if isinstance(names, str) else list(names or [])
+        stem = Path(p).stem
+        band_names = [n if n else (stem if da_.sizes["band"] == 1 else f"{stem}_{i + 1}")
+                      for i, n in enumerate(names + [None] * (da_.sizes["band"] - len(names)))]
+        nodata = da_.rio.nodata
+        da_ = da_.assign_coords(band=band_names)
+        da_.attrs = {"nodata": [nodata] * da_.sizes["band"]}
+        parts.append(da_)
+    scene = xr.concat(parts, dim="band", combine_attrs="drop") if len(parts) > 1 else parts[0]
+    scene.attrs["nodata"] = [nd for p in parts for nd in p.attrs["nodata"]]
+    scene.attrs["sources"] = paths
+    return scene.rio.write_crs(parts[0].rio.crs)
+
+
+def _as_scene(da_: xr.DataArray) -> xr.DataArray:
+    """A DataArray as ``(band, y, x)`` with a CRS; a 2-D array becomes one band."""
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    if da_.ndim == 2:
+        da_ = da_.expand_dims(band=[da_.name or "band_1"])
+    dims = set(da_.dims)
+    ydim = "y" if "y" in dims else "latitude" if "latitude" in dims else None
+    xdim = "x" if "x" in dims else "longitude" if "longitude" in dims else None
+    other = [d for d in da_.dims if d not in (ydim, xdim)]
+    if ydim is None or xdim is None or len(other) != 1:
+        raise InputError(f"a scene has dims (band, y, x); this DataArray has {da_.dims}")
+    da_ = da_.transpose(other[0], ydim, xdim)
+    if other[0] != "band":
+        da_ = da_.rename({other[0]: "band"})
+    if da_.rio.crs is None:
+        raise InputError("the DataArray has no CRS; set one with .rio.write_crs(...) (odc-stac and stackstac set it)")
+    if "nodata" not in da_.attrs:
+        nd = da_.rio.nodata if da_.rio.nodata is not None else da_.attrs.get("_FillValue")
+        da_ = da_.copy()
+        da_.attrs["nodata"] = [nd] * da_.sizes["band"]
+    return da_
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def _class_attrs(card: ModelCard) -> dict[str, Any]:
+    """CF-style attributes of the class map: plain lists and strings, so to_zarr and to_netcdf keep them."""
+    ids = [c.id for c in card.classes]
+    return {
+        "long_name": "class id (255 = nodata)",
+        "flag_values": ids,
+        "flag_meanings": " ".join(c.name.replace(" ", "_") for c in card.classes),
+        "class_names": [c.name for c in card.classes],
+        "class_colors": [c.color for c in card.classes],
+        "nodata": NODATA_CLASS,
+    }
+
+
+def predict(
+    scene: Any,
+    model: "Model | str | os.PathLike",
     *,
     chunk_size: int | None = None,
     halo: int | None = None,
@@ -40,20 +194,159 @@ def segment(
     batch_size: int = 2,
     device: str = "auto",
 ) -> xr.Dataset:
-    """A lazy Dataset (``class_id`` uint8 with 255 = nodata, ``confidence``) on the input's grid."""
-    stack = open_stack([str(p) for p in images])
-    opened = open_model(model)
-    card = opened.card
-    stack = match_bands(stack, card, str(model))
-    plan = plan_tiling(card, stack.shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
-    ref = ModelRef(opened.location, opened.digest, device)
+    """A lazy Dataset (``class_id`` uint8, 255 = nodata; ``confidence``) on the scene's grid.
+
+    Nothing is computed until asked; a selection computes only the chunks it touches. The model
+    tasks run where the current distributed client puts them, else on dask's threaded scheduler.
+    """
+    from geoseg.graph import segmentation_from_array
+    from geoseg.infer import InferenceSettings
+    from geoseg.numerics import resolve_current
+    from geoseg.runtime import ModelRef
+
+    scene = open_scene(scene)
+    m = _model(model)
+    card = m.card
+    if scene.sizes["band"] != card.n_bands:
+        raise ConfigError(f"the scene has {scene.sizes['band']} bands, the model in {m.location} takes {card.n_bands} "
+                          f"({', '.join(b.name for b in card.bands)})")
+    shape = (scene.sizes["y"], scene.sizes["x"])
+    plan = plan_tiling(card, shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
     numerics = resolve_current(precision, device, exact)
-    seg = build_segmentation(stack, plan, ref, InferenceSettings(numerics.precision, batch_size))
-    y, x = pixel_centres(stack.grid)
-    ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)},
-                    coords={"y": y, "x": x})
-    ds["class_id"].attrs.update(nodata=NODATA_CLASS, classes={c.id: c.name for c in card.classes})
-    return georeference(ds, stack.grid)
+    import dask.array as da
+
+    data = scene.data if isinstance(scene.data, da.Array) else da.from_array(scene.data, chunks=(-1, plan.chunk_size, plan.chunk_size))
+    seg = segmentation_from_array(data, scene.attrs.get("nodata") or [None] * card.n_bands, plan,
+                                  ModelRef(m.location, m.digest, device), InferenceSettings(numerics.precision, batch_size))
+    coords = {"y": scene["y"].values, "x": scene["x"].values}
+    ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)}, coords=coords)
+    ds["class_id"].attrs.update(_class_attrs(card))
+    ds["confidence"].attrs.update(long_name="probability of the winning class", units="1")
+    ds.attrs.update(geoseg_model=m.location, geoseg_model_digest=m.digest, geoseg_precision=numerics.precision,
+                    geoseg_chunk_size=plan.chunk_size, geoseg_halo=plan.halo)
+    # rioxarray records the grid mapping in each variable's encoding: to_zarr/to_netcdf write it
+    return ds.rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
 
 
-__all__ = ["open_prediction", "plan_tiling", "segment"]
+def segment(images: Sequence[str | os.PathLike], model: str | os.PathLike, **options: Any) -> xr.Dataset:
+    """``predict`` on raster files (kept for code written before ``open_scene``)."""
+    return predict(open_scene([str(p) for p in images]), model, **options)
+
+
+def open_prediction(path: str | os.PathLike) -> xr.Dataset:
+    """A prediction store (``prediction.zarr``) as a Dataset, CRS and transform decoded, classes in the attributes."""
+    from geoseg.io.zarr_store import CLASSES_ATTR
+    from geoseg.io.zarr_store import open_prediction as _open
+
+    ds = _open(path)
+    classes = ds.attrs.get(CLASSES_ATTR)
+    if classes:
+        ds["class_id"].attrs.update(
+            flag_values=[c["id"] for c in classes], flag_meanings=" ".join(c["name"].replace(" ", "_") for c in classes),
+            class_names=[c["name"] for c in classes], class_colors=[c["color"] for c in classes])
+    return ds
+
+
+def classes_of(ds: xr.Dataset | xr.DataArray) -> list[Any]:
+    """The ClassInfo list a prediction carries in its attributes."""
+    from geoseg.model.card import ClassInfo
+
+    var = ds["class_id"] if isinstance(ds, xr.Dataset) else ds
+    ids, names, colors = var.attrs.get("flag_values"), var.attrs.get("class_names"), var.attrs.get("class_colors")
+    if ids is None:
+        return []
+    names = list(names or [f"class_{i}" for i in ids])
+    colors = list(colors or ["#808080"] * len(ids))
+    return [ClassInfo(id=int(i), name=n, color=c) for i, n, c in zip(np.atleast_1d(ids), names, colors)]
+
+
+# ---------------------------------------------------------------------------------------------- vectorize
+
+
+def vectorize(source: Any, outputs: Sequence[str | os.PathLike] | None = None, **options: Any) -> Any:
+    """Polygons of a prediction: a Dataset (computed, polygonized in this process) gives a GeoDataFrame;
+    a store or class raster path is polygonized chunk by chunk on the cluster into ``outputs``
+    (files), or into a GeoDataFrame when no outputs are given."""
+    from geoseg.vector.api import polygonize
+    from geoseg.vector.api import vectorize as vectorize_files
+
+    if isinstance(source, (xr.Dataset, xr.DataArray)):
+        var = source["class_id"] if isinstance(source, xr.Dataset) else source
+        conf = source["confidence"].values if isinstance(source, xr.Dataset) and "confidence" in source else None
+        gdf = polygonize(var.values, var.rio.transform(), var.rio.crs, classes_of(var),
+                         connectivity=options.get("connectivity", 4), confidence=conf)
+        if outputs:
+            from geoseg.vector.writers import write_layer
+
+            for out in outputs:
+                write_layer([gdf], out, crs=gdf.crs, classes=classes_of(var), confidence=conf is not None)
+        return gdf
+    if outputs:
+        return vectorize_files(source, list(outputs), **options)
+    import tempfile
+
+    import geopandas as gpd
+
+    with tempfile.TemporaryDirectory(prefix="geoseg-vec-") as tmp:
+        out = Path(tmp) / "polygons.parquet"
+        vectorize_files(source, [out], **options)
+        return gpd.read_parquet(out)
+
+
+def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: Any = None) -> Path:
+    """The class map as a COG: built on the cluster when there is a distributed client, else in this process."""
+    from geoseg.io.cog import write_cog
+    from geoseg.io.cog_cluster import write_cog_cluster
+
+    var = ds["class_id"] if isinstance(ds, xr.Dataset) else ds
+    from odc.geo.geobox import GeoBox
+
+    grid = GeoBox(var.shape, var.rio.transform(), var.rio.crs.to_wkt())
+    classes = classes_of(var)
+    if client is None:
+        try:
+            from distributed import default_client
+
+            client = default_client()
+        except (ImportError, ValueError):
+            client = None
+    if client is not None:
+        import dask.array as da
+
+        data = var.data if isinstance(var.data, da.Array) else da.from_array(var.values, chunks=2048)
+        write_cog_cluster(client, data, path, grid=grid, classes=classes)
+    else:
+        write_cog(var.data, path, grid=grid, classes=classes)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- train / evaluate
+
+
+def train(images: Sequence[str | os.PathLike], labels: str | os.PathLike, out_dir: str | os.PathLike, **config: Any) -> Any:
+    """Train a model (see ``geoseg train``); keyword arguments are TrainConfig fields. Returns the TrainResult."""
+    from geoseg.training import TrainConfig, TrainInputs
+    from geoseg.training import train as run
+
+    known = {k: config.pop(k) for k in list(config) if k in ("classes_file", "label_field", "ignore", "reproject_labels",
+                                                              "bbox", "window")}
+    inputs = TrainInputs(tuple(str(p) for p in images), str(labels), **known)
+    return run(inputs, out_dir, TrainConfig(**config))
+
+
+def evaluate(images: Sequence[str | os.PathLike], model: str | os.PathLike, labels: str | os.PathLike, **options: Any) -> Any:
+    """Metrics of a model on labelled imagery (see ``geoseg evaluate``): ``.metrics`` renders as a table."""
+    from geoseg.evaluation import EvaluateOptions
+    from geoseg.evaluation import evaluate as run
+
+    return run(images, model, labels, EvaluateOptions(**options))
+
+
+def describe_plan(plan: TilingPlan) -> str:
+    d = plan.describe()
+    return (f"{d['shape'][0]} x {d['shape'][1]} px in {d['chunks']} chunks of {d['chunk_size']} px, halo {d['halo']} px, "
+            f"tiles {d['tile_size']} px, pixel overhead {d['overhead']:.3f}")
+
+
+__all__ = ["Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "plan_tiling", "predict",
+           "segment", "to_cog", "train", "vectorize"]

@@ -87,6 +87,12 @@ class Evaluation:
     job: EvaluationJob
     seconds: float
 
+    def _repr_html_(self) -> str:
+        return self.metrics._repr_html_()
+
+    def __str__(self) -> str:
+        return self.metrics.table(confusion=False)
+
     def to_dict(self) -> dict[str, Any]:
         j = self.job
         return {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import dask.array as da
 import numpy as np
@@ -117,3 +117,89 @@ def submit(client: Any, graph: HighLevelGraph, keys: list[Any], priority: int = 
     if not keys:
         return []
     return client.get(graph, keys, sync=False, priority=priority)
+
+
+def assemble(boxes: Sequence[Box], blocks: Sequence[np.ndarray], outer: Box) -> np.ndarray:
+    """Cut the window ``outer`` (bands, h, w) out of the blocks (bands, ...) that cover it."""
+    data = np.empty((blocks[0].shape[0], *outer.shape), blocks[0].dtype)
+    for box, b in zip(boxes, blocks):
+        part = box.intersect(outer)
+        assert part is not None
+        data[(slice(None), *part.relative_to(outer))] = b[(slice(None), *part.relative_to(box))]
+    return data
+
+
+def valid_mask(data: np.ndarray, nodata: Sequence[float | None]) -> np.ndarray:
+    """Pixels where every band holds a value: not its nodata, finite."""
+    valid = np.ones(data.shape[1:], bool)
+    for band, nd in zip(data, nodata):
+        if nd is not None:
+            valid &= ~np.isnan(band) if isinstance(nd, float) and np.isnan(nd) else band != nd
+        if band.dtype.kind == "f":
+            valid &= np.isfinite(band)
+    return valid
+
+
+@detached
+def infer_window(ref: ModelRef, plan: TilingPlan, chunk: Chunk, settings: InferenceSettings,
+                 nodata: tuple[float | None, ...], boxes: Sequence[Box], blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Segment one chunk whose input window is assembled from the blocks of an array (any dask collection)."""
+    _single_stream()
+    bundle = get_model(ref)
+    data = assemble(boxes, blocks, chunk.input)
+    device_settings = InferenceSettings(settings.precision, settings.batch_size, str(next(bundle.net.parameters()).device))
+    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid_mask(data, nodata), device_settings)
+
+
+def _single_stream() -> None:
+    """Outside a distributed worker (dask's threaded scheduler), each dask thread runs one torch thread."""
+    import torch
+
+    from geoseg.runtime import _worker_threads
+
+    if _worker_threads() is None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+def segmentation_from_array(
+    data: da.Array,
+    nodata: Sequence[float | None],
+    plan: TilingPlan,
+    ref: ModelRef,
+    settings: InferenceSettings,
+    model_resources: dict[str, float] | None = None,
+) -> Segmentation:
+    """The infer layer over an array ``(bands, y, x)`` from anywhere (rioxarray, odc-stac, stackstac...).
+
+    The array is rechunked onto the plan's chunks (whole bands); each infer task takes the blocks
+    its haloed window touches (a chunk and parts of its neighbours) and cuts the window out.
+    """
+    data = data.rechunk(((data.shape[0],),) + plan.chunks)
+    token = tokenize(data.name, plan, ref, settings, tuple(nodata))
+    infer_name = f"geoseg-infer-{token}"
+    cs = plan.chunk_size
+    infers: dict[Any, Any] = {}
+    for ch in plan:
+        keys, boxes = [], []
+        for iy in range(ch.input.y0 // cs, (ch.input.y1 - 1) // cs + 1):
+            for ix in range(ch.input.x0 // cs, (ch.input.x1 - 1) // cs + 1):
+                keys.append((data.name, 0, iy, ix))
+                boxes.append(plan.chunk(iy, ix).core)
+        infers[(infer_name, ch.iy, ch.ix)] = (infer_window, ref, plan, ch, settings, tuple(nodata), boxes, keys)
+    annotations = {"resources": dict(model_resources)} if model_resources else None
+    source = data.__dask_graph__()
+    source = source if isinstance(source, HighLevelGraph) else HighLevelGraph.from_collections(data.name, source)
+    layers: dict[str, Any] = dict(source.layers)
+    deps = {k: set(v) for k, v in source.dependencies.items()}
+    layers[infer_name] = MaterializedLayer(infers, annotations=annotations)
+    deps[infer_name] = set(data.__dask_layers__())
+    arrays = {}
+    for i, name in enumerate(("class_id", "confidence")):
+        out = f"geoseg-{name}-{token}"
+        layers[out] = MaterializedLayer({(out, ch.iy, ch.ix): (operator.getitem, (infer_name, ch.iy, ch.ix), i) for ch in plan})
+        deps[out] = {infer_name}
+        arrays[name] = out
+    hlg = HighLevelGraph(layers, deps)
+    class_id = da.Array(hlg, arrays["class_id"], plan.chunks, dtype=np.uint8)
+    confidence = da.Array(hlg, arrays["confidence"], plan.chunks, dtype=np.float32)
+    return Segmentation(plan, class_id, confidence, hlg, "", infer_name)

@@ -152,6 +152,17 @@ class TilingPlan:
         """Forward-pass pixels per scene pixel: the price of the halo."""
         return self.forward_pixels / (self.shape[0] * self.shape[1])
 
+    def __str__(self) -> str:
+        d = self.describe()
+        return (f"TilingPlan: {d['shape'][0]} x {d['shape'][1]} px in {d['chunks']} chunks of {d['chunk_size']} px "
+                f"({self.grid_shape[0]} x {self.grid_shape[1]}), halo {d['halo']} px, tiles {d['tile_size']} px, "
+                f"stride {d['stride']}, pixel overhead {d['overhead']:.3f}")
+
+    def _repr_html_(self) -> str:
+        d = self.describe()
+        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in d.items())
+        return f"<div><b>geoseg TilingPlan</b><table>{rows}</table></div>"
+
     def describe(self) -> dict:
         return {
             "shape": list(self.shape),

@@ -35,3 +35,118 @@ def test_plan_is_inspectable_without_computing(random_model):
         assert ch.core.y0 % card.stride == 0 and ch.input.x0 % card.stride == 0
     assert (cover == 1).all()
     assert plan.overhead > 1
+
+
+def test_open_scene_is_lazy_with_names_nodata_and_crs(scene_path):
+    scene = geoseg.open_scene(scene_path)
+    assert scene.dims == ("band", "y", "x") and scene.shape == (4, 300, 437)
+    assert scene.chunks is not None and scene.rio.crs == "EPSG:32617"
+    assert scene.attrs["nodata"] == [0, 0, 0, 0]
+    assert list(scene["band"].values) == ["scene_1", "scene_2", "scene_3", "scene_4"]
+
+
+def test_predict_from_files_arrays_and_accessor_agree(client, random_model, scene_path, tmp_path):
+    import rioxarray
+
+    predict([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    stored = open_prediction(tmp_path / "out" / "prediction.zarr")
+    scene = geoseg.open_scene(scene_path)
+    ds = geoseg.predict(scene, random_model, chunk_size=128)
+    assert ds.class_id.data.dask is not None and ds.rio.crs == "EPSG:32617"
+    assert ds.rio.transform() == stored.rio.transform()
+    np.testing.assert_array_equal(ds.class_id.values, stored.class_id.values)
+    # an in-memory DataArray (what rioxarray, odc-stac or stackstac hand over) gives the same
+    eager = rioxarray.open_rasterio(scene_path).load()
+    eager.attrs = {}
+    eager = eager.rio.write_nodata(0)
+    np.testing.assert_array_equal(geoseg.predict(eager, random_model, chunk_size=128).class_id.values, stored.class_id.values)
+    # the accessor only delegates
+    via = scene.geoseg.predict(random_model, chunk_size=128)
+    np.testing.assert_array_equal(via.class_id.values, stored.class_id.values)
+    np.testing.assert_allclose(via.confidence.values, stored.confidence.values, equal_nan=True, rtol=1e-6)
+
+
+def test_prediction_attributes_survive_netcdf_and_zarr(client, random_model, scene_path, tmp_path):
+    import xarray as xr
+
+    ds = geoseg.predict(geoseg.open_scene(scene_path), random_model, chunk_size=128)
+    names = [c.name for c in geoseg.Model.open(random_model).card.classes]
+    ds.load().to_netcdf(tmp_path / "p.nc", engine="h5netcdf")
+    ds.to_zarr(tmp_path / "p.zarr", consolidated=True)
+    for back in (xr.open_dataset(tmp_path / "p.nc", decode_coords="all", engine="h5netcdf"),
+                 xr.open_zarr(tmp_path / "p.zarr", decode_coords="all")):
+        assert list(back.class_id.attrs["class_names"]) == names
+        assert back.class_id.attrs["flag_meanings"].split() == [n.replace(" ", "_") for n in names]
+        assert back.rio.crs == "EPSG:32617"
+        assert [c.name for c in geoseg.classes_of(back)] == names
+
+
+def test_open_scene_from_a_stac_item(scene_path, tmp_path, random_model):
+    import pystac
+    import rasterio
+
+    with rasterio.open(scene_path) as src:
+        profile, data = src.profile, src.read()
+    hrefs = {}
+    for i, name in enumerate(["blue", "green", "red", "nir"]):
+        p = tmp_path / f"{name}.tif"
+        with rasterio.open(p, "w", **{**profile, "count": 1}) as dst:
+            dst.write(data[i], 1)
+        hrefs[name] = str(p)
+    item = pystac.Item("s", {"type": "Point", "coordinates": [0, 0]}, [0, 0, 0, 0], __import__("datetime").datetime(2024, 1, 1), {})
+    for k, h in hrefs.items():
+        item.add_asset(k, pystac.Asset(h, media_type=pystac.MediaType.COG))
+    scene = geoseg.open_scene(item)
+    assert list(scene["band"].values) == ["blue", "green", "red", "nir"]
+    np.testing.assert_array_equal(scene.values, data)
+    assert geoseg.open_scene(item, assets=["red", "nir"]).sizes["band"] == 2
+
+
+def test_threaded_scheduler_without_a_client(random_model, scene_path, monkeypatch):
+    """dask's threaded scheduler: each dask thread runs its forward passes with one torch thread."""
+    import dask
+    import torch
+
+    import geoseg.graph
+
+    seen = []
+    real = geoseg.graph.segment_chunk
+
+    def watched(*args, **kwargs):
+        seen.append(torch.get_num_threads())  # torch's thread count is per calling thread (OpenMP)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(geoseg.graph, "segment_chunk", watched)
+    ds = geoseg.predict(geoseg.open_scene(scene_path), random_model, chunk_size=128, precision="fp32")
+    with dask.config.set(scheduler="threads", num_workers=2):
+        a = ds.class_id.values
+    assert seen == [1] * 12  # every chunk, one torch thread
+    assert a.shape == (300, 437) and (a != 255).any()
+
+
+def test_reprs_show_the_card_plan_and_metrics(random_model):
+    from geoseg.training.metrics import Metrics
+
+    m = geoseg.Model.open(random_model)
+    html = m._repr_html_()
+    for c in m.card.classes:
+        assert c.name in html and c.color in html and c.name in repr(m)
+    plan = geoseg.plan_tiling(m.card, (5000, 3000))
+    assert "chunk_size" in plan._repr_html_() and "pixel overhead" in str(plan)
+    metrics = Metrics((0, 1), ("water", "forest"), np.array([[8, 2], [1, 9]]))
+    assert "water" in metrics._repr_html_() and "mIoU" in metrics._repr_html_() and "forest" in str(metrics)
+
+
+def test_vectorize_a_dataset_and_cog_from_the_accessor(client, random_model, scene_path, tmp_path):
+    import rasterio
+
+    ds = geoseg.predict(geoseg.open_scene(scene_path), random_model, chunk_size=128)
+    gdf = ds.geoseg.vectorize()
+    ref = geoseg.vectorize(ds)
+    assert len(gdf) == len(ref) > 0 and gdf.crs.to_epsg() == 32617
+    assert set(gdf["class_name"]) <= {c.name for c in geoseg.Model.open(random_model).card.classes}
+    assert "mean_confidence" in gdf
+    path = ds.geoseg.to_cog(tmp_path / "c.tif")
+    with rasterio.open(path) as src:
+        np.testing.assert_array_equal(src.read(1), ds.class_id.values)
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"

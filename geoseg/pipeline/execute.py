@@ -25,7 +25,18 @@ def prepare_cluster(client: Any, job: Job, timeout: float | None = None) -> Nume
 
 
 def _progress(total_px: int, enabled: bool):
-    from tqdm.auto import tqdm
+    """A progress bar: a widget in Jupyter where ipywidgets is installed, text otherwise (never tqdm's
+    'IProgress not found' warning)."""
+    from tqdm.std import tqdm
+
+    try:
+        from IPython import get_ipython
+
+        if get_ipython() is not None and "IPKernelApp" in get_ipython().config:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm  # type: ignore[no-redef]
+    except (ImportError, AttributeError):
+        pass
 
     return tqdm(total=round(total_px / 1e6, 2), unit="Mpx", unit_scale=False, disable=not enabled, dynamic_ncols=True,
                 bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]")

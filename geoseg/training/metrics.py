@@ -172,3 +172,21 @@ class Metrics:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def __str__(self) -> str:
+        return self.table(confusion=False)
+
+    def _repr_html_(self) -> str:
+        """Per-class scores as an HTML table (Jupyter)."""
+        from html import escape
+
+        def f(v: float) -> str:
+            return "-" if not np.isfinite(v) else f"{v:.3f}"
+
+        rows = "".join(
+            f"<tr><td>{cid}</td><td>{escape(name)}</td><td>{f(self.iou[i])}</td><td>{f(self.precision[i])}</td>"
+            f"<td>{f(self.recall[i])}</td><td>{f(self.f1[i])}</td><td>{self.label_pixels[i]}</td></tr>"
+            for i, (cid, name) in enumerate(zip(self.class_ids, self.class_names)))
+        return (f"<div><b>mIoU {f(self.miou)}</b> &middot; overall accuracy {f(self.overall_accuracy)} &middot; "
+                f"{self.pixels} pixels<table><tr><th>id</th><th>class</th><th>IoU</th><th>precision</th><th>recall</th>"
+                f"<th>F1</th><th>label px</th></tr>{rows}</table></div>")

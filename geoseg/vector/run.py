@@ -179,7 +179,7 @@ def merge_phase(owner: int, region_ids: np.ndarray, region_class: np.ndarray, me
 
 
 def plan_chunks(src: ClassRaster, chunk_size: int | None) -> TilingPlan:
-    size = chunk_size or (max(src.chunks[0], 1024) if src.chunks else DEFAULT_CHUNK)
+    size = chunk_size or max(DEFAULT_CHUNK, *(src.chunks or ()))
     return TilingPlan.make(src.shape, stride=1, chunk_size=size, halo=0)
 
 

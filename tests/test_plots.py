@@ -1,0 +1,76 @@
+"""Plots render to PNG with what a reader needs: the legend's class names, the metrics' classes; maps are offline."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import geoseg  # noqa: E402
+from geoseg.plot import composite_bands, explore, plot_classes, plot_confusion, plot_history, plot_iou, plot_scene  # noqa: E402
+from geoseg.training.metrics import Metrics  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def prediction(random_model, scene_path):
+    import dask
+
+    with dask.config.set(scheduler="threads"):
+        return geoseg.predict(geoseg.open_scene(scene_path), random_model, chunk_size=128).compute()
+
+
+def _png(fig, path) -> None:
+    fig.savefig(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    plt.close(fig)
+
+
+def test_composite_bands_follow_band_names():
+    assert composite_bands(["blue", "green", "red", "nir"]) == [2, 1, 0]
+    assert composite_bands(["blue", "green", "red", "nir"], false_colour=True) == [3, 2, 1]
+    assert composite_bands(["SR_B2", "SR_B3", "SR_B4", "SR_B5"]) == [2, 1, 0]
+    assert composite_bands(["lsat7_2000_10", "lsat7_2000_20", "lsat7_2000_30", "lsat7_2000_40"]) == [2, 1, 0]
+    assert composite_bands(["a", "b", "c", "d"]) == [0, 1, 2]
+
+
+def test_scene_and_class_map_with_legend(prediction, scene_path, tmp_path):
+    scene = geoseg.open_scene(scene_path)
+    ax = plot_scene(scene)
+    img = ax.get_images()[0].get_array()
+    assert img.shape[2] == 4 and img[..., 3].min() == 0 and img[..., 3].max() == 1  # nodata corner transparent
+    _png(ax.figure, tmp_path / "scene.png")
+    polygons = prediction.geoseg.vectorize()
+    ax = prediction.geoseg.plot(polygons=polygons)
+    present = {int(v) for v in np.unique(prediction.class_id.values) if v != 255}
+    names = {c.id: c.name for c in geoseg.classes_of(prediction)}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [names[i] for i in sorted(present)]
+    assert ax.collections  # the polygons' outlines
+    _png(ax.figure, tmp_path / "classes.png")
+    assert plot_classes(prediction.class_id, legend=False).get_legend() is None
+
+
+def test_metric_plots(tmp_path):
+    m = Metrics((1, 2, 3), ("developed", "forest", "water"), np.array([[50, 5, 0], [4, 80, 1], [0, 2, 30]]))
+    ax = plot_confusion(m)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["developed", "forest", "water"]
+    _png(ax.figure, tmp_path / "confusion.png")
+    other = Metrics((1, 2, 3), ("developed", "forest", "water"), np.array([[40, 15, 0], [10, 70, 5], [0, 12, 20]]))
+    ax = plot_iou(m, others={"pixel model": other})
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("model (mIoU") and labels[1].startswith("pixel model (mIoU")
+    _png(ax.figure, tmp_path / "iou.png")
+    ax = plot_history([{"epoch": i, "loss": 1 / i, "val_loss": 1.2 / i, "val_miou": 0.1 * i} for i in range(1, 6)])
+    assert [line.get_label() for line in ax.get_lines()] == ["loss", "val_loss"]
+    _png(ax.figure, tmp_path / "history.png")
+
+
+def test_interactive_map_is_offline(prediction, tmp_path):
+    m = explore(prediction, polygons=prediction.geoseg.vectorize())
+    html = m.get_root().render()
+    assert "data:image/png;base64," in html  # the class map travels inside the page
+    assert "tile.openstreetmap" not in html  # no basemap fetched
+    assert "class_name" in html
