@@ -155,8 +155,9 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
     if ydim is None or xdim is None or len(other) != 1:
         raise InputError(f"a scene has dims (band, y, x); this DataArray has {da_.dims}")
     da_ = da_.transpose(other[0], ydim, xdim)
-    if other[0] != "band":
-        da_ = da_.rename({other[0]: "band"})
+    renames = {k: v for k, v in ((other[0], "band"), (ydim, "y"), (xdim, "x")) if k != v}
+    if renames:
+        da_ = da_.rename(renames)
     if da_.rio.crs is None:
         raise InputError("the DataArray has no CRS; set one with .rio.write_crs(...) (odc-stac and stackstac set it)")
     if "nodata" not in da_.attrs:
@@ -271,10 +272,18 @@ def vectorize(source: Any, outputs: Sequence[str | os.PathLike] | None = None, *
     from geoseg.vector.api import vectorize as vectorize_files
 
     if isinstance(source, (xr.Dataset, xr.DataArray)):
+        import dask
+
+        unsupported = sorted(set(options) - {"connectivity"})
+        if unsupported:
+            raise ConfigError(f"{', '.join(unsupported)}: for a Dataset in memory only connectivity applies; write it "
+                              "to a store (ds.to_zarr) and vectorize the store for the other options")
         var = source["class_id"] if isinstance(source, xr.Dataset) else source
-        conf = source["confidence"].values if isinstance(source, xr.Dataset) and "confidence" in source else None
-        gdf = polygonize(var.values, var.rio.transform(), var.rio.crs, classes_of(var),
-                         connectivity=options.get("connectivity", 4), confidence=conf)
+        with_conf = isinstance(source, xr.Dataset) and "confidence" in source
+        # one computation for both layers: the model runs once
+        ids, conf = dask.compute(var.data, source["confidence"].data if with_conf else None)
+        gdf = polygonize(np.asarray(ids), var.rio.transform(), var.rio.crs, classes_of(var),
+                         connectivity=options.get("connectivity", 4), confidence=None if conf is None else np.asarray(conf))
         if outputs:
             from geoseg.vector.writers import write_layer
 

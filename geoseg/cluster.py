@@ -58,9 +58,11 @@ def connect(
     # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
     # image, as infra/docker does).
     environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON}
-    # distributed's MALLOC_TRIM_THRESHOLD_ turns off glibc's dynamic mmap threshold: every forward
-    # pass would map and fault its activations afresh (geoseg.workers). Local workers go without it.
-    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), "MALLOC_TRIM_THRESHOLD_": None}
+    # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
+    # the worker plugin sets the same at run time in workers started by someone else)
+    from geoseg.workers import ALLOCATOR_ENVIRON
+
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
                           "distributed.nanny.pre-spawn-environ": pre_spawn}):
         cluster = LocalCluster(

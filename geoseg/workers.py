@@ -23,39 +23,40 @@ from typing import Any
 
 PLUGIN_NAME = "geoseg-worker"
 GDAL_CACHEMAX_MB = "128"
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLDS = (256 << 20, 32 << 20)  # glibc >= 2.35 refuses more than 32 MiB on 64-bit
 
 
-_GLIBC_TUNABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+# glibc's mallopt parameters (malloc.h) and what geoseg's workers run with
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+TRIM_BYTES = 512 << 20
+# the same settings as environment variables, for worker processes geoseg spawns itself
+ALLOCATOR_ENVIRON = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_BYTES), "MALLOC_ARENA_MAX": "1"}
 
 
-def tune_allocator(force: bool = False) -> dict[str, Any]:
-    """Undo a fixed glibc threshold in this process: raise the mmap and trim thresholds (``mallopt``).
+def tune_allocator() -> dict[str, Any]:
+    """Keep a worker's large buffers in its heap, reused from one forward pass to the next.
 
-    Only where one of glibc's ``MALLOC_*_`` variables is set (a dask nanny sets one) or with
-    ``force``: a process that has none keeps glibc's dynamic threshold, as plain processes do.
-    Returns what was set (``{}``: nothing to undo, or not glibc).
+    A U-Net's activations on a 2176 px tile are hundreds of MB each. glibc serves anything above
+    its mmap threshold (at most 32 MiB) with a fresh mmap, so every forward pass maps and faults
+    them afresh; distributed's MALLOC_TRIM_THRESHOLD_ also freezes that threshold at 128 KiB.
+    Here: no mmap for allocations (the heap serves them), 512 MiB of free heap kept before
+    trimming, and one arena (threads share the main heap instead of small mmapped ones).
+    Measured on one core, U-Net-resnet18 fp32, 2176 px tiles in a thread: 0.253 Mpx/s with glibc's
+    defaults, 0.326 with these (512 px tiles: 0.348 and 0.391). Returns what was set ({} off glibc).
     """
     if platform.system() != "Linux":
         return {}
-    if not force and not any(k in os.environ for k in _GLIBC_TUNABLES):
-        return {"glibc": "dynamic thresholds (untouched)"}
     name = ctypes.util.find_library("c") or "libc.so.6"
     try:
         libc = ctypes.CDLL(name)
         mallopt = libc.mallopt
     except (OSError, AttributeError):
-        return {}  # not glibc (musl has no mallopt): nothing to undo there
+        return {}  # not glibc (musl has no mallopt)
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done: dict[str, Any] = {}
-    for value in _MMAP_THRESHOLDS:
-        if mallopt(_M_MMAP_THRESHOLD, value) == 1:
-            done["mmap_threshold"] = value
-            break
-    if mallopt(_M_TRIM_THRESHOLD, 256 << 20) == 1:
-        done["trim_threshold"] = 256 << 20
+    for key, param, value in (("mmap_max", _M_MMAP_MAX, 0), ("trim_threshold", _M_TRIM_THRESHOLD, TRIM_BYTES),
+                              ("arena_max", _M_ARENA_MAX, 1)):
+        if mallopt(param, value) == 1:
+            done[key] = value
     return done
 
 

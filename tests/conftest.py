@@ -137,7 +137,10 @@ def dask_cluster(tmp_path: Path, worker_args: list[list[str]]):
 
     scheduler_file = tmp_path / "scheduler.json"
     # scratch space of scheduler and workers in this test's folder, not a shared /tmp one
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DASK_TEMPORARY_DIRECTORY": str(tmp_path)}
+    # as a deployment starts them: without the glibc settings an embedded cluster's nanny leaves in this
+    # process's environment
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env.update({"HF_HUB_OFFLINE": "1", "DASK_TEMPORARY_DIRECTORY": str(tmp_path)})
     logs = []
     procs: list[subprocess.Popen] = []
 

@@ -63,7 +63,10 @@ def output_summary(folder: Path) -> dict:
     names: dict[int, str] = {}
     item_path = folder / "item.json"
     if item_path.exists():
-        item = json.loads(item_path.read_text())
+        try:
+            item = json.loads(item_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{item_path}: unreadable ({exc}); the output folder is damaged") from None
         for c in item.get("assets", {}).get("classes", item.get("assets", {}).get("prediction", {})).get("classification:classes", []):
             if not c.get("nodata"):
                 names[int(c["value"])] = c.get("title") or c.get("name")

@@ -159,6 +159,7 @@ def write_cog_cluster(
     tags: Mapping[str, Any] | None = None,
     batch: int = 16,
     bigtiff: bool | None = None,
+    priority: int = 0,
 ) -> dict[str, Any]:
     """Write ``class_id`` (a zarr array or dask array, uint8, ``grid.shape``) as a COG built on ``client``'s workers.
 
@@ -172,19 +173,24 @@ def write_cog_cluster(
     if tuple(full.shape) != tuple(grid.shape) or full.dtype != np.uint8:
         from geoseg.errors import InputError
 
-        raise InputError(f"class map of shape {tuple(full.shape)} ({full.dtype}) does not fit the grid {tuple(grid.shape)} (uint8)")
+        raise InputError(f"{out_path}: the class map of shape {tuple(full.shape)} ({full.dtype}) does not fit the grid "
+                         f"{tuple(grid.shape)} (uint8)")
     pyramid = levels(full)
     # every tile of every level compressed on the workers; the futures stay there until written
     # one graph for every level, so the overviews share the full resolution's reads
-    per_level = [[dask.delayed(compress_tile)(b) for b in lvl.rechunk(TILE).to_delayed().ravel()] for lvl in pyramid]
-    flat = client.compute([t for lvl in per_level for t in lvl])
+    # (unoptimized: each level optimized alone would fuse the shared blocks under new keys and read them twice)
+    per_level = [[dask.delayed(compress_tile)(b) for b in lvl.rechunk(TILE).to_delayed(optimize_graph=False).ravel()]
+                 for lvl in pyramid]
+    flat = client.compute([t for lvl in per_level for t in lvl], priority=priority)
     tiles: list[list[Any]] = []
     for lvl in per_level:
         tiles.append(flat[: len(lvl)])
         flat = flat[len(lvl):]
-    sizes = [client.gather(client.map(len, futs, pure=False)) for futs in tiles]
+    sizes = [client.gather(client.map(len, futs, pure=False, priority=priority)) for futs in tiles]
     total = sum(sum(s) for s in sizes)
-    big = total + 8 * sum(len(s) for s in sizes) + 2**20 > 2**32 - 1 if bigtiff is None else bigtiff
+    # classic TIFF: tile bytes, 8 bytes of leader and trailer and 8 of offset and count per tile, IFDs and tags
+    n_tiles = sum(len(s) for s in sizes)
+    big = total + 16 * n_tiles + 2**20 > 2**32 - 1 if bigtiff is None else bigtiff
     copied = gdal_tags(grid, classes, tags)
     ifds = []
     for i, lvl in enumerate(pyramid):

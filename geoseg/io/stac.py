@@ -109,5 +109,8 @@ def class_counts(class_id: Any) -> dict[int, int]:
     import dask.array as da
 
     arr = class_id if isinstance(class_id, da.Array) else da.from_zarr(class_id)
-    counts = np.asarray(da.bincount(arr.ravel(), minlength=256).compute())
+    # one histogram per block, then their sum (no reshaping of the map)
+    per_block = arr.map_blocks(lambda b: np.bincount(b.ravel(), minlength=256)[None, None, :], dtype=np.int64,
+                               new_axis=2, chunks=(1, 1, 256))
+    counts = np.asarray(per_block.sum(axis=(0, 1)).compute())
     return {i: int(n) for i, n in enumerate(counts) if n and i != NODATA_CLASS}

@@ -139,8 +139,8 @@ def store_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
 
     try:
         return dict(zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path)).attrs)
-    except (OSError, ValueError, KeyError, TypeError, zarr.errors.BaseZarrError):
-        return None  # missing or not a Zarr group: nothing to reuse
+    except (FileNotFoundError, KeyError, zarr.errors.BaseZarrError):
+        return None  # missing or not a Zarr group: nothing to reuse (other errors, a timeout say, are raised)
 
 
 def reusable_chunks(path: str | os.PathLike, job_key: str, plan: TilingPlan) -> set[tuple[int, int]]:

@@ -197,7 +197,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     }
 
     def summary(status: str, cluster: dict[str, Any] | None) -> dict[str, Any]:
-        scenes = [entries[sp.scene.name] for sp in jp.scenes]
+        scenes = [entries.get(sp.scene.name) or _scene_entry(sp, "skipped", None, None) for sp in jp.scenes]
         totals = {k: sum(e["status"] == k for e in scenes) for k in ("computed", "reused", "skipped", "failed")}
         return {
             "geoseg_job": 1,

@@ -137,7 +137,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             with Stage("cog") as st:
                 # tiles and overviews made by the workers; this process lays out a few tiles at a time
                 write_cog_cluster(client, _class_array(store), staging / COG_NAME,
-                                  grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest})
+                                  grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest},
+                                  priority=priority)
             timings["cog_s"], memory["cog_peak_rss"] = st.seconds, st.peak_rss
             from geoseg.vector.style import raster_qml, write_qml
 
@@ -150,14 +151,17 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
                 # chunk-parallel on the cluster; workers leave part files beside the staging folder
                 # (under OUT's prefix for a URL, where remote workers reach it too)
                 vec = vectorize(str(store), [staging / VECTOR_NAME], client=client, chunk_size=job.plan.chunk_size,
-                                classes=classes, parts_near=out if remote else staging)
+                                classes=classes, parts_near=out if remote else staging, priority=priority)
             timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
             polygons = vec["polygons"]
             outputs.append(VECTOR_NAME)
         with Stage("item") as st:
             from geoseg.io.stac import class_counts
 
-            pixels = class_counts(_class_array(store))
+            import dask
+
+            with dask.annotate(priority=priority):
+                pixels = class_counts(_class_array(store))
         timings["item_s"] = st.seconds
         h, w = job.stack.shape
         record = {

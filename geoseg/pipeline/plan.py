@@ -82,6 +82,8 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "model": digest,
             "plan": plan.describe(),
             "precision": options.precision,
+            "exact": options.exact,
+            "device": options.device,
             "batch_size": options.batch_size,
         },
         sort_keys=True,

@@ -127,6 +127,7 @@ def vectorize(
     min_area: str | float | None = None,
     simplify: str | float | None = None,
     parts_near: str | os.PathLike | None = None,
+    priority: int = 0,
 ) -> dict[str, Any]:
     """Polygonize ``source`` (prediction.zarr or a class raster) on the cluster into each of ``outputs``.
 
@@ -153,7 +154,7 @@ def vectorize(
 
             client = stack.enter_context(connect())
         parts = stack.enter_context(_parts_dir(near))
-        stats = vectorize_parts(client, src, parts, opts)
+        stats = vectorize_parts(client, src, parts, opts, priority)
         if not classes:
             classes = _classes_from_parts(parts)
         tolerance = simplify_tolerance(simplify, src)

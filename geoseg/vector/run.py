@@ -62,7 +62,21 @@ class ClassRaster:
         import rasterio
 
         with storage.gdal_env(self.path), rasterio.open(self.path) as ds:
-            return ds.read(1, window=box.window), None
+            a = ds.read(1, window=box.window)
+            nodata = ds.nodata
+        if a.dtype == np.uint8:
+            return a, None
+        # wider integer types: class ids 0-254, the file's nodata becomes 255
+        missing = np.zeros(a.shape, bool) if nodata is None else a == nodata
+        ids = a[~missing]
+        if ids.size and (ids.min() < 0 or ids.max() > 254):
+            from geoseg.errors import InputError
+
+            raise InputError(f"{self.path}: class ids must be 0-254 (255 and the file's nodata mean none); found "
+                             f"{int(ids.min())}..{int(ids.max())} in rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}")
+        out = a.astype(np.uint8)
+        out[missing] = 255
+        return out, None
 
 
 @dataclass(frozen=True)
@@ -183,8 +197,9 @@ def plan_chunks(src: ClassRaster, chunk_size: int | None) -> TilingPlan:
     return TilingPlan.make(src.shape, stride=1, chunk_size=size, halo=0)
 
 
-def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOptions = VectorizeOptions()) -> dict[str, Any]:
-    """Both phases on ``client``; the polygons end up as GeoParquet part files under ``parts``."""
+def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOptions = VectorizeOptions(),
+                    priority: int = 0) -> dict[str, Any]:
+    """Both phases on ``client`` (tasks at dask ``priority``); the polygons end up as GeoParquet part files under ``parts``."""
     from distributed import wait
 
     check_connectivity(opts.connectivity)
@@ -192,9 +207,9 @@ def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOp
         os.makedirs(parts, exist_ok=True)
     plan = plan_chunks(src, opts.chunk_size)
     ny, nx = plan.grid_shape
-    first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, pure=False) for ch in plan}
-    summaries_f = {k: client.submit(operator.getitem, f, 0, pure=False) for k, f in first.items()}
-    pieces_f = {k: client.submit(operator.getitem, f, 1, pure=False) for k, f in first.items()}
+    first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, pure=False, priority=priority) for ch in plan}
+    summaries_f = {k: client.submit(operator.getitem, f, 0, pure=False, priority=priority) for k, f in first.items()}
+    pieces_f = {k: client.submit(operator.getitem, f, 1, pure=False, priority=priority) for k, f in first.items()}
     summaries = dict(zip(summaries_f, client.gather(list(summaries_f.values()))))
     del first
     edges = {k: s["edges"] for k, s in summaries.items()}
@@ -227,10 +242,11 @@ def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOp
     for owner, items in owners.items():
         members = []
         for c, labels, rid in items:
-            piece = client.submit(select_pieces, pieces_f[(c // nx, c % nx)], labels, pure=False)
+            piece = client.submit(select_pieces, pieces_f[(c // nx, c % nx)], labels, pure=False, priority=priority)
             members.append((rid, piece))
         owned = np.unique(np.concatenate([rid for _, _, rid in items]))  # sorted: merge_phase searches it
-        merges.append(client.submit(merge_phase, owner, owned, region_class[owned], members, src, opts, parts, pure=False))
+        merges.append(client.submit(merge_phase, owner, owned, region_class[owned], members, src, opts, parts, pure=False,
+                                    priority=priority))
     wait(merges)
     merged = sum(f.result() for f in merges)
     inner = sum(s["written"] for s in summaries.values())
@@ -281,6 +297,8 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
             if ds.count != 1 or ds.dtypes[0] not in ("uint8", "int8", "uint16", "int16", "uint32", "int32"):
                 raise InputError(f"{p}: a class raster has one integer band; this has {ds.count} band(s) of {ds.dtypes[0]}")
             nodata = None if ds.nodata is None else int(ds.nodata)
+            if ds.dtypes[0] != "uint8":
+                nodata = 255  # read() maps the file's nodata to 255 and checks ids fit 0-254
             return ClassRaster(p, "raster", (ds.height, ds.width), ds.transform,
                                None if ds.crs is None else ds.crs.to_wkt(), nodata, tuple(ds.block_shapes[0]))
     except RasterioIOError as exc:
