@@ -15,7 +15,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 __version__ = "0.1.0"
 _API = ("Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "plan_tiling", "predict",
-        "segment", "to_cog", "train", "vectorize")
+        "sample_data", "segment", "to_cog", "train", "vectorize")
 __all__ = ["GeosegError", "__version__", *_API]
 
 

@@ -48,6 +48,18 @@ class Model:
         m = open_model(path)
         return cls(m.location, m.card, m.digest)
 
+    @classmethod
+    def init(cls, path: str | os.PathLike, *, bands: int = 4, classes: Any = 5, encoder: str = "resnet18",
+             encoder_depth: int = 4, seed: int = 0, overwrite: bool = False) -> "Model":
+        """A model directory with seeded random weights (``classes``: a count or ClassInfo list), to try
+        the pipeline before training; nothing is downloaded."""
+        from geoseg.model.store import init_model
+
+        listed = None if isinstance(classes, int) else list(classes)
+        init_model(path, n_bands=bands, n_classes=classes if isinstance(classes, int) else len(listed),
+                   classes=listed, encoder=encoder, encoder_depth=encoder_depth, seed=seed, overwrite=overwrite)
+        return cls.open(path)
+
     @property
     def classes(self) -> dict[int, str]:
         return {c.id: c.name for c in self.card.classes}
@@ -96,6 +108,14 @@ def cluster(n_workers: int | None = None, scheduler: str | None = None) -> Itera
 
 
 # ---------------------------------------------------------------------------------------------- scenes
+
+
+def sample_data(out_dir: str | os.PathLike, *, size: int = 1024, bands: int = 4, classes: int = 5, seed: int = 0) -> Any:
+    """A generated scene to try things on: ``image.tif``, ``labels.tif`` and ``classes.yaml`` in ``out_dir``
+    (the returned object has ``image_path``, ``labels_path``, ``classes``)."""
+    from geoseg.sample import make_sample
+
+    return make_sample(out_dir, size=size, bands=bands, seed=seed, n_classes=classes)
 
 
 def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None = None) -> xr.DataArray:
@@ -358,4 +378,4 @@ def describe_plan(plan: TilingPlan) -> str:
 
 
 __all__ = ["Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "plan_tiling", "predict",
-           "segment", "to_cog", "train", "vectorize"]
+           "sample_data", "segment", "to_cog", "train", "vectorize"]

@@ -161,20 +161,26 @@ def reusable_chunks(path: str | os.PathLike, job_key: str, plan: TilingPlan) -> 
 
 
 def finalize_store(path: str | os.PathLike) -> None:
-    """Mark a store whose every chunk is written complete, then drop its markers (it needs none)."""
+    """Mark a store whose every chunk is written complete, drop its markers (it needs none), and
+    consolidate its metadata (xr.open_zarr then opens it in one read, without a warning)."""
+    import warnings
+
     import zarr
 
     group = zarr.open_group(str(path), mode="r+", **storage.zarr_kwargs(path))
     group.attrs.update({COMPLETE_ATTR: True})
     if storage.is_url(path):
         storage.remove(storage.join(path, ".geoseg"), recursive=True)
-        return
-    shutil.rmtree(Path(path) / ".geoseg", ignore_errors=True)
-    # zarr writes a chunk to "<key>.<uuid>.partial" and renames it; a worker killed in between
-    # leaves that file behind. It is never read (the chunk was written again), only litter.
-    for leftover in Path(path).rglob("*.partial"):
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(Path(path) / ".geoseg", ignore_errors=True)
+        # zarr writes a chunk to "<key>.<uuid>.partial" and renames it; a worker killed in between
+        # leaves that file behind. It is never read (the chunk was written again), only litter.
+        for leftover in Path(path).rglob("*.partial"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(group.store)
 
 
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:

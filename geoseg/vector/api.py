@@ -81,10 +81,21 @@ def classes_of(src: ClassRaster) -> list[ClassInfo]:
     import json
 
     if src.kind == "zarr":
+        import zarr
+
         from geoseg.io.zarr_store import store_attrs
 
         found = (store_attrs(src.path) or {}).get("geoseg_classes")
-        return [ClassInfo(**c) for c in found] if found else []
+        if found:
+            return [ClassInfo(**c) for c in found]
+        # a store written by xarray from geoseg.predict: CF-style attributes on class_id
+        attrs = dict(zarr.open_group(src.path, mode="r", **storage.zarr_kwargs(src.path))["class_id"].attrs)
+        ids = attrs.get("flag_values")
+        if not ids:
+            return []
+        names = attrs.get("class_names") or [f"class_{i}" for i in ids]
+        colors = attrs.get("class_colors") or ["#888888"] * len(ids)
+        return [ClassInfo(id=int(i), name=n, color=c) for i, n, c in zip(ids, names, colors)]
     import rasterio
 
     with storage.gdal_env(src.path), rasterio.open(src.path) as ds:
