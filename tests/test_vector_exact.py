@@ -258,3 +258,25 @@ def test_simplified_polygons_still_partition_the_map(client, tmp_path):
     valid = shapely.union_all([g for _, g in exact])
     assert union.symmetric_difference(valid).area == pytest.approx(0.0, abs=1e-6)
     assert got.geometry.area.sum() == pytest.approx(union.area, rel=1e-9)
+
+
+@pytest.mark.parametrize("crs, x0, y0, unit", [("EPSG:32617", 320000.0, 4100000.0, 1.0), ("EPSG:3857", -8.9e6, 4.3e6, 1.0),
+                                               ("EPSG:2264", 2000000.0, 700000.0, 1200 / 3937)])
+def test_fast_measures_agree_with_the_geodesic_ones(crs, x0, y0, unit):
+    """Small polygons measured by the projection's scale at their centroid equal the edge-by-edge geodesic measures."""
+    from geoseg.vector.measure import Measurer
+
+    rng = np.random.default_rng(0)
+    geoms = []
+    for _ in range(50):
+        w, h = rng.uniform(10, 1400, 2) / unit
+        ring = shapely.box(x0, y0, x0 + w, y0 + h).difference(shapely.box(x0 + w / 4, y0 + h / 4, x0 + w / 2, y0 + h / 2))
+        geoms.append(ring)
+        x0 += 7000 / unit
+    geoms = np.array(geoms, dtype=object)
+    m = Measurer(crs)
+    fast_area, fast_perim = m(geoms)
+    assert m._fast_ok is (crs != "EPSG:3857")  # pseudo-Mercator: spherical factors, not the ellipsoid's
+    exact_area, exact_perim = m._geodesic(geoms)
+    np.testing.assert_allclose(fast_area, exact_area, rtol=2e-5)
+    np.testing.assert_allclose(fast_perim, exact_perim, rtol=2e-5)

@@ -17,6 +17,9 @@ from pyproj import CRS, Geod, Transformer
 
 # Edges longer than this many metres are split before projecting to lon/lat.
 DENSIFY_M = 1000.0
+# Polygons narrower than this (bounding-box diagonal, metres) in a conformal projection are measured
+# by the projection's scale at their centroid (pyproj's factors), not edge by edge.
+SMALL_M = 2000.0
 
 
 def to_pyproj(crs: Any) -> CRS | None:
@@ -33,7 +36,8 @@ def to_pyproj(crs: Any) -> CRS | None:
 
 
 class Measurer:
-    """Ellipsoidal area (m²) and perimeter (m) of polygons in ``crs``; NaN where the CRS has no datum."""
+    """Ellipsoidal area (m²) and perimeter (m, every ring: holes included) of polygons in ``crs``;
+    NaN where the CRS has no datum."""
 
     def __init__(self, crs: Any) -> None:
         self.crs = to_pyproj(crs)
@@ -41,6 +45,7 @@ class Measurer:
         self.transformer: Transformer | None = None
         self.to_degrees = 1.0
         self.densify: float | None = None
+        self._fast_ok: bool | None = None
         if self.crs is None or not (self.crs.is_geographic or self.crs.is_projected):
             return
         self.geod = self.crs.get_geod()
@@ -50,12 +55,58 @@ class Measurer:
         else:
             geographic = self.crs.geodetic_crs
             self.transformer = Transformer.from_crs(self.crs, geographic, always_xy=True)
+            from pyproj import Proj
+
+            self._proj = Proj(self.crs)
             self.densify = DENSIFY_M / self.crs.axis_info[0].unit_conversion_factor
 
     def __call__(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(geoms)
         if self.geod is None or n == 0:
             return np.full(n, np.nan), np.full(n, np.nan)
+        if self.transformer is None:
+            return self._geodesic(geoms)
+        # Small polygons in a conformal projection (UTM, Lambert conformal...): the planar measures
+        # over the projection's scale at the polygon, which varies by less than 2e-5 across a
+        # polygon 2 km wide (checked against the geodesic measures once per CRS). Larger
+        # polygons, other projections and CRSs that fail the check go the long way.
+        area, perim = np.full(n, np.nan), np.full(n, np.nan)
+        bounds = shapely.bounds(geoms)
+        unit = self.crs.axis_info[0].unit_conversion_factor
+        diag = np.hypot(bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]) * unit
+        small = diag < SMALL_M
+        if small.any():
+            centre = shapely.get_coordinates(shapely.centroid(geoms[small]))
+            lon, lat = self.transformer.transform(centre[:, 0], centre[:, 1])
+            try:
+                f = self._proj.get_factors(lon, lat)
+            except Exception:  # a projection PROJ gives no factors for: every polygon the long way
+                return self._geodesic(geoms)
+            conformal = np.abs(np.asarray(f.angular_distortion)) < 1e-4  # PROJ differentiates numerically
+            k_par, k_mer = np.asarray(f.parallel_scale), np.asarray(f.meridional_scale)
+            fast = conformal & np.isfinite(k_par) & np.isclose(k_par, k_mer, rtol=1e-6)
+            idx = np.flatnonzero(small)[fast]
+            scale = k_par[fast] / unit  # map units per ground metre
+            area[idx] = shapely.area(geoms[idx]) / scale**2
+            perim[idx] = shapely.length(geoms[idx]) / scale
+            if len(idx) and not self._fast_checked(geoms[idx[:3]], area[idx[:3]], perim[idx[:3]]):
+                area[idx] = np.nan  # the factors do not describe this CRS on the ellipsoid: the long way
+        rest = np.flatnonzero(np.isnan(area))
+        if len(rest):
+            area[rest], perim[rest] = self._geodesic(geoms[rest])
+        return area, perim
+
+    def _fast_checked(self, geoms: np.ndarray, area: np.ndarray, perim: np.ndarray) -> bool:
+        """Whether the scale factors give the ellipsoidal measures in this CRS, checked once on a few
+        polygons: EPSG:3857, say, applies spherical Mercator to ellipsoidal coordinates, so PROJ's
+        (spherical) factors are off by 0.5% at 24°N there."""
+        if self._fast_ok is None:
+            exact_area, exact_perim = self._geodesic(geoms)
+            self._fast_ok = bool(np.allclose(area, exact_area, rtol=2e-5) and np.allclose(perim, exact_perim, rtol=2e-5))
+        return self._fast_ok
+
+    def _geodesic(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(geoms)
         if self.transformer is not None:
             geoms = shapely.segmentize(geoms, self.densify)
             t = self.transformer
@@ -65,6 +116,7 @@ class Measurer:
         area, perim = np.empty(n), np.empty(n)
         for i, g in enumerate(shapely.orient_polygons(geoms)):
             # exteriors counter-clockwise, holes clockwise: holes subtract, areas are > 0
-            a, p = self.geod.geometry_area_perimeter(g)
-            area[i], perim[i] = abs(a), p
+            a, _ = self.geod.geometry_area_perimeter(g)
+            # the perimeter counts every ring, holes too (as GIS packages do); pyproj's counts the exterior
+            area[i], perim[i] = abs(a), self.geod.geometry_length(g.boundary)
         return area, perim
