@@ -113,10 +113,16 @@ class Measurer:
             geoms = shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
         elif not math.isclose(self.to_degrees, 1.0, rel_tol=1e-12):
             geoms = shapely.transform(geoms, lambda xy: xy * self.to_degrees)
-        area, perim = np.empty(n), np.empty(n)
-        for i, g in enumerate(shapely.orient_polygons(geoms)):
-            # exteriors counter-clockwise, holes clockwise: holes subtract, areas are > 0
-            a, _ = self.geod.geometry_area_perimeter(g)
-            # the perimeter counts every ring, holes too (as GIS packages do); pyproj's counts the exterior
-            area[i], perim[i] = abs(a), self.geod.geometry_length(g.boundary)
+        # every ring as lon/lat arrays, measured by GeographicLib: exterior areas minus holes' areas;
+        # the perimeter counts every ring, holes too (as GIS packages do)
+        rings, owner = shapely.get_rings(shapely.get_parts(geoms), return_index=True)
+        part_of = shapely.get_parts(geoms, return_index=True)[1]
+        first = np.r_[True, owner[1:] != owner[:-1]]  # the first ring of each part is its exterior
+        area, perim = np.zeros(n), np.zeros(n)
+        for ring, part, is_exterior in zip(rings, owner, first):
+            xy = shapely.get_coordinates(ring)
+            a, p = self.geod.polygon_area_perimeter(xy[:-1, 0], xy[:-1, 1])
+            i = part_of[part]
+            area[i] += abs(a) if is_exterior else -abs(a)
+            perim[i] += p
         return area, perim
