@@ -27,9 +27,11 @@ cat <<MSG
 
 Done. The model was trained on the western 60% of the scene and evaluated on the eastern 40%
 ($DEMO/evaluation-east.json). Outputs for the whole scene in $DEMO/out:
-  classes.tif      open in QGIS/ArcGIS: colour table and class names are embedded
-  landuse.gpkg     land-use polygons, one per 4-connected region of one class
+  classes.tif      open in QGIS/ArcGIS: colour table and class names are embedded (classes.qml beside it)
+  landuse.gpkg     land-use polygons, one per 4-connected region of one class, styled for QGIS
   prediction.zarr  python -c "import xarray as xr; print(xr.open_zarr('$DEMO/out/prediction.zarr', decode_coords='all'))"
+  item.json        the STAC item of the folder
   run.json         what ran, timings, Mpx/s
+  geoseg info $DEMO/out   classes with their area shares, polygons, run figures
 For a synthetic scene of any size: make demo-synthetic
 MSG
