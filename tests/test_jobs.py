@@ -281,7 +281,7 @@ def test_run_two_scenes_then_nothing_then_overwrite(client, scenes, random_model
     for s in summary["scenes"]:
         out_dir = root / "out" / s["name"]
         assert Path(s["out_dir"]) == out_dir
-        assert sorted(p.name for p in out_dir.iterdir()) == ["classes.tif", "landuse.gpkg", "prediction.zarr", "run.json"]
+        assert sorted(p.name for p in out_dir.iterdir()) == ["classes.qml", "classes.tif", "item.json", "landuse.gpkg", "prediction.zarr", "run.json"]
         run = json.loads((out_dir / "run.json").read_text())
         assert run["job_key"] == s["job_key"] and s["chunks"]["computed"] == 4 and s["timings"]["segment_s"] > 0
     landsat_run = json.loads((root / "out" / "landsat" / "run.json").read_text())

@@ -121,7 +121,9 @@ def test_polygons_rasterize_back_to_the_class_map(full_run, scene_path):
     burned = rasterio.features.rasterize(zip(gdf.geometry, gdf.class_id.astype(int)), out_shape=class_id.shape,
                                          transform=transform, fill=255, dtype="uint8")
     assert np.array_equal(burned, class_id)
-    assert np.isclose(gdf.area_m2.sum(), np.count_nonzero(class_id != 255) * 100.0)
+    # ellipsoidal areas: the planar UTM pixel area over the scale factor squared (about +0.08% here)
+    assert np.isclose(gdf.area_m2.sum(), np.count_nonzero(class_id != 255) * 100.0, rtol=2e-3)
+    assert gdf["pixels"].sum() == np.count_nonzero(class_id != 255)
 
 
 def test_run_record(full_run, trained_model):

@@ -88,7 +88,7 @@ def test_killed_job_resumes(client, random_model, scene, tmp_path):
     assert f"{64 - done} computed, {done} reused" in result.output
     record = json.loads((out / "run.json").read_text())
     assert record["chunks"] == {"chunks": 64, "computed": 64 - done, "reused": done}
-    assert _visible(out) == ["prediction.zarr", "run.json"]
+    assert _visible(out) == ["item.json", "prediction.zarr", "run.json"]
 
     reference.result(timeout=300)
     _same_maps(out / "prediction.zarr", tmp_path / "ref" / "prediction.zarr")
@@ -173,14 +173,14 @@ def test_chunk_killed_mid_write_is_rewritten(client, random_model, scene_path, t
 
 def test_failure_after_segmentation_leaves_nothing_finished(client, random_model, scene_path, tmp_path, monkeypatch):
     """A run that dies while writing the COG publishes nothing; --resume then reuses the whole store."""
-    import geoseg.io.cog
+    import geoseg.io.cog_cluster
 
     def broken(*args, **kwargs):
         raise OSError("disk full (simulated)")
 
     out = tmp_path / "out"
     opts = PredictOptions(chunk_size=128, vectors=False)
-    monkeypatch.setattr(geoseg.io.cog, "write_cog", broken)
+    monkeypatch.setattr(geoseg.io.cog_cluster, "write_cog_cluster", broken)
     with pytest.raises(OSError, match="simulated"):
         predict([scene_path], random_model, out, opts, client=client)
     assert sorted(p.name for p in out.iterdir()) == ["prediction.zarr.partial"]  # staging folder gone too
@@ -188,4 +188,4 @@ def test_failure_after_segmentation_leaves_nothing_finished(client, random_model
 
     record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, vectors=False, resume=True), client=client)
     assert record["chunks"] == {"chunks": 12, "computed": 0, "reused": 12}
-    assert _visible(out) == ["classes.tif", "prediction.zarr", "run.json"]
+    assert _visible(out) == ["classes.qml", "classes.tif", "item.json", "prediction.zarr", "run.json"]

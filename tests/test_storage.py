@@ -150,7 +150,7 @@ def test_predict_from_and_to_s3(s3, uploaded, local_run, random_model, scene_pat
 
 def test_failed_run_publishes_no_run_json(s3, uploaded, local_run, monkeypatch):
     """A run that fails after its store is written leaves no run.json; --resume then finishes it."""
-    import geoseg.io.cog
+    import geoseg.io.cog_cluster
 
     def broken(*args, **kwargs):
         raise OSError("COG driver failed (simulated)")
@@ -158,7 +158,7 @@ def test_failed_run_publishes_no_run_json(s3, uploaded, local_run, monkeypatch):
     scene_url, model_url = uploaded
     out_url = f"s3://{BUCKET}/runs/two"
     opts = PredictOptions(chunk_size=128, vectors=False)
-    monkeypatch.setattr(geoseg.io.cog, "write_cog", broken)
+    monkeypatch.setattr(geoseg.io.cog_cluster, "write_cog_cluster", broken)
     with pytest.raises(OSError, match="simulated"):
         predict([scene_url], model_url, out_url, opts, client=s3.client)
     keys = s3.keys("runs/two/")

@@ -203,4 +203,4 @@ def test_job_runs_through_the_tls_profile(tls_cluster, random_model, scene_path,
     assert summary["cluster"]["scheduler"] == tls_cluster["address"] and summary["cluster"]["workers"] == 1
     (scene,) = summary["scenes"]
     assert scene["status"] == "computed" and scene["chunks"]["computed"] == 4
-    assert sorted(p.name for p in (tmp_path / "out" / "scene").iterdir()) == ["classes.tif", "prediction.zarr", "run.json"]
+    assert sorted(p.name for p in (tmp_path / "out" / "scene").iterdir()) == ["classes.qml", "classes.tif", "item.json", "prediction.zarr", "run.json"]
