@@ -86,6 +86,12 @@ def build_segmentation(
         infer_name: MaterializedLayer(infers, annotations=annotations),
     }
     deps: dict[str, set[str]] = {read_name: set(), infer_name: {read_name}}
+    return _segmentation(plan, layers, deps, token, read_name, infer_name)
+
+
+def _segmentation(plan: TilingPlan, layers: dict[str, Any], deps: dict[str, set[str]], token: str, read_name: str,
+                  infer_name: str) -> Segmentation:
+    """The class_id and confidence arrays over an infer layer's (class map, confidence) results."""
     arrays = {}
     for i, name in enumerate(("class_id", "confidence")):
         out = f"geoseg-{name}-{token}"
@@ -193,13 +199,4 @@ def segmentation_from_array(
     deps = {k: set(v) for k, v in source.dependencies.items()}
     layers[infer_name] = MaterializedLayer(infers, annotations=annotations)
     deps[infer_name] = set(data.__dask_layers__())
-    arrays = {}
-    for i, name in enumerate(("class_id", "confidence")):
-        out = f"geoseg-{name}-{token}"
-        layers[out] = MaterializedLayer({(out, ch.iy, ch.ix): (operator.getitem, (infer_name, ch.iy, ch.ix), i) for ch in plan})
-        deps[out] = {infer_name}
-        arrays[name] = out
-    hlg = HighLevelGraph(layers, deps)
-    class_id = da.Array(hlg, arrays["class_id"], plan.chunks, dtype=np.uint8)
-    confidence = da.Array(hlg, arrays["confidence"], plan.chunks, dtype=np.float32)
-    return Segmentation(plan, class_id, confidence, hlg, "", infer_name)
+    return _segmentation(plan, layers, deps, token, "", infer_name)
