@@ -25,7 +25,7 @@ import xarray as xr
 
 from geoseg.errors import ConfigError, InputError
 from geoseg.model.card import NODATA_CLASS, ModelCard
-from geoseg.tiling import TilingPlan, plan_for
+from geoseg.tiling import plan_for
 
 plan_tiling = plan_for
 
@@ -270,15 +270,9 @@ def open_prediction(path: str | os.PathLike) -> xr.Dataset:
 
 def classes_of(ds: xr.Dataset | xr.DataArray) -> list[Any]:
     """The ClassInfo list a prediction carries in its attributes."""
-    from geoseg.model.card import ClassInfo
+    from geoseg.vector.api import classes_from_attrs
 
-    var = ds["class_id"] if isinstance(ds, xr.Dataset) else ds
-    ids, names, colors = var.attrs.get("flag_values"), var.attrs.get("class_names"), var.attrs.get("class_colors")
-    if ids is None:
-        return []
-    names = list(names or [f"class_{i}" for i in ids])
-    colors = list(colors or ["#808080"] * len(ids))
-    return [ClassInfo(id=int(i), name=n, color=c) for i, n, c in zip(np.atleast_1d(ids), names, colors)]
+    return classes_from_attrs((ds["class_id"] if isinstance(ds, xr.Dataset) else ds).attrs)
 
 
 # ---------------------------------------------------------------------------------------------- vectorize
@@ -369,12 +363,6 @@ def evaluate(images: Sequence[str | os.PathLike], model: str | os.PathLike, labe
     from geoseg.evaluation import evaluate as run
 
     return run(images, model, labels, EvaluateOptions(**options))
-
-
-def describe_plan(plan: TilingPlan) -> str:
-    d = plan.describe()
-    return (f"{d['shape'][0]} x {d['shape'][1]} px in {d['chunks']} chunks of {d['chunk_size']} px, halo {d['halo']} px, "
-            f"tiles {d['tile_size']} px, pixel overhead {d['overhead']:.3f}")
 
 
 __all__ = ["Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "plan_tiling", "predict",

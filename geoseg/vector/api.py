@@ -32,7 +32,7 @@ from geoseg.vector.regions import check_connectivity, label_regions
 from geoseg.vector.run import ClassRaster, VectorizeOptions, iter_parts, open_class_raster, vectorize_parts
 from geoseg.vector.writers import LAYER, check_vector_path, empty_frame, write_layer
 
-__all__ = ["LAYER", "polygonize", "vectorize", "write_vectors", "classes_of"]
+__all__ = ["LAYER", "classes_from_attrs", "classes_of", "polygonize", "vectorize", "write_vectors"]
 
 
 def polygonize(
@@ -89,13 +89,7 @@ def classes_of(src: ClassRaster) -> list[ClassInfo]:
         if found:
             return [ClassInfo(**c) for c in found]
         # a store written by xarray from geoseg.predict: CF-style attributes on class_id
-        attrs = dict(zarr.open_group(src.path, mode="r", **storage.zarr_kwargs(src.path))["class_id"].attrs)
-        ids = attrs.get("flag_values")
-        if not ids:
-            return []
-        names = attrs.get("class_names") or [f"class_{i}" for i in ids]
-        colors = attrs.get("class_colors") or ["#888888"] * len(ids)
-        return [ClassInfo(id=int(i), name=n, color=c) for i, n, c in zip(ids, names, colors)]
+        return classes_from_attrs(zarr.open_group(src.path, mode="r", **storage.zarr_kwargs(src.path))["class_id"].attrs)
     import rasterio
 
     with storage.gdal_env(src.path), rasterio.open(src.path) as ds:
@@ -105,6 +99,17 @@ def classes_of(src: ClassRaster) -> list[ClassInfo]:
     names = json.loads(tags["CLASS_NAMES"])
     colors = json.loads(tags.get("CLASS_COLORS", "{}"))
     return [ClassInfo(id=int(k), name=v, color=colors.get(k, "#888888")) for k, v in names.items()]
+
+
+def classes_from_attrs(attrs: Any) -> list[ClassInfo]:
+    """Classes from the CF-style attributes geoseg.predict puts on ``class_id`` (flag_values, class_names, class_colors)."""
+    ids = attrs.get("flag_values")
+    if ids is None or not len(np.atleast_1d(ids)):
+        return []
+    ids = [int(i) for i in np.atleast_1d(ids)]
+    names = list(attrs.get("class_names") or [f"class_{i}" for i in ids])
+    colors = list(attrs.get("class_colors") or ["#808080"] * len(ids))
+    return [ClassInfo(id=i, name=n, color=c) for i, n, c in zip(ids, names, colors)]
 
 
 @contextlib.contextmanager
@@ -175,19 +180,27 @@ def vectorize(
     return {**stats, "outputs": written}
 
 
-def simplify_tolerance(value: str | float | None, src: ClassRaster) -> float:
-    """``--simplify`` in map units: "1.5px" (pixel widths) or a number in the CRS's units."""
+def _quantity(value: str | float | None, units: str, default: str, problem: str) -> tuple[float, str] | None:
+    """``value`` as (number, unit) with ``units`` a regex alternation ("px|m2|ha"); None for nothing."""
     import re
 
     from geoseg.errors import ConfigError
 
     if value is None or value == "" or value == 0:
-        return 0.0
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(px)?\s*", str(value))
+        return None
+    m = re.fullmatch(rf"\s*([0-9]*\.?[0-9]+)\s*({units})?\s*", str(value))
     if not m:
-        raise ConfigError(f"--simplify {value!r}: give a tolerance in pixels (1.5px) or in the CRS's units (15)")
-    number = float(m.group(1))
-    return number * abs(src.affine.a) if m.group(2) else number
+        raise ConfigError(f"{value!r}: {problem}")
+    return float(m.group(1)), m.group(2) or default
+
+
+def simplify_tolerance(value: str | float | None, src: ClassRaster) -> float:
+    """``--simplify`` in map units: "1.5px" (pixel widths) or a number in the CRS's units."""
+    q = _quantity(value, "px", "", "--simplify takes a tolerance in pixels (1.5px) or in the CRS's units (15)")
+    if q is None:
+        return 0.0
+    number, unit = q
+    return number * abs(src.affine.a) if unit == "px" else number
 
 
 def _simplified(parts: Iterable[gpd.GeoDataFrame], tolerance: float, src: ClassRaster) -> gpd.GeoDataFrame:
@@ -208,16 +221,12 @@ def _simplified(parts: Iterable[gpd.GeoDataFrame], tolerance: float, src: ClassR
 
 def min_area_pixels(value: str | float | None, src: ClassRaster) -> int:
     """``--min-area`` in pixels: "25", "25px", "500m2" or "0.5ha" (areas by the pixel's size on the ground)."""
-    import re
-
     from geoseg.errors import ConfigError
 
-    if value is None or value == "" or value == 0:
+    q = _quantity(value, "px|m2|ha", "px", "--min-area takes pixels (25 or 25px), square metres (500m2) or hectares (0.5ha)")
+    if q is None:
         return 0
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(px|m2|ha)?\s*", str(value))
-    if not m:
-        raise ConfigError(f"--min-area {value!r}: give pixels (25 or 25px), square metres (500m2) or hectares (0.5ha)")
-    number, unit = float(m.group(1)), m.group(2) or "px"
+    number, unit = q
     if unit == "px":
         return int(np.ceil(number))
     metres = number * (1e4 if unit == "ha" else 1.0)
