@@ -237,8 +237,11 @@ def predict(
     import dask.array as da
 
     data = scene.data if isinstance(scene.data, da.Array) else da.from_array(scene.data, chunks=(-1, plan.chunk_size, plan.chunk_size))
-    seg = segmentation_from_array(data, scene.attrs.get("nodata") or [None] * card.n_bands, plan,
-                                  ModelRef(m.location, m.digest, device), InferenceSettings(numerics.precision, batch_size))
+    from geoseg.methods import scene_settings
+
+    nodata = scene.attrs.get("nodata") or [None] * card.n_bands
+    settings = scene_settings(card, None, plan, InferenceSettings(numerics.precision, batch_size), array=data, nodata=nodata)
+    seg = segmentation_from_array(data, nodata, plan, ModelRef(m.location, m.digest, device), settings)
     coords = {"y": scene["y"].values, "x": scene["x"].values}
     ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)}, coords=coords)
     ds["class_id"].attrs.update(_class_attrs(card))

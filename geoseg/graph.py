@@ -21,21 +21,25 @@ from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from geoseg.errors import detached
 from geoseg.infer import InferenceSettings, segment_chunk
-from geoseg.io.sources import RasterStack, read_window
+from geoseg.io.sources import RasterStack, read_bands
 from geoseg.runtime import ModelRef, get_model
 from geoseg.tiling import Box, Chunk, TilingPlan
 
 
 @detached
 def read_block(stack: RasterStack, box: Box) -> tuple[np.ndarray, np.ndarray]:
-    """The bands of ``box`` in the rasters' common dtype (no float copy on the wire) and the valid
-    mask packed to bits (an eighth of a byte per pixel on the wire)."""
-    data, valid = read_window(stack, box.window, dtype=stack.dtype)
+    """The bands of ``box`` in the rasters' common dtype (no float copy on the wire) and each band's
+    valid mask packed to bits (an eighth of a byte per band and pixel on the wire)."""
+    data, valid = read_bands(stack, box.window, dtype=stack.dtype)
     return data, np.packbits(valid, axis=None)
 
 
-def unpack_valid(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+def unpack_valid(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def on_device(settings: InferenceSettings, device: str) -> InferenceSettings:
+    return InferenceSettings(settings.precision, settings.batch_size, device, settings.params)
 
 
 @detached
@@ -48,9 +52,8 @@ def infer_chunk(
 ) -> tuple[np.ndarray, np.ndarray]:
     bundle = get_model(ref)
     data, packed = block
-    valid = unpack_valid(packed, chunk.input.shape)
-    device_settings = InferenceSettings(settings.precision, settings.batch_size, str(next(bundle.net.parameters()).device))
-    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid, device_settings)
+    valid = unpack_valid(packed, (data.shape[0], *chunk.input.shape))
+    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid, on_device(settings, bundle.device))
 
 
 @dataclass(frozen=True)
@@ -135,15 +138,20 @@ def assemble(boxes: Sequence[Box], blocks: Sequence[np.ndarray], outer: Box) -> 
     return data
 
 
+def band_masks(data: np.ndarray, nodata: Sequence[float | None]) -> np.ndarray:
+    """Where each band holds a value (bands, h, w): not its nodata, finite."""
+    valid = np.ones(data.shape, bool)
+    for v, band, nd in zip(valid, data, nodata):
+        if nd is not None:
+            v &= ~np.isnan(band) if isinstance(nd, float) and np.isnan(nd) else band != nd
+        if band.dtype.kind == "f":
+            v &= np.isfinite(band)
+    return valid
+
+
 def valid_mask(data: np.ndarray, nodata: Sequence[float | None]) -> np.ndarray:
     """Pixels where every band holds a value: not its nodata, finite."""
-    valid = np.ones(data.shape[1:], bool)
-    for band, nd in zip(data, nodata):
-        if nd is not None:
-            valid &= ~np.isnan(band) if isinstance(nd, float) and np.isnan(nd) else band != nd
-        if band.dtype.kind == "f":
-            valid &= np.isfinite(band)
-    return valid
+    return band_masks(data, nodata).all(axis=0)
 
 
 @detached
@@ -153,8 +161,7 @@ def infer_window(ref: ModelRef, plan: TilingPlan, chunk: Chunk, settings: Infere
     _single_stream()
     bundle = get_model(ref)
     data = assemble(boxes, blocks, chunk.input)
-    device_settings = InferenceSettings(settings.precision, settings.batch_size, str(next(bundle.net.parameters()).device))
-    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid_mask(data, nodata), device_settings)
+    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, band_masks(data, nodata), on_device(settings, bundle.device))
 
 
 def _single_stream() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -24,19 +24,30 @@ class InferenceSettings:
     precision: str = "fp32"
     batch_size: int = 4
     device: str = "cpu"
+    params: tuple[tuple[str, Any], ...] = ()  # what a method computed over the whole scene (Otsu's threshold)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
-def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard) -> np.ndarray:
-    """``(x - mean) / std`` per band; invalid pixels become 0 (the band mean)."""
+def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None = None) -> np.ndarray:
+    """``(x - mean) / std`` per band; invalid pixels (and missing values of a band) become 0 (the band mean)."""
     mean = np.asarray(card.normalization.mean, np.float32)[:, None, None]
     std = np.asarray(card.normalization.std, np.float32)[:, None, None]
     x = (data.astype(np.float32, copy=False) - mean) / std
     x[:, ~valid] = 0.0
+    if band_valid is not None:
+        x[~band_valid] = 0.0
     return x
+
+
+def pixel_valid(card: ModelCard, valid: np.ndarray) -> np.ndarray:
+    """Pixels to classify: ``valid`` as given (h, w), or from each band's mask (bands, h, w): every
+    band present, or (``missing_bands: fill``) any band present."""
+    if valid.ndim == 2:
+        return valid
+    return valid.any(axis=0) if card.missing_bands == "fill" else valid.all(axis=0)
 
 
 def _autocast(settings: InferenceSettings):
@@ -62,6 +73,22 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
         logits = net(t)
     probs = torch.softmax(logits.float(), dim=1)[:, :, :h, :w]
     return probs.cpu().numpy()
+
+
+def forward_d4(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings) -> np.ndarray:
+    """Mean class probabilities over the 8 flips/rotations of the batch (test-time augmentation)."""
+    total = None
+    for k in range(4):
+        for flip in (False, True):
+            t = np.rot90(x, k, axes=(2, 3))
+            if flip:
+                t = t[:, :, :, ::-1]
+            p = forward(net, np.ascontiguousarray(t), stride, settings)
+            if flip:
+                p = p[:, :, :, ::-1]
+            p = np.rot90(p, -k, axes=(2, 3))
+            total = p.copy() if total is None else total + p
+    return total / 8.0
 
 
 def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
@@ -90,7 +117,7 @@ def segment_window(
     confidence = np.full(core.shape, np.nan, np.float32)
     for batch in _batches(tiles, settings.batch_size):
         xb = np.stack([x[(slice(None), *t.input.relative_to(outer))] for t in batch])
-        probs = forward(net, xb, card.stride, settings)
+        probs = forward_d4(net, xb, card.stride, settings) if card.tta == "d4" else forward(net, xb, card.stride, settings)
         for t, p in zip(batch, probs):
             p = p[(slice(None), *t.core.relative_to(t.input))]
             class_id[t.core.relative_to(core)] = lut[p.argmax(axis=0)]
@@ -101,8 +128,13 @@ def segment_window(
     return class_id, confidence
 
 
+def _edges_open(box: Box, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
+    """Sides (top, bottom, left, right) where the scene continues beyond ``box``."""
+    return (box.y0 > 0, box.y1 < shape[0], box.x0 > 0, box.x1 < shape[1])
+
+
 def segment_chunk(
-    net: torch.nn.Module,
+    net: Any,
     card: ModelCard,
     plan: TilingPlan,
     chunk: Chunk,
@@ -110,19 +142,62 @@ def segment_chunk(
     valid: np.ndarray,
     settings: InferenceSettings,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Segment one chunk; ``data``/``valid`` cover ``chunk.input``."""
-    if not valid[chunk.core.relative_to(chunk.input)].any():
-        # Nothing to see: skip the network entirely.
+    """Segment one chunk; ``data``/``valid`` cover ``chunk.input``.
+
+    ``valid`` is the pixels' mask (h, w) or each band's (bands, h, w), so a model that classifies
+    from the bands a pixel has (``missing_bands: fill``) can. ``net`` is the network of an ``smp``
+    card or the predictor of another method. The post-processing of the card runs on the class
+    map of the core grown by its ring (inside the halo) and the core is kept.
+    """
+    band_valid = valid if valid.ndim == 3 else None
+    pix = pixel_valid(card, valid)
+    if not pix[chunk.core.relative_to(chunk.input)].any():
+        # Nothing to see: skip the model entirely.
         return (np.full(chunk.core.shape, NODATA_CLASS, np.uint8), np.full(chunk.core.shape, np.nan, np.float32))
-    x = normalize(data, valid, card)
-    return segment_window(net, card, x, valid, chunk.input, plan.tiles(chunk), chunk.core, settings)
+    pp = card.postprocess
+    box = chunk.core.grow(pp.ring, plan.shape).intersect(chunk.input) if pp.active else chunk.core
+    assert box is not None
+    if card.method == "smp":
+        x = normalize(data, pix, card, band_valid)
+        tiles = plan.tiles(chunk)
+        if pp.active:
+            tiles = [Tile(t.core.grow(pp.ring, plan.shape).intersect(t.input) or t.core, t.input) for t in tiles]
+        class_id, confidence = segment_window(net, card, x, pix, chunk.input, tiles, box, settings)
+    else:
+        class_id, confidence = classify_pixels(net, card, data, band_valid, pix, chunk.input, box, settings)
+    if pp.active:
+        from geoseg.methods.postprocess import apply
+
+        class_id = apply(class_id, pp, _edges_open(box, plan.shape))
+        sl = chunk.core.relative_to(box)
+        class_id, confidence = class_id[sl], confidence[sl]
+    return class_id, confidence
+
+
+def classify_pixels(predictor: Any, card: ModelCard, data: np.ndarray, band_valid: np.ndarray | None, valid: np.ndarray,
+                    outer: Box, core: Box, settings: InferenceSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and confidence over ``core`` from a per-pixel method's probabilities on the window ``outer``."""
+    from geoseg.methods.features import nan_bands
+
+    bv = band_valid if band_valid is not None else np.broadcast_to(valid, data.shape)
+    probs = predictor.probabilities(nan_bands(data, bv), valid, dict(settings.params))
+    sl = core.relative_to(outer)
+    p = probs[(slice(None), *sl)]
+    lut = np.asarray(card.class_ids, np.uint8)
+    class_id = lut[p.argmax(axis=0)]
+    confidence = p.max(axis=0).astype(np.float32)
+    v = valid[sl] & (p.sum(axis=0) > 0)  # a method gives no class where its inputs are missing
+    class_id[~v] = NODATA_CLASS
+    confidence[~v] = np.nan
+    return class_id, confidence
 
 
 def segment_array(
-    net: torch.nn.Module, card: ModelCard, data: np.ndarray, valid: np.ndarray, settings: InferenceSettings
+    net: Any, card: ModelCard, data: np.ndarray, valid: np.ndarray, settings: InferenceSettings
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One forward pass over a whole in-memory scene: the reference tiled inference must equal."""
-    h, w = valid.shape
+    """One pass over a whole in-memory scene: the reference tiled inference must equal."""
+    h, w = valid.shape[-2:]
     whole = Box(0, h, 0, w)
-    x = normalize(data, valid, card)
-    return segment_window(net, card, x, valid, whole, [Tile(whole, whole)], whole, settings)
+    plan = TilingPlan.make((h, w), stride=card.stride, chunk_size=max(h, w), halo=0, tile_size=max(h, w))
+    chunk = next(iter(plan))
+    return segment_chunk(net, card, plan, chunk, data, valid, settings)

@@ -64,7 +64,8 @@ def get_model(ref: ModelRef) -> ModelBundle:
                 raise ModelError(
                     f"{ref.path}: model changed while the job ran (digest {bundle.digest[:12]} != {ref.digest[:12]}); rerun the job"
                 )
-            bundle.net.to(memory_format=torch.channels_last)
+            if isinstance(bundle.net, torch.nn.Module):
+                bundle.net.to(memory_format=torch.channels_last)
             _CACHE[ref] = bundle
     return bundle
 

@@ -205,6 +205,8 @@ def plan_for(
     if exact and halo is not None and halo < card.exact_halo:
         raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
     chunk = chunk_size or DEFAULT_CHUNK
-    default = max(card.default_halo, min(chunk // HALO_PER_CHUNK, card.exact_halo))
-    chosen = halo if halo is not None else (card.exact_halo if exact else default)
+    ring = card.postprocess.ring  # class map needed around a core by the post-processing
+    model_exact = card.exact_halo - ring if ring else card.exact_halo
+    default = max(card.default_halo, min(chunk // HALO_PER_CHUNK, max(model_exact, 0)))
+    chosen = card.exact_halo if exact and halo is None else (halo if halo is not None else default) + (0 if exact else ring)
     return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=chosen, tile_size=tile_size or chunk)

@@ -63,6 +63,25 @@ def apply(options):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
               help="classes.yaml: a list of {id, name, color}; default: from the labels.")
+@click.option("--method", type=click.Choice(["smp", "threshold", "kmeans", "pixel"]), default="smp", show_default=True,
+              help="smp: an encoder-decoder network (--arch); threshold: a spectral index against a fixed or Otsu "
+                   "threshold; kmeans: clusters of bands and indices mapped to classes by the labels; pixel: a LightGBM "
+                   "classifier per pixel on bands, indices and local texture.")
+@click.option("--band-roles", default=None, metavar="ROLES",
+              help="Role of each band, in order, e.g. blue,green,red,nir,swir1,swir2 (- for none): indices are computed "
+                   "by role. Default: read from band descriptions that name one.")
+@click.option("--index", "index", default=None, metavar="NAME",
+              help="threshold: ndvi, ndwi, mndwi, ndbi, nbr or expr:<arithmetic of roles> (default: the first of mndwi, ndwi, ndvi the roles allow).")
+@click.option("--threshold", "threshold", default="otsu", show_default=True, metavar="otsu|VALUE",
+              help="threshold: a fixed value, or otsu: Otsu's threshold over each predicted scene, computed on the cluster.")
+@click.option("--clusters", type=click.IntRange(2, 254), default=None, help="kmeans: number of clusters (default: twice the classes, at least 8).")
+@click.option("--majority", type=click.IntRange(0, 16), default=0, show_default=True, metavar="R",
+              help="Post-processing: majority filter over (2R+1)² pixels (0: off).")
+@click.option("--mmu", "mmu", default=None, metavar="PX|CLASS=PX,...",
+              help="Post-processing: minimum mapping unit in pixels; smaller regions take the class they share the longest "
+                   "border with. One value, or per class id: 6=4,1=16.")
+@click.option("--tta", type=click.Choice(["none", "d4"]), default="none", show_default=True,
+              help="smp: test-time augmentation at predict (d4: mean of the 8 flips/rotations, 8x the compute).")
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder (randomly initialised, nothing downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(1, 5), default=4, show_default=True)
@@ -88,7 +107,8 @@ def apply(options):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out from its last finished epoch.")
 @opt.overwrite_opt
 @click.pass_context
-def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, classes_file, arch, encoder, encoder_depth,
+def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, classes_file, method, band_roles, index,
+          threshold, clusters, majority, mmu, tta, arch, encoder, encoder_depth,
           epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed,
           device, no_amp, tile_size, bbox, window, resume, overwrite):
     """Train a network on IMAGE (one multi-band raster, or several single-band rasters on one
@@ -115,6 +135,22 @@ def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, c
         reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
     )  # fmt: skip
 
+    from geoseg.methods.fit import band_roles_for, train_method
+    from geoseg.model.card import PostProcess
+
+    postprocess = PostProcess(majority_radius=majority, **parse_mmu(mmu))
+    if method != "smp":
+        with geoseg_warnings():
+            result = train_method(inputs, out_dir, method, config, band_roles=band_roles, index=index, threshold=threshold,
+                                  clusters=clusters, postprocess=postprocess, overwrite=overwrite)  # fmt: skip
+        _report(result, verbosity)
+        return
+    update: dict = {"postprocess": postprocess.model_dump(), "tta": tta}
+    if band_roles:
+        from geoseg.io.sources import open_stack
+
+        update["band_roles"] = band_roles_for(open_stack(list(images)), band_roles)
+
     def progress(r):
         if verbosity < 0:
             return
@@ -125,20 +161,44 @@ def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, c
     try:
         with geoseg_warnings():
             result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
-                         progress=progress)  # fmt: skip
+                         progress=progress, card_update=update)  # fmt: skip
     except KeyboardInterrupt:
         click.echo(f"geoseg: interrupted; the last finished epoch is saved in {working_dir(out_dir)}: "
                    "run the same command with --resume to continue", err=True)  # fmt: skip
         sys.exit(130)
+    _report(result, verbosity)
+
+
+def parse_mmu(text: str | None) -> dict:
+    """``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id."""
+    if not text:
+        return {}
+    try:
+        if "=" not in text:
+            return {"min_pixels": int(text.removesuffix("px"))}
+        pairs = [p.split("=") for p in text.split(",")]
+        return {"class_min_pixels": {int(c): int(v.removesuffix("px")) for c, v in pairs}}
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give pixels (16) or class=pixels pairs (6=4,1=16)", param_hint="--mmu") from None
+
+
+def _report(result, verbosity: int) -> None:
     if verbosity >= 0:
         from geoseg.training.metrics import Metrics
 
         tr = result.card.training or {}
+        if result.card.method != "smp":
+            if tr.get("metrics"):
+                click.echo(f"\nvalidation ({tr['split']['val']['blocks']} held-out blocks):")
+                click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
+            click.echo(f"model written to {result.model_dir}: method {result.card.method}, {result.card.n_bands} bands, "
+                       f"{result.card.n_classes} classes, in {tr.get('seconds', 0):.0f} s")
+            return
         if tr.get("metrics"):
             click.echo(f"\nvalidation (epoch {tr['best_epoch']}, {tr['split']['val']['blocks']} held-out blocks):")
             click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
         click.echo(
-            f"model written to {out_dir}: {result.card.arch}/{result.card.encoder} depth {result.card.encoder_depth}, "
+            f"model written to {result.model_dir}: {result.card.arch}/{result.card.encoder} depth {result.card.encoder_depth}, "
             f"{result.card.n_bands} bands, {result.card.n_classes} classes, {tr.get('epochs_run')} epochs in "
             f"{tr.get('seconds', 0):.0f} s on {tr.get('device')}"
         )

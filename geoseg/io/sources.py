@@ -172,15 +172,12 @@ def _valid(data: np.ndarray, band: BandSource) -> np.ndarray:
     return valid
 
 
-def read_window(stack: RasterStack, window: Window, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-    """Bands of ``window`` as ``dtype`` (float32 by default) ``(bands, h, w)`` and the valid mask ``(h, w)``.
-
-    A pixel is valid where every band is valid: not nodata, finite, not masked by a
-    mask band or alpha.
-    """
+def read_bands(stack: RasterStack, window: Window, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Bands of ``window`` as ``dtype`` ``(bands, h, w)`` and each band's valid mask ``(bands, h, w)``:
+    not nodata, finite, not masked by the file's mask band or alpha."""
     h, w = int(window.height), int(window.width)
     out = np.empty((stack.count, h, w), dtype)
-    valid = np.ones((h, w), bool)
+    valid = np.ones((stack.count, h, w), bool)
     by_path: dict[str, list[tuple[int, BandSource]]] = {}
     for pos, b in enumerate(stack.bands):
         by_path.setdefault(b.path, []).append((pos, b))
@@ -188,11 +185,22 @@ def read_window(stack: RasterStack, window: Window, dtype: str = "float32") -> t
         try:
             with storage.gdal_env(path), rasterio.open(path) as ds:
                 data = ds.read([b.band for _, b in items], window=window)
+                mask = ds.read_masks(items[0][1].band, window=window) > 0 if items[0][1].use_mask else None
                 for k, (pos, b) in enumerate(items):
-                    valid &= _valid(data[k], b)
+                    valid[pos] = _valid(data[k], b)
+                    if mask is not None:
+                        valid[pos] &= mask
                     out[pos] = data[k]
-                if items[0][1].use_mask:
-                    valid &= ds.read_masks(items[0][1].band, window=window) > 0
         except RasterioIOError as exc:
             raise InputError(f"{path}: read failed at {window} ({exc}); the file may be truncated") from None
     return out, valid
+
+
+def read_window(stack: RasterStack, window: Window, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Bands of ``window`` as ``dtype`` (float32 by default) ``(bands, h, w)`` and the valid mask ``(h, w)``.
+
+    A pixel is valid where every band is valid: not nodata, finite, not masked by a
+    mask band or alpha.
+    """
+    out, valid = read_bands(stack, window, dtype)
+    return out, valid.all(axis=0)

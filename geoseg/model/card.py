@@ -38,6 +38,7 @@ class BandInfo(_Frozen):
     description: str | None = None
     file: str | None = None
     resolution_m: float | None = None
+    role: str | None = None  # blue, green, red, nir, swir1, swir2, thermal...: indices are computed by role
 
 
 class ClassInfo(_Frozen):
@@ -72,6 +73,37 @@ class Normalization(_Frozen):
         return self
 
 
+METHODS = ("smp", "threshold", "kmeans", "pixel")
+PIXEL_WEIGHTS_NAME = "model.lgb.txt"  # LightGBM's own text format: no pickle
+
+
+class PostProcess(_Frozen):
+    """Clean-up of the class map, chunk by chunk with a halo, so tiles stay seamless.
+
+    First a majority (mode) filter over a (2r+1)² window, then a sieve: a 4- (or 8-) connected region
+    of fewer pixels than its class's minimum mapping unit takes the class it shares the longest
+    border with.
+    """
+
+    majority_radius: int = Field(default=0, ge=0, le=16)
+    min_pixels: int = Field(default=0, ge=0, le=4096)
+    class_min_pixels: dict[int, int] = Field(default_factory=dict)
+    connectivity: Literal[4, 8] = 4
+
+    @property
+    def sieve_pixels(self) -> int:
+        return max([self.min_pixels, *self.class_min_pixels.values()])
+
+    @property
+    def ring(self) -> int:
+        """Pixels of class map needed around a core for its post-processing to equal the whole map's."""
+        return self.majority_radius + self.sieve_pixels
+
+    @property
+    def active(self) -> bool:
+        return self.ring > 0
+
+
 class ModelCard(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     arch: str = "unet"
@@ -87,6 +119,12 @@ class ModelCard(_Frozen):
     default_halo: int = Field(ge=0)
     provenance: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] | None = None
+    method: Literal["smp", "threshold", "kmeans", "pixel"] = "smp"
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    missing_bands: Literal["nodata", "fill"] = Field(
+        default="nodata", description="nodata: a pixel with any band missing is nodata; fill: it is classified from the bands it has")
+    postprocess: PostProcess = Field(default_factory=PostProcess)
+    tta: Literal["none", "d4"] = Field(default="none", description="test-time augmentation of smp models: d4 = mean of the 8 flips/rotations")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelCard":
@@ -116,8 +154,22 @@ class ModelCard(_Frozen):
 
     @property
     def exact_halo(self) -> int:
-        """The smallest stride-aligned halo that covers the receptive field."""
-        return -(-self.receptive_field // self.stride) * self.stride
+        """The smallest stride-aligned halo that covers the receptive field and the post-processing."""
+        return -(-(self.receptive_field + self.postprocess.ring) // self.stride) * self.stride
+
+    @property
+    def band_roles(self) -> tuple[str | None, ...]:
+        return tuple(b.role for b in self.bands)
+
+    @property
+    def weights_name(self) -> str | None:
+        """The file beside the card that holds the fitted parameters (None: the card says it all)."""
+        return {"smp": WEIGHTS_NAME, "kmeans": WEIGHTS_NAME, "pixel": PIXEL_WEIGHTS_NAME, "threshold": None}[self.method]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        extra = tuple(self.method_params.get("files", ()))
+        return (CARD_NAME,) + ((self.weights_name,) if self.weights_name else ()) + extra
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"

@@ -40,6 +40,13 @@ class ModelBundle:
     digest: str
     path: Path
 
+    @property
+    def device(self) -> str:
+        """Where the model computes: the network's device, the CPU for the other methods."""
+        if isinstance(self.net, torch.nn.Module):
+            return str(next(self.net.parameters()).device)
+        return "cpu"
+
 
 _SHA256: dict[tuple[str, int, int, int], str] = {}
 
@@ -63,8 +70,10 @@ def model_digest(model_dir: Path) -> str:
     """Hash of card and weights together: what makes two model directories the same model."""
     model_dir = Path(model_dir)
     h = hashlib.sha256()
-    h.update((model_dir / CARD_NAME).read_bytes())
-    h.update(file_sha256(model_dir / WEIGHTS_NAME).encode())
+    text = (model_dir / CARD_NAME).read_bytes()
+    h.update(text)
+    for name in ModelCard.model_validate_json(text).files[1:]:
+        h.update(file_sha256(model_dir / name).encode())
     return h.hexdigest()
 
 
@@ -80,6 +89,11 @@ def read_card(model_dir: str | os.PathLike) -> ModelCard:
 def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     """Validate card and weights file without building the network (cheap, for the client)."""
     card = read_card(model_dir)
+    for name in card.files[1:]:
+        if not (Path(model_dir) / name).is_file():
+            raise ModelError(f"{Path(model_dir) / name}: file missing; the model directory is incomplete, re-export it")
+    if card.weights_name != WEIGHTS_NAME:
+        return card
     weights = Path(model_dir) / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelError(f"{weights}: weights file missing; the model directory is incomplete, re-export it")
@@ -108,13 +122,20 @@ def fetch_model_dir(url: str, digest: str | None = None) -> Path:
     url = url.rstrip("/")
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=root))
     try:
-        for name in (CARD_NAME, WEIGHTS_NAME):
+        names = [CARD_NAME]
+        while names:
+            name = names.pop(0)
             try:
                 storage.download(f"{url}/{name}", tmp / name)
             except FileNotFoundError:
                 raise ModelError(f"{url}/{name}: not found; check the model URL (a directory holding {CARD_NAME} and {WEIGHTS_NAME})") from None
             except OSError as exc:
                 raise ModelError(f"{url}/{name}: cannot fetch it ({exc}); check the URL and the credentials (AWS_* variables)") from None
+            if name == CARD_NAME:
+                try:
+                    names += list(ModelCard.read(tmp / CARD_NAME).files[1:])
+                except ModelError as exc:
+                    raise ModelError(str(exc).replace(str(tmp), url)) from None
         try:
             check_model_dir(tmp)
         except ModelError as exc:
@@ -169,6 +190,10 @@ def open_model(model: str | os.PathLike) -> OpenedModel:
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
     model_dir = local_model_dir(model_dir)
     card = check_model_dir(model_dir)
+    if card.method != "smp":
+        from geoseg.methods import load_predictor
+
+        return ModelBundle(card=card, net=load_predictor(model_dir, card), digest=model_digest(model_dir), path=model_dir)
     weights = model_dir / WEIGHTS_NAME
     net = build_network(card.arch, card.encoder, card.n_bands, card.n_classes, card.encoder_depth, card.arch_params)
     try:

@@ -42,14 +42,19 @@ def _progress(total_px: int, enabled: bool):
                 bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} Mpx [{elapsed}<{remaining}, {rate_fmt}]")
 
 
-def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: list) -> tuple[Any, list]:
+def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: list, client: Any = None,
+                       settings: Any = None) -> tuple[Any, list]:
     """The read -> infer -> write graph of the chunks in ``todo`` and the write keys (built, not run)."""
     from dask.base import tokenize
 
     from geoseg.io.zarr_store import write_chunk
 
     key = chunk_key(job.key, numerics.precision, numerics.device)
-    seg = build_segmentation(job.stack, job.plan, job.ref, job.settings(numerics.precision), job.options.model_resources)
+    from geoseg.methods import scene_settings
+
+    if settings is None:
+        settings = scene_settings(job.card, job.stack, job.plan, job.settings(numerics.precision), client)
+    seg = build_segmentation(job.stack, job.plan, job.ref, settings, job.options.model_resources)
     # Reads and inferences of one job are the same wherever they go (a shared cluster may share
     # them); writes are not: their name carries the store, or a second run of the same job into
     # another OUT would be merged with the first and write nothing.
@@ -79,7 +84,11 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
         storage.remove(store, recursive=True)
         create_store(store, job.stack.grid, plan, {JOB_ATTR: key, CLASSES_ATTR: [c.model_dump() for c in job.card.classes]})
     todo = [ch for ch in plan if (ch.iy, ch.ix) not in done]
-    graph, keys = segmentation_graph(job, store, numerics, todo)
+    from geoseg.methods import scene_settings
+
+    # what the method computes over the whole scene first (Otsu's threshold), recorded in run.json
+    settings = scene_settings(job.card, job.stack, job.plan, job.settings(numerics.precision), client)
+    graph, keys = segmentation_graph(job, store, numerics, todo, client, settings)
     bar = _progress(sum(ch.core.size for ch in todo), progress)
     # A worker lost mid-job is survived by the scheduler: its tasks (and results other tasks
     # still need) are computed again elsewhere; a write task lost half-way rewrites its chunk
@@ -101,4 +110,4 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
         raise
     finally:
         bar.close()
-    return {"chunks": len(plan), "computed": len(todo), "reused": len(done)}
+    return {"chunks": len(plan), "computed": len(todo), "reused": len(done), "scene_parameters": dict(settings.params)}

@@ -72,6 +72,9 @@ class TrainConfig:
     block_size: int | None = None  # None: twice the chip size
     min_labelled: float = 0.01  # share of a chip's pixels that must be labelled
     dice_weight: float = 1.0
+    class_balance: bool = True  # cross-entropy weights ~ 1/sqrt(class frequency in the training blocks)
+    band_dropout: float = 0.1  # chance a chip loses one band (set to its mean): models that classify with a band missing
+    photometric: float = 0.1  # per-band gain and offset jitter of a chip (std, in normalised units)
     val_max_pixels: int = 4_000_000  # validation blocks beyond this are sampled (seeded)
     seed: int = 0
     tile_size: int = 1024  # the card's forward-pass tile for predict
@@ -273,14 +276,45 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int(np.random.default_rng([seed, epoch, 0x70C4]).integers(2**62))
 
 
-def _batch(reader: ChipReader, corners: np.ndarray, chip: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _batch(reader: ChipReader, corners: np.ndarray, chip: int, rng: np.random.Generator,
+           config: TrainConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
     xs, ts = [], []
     for y, x in corners:
         xi, ti = reader.read(Box(int(y), int(y) + chip, int(x), int(x) + chip))
         xi, ti = augment(xi, ti, rng)
+        if config is not None:
+            xi = photometric(xi, rng, config.photometric, config.band_dropout)
         xs.append(xi)
         ts.append(ti)
     return np.stack(xs), np.stack(ts)
+
+
+def photometric(x: np.ndarray, rng: np.random.Generator, jitter: float, band_dropout: float) -> np.ndarray:
+    """Per-band gain ``1 + N(0, jitter)`` and offset ``N(0, jitter)`` (normalised units), and with chance
+    ``band_dropout`` one band set to 0 (its mean: how predict fills a missing band). Invalid pixels stay 0."""
+    if jitter <= 0 and band_dropout <= 0:
+        return x
+    b = x.shape[0]
+    blank = ~np.any(x != 0, axis=0)
+    if jitter > 0:
+        gain = 1.0 + jitter * rng.standard_normal(b).astype(np.float32)
+        offset = jitter * rng.standard_normal(b).astype(np.float32)
+        x = x * gain[:, None, None] + offset[:, None, None]
+    if band_dropout > 0 and b > 1 and rng.random() < band_dropout:
+        x = x.copy()
+        x[int(rng.integers(b))] = 0.0
+    x[:, blank] = 0.0
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def class_weights(counts: np.ndarray) -> np.ndarray:
+    """Cross-entropy weights per class index ~ 1/sqrt(frequency), mean 1 over the classes present, at most 10."""
+    c = counts.astype(np.float64)
+    w = np.where(c > 0, 1.0 / np.sqrt(np.maximum(c, 1)), 0.0)
+    present = c > 0
+    if present.any():
+        w = w / w[present].mean()
+    return np.clip(w, 0.0, 10.0)
 
 
 def _pad_to(t: torch.Tensor, stride: int) -> torch.Tensor:
@@ -454,6 +488,7 @@ def train(
     overwrite: bool = False,
     progress: Callable[[dict[str, Any]], None] | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    card_update: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a network on ``inputs`` and write the model directory ``out_dir`` (model.json + weights).
 
@@ -500,7 +535,11 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
 
     reader = prep.reader()
-    ce = torch.nn.CrossEntropyLoss(ignore_index=NODATA_CLASS)
+    weight = None
+    if config.class_balance:
+        counts = prep.survey.class_counts[prep.split.train].sum(axis=0)[[c.id for c in prep.classes]]
+        weight = torch.tensor(class_weights(counts), dtype=torch.float32, device=num.device)
+    ce = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=NODATA_CLASS)
     from segmentation_models_pytorch.losses import DiceLoss
 
     dice = DiceLoss("multiclass", from_logits=True, ignore_index=NODATA_CLASS)
@@ -522,7 +561,7 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             corners = prep.candidates[rng.integers(len(prep.candidates), size=config.batch_size)]
-            xb, tb = _batch(reader, corners, chip, rng)
+            xb, tb = _batch(reader, corners, chip, rng, config)
             x = torch.from_numpy(xb).to(num.device)
             t = torch.from_numpy(tb.astype(np.int64)).to(num.device)
             optimizer.zero_grad(set_to_none=True)
@@ -582,6 +621,13 @@ def train(
         provenance={"source": "geoseg train", "seed": config.seed},
         training=_training_record(inputs, config, prep, state, num),
     )
+    # band roles, post-processing, test-time augmentation: how predict runs it, not how it trained;
+    # a network trained with band dropout classifies pixels that miss a band (the band at its mean)
+    update: dict[str, Any] = {"missing_bands": "fill" if config.band_dropout > 0 else "nodata", **(card_update or {})}
+    if "band_roles" in update:
+        roles = update.pop("band_roles")
+        update["bands"] = [dict(b.model_dump(), role=r) for b, r in zip(card.bands, roles)]
+    card = ModelCard.model_validate({**card.model_dump(), **update})
     save_model(net, card, out, overwrite=True)  # emptiness was checked up front
     shutil.rmtree(work, ignore_errors=True)
     return TrainResult(card, out, tuple(state["history"]))

@@ -136,7 +136,8 @@ def join_borders(grid_shape: tuple[int, int], edges: dict[tuple[int, int], Edges
 
 
 def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity: int = 4,
-          open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False)) -> np.ndarray:
+          open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+          class_min: dict[int, int] | None = None) -> np.ndarray:
     """Regions of fewer than ``min_pixels`` pixels take the class they share the most pixel edges with.
 
     One pass on the map as given (every small region decides from the original map, so the
@@ -144,13 +145,17 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
     no valid neighbour stays. ``open_edges`` (top, bottom, left, right): edges of a window that
     the scene continues beyond; regions touching them are not judged here. A window grown by
     ``min_pixels`` on those sides judges every small region of its core exactly as the whole
-    map would, so sieving chunk by chunk equals sieving the whole scene.
+    map would, so sieving chunk by chunk equals sieving the whole scene. ``class_min``: a minimum
+    per class id (a minimum mapping unit per class) in place of ``min_pixels`` for those classes.
     """
-    if min_pixels <= 1:
+    limits = np.full(256, min_pixels, np.int64)
+    for c, v in (class_min or {}).items():
+        limits[int(c)] = int(v)
+    if limits.max() <= 1:
         return values
     labels, classes = label_regions(values, nodata, connectivity)
     n = len(classes)
-    small = np.bincount(labels.ravel(), minlength=n) < min_pixels
+    small = np.bincount(labels.ravel(), minlength=n) < limits[classes]
     small[0] = False
     for edge, is_open in zip((labels[0], labels[-1], labels[:, 0], labels[:, -1]), open_edges):
         if is_open:

@@ -1,0 +1,218 @@
+"""Per-pixel features from band roles: spectral indices by name, expressions, local texture.
+
+Pure kernels on arrays. Band data arrive as float32 ``(bands, h, w)`` with NaN where a band has no
+value; every feature is NaN where what it needs is missing, so tree models can treat missing
+values natively. Roles follow the names analysts use (blue, green, red, nir, swir1, swir2,
+thermal, ...); STAC ``eo:common_name`` values (swir16, swir22, lwir, nir08) are accepted as aliases.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from geoseg.errors import ConfigError
+
+ROLES = ("coastal", "blue", "green", "red", "rededge", "nir", "swir1", "swir2", "thermal", "pan")
+ALIASES = {"swir16": "swir1", "swir22": "swir2", "lwir": "thermal", "lwir11": "thermal", "tir": "thermal",
+           "nir08": "nir", "nir09": "nir", "near-infrared": "nir", "near infrared": "nir", "panchromatic": "pan"}  # fmt: skip
+# name -> (a, b): (a - b) / (a + b)
+INDICES = {
+    "ndvi": ("nir", "red"),  # vegetation
+    "ndwi": ("green", "nir"),  # open water (McFeeters)
+    "mndwi": ("green", "swir1"),  # open water, built-up suppressed (Xu)
+    "ndbi": ("swir1", "nir"),  # built-up
+    "nbr": ("nir", "swir2"),  # burn / moisture
+}
+TEXTURE_RADIUS = 2  # local mean and standard deviation over 5 x 5 pixels
+
+
+def canonical_role(name: str | None) -> str | None:
+    if name is None:
+        return None
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    return key if key in ROLES else None
+
+
+def parse_roles(text: str | Sequence[str], n_bands: int) -> tuple[str | None, ...]:
+    """``"blue,green,red,nir,swir1,swir2"`` (``-`` or ``none`` for a band with no role) -> one role per band."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text)]
+    if len(items) != n_bands:
+        raise ConfigError(f"--band-roles lists {len(items)} role(s) but the image has {n_bands} band(s); give one per band, in order")
+    roles: list[str | None] = []
+    for it in items:
+        if it.lower() in ("", "-", "none"):
+            roles.append(None)
+            continue
+        r = canonical_role(it)
+        if r is None:
+            raise ConfigError(f"--band-roles: unknown role {it!r}; use {', '.join(ROLES)} (or - for none)")
+        roles.append(r)
+    dup = sorted({r for r in roles if r and roles.count(r) > 1})
+    if dup:
+        raise ConfigError(f"--band-roles: role(s) {', '.join(dup)} given to more than one band")
+    return tuple(roles)
+
+
+def guess_roles(descriptions: Sequence[str | None]) -> tuple[str | None, ...]:
+    """Roles read from band descriptions that name one (``red``, ``nir``, ``swir16``...); others None."""
+    roles = [canonical_role(d) for d in descriptions]
+    return tuple(r if r and roles.count(r) == 1 else None for r in roles)
+
+
+def available_indices(roles: Sequence[str | None]) -> tuple[str, ...]:
+    have = set(r for r in roles if r)
+    return tuple(name for name, (a, b) in INDICES.items() if a in have and b in have)
+
+
+def _band(data: np.ndarray, roles: Sequence[str | None], role: str) -> np.ndarray:
+    try:
+        return data[list(roles).index(role)]
+    except ValueError:
+        raise ConfigError(f"the band roles ({', '.join(str(r) for r in roles)}) have no {role!r} band; set them with --band-roles") from None
+
+
+def normalized_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = a + b
+        out = np.where(s != 0, (a - b) / s, 0.0).astype(np.float32)
+    out[~(np.isfinite(a) & np.isfinite(b))] = np.nan
+    return out
+
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}  # fmt: skip
+
+
+def check_expression(expr: str, roles: Sequence[str | None] | None = None) -> None:
+    """Refuse anything but arithmetic on numbers and role names (no calls, no attributes)."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError as exc:
+        raise ConfigError(f"index expression {expr!r}: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            if canonical_role(node.id) is None:
+                raise ConfigError(f"index expression {expr!r}: {node.id!r} is not a band role ({', '.join(ROLES)})")
+            if roles is not None and canonical_role(node.id) not in roles:
+                raise ConfigError(f"index expression {expr!r}: no band has the role {node.id!r}; set it with --band-roles")
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Load, *_OPS)):
+            raise ConfigError(f"index expression {expr!r}: only + - * / ** on numbers and band roles are allowed")
+
+
+def expression(data: np.ndarray, roles: Sequence[str | None], expr: str) -> np.ndarray:
+    """Evaluate an arithmetic expression of band roles, e.g. ``(nir - red) / (nir + red + 0.5)``."""
+    check_expression(expr, roles)
+
+    def ev(node: ast.AST) -> np.ndarray | float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return _band(data, roles, canonical_role(node.id)).astype(np.float32)  # type: ignore[arg-type]
+        if isinstance(node, ast.BinOp):
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp):
+            return _OPS[type(node.op)](ev(node.operand))
+        raise AssertionError(node)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.asarray(ev(ast.parse(expr, mode="eval")), np.float32)
+    out = np.broadcast_to(out, data.shape[1:]).astype(np.float32)
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+def spectral_index(data: np.ndarray, roles: Sequence[str | None], name: str) -> np.ndarray:
+    """A named index (ndvi, ndwi, mndwi, ndbi, nbr) or ``expr:...`` over ``data`` (NaN = missing)."""
+    key = name.strip()
+    if key.lower().startswith("expr:"):
+        return expression(data, roles, key[5:])
+    if key.lower() not in INDICES:
+        raise ConfigError(f"unknown index {name!r}; use one of {', '.join(INDICES)} or expr:<arithmetic of band roles>")
+    a, b = INDICES[key.lower()]
+    return normalized_difference(_band(data, roles, a).astype(np.float32), _band(data, roles, b).astype(np.float32))
+
+
+def local_stats(x: np.ndarray, radius: int = TEXTURE_RADIUS) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of the finite values in a (2r+1)² window (NaN where none)."""
+    size = 2 * radius + 1
+    ok = np.isfinite(x)
+    v = np.where(ok, x, 0.0).astype(np.float64)
+    n = ndimage.uniform_filter(ok.astype(np.float64), size, mode="constant")
+    s1 = ndimage.uniform_filter(v, size, mode="constant")
+    s2 = ndimage.uniform_filter(v * v, size, mode="constant")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
+    none = n < 0.5 / size**2
+    mean[none], std[none] = np.nan, np.nan
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def default_features(roles: Sequence[str | None], n_bands: int, texture: bool = True) -> tuple[str, ...]:
+    """Bands, every index the roles allow, and local texture of brightness and the first index."""
+    feats = [f"band:{i}" for i in range(n_bands)] + list(available_indices(roles))
+    if texture:
+        feats += ["mean:brightness", "std:brightness"]
+        idx = available_indices(roles)
+        if idx:
+            feats += [f"std:{idx[0]}"]
+    return tuple(feats)
+
+
+def feature_radius(features: Sequence[str]) -> int:
+    return TEXTURE_RADIUS if any(f.startswith(("mean:", "std:")) for f in features) else 0
+
+
+def brightness(data: np.ndarray, scale: Sequence[float] | None = None) -> np.ndarray:
+    """Mean of the bands (each divided by ``scale``), over the bands that have a value."""
+    x = data.astype(np.float32)
+    if scale is not None:
+        x = x / np.asarray(scale, np.float32)[:, None, None]
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(x, axis=0) if x.shape[0] > 1 else x[0]
+
+
+def feature_stack(
+    data: np.ndarray, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float] | None = None
+) -> np.ndarray:
+    """``(len(features), h, w)`` float32; NaN where a feature's inputs are missing."""
+    import warnings
+
+    out = np.empty((len(features), *data.shape[1:]), np.float32)
+    base: dict[str, np.ndarray] = {}
+
+    def plain(name: str) -> np.ndarray:
+        if name not in base:
+            if name.startswith("band:"):
+                base[name] = data[int(name[5:])].astype(np.float32)
+            elif name == "brightness":
+                base[name] = brightness(data, scale)
+            else:
+                base[name] = spectral_index(data, roles, name)
+        return base[name]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN is the answer
+        for i, f in enumerate(features):
+            if f.startswith(("mean:", "std:")):
+                kind, of = f.split(":", 1)
+                mean, std = local_stats(plain(of))
+                out[i] = mean if kind == "mean" else std
+            else:
+                out[i] = plain(f)
+    return out
+
+
+def nan_bands(data: np.ndarray, band_valid: np.ndarray) -> np.ndarray:
+    """float32 copy of ``data`` with NaN where a band has no value."""
+    x = data.astype(np.float32, copy=True)
+    x[~band_valid] = np.nan
+    return x

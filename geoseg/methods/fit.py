@@ -1,0 +1,256 @@
+"""`geoseg train --method threshold|kmeans|pixel`: fit a per-pixel method on the same inputs,
+spatial split and labels the networks use, score it on the validation blocks, write its model
+directory (card + LightGBM text model or safetensors; nothing pickled) atomically."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from geoseg.errors import ConfigError, InputError, OutputExistsError
+from geoseg.methods.features import (
+    available_indices,
+    check_expression,
+    default_features,
+    feature_radius,
+    guess_roles,
+    parse_roles,
+)
+from geoseg.methods.sampling import sample_blocks, window_features
+from geoseg.model.card import CARD_NAME, NODATA_CLASS, PIXEL_WEIGHTS_NAME, WEIGHTS_NAME, BandInfo, ClassInfo, ModelCard, PostProcess
+from geoseg.tiling import Box
+from geoseg.training.chips import class_lut
+from geoseg.training.labels import read_labels
+from geoseg.training.loop import TrainConfig, TrainInputs, TrainResult, band_infos, prepare
+from geoseg.training.metrics import Metrics, confusion_indices
+
+MAX_TRAIN_PIXELS = 2_000_000
+KMEANS_SAMPLE = 200_000
+# the index a threshold uses when none is named: the first of these the band roles allow
+INDEX_PREFERENCE = ("mndwi", "ndwi", "ndvi", "ndbi")
+TARGET_WORDS = {"mndwi": "water", "ndwi": "water", "ndvi": ("forest", "vegetation", "tree"), "ndbi": ("developed", "built", "urban")}
+
+
+def band_roles_for(stack, roles: str | Sequence[str] | None) -> tuple[str | None, ...]:
+    if roles:
+        return parse_roles(roles, stack.count)
+    return guess_roles([b.description for b in stack.bands])
+
+
+def _with_roles(bands: list[BandInfo], roles: Sequence[str | None]) -> tuple[BandInfo, ...]:
+    return tuple(b.model_copy(update={"role": r}) for b, r in zip(bands, roles))
+
+
+def write_model_dir(out: Path, card: ModelCard, write_files: Callable[[Path], None], overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write_files(tmp)
+        (tmp / CARD_NAME).write_text(card.to_json())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _validate(predictor, card: ModelCard, prep, boxes: Sequence[Box], lut: np.ndarray, params: dict[str, Any]) -> Metrics | None:
+    """The method's scores on the validation blocks (the same blocks a network is validated on)."""
+    from geoseg.io.sources import read_bands
+    from geoseg.methods.features import feature_radius as _r
+    from geoseg.methods.features import nan_bands
+
+    if not boxes:
+        return None
+    n = card.n_classes
+    cm = np.zeros((n, n), np.int64)
+    h, w = prep.stack.shape
+    r = _r(card.method_params.get("features", ()))
+    for box in boxes:
+        outer = box.grow(r, (h, w))
+        data, bv = read_bands(prep.stack, outer.window)
+        valid = bv.any(0) if card.missing_bands == "fill" else bv.all(0)
+        p = predictor.probabilities(nan_bands(data, bv), valid, params)
+        sl = box.relative_to(outer)
+        p, v = p[(slice(None), *sl)], valid[sl]
+        pred = np.where(v & (p.sum(0) > 0), p.argmax(0), NODATA_CLASS)
+        target = lut[read_labels(prep.labels, box)]
+        target = np.where(v, target, NODATA_CLASS)
+        cm += confusion_indices(target, pred, n)
+    return Metrics(card.class_ids, tuple(c.name for c in card.classes), cm)
+
+
+def train_method(
+    inputs: TrainInputs,
+    out_dir: str | os.PathLike,
+    method: str,
+    config: TrainConfig = TrainConfig(),
+    *,
+    band_roles: str | Sequence[str] | None = None,
+    index: str | None = None,
+    threshold: str | float = "otsu",
+    clusters: int | None = None,
+    postprocess: PostProcess = PostProcess(),
+    overwrite: bool = False,
+) -> TrainResult:
+    """Fit ``method`` (threshold, kmeans or pixel) on ``inputs`` and write the model directory ``out_dir``."""
+    from geoseg import __version__
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
+    t0 = time.perf_counter()
+    # no chips here: the split's blocks (64 px unless given) are what the pixels are sampled in
+    from dataclasses import replace
+
+    block = config.block_size or 64
+    prep = prepare(inputs, replace(config, block_size=block, chip_size=min(config.chip_size, block)), 1)
+    roles = band_roles_for(prep.stack, band_roles)
+    bands = _with_roles(band_infos(prep.stack), roles)
+    classes: tuple[ClassInfo, ...] = prep.classes
+    lut = class_lut(classes)
+
+    def targets(box: Box) -> np.ndarray:
+        return lut[read_labels(prep.labels, box)]
+
+    rng = np.random.default_rng([config.seed, 0x9E0])
+    train_boxes, val_boxes = prep.split.boxes("train"), list(prep.val_boxes)
+    scale = prep.normalization.std
+    params: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    write: Callable[[Path], None]
+    predictor: Any
+
+    if method == "pixel":
+        from geoseg.methods import pixel
+
+        features = default_features(roles, prep.stack.count)
+        X, y = sample_blocks(prep.stack, train_boxes, roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
+        if not len(y):
+            raise InputError(f"{inputs.labels}: no labelled pixel in the training blocks")
+        Xv, yv = sample_blocks(prep.stack, val_boxes, roles, features, scale, targets, MAX_TRAIN_PIXELS // 4, rng)
+        booster, record = pixel.fit(X, y, Xv, yv, len(classes), config.seed)
+        params = {"features": list(features)}
+        missing = "fill"
+
+        def write(d: Path) -> None:
+            pixel.save(booster, d / PIXEL_WEIGHTS_NAME)
+
+        card_kw = dict(method_params=params)
+        make = lambda card: pixel.PixelPredictor(card, booster)  # noqa: E731
+    elif method == "kmeans":
+        from safetensors.numpy import save_file
+
+        from geoseg.methods import kmeans
+
+        k = clusters or max(2 * len(classes), 8)
+        features = default_features(roles, prep.stack.count, texture=False)
+        region_boxes = train_boxes + val_boxes
+        X, _ = sample_blocks(prep.stack, region_boxes, roles, features, scale, None, KMEANS_SAMPLE, rng)
+        if len(X) < k:
+            raise InputError(f"{inputs.images[0]}: only {len(X)} valid pixels to cluster into {k} clusters")
+        centers, fmean, fstd, record = kmeans.fit(X, k, config.seed)
+        Xl, yl = sample_blocks(prep.stack, train_boxes, roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
+        probe = kmeans.KMeansPredictor(None, centers, fmean, fstd, np.zeros(k, np.int64))  # type: ignore[arg-type]
+        probe.features = features
+        cl, _ = probe.clusters(Xl) if len(Xl) else (np.zeros(0, np.int64), None)
+        cluster_class = kmeans.map_clusters(cl, yl.astype(np.int64), k, len(classes))
+        params = {"features": list(features), "k": k, "cluster_class": [classes[i].id for i in cluster_class]}
+        missing = "fill"
+
+        def write(d: Path) -> None:
+            save_file({"centers": centers, "feature_mean": fmean, "feature_std": fstd,
+                       "cluster_class": cluster_class.astype(np.int32)}, str(d / WEIGHTS_NAME))  # fmt: skip
+
+        card_kw = dict(method_params=params)
+        make = lambda card: kmeans.KMeansPredictor(card, centers, fmean, fstd, cluster_class)  # noqa: E731
+    elif method == "threshold":
+        from geoseg.methods import threshold as th
+        from geoseg.methods.features import spectral_index
+
+        idx = index or next((i for i in INDEX_PREFERENCE if i in available_indices(roles)), None)
+        if idx is None:
+            raise ConfigError(
+                "--method threshold needs an index: name one with --index (ndvi, ndwi, mndwi, ndbi, expr:...) and give the "
+                "bands' roles with --band-roles (e.g. blue,green,red,nir,swir1,swir2)"
+            )
+        if idx.lower().startswith("expr:"):
+            check_expression(idx[5:], roles)
+        features = ("index",)
+        # the class the index marks: named after what it measures, else the highest mean index
+        from geoseg.methods.features import feature_stack, nan_bands
+
+        sums = np.zeros(len(classes))
+        counts = np.zeros(len(classes))
+        values = []
+        from geoseg.io.sources import read_bands
+
+        for box in train_boxes:
+            data, bv = read_bands(prep.stack, box.window)
+            v = spectral_index(nan_bands(data, bv), roles, idx)
+            t = targets(box)
+            m = np.isfinite(v) & (t != NODATA_CLASS)
+            np.add.at(sums, t[m], v[m])
+            np.add.at(counts, t[m], 1)
+            values.append(v)
+        if counts.sum() == 0:
+            raise InputError(f"{inputs.labels}: no labelled pixel with a value of {idx} in the training blocks")
+        words = TARGET_WORDS.get(idx.lower(), ())
+        words = (words,) if isinstance(words, str) else words
+        named = [i for i, c in enumerate(classes) if any(w in c.name.lower() for w in words) and counts[i]]
+        means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
+        above = named[0] if named else int(means.argmax())
+        others = counts.copy()
+        others[above] = -1
+        below = int(others.argmax()) if len(classes) > 1 else above
+        t_value: Any = "otsu" if str(threshold).lower() == "otsu" else float(threshold)
+        params = {"index": idx, "threshold": t_value, "above": classes[above].id, "below": classes[below].id}
+        if t_value == "otsu":
+            record = {"training_otsu": th.otsu_of_blocks(values)}
+        missing = "fill"
+
+        def write(d: Path) -> None:
+            return None
+
+        card_kw = dict(method_params=params)
+        make = lambda card: th.ThresholdPredictor(card)  # noqa: E731
+    else:
+        raise ConfigError(f"unknown --method {method!r}; use smp (the default), threshold, kmeans or pixel")
+
+    radius = feature_radius(features) if method != "threshold" else 0
+    card = ModelCard(
+        arch=method, encoder="-", encoder_depth=1, bands=bands, normalization=prep.normalization, classes=classes,
+        stride=1, tile_size=1024, receptive_field=radius, default_halo=radius, method=method, missing_bands=missing,
+        postprocess=postprocess,
+        provenance={"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "geoseg": __version__,
+                    "source": "geoseg train", "seed": config.seed},
+        **card_kw,
+    )  # fmt: skip
+    vparams = {"threshold": record["training_otsu"]} if method == "threshold" and params.get("threshold") == "otsu" else {}
+    metrics = _validate(make(card), card, prep, val_boxes, lut, vparams)
+    training = {
+        "method": method,
+        "images": [Path(p).name for p in inputs.images],
+        "labels": prep.labels.describe(),
+        "classes_from": prep.classes_from,
+        "region": [prep.region.y0, prep.region.y1, prep.region.x0, prep.region.x1],
+        "split": prep.split.describe(prep.survey, [c.id for c in classes]),
+        "band_roles": list(roles),
+        "fit": record,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "metrics": metrics.to_dict() if metrics is not None else None,
+    }
+    card = card.model_copy(update={"training": training})
+    card = ModelCard.model_validate_json(card.to_json())  # a card that reads back as written
+    write_model_dir(out, card, write, overwrite)
+    return TrainResult(card, out, ())

@@ -1,0 +1,55 @@
+"""Pixels for the per-pixel methods: features of whole blocks (read with their texture context),
+sampled in the training and validation blocks of the same spatial split the networks use."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from geoseg.io.sources import RasterStack, read_bands
+from geoseg.methods.features import feature_radius, feature_stack, nan_bands
+from geoseg.model.card import NODATA_CLASS
+from geoseg.tiling import Box
+
+
+def window_features(
+    stack: RasterStack, box: Box, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(F, h, w)`` of ``box`` (computed with their context around it) and its any-band valid mask."""
+    r = feature_radius(features)
+    h, w = stack.shape
+    outer = box.grow(r, (h, w))
+    data, bv = read_bands(stack, outer.window)
+    f = feature_stack(nan_bands(data, bv), roles, features, scale)
+    sl = box.relative_to(outer)
+    return f[(slice(None), *sl)], bv.any(axis=0)[sl]
+
+
+def sample_blocks(
+    stack: RasterStack,
+    boxes: Sequence[Box],
+    roles: Sequence[str | None],
+    features: Sequence[str],
+    scale: Sequence[float],
+    targets,  # callable box -> (h, w) uint8 class index (255 = none), or None: every valid pixel
+    max_pixels: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``X`` (n, F) float32 and ``y`` (n,) uint8 over the boxes; at most ``max_pixels`` pixels, drawn
+    uniformly (seeded) when there are more."""
+    xs, ys = [], []
+    total = sum(b.size for b in boxes)
+    keep = min(1.0, max_pixels / max(1, total))
+    for box in boxes:
+        f, valid = window_features(stack, box, roles, features, scale)
+        y = targets(box) if targets is not None else np.zeros(box.shape, np.uint8)
+        m = valid & (y != NODATA_CLASS)
+        if keep < 1.0:
+            m &= rng.random(m.shape) < keep
+        if m.any():
+            xs.append(f[:, m].T)
+            ys.append(y[m])
+    if not xs:
+        return np.zeros((0, len(features)), np.float32), np.zeros(0, np.uint8)
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys)

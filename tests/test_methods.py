@@ -1,0 +1,175 @@
+"""The field's other methods through the same pipeline: threshold (fixed, Otsu on the cluster),
+k-means (dask-ml), a per-pixel LightGBM classifier, and halo-aware post-processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from conftest import write_raster
+from geoseg.infer import InferenceSettings, segment_array
+from geoseg.io.sources import open_stack, read_bands
+from geoseg.io.zarr_store import open_prediction
+from geoseg.methods.features import spectral_index
+from geoseg.model.card import ModelCard
+from geoseg.model.store import load_model
+from geoseg.pipeline import PredictOptions, predict
+from geoseg.tiling import Box, plan_for
+
+ROLES = "blue,green,red,nir"
+# reflectance-like signatures (blue, green, red, nir) of water, forest, bare soil
+SIGNATURES = np.array([[600, 900, 500, 200], [300, 600, 300, 2600], [1400, 1600, 1800, 2200]], float)
+NAMES = ("water", "forest", "bare")
+
+
+def make_scene(tmp: Path, h: int = 200, w: int = 260, seed: int = 0):
+    """Blobs of three land covers with noise; band 4 (nir) missing in a strip; a nodata corner."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 3, size=(h // 16 + 2, w // 16 + 2))
+    labels = np.kron(coarse, np.ones((16, 16), int))[:h, :w]
+    image = SIGNATURES[labels].transpose(2, 0, 1) + rng.normal(0, 150, size=(4, h, w))
+    image = np.clip(image, 1, 65535).astype(np.uint16)
+    image[3, 150:170, :] = 0  # one band missing: the trees classify from the others
+    image[:, :20, :30] = 0  # every band missing: nodata
+    img = write_raster(tmp / "scene.tif", image, nodata=0)
+    lab = write_raster(tmp / "labels.tif", (labels + 1).astype(np.uint8), nodata=0)
+    classes = tmp / "classes.yaml"
+    classes.write_text("".join(f"- {{id: {i + 1}, name: {n}}}\n" for i, n in enumerate(NAMES)))
+    return img, lab, classes, labels + 1
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    return make_scene(tmp_path_factory.mktemp("methods-scene"))
+
+
+def cli(*args):
+    from geoseg.cli.main import cli as group
+
+    return CliRunner().invoke(group, [str(a) for a in args], catch_exceptions=False)
+
+
+def train(scene, out, *extra):
+    img, lab, classes, _ = scene
+    r = cli("-q", "train", img, "--labels", lab, "--classes", classes, "--out", out, "--band-roles", ROLES, *extra)
+    assert r.exit_code == 0, r.output
+    return ModelCard.read(Path(out) / "model.json")
+
+
+def one_pass(model_dir, img, params=()):
+    bundle = load_model(model_dir)
+    stack = open_stack([img])
+    data, bv = read_bands(stack, Box(0, stack.shape[0], 0, stack.shape[1]).window)
+    return segment_array(bundle.net, bundle.card, data, bv, InferenceSettings(params=tuple(params)))
+
+
+def tiled(client, model_dir, img, out, chunk=64):
+    record = predict([img], model_dir, out, PredictOptions(chunk_size=chunk, cog=False, vectors=False), client=client)
+    assert record["chunks"]["chunks"] > 4
+    return open_prediction(Path(out) / "prediction.zarr")["class_id"].values
+
+
+@pytest.fixture(scope="module")
+def pixel_model(scene, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pixel") / "model"
+    return out, train(scene, out, "--method", "pixel", "--val-fraction", "0.25", "--block-size", "48")
+
+
+def test_pixel_method_card_and_safe_format(pixel_model):
+    out, card = pixel_model
+    assert card.method == "pixel" and card.missing_bands == "fill"
+    assert [b.role for b in card.bands] == ROLES.split(",")
+    assert {"ndvi", "ndwi", "mean:brightness", "std:brightness"} <= set(card.method_params["features"])
+    text = (out / "model.lgb.txt").read_text()  # LightGBM's text model: no pickle anywhere
+    assert text.startswith("tree") and "num_class=3" in text
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.lgb.txt"]
+    assert card.training["metrics"]["miou"] > 0.8  # validation blocks, scored when fitted
+
+
+def test_pixel_method_through_the_cluster_equals_one_pass(client, scene, pixel_model, tmp_path):
+    img, _, _, truth = scene
+    out, card = pixel_model
+    got = tiled(client, out, img, tmp_path / "out")
+    ref, _ = one_pass(out, img)
+    assert np.array_equal(got, ref)
+    valid = got != 255
+    assert not valid[:20, :30].any()  # every band missing: nodata
+    assert valid[150:170, 30:].all()  # nir missing: still classified (missing values handled by the trees)
+    assert np.mean(got[valid] == truth[valid]) > 0.9
+
+
+def test_threshold_otsu_on_the_cluster_equals_skimage(client, scene, tmp_path):
+    from skimage.filters import threshold_otsu
+
+    from geoseg.methods.threshold import otsu_on_cluster
+
+    img, _, _, truth = scene
+    card = train(scene, tmp_path / "th", "--method", "threshold", "--index", "ndwi")
+    assert card.method_params["index"] == "ndwi" and card.method_params["threshold"] == "otsu"
+    assert card.class_ids[[c.name for c in card.classes].index("water")] == card.method_params["above"]
+    stack = open_stack([img])
+    data, bv = read_bands(stack, Box(0, 200, 0, 260).window)
+    x = data.astype(np.float32)
+    x[~bv] = np.nan
+    ndwi = spectral_index(x, card.band_roles, "ndwi")
+    expected = threshold_otsu(ndwi[np.isfinite(ndwi)])
+    plan = plan_for(card, stack.shape, chunk_size=64)
+    assert otsu_on_cluster(card, stack, plan, client) == pytest.approx(float(expected), abs=0, rel=1e-7)
+    got = tiled(client, tmp_path / "th", img, tmp_path / "out")
+    ref, _ = one_pass(tmp_path / "th", img, [("threshold", float(expected))])
+    assert np.array_equal(got, ref)
+    water = card.method_params["above"]
+    v = got != 255
+    assert np.mean((got == water)[v & (truth == 1)]) > 0.95 and np.mean((got == water)[v & (truth != 1)]) < 0.05
+    assert not (got[150:170] != 255).any()  # ndwi needs nir: no value where it is missing
+
+
+def test_threshold_needs_roles_or_index(scene, tmp_path):
+    img, lab, classes, _ = scene
+    r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,
+                           ["train", str(img), "--labels", str(lab), "--out", str(tmp_path / "m"), "--method", "threshold"])
+    assert r.exit_code == 2 and "--band-roles" in r.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_kmeans_is_reproducible_and_mapped_to_classes(client, scene, tmp_path):
+    img, _, _, truth = scene
+    a = train(scene, tmp_path / "a", "--method", "kmeans", "--clusters", "6", "--seed", "3")
+    train(scene, tmp_path / "b", "--method", "kmeans", "--clusters", "6", "--seed", "3")
+    assert (tmp_path / "a" / "weights.safetensors").read_bytes() == (tmp_path / "b" / "weights.safetensors").read_bytes()
+    assert len(a.method_params["cluster_class"]) == 6 and set(a.method_params["cluster_class"]) <= {1, 2, 3}
+    got = tiled(client, tmp_path / "a", img, tmp_path / "out")
+    ref, _ = one_pass(tmp_path / "b", img)
+    assert np.array_equal(got, ref)
+    valid = got != 255
+    assert np.mean(got[valid] == truth[valid]) > 0.85
+
+
+def test_postprocessing_is_seamless_across_chunks(client, scene, pixel_model, tmp_path):
+    img, _, _, _ = scene
+    out, card = pixel_model
+    noisy = tmp_path / "pp"
+    noisy.mkdir()
+    for f in out.iterdir():
+        (noisy / f.name).write_bytes(f.read_bytes())
+    pp = {"majority_radius": 1, "min_pixels": 0, "class_min_pixels": {1: 40, 2: 12, 3: 12}, "connectivity": 4}
+    (noisy / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), "postprocess": pp}).to_json())
+    for chunk in (32, 48):
+        got = tiled(client, noisy, img, tmp_path / f"out{chunk}", chunk=chunk)
+        ref, _ = one_pass(noisy, img)
+        assert np.array_equal(got, ref), f"chunk {chunk}: {np.count_nonzero(got != ref)} pixels differ"
+    raw, _ = one_pass(out, img)
+    assert np.count_nonzero(raw != ref) > 0  # the post-processing changed the map
+
+
+def test_band_roles_are_checked(scene, tmp_path):
+    img, lab, classes, _ = scene
+    r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,
+                           ["train", str(img), "--labels", str(lab), "--out", str(tmp_path / "m"), "--method", "pixel",
+                            "--band-roles", "blue,green,red"])
+    assert r.exit_code == 2 and "4 band(s)" in r.output
