@@ -27,14 +27,17 @@ def recipes():
     from geoseg.training.loop import TrainConfig
 
     base = TrainConfig()
-    old = replace(base, class_balance=False, band_dropout=0.0, photometric=0.0)
+    old = replace(base, class_balance=False, band_dropout=0.0, photometric=0.0, ensemble=False)
     return {
         "previous-defaults": (old, {}),
         "defaults": (base, {}),
+        "defaults-network-only": ("defaults", {"method_params": {}}),
         "defaults+d4": ("defaults", {"tta": "d4"}),
+        "small-area": (replace(base, encoder_depth=3, chip_size=64, block_size=64, lr=3e-3, epochs=40, patience=10), {}),
+        "small-area-network-only": ("small-area", {"method_params": {}}),
+        "small-area+d4": ("small-area", {"tta": "d4"}),
         "no-balance": (replace(base, class_balance=False), {}),
-        "no-photometric": (replace(base, photometric=0.0), {}),
-        "depth3-chip64": (replace(base, encoder_depth=3, chip_size=64, block_size=64, lr=3e-3, epochs=40, patience=10), {}),
+        "photometric-0.1": (replace(base, photometric=0.1), {}),
     }
 
 
@@ -63,10 +66,13 @@ def main() -> None:
 
             shutil.rmtree(out, ignore_errors=True)
             shutil.copytree(work / config, out)
+            if update.get("method_params") == {}:
+                (out / "pixel.lgb.txt").unlink(missing_ok=True)
             card = ModelCard.read(out / "model.json")
             (out / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), **update}).to_json())
         elif not (out / "model.json").exists():
-            train(inputs, out, config, device="cpu", overwrite=True, card_update=dict(update))
+            resume = (work / f"{name}.training" / "state.json").exists()  # an interrupted run continues
+            train(inputs, out, config, device="cpu", overwrite=not resume, resume=resume, card_update=dict(update))
         t1 = time.perf_counter()
         ev = evaluate(BANDS, out, DATA / "strata.tif", EvaluateOptions(window=EAST))
         m = ev.metrics

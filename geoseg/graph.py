@@ -53,7 +53,8 @@ def infer_chunk(
     bundle = get_model(ref)
     data, packed = block
     valid = unpack_valid(packed, (data.shape[0], *chunk.input.shape))
-    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid, on_device(settings, bundle.device))
+    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid, on_device(settings, bundle.device),
+                         bundle.companion)
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,8 @@ def infer_window(ref: ModelRef, plan: TilingPlan, chunk: Chunk, settings: Infere
     _single_stream()
     bundle = get_model(ref)
     data = assemble(boxes, blocks, chunk.input)
-    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, band_masks(data, nodata), on_device(settings, bundle.device))
+    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, band_masks(data, nodata), on_device(settings, bundle.device),
+                         bundle.companion)
 
 
 def _single_stream() -> None:

@@ -39,6 +39,17 @@ def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: 
     x[:, ~valid] = 0.0
     if band_valid is not None:
         x[~band_valid] = 0.0
+    indices = getattr(card, "index_channels", ())
+    if indices:
+        from geoseg.methods.features import spectral_index
+
+        raw = data.astype(np.float32, copy=True)
+        raw[:, ~valid] = np.nan
+        if band_valid is not None:
+            raw[~band_valid] = np.nan
+        extra = np.stack([spectral_index(raw, card.band_roles, name) for name in indices])
+        extra[~np.isfinite(extra)] = 0.0
+        x = np.concatenate([x, extra.astype(np.float32)])
     return x
 
 
@@ -107,10 +118,12 @@ def segment_window(
     tiles: Sequence[Tile],
     core: Box,
     settings: InferenceSettings,
+    mix: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class ids (uint8, 255 = nodata) and confidence (float32, NaN = nodata) over ``core``.
 
     ``x`` is the normalised input covering ``outer``; ``tiles`` cover ``core`` and read inside ``outer``.
+    ``mix(probs, box)``: class probabilities of a tile's core combined with another model's (an ensemble).
     """
     lut = np.asarray(card.class_ids, np.uint8)
     class_id = np.full(core.shape, NODATA_CLASS, np.uint8)
@@ -120,12 +133,36 @@ def segment_window(
         probs = forward_d4(net, xb, card.stride, settings) if card.tta == "d4" else forward(net, xb, card.stride, settings)
         for t, p in zip(batch, probs):
             p = p[(slice(None), *t.core.relative_to(t.input))]
+            if mix is not None:
+                p = mix(p, t.core)
             class_id[t.core.relative_to(core)] = lut[p.argmax(axis=0)]
             confidence[t.core.relative_to(core)] = p.max(axis=0)
     v = valid[core.relative_to(outer)]
     class_id[~v] = NODATA_CLASS
     confidence[~v] = np.nan
     return class_id, confidence
+
+
+def ensemble_mixer(companion: Any, card: ModelCard, data: np.ndarray, band_valid: np.ndarray | None, valid: np.ndarray,
+                   outer: Box) -> Any:
+    """``mix(probs, box)`` for an smp card with a per-pixel companion model: weight x network + (1 - weight) x trees.
+
+    The companion's probabilities are computed once over the window ``outer`` (its texture needs
+    a few pixels of context, inside the halo)."""
+    ens = card.method_params.get("ensemble")
+    if not ens or companion is None:
+        return None
+    from geoseg.methods.features import nan_bands
+    from geoseg.methods.pixel import predict_pixels
+
+    bv = band_valid if band_valid is not None else np.broadcast_to(valid, data.shape)
+    other = predict_pixels(companion, card, ens["features"], nan_bands(data, bv), valid)
+    w = float(ens["weight"])
+
+    def mix(p: np.ndarray, box: Box) -> np.ndarray:
+        return w * p + (1.0 - w) * other[(slice(None), *box.relative_to(outer))]
+
+    return mix
 
 
 def _edges_open(box: Box, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
@@ -141,6 +178,7 @@ def segment_chunk(
     data: np.ndarray,
     valid: np.ndarray,
     settings: InferenceSettings,
+    companion: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one chunk; ``data``/``valid`` cover ``chunk.input``.
 
@@ -162,7 +200,8 @@ def segment_chunk(
         tiles = plan.tiles(chunk)
         if pp.active:
             tiles = [Tile(t.core.grow(pp.ring, plan.shape).intersect(t.input) or t.core, t.input) for t in tiles]
-        class_id, confidence = segment_window(net, card, x, pix, chunk.input, tiles, box, settings)
+        mix = ensemble_mixer(companion, card, data, band_valid, pix, chunk.input)
+        class_id, confidence = segment_window(net, card, x, pix, chunk.input, tiles, box, settings, mix)
     else:
         class_id, confidence = classify_pixels(net, card, data, band_valid, pix, chunk.input, box, settings)
     if pp.active:
@@ -193,11 +232,11 @@ def classify_pixels(predictor: Any, card: ModelCard, data: np.ndarray, band_vali
 
 
 def segment_array(
-    net: Any, card: ModelCard, data: np.ndarray, valid: np.ndarray, settings: InferenceSettings
+    net: Any, card: ModelCard, data: np.ndarray, valid: np.ndarray, settings: InferenceSettings, companion: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pass over a whole in-memory scene: the reference tiled inference must equal."""
     h, w = valid.shape[-2:]
     whole = Box(0, h, 0, w)
     plan = TilingPlan.make((h, w), stride=card.stride, chunk_size=max(h, w), halo=0, tile_size=max(h, w))
     chunk = next(iter(plan))
-    return segment_chunk(net, card, plan, chunk, data, valid, settings)
+    return segment_chunk(net, card, plan, chunk, data, valid, settings, companion)

@@ -173,3 +173,28 @@ def test_band_roles_are_checked(scene, tmp_path):
                            ["train", str(img), "--labels", str(lab), "--out", str(tmp_path / "m"), "--method", "pixel",
                             "--band-roles", "blue,green,red"])
     assert r.exit_code == 2 and "4 band(s)" in r.output
+
+
+def test_network_with_index_channels_and_companion_through_the_cluster(client, scene, tmp_path):
+    """An smp model with band roles: indices as extra inputs, a LightGBM companion when it helps,
+    a band missing classified from the others; --exact tiling equals one pass with all of it."""
+    img, _, _, truth = scene
+    out = tmp_path / "unet"
+    card = train(scene, out, "--epochs", "3", "--chip-size", "32", "--block-size", "32", "--encoder-depth", "3",
+                 "--steps-per-epoch", "8")
+    assert card.index_channels == ("ndvi", "ndwi") and card.n_inputs == 6
+    assert card.missing_bands == "fill"
+    ens = card.method_params.get("ensemble")
+    tr = card.training
+    assert ens is not None or tr["ensemble"].startswith("not kept")
+    if ens is not None:
+        assert (out / "pixel.lgb.txt").read_text().startswith("tree") and 0 <= ens["weight"] < 1
+    record = predict([img], out, tmp_path / "o", PredictOptions(chunk_size=64, exact=True, cog=False, vectors=False), client=client)
+    got = open_prediction(tmp_path / "o" / "prediction.zarr")["class_id"].values
+    bundle = load_model(out)
+    stack = open_stack([img])
+    data, bv = read_bands(stack, Box(0, 200, 0, 260).window)
+    ref, _ = segment_array(bundle.net, bundle.card, data, bv, InferenceSettings(), bundle.companion)
+    assert np.count_nonzero(got != ref) <= 1e-4 * got.size
+    assert (got[150:170, 30:] != 255).all()  # nir missing: classified (band at its mean, trees route it)
+    assert record["model"]["method"] == "smp"

@@ -24,8 +24,13 @@ def info(paths, as_json):
             continue
         if Path(p).is_dir() and (Path(p) / "model.json").exists():
             card = check_model_dir(p)
-            out.append({"model": p, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
+            ens = card.method_params.get("ensemble")
+            out.append({"model": p, "method": card.method, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
+                        "method_params": {k: v for k, v in card.method_params.items() if k not in ("ensemble", "files")},
+                        "ensemble": {"with": ens["method"], "network_weight": ens["weight"]} if ens else None,
                         "bands": [b.description or b.name for b in card.bands],
+                        "band_roles": list(card.band_roles), "missing_bands": card.missing_bands,
+                        "postprocess": card.postprocess.model_dump() if card.postprocess.active else None, "tta": card.tta,
                         "classes": {c.id: c.name for c in card.classes}, "stride": card.stride,
                         "receptive_field": card.receptive_field, "default_halo": card.default_halo,
                         "tile_size": card.tile_size, "metrics": (card.training or {}).get("metrics")})

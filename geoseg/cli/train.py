@@ -82,6 +82,8 @@ def apply(options):
                    "border with. One value, or per class id: 6=4,1=16.")
 @click.option("--tta", type=click.Choice(["none", "d4"]), default="none", show_default=True,
               help="smp: test-time augmentation at predict (d4: mean of the 8 flips/rotations, 8x the compute).")
+@click.option("--ensemble/--no-ensemble", default=True, show_default=True,
+              help="smp: also fit a per-pixel LightGBM companion and keep the mix where it scores better on the validation blocks.")
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder (randomly initialised, nothing downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(1, 5), default=4, show_default=True)
@@ -108,7 +110,7 @@ def apply(options):
 @opt.overwrite_opt
 @click.pass_context
 def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, classes_file, method, band_roles, index,
-          threshold, clusters, majority, mmu, tta, arch, encoder, encoder_depth,
+          threshold, clusters, majority, mmu, tta, ensemble, arch, encoder, encoder_depth,
           epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed,
           device, no_amp, tile_size, bbox, window, resume, overwrite):
     """Train a network on IMAGE (one multi-band raster, or several single-band rasters on one
@@ -128,7 +130,7 @@ def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, c
     config = TrainConfig(
         arch=arch, encoder=encoder, encoder_depth=encoder_depth, epochs=epochs, chip_size=chip_size,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, lr=lr, weight_decay=weight_decay, patience=patience,
-        val_fraction=val_fraction, block_size=block_size, seed=seed, tile_size=tile_size,
+        val_fraction=val_fraction, block_size=block_size, seed=seed, tile_size=tile_size, ensemble=ensemble,
     )  # fmt: skip
     inputs = TrainInputs(
         images=tuple(images), labels=labels, label_field=label_field, classes_file=classes_file, ignore=tuple(ignore),
@@ -197,6 +199,13 @@ def _report(result, verbosity: int) -> None:
         if tr.get("metrics"):
             click.echo(f"\nvalidation (epoch {tr['best_epoch']}, {tr['split']['val']['blocks']} held-out blocks):")
             click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
+        ens = result.card.method_params.get("ensemble")
+        if ens:
+            v = ens["validation_miou"]
+            click.echo(f"ensemble: network x {ens['weight']} + LightGBM per pixel x {1 - ens['weight']} "
+                       f"(validation mIoU {v[str(ens['weight'])]:.3f}, network alone {v['1.0']:.3f}, trees alone {v['0.0']:.3f})")
+        elif isinstance(tr.get("ensemble"), str):
+            click.echo(f"ensemble: {tr['ensemble']}")
         click.echo(
             f"model written to {result.model_dir}: {result.card.arch}/{result.card.encoder} depth {result.card.encoder_depth}, "
             f"{result.card.n_bands} bands, {result.card.n_classes} classes, {tr.get('epochs_run')} epochs in "

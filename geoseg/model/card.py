@@ -124,6 +124,8 @@ class ModelCard(_Frozen):
     missing_bands: Literal["nodata", "fill"] = Field(
         default="nodata", description="nodata: a pixel with any band missing is nodata; fill: it is classified from the bands it has")
     postprocess: PostProcess = Field(default_factory=PostProcess)
+    index_channels: tuple[str, ...] = Field(
+        default=(), description="smp: spectral indices (by band role) appended to the normalised bands as network inputs")
     tta: Literal["none", "d4"] = Field(default="none", description="test-time augmentation of smp models: d4 = mean of the 8 flips/rotations")
 
     @model_validator(mode="after")
@@ -143,6 +145,11 @@ class ModelCard(_Frozen):
     @property
     def n_bands(self) -> int:
         return len(self.bands)
+
+    @property
+    def n_inputs(self) -> int:
+        """Channels the network takes: the bands, then the index channels."""
+        return len(self.bands) + len(self.index_channels)
 
     @property
     def n_classes(self) -> int:

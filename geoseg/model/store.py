@@ -39,6 +39,7 @@ class ModelBundle:
     net: torch.nn.Module
     digest: str
     path: Path
+    companion: Any = None  # an smp card's per-pixel ensemble member (LightGBM booster), if any
 
     @property
     def device(self) -> str:
@@ -195,7 +196,7 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
 
         return ModelBundle(card=card, net=load_predictor(model_dir, card), digest=model_digest(model_dir), path=model_dir)
     weights = model_dir / WEIGHTS_NAME
-    net = build_network(card.arch, card.encoder, card.n_bands, card.n_classes, card.encoder_depth, card.arch_params)
+    net = build_network(card.arch, card.encoder, card.n_inputs, card.n_classes, card.encoder_depth, card.arch_params)
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:
@@ -208,10 +209,17 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
             f"({str(exc).splitlines()[0]}); the card and weights come from different models"
         ) from None
     net = net.eval().to(device)
-    return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir)
+    companion = None
+    ens = card.method_params.get("ensemble")
+    if ens:
+        import lightgbm as lgb
+
+        companion = lgb.Booster(model_file=str(model_dir / ens["file"]))
+    return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
 
 
-def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLike, overwrite: bool = False,
+               extra: dict[str, Any] | None = None) -> Path:
     """Write a model directory atomically: a temporary sibling renamed into place when complete."""
     model_dir = Path(model_dir)
     if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
@@ -221,6 +229,8 @@ def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLi
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "geoseg_card_schema": "1"})
+        for name, write in (extra or {}).items():  # other files the card lists (an ensemble member)
+            write(tmp / name)
         (tmp / CARD_NAME).write_text(card.to_json())
         if model_dir.exists():
             shutil.rmtree(model_dir)
@@ -245,10 +255,11 @@ def make_card(
     default_halo: int | None = None,
     provenance: dict[str, Any] | None = None,
     training: dict[str, Any] | None = None,
+    index_channels: tuple[str, ...] = (),
 ) -> ModelCard:
     """A card for ``net`` with its receptive field measured from the impulse response."""
     stride = network_stride(net, encoder_depth)
-    rf = measure_receptive_field(net, len(bands), stride)
+    rf = measure_receptive_field(net, len(bands) + len(index_channels), stride)
     halo = DEFAULT_HALO if default_halo is None else default_halo
     halo = -(-halo // stride) * stride
     from geoseg import __version__
@@ -269,6 +280,7 @@ def make_card(
         default_halo=min(halo, -(-rf // stride) * stride),
         provenance=prov,
         training=training,
+        index_channels=tuple(index_channels),
     )
 
 

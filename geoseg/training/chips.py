@@ -322,6 +322,8 @@ class _NormOnly:
     """Stands in for a card in `geoseg.infer.normalize`: training normalises exactly as predict does."""
 
     normalization: Normalization
+    index_channels: tuple[str, ...] = ()
+    band_roles: tuple[str | None, ...] = ()
 
 
 def class_lut(classes: Sequence[ClassInfo]) -> np.ndarray:
@@ -342,6 +344,8 @@ class ChipReader:
     normalization: Normalization
     lut: np.ndarray
     cache: SceneCache | None = None
+    index_channels: tuple[str, ...] = ()
+    band_roles: tuple[str | None, ...] = ()
 
     def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
         """``x`` (bands, h, w) float32, normalised, 0 where invalid; ``target`` (h, w) uint8 index, 255 = ignore."""
@@ -351,7 +355,8 @@ class ChipReader:
         else:
             data, valid = read_window(self.stack, box.window)
             ids = np.where(valid, read_labels(self.labels, box), NODATA_CLASS)
-        x = normalize(data, valid, _NormOnly(self.normalization))  # type: ignore[arg-type]
+        card = _NormOnly(self.normalization, self.index_channels, self.band_roles)
+        x = normalize(data, valid, card)  # type: ignore[arg-type]
         return x, self.lut[ids]
 
 
