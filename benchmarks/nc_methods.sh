@@ -16,7 +16,7 @@ train threshold --method threshold --index mndwi
 train kmeans --method kmeans
 train pixel --method pixel
 train unet-defaults
-train unet-small-area --encoder-depth 3 --chip-size 64 --block-size 64 --lr 3e-3 --epochs 40 --patience 10 --tta d4
+train unet-d4 --tta d4
 "$BIN/geoseg" evaluate "${B[@]}" --labels "$D/strata.tif" --window 293 0 196 443 \
-  --model "$W/threshold" --model "$W/kmeans" --model "$W/pixel" --model "$W/unet-defaults" --model "$W/unet-small-area" \
+  --model "$W/threshold" --model "$W/kmeans" --model "$W/pixel" --model "$W/unet-defaults" --model "$W/unet-d4" \
   --json "$W/east.json" --csv "$W/east.csv" --overwrite

@@ -36,6 +36,11 @@ def recipes():
         "small-area": (replace(base, encoder_depth=3, chip_size=64, block_size=64, lr=3e-3, epochs=40, patience=10), {}),
         "small-area-network-only": ("small-area", {"method_params": {}}),
         "small-area+d4": ("small-area", {"tta": "d4"}),
+        "roles": (base, {"band_roles": ROLES.split(",")}),
+        "roles-network-only": ("roles", {"method_params": {}}),
+        "roles+d4": ("roles", {"tta": "d4"}),
+        "roles-no-dice": (replace(base, dice_weight=0.0), {"band_roles": ROLES.split(",")}),
+        "roles-wd1e-2": (replace(base, weight_decay=1e-2), {"band_roles": ROLES.split(",")}),
         "no-balance": (replace(base, class_balance=False), {}),
         "photometric-0.1": (replace(base, photometric=0.1), {}),
     }

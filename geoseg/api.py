@@ -349,15 +349,33 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
 # ---------------------------------------------------------------------------------------------- train / evaluate
 
 
-def train(images: Sequence[str | os.PathLike], labels: str | os.PathLike, out_dir: str | os.PathLike, **config: Any) -> Any:
-    """Train a model (see ``geoseg train``); keyword arguments are TrainConfig fields. Returns the TrainResult."""
+def train(images: Sequence[str | os.PathLike], labels: str | os.PathLike, out_dir: str | os.PathLike, *,
+          method: str = "smp", band_roles: Sequence[str] | str | None = None, **config: Any) -> Any:
+    """Train a model (see ``geoseg train``); keyword arguments are TrainConfig fields, and for the other
+    methods (``method="pixel" | "kmeans" | "threshold"``) also ``index``, ``threshold``, ``clusters``,
+    ``postprocess`` (a dict) and ``overwrite``. Returns the TrainResult."""
+    from geoseg.model.card import PostProcess
     from geoseg.training import TrainConfig, TrainInputs
     from geoseg.training import train as run
 
     known = {k: config.pop(k) for k in list(config) if k in ("classes_file", "label_field", "ignore", "reproject_labels",
                                                               "bbox", "window")}
     inputs = TrainInputs(tuple(str(p) for p in images), str(labels), **known)
-    return run(inputs, out_dir, TrainConfig(**config))
+    overwrite = config.pop("overwrite", False)
+    postprocess = PostProcess(**config.pop("postprocess", {}))
+    if method != "smp":
+        from geoseg.methods.fit import train_method
+
+        extra = {k: config.pop(k) for k in list(config) if k in ("index", "threshold", "clusters")}
+        return train_method(inputs, out_dir, method, TrainConfig(**config), band_roles=band_roles, postprocess=postprocess,
+                            overwrite=overwrite, **extra)  # fmt: skip
+    update: dict[str, Any] = {"postprocess": postprocess.model_dump()}
+    if band_roles:
+        from geoseg.io.sources import open_stack
+        from geoseg.methods.fit import band_roles_for
+
+        update["band_roles"] = band_roles_for(open_stack(inputs.images), band_roles)
+    return run(inputs, out_dir, TrainConfig(**config), overwrite=overwrite, card_update=update)
 
 
 def evaluate(images: Sequence[str | os.PathLike], model: str | os.PathLike, labels: str | os.PathLike, **options: Any) -> Any:

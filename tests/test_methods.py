@@ -198,3 +198,22 @@ def test_network_with_index_channels_and_companion_through_the_cluster(client, s
     assert np.count_nonzero(got != ref) <= 1e-4 * got.size
     assert (got[150:170, 30:] != 255).all()  # nir missing: classified (band at its mean, trees route it)
     assert record["model"]["method"] == "smp"
+
+
+def test_predict_command_with_a_pixel_model_makes_every_output(scene, pixel_model, tmp_path):
+    """`geoseg predict --model DIR` needs nothing else for another method: COG, polygons, STAC, run.json."""
+    import pyogrio
+
+    img, _, _, _ = scene
+    out, card = pixel_model
+    r = cli("-q", "predict", img, "--model", out, "--out", tmp_path / "o", "--chunk-size", "128")
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["model"]["method"] == "pixel"
+    with rasterio.open(tmp_path / "o" / "classes.tif") as ds:
+        cog = ds.read(1)
+        assert ds.nodata == 255 and ds.crs.to_epsg() == 32617
+    ref, _ = one_pass(out, img)
+    assert np.array_equal(cog, ref)
+    polygons = pyogrio.read_dataframe(tmp_path / "o" / "landuse.gpkg", layer="landuse")
+    assert set(polygons["class_name"]) == set(NAMES)

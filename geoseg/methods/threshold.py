@@ -95,7 +95,7 @@ def otsu_of_delayed(values, client=None, where: str = "the scene") -> float:
     from geoseg.errors import InputError
 
     def compute(obj):
-        return client.compute(obj).result() if client is not None else dask.compute(obj)[0]
+        return client.gather(client.compute(obj)) if client is not None else dask.compute(obj)[0]
 
     rs = compute([delayed(_range, pure=True)(v) for v in values])
     lo, hi = min(r[0] for r in rs), max(r[1] for r in rs)

@@ -21,59 +21,73 @@ from geoseg.training.metrics import Metrics, confusion_indices
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # share of the network in the mix
 MIN_GAIN = 0.005  # validation mIoU a mix must add over the network alone to be kept
+MIN_GAIN_TTA = 0.01  # ... and test-time augmentation (8x the compute) over none
 COMPANION_NAME = "pixel.lgb.txt"
 MAX_TRAIN_PIXELS = 2_000_000
 
 
-def _network_probs(net: torch.nn.Module, x: np.ndarray, stride: int, device: str) -> np.ndarray:
-    from geoseg.training.loop import _pad_to
+def choose_inference(prep: Any, net: torch.nn.Module, stride: int, roles: Sequence[str | None], seed: int,
+                     reader: Any = None, ensemble: bool = True, tta: str = "auto") -> dict[str, Any]:
+    """How the trained network runs at predict, chosen on the validation blocks.
 
-    h, w = x.shape[1:]
-    with torch.inference_mode():
-        logits = net(_pad_to(torch.from_numpy(x)[None], stride).to(device)).float()[:, :, :h, :w]
-    return torch.softmax(logits, 1)[0].cpu().numpy()
-
-
-def fit_companion(prep: Any, net: torch.nn.Module, stride: int, device: str, roles: Sequence[str | None],
-                  seed: int, reader: Any = None) -> tuple[Any, dict[str, Any]] | None:
-    """The booster and the card's ``ensemble`` entry, or None where the mix does not help on validation."""
+    ``tta``: ``auto`` keeps the 8 flips/rotations (8x the compute) only where they raise validation
+    mIoU by ``MIN_GAIN_TTA``; ``ensemble``: fit the LightGBM companion and keep the mix at the best
+    network weight where it adds ``MIN_GAIN``. Returns ``tta``, ``booster`` (or None), the card's
+    ``ensemble`` entry (or None) and the validation scores of every choice.
+    """
+    from geoseg.infer import InferenceSettings, forward, forward_d4
     from geoseg.methods import pixel
 
+    options = ("none", "d4") if tta == "auto" else (tta,)
     if not prep.val_boxes:
-        return None
+        return {"tta": "none" if tta == "auto" else tta, "booster": None, "entry": None, "scores": {}}
     n = len(prep.classes)
     features = default_features(roles, prep.stack.count)
-    lut = class_lut(prep.classes)
     scale = prep.normalization.std
-    rng = np.random.default_rng([seed, 0xE75])
+    booster, record = None, {}
+    if ensemble:
+        lut = class_lut(prep.classes)
+        rng = np.random.default_rng([seed, 0xE75])
 
-    def targets(box):
-        return lut[read_labels(prep.labels, box)]
+        def targets(box):
+            return lut[read_labels(prep.labels, box)]
 
-    X, y = sample_blocks(prep.stack, prep.split.boxes("train"), roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
-    Xv, yv = sample_blocks(prep.stack, list(prep.val_boxes), roles, features, scale, targets, MAX_TRAIN_PIXELS // 4, rng)
-    if not len(y):
-        return None
-    booster, record = pixel.fit(X, y, Xv, yv, n, seed)
+        X, y = sample_blocks(prep.stack, prep.split.boxes("train"), roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
+        Xv, yv = sample_blocks(prep.stack, list(prep.val_boxes), roles, features, scale, targets, MAX_TRAIN_PIXELS // 4, rng)
+        if len(y):
+            booster, record = pixel.fit(X, y, Xv, yv, n, seed)
+    weights = WEIGHTS if booster is not None else (1.0,)
     reader = reader or prep.reader()
-    cms = {w: np.zeros((n, n), np.int64) for w in WEIGHTS}
+    cms = {(t, w): np.zeros((n, n), np.int64) for t in options for w in weights}
     net.eval()
+    settings = InferenceSettings()
     for box in prep.val_boxes:
         x, target = reader.read(box)
-        u = _network_probs(net, x, stride, device)
-        f, valid = window_features(prep.stack, box, roles, features, scale)
-        p = np.zeros_like(u)
-        if valid.any():
-            p[:, valid] = np.asarray(booster.predict(f[:, valid].T), np.float32).reshape(int(valid.sum()), -1).T
-        for w in WEIGHTS:
-            cms[w] += confusion_indices(target, (w * u + (1 - w) * p).argmax(0), n)
+        p = None
+        if booster is not None:
+            f, valid = window_features(prep.stack, box, roles, features, scale)
+            p = np.zeros((n, *box.shape), np.float32)
+            if valid.any():
+                p[:, valid] = np.asarray(booster.predict(f[:, valid].T), np.float32).reshape(int(valid.sum()), -1).T
+        for t in options:
+            u = (forward_d4 if t == "d4" else forward)(net, x[None], stride, settings)[0]
+            for w in weights:
+                mixed = u if p is None else w * u + (1 - w) * p
+                cms[(t, w)] += confusion_indices(target, mixed.argmax(0), n)
     ids, names = tuple(c.id for c in prep.classes), tuple(c.name for c in prep.classes)
-    scores = {w: Metrics(ids, names, cms[w]).miou for w in WEIGHTS}
-    best = max(WEIGHTS, key=lambda w: (round(scores[w], 6), w))  # ties: more network
-    entry = {"method": "pixel", "file": COMPANION_NAME, "features": list(features), "weight": best,
-             "validation_miou": {str(w): round(float(s), 6) for w, s in scores.items()},
-             "fit": record}  # fmt: skip
-    if best == 1.0 or scores[best] < scores[1.0] + MIN_GAIN:
-        return None
-    return booster, entry
+    scores = {k: Metrics(ids, names, cm).miou for k, cm in cms.items()}
 
+    def best_weight(t: str) -> float:
+        w = max(weights, key=lambda v: (round(scores[(t, v)], 6), v))  # ties: more network
+        return w if scores[(t, w)] >= scores[(t, 1.0)] + MIN_GAIN else 1.0
+
+    chosen = options[0]
+    if len(options) > 1 and scores[("d4", best_weight("d4"))] >= scores[("none", best_weight("none"))] + MIN_GAIN_TTA:
+        chosen = "d4"
+    w = best_weight(chosen)
+    entry = None
+    if w < 1.0:
+        entry = {"method": "pixel", "file": COMPANION_NAME, "features": list(features), "weight": w,
+                 "validation_miou": {str(v): round(float(scores[(chosen, v)]), 6) for v in weights}, "fit": record}  # fmt: skip
+    return {"tta": chosen, "booster": booster if entry else None, "entry": entry,
+            "scores": {f"tta={t} network_weight={v}": round(float(sc), 6) for (t, v), sc in scores.items()}}

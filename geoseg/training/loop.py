@@ -635,18 +635,21 @@ def train(
     update.pop("band_roles", None)
     update["bands"] = [dict(b.model_dump(), role=r) for b, r in zip(card.bands, roles)]
     extra: dict[str, Callable[[Path], None]] = {}
-    if config.ensemble:
-        from geoseg.training.ensemble import fit_companion
+    tta = update.pop("tta", "auto")
+    if config.ensemble or tta == "auto":
+        from geoseg.training.ensemble import choose_inference
 
-        t_ens = time.perf_counter()
-        found = fit_companion(prep, net, stride, "cpu", roles, config.seed, reader)
-        if found is not None:
-            booster, entry = found
+        t_choice = time.perf_counter()
+        choice = choose_inference(prep, net, stride, roles, config.seed, reader, config.ensemble, tta)
+        tta = choice["tta"]
+        if choice["entry"] is not None:
+            entry, booster = choice["entry"], choice["booster"]
             update["method_params"] = {**card.method_params, "ensemble": entry, "files": [entry["file"]]}
             extra[entry["file"]] = lambda path, b=booster: b.save_model(str(path), num_iteration=b.best_iteration or None)
-        training = dict(card.training or {}, ensemble_seconds=round(time.perf_counter() - t_ens, 3),
-                        ensemble=found[1] if found else "not kept: mixing did not raise validation mIoU")  # fmt: skip
-        update["training"] = training
+        update["training"] = dict(card.training or {}, inference_choice_seconds=round(time.perf_counter() - t_choice, 3),
+                                  inference_choice=choice["scores"],
+                                  ensemble=choice["entry"] or "not kept: mixing did not raise validation mIoU")  # fmt: skip
+    update["tta"] = "none" if tta == "auto" else tta
     card = ModelCard.model_validate({**card.model_dump(), **update})
     save_model(net, card, out, overwrite=True, extra=extra)  # emptiness was checked up front
     shutil.rmtree(work, ignore_errors=True)
