@@ -59,6 +59,7 @@ class EvaluateOptions:
     precision: str = "auto"
     batch_size: int = 2
     device: str = "auto"
+    tta: str | None = None  # test-time augmentation: None = as each card says, "none" or "d4"
     label_field: str | None = None
     ignore: tuple[int, ...] = ()
     reproject_labels: bool = False
@@ -194,7 +195,7 @@ def plan_evaluation(
     options = replace(options, precision=precision)
     from geoseg.methods import scene_settings
 
-    settings = scene_settings(card, stack, plan, InferenceSettings(precision, options.batch_size)) if resolve else InferenceSettings(precision, options.batch_size)
+    settings = scene_settings(card, stack, plan, InferenceSettings(precision, options.batch_size, tta=options.tta)) if resolve else InferenceSettings(precision, options.batch_size, tta=options.tta)
     seg = build_segmentation(stack, plan, ref, settings)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     lab = labels_array(source, plan)[ys, xs]
@@ -535,7 +536,7 @@ def plan_comparison(
                            tile_size=options.tile_size) for card in cards)  # fmt: skip
     precision = resolve_current(options.precision, options.device, options.exact).precision if resolve else "fp32"
     options = replace(options, precision=precision)
-    settings = InferenceSettings(precision, options.batch_size)
+    settings = InferenceSettings(precision, options.batch_size, tta=options.tta)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     from geoseg.methods import scene_settings
 

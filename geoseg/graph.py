@@ -39,7 +39,7 @@ def unpack_valid(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def on_device(settings: InferenceSettings, device: str) -> InferenceSettings:
-    return InferenceSettings(settings.precision, settings.batch_size, device, settings.params)
+    return InferenceSettings(settings.precision, settings.batch_size, device, settings.params, settings.tta)
 
 
 @detached

@@ -25,6 +25,7 @@ class InferenceSettings:
     batch_size: int = 4
     device: str = "cpu"
     params: tuple[tuple[str, Any], ...] = ()  # what a method computed over the whole scene (Otsu's threshold)
+    tta: str | None = None  # test-time augmentation of an smp model: None = the card's, "none" or "d4"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -87,7 +88,15 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
 
 
 def forward_d4(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings) -> np.ndarray:
-    """Mean class probabilities over the 8 flips/rotations of the batch (test-time augmentation)."""
+    """Mean class probabilities over the 8 flips/rotations of the batch (test-time augmentation).
+
+    The batch is padded to the stride at the bottom and right *before* it is turned, so every view
+    sees the same padding in the same place: tiled inference with a halo stays equal to one pass.
+    """
+    n, b, h, w = x.shape
+    ph, pw = -h % stride, -w % stride
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (0, ph), (0, pw)))
     total = None
     for k in range(4):
         for flip in (False, True):
@@ -99,7 +108,7 @@ def forward_d4(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Infer
                 p = p[:, :, :, ::-1]
             p = np.rot90(p, -k, axes=(2, 3))
             total = p.copy() if total is None else total + p
-    return total / 8.0
+    return (total / 8.0)[:, :, :h, :w]
 
 
 def _batches(tiles: Sequence[Tile], batch_size: int) -> list[list[Tile]]:
@@ -130,7 +139,8 @@ def segment_window(
     confidence = np.full(core.shape, np.nan, np.float32)
     for batch in _batches(tiles, settings.batch_size):
         xb = np.stack([x[(slice(None), *t.input.relative_to(outer))] for t in batch])
-        probs = forward_d4(net, xb, card.stride, settings) if card.tta == "d4" else forward(net, xb, card.stride, settings)
+        d4 = (settings.tta or card.tta) == "d4"
+        probs = forward_d4(net, xb, card.stride, settings) if d4 else forward(net, xb, card.stride, settings)
         for t, p in zip(batch, probs):
             p = p[(slice(None), *t.core.relative_to(t.input))]
             if mix is not None:

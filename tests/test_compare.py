@@ -69,7 +69,7 @@ def one_pass(bands, model_dir) -> np.ndarray:
             a = ds.read(1)
             valid &= a != ds.nodata
             arrays.append(a)
-    pred, _ = segment_array(bundle.net, bundle.card, np.stack(arrays), valid, InferenceSettings())
+    pred, _ = segment_array(bundle.net, bundle.card, np.stack(arrays), valid, InferenceSettings(), bundle.companion)
     return pred
 
 

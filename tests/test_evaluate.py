@@ -27,14 +27,15 @@ def trained(tmp_path_factory):
 def reference(trained):
     """The whole-scene class map from one forward pass, from files read with plain rasterio."""
     scene, model_dir, _, _ = trained
-    data, valid = [], np.ones(scene.truth.shape, bool)
+    data, valid, band_valid = [], np.ones(scene.truth.shape, bool), []
     for p in scene.bands:
         with rasterio.open(p) as ds:
             a = ds.read(1)
             valid &= a != ds.nodata
+            band_valid.append(a != ds.nodata)
             data.append(a.astype(np.float32))
     bundle = load_model(model_dir)
-    pred, _ = segment_array(bundle.net, bundle.card, np.stack(data), valid, InferenceSettings())
+    pred, _ = segment_array(bundle.net, bundle.card, np.stack(data), np.stack(band_valid), InferenceSettings(), bundle.companion)
     with rasterio.open(scene.labels) as ds:
         labels = ds.read(1)
     return pred, labels, bundle.card

@@ -217,3 +217,22 @@ def test_predict_command_with_a_pixel_model_makes_every_output(scene, pixel_mode
     assert np.array_equal(cog, ref)
     polygons = pyogrio.read_dataframe(tmp_path / "o" / "landuse.gpkg", layer="landuse")
     assert set(polygons["class_name"]) == set(NAMES)
+
+
+def test_test_time_augmentation_tiled_equals_one_pass(client, random_model, scene_path, tmp_path):
+    """d4 (8 flips/rotations) pads before it turns: --exact tiling still equals one pass, also at the scene's edges."""
+    card = ModelCard.read(random_model / "model.json")
+    d4 = tmp_path / "d4"
+    d4.mkdir()
+    (d4 / "weights.safetensors").write_bytes((random_model / "weights.safetensors").read_bytes())
+    (d4 / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), "tta": "d4"}).to_json())
+    predict([scene_path], d4, tmp_path / "o", PredictOptions(chunk_size=128, exact=True, cog=False, vectors=False), client=client)
+    got = open_prediction(tmp_path / "o" / "prediction.zarr")["class_id"].values
+    ref, _ = one_pass(d4, scene_path)
+    plain, _ = one_pass(random_model, scene_path)
+    assert np.count_nonzero(got != ref) <= 1e-5 * got.size
+    assert np.count_nonzero(ref != plain) > 0  # the augmentation changes the map
+    predict([scene_path], d4, tmp_path / "o2", PredictOptions(chunk_size=128, exact=True, cog=False, vectors=False, tta="none"),
+            client=client)
+    off = open_prediction(tmp_path / "o2" / "prediction.zarr")["class_id"].values
+    assert np.count_nonzero(off != plain) <= 1e-5 * got.size  # --tta none overrides the card

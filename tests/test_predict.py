@@ -25,7 +25,7 @@ def one_pass(model_dir, image_path):
     bundle = load_model(model_dir)
     stack = open_stack([image_path])
     data, valid = read_window(stack, Box(0, stack.shape[0], 0, stack.shape[1]).window)
-    return segment_array(bundle.net, bundle.card, data, valid, InferenceSettings())
+    return segment_array(bundle.net, bundle.card, data, valid, InferenceSettings(), bundle.companion)
 
 
 @pytest.mark.parametrize("model", ["random_model", "trained_model"])

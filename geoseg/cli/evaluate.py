@@ -36,6 +36,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @opt.exact_opt
 @click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the chunk).")
 @opt.precision_opt
+@opt.tta_opt
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @opt.scheduler_opt
@@ -43,7 +44,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @opt.overwrite_opt
 @click.pass_context
 def evaluate(ctx, images, model_dirs, names, labels, label_field, ignore, reproject_labels, bbox, window, json_path,
-             csv_path, chunk_size, halo, exact, tile_size, precision, batch_size, device, scheduler, n_workers, overwrite):
+             csv_path, chunk_size, halo, exact, tile_size, precision, tta, batch_size, device, scheduler, n_workers, overwrite):
     """Segment IMAGE with --model through the same tiled graph as `geoseg predict` and compare
     the class map with --labels over the pixels where both are valid.
 
@@ -63,6 +64,7 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, ignore, reproj
     options = EvaluateOptions(
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or "auto",
         batch_size=batch_size, device=device, label_field=label_field, ignore=tuple(ignore),
+        tta=None if tta == "card" else tta,
         reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
     )  # fmt: skip
     if names and len(names) != len(model_dirs):

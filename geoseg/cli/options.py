@@ -20,4 +20,7 @@ exact_opt = click.option("--exact", is_flag=True,
 precision_opt = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
                              help="Numerics of the forward pass. auto (default): bf16 autocast where the device computes "
                                   "bf16 natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32; fp32 with --exact.")
+tta_opt = click.option("--tta", type=click.Choice(["card", "none", "d4"]), default="card", show_default=True,
+                       help="Test-time augmentation of smp models: as the card says (chosen on validation by geoseg train), "
+                            "none, or d4 (mean of the 8 flips/rotations: 8x the forward passes).")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finished output.")

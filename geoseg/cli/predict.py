@@ -18,6 +18,7 @@ from geoseg.cli import options as opt
 @opt.exact_opt
 @click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the chunk; smaller bounds the memory of a pass, each tile gets its own halo).")
 @opt.precision_opt
+@opt.tta_opt
 @click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per forward pass (tiles of one chunk only).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @opt.scheduler_opt
@@ -27,7 +28,7 @@ from geoseg.cli import options as opt
 @click.option("--no-cog", is_flag=True, help="Skip classes.tif.")
 @click.option("--no-vectors", is_flag=True, help="Skip landuse.gpkg.")
 @click.pass_context
-def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size, precision, batch_size, device,
+def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size, precision, tta, batch_size, device,
             scheduler, n_workers, overwrite, resume, no_cog, no_vectors):
     """Segment IMAGE (one multi-band raster, or several single-band rasters on one grid,
     stacked in the order given) with the model in --model, and write to --out:
@@ -46,6 +47,7 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
     options = PredictOptions(
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or DEFAULT_PRECISION,
         batch_size=batch_size, device=device, overwrite=overwrite, resume=resume, cog=not no_cog, vectors=not no_vectors,
+        tta=None if tta == "card" else tta,
     )
     verbosity = ctx.obj["verbosity"]
     record = run(images, model_dir, out_dir, options, scheduler=scheduler, n_workers=n_workers,

@@ -82,7 +82,7 @@ def apply(options):
                    "border with. One value, or per class id: 6=4,1=16.")
 @click.option("--tta", type=click.Choice(["auto", "none", "d4"]), default="auto", show_default=True,
               help="smp: test-time augmentation at predict (d4: mean of the 8 flips/rotations, 8x the compute); auto: "
-                   "d4 where it raises validation mIoU by 0.01 or more.")
+                   "d4 unless it lowers the validation mIoU (predict --tta none overrides it).")
 @click.option("--ensemble/--no-ensemble", default=True, show_default=True,
               help="smp: also fit a per-pixel LightGBM companion and keep the mix where it scores better on the validation blocks.")
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")

@@ -42,6 +42,7 @@ class PredictOptions:
     vectors: bool = True
     model_resources: dict[str, float] | None = None
     worker_timeout: float = 30.0  # s to wait for a worker that can run the model tasks
+    tta: str | None = None  # test-time augmentation: None = as the card says, "none" or "d4"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Job:
     key: str = field(default="")
 
     def settings(self, precision: str) -> InferenceSettings:
-        return InferenceSettings(precision, self.options.batch_size)
+        return InferenceSettings(precision, self.options.batch_size, tta=self.options.tta)
 
     @property
     def model_location(self) -> str:
@@ -85,6 +86,7 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "exact": options.exact,
             "device": options.device,
             "batch_size": options.batch_size,
+            "tta": options.tta,
         },
         sort_keys=True,
     )
