@@ -159,7 +159,7 @@ def test_postprocessing_is_seamless_across_chunks(client, scene, pixel_model, tm
         (noisy / f.name).write_bytes(f.read_bytes())
     pp = {"majority_radius": 1, "min_pixels": 0, "class_min_pixels": {1: 40, 2: 12, 3: 12}, "connectivity": 4}
     (noisy / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), "postprocess": pp}).to_json())
-    for chunk in (32, 48):
+    for chunk in (48, 96):
         got = tiled(client, noisy, img, tmp_path / f"out{chunk}", chunk=chunk)
         ref, _ = one_pass(noisy, img)
         assert np.array_equal(got, ref), f"chunk {chunk}: {np.count_nonzero(got != ref)} pixels differ"
@@ -236,3 +236,25 @@ def test_test_time_augmentation_tiled_equals_one_pass(client, random_model, scen
             client=client)
     off = open_prediction(tmp_path / "o2" / "prediction.zarr")["class_id"].values
     assert np.count_nonzero(off != plain) <= 1e-5 * got.size  # --tta none overrides the card
+
+
+def test_cards_name_only_files_beside_them_and_expressions_only_arithmetic(pixel_model, tmp_path):
+    """A card fetched from anywhere never points outside its directory; index expressions are arithmetic only."""
+    from geoseg.errors import ConfigError, ModelError
+    from geoseg.methods.features import check_expression
+    from geoseg.model.store import check_model_dir
+
+    out, card = pixel_model
+    for bad in ("../x.txt", "/etc/passwd", "sub/x.txt", ".."):
+        d = tmp_path / f"m{abs(hash(bad))}"
+        d.mkdir()
+        (d / "model.lgb.txt").write_bytes((out / "model.lgb.txt").read_bytes())
+        doc = json.loads(card.to_json())
+        doc["method_params"]["files"] = [bad]
+        (d / "model.json").write_text(json.dumps(doc))
+        with pytest.raises(ModelError, match="plain file name"):
+            check_model_dir(d)
+    for bad in ("__import__('os')", "nir.real", "'a' + nir", "nir * True", "foo + nir"):
+        with pytest.raises(ConfigError):
+            check_expression(bad)
+    check_expression("(nir - red) / (nir + red + 0.5)")

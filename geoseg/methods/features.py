@@ -101,7 +101,10 @@ def check_expression(expr: str, roles: Sequence[str | None] | None = None) -> No
                 raise ConfigError(f"index expression {expr!r}: {node.id!r} is not a band role ({', '.join(ROLES)})")
             if roles is not None and canonical_role(node.id) not in roles:
                 raise ConfigError(f"index expression {expr!r}: no band has the role {node.id!r}; set it with --band-roles")
-        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Load, *_OPS)):
+        elif isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+                raise ConfigError(f"index expression {expr!r}: {node.value!r} is not a number")
+        elif not isinstance(node, (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Load, *_OPS)):
             raise ConfigError(f"index expression {expr!r}: only + - * / ** on numbers and band roles are allowed")
 
 
@@ -113,7 +116,7 @@ def expression(data: np.ndarray, roles: Sequence[str | None], expr: str) -> np.n
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant):
-            return float(node.value)
+            return np.float32(node.value)
         if isinstance(node, ast.Name):
             return _band(data, roles, canonical_role(node.id)).astype(np.float32)  # type: ignore[arg-type]
         if isinstance(node, ast.BinOp):
@@ -122,7 +125,7 @@ def expression(data: np.ndarray, roles: Sequence[str | None], expr: str) -> np.n
             return _OPS[type(node.op)](ev(node.operand))
         raise AssertionError(node)
 
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):
         out = np.asarray(ev(ast.parse(expr, mode="eval")), np.float32)
     out = np.broadcast_to(out, data.shape[1:]).astype(np.float32)
     out[~np.isfinite(out)] = np.nan

@@ -36,10 +36,12 @@ class ThresholdPredictor:
     def probabilities(self, data: np.ndarray, valid: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         v = spectral_index(data, self.card.band_roles, self.index)
         t = self.threshold(params)
+        if not np.isfinite(t):  # the scene had no index value at all: no class anywhere
+            v = np.full(v.shape, np.nan, np.float32)
         with np.errstate(over="ignore", invalid="ignore"):
             p = 1.0 / (1.0 + np.exp(-(v - t) / SOFTNESS))
         p = np.where(np.isfinite(v), p, 0.5).astype(np.float32)
-        p = np.where(np.isfinite(v) & (v > t), np.maximum(p, 0.5000001), np.minimum(p, 0.5)).astype(np.float32)
+        p = np.where(np.isfinite(v) & (v > t), np.maximum(p, 0.5000001), np.minimum(p, 0.4999999)).astype(np.float32)
         out = np.zeros((self.card.n_classes, *v.shape), np.float32)
         ok = np.isfinite(v)
         out[self.above] = np.where(ok, p, 0.0)
@@ -99,8 +101,8 @@ def otsu_of_delayed(values, client=None, where: str = "the scene") -> float:
 
     rs = compute([delayed(_range, pure=True)(v) for v in values])
     lo, hi = min(r[0] for r in rs), max(r[1] for r in rs)
-    if not np.isfinite(lo):
-        raise InputError(f"{where}: no valid pixel for the index; the scene is nodata where the index needs its bands")
+    if not np.isfinite(lo):  # no index value anywhere: no threshold, the map is nodata (as with a fixed one)
+        return float("nan")
     if lo == hi:
         return float(lo)
     counts = compute(delayed(sum)([delayed(_hist, pure=True)(v, lo, hi) for v in values]))

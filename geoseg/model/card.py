@@ -90,6 +90,14 @@ class PostProcess(_Frozen):
     class_min_pixels: dict[int, int] = Field(default_factory=dict)
     connectivity: Literal[4, 8] = 4
 
+    @field_validator("class_min_pixels")
+    @classmethod
+    def _per_class(cls, v: dict[int, int]) -> dict[int, int]:
+        bad = {c: n for c, n in v.items() if not (0 <= c <= 254 and 0 <= n <= 4096)}
+        if bad:
+            raise ValueError(f"minimum mapping units need class ids 0-254 and 0-4096 pixels, got {bad}")
+        return v
+
     @property
     def sieve_pixels(self) -> int:
         return max([self.min_pixels, *self.class_min_pixels.values()])
@@ -135,6 +143,13 @@ class ModelCard(_Frozen):
                 f"normalization has {len(self.normalization.mean)} values but the card lists "
                 f"{len(self.bands)} bands"
             )
+        names = [*self.method_params.get("files", ()), *([self.method_params["ensemble"].get("file")] if self.method_params.get("ensemble") else [])]
+        for n in names:  # file names beside the card only: a fetched card never writes or reads elsewhere
+            if not isinstance(n, str) or not n or n in (".", "..") or "/" in n or "\\" in n or n == CARD_NAME:
+                raise ValueError(f"model file {n!r} must be a plain file name in the model directory")
+        ens = self.method_params.get("ensemble")
+        if ens and ens.get("file") not in self.method_params.get("files", ()):
+            raise ValueError("the ensemble's file must be listed in method_params.files")
         ids = [c.id for c in self.classes]
         if len(set(ids)) != len(ids):
             raise ValueError(f"class ids must be unique, got {ids}")

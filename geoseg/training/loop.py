@@ -286,13 +286,15 @@ def _batch(reader: ChipReader, corners: np.ndarray, chip: int, rng: np.random.Ge
         xi, ti = reader.read(Box(int(y), int(y) + chip, int(x), int(x) + chip))
         xi, ti = augment(xi, ti, rng)
         if config is not None:
-            xi = photometric(xi, rng, config.photometric, config.band_dropout)
+            xi = photometric(xi, rng, config.photometric, config.band_dropout, reader.stack.count, reader.band_roles,
+                             reader.index_channels)
         xs.append(xi)
         ts.append(ti)
     return np.stack(xs), np.stack(ts)
 
 
-def photometric(x: np.ndarray, rng: np.random.Generator, jitter: float, band_dropout: float) -> np.ndarray:
+def photometric(x: np.ndarray, rng: np.random.Generator, jitter: float, band_dropout: float,
+                n_bands: int | None = None, roles: Sequence[str | None] = (), indices: Sequence[str] = ()) -> np.ndarray:
     """Per-band gain ``1 + N(0, jitter)`` and offset ``N(0, jitter)`` (normalised units), and with chance
     ``band_dropout`` one band set to 0 (its mean: how predict fills a missing band). Invalid pixels stay 0."""
     if jitter <= 0 and band_dropout <= 0:
@@ -303,9 +305,18 @@ def photometric(x: np.ndarray, rng: np.random.Generator, jitter: float, band_dro
         gain = 1.0 + jitter * rng.standard_normal(b).astype(np.float32)
         offset = jitter * rng.standard_normal(b).astype(np.float32)
         x = x * gain[:, None, None] + offset[:, None, None]
-    if band_dropout > 0 and b > 1 and rng.random() < band_dropout:
+    nb = n_bands or b
+    if band_dropout > 0 and nb > 1 and rng.random() < band_dropout:
+        # a band goes missing as at predict: the band at its mean (0) and every index that reads it at 0
+        from geoseg.methods.features import INDICES
+
         x = x.copy()
-        x[int(rng.integers(b))] = 0.0
+        k = int(rng.integers(nb))
+        x[k] = 0.0
+        role = roles[k] if k < len(roles) else None
+        for i, name in enumerate(indices):
+            if role is not None and role in INDICES.get(name, ()):
+                x[nb + i] = 0.0
     x[:, blank] = 0.0
     return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -517,13 +528,23 @@ def train(
     net = build_network(config.arch, config.encoder, prep.stack.count + len(indices), n_classes, config.encoder_depth).to(num.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda") if num.amp_dtype == torch.float16 else None
-    fingerprint = _fingerprint(inputs, config)
+    fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices))
 
     best_state: dict[str, torch.Tensor] | None = None  # weights of the epoch with the best validation mIoU
     state: dict[str, Any] = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
                              "stopped": False, "seconds": 0.0}  # fmt: skip
     start_epoch = 1
     if resume:
+        try:  # compare what the run was before loading its tensors (other bands or roles: other shapes)
+            before = json.loads((work / STATE_NAME).read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if before is not None and before != fingerprint:
+            diff = _differences(before, fingerprint)
+            raise ConfigError(
+                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
+                "ones, or start again with --overwrite"
+            )
         doc, best_state = load_checkpoint(work, net, optimizer)
         if doc["fingerprint"] != fingerprint:
             diff = _differences(doc["fingerprint"], fingerprint)
