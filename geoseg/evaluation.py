@@ -63,6 +63,7 @@ class EvaluateOptions:
     label_field: str | None = None
     ignore: tuple[int, ...] = ()
     reproject_labels: bool = False
+    background: int | None = None  # vector labels: class of valid pixels no feature covers
     bbox: tuple[float, float, float, float] | None = None
     window: tuple[int, int, int, int] | None = None
 
@@ -183,6 +184,7 @@ def plan_evaluation(
         classes_from=str(Path(model_dir) / CARD_NAME),
         ignore=options.ignore,
         reproject=options.reproject_labels,
+        background=options.background,
         image=image_name,
     )
     h, w = stack.shape
@@ -528,6 +530,7 @@ def plan_comparison(
         classes_from=" and ".join(str(Path(m) / CARD_NAME) for m in model_dirs),
         ignore=options.ignore,
         reproject=options.reproject_labels,
+        background=options.background,
         image=image_name,
     )
     h, w = base.shape

@@ -147,6 +147,21 @@ def test_vector_labels_with_names_train_on_the_classes_file(trained, tmp_path):
     assert counts[9] == 60 * 60 and counts[2] > 0 and counts[5] == 0
 
 
+def test_vector_labels_with_a_background_class(trained, tmp_path):
+    """--background: valid pixels no polygon covers take that class (building footprints on land)."""
+    scene = trained[0]
+    polys = write_polygons(tmp_path / "b.gpkg", [((0, 60, 40, 100), "building"), ((100, 180, 60, 120), "building")])
+    prep = prepare(TrainInputs(scene.bands, str(polys), background=0), TrainConfig(encoder_depth=3, chip_size=32, block_size=32), 8)
+    assert [(c.id, c.name) for c in prep.classes] == [(0, "background"), (1, "building")]
+    counts = prep.survey.id_counts
+    valid = prep.survey.valid_pixels.sum()
+    assert counts[1] == 60 * 60 + 80 * 60 and counts[0] == valid - counts[1]
+    without = prepare(TrainInputs(scene.bands, str(polys)), TrainConfig(encoder_depth=3, chip_size=32, block_size=32), 8)
+    assert without.survey.id_counts[0] == 0 and [c.name for c in without.classes] == ["building"]
+    r = cli("train", *scene.bands, "--labels", scene.labels, "--background", "0", "--out", tmp_path / "m")
+    assert r.exit_code == 2 and "--background is for vector labels" in r.output
+
+
 def test_region_restricts_training(trained):
     scene = trained[0]
     prep = prepare(TrainInputs(scene.bands, scene.labels, window=(0, 0, 96, 192)),

@@ -43,6 +43,8 @@ label_opts = [
                  help="Vector labels: the field with class ids or class names (default: class_id, class or label)."),
     click.option("--ignore-index", "ignore", type=int, multiple=True, metavar="ID",
                  help="A label value left out of the loss and the metrics (repeatable). Nodata always is."),
+    click.option("--background", type=click.IntRange(0, 254), default=None, metavar="ID",
+                 help="Vector labels: the class of valid pixels no feature covers (e.g. 0 for building polygons); default: unlabelled."),
     click.option("--reproject-labels", is_flag=True,
                  help="Resample a label raster on another grid onto the image grid (nearest neighbour)."),
 ]  # fmt: skip
@@ -110,7 +112,7 @@ def apply(options):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out from its last finished epoch.")
 @opt.overwrite_opt
 @click.pass_context
-def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, classes_file, method, band_roles, index,
+def train(ctx, images, labels, label_field, ignore, background, reproject_labels, out_dir, classes_file, method, band_roles, index,
           threshold, clusters, majority, mmu, tta, ensemble, arch, encoder, encoder_depth,
           epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed,
           device, no_amp, tile_size, bbox, window, resume, overwrite):
@@ -136,6 +138,7 @@ def train(ctx, images, labels, label_field, ignore, reproject_labels, out_dir, c
     inputs = TrainInputs(
         images=tuple(images), labels=labels, label_field=label_field, classes_file=classes_file, ignore=tuple(ignore),
         reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
+        background=background,
     )  # fmt: skip
 
     from geoseg.methods.fit import band_roles_for, train_method

@@ -217,12 +217,15 @@ class VectorLabels:
     ids: np.ndarray  # uint8 class id per geometry
     classes: tuple[ClassInfo, ...] | None  # classes the file defines by name (None when it holds ids)
     all_touched: bool = False
+    background: int | None = None  # class of valid pixels no feature covers (None: unlabelled)
 
     def describe(self) -> dict[str, Any]:
-        return {"file": Path(self.path).name, "kind": "vector", "field": self.field, "features": int(len(self.ids))}
+        return {"file": Path(self.path).name, "kind": "vector", "field": self.field, "features": int(len(self.ids)),
+                "background": self.background}
 
     def __dask_tokenize__(self) -> Any:
-        return ("geoseg-labels", _identity(self.path), self.field, _grid_token(self.grid), self.ids.tobytes(), self.all_touched)
+        return ("geoseg-labels", _identity(self.path), self.field, _grid_token(self.grid), self.ids.tobytes(), self.all_touched,
+                self.background)
 
     def read(self, box: Box) -> np.ndarray:
         from rasterio.features import rasterize
@@ -233,14 +236,15 @@ class VectorLabels:
         left, right, bottom, top = min(left, right), max(left, right), min(bottom, top), max(bottom, top)
         b = self.bounds
         hit = (b[:, 0] <= right) & (b[:, 2] >= left) & (b[:, 1] <= top) & (b[:, 3] >= bottom)
+        fill = NODATA_CLASS if self.background is None else self.background
         if not hit.any():
-            return np.full(box.shape, NODATA_CLASS, np.uint8)
+            return np.full(box.shape, fill, np.uint8)
         shapes = zip(self.geoms[hit], self.ids[hit].tolist())
         return rasterize(
             shapes,
             out_shape=box.shape,
             transform=self.grid.affine @ Affine.translation(box.x0, box.y0),
-            fill=NODATA_CLASS,
+            fill=fill,
             dtype="uint8",
             all_touched=self.all_touched,
         )
@@ -282,6 +286,7 @@ def open_labels(
     layer: str | None = None,
     all_touched: bool = False,
     image: str = "the image",
+    background: int | None = None,
 ) -> LabelSource:
     """Open a label raster or vector file for reading onto ``grid``; checks everything it can cheaply.
 
@@ -293,7 +298,9 @@ def open_labels(
         raise InputNotFoundError(f"{path}: no such label file; check the path")
     ignore = tuple(int(v) for v in ignore)
     if is_vector(path):
-        return _open_vector(path, grid, field, classes, classes_from, ignore, layer, all_touched, image)
+        return _open_vector(path, grid, field, classes, classes_from, ignore, layer, all_touched, image, background)
+    if background is not None:
+        raise InputError(f"{path}: --background is for vector labels (pixels no polygon covers), but this is a raster; drop it")
     if field:
         raise InputError(f"{path}: --label-field {field!r} is for vector labels, but this is a raster; drop it")
     return _open_raster(path, grid, ignore, reproject, image)
@@ -383,6 +390,7 @@ def _open_vector(
     layer: str | None,
     all_touched: bool,
     image: str,
+    background: int | None = None,
 ) -> VectorLabels:
     import pandas as pd
 
@@ -425,6 +433,11 @@ def _open_vector(
             defined = tuple(
                 ClassInfo(id=lookup[n], name=n, color=DEFAULT_COLORS[(lookup[n] - 1) % len(DEFAULT_COLORS)]) for n in order
             )
+            if background is not None:
+                if background in lookup.values():
+                    raise InputError(f"{path}: --background {background} is the id given to class {order[background - 1]!r}; "
+                                     "use 0 (or pass --classes)")
+                defined = (ClassInfo(id=background, name="background", color="#bababa"), *defined)
     keep = ~np.isin(ids, ignore)
     gdf, ids = gdf[keep], ids[keep]
     bad = ids[(ids < 0) | (ids > 254)]
@@ -449,6 +462,8 @@ def _open_vector(
             f"{path}: no labelled feature overlaps {image} (labels in {_crs_name(label_crs)}, image in "
             f"{_crs_name(image_crs)}); check that both cover the same area"
         )
+    if background is not None and not 0 <= background <= 254:
+        raise InputError(f"--background {background}: class ids are 0-254")
     return VectorLabels(
-        path, field, grid, geoms[inside], bounds[inside], ids[inside].astype(np.uint8), defined, all_touched
+        path, field, grid, geoms[inside], bounds[inside], ids[inside].astype(np.uint8), defined, all_touched, background
     )

@@ -108,6 +108,7 @@ class TrainInputs:
     classes_file: str | None = None
     ignore: tuple[int, ...] = ()
     reproject_labels: bool = False
+    background: int | None = None  # vector labels: class of valid pixels no feature covers
     bbox: tuple[float, float, float, float] | None = None  # region used, in the image CRS
     window: tuple[int, int, int, int] | None = None  # or col_off, row_off, width, height
 
@@ -203,6 +204,7 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
         classes_from=str(inputs.classes_file),
         ignore=inputs.ignore,
         reproject=inputs.reproject_labels,
+        background=inputs.background,
         image=image_name,
     )
     h, w = stack.shape
