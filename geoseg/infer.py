@@ -246,7 +246,6 @@ def segment_array(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pass over a whole in-memory scene: the reference tiled inference must equal."""
     h, w = valid.shape[-2:]
-    whole = Box(0, h, 0, w)
     plan = TilingPlan.make((h, w), stride=card.stride, chunk_size=max(h, w), halo=0, tile_size=max(h, w))
     chunk = next(iter(plan))
     return segment_chunk(net, card, plan, chunk, data, valid, settings, companion)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,6 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from geoseg.errors import ConfigError, InputError, OutputExistsError
+from geoseg.model.store import write_model_dir
 from geoseg.methods.features import (
     available_indices,
     check_expression,
@@ -23,8 +22,8 @@ from geoseg.methods.features import (
     guess_roles,
     parse_roles,
 )
-from geoseg.methods.sampling import sample_blocks, window_features
-from geoseg.model.card import CARD_NAME, NODATA_CLASS, PIXEL_WEIGHTS_NAME, WEIGHTS_NAME, BandInfo, ClassInfo, ModelCard, PostProcess
+from geoseg.methods.sampling import sample_blocks
+from geoseg.model.card import NODATA_CLASS, PIXEL_WEIGHTS_NAME, WEIGHTS_NAME, BandInfo, ClassInfo, ModelCard, PostProcess
 from geoseg.tiling import Box
 from geoseg.training.chips import class_lut
 from geoseg.training.labels import read_labels
@@ -48,20 +47,23 @@ def _with_roles(bands: list[BandInfo], roles: Sequence[str | None]) -> tuple[Ban
     return tuple(b.model_copy(update={"role": r}) for b, r in zip(bands, roles))
 
 
-def write_model_dir(out: Path, card: ModelCard, write_files: Callable[[Path], None], overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write_files(tmp)
-        (tmp / CARD_NAME).write_text(card.to_json())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def fit_pixel_on_split(prep, roles: Sequence[str | None], features: Sequence[str], seed: int) -> tuple[Any, dict[str, Any]] | None:
+    """LightGBM on the labelled pixels of the training blocks, stopped early on the validation blocks
+    (None when the training blocks hold no labelled pixel)."""
+    from geoseg.methods import pixel
+
+    lut = class_lut(prep.classes)
+    rng = np.random.default_rng([seed, 0x9E0])
+    scale = prep.normalization.std
+
+    def targets(box: Box) -> np.ndarray:
+        return lut[read_labels(prep.labels, box)]
+
+    X, y = sample_blocks(prep.stack, prep.split.boxes("train"), roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
+    if not len(y):
+        return None
+    Xv, yv = sample_blocks(prep.stack, list(prep.val_boxes), roles, features, scale, targets, MAX_TRAIN_PIXELS // 4, rng)
+    return pixel.fit(X, y, Xv, yv, len(prep.classes), seed)
 
 
 def _validate(predictor, card: ModelCard, prep, boxes: Sequence[Box], lut: np.ndarray, params: dict[str, Any]) -> Metrics | None:
@@ -128,23 +130,20 @@ def train_method(
     scale = prep.normalization.std
     params: dict[str, Any] = {}
     record: dict[str, Any] = {}
-    write: Callable[[Path], None]
-    predictor: Any
+    files: dict[str, Callable[[Path], None]]
 
     if method == "pixel":
         from geoseg.methods import pixel
 
         features = default_features(roles, prep.stack.count)
-        X, y = sample_blocks(prep.stack, train_boxes, roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
-        if not len(y):
+        fitted = fit_pixel_on_split(prep, roles, features, config.seed)
+        if fitted is None:
             raise InputError(f"{inputs.labels}: no labelled pixel in the training blocks")
-        Xv, yv = sample_blocks(prep.stack, val_boxes, roles, features, scale, targets, MAX_TRAIN_PIXELS // 4, rng)
-        booster, record = pixel.fit(X, y, Xv, yv, len(classes), config.seed)
+        booster, record = fitted
         params = {"features": list(features)}
         missing = "fill"
 
-        def write(d: Path) -> None:
-            pixel.save(booster, d / PIXEL_WEIGHTS_NAME)
+        files = {PIXEL_WEIGHTS_NAME: lambda path: pixel.save(booster, path)}
 
         card_kw = dict(method_params=params)
         make = lambda card: pixel.PixelPredictor(card, booster)  # noqa: E731
@@ -168,9 +167,8 @@ def train_method(
         params = {"features": list(features), "k": k, "cluster_class": [classes[i].id for i in cluster_class]}
         missing = "fill"
 
-        def write(d: Path) -> None:
-            save_file({"centers": centers, "feature_mean": fmean, "feature_std": fstd,
-                       "cluster_class": cluster_class.astype(np.int32)}, str(d / WEIGHTS_NAME))  # fmt: skip
+        tensors = {"centers": centers, "feature_mean": fmean, "feature_std": fstd, "cluster_class": cluster_class.astype(np.int32)}
+        files = {WEIGHTS_NAME: lambda path: save_file(tensors, str(path))}
 
         card_kw = dict(method_params=params)
         make = lambda card: kmeans.KMeansPredictor(card, centers, fmean, fstd, cluster_class)  # noqa: E731
@@ -188,7 +186,7 @@ def train_method(
             check_expression(idx[5:], roles)
         features = ("index",)
         # the class the index marks: named after what it measures, else the highest mean index
-        from geoseg.methods.features import feature_stack, nan_bands
+        from geoseg.methods.features import nan_bands
 
         sums = np.zeros(len(classes))
         counts = np.zeros(len(classes))
@@ -219,8 +217,7 @@ def train_method(
             record = {"training_otsu": th.otsu_of_blocks(values)}
         missing = "fill"
 
-        def write(d: Path) -> None:
-            return None
+        files = {}
 
         card_kw = dict(method_params=params)
         make = lambda card: th.ThresholdPredictor(card)  # noqa: E731
@@ -252,5 +249,5 @@ def train_method(
     }
     card = card.model_copy(update={"training": training})
     card = ModelCard.model_validate_json(card.to_json())  # a card that reads back as written
-    write_model_dir(out, card, write, overwrite)
+    write_model_dir(out, card, files, overwrite)
     return TrainResult(card, out, ())

@@ -88,13 +88,11 @@ def otsu_of_blocks(values: Sequence[np.ndarray]) -> float:
     return otsu_from_histogram(sum(_hist(v, lo, hi) for v in values), lo, hi)
 
 
-def otsu_of_delayed(values, client=None, where: str = "the scene") -> float:
+def otsu_of_delayed(values, client=None) -> float:
     """Otsu's threshold over lazy blocks of index values: ranges first, then histograms over the common
     range; only those come back (``client``: a distributed client, else the current scheduler)."""
     import dask
     from dask import delayed
-
-    from geoseg.errors import InputError
 
     def compute(obj):
         return client.gather(client.compute(obj)) if client is not None else dask.compute(obj)[0]
@@ -124,7 +122,7 @@ def otsu_on_cluster(card: ModelCard, stack, plan, client=None) -> float:
         return index_values(card, data, bv)
 
     values = [delayed(index_of, pure=True)(ch.core) for ch in plan]
-    return otsu_of_delayed(values, client, stack.paths[0])
+    return otsu_of_delayed(values, client)
 
 
 def otsu_of_array(card: ModelCard, data, nodata, client=None) -> float:

@@ -218,18 +218,16 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
     return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
 
 
-def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLike, overwrite: bool = False,
-               extra: dict[str, Any] | None = None) -> Path:
-    """Write a model directory atomically: a temporary sibling renamed into place when complete."""
+def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
+    temporary sibling that is renamed into place when complete."""
     model_dir = Path(model_dir)
     if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{model_dir}: already exists and is not empty; choose another directory or pass --overwrite")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "geoseg_card_schema": "1"})
-        for name, write in (extra or {}).items():  # other files the card lists (an ensemble member)
+        for name, write in files.items():
             write(tmp / name)
         (tmp / CARD_NAME).write_text(card.to_json())
         if model_dir.exists():
@@ -239,6 +237,16 @@ def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return model_dir
+
+
+def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLike, overwrite: bool = False,
+               extra: dict[str, Any] | None = None) -> Path:
+    """A network's model directory: weights as safetensors, the card, and ``extra`` files it lists (an ensemble member)."""
+    def weights(path: Path) -> None:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(path), metadata={"format": "pt", "geoseg_card_schema": "1"})
+
+    return write_model_dir(model_dir, card, {WEIGHTS_NAME: weights, **(extra or {})}, overwrite)
 
 
 def make_card(

@@ -14,16 +14,13 @@ import numpy as np
 import torch
 
 from geoseg.methods.features import default_features
-from geoseg.methods.sampling import sample_blocks, window_features
-from geoseg.training.chips import class_lut
-from geoseg.training.labels import read_labels
+from geoseg.methods.sampling import window_features
 from geoseg.training.metrics import Metrics, confusion_indices
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # share of the network in the mix
 MIN_GAIN = 0.005  # validation mIoU a mix must add over the network alone to be kept
 MIN_GAIN_TTA = 0.0  # test-time augmentation (8x the forward passes) is kept unless it lowers validation mIoU
 COMPANION_NAME = "pixel.lgb.txt"
-MAX_TRAIN_PIXELS = 2_000_000
 
 
 def choose_inference(prep: Any, net: torch.nn.Module, stride: int, roles: Sequence[str | None], seed: int,
@@ -36,7 +33,6 @@ def choose_inference(prep: Any, net: torch.nn.Module, stride: int, roles: Sequen
     ``ensemble`` entry (or None) and the validation scores of every choice.
     """
     from geoseg.infer import InferenceSettings, forward, forward_d4
-    from geoseg.methods import pixel
 
     options = ("none", "d4") if tta == "auto" else (tta,)
     if not prep.val_boxes:
@@ -46,16 +42,11 @@ def choose_inference(prep: Any, net: torch.nn.Module, stride: int, roles: Sequen
     scale = prep.normalization.std
     booster, record = None, {}
     if ensemble:
-        lut = class_lut(prep.classes)
-        rng = np.random.default_rng([seed, 0xE75])
+        from geoseg.methods.fit import fit_pixel_on_split
 
-        def targets(box):
-            return lut[read_labels(prep.labels, box)]
-
-        X, y = sample_blocks(prep.stack, prep.split.boxes("train"), roles, features, scale, targets, MAX_TRAIN_PIXELS, rng)
-        Xv, yv = sample_blocks(prep.stack, list(prep.val_boxes), roles, features, scale, targets, MAX_TRAIN_PIXELS // 4, rng)
-        if len(y):
-            booster, record = pixel.fit(X, y, Xv, yv, n, seed)
+        fitted = fit_pixel_on_split(prep, roles, features, seed)
+        if fitted is not None:
+            booster, record = fitted
     weights = WEIGHTS if booster is not None else (1.0,)
     reader = reader or prep.reader()
     cms = {(t, w): np.zeros((n, n), np.int64) for t in options for w in weights}
