@@ -62,7 +62,8 @@ def _register() -> None:
     cli.add_command(model.model)
     cli.add_command(info.info)
     cli.add_command(sample_data.sample_data)
-    for mod, name in (("geoseg.cli.train", "train"), ("geoseg.cli.evaluate", "evaluate"), ("geoseg.cli.run", "run")):
+    for mod, name in (("geoseg.cli.train", "train"), ("geoseg.cli.evaluate", "evaluate"), ("geoseg.cli.run", "run"),
+                      ("geoseg.cli.objects", "evaluate_objects")):
         try:
             module = __import__(mod, fromlist=[name])
         except ImportError:

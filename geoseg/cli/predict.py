@@ -27,9 +27,14 @@ from geoseg.cli import options as opt
 @click.option("--resume", is_flag=True, help="Reuse the chunks an interrupted run of the same job finished.")
 @click.option("--no-cog", is_flag=True, help="Skip classes.tif.")
 @click.option("--no-vectors", is_flag=True, help="Skip landuse.gpkg.")
+@click.option("--max-object-size", default=None, metavar="SIZE",
+              help="Instance models: the largest object expected, in pixels (64, 64px) or metres (30m); the chunks' halo "
+                   "(default: as the card says, from the training labels).")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=None, help="Instance models: drop detections scoring below.")
+@click.option("--nms-iou", type=click.FloatRange(0, 1), default=None, help="Instance models: box IoU above which non-maximum suppression keeps one.")
 @click.pass_context
 def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size, precision, tta, batch_size, device,
-            scheduler, n_workers, overwrite, resume, no_cog, no_vectors):
+            scheduler, n_workers, overwrite, resume, no_cog, no_vectors, max_object_size, score_threshold, nms_iou):
     """Segment IMAGE (one multi-band raster, or several single-band rasters on one grid,
     stacked in the order given) with the model in --model, and write to --out:
 
@@ -39,6 +44,10 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
       landuse.gpkg     one polygon per 4-connected region of one class
       run.json         what was run, timings and throughput
 
+    With an instance model (geoseg train --task instance): prediction.zarr holds instance_id (uint32,
+    0 = no object) and class_id; instances.tif and classes.tif; objects.gpkg one polygon per object
+    (instance_id, class_id, class_name, score, area_m2); objects cut by chunk lines are joined.
+
     Inputs, model and output directory are checked before any cluster starts.
     """
     from geoseg.pipeline import DEFAULT_PRECISION, PredictOptions
@@ -47,12 +56,17 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
     options = PredictOptions(
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or DEFAULT_PRECISION,
         batch_size=batch_size, device=device, overwrite=overwrite, resume=resume, cog=not no_cog, vectors=not no_vectors,
-        tta=None if tta == "card" else tta,
+        tta=None if tta == "card" else tta, max_object_size=max_object_size, score_threshold=score_threshold, nms_iou=nms_iou,
     )
     verbosity = ctx.obj["verbosity"]
     record = run(images, model_dir, out_dir, options, scheduler=scheduler, n_workers=n_workers,
                  progress=verbosity >= 0 and sys.stderr.isatty())
-    if verbosity >= 0:
+    if verbosity >= 0 and record.get("task") == "instance":
+        p = record["parameters"]
+        click.echo(f"found {record['objects']} objects in {p['shape'][0]} x {p['shape'][1]} px in "
+                   f"{record['timings']['instances_s']:.1f} s (halo {p['halo']} px); outputs in {out_dir}: "
+                   + ", ".join(record["outputs"]) + ", run.json")
+    elif verbosity >= 0:
         p = record["parameters"]
         click.echo(
             f"segmented {p['shape'][0]} x {p['shape'][1]} px in {record['timings']['segment_s']:.1f} s "

@@ -65,6 +65,9 @@ def apply(options):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
               help="classes.yaml: a list of {id, name, color}; default: from the labels.")
+@click.option("--task", type=click.Choice(["semantic", "instance"]), default="semantic", show_default=True,
+              help="instance: a Mask R-CNN (torchvision, nothing downloaded) from one polygon per object (classes from "
+                   "--label-field, else one) or an instance-id raster; steps = --epochs x --steps-per-epoch (default 20).")
 @click.option("--method", type=click.Choice(["smp", "threshold", "kmeans", "pixel"]), default="smp", show_default=True,
               help="smp: an encoder-decoder network (--arch); threshold: a spectral index against a fixed or Otsu "
                    "threshold; kmeans: clusters of bands and indices mapped to classes by the labels; pixel: a LightGBM "
@@ -91,8 +94,8 @@ def apply(options):
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder (randomly initialised, nothing downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(1, 5), default=4, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
-@click.option("--chip-size", type=click.IntRange(8), default=128, show_default=True, metavar="PX",
-              help="Side of the training chips (rounded to the network stride).")
+@click.option("--chip-size", type=click.IntRange(8), default=None, metavar="PX",
+              help="Side of the training chips (rounded to the network stride; default 128, 256 for --task instance).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
 @click.option("--steps-per-epoch", type=click.IntRange(1), default=None, help="Batches per epoch (default: ~2 passes over the training area, 10-200).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak AdamW learning rate (warm-up, then cosine decay).")
@@ -112,7 +115,7 @@ def apply(options):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out from its last finished epoch.")
 @opt.overwrite_opt
 @click.pass_context
-def train(ctx, images, labels, label_field, ignore, background, reproject_labels, out_dir, classes_file, method, band_roles, index,
+def train(ctx, images, labels, label_field, ignore, background, reproject_labels, out_dir, classes_file, task, method, band_roles, index,
           threshold, clusters, majority, mmu, tta, ensemble, arch, encoder, encoder_depth,
           epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed,
           device, no_amp, tile_size, bbox, window, resume, overwrite):
@@ -130,6 +133,11 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
     from geoseg.training.loop import train as run
 
     verbosity = (ctx.obj or {}).get("verbosity", 0)
+    if task == "instance":
+        _train_instances(images, labels, out_dir, label_field, background, encoder, epochs, chip_size, batch_size,
+                         steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity)
+        return
+    chip_size = chip_size or 128
     config = TrainConfig(
         arch=arch, encoder=encoder, encoder_depth=encoder_depth, epochs=epochs, chip_size=chip_size,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, lr=lr, weight_decay=weight_decay, patience=patience,
@@ -173,6 +181,29 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
                    "run the same command with --resume to continue", err=True)  # fmt: skip
         sys.exit(130)
     _report(result, verbosity)
+
+
+def _train_instances(images, labels, out_dir, label_field, background, encoder, epochs, chip_size, batch_size,
+                     steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity) -> None:
+    from geoseg.instances.train import InstanceConfig, train_instances
+    from geoseg.io.sources import open_stack
+    from geoseg.training.chips import region_box
+
+    stack = open_stack(list(images))
+    region = region_box(stack.grid, bbox, window)
+    config = InstanceConfig(chip_size=chip_size or 256, batch_size=min(batch_size, 4), steps=epochs * (steps_per_epoch or 20), lr=lr,
+                            weight_decay=weight_decay, encoder=encoder, seed=seed)
+
+    def progress(r):
+        if verbosity >= 0:
+            click.echo(f"step {r['step']:>5}/{r['steps']}  loss {r['loss']:.4f}  {r['seconds']:.1f} s")
+
+    card = train_instances(list(images), labels, out_dir, config, region=region, field=label_field,
+                           background=0 if background is None else background, overwrite=overwrite, progress=progress)
+    if verbosity >= 0:
+        click.echo(f"model written to {out_dir}: Mask R-CNN-{card.encoder}, {card.n_bands} bands, classes "
+                   + ", ".join(c.name for c in card.classes[1:]) + f"; largest object {card.training['largest_object_px']} px "
+                   f"-> halo {card.default_halo} px")
 
 
 def parse_mmu(text: str | None) -> dict:

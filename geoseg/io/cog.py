@@ -156,3 +156,33 @@ def validate_cog(path: str | os.PathLike) -> tuple[bool, list[str], list[str]]:
 
     is_valid, errors, warnings = cog_validate(str(path), quiet=True)
     return bool(is_valid), list(errors), list(warnings)
+
+
+def write_id_cog(source: Any, out_path: str | os.PathLike, *, grid: GeoBox, tags: Mapping[str, Any] | None = None,
+                 blocksize: int = 512, dtype: str = "uint32", nodata: int = 0) -> Path:
+    """An id raster (object ids, uint32; ``nodata`` = no object) as a COG with NEAREST overviews
+    (ids are labels: averaging would invent ids), atomically, window by window like ``write_cog``."""
+    out = Path(out_path)
+    height, width = (int(n) for n in grid.shape)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging, cog = _tmp_path(out, "staging"), _tmp_path(out, "cog")
+    profile = dict(driver="GTiff", height=height, width=width, count=1, dtype=dtype, nodata=nodata, crs=_rio_crs(grid),
+                   transform=grid.affine, tiled=True, blockxsize=blocksize, blockysize=blocksize, compress="deflate",
+                   zlevel=1, BIGTIFF="IF_SAFER")
+    step = _read_side(source, blocksize)
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=_CACHE_BYTES):
+            with rasterio.open(staging, "w", **profile) as dst:
+                dst.set_band_description(1, "instance_id")
+                dst.update_tags(**{str(k): str(v) for k, v in (tags or {}).items()})
+                for y0 in range(0, height, step):
+                    for x0 in range(0, width, step):
+                        y1, x1 = min(height, y0 + step), min(width, x0 + step)
+                        dst.write(np.asarray(source[y0:y1, x0:x1], dtype=dtype), 1, window=((y0, y1), (x0, x1)))
+            rasterio.shutil.copy(staging, cog, driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE=str(blocksize),
+                                 OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
+        os.replace(cog, out)
+    finally:
+        for tmp in (staging, cog, *out.parent.glob(f"{cog.name}.*")):
+            tmp.unlink(missing_ok=True)
+    return out

@@ -191,12 +191,30 @@ def open_model(model: str | os.PathLike) -> OpenedModel:
 def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> ModelBundle:
     model_dir = local_model_dir(model_dir)
     card = check_model_dir(model_dir)
+    if card.method == "instance":
+        from geoseg.instances.net import build_maskrcnn
+
+        return ModelBundle(card=card, net=_load_weights(build_maskrcnn(card.encoder, card.n_inputs, card.n_classes, card.method_params),
+                                                        model_dir).eval().to(device), digest=model_digest(model_dir), path=model_dir)
     if card.method != "smp":
         from geoseg.methods import load_predictor
 
         return ModelBundle(card=card, net=load_predictor(model_dir, card), digest=model_digest(model_dir), path=model_dir)
+    net = _load_weights(build_network(card.arch, card.encoder, card.n_inputs, card.n_classes, card.encoder_depth, card.arch_params),
+                        model_dir)
+    net = net.eval().to(device)
+    companion = None
+    ens = card.method_params.get("ensemble")
+    if ens:
+        import lightgbm as lgb
+
+        companion = lgb.Booster(model_file=str(model_dir / ens["file"]))
+    return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
+
+
+def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
+    """``net`` with the directory's safetensors weights, or a clear error."""
     weights = model_dir / WEIGHTS_NAME
-    net = build_network(card.arch, card.encoder, card.n_inputs, card.n_classes, card.encoder_depth, card.arch_params)
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:
@@ -208,14 +226,7 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
             f"{weights}: weights do not fit the network in {model_dir / CARD_NAME} "
             f"({str(exc).splitlines()[0]}); the card and weights come from different models"
         ) from None
-    net = net.eval().to(device)
-    companion = None
-    ens = card.method_params.get("ensemble")
-    if ens:
-        import lightgbm as lgb
-
-        companion = lgb.Booster(model_file=str(model_dir / ens["file"]))
-    return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
+    return net
 
 
 def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:

@@ -98,6 +98,10 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     """
     from geoseg.io.zarr_store import finalize_store
 
+    if job.card.method == "instance":
+        from geoseg.instances.run import run_instance_job
+
+        return run_instance_job(job, client, cluster_info, job.options.instance_params())
     if numerics is None:
         numerics = prepare_cluster(client, job)
 

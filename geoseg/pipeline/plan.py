@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,14 @@ class PredictOptions:
     model_resources: dict[str, float] | None = None
     worker_timeout: float = 30.0  # s to wait for a worker that can run the model tasks
     tta: str | None = None  # test-time augmentation: None = as the card says, "none" or "d4"
+    # instance models: the largest object expected ("64", "64px", "30m": the chunks' halo), and
+    # the detection settings (None: as the card says)
+    max_object_size: str | None = None
+    score_threshold: float | None = None
+    nms_iou: float | None = None
+
+    def instance_params(self) -> dict[str, float]:
+        return {k: v for k, v in (("score_threshold", self.score_threshold), ("nms_iou", self.nms_iou)) if v is not None}
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "device": options.device,
             "batch_size": options.batch_size,
             "tta": options.tta,
+            "instance": options.instance_params(),
         },
         sort_keys=True,
     )
@@ -140,8 +150,11 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
-    plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
-                    tile_size=options.tile_size)
+    if card.method == "instance":
+        plan = instance_plan(card, stack, options)
+    else:
+        plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
+                        tile_size=options.tile_size)
     return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, job_key(inputs, model.digest, plan, options))
 
 
@@ -150,3 +163,36 @@ def chunk_key(key: str, precision: str, device: str) -> str:
     return hashlib.sha256(f"{key}:{precision}:{device}".encode()).hexdigest()
 
 
+
+
+INSTANCE_CHUNK = 1024
+
+
+def object_size_px(text: str, resolution: float | None) -> int:
+    """``64``, ``64px`` or ``30m`` as pixels (metres need a metric grid)."""
+    t = str(text).strip().lower()
+    try:
+        if t.endswith("px"):
+            return int(math.ceil(float(t[:-2])))
+        if t.endswith("m"):
+            if not resolution:
+                raise ConfigError(f"--max-object-size {text}: metres need a grid in metres; give pixels (e.g. 64px)")
+            return int(math.ceil(float(t[:-1]) / resolution))
+        return int(math.ceil(float(t)))
+    except ValueError:
+        raise ConfigError(f"--max-object-size {text!r}: give pixels (64 or 64px) or metres (30m)") from None
+
+
+def instance_plan(card: ModelCard, stack: RasterStack, options: PredictOptions) -> TilingPlan:
+    """Chunks of 1024 px whose halo is the largest object expected (the card's, or --max-object-size):
+    every object whose centre lies in a core is then seen whole by that chunk's window."""
+    from geoseg.training.loop import band_infos
+
+    if options.max_object_size is not None:
+        res = band_infos(stack)[0].resolution_m
+        halo = object_size_px(options.max_object_size, res)
+    else:
+        halo = int(options.halo if options.halo is not None else card.default_halo)
+    if halo < 1:
+        raise ConfigError(f"--max-object-size must be at least one pixel, got {options.max_object_size}")
+    return TilingPlan.make(stack.shape, stride=card.stride, chunk_size=options.chunk_size or INSTANCE_CHUNK, halo=halo)

@@ -1,0 +1,177 @@
+"""Joining the detections of overlapping chunk windows into objects, and painting them (pure kernels).
+
+Every chunk detects objects in its window (core + a halo at least as large as the objects), so an
+object near a chunk line is seen by two to four windows. Detections of two windows are the same
+object when their masks, restricted to the area both windows see, overlap with IoU >= ``match_iou``.
+Of one group the object is the detection of a window that holds it whole and whose core holds its
+centre (the most central one if several): that window saw it with the most context, as one pass
+would. A group whose every member is cut by a window edge (an object larger than the halo) becomes
+the union of its members. A group seen whole only in halos, never by the window whose core holds
+its centre, is dropped: that window had the better view and found nothing. So an object is counted
+once whatever the chunk size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from geoseg.tiling import Box
+
+Key = tuple[int, int]  # a chunk (iy, ix)
+
+
+def paste(mask: np.ndarray, box: Sequence[int], region: Box) -> np.ndarray:
+    """``mask`` (covering ``box`` = y0, x0, y1, x1) placed in a False array covering ``region``."""
+    out = np.zeros(region.shape, bool)
+    y0, x0, y1, x1 = (int(v) for v in box)
+    inter = Box(y0, y1, x0, x1).intersect(region)
+    if inter is not None:
+        out[inter.relative_to(region)] = mask[inter.relative_to(Box(y0, y1, x0, x1))]
+    return out
+
+
+def interior_sides(window: Box, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
+    """Which sides (top, left, bottom, right) of a window lie inside the scene (not at its edge)."""
+    return window.y0 > 0, window.x0 > 0, window.y1 < shape[0], window.x1 < shape[1]
+
+
+def cut(boxes: np.ndarray, window: Box, shape: tuple[int, int]) -> np.ndarray:
+    """Whether each box touches a side of its window that lies inside the scene (the object may go on)."""
+    top, left, bottom, right = interior_sides(window, shape)
+    b = np.asarray(boxes).reshape(-1, 4)
+    return ((b[:, 0] <= window.y0) & top) | ((b[:, 1] <= window.x0) & left) | ((b[:, 2] >= window.y1) & bottom) | \
+        ((b[:, 3] >= window.x1) & right)
+
+
+def margin(boxes: np.ndarray, window: Box, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels between each box and the nearest interior side of its window (the context it had)."""
+    top, left, bottom, right = interior_sides(window, shape)
+    b = np.asarray(boxes).reshape(-1, 4)
+    big = np.iinfo(np.int64).max
+    d = [np.where(top, b[:, 0] - window.y0, big), np.where(left, b[:, 1] - window.x0, big),
+         np.where(bottom, window.y1 - b[:, 2], big), np.where(right, window.x1 - b[:, 3], big)]
+    return np.min(np.stack(d), axis=0)
+
+
+def centres_in(boxes: np.ndarray, core: Box) -> np.ndarray:
+    b = np.asarray(boxes).reshape(-1, 4)
+    cy, cx = (b[:, 0] + b[:, 2]) // 2, (b[:, 1] + b[:, 3]) // 2
+    return (cy >= core.y0) & (cy < core.y1) & (cx >= core.x0) & (cx < core.x1)
+
+
+def match(a: Mapping[str, Any], wa: Box, b: Mapping[str, Any], wb: Box, min_iou: float) -> list[tuple[int, int]]:
+    """Pairs (i, j) of detections of windows ``wa`` and ``wb`` that are one object: mask IoU on the shared area."""
+    shared = wa.intersect(wb)
+    ba, bb = np.asarray(a["boxes"]).reshape(-1, 4), np.asarray(b["boxes"]).reshape(-1, 4)
+    if shared is None or not len(ba) or not len(bb):
+        return []
+    y0 = np.maximum(ba[:, None, 0], bb[None, :, 0])
+    x0 = np.maximum(ba[:, None, 1], bb[None, :, 1])
+    y1 = np.minimum(ba[:, None, 2], bb[None, :, 2])
+    x1 = np.minimum(ba[:, None, 3], bb[None, :, 3])
+    near = (np.minimum(y1, shared.y1) > np.maximum(y0, shared.y0)) & (np.minimum(x1, shared.x1) > np.maximum(x0, shared.x0))
+    pairs = []
+    for i, j in zip(*np.nonzero(near)):
+        box = Box(int(min(ba[i, 0], bb[j, 0])), int(max(ba[i, 2], bb[j, 2])), int(min(ba[i, 1], bb[j, 1])), int(max(ba[i, 3], bb[j, 3])))
+        region = box.intersect(shared)
+        if region is None:
+            continue
+        ma, mb = paste(a["masks"][i], ba[i], region), paste(b["masks"][j], bb[j], region)
+        union = np.count_nonzero(ma | mb)
+        if union and np.count_nonzero(ma & mb) / union >= min_iou:
+            pairs.append((int(i), int(j)))
+    return pairs
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One object of the scene: its id, class and score, and the detections its mask comes from."""
+
+    id: int
+    class_id: int
+    score: float
+    box: tuple[int, int, int, int]  # y0, x0, y1, x1 in scene pixels
+    members: tuple[tuple[Key, int], ...]  # (chunk, detection) whose masks make it (one, or several unioned)
+    whole: bool = True  # False: larger than the halo, the union of cut pieces
+
+
+@dataclass
+class _Find:
+    parent: list[int] = field(default_factory=list)
+
+    def add(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            self.parent[max(ri, rj)] = min(ri, rj)
+
+
+def resolve(meta: Mapping[Key, Mapping[str, Any]], pairs: Iterable[tuple[tuple[Key, int], tuple[Key, int]]],
+            shape: tuple[int, int]) -> list[SceneObject]:
+    """The scene's objects from every window's detections (``meta``: chunk -> boxes, scores, labels,
+    window, core) and the matched pairs. Ids 1..N follow the objects' boxes (row-major), so they do
+    not depend on the chunking."""
+    uf, index = _Find(), {}
+    for key in sorted(meta):
+        for i in range(len(meta[key]["scores"])):
+            index[(key, i)] = uf.add()
+    for p, q in pairs:
+        uf.union(index[p], index[q])
+    groups: dict[int, list[tuple[Key, int]]] = {}
+    for member, n in index.items():
+        groups.setdefault(uf.find(n), []).append(member)
+    found = []
+    for members in groups.values():
+        owners, all_cut = [], True
+        for key, i in members:
+            m = meta[key]
+            box = np.asarray(m["boxes"][i])
+            is_cut = bool(cut(box, m["window"], shape)[0])
+            all_cut &= is_cut
+            if not is_cut and centres_in(box, m["core"])[0]:
+                owners.append((int(margin(box, m["window"], shape)[0]), float(m["scores"][i]), key, i))
+        if owners:
+            _, _, key, i = max(owners, key=lambda o: (o[0], o[1], tuple(-v for v in o[2])))
+            m = meta[key]
+            found.append((tuple(int(v) for v in m["boxes"][i]), int(m["labels"][i]), float(m["scores"][i]), ((key, i),), True))
+        elif all_cut:
+            boxes = np.asarray([meta[k]["boxes"][i] for k, i in members])
+            best = max(members, key=lambda ki: float(meta[ki[0]]["scores"][ki[1]]))
+            box = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
+            found.append((box, int(meta[best[0]]["labels"][best[1]]), float(meta[best[0]]["scores"][best[1]]),
+                          tuple(sorted(members)), False))
+    found.sort(key=lambda f: (f[0], -f[2]))
+    return [SceneObject(n + 1, lab, sc, box, mem, whole) for n, (box, lab, sc, mem, whole) in enumerate(found)]
+
+
+def object_mask(obj: SceneObject, dets: Mapping[Key, Mapping[str, Any]], region: Box | None = None) -> np.ndarray:
+    """The object's mask over ``region`` (default: its box), from the detections it is made of."""
+    region = region or Box(obj.box[0], obj.box[2], obj.box[1], obj.box[3])
+    out = np.zeros(region.shape, bool)
+    for key, i in obj.members:
+        out |= paste(dets[key]["masks"][i], dets[key]["boxes"][i], region)
+    return out
+
+
+def paint(objects: Sequence[SceneObject], dets: Mapping[Key, Mapping[str, Any]], region: Box) -> np.ndarray:
+    """uint32 instance ids over ``region``; where objects overlap the higher score wins (ties: lower id)."""
+    out = np.zeros(region.shape, np.uint32)
+    for obj in sorted(objects, key=lambda o: (o.score, -o.id)):
+        box = Box(obj.box[0], obj.box[2], obj.box[1], obj.box[3]).intersect(region)
+        if box is None:
+            continue
+        m = object_mask(obj, dets, box)
+        out[box.relative_to(region)][m] = obj.id
+    return out

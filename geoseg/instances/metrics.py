@@ -1,0 +1,96 @@
+"""Object-level scores: precision, recall and F1 of objects matched at IoU > 0.5, and panoptic quality.
+
+At IoU > 0.5 a predicted object matches at most one true object and the reverse (Kirillov et al.,
+Panoptic Segmentation, 2019), so matching needs no assignment step. PQ = sum of matched IoUs /
+(TP + FP/2 + FN/2) = SQ (mean matched IoU) x RQ (F1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def object_scores(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, iou: float = 0.5) -> dict[str, Any]:
+    """Scores of instance-id maps ``pred`` and ``truth`` (0 = no object) on the ``valid`` pixels."""
+    p, t = np.asarray(pred, np.int64).ravel(), np.asarray(truth, np.int64).ravel()
+    if valid is not None:
+        v = np.asarray(valid, bool).ravel()
+        p, t = p[v], t[v]
+    pids, pinv = np.unique(p, return_inverse=True)
+    tids, tinv = np.unique(t, return_inverse=True)
+    parea, tarea = np.bincount(pinv), np.bincount(tinv)
+    both = (p > 0) & (t > 0)
+    pair, inter = np.unique(pinv[both] * len(tids) + tinv[both], return_counts=True)
+    pi, ti = pair // len(tids), pair % len(tids)
+    ious = inter / (parea[pi] + tarea[ti] - inter)
+    hit = ious > iou
+    n_pred, n_true = int((pids > 0).sum()), int((tids > 0).sum())
+    tp = int(hit.sum())
+    fp, fn = n_pred - tp, n_true - tp
+    sum_iou = float(ious[hit].sum())
+    precision = tp / n_pred if n_pred else float("nan")
+    recall = tp / n_true if n_true else float("nan")
+    f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else float("nan")
+    denom = tp + 0.5 * fp + 0.5 * fn
+    return {"true_objects": n_true, "predicted_objects": n_pred, "tp": tp, "fp": fp, "fn": fn,
+            "precision": precision, "recall": recall, "f1": f1,
+            "sq": sum_iou / tp if tp else float("nan"), "pq": sum_iou / denom if denom else float("nan")}
+
+
+def per_class(pred: np.ndarray, pred_class: Mapping[int, int], truth: np.ndarray, truth_class: Mapping[int, int],
+              valid: np.ndarray | None = None) -> dict[int, dict[str, Any]]:
+    """``object_scores`` for each class (objects of other classes count as none)."""
+    out = {}
+    for c in sorted(set(pred_class.values()) | set(truth_class.values())):
+        pk = np.array([i for i, k in pred_class.items() if k == c], np.int64)
+        tk = np.array([i for i, k in truth_class.items() if k == c], np.int64)
+        out[c] = object_scores(np.where(np.isin(pred, pk), pred, 0), np.where(np.isin(truth, tk), truth, 0), valid)
+    return out
+
+
+def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any = None, field: str | None = None
+                     ) -> dict[str, Any]:
+    """Object scores of a finished instance prediction (OUT of ``geoseg predict``) against polygons
+    or an instance-id raster, over a region (default: the whole scene), overall and per class."""
+    from pathlib import Path
+
+    import pyogrio
+    import zarr
+
+    from geoseg.errors import InputError
+    from geoseg.instances.run import OBJECTS_LAYER, OBJECTS_NAME
+    from geoseg.instances.train import instance_targets
+    from geoseg.model.card import NODATA_CLASS
+    from geoseg.tiling import Box
+    from geoseg.training.chips import region_box
+
+    out = Path(out_dir)
+    store = out / "prediction.zarr"
+    if not (out / "run.json").is_file() or not store.is_dir():
+        raise InputError(f"{out_dir}: not a finished prediction (no run.json); run geoseg predict with an instance model first")
+    group = zarr.open_group(str(store), mode="r")
+    if "instance_id" not in group:
+        raise InputError(f"{out_dir}: holds a class map, not objects; predict with an instance model (geoseg train --task instance)")
+    import json
+
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    g = json.loads((out / "run.json").read_text())["grid"]
+    grid = GeoBox(tuple(g["shape"]), Affine(*g["transform"]), g["crs"])
+    h, w = grid.shape
+    box = region_box(grid, bbox, window) or Box(0, h, 0, w)
+    sl = (slice(box.y0, box.y1), slice(box.x0, box.x1))
+    pred = group["instance_id"][sl]
+    valid = group["class_id"][sl] != NODATA_CLASS
+    truth, lab, classes = instance_targets(labels, grid, box, field)
+    objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False, columns=["instance_id", "class_id"])
+    pred_class = dict(zip(objs["instance_id"].astype(int), objs["class_id"].astype(int)))
+    truth_class = {i: classes[int(lab[i])].id for i in range(1, len(lab))}
+    names = {c.id: c.name for c in classes}
+    report = {"region": [box.y0, box.y1, box.x0, box.x1], "all": object_scores(pred, truth, valid)}
+    if len(set(truth_class.values()) | set(pred_class.values())) > 1:
+        report["classes"] = {names.get(c, str(c)): s for c, s in per_class(pred, pred_class, truth, truth_class, valid).items()}
+    return report

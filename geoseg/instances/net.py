@@ -1,0 +1,100 @@
+"""Mask R-CNN (torchvision) for n-band rasters, and detection of one window.
+
+Nothing is downloaded: the backbone is a torchvision ResNet built with ``weights=None`` whose
+first convolution takes the card's bands; the FPN and heads are narrower than torchvision's
+defaults (64 channels), which trains and runs several times faster on CPUs. Images are never
+resized (the transform only pads to the stride), so a pixel of a window is a pixel of the map.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+ENCODERS = ("resnet18", "resnet34", "resnet50")
+STRIDE = 32
+
+# What a card's method_params may set, with the defaults a new model gets.
+DEFAULTS: dict[str, Any] = {
+    "fpn_channels": 64,
+    "score_threshold": 0.5,  # detections below are dropped
+    "nms_iou": 0.5,  # non-maximum suppression of boxes within a window (per class)
+    "mask_threshold": 0.5,  # mask probability that counts as inside
+    "match_iou": 0.5,  # detections of two windows are one object above this IoU on their shared area
+    "max_detections": 2000,  # per window
+    "max_object_px": 64,  # objects are expected no larger than this: the halo of the chunks
+}
+
+
+class _NoResize(GeneralizedRCNNTransform):
+    """torchvision's transform without the resize: windows keep their pixels (padding to the stride only)."""
+
+    def resize(self, image, target=None):  # type: ignore[override]
+        return image, target
+
+
+def build_maskrcnn(encoder: str, n_inputs: int, n_classes: int, params: dict[str, Any] | None = None) -> torch.nn.Module:
+    """Mask R-CNN with a ``encoder`` FPN backbone; ``n_classes`` counts the background (label 0)."""
+    import torchvision
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+
+    p = {**DEFAULTS, **(params or {})}
+    if encoder not in ENCODERS:
+        raise ValueError(f"instance encoder must be one of {', '.join(ENCODERS)}, not {encoder!r}")
+    body = getattr(torchvision.models, encoder)(weights=None)
+    body.conv1 = torch.nn.Conv2d(n_inputs, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    widths = [64, 128, 256, 512] if encoder != "resnet50" else [256, 512, 1024, 2048]
+    fpn = int(p["fpn_channels"])
+    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, widths, fpn)
+    n_det = int(p["max_detections"])
+    net = MaskRCNN(
+        backbone, num_classes=None, min_size=256, max_size=256, image_mean=[0.0] * n_inputs, image_std=[1.0] * n_inputs,
+        box_head=TwoMLPHead(fpn * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, n_classes),
+        mask_head=MaskRCNNHeads(fpn, (fpn,) * 4, 1), mask_predictor=MaskRCNNPredictor(fpn, fpn, n_classes),
+        rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
+        rpn_pre_nms_top_n_test=max(1000, 2 * n_det), rpn_post_nms_top_n_test=max(1000, n_det),
+        rpn_batch_size_per_image=128, box_batch_size_per_image=128,
+        box_score_thresh=float(p["score_threshold"]), box_nms_thresh=float(p["nms_iou"]), box_detections_per_img=n_det,
+    )  # fmt: skip
+    net.transform = _NoResize(256, 256, [0.0] * n_inputs, [1.0] * n_inputs, size_divisible=STRIDE)
+    return net
+
+
+def empty_detections() -> dict[str, Any]:
+    return {"boxes": np.zeros((0, 4), np.int64), "masks": [], "scores": np.zeros(0, np.float32),
+            "labels": np.zeros(0, np.uint8)}
+
+
+@torch.no_grad()
+def detect(net: torch.nn.Module, x: np.ndarray, valid: np.ndarray, class_ids: tuple[int, ...], params: dict[str, Any],
+           offset: tuple[int, int] = (0, 0), device: str = "cpu") -> dict[str, Any]:
+    """Objects in one window: ``x`` normalised float32 (bands, h, w) with 0 where a band is missing,
+    ``valid`` (h, w). Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels (``offset`` is
+    the window's corner), masks cropped to their box, scores and class ids (``class_ids[label]``)."""
+    p = {**DEFAULTS, **params}
+    out = net([torch.from_numpy(np.ascontiguousarray(x)).to(device)])[0]
+    keep = out["scores"] >= float(p["score_threshold"])
+    probs = out["masks"][keep, 0].float().cpu().numpy()
+    scores, labels = out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()
+    dets = empty_detections()
+    boxes, masks, sc, lab = [], [], [], []
+    for prob, s, lbl in zip(probs, scores, labels):
+        m = (prob >= float(p["mask_threshold"])) & valid
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+        if not len(rows) or lbl <= 0:
+            continue
+        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        boxes.append((y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]))
+        masks.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
+        sc.append(float(s))
+        lab.append(class_ids[int(lbl)])
+    if boxes:
+        dets.update(boxes=np.asarray(boxes, np.int64), masks=masks, scores=np.asarray(sc, np.float32),
+                    labels=np.asarray(lab, np.uint8))
+    return dets
