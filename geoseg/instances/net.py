@@ -26,6 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "match_iou": 0.5,  # detections of two windows are one object above this IoU on their shared area
     "max_detections": 2000,  # per window
     "max_object_px": 64,  # objects are expected no larger than this: the halo of the chunks
+    "min_object_px": 4,  # masks of fewer pixels are dropped (training sets it to a quarter of its smallest object)
+    "mask_overlap": 0.5,  # a mask more than this share covered by higher-scoring masks is a duplicate: dropped
 }
 
 
@@ -75,7 +77,8 @@ def empty_detections() -> dict[str, Any]:
 def detect(net: torch.nn.Module, x: np.ndarray, valid: np.ndarray, class_ids: tuple[int, ...], params: dict[str, Any],
            offset: tuple[int, int] = (0, 0), device: str = "cpu") -> dict[str, Any]:
     """Objects in one window: ``x`` normalised float32 (bands, h, w) with 0 where a band is missing,
-    ``valid`` (h, w). Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels (``offset`` is
+    ``valid`` (h, w). Masks smaller than ``min_object_px`` or mostly covered by a higher-scoring mask
+    (``mask_overlap``) are dropped. Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels (``offset`` is
     the window's corner), masks cropped to their box, scores and class ids (``class_ids[label]``)."""
     p = {**DEFAULTS, **params}
     out = net([torch.from_numpy(np.ascontiguousarray(x)).to(device)])[0]
@@ -84,11 +87,14 @@ def detect(net: torch.nn.Module, x: np.ndarray, valid: np.ndarray, class_ids: tu
     scores, labels = out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()
     dets = empty_detections()
     boxes, masks, sc, lab = [], [], [], []
+    taken = np.zeros(valid.shape, bool)  # pixels of the masks kept so far (scores descending)
     for prob, s, lbl in zip(probs, scores, labels):
         m = (prob >= float(p["mask_threshold"])) & valid
-        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-        if not len(rows) or lbl <= 0:
+        area = int(m.sum())
+        if area < max(1, int(p["min_object_px"])) or lbl <= 0 or (m & taken).sum() > float(p["mask_overlap"]) * area:
             continue
+        taken |= m
+        rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         boxes.append((y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]))
         masks.append(np.ascontiguousarray(m[y0:y1, x0:x1]))

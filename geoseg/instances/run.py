@@ -78,7 +78,7 @@ def _polygon(mask: np.ndarray, box: Box, affine: Any) -> Any:
     from affine import Affine
     from rasterio.features import shapes
 
-    t = affine * Affine.translation(box.x0, box.y0)
+    t = affine @ Affine.translation(box.x0, box.y0)
     parts = [shapely.geometry.shape(g) for g, v in shapes(mask.astype(np.uint8), mask=mask, transform=t, connectivity=8) if v]
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
 

@@ -63,7 +63,7 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         ids = [int(v) for v in values] if numeric else [i + 1 if i + 1 != background else i + 2 for i in range(len(values))]
         names = [f"class_{v}" for v in values] if numeric else [str(v) for v in values]
         label_of = {v: k + 1 for k, v in enumerate(values)}
-        t = grid.affine * Affine.translation(box.x0, box.y0)
+        t = grid.affine @ Affine.translation(box.x0, box.y0)
         shapes = [(g, n + 1) for n, g in enumerate(gdf.geometry)]
         inst = rasterize(shapes, out_shape=box.shape, transform=t, fill=0, dtype="uint32") if shapes else np.zeros(box.shape, np.uint32)
         lab = np.zeros(len(gdf) + 1, np.int64)
@@ -183,7 +183,10 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
             progress({"step": step + 1, "steps": config.steps, "loss": float(np.mean(losses[-25:])),
                       "seconds": round(time.perf_counter() - t0, 1)})
     net.eval()
-    params = {**DEFAULTS, "max_object_px": max_px, "score_threshold": config.score_threshold}
+    counts = np.bincount(inst.ravel().astype(np.int64))[1:]
+    smallest = int(counts[counts > 0].min())
+    params = {**DEFAULTS, "max_object_px": max_px, "score_threshold": config.score_threshold,
+              "min_object_px": max(DEFAULTS["min_object_px"], smallest // 4)}
     card = card_probe.model_copy(update=dict(
         arch="maskrcnn", encoder=config.encoder, method="instance", method_params=params, tile_size=round_up(cs, STRIDE),
         receptive_field=max_px, default_halo=max_px,

@@ -1,0 +1,212 @@
+"""Instances (#11): Mask R-CNN trained from polygons, detected per chunk on the cluster, joined across chunk lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from rasterio.transform import from_origin
+
+from geoseg.cli.main import cli
+from geoseg.instances import merge
+from geoseg.instances.metrics import object_scores
+from geoseg.tiling import Box
+
+from conftest import write_raster
+
+SIZE, RES = 512, 1.0
+ORIGIN = (600000.0, 4100000.0)
+
+
+def run(*args, code=0):
+    res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == code, res.output
+    return res
+
+
+def object_scene(seed: int = 3):
+    """Bright rectangles (8-28 px) on a noisy textured ground; a row of them straddles the lines
+    x = 256 and y = 256 (chunk lines at chunk 256). Returns image, instance ids and boxes."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(300, 40, (3, SIZE, SIZE)) + 60 * np.sin(np.arange(SIZE) / 17.0)[None, None, :]
+    ids = np.zeros((SIZE, SIZE), np.uint32)
+    boxes = []
+
+    def put(y, x, hh, ww):
+        if y < 0 or x < 0 or y + hh > SIZE or x + ww > SIZE or ids[max(0, y - 4):y + hh + 4, max(0, x - 4):x + ww + 4].any():
+            return
+        boxes.append((y, x, y + hh, x + ww))
+        ids[y:y + hh, x:x + ww] = len(boxes)
+        img[:, y:y + hh, x:x + ww] += np.array([500.0, 420.0, 330.0])[:, None, None]
+
+    for k in range(6):  # across the chunk lines
+        put(256 - 9, 20 + 80 * k, 18, 14 + 2 * k)
+        put(30 + 80 * k, 256 - 7, 12 + 2 * k, 16)
+    while len(boxes) < 45:
+        hh, ww = (int(v) for v in rng.integers(8, 29, 2))
+        put(int(rng.integers(0, SIZE - hh)), int(rng.integers(0, SIZE - ww)), hh, ww)
+    return np.clip(img, 0, 65535).astype(np.uint16), ids, boxes
+
+
+@pytest.fixture(scope="module")
+def objects_data(tmp_path_factory):
+    import geopandas as gpd
+    import shapely
+
+    d = tmp_path_factory.mktemp("objects")
+    img, ids, boxes = object_scene()
+    t = from_origin(*ORIGIN, RES, RES)
+    image = write_raster(d / "scene.tif", img, crs="EPSG:32633", transform=t)
+    polys = [shapely.box(ORIGIN[0] + x0, ORIGIN[1] - y1, ORIGIN[0] + x1, ORIGIN[1] - y0) for y0, x0, y1, x1 in boxes]
+    # labels in another CRS: they are reprojected onto the image
+    gpd.GeoDataFrame({"kind": ["building"] * len(polys)}, geometry=polys, crs="EPSG:32633").to_crs(4326).to_file(d / "objects.gpkg")
+    model = d / "model"
+    run("-q", "train", image, "--task", "instance", "--labels", d / "objects.gpkg", "--label-field", "kind", "--out", model, "--epochs", 4,
+        "--steps-per-epoch", 20, "--chip-size", 128, "--batch-size", 4)
+    return {"dir": d, "image": image, "labels": d / "objects.gpkg", "model": model, "ids": ids, "boxes": boxes}
+
+
+# -- kernels ---------------------------------------------------------------------------------
+
+
+def _dets(masks_boxes, scores):
+    return {"boxes": np.array([b for _, b in masks_boxes], np.int64).reshape(-1, 4), "masks": [m for m, _ in masks_boxes],
+            "scores": np.array(scores, np.float32), "labels": np.ones(len(scores), np.uint8)}
+
+
+def test_merge_joins_cut_and_whole_views_once():
+    shape = (100, 200)
+    a_core, b_core = Box(0, 100, 0, 100), Box(0, 100, 100, 200)
+    wa, wb = a_core.grow(30, shape), b_core.grow(30, shape)  # A sees x < 130, B sees x >= 70
+    # object 1: x 90..110 (centre 100: B's core); both see it whole
+    # object 2: x 120..140: A cuts it at 130, B sees it whole
+    # object 3: x 20..40, only in A; object 4: x 75..85 seen whole by B only in its halo, A (whose core holds it) missed it
+    full = np.ones((10, 20), bool)
+    a = _dets([(full, (10, 90, 20, 110)), (np.ones((10, 10), bool), (40, 120, 50, 130)), (full, (60, 20, 70, 40))], [0.9, 0.8, 0.7])
+    b = _dets([(full, (10, 90, 20, 110)), (full, (40, 120, 50, 140)), (np.ones((10, 10), bool), (80, 75, 90, 85))], [0.95, 0.85, 0.6])
+    meta = {(0, 0): {**a, "window": wa, "core": a_core}, (0, 1): {**b, "window": wb, "core": b_core}}
+    pairs = [(((0, 0), i), ((0, 1), j)) for i, j in merge.match(a, wa, b, wb, 0.5)]
+    assert sorted((p[0][1], p[1][1]) for p in pairs) == [(0, 0), (1, 1)]
+    objs = merge.resolve(meta, pairs, shape)
+    assert [o.box for o in objs] == [(10, 90, 20, 110), (40, 120, 50, 140), (60, 20, 70, 40)]  # row-major ids, 4 dropped
+    assert [o.members[0][0] for o in objs] == [(0, 1), (0, 1), (0, 0)]  # whole views from the core that holds the centre
+    painted = merge.paint(objs, meta, Box(0, 100, 0, 200))
+    assert set(np.unique(painted)) == {0, 1, 2, 3} and (painted == 2).sum() == 200
+
+
+def test_merge_unions_an_object_larger_than_the_halo():
+    shape = (60, 200)
+    a_core, b_core = Box(0, 60, 0, 100), Box(0, 60, 100, 200)
+    wa, wb = a_core.grow(10, shape), b_core.grow(10, shape)
+    a = _dets([(np.ones((10, 60), bool), (20, 50, 30, 110))], [0.9])  # cut at A's edge x = 110
+    b = _dets([(np.ones((10, 80), bool), (20, 90, 30, 170))], [0.8])  # cut at B's edge x = 90
+    meta = {(0, 0): {**a, "window": wa, "core": a_core}, (0, 1): {**b, "window": wb, "core": b_core}}
+    pairs = [(((0, 0), i), ((0, 1), j)) for i, j in merge.match(a, wa, b, wb, 0.5)]
+    (obj,) = merge.resolve(meta, pairs, shape)
+    assert obj.box == (20, 50, 30, 170) and not obj.whole and obj.score == pytest.approx(0.9)
+    assert (merge.paint([obj], meta, Box(0, 60, 0, 200)) == obj.id).sum() == 10 * 120
+
+
+def test_object_scores_by_hand():
+    truth = np.zeros((20, 40), np.uint32)
+    pred = np.zeros_like(truth)
+    truth[0:10, 0:10] = 1  # matched exactly
+    pred[0:10, 0:10] = 7
+    truth[0:10, 20:30] = 2  # IoU 50/150 = 0.33: no match
+    pred[0:10, 25:35] = 8
+    pred[15:20, 0:5] = 9  # a false object
+    s = object_scores(pred, truth)
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 2, 1)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(0.5)
+    assert s["f1"] == pytest.approx(2 / 5) and s["pq"] == pytest.approx(1.0 / (1 + 1 + 0.5))
+
+
+# -- through the cluster ---------------------------------------------------------------------
+
+
+def _objects(out: Path):
+    import pyogrio
+
+    return pyogrio.read_dataframe(out / "objects.gpkg", layer="objects")
+
+
+def test_instances_tiled_equal_one_pass_and_join_across_chunk_lines(objects_data, client, tmp_path):
+    from geoseg.pipeline import PredictOptions, predict
+
+    runs = {}
+    for chunk in (1024, 256, 320):  # 1024: one chunk holds the whole 512 px scene
+        out = tmp_path / f"c{chunk}"
+        rec = predict([objects_data["image"]], objects_data["model"], out, PredictOptions(chunk_size=chunk), client=client)
+        assert rec["task"] == "instance" and rec["parameters"]["halo"] == 64
+        runs[chunk] = (rec, _objects(out), out)
+    one_rec, one, _ = runs[1024]
+    truth = len(objects_data["boxes"])
+    assert abs(len(one) - truth) <= 2, (len(one), truth)
+    for chunk in (256, 320):
+        rec, gdf, _ = runs[chunk]
+        assert len(gdf) == len(one), chunk  # never counted twice, never lost
+        assert rec["matched_pairs"] > 0
+        # the same objects: every tiled polygon is one of the one-pass polygons (IoU > 0.5), most nearly exactly
+        best = [max(g.intersection(h).area / g.union(h).area for h in one.geometry) for g in gdf.geometry]
+        assert min(best) > 0.5 and np.median(best) > 0.9, sorted(best)[:5]
+    # objects straddling the chunk lines of chunk 256 are one polygon each
+    import shapely
+
+    for line in (shapely.LineString([(ORIGIN[0] + 256, ORIGIN[1]), (ORIGIN[0] + 256, ORIGIN[1] - SIZE)]),
+                 shapely.LineString([(ORIGIN[0], ORIGIN[1] - 256), (ORIGIN[0] + SIZE, ORIGIN[1] - 256)])):
+        crossing_truth = sum(1 for y0, x0, y1, x1 in objects_data["boxes"]
+                             if shapely.box(ORIGIN[0] + x0, ORIGIN[1] - y1, ORIGIN[0] + x1, ORIGIN[1] - y0).intersects(line))
+        gdf = runs[256][1]
+        assert gdf.geometry.intersects(line).sum() == pytest.approx(crossing_truth, abs=1)
+        assert crossing_truth >= 6
+
+
+def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp_path):
+    from geoseg.io.cog import validate_cog
+    from geoseg.pipeline import PredictOptions, predict
+
+    out = tmp_path / "out"
+    predict([objects_data["image"]], objects_data["model"], out, PredictOptions(chunk_size=256), client=client)
+    record = json.loads((out / "run.json").read_text())
+    assert record["outputs"] == ["prediction.zarr", "instances.tif", "classes.tif", "objects.gpkg"]
+    with rasterio.open(objects_data["image"]) as src, rasterio.open(out / "instances.tif") as inst, \
+            rasterio.open(out / "classes.tif") as cls:
+        assert inst.crs == src.crs and inst.transform == src.transform and inst.dtypes[0] == "uint32"
+        assert cls.crs == src.crs and cls.transform == src.transform
+        ids, classes = inst.read(1), cls.read(1)
+    assert validate_cog(out / "instances.tif")[0]
+    import xarray as xr
+
+    ds = xr.open_zarr(out / "prediction.zarr", decode_coords="all")
+    assert ds.rio.crs.to_epsg() == 32633 and np.array_equal(ds["instance_id"].values, ids)
+    gdf = _objects(out)
+    assert gdf.crs.to_epsg() == 32633
+    assert list(gdf.columns) == ["instance_id", "class_id", "class_name", "score", "area_m2", "pixels", "geometry"]
+    assert set(gdf["class_name"]) == {"building"} and (gdf["score"] >= 0.5).all()
+    assert sorted(gdf["instance_id"]) == sorted(int(v) for v in np.unique(ids) if v)
+    # polygons are the raster's objects: area = pixels (1 m pixels; UTM scale ~0.9996² at this easting)
+    np.testing.assert_allclose(gdf["area_m2"], gdf["pixels"], rtol=2e-3)
+    np.testing.assert_allclose(gdf.geometry.area, gdf["pixels"], rtol=1e-9)
+    assert ((classes == 1) == (ids > 0)).all() and ((classes == 0) == (ids == 0)).all()
+    # scored against the true objects
+    res = run("evaluate-objects", out, "--labels", objects_data["labels"], "--json", tmp_path / "scores.json")
+    scores = json.loads((tmp_path / "scores.json").read_text())["all"]
+    assert scores["true_objects"] == len(objects_data["boxes"])
+    assert scores["f1"] >= 0.85 and scores["pq"] >= 0.7, res.output
+
+
+def test_instance_bad_inputs_exit_clearly(objects_data, tmp_path, trained_model, scene_path, client):
+    """A bad object size stops before anything is written; scoring a class map says what to run instead."""
+    res = run("predict", objects_data["image"], "--model", objects_data["model"], "--out", tmp_path / "o",
+              "--max-object-size", "big", code=2)
+    assert "--max-object-size" in res.output and not (tmp_path / "o").exists()
+    from geoseg.pipeline import predict
+
+    semantic = tmp_path / "semantic"
+    predict([scene_path], trained_model, semantic, client=client)
+    res = run("evaluate-objects", semantic, "--labels", objects_data["labels"], code=2)
+    assert "instance model" in res.output
