@@ -228,6 +228,9 @@ def predict(
     scene = open_scene(scene)
     m = _model(model)
     card = m.card
+    if card.method in ("instance", "sam"):
+        raise ConfigError(f"{m.location} finds objects, which are joined across the whole scene (not lazily per chunk): "
+                          "use geoseg.api.objects(images, model, out_dir)")
     if scene.sizes["band"] != card.n_bands:
         raise ConfigError(f"the scene has {scene.sizes['band']} bands, the model in {m.location} takes {card.n_bands} "
                           f"({', '.join(b.name for b in card.bands)})")
@@ -255,6 +258,29 @@ def predict(
 def segment(images: Sequence[str | os.PathLike], model: str | os.PathLike, **options: Any) -> xr.Dataset:
     """``predict`` on raster files (kept for code written before ``open_scene``)."""
     return predict(open_scene([str(p) for p in images]), model, **options)
+
+
+def objects(images: Sequence[str | os.PathLike], model: str | os.PathLike, out_dir: str | os.PathLike, *,
+            client: Any = None, **options: Any) -> tuple[xr.Dataset, Any]:
+    """Objects of an instance or SAM model (``options``: chunk_size, max_object_size, score_threshold,
+    nms_iou, prompts, overwrite...; ``instance_model`` with a semantic ``model``: panoptic), written to
+    ``out_dir`` like ``geoseg predict``; returns the store (``instance_id``, ``class_id``) and the
+    objects as a GeoDataFrame."""
+    import pyogrio
+
+    from geoseg.instances.run import OBJECTS_LAYER
+    from geoseg.pipeline import PredictOptions
+    from geoseg.pipeline import predict as run
+
+    run([str(p) for p in images], str(model), out_dir, PredictOptions(**options), client=client or _current_client())
+    out = Path(out_dir)
+    return open_prediction(out / "prediction.zarr"), pyogrio.read_dataframe(out / "objects.gpkg", layer=OBJECTS_LAYER)
+
+
+def _current_client() -> Any:
+    from geoseg.methods import current_client
+
+    return current_client()
 
 
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:

@@ -210,3 +210,155 @@ def test_instance_bad_inputs_exit_clearly(objects_data, tmp_path, trained_model,
     predict([scene_path], trained_model, semantic, client=client)
     res = run("evaluate-objects", semantic, "--labels", objects_data["labels"], code=2)
     assert "instance model" in res.output
+
+
+def test_panoptic_objects_lie_in_their_class_area(objects_data, client, tmp_path):
+    """A semantic model and an instance model in one job: one class map with the objects laid over it,
+    instance ids beside it, both polygon layers, every object inside the landuse polygons of its class."""
+    import pyogrio
+    import shapely
+    import xarray as xr
+
+    from geoseg.model.card import ClassInfo
+    from geoseg.model.store import init_model
+    from geoseg.pipeline import PredictOptions, predict
+
+    semantic = tmp_path / "semantic"
+    init_model(semantic, n_bands=3, encoder_depth=3, classes=[ClassInfo(id=0, name="ground"), ClassInfo(id=2, name="water")])
+    out = tmp_path / "pan"
+    rec = predict([objects_data["image"]], semantic, out, PredictOptions(chunk_size=256, instance_model=str(objects_data["model"])),
+                  client=client)
+    assert {"instances.tif", "objects.gpkg", "landuse.gpkg", "classes.tif"} <= set(rec["outputs"])
+    assert rec["objects"] >= len(objects_data["boxes"]) - 2
+    ds = xr.open_zarr(out / "prediction.zarr", decode_coords="all")
+    ids, classes = ds["instance_id"].values, ds["class_id"].values
+    assert ((ids > 0) == (classes == 1)).all()  # object pixels take the object's class; no class-1 pixel without an object
+    assert set(np.unique(classes[ids == 0])) <= {0, 2}
+    objects = pyogrio.read_dataframe(out / "objects.gpkg", layer="objects")
+    landuse = pyogrio.read_dataframe(out / "landuse.gpkg", layer="landuse")
+    assert set(landuse["class_name"]) >= {"building"}  # the instance model's class joins the legend
+    area = shapely.union_all(landuse[landuse["class_id"] == 1].geometry.values)
+    assert all(area.buffer(1e-6).contains(g) for g in objects.geometry)
+    assert objects["pixels"].sum() == (ids > 0).sum()
+
+
+# -- Segment Anything (a small random SAM: the plumbing, not the masks) -------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    import torch
+
+    from geoseg.instances.sam import build_sam
+
+    d = tmp_path_factory.mktemp("sam")
+    torch.manual_seed(1)
+    torch.save(build_sam("tiny").state_dict(), d / "sam_tiny.pth")  # a checkpoint as SAM's authors ship them
+    run("-q", "model", "init", d / "model", "--method", "sam", "--sam-type", "tiny", "--checkpoint", d / "sam_tiny.pth",
+        "--bands", 3, "--max-object-size", 40)
+    return d
+
+
+def test_sam_checkpoint_recorded_and_unsafe_ones_refused(tiny_sam, tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    card = json.loads((tiny_sam / "model" / "model.json").read_text())
+    assert card["method"] == "sam" and card["default_halo"] == 48  # 40 px rounded up to the patch size
+    assert card["method_params"]["checkpoint_sha256"] == hashlib.sha256((tiny_sam / "sam_tiny.pth").read_bytes()).hexdigest()
+    saved, original = load_file(tiny_sam / "model" / "weights.safetensors"), torch.load(tiny_sam / "sam_tiny.pth", weights_only=True)
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+
+    class Payload:  # a pickle that would run code on load
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pth")
+    res = run("model", "init", tmp_path / "m", "--method", "sam", "--sam-type", "tiny", "--checkpoint", tmp_path / "evil.pth", code=2)
+    assert "evil.pth" in res.output and "pwned" not in res.output and not (tmp_path / "m").exists()
+    res = run("model", "init", tmp_path / "m", "--method", "sam", "--sam-type", "vit_b", "--checkpoint", tiny_sam / "sam_tiny.pth", code=2)
+    assert "--sam-type" in res.output
+
+
+def test_sam_prompts_in_map_coordinates_land_on_their_pixels(objects_data, tiny_sam, client, tmp_path):
+    """Points (in EPSG:4326) and a box prompt: each is segmented by the chunk whose core holds it, on
+    the pixels the prompt names; the masks equal SAM run by hand on that chunk's window."""
+    import geopandas as gpd
+    import shapely
+    import xarray as xr
+    from segment_anything import SamPredictor
+
+    from geoseg.instances.sam import build_sam, to_rgb
+    from geoseg.model.card import ModelCard
+
+    picks = [objects_data["boxes"][i] for i in (0, 7, 20, 30)]
+    pts = [shapely.Point(ORIGIN[0] + (x0 + x1) / 2 + 0.25, ORIGIN[1] - (y0 + y1) / 2 - 0.25) for y0, x0, y1, x1 in picks]
+    y0, x0, y1, x1 = objects_data["boxes"][40]
+    box = shapely.box(ORIGIN[0] + x0, ORIGIN[1] - y1, ORIGIN[0] + x1, ORIGIN[1] - y0)
+    gpd.GeoDataFrame({"n": range(5)}, geometry=[*pts, box], crs="EPSG:32633").to_crs(4326).to_file(tmp_path / "prompts.gpkg")
+    out = tmp_path / "out"
+    run("-q", "predict", objects_data["image"], "--model", tiny_sam / "model", "--out", out, "--chunk-size", 256,
+        "--prompts", tmp_path / "prompts.gpkg")
+    record = json.loads((out / "run.json").read_text())
+    stretch = record["scene_parameters"]["stretch"]
+    ids = xr.open_zarr(out / "prediction.zarr")["instance_id"].values
+    objects = _objects(out)
+    assert set(objects["instance_id"]) <= {1, 2, 3, 4, 5} and len(objects) >= 3
+    card = ModelCard.read(tiny_sam / "model" / "model.json")
+    sam = build_sam("tiny")
+    from safetensors.torch import load_file
+
+    sam.load_state_dict(load_file(tiny_sam / "model" / "weights.safetensors"))
+    img = rasterio.open(objects_data["image"]).read().astype(np.float32)
+    prompts = [("point", ((b[1] + b[3]) / 2 + 0.25, (b[0] + b[2]) / 2 + 0.25)) for b in picks] + \
+        [("box", (x0, y0, x1, y1))]
+    by_score = sorted(objects.itertuples(), key=lambda o: -o.score)
+    for n, (kind, c) in enumerate(prompts, start=1):
+        if n not in set(objects["instance_id"]):
+            continue
+        cy, cx = (c[1] + c[-1]) / 2, (c[0] + c[-2]) / 2
+        core = Box(int(cy) // 256 * 256, min(SIZE, int(cy) // 256 * 256 + 256), int(cx) // 256 * 256, min(SIZE, int(cx) // 256 * 256 + 256))
+        win = core.grow(48, (SIZE, SIZE))
+        pred = SamPredictor(sam)
+        pred.set_image(to_rgb(img[:, win.y0:win.y1, win.x0:win.x1], np.ones(win.shape, bool), card, stretch))
+        shift = np.array([win.x0, win.y0] * 2, np.float64)
+        if kind == "point":
+            m, _, _ = pred.predict(point_coords=(np.array(c) - shift[:2])[None], point_labels=np.array([1]), multimask_output=False)
+        else:
+            m, _, _ = pred.predict(box=np.array(c) - shift, multimask_output=False)
+        ref = np.zeros((SIZE, SIZE), bool)
+        ref[win.y0:win.y1, win.x0:win.x1] = m[0]
+        mine = ids == n
+        assert mine.any() and not (mine & ~ref).any()  # never outside SAM's mask for this prompt
+        if by_score[0].instance_id == n:
+            assert np.array_equal(mine, ref)  # the top-scoring one is drawn whole
+
+
+def test_sam_automatic_masks_through_the_cluster(objects_data, client, tmp_path):
+    from geoseg.instances.sam import init_sam_model
+    from geoseg.pipeline import PredictOptions, predict
+
+    model = tmp_path / "sam"
+    init_sam_model(model, model_type="tiny", n_bands=3, params={"max_object_px": 32, "stability_threshold": 0.0,
+                                                                "score_threshold": 0.0, "points_per_side": 6})
+    out = tmp_path / "out"
+    rec = predict([objects_data["image"]], model, out, PredictOptions(chunk_size=256), client=client)
+    assert rec["model"]["method"] == "sam" and rec["objects"] >= 1
+    with rasterio.open(out / "instances.tif") as ds, rasterio.open(objects_data["image"]) as src:
+        assert ds.crs == src.crs and ds.transform == src.transform
+        ids = ds.read(1)
+    objects = _objects(out)
+    assert sorted(objects["instance_id"]) == sorted(int(v) for v in np.unique(ids) if v)
+    assert (objects["pixels"].values == [int((ids == i).sum()) for i in objects["instance_id"]]).all()
+
+
+def test_python_api_objects(objects_data, client, tmp_path):
+    from geoseg import api
+    from geoseg.errors import ConfigError
+
+    ds, gdf = api.objects([objects_data["image"]], objects_data["model"], tmp_path / "api", client=client, chunk_size=256)
+    assert ds.rio.crs.to_epsg() == 32633 and int(ds["instance_id"].max()) == gdf["instance_id"].max() == len(gdf)
+    with pytest.raises(ConfigError, match="api.objects"):
+        api.predict(api.open_scene([str(objects_data["image"])]), objects_data["model"])

@@ -15,19 +15,44 @@ def model() -> None:
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder name (no pretrained weights are downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(3, 5), default=5, show_default=True)
-@click.option("--bands", "n_bands", type=int, required=True, help="Input bands.")
+@click.option("--bands", "n_bands", type=int, default=None, help="Input bands (required, except for SAM: 3).")
+@click.option("--method", type=click.Choice(["smp", "sam"]), default="smp", show_default=True,
+              help="sam: Segment Anything with --checkpoint (segment-anything package; nothing is downloaded).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="SAM: the checkpoint you downloaded (.pth read with weights_only, or .safetensors); its sha256 goes into the card. "
+                   "Without it SAM's weights are random (plumbing checks only).")
+@click.option("--sam-type", type=click.Choice(["vit_b", "vit_l", "vit_h", "tiny"]), default="vit_b", show_default=True,
+              help="SAM: the checkpoint's architecture (tiny: a small random SAM for tests).")
+@click.option("--max-object-size", "max_object_px", type=click.IntRange(1), default=128, show_default=True, metavar="PX",
+              help="SAM: the largest object expected, in pixels (the chunks' halo).")
 @click.option("--classes", "n_classes", type=int, default=None, help="Number of classes (ids 0..N-1).")
 @click.option("--classes-file", type=click.Path(dir_okay=False, exists=True), default=None, help="classes.yaml with id, name, color.")
 @click.option("--tile-size", type=int, default=1024, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
-def init(out_dir, arch, encoder, encoder_depth, n_bands, n_classes, classes_file, tile_size, seed, overwrite):
+def init(out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam_type, max_object_px, n_classes, classes_file,
+         tile_size, seed, overwrite):
     """Make a model with seeded random weights in OUT_DIR, so the pipeline runs before training.
 
     The receptive field is measured from the network's impulse response and stored in the card.
+    With --method sam: Segment Anything from your --checkpoint, converted to safetensors.
     """
     from geoseg.errors import ConfigError
     from geoseg.model.store import init_model
+
+    if method == "sam":
+        from geoseg.instances.sam import init_sam_model
+
+        card = init_sam_model(out_dir, model_type=sam_type, checkpoint=checkpoint, n_bands=n_bands or 3, seed=seed,
+                              params={"max_object_px": max_object_px}, overwrite=overwrite)
+        click.echo(f"model written to {out_dir}: SAM {sam_type}, {card.n_bands} bands, "
+                   + (f"checkpoint sha256 {card.method_params['checkpoint_sha256'][:16]}..." if checkpoint else "random weights")
+                   + f", halo {card.default_halo} px")
+        return
+    if checkpoint:
+        raise ConfigError("--checkpoint goes with --method sam")
+    if not n_bands:
+        raise ConfigError("give --bands N (the model's input bands)")
 
     classes = None
     if classes_file:

@@ -27,6 +27,12 @@ from geoseg.cli import options as opt
 @click.option("--resume", is_flag=True, help="Reuse the chunks an interrupted run of the same job finished.")
 @click.option("--no-cog", is_flag=True, help="Skip classes.tif.")
 @click.option("--no-vectors", is_flag=True, help="Skip landuse.gpkg.")
+@click.option("--prompts", default=None, type=click.Path(dir_okay=False, exists=True), metavar="FILE",
+              help="SAM models: points or polygons (their boxes) in any CRS, one object each (ids = row + 1); "
+                   "without it SAM segments everything (automatic masks).")
+@click.option("--instance-model", default=None, metavar="DIR",
+              help="Panoptic: an instance model run in the same job; its objects are laid over --model's class map "
+                   "(prediction.zarr gains instance_id; instances.tif and objects.gpkg are written too).")
 @click.option("--max-object-size", default=None, metavar="SIZE",
               help="Instance models: the largest object expected, in pixels (64, 64px) or metres (30m); the chunks' halo "
                    "(default: as the card says, from the training labels).")
@@ -34,7 +40,8 @@ from geoseg.cli import options as opt
 @click.option("--nms-iou", type=click.FloatRange(0, 1), default=None, help="Instance models: box IoU above which non-maximum suppression keeps one.")
 @click.pass_context
 def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size, precision, tta, batch_size, device,
-            scheduler, n_workers, overwrite, resume, no_cog, no_vectors, max_object_size, score_threshold, nms_iou):
+            scheduler, n_workers, overwrite, resume, no_cog, no_vectors, prompts, instance_model, max_object_size, score_threshold,
+            nms_iou):
     """Segment IMAGE (one multi-band raster, or several single-band rasters on one grid,
     stacked in the order given) with the model in --model, and write to --out:
 
@@ -57,6 +64,7 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or DEFAULT_PRECISION,
         batch_size=batch_size, device=device, overwrite=overwrite, resume=resume, cog=not no_cog, vectors=not no_vectors,
         tta=None if tta == "card" else tta, max_object_size=max_object_size, score_threshold=score_threshold, nms_iou=nms_iou,
+        instance_model=instance_model, prompts=prompts,
     )
     verbosity = ctx.obj["verbosity"]
     record = run(images, model_dir, out_dir, options, scheduler=scheduler, n_workers=n_workers,

@@ -70,7 +70,7 @@ def build_maskrcnn(encoder: str, n_inputs: int, n_classes: int, params: dict[str
 
 def empty_detections() -> dict[str, Any]:
     return {"boxes": np.zeros((0, 4), np.int64), "masks": [], "scores": np.zeros(0, np.float32),
-            "labels": np.zeros(0, np.uint8)}
+            "labels": np.zeros(0, np.uint8), "index": np.zeros(0, np.int64)}
 
 
 @torch.no_grad()
@@ -81,26 +81,39 @@ def detect(net: torch.nn.Module, x: np.ndarray, valid: np.ndarray, class_ids: tu
     (``mask_overlap``) are dropped. Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels (``offset`` is
     the window's corner), masks cropped to their box, scores and class ids (``class_ids[label]``)."""
     p = {**DEFAULTS, **params}
+    # the job's settings, not the ones the network was built with (the same for every task of a job)
+    net.roi_heads.score_thresh = min(0.05, float(p["score_threshold"]))
+    net.roi_heads.nms_thresh = float(p["nms_iou"])
     out = net([torch.from_numpy(np.ascontiguousarray(x)).to(device)])[0]
     keep = out["scores"] >= float(p["score_threshold"])
     probs = out["masks"][keep, 0].float().cpu().numpy()
     scores, labels = out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()
+    return detections(probs >= float(p["mask_threshold"]), scores, labels, valid, class_ids, p, offset)
+
+
+def detections(masks: np.ndarray, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, class_ids: tuple[int, ...],
+               params: dict[str, Any], offset: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Window masks (n, h, w) as detections: cropped to their boxes in scene pixels; specks
+    (``min_object_px``) and duplicates (``mask_overlap``) dropped in descending score order.
+    ``index``: the position in ``masks`` each kept detection comes from (a prompt's number)."""
+    p = {**DEFAULTS, **params}
     dets = empty_detections()
-    boxes, masks, sc, lab = [], [], [], []
-    taken = np.zeros(valid.shape, bool)  # pixels of the masks kept so far (scores descending)
-    for prob, s, lbl in zip(probs, scores, labels):
-        m = (prob >= float(p["mask_threshold"])) & valid
+    boxes, crops, sc, lab, idx = [], [], [], [], []
+    taken = np.zeros(valid.shape, bool)  # pixels of the masks kept so far
+    for k in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
+        m = masks[k] & valid
         area = int(m.sum())
-        if area < max(1, int(p["min_object_px"])) or lbl <= 0 or (m & taken).sum() > float(p["mask_overlap"]) * area:
+        if area < max(1, int(p["min_object_px"])) or labels[k] <= 0 or (m & taken).sum() > float(p["mask_overlap"]) * area:
             continue
         taken |= m
         rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
         boxes.append((y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]))
-        masks.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
-        sc.append(float(s))
-        lab.append(class_ids[int(lbl)])
+        crops.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
+        sc.append(float(scores[k]))
+        lab.append(class_ids[int(labels[k])])
+        idx.append(int(k))
     if boxes:
-        dets.update(boxes=np.asarray(boxes, np.int64), masks=masks, scores=np.asarray(sc, np.float32),
-                    labels=np.asarray(lab, np.uint8))
+        dets.update(boxes=np.asarray(boxes, np.int64), masks=crops, scores=np.asarray(sc, np.float32),
+                    labels=np.asarray(lab, np.uint8), index=np.asarray(idx, np.int64))
     return dets

@@ -32,10 +32,11 @@ from geoseg.instances import merge
 from geoseg.instances.net import DEFAULTS, detect
 from geoseg.io.sources import RasterStack, read_bands
 from geoseg.model.card import NODATA_CLASS, ModelCard
+from geoseg.pipeline.plan import INSTANCE_COG, OBJECTS_NAME
 from geoseg.runtime import ModelRef, get_model
 from geoseg.tiling import Box, Chunk, TilingPlan
 
-INSTANCE_COG, OBJECTS_NAME, OBJECTS_LAYER = "instances.tif", "objects.gpkg", "objects"
+OBJECTS_LAYER = "objects"
 
 
 def background_id(card: ModelCard) -> int:
@@ -52,20 +53,39 @@ def normalise(card: ModelCard, data: np.ndarray, valid: np.ndarray) -> np.ndarra
 
 
 @detached
-def detect_chunk(ref: ModelRef, stack: RasterStack, chunk: Chunk, params: dict[str, Any]) -> dict[str, Any]:
-    """Detections in ``chunk``'s window (scene pixels), with the window, the core and the core's valid pixels."""
+def detect_chunk(ref: ModelRef, stack: RasterStack, chunk: Chunk, params: dict[str, Any],
+                 prompts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Detections in ``chunk``'s window (scene pixels), with the window, the core and the core's
+    valid pixels. SAM: automatic masks, or one per prompt of ``prompts`` (its ``index``)."""
     bundle = get_model(ref)
     card = bundle.card
     data, valid = read_bands(stack, chunk.input.window)
     ok = valid.all(axis=0) if card.missing_bands == "nodata" else valid.any(axis=0)
-    dets = detect(bundle.net, normalise(card, data, valid), ok, card.class_ids, {**card.method_params, **params},
-                  offset=(chunk.input.y0, chunk.input.x0), device=bundle.device)
+    offset = (chunk.input.y0, chunk.input.x0)
+    if card.method == "sam":
+        from geoseg.instances.sam import sam_detect
+
+        dets = sam_detect(bundle.net, data, ok, card, params, offset, prompts)
+    else:
+        dets = detect(bundle.net, normalise(card, data, valid), ok, card.class_ids, {**card.method_params, **params},
+                      offset=offset, device=bundle.device)
     return {**dets, "window": chunk.input, "core": chunk.core, "valid": ok[chunk.core.relative_to(chunk.input)]}
 
 
 def meta(dets: dict[str, Any]) -> dict[str, Any]:
     """What the client needs of a window's detections: everything but the masks."""
-    return {k: dets[k] for k in ("boxes", "scores", "labels", "window", "core")}
+    return {k: dets[k] for k in ("boxes", "scores", "labels", "index", "window", "core")}
+
+
+def prompted_objects(meta: dict[tuple[int, int], dict[str, Any]], shape: tuple[int, int]) -> list[merge.SceneObject]:
+    """One object per prompt that gave a mask, from the chunk that segmented it; id = prompt row + 1."""
+    found = []
+    for key, m in sorted(meta.items()):
+        for i, number in enumerate(m["index"]):
+            box = tuple(int(v) for v in m["boxes"][i])
+            found.append(merge.SceneObject(int(number) + 1, int(m["labels"][i]), float(m["scores"][i]), box, ((key, i),),
+                                           not bool(merge.cut(m["boxes"][i], m["window"], shape)[0])))
+    return sorted(found, key=lambda o: o.id)
 
 
 @detached
@@ -85,9 +105,12 @@ def _polygon(mask: np.ndarray, box: Box, affine: Any) -> Any:
 
 @detached
 def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owned: list[int],
-                dets: dict[tuple[int, int], dict[str, Any]], affine: Any, background: int) -> list[dict[str, Any]]:
+                dets: dict[tuple[int, int], dict[str, Any]], affine: Any, background: int | None) -> list[dict[str, Any]]:
     """Paint ``objects`` over the chunk's core into the store; the polygons of the ``owned`` objects
-    (the visible part: where objects overlap the higher score wins, as in the raster)."""
+    (the visible part: where objects overlap the higher score wins, as in the raster).
+
+    ``background`` None (panoptic): the store's class map is a semantic model's; objects are laid
+    over it (their pixels take their class) and none is drawn where it is nodata."""
     import shapely
     import zarr
 
@@ -102,12 +125,17 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
     valid = dets[(chunk.iy, chunk.ix)]["valid"]
     ids = np.where(valid, ids, 0).astype(np.uint32)
     lut = {o.id: o.class_id for o in objects}
-    classes = np.full(ids.shape, background, np.uint8)
-    for oid in np.unique(ids[ids > 0]):
-        classes[ids == oid] = lut[int(oid)]
-    classes[~valid] = NODATA_CLASS
     group = zarr.open_group(store, mode="r+", **storage.zarr_kwargs(store))
     sl = (slice(chunk.core.y0, chunk.core.y1), slice(chunk.core.x0, chunk.core.x1))
+    if background is None:
+        classes = np.asarray(group["class_id"][sl])
+        ids[classes == NODATA_CLASS] = 0
+    else:
+        classes = np.full(ids.shape, background, np.uint8)
+        classes[~valid] = NODATA_CLASS
+    canvas[chunk.core.relative_to(region)] = ids  # the polygons are what the raster shows
+    for oid in np.unique(ids[ids > 0]):
+        classes[ids == oid] = lut[int(oid)]
     group["instance_id"][sl] = ids
     group["class_id"][sl] = classes
     out = []
@@ -160,22 +188,48 @@ def create_instance_store(path: str, grid: Any, plan: TilingPlan, attrs: dict[st
     ds.to_zarr(path, mode="w", compute=False, encoding=enc, consolidated=False, zarr_format=3, **storage.zarr_kwargs(path))
 
 
-def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Stages 1-4 on ``client``; returns the objects' records (polygons as WKB) and counts."""
+def add_instance_array(store: str, plan: TilingPlan) -> None:
+    """An ``instance_id`` array (uint32, 0 = none) beside a semantic store's class map (panoptic)."""
+    import zarr
+
+    from geoseg.io import storage
+
+    group = zarr.open_group(store, mode="r+", **storage.zarr_kwargs(store))
+    arr = group.create_array("instance_id", shape=plan.shape, chunks=(plan.chunk_size, plan.chunk_size), dtype="uint32",
+                             fill_value=0, dimension_names=("y", "x"), overwrite=True)
+    arr.attrs.update(long_name="object id (0 = no object)", grid_mapping="spatial_ref")
+
+
+def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | None = None, panoptic: bool = False) -> dict[str, Any]:
+    """Stages 1-4 on ``client``; returns the objects' records (polygons as WKB) and counts.
+    ``panoptic``: objects are laid over the semantic class map the store already holds."""
     card, plan, stack = job.card, job.plan, job.stack
-    p = {**DEFAULTS, **card.method_params, **(params or {})}
+    params = dict(params or {})
+    p = {**DEFAULTS, **card.method_params, **params}
     ref = job.ref
     res = dict(job.options.model_resources or {}) or None
     token = uuid.uuid4().hex[:10]
-    dets = {(ch.iy, ch.ix): client.submit(detect_chunk, ref, stack, ch, params or {}, resources=res, pure=False,
-                                          key=f"geoseg-detect-{token}-{ch.iy}-{ch.ix}") for ch in plan}
+    by_chunk: dict[tuple[int, int], list] | None = None
+    if card.method == "sam":
+        from geoseg.instances.sam import read_prompts, scene_stretch
+
+        params["stretch"] = scene_stretch(stack, card)  # one stretch for every chunk
+        if job.options.prompts:
+            by_chunk = {}
+            cs = plan.chunk_size
+            for pr in read_prompts(job.options.prompts, stack.grid):
+                by_chunk.setdefault((pr["centre"][0] // cs, pr["centre"][1] // cs), []).append(pr)
+    dets = {(ch.iy, ch.ix): client.submit(detect_chunk, ref, stack, ch, params,
+                                          None if by_chunk is None else by_chunk.get((ch.iy, ch.ix), []),
+                                          resources=res, pure=False, key=f"geoseg-detect-{token}-{ch.iy}-{ch.ix}") for ch in plan}
     metas = {k: client.submit(meta, f, key=f"geoseg-meta-{token}-{k[0]}-{k[1]}") for k, f in dets.items()}
-    pairs = [(a, b, client.submit(match_windows, dets[(a.iy, a.ix)], dets[(b.iy, b.ix)], float(p["match_iou"]),
-                                  key=f"geoseg-match-{token}-{a.iy}-{a.ix}-{b.iy}-{b.ix}")) for a, b in neighbour_pairs(plan)]
+    pairs = [] if by_chunk is not None else [
+        (a, b, client.submit(match_windows, dets[(a.iy, a.ix)], dets[(b.iy, b.ix)], float(p["match_iou"]),
+                             key=f"geoseg-match-{token}-{a.iy}-{a.ix}-{b.iy}-{b.ix}")) for a, b in neighbour_pairs(plan)]
     got = client.gather(metas)
     matched = client.gather([f for _, _, f in pairs])
     edges = [(((a.iy, a.ix), i), ((b.iy, b.ix), j)) for (a, b, _), found in zip(pairs, matched) for i, j in found]
-    objects = merge.resolve(got, edges, plan.shape)
+    objects = prompted_objects(got, plan.shape) if by_chunk is not None else merge.resolve(got, edges, plan.shape)
     detections = sum(len(m["scores"]) for m in got.values())
     tasks = []
     for ch in plan:
@@ -187,12 +241,14 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
         needed = [o for o in objects if Box(o.box[0], o.box[2], o.box[1], o.box[3]).intersect(region) is not None]
         keys = {(ch.iy, ch.ix)} | {k for o in needed for k, _ in o.members}
         tasks.append(client.submit(paint_chunk, store, ch, needed, [o.id for o in owned], {k: dets[k] for k in keys},
-                                   stack.grid.affine, background_id(card), key=f"geoseg-paint-{token}-{ch.iy}-{ch.ix}"))
+                                   stack.grid.affine, None if panoptic else background_id(card),
+                                   key=f"geoseg-paint-{token}-{ch.iy}-{ch.ix}"))
     records = [r for part in client.gather(tasks) for r in part]
     for f in [*dets.values(), *metas.values(), *(f for _, _, f in pairs), *tasks]:
         f.release()
     records.sort(key=lambda r: r["instance_id"])
-    return {"records": records, "detections": detections, "objects": len(records), "pairs": len(edges)}
+    return {"records": records, "detections": detections, "objects": len(records), "pairs": len(edges),
+            "scene_parameters": {"stretch": params["stretch"]} if "stretch" in params else {}}
 
 
 def objects_frame(records: list[dict[str, Any]], card: ModelCard, crs: Any) -> Any:
@@ -282,12 +338,13 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "inputs": list(job.inputs),
             "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
-            "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(), "method": "instance",
+            "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(), "method": job.card.method,
                       "arch": job.card.arch, "encoder": job.card.encoder},
             "parameters": {**job.plan.describe(), "score_threshold": p["score_threshold"], "nms_iou": p["nms_iou"],
                            "match_iou": p["match_iou"], "max_object_px": job.plan.halo, "precision": numerics.precision},
             "numerics": numerics.record(),
             "objects": found["objects"], "detections": found["detections"], "matched_pairs": found["pairs"],
+            "scene_parameters": found["scene_parameters"], "prompts": job.options.prompts,
             "cluster": cluster or {},
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "throughput_mpx_s": round(h * w / 1e6 / max(timings["instances_s"], 1e-9), 4),

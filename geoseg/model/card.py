@@ -73,7 +73,7 @@ class Normalization(_Frozen):
         return self
 
 
-METHODS = ("smp", "threshold", "kmeans", "pixel", "instance")
+METHODS = ("smp", "threshold", "kmeans", "pixel", "instance", "sam")
 PIXEL_WEIGHTS_NAME = "model.lgb.txt"  # LightGBM's own text format: no pickle
 
 
@@ -127,7 +127,7 @@ class ModelCard(_Frozen):
     default_halo: int = Field(ge=0)
     provenance: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] | None = None
-    method: Literal["smp", "threshold", "kmeans", "pixel", "instance"] = "smp"
+    method: Literal["smp", "threshold", "kmeans", "pixel", "instance", "sam"] = "smp"
     method_params: dict[str, Any] = Field(default_factory=dict)
     missing_bands: Literal["nodata", "fill"] = Field(
         default="nodata", description="nodata: a pixel with any band missing is nodata; fill: it is classified from the bands it has")
@@ -187,7 +187,7 @@ class ModelCard(_Frozen):
     def weights_name(self) -> str | None:
         """The file beside the card that holds the fitted parameters (None: the card says it all)."""
         return {"smp": WEIGHTS_NAME, "kmeans": WEIGHTS_NAME, "pixel": PIXEL_WEIGHTS_NAME, "threshold": None,
-                "instance": WEIGHTS_NAME}[self.method]
+                "instance": WEIGHTS_NAME, "sam": WEIGHTS_NAME}[self.method]
 
     @property
     def files(self) -> tuple[str, ...]:

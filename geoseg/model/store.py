@@ -196,6 +196,11 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu")
 
         return ModelBundle(card=card, net=_load_weights(build_maskrcnn(card.encoder, card.n_inputs, card.n_classes, card.method_params),
                                                         model_dir).eval().to(device), digest=model_digest(model_dir), path=model_dir)
+    if card.method == "sam":
+        from geoseg.instances.sam import build_sam
+
+        return ModelBundle(card=card, net=_load_weights(build_sam(card.encoder), model_dir).eval().to(device),
+                           digest=model_digest(model_dir), path=model_dir)
     if card.method != "smp":
         from geoseg.methods import load_predictor
 

@@ -50,7 +50,9 @@ from geoseg.pipeline.execute import prepare_cluster, run_segmentation
 from geoseg.pipeline.plan import (
     COG_NAME,
     COG_STYLE,
+    INSTANCE_COG,
     ITEM_NAME,
+    OBJECTS_NAME,
     PARTIAL,
     RUN_NAME,
     STAGING,
@@ -98,7 +100,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     """
     from geoseg.io.zarr_store import finalize_store
 
-    if job.card.method == "instance":
+    if job.card.method in ("instance", "sam"):
         from geoseg.instances.run import run_instance_job
 
         return run_instance_job(job, client, cluster_info, job.options.instance_params())
@@ -113,7 +115,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     # Step 2: OUT stops claiming to be finished before anything in it changes; outputs of an
     # earlier run go too (they are rebuilt from the store), the store itself only with --overwrite.
     storage.remove(storage.join(out, RUN_NAME))
-    for name in (COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME) + ((ZARR_NAME,) if job.options.overwrite else ()):
+    for name in (COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME, INSTANCE_COG, OBJECTS_NAME) + ((ZARR_NAME,) if job.options.overwrite else ()):
         storage.remove(storage.join(out, name), recursive=True)
     if remote:
         store = storage.join(out, ZARR_NAME)  # no rename on object stores: the store is built in place
@@ -129,8 +131,16 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     with Stage("segment") as st:
         counts = run_segmentation(job, client, store, numerics, progress, priority)
     timings["segment_s"] = st.seconds
+    found = None
+    if job.objects is not None:  # panoptic: objects laid over the class map, before anything is made from it
+        from geoseg.instances.run import add_instance_array, find_objects
+
+        with Stage("instances") as st:
+            add_instance_array(str(store), job.plan)
+            found = find_objects(job.objects, client, str(store), job.options.instance_params(), panoptic=True)
+        timings["instances_s"] = st.seconds
     finalize_store(store)
-    classes = job.card.classes
+    classes = panoptic_classes(job)
     outputs = [ZARR_NAME]
     polygons = None
     staging_parent = None if remote else Path(out)
@@ -159,6 +169,17 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
             polygons = vec["polygons"]
             outputs.append(VECTOR_NAME)
+        if found is not None:
+            from geoseg.instances.run import objects_frame, write_objects
+            from geoseg.io.cog import write_id_cog
+
+            import zarr
+
+            write_id_cog(zarr.open_group(str(store), mode="r")["instance_id"], staging / INSTANCE_COG, grid=job.stack.grid,
+                         tags={"GEOSEG_MODEL": job.objects.digest})
+            write_objects(objects_frame(found["records"], job.objects.card, job.stack.grid.crs.to_wkt()),
+                          staging / OBJECTS_NAME, job.objects.card)
+            outputs += [INSTANCE_COG, OBJECTS_NAME]
         with Stage("item") as st:
             from geoseg.io.stac import class_counts
 
@@ -186,6 +207,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             "chunks": counts,
             "polygons": polygons,
             "class_pixels": {str(k): v for k, v in pixels.items()},
+            **({"objects": found["objects"], "instance_model": {"path": job.objects.model_location, "digest": job.objects.digest,
+                                                                 "max_object_px": job.objects.plan.halo}} if found else {}),
             "cluster": cluster_info or {},
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "throughput_mpx_s": round(h * w / 1e6 / timings["segment_s"], 4) if counts["computed"] == counts["chunks"] else None,
@@ -207,6 +230,15 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     return record
 
 
+def panoptic_classes(job: Job) -> tuple:
+    """The semantic model's classes, and the instance model's object classes it lacks (panoptic)."""
+    classes = tuple(job.card.classes)
+    if job.objects is not None:
+        have = {c.id for c in classes}
+        classes += tuple(c for c in job.objects.card.classes[1:] if c.id not in have)
+    return classes
+
+
 def _item(job: Job, record: dict[str, Any], pixels: dict[int, int], path: Path) -> None:
     """item.json: the STAC Item of the output folder (geoseg.io.stac)."""
     from geoseg.io.stac import make_item, write_item
@@ -220,7 +252,7 @@ def _item(job: Job, record: dict[str, Any], pixels: dict[int, int], path: Path) 
              "provenance": card.provenance, "metrics": (card.training or {}).get("metrics")}
     run = {k: record[k] for k in ("finished", "parameters", "chunks", "polygons", "timings", "throughput_mpx_s")}
     run["precision"] = record["numerics"]["precision"]
-    item = make_item(Path(str(job.out_dir)).name or "prediction", job.stack.grid, card.classes,
+    item = make_item(Path(str(job.out_dir)).name or "prediction", job.stack.grid, panoptic_classes(job),
                      {k: v for k, v in hrefs.items() if v in present}, counts=pixels, model=model, run=run,
                      when=datetime.fromisoformat(record["finished"]))
     write_item(item, path)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,7 +22,8 @@ from geoseg.tiling import TilingPlan, plan_for
 
 ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME = "prediction.zarr", "classes.tif", "landuse.gpkg", "run.json"
 COG_STYLE, ITEM_NAME = "classes.qml", "item.json"
-OUTPUTS = (ZARR_NAME, COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME, RUN_NAME)
+INSTANCE_COG, OBJECTS_NAME = "instances.tif", "objects.gpkg"
+OUTPUTS = (ZARR_NAME, COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME, RUN_NAME, INSTANCE_COG, OBJECTS_NAME)
 PARTIAL = ".partial"
 STAGING = ".geoseg-staging-"
 DEFAULT_PRECISION = "auto"  # decided on the model's workers: see geoseg.numerics
@@ -46,6 +47,8 @@ class PredictOptions:
     tta: str | None = None  # test-time augmentation: None = as the card says, "none" or "d4"
     # instance models: the largest object expected ("64", "64px", "30m": the chunks' halo), and
     # the detection settings (None: as the card says)
+    prompts: str | None = None  # SAM: points or boxes (a vector file in any CRS) to segment, one object each
+    instance_model: str | None = None  # panoptic: an instance model run in the same job over a semantic model's map
     max_object_size: str | None = None
     score_threshold: float | None = None
     nms_iou: float | None = None
@@ -67,6 +70,7 @@ class Job:
     plan: TilingPlan
     options: PredictOptions
     key: str = field(default="")
+    objects: "Job | None" = None  # panoptic: the instance model's job, painted over this one's class map
 
     def settings(self, precision: str) -> InferenceSettings:
         return InferenceSettings(precision, self.options.batch_size, tta=self.options.tta)
@@ -97,6 +101,8 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "batch_size": options.batch_size,
             "tta": options.tta,
             "instance": options.instance_params(),
+            "instance_model": options.instance_model and str(options.instance_model),
+            "prompts": options.prompts and storage.identity(str(options.prompts)),
         },
         sort_keys=True,
     )
@@ -150,12 +156,32 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
-    if card.method == "instance":
+    if card.method in ("instance", "sam"):
         plan = instance_plan(card, stack, options)
     else:
         plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                         tile_size=options.tile_size)
-    return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, job_key(inputs, model.digest, plan, options))
+    objects = None
+    if options.instance_model is not None:
+        if card.method in ("instance", "sam"):
+            raise ConfigError(f"{model_dir}: --instance-model goes with a semantic --model (a class map the objects are laid over)")
+        inst = open_model(options.instance_model)
+        if inst.card.method not in ("instance", "sam"):
+            raise ConfigError(f"{options.instance_model}: not an instance model (geoseg train --task instance makes one)")
+        if plan.chunk_size % inst.card.stride:
+            raise ConfigError(f"--chunk-size {plan.chunk_size}: with an instance model it must be a multiple of {inst.card.stride}")
+        istack = match_bands(open_stack(inputs), inst.card, str(options.instance_model))
+        iplan = instance_plan(inst.card, istack, replace(options, chunk_size=plan.chunk_size))
+        objects = Job(inputs, str(options.instance_model), out, istack, inst.card, inst.digest, iplan, options,
+                      job_key(inputs, inst.digest, iplan, options))
+    if options.prompts is not None and "sam" not in (card.method, objects and objects.card.method):
+        raise ConfigError(f"--prompts needs a SAM model (geoseg model init --method sam); {model_dir} is a {card.method} model")
+    if options.prompts is not None:
+        from geoseg.instances.sam import read_prompts
+
+        read_prompts(str(options.prompts), stack.grid)  # a bad file stops here, before any cluster starts
+    key = job_key(inputs, model.digest + (objects.digest if objects else ""), plan, options)
+    return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, key, objects)
 
 
 def chunk_key(key: str, precision: str, device: str) -> str:
