@@ -362,3 +362,49 @@ def test_python_api_objects(objects_data, client, tmp_path):
     assert ds.rio.crs.to_epsg() == 32633 and int(ds["instance_id"].max()) == gdf["instance_id"].max() == len(gdf)
     with pytest.raises(ConfigError, match="api.objects"):
         api.predict(api.open_scene([str(objects_data["image"])]), objects_data["model"])
+
+
+@pytest.mark.shared_data
+def test_spacenet_buildings_as_objects(client, tmp_path):
+    """Real data: the SpaceNet chip's building polygons (GeoJSON, EPSG:32616; uint16 panchromatic, nodata 0)
+    train a Mask R-CNN briefly; predict and score run on it and count its 43 buildings."""
+    from conftest import SHARED_DATA
+
+    d = SHARED_DATA / "spacenet-solaris"
+    if not (d / "sample_geotiff.tif").is_file():
+        pytest.skip("shared SpaceNet data not present")
+    model, out = tmp_path / "model", tmp_path / "out"
+    run("-q", "train", d / "sample_geotiff.tif", "--task", "instance", "--labels", d / "geotiff_labels.geojson", "--out", model,
+        "--epochs", 1, "--steps-per-epoch", 10, "--chip-size", 128, "--batch-size", 2)
+    card = json.loads((model / "model.json").read_text())
+    assert card["training"]["objects"] == 43 and card["bands"][0]["resolution_m"] == pytest.approx(0.5)
+    run("-q", "predict", d / "sample_geotiff.tif", "--model", model, "--out", out, "--chunk-size", 256, "--max-object-size", "40m")
+    assert json.loads((out / "run.json").read_text())["parameters"]["halo"] == 96  # 40 m at 0.5 m = 80 px, to the stride
+    run("-q", "evaluate-objects", out, "--labels", d / "geotiff_labels.geojson", "--json", tmp_path / "s.json")
+    scores = json.loads((tmp_path / "s.json").read_text())["all"]
+    assert scores["true_objects"] == 43 and scores["tp"] + scores["fn"] == 43
+
+
+def test_panoptic_sam_prompts_labelled_by_the_class_map(objects_data, tiny_sam, client, tmp_path):
+    import geopandas as gpd
+    import shapely
+    import xarray as xr
+
+    from geoseg.model.card import ClassInfo
+    from geoseg.model.store import init_model
+    from geoseg.pipeline import PredictOptions, predict
+
+    semantic = tmp_path / "semantic"
+    init_model(semantic, n_bands=3, encoder_depth=3, classes=[ClassInfo(id=3, name="grass"), ClassInfo(id=4, name="roofs")])
+    pts = [shapely.Point(ORIGIN[0] + (b[1] + b[3]) / 2, ORIGIN[1] - (b[0] + b[2]) / 2) for b in objects_data["boxes"][:6]]
+    gpd.GeoDataFrame({"n": range(6)}, geometry=pts, crs="EPSG:32633").to_file(tmp_path / "p.gpkg")
+    alone = predict([objects_data["image"]], semantic, tmp_path / "alone", PredictOptions(chunk_size=256, vectors=False), client=client)
+    rec = predict([objects_data["image"]], semantic, tmp_path / "pan", client=client,
+                  options=PredictOptions(chunk_size=256, instance_model=str(tiny_sam / "model"), prompts=str(tmp_path / "p.gpkg")))
+    assert rec["objects"] >= 1 and alone["class_pixels"] == rec["class_pixels"]  # the class map is left as it was
+    ds = xr.open_zarr(tmp_path / "pan" / "prediction.zarr")
+    ids, classes = ds["instance_id"].values, ds["class_id"].values
+    objects = _objects(tmp_path / "pan")
+    for o in objects.itertuples():
+        under = classes[ids == o.instance_id]
+        assert o.class_id == np.bincount(under).argmax() and o.class_name == {3: "grass", 4: "roofs"}[o.class_id]

@@ -152,6 +152,10 @@ def test_pipelines_cover_the_documented_cases():
     gpu = specs["slurm_gpu"]
     assert gpu.profile.kind == "slurm" and gpu.profile.model_resources == {"GPU": 1}
     assert gpu.predict_options().model_resources == {"GPU": 1}
+    panoptic = specs["buildings_panoptic"]
+    opts = panoptic.predict_options()
+    assert Path(opts.instance_model) == root / "models" / "buildings" and opts.max_object_size == "60m"
+    assert opts.score_threshold == 0.5 and opts.chunk_size == 1024
     tls = specs["address_tls"].profile
     assert tls.kind == "address" and tls.address.startswith("tls://") and tls.tls is not None
 

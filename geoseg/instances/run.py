@@ -105,12 +105,15 @@ def _polygon(mask: np.ndarray, box: Box, affine: Any) -> Any:
 
 @detached
 def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owned: list[int],
-                dets: dict[tuple[int, int], dict[str, Any]], affine: Any, background: int | None) -> list[dict[str, Any]]:
+                dets: dict[tuple[int, int], dict[str, Any]], affine: Any, background: int | None,
+                label_by_map: bool = False) -> list[dict[str, Any]]:
     """Paint ``objects`` over the chunk's core into the store; the polygons of the ``owned`` objects
     (the visible part: where objects overlap the higher score wins, as in the raster).
 
     ``background`` None (panoptic): the store's class map is a semantic model's; objects are laid
-    over it (their pixels take their class) and none is drawn where it is nodata."""
+    over it (their pixels take their class) and none is drawn where it is nodata. ``label_by_map``
+    (panoptic with SAM, whose masks have no class): the class map stays; each object takes the
+    class most of its pixels have there."""
     import shapely
     import zarr
 
@@ -134,10 +137,14 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
         classes = np.full(ids.shape, background, np.uint8)
         classes[~valid] = NODATA_CLASS
     canvas[chunk.core.relative_to(region)] = ids  # the polygons are what the raster shows
-    for oid in np.unique(ids[ids > 0]):
-        classes[ids == oid] = lut[int(oid)]
+    if not label_by_map:
+        for oid in np.unique(ids[ids > 0]):
+            classes[ids == oid] = lut[int(oid)]
+        group["class_id"][sl] = classes
     group["instance_id"][sl] = ids
-    group["class_id"][sl] = classes
+    semantic = None
+    if label_by_map and owned:
+        semantic = np.asarray(group["class_id"][region.y0:region.y1, region.x0:region.x1])
     out = []
     for o in objects:
         if o.id not in owned:
@@ -146,7 +153,12 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
         mask = canvas[box.relative_to(region)] == o.id
         if not mask.any():
             continue
-        out.append({"instance_id": o.id, "class_id": o.class_id, "score": o.score, "pixels": int(mask.sum()),
+        cls = o.class_id
+        if semantic is not None:
+            under = semantic[box.relative_to(region)][mask]
+            under = under[under != NODATA_CLASS]
+            cls = int(np.bincount(under).argmax()) if under.size else NODATA_CLASS
+        out.append({"instance_id": o.id, "class_id": cls, "score": o.score, "pixels": int(mask.sum()),
                     "whole": o.whole, "wkb": shapely.to_wkb(_polygon(mask, box, affine))})
     return out
 
@@ -241,7 +253,7 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
         needed = [o for o in objects if Box(o.box[0], o.box[2], o.box[1], o.box[3]).intersect(region) is not None]
         keys = {(ch.iy, ch.ix)} | {k for o in needed for k, _ in o.members}
         tasks.append(client.submit(paint_chunk, store, ch, needed, [o.id for o in owned], {k: dets[k] for k in keys},
-                                   stack.grid.affine, None if panoptic else background_id(card),
+                                   stack.grid.affine, None if panoptic else background_id(card), panoptic and card.method == "sam",
                                    key=f"geoseg-paint-{token}-{ch.iy}-{ch.ix}"))
     records = [r for part in client.gather(tasks) for r in part]
     for f in [*dets.values(), *metas.values(), *(f for _, _, f in pairs), *tasks]:
@@ -251,7 +263,7 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
             "scene_parameters": {"stretch": params["stretch"]} if "stretch" in params else {}}
 
 
-def objects_frame(records: list[dict[str, Any]], card: ModelCard, crs: Any) -> Any:
+def objects_frame(records: list[dict[str, Any]], classes: Any, crs: Any) -> Any:
     """The objects as a GeoDataFrame: instance_id, class_id, class_name, score, area_m2 (ellipsoidal), pixels."""
     import geopandas as gpd
     import pandas as pd
@@ -259,7 +271,7 @@ def objects_frame(records: list[dict[str, Any]], card: ModelCard, crs: Any) -> A
 
     from geoseg.vector.measure import Measurer
 
-    names = {c.id: c.name for c in card.classes}
+    names = {c.id: c.name for c in classes}
     geoms = shapely.from_wkb([r["wkb"] for r in records]) if records else np.array([], dtype=object)
     area, _ = Measurer(crs)(np.asarray(geoms, dtype=object))
     cols = {
@@ -329,7 +341,7 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
             write_cog(group["class_id"], staging / COG_NAME, grid=job.stack.grid, classes=job.card.classes,
                       tags={"GEOSEG_MODEL": job.digest})
         timings["cog_s"] = st.seconds
-        frame = objects_frame(found["records"], job.card, job.stack.grid.crs.to_wkt())
+        frame = objects_frame(found["records"], job.card.classes, job.stack.grid.crs.to_wkt())
         write_objects(frame, staging / OBJECTS_NAME, job.card)
         h, w = job.stack.shape
         p = {**DEFAULTS, **job.card.method_params, **(params or {})}

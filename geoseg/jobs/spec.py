@@ -11,6 +11,7 @@
     output: out                   # every scene gets out/<name>/; job.json goes in out/
     chunking: {chunk_size: 1024, halo: null, exact: false, tile_size: null, precision: auto, batch_size: 2}
     outputs: {cog: true, vectors: true}
+    objects: {instance_model: models/buildings, max_object_size: 60m}   # optional: panoptic
     cluster:
       profile: gpu
       profiles:
@@ -57,6 +58,16 @@ class Outputs(Settings):
     vectors: bool = True
 
 
+class Objects(Settings):
+    """Objects with the class map (panoptic), or settings of an instance/SAM ``model``."""
+
+    instance_model: str | None = None  # an instance or SAM model laid over the semantic model's map
+    max_object_size: str | int | None = None  # pixels (64, 64px) or metres (30m): the chunks' halo
+    score_threshold: float | None = Field(default=None, ge=0, le=1)
+    nms_iou: float | None = Field(default=None, ge=0, le=1)
+    prompts: str | None = None  # SAM: points or boxes, one object each
+
+
 class SceneEntry(Settings):
     """One ``scenes`` item: ``path`` (a raster or a glob) or ``bands`` (single-band files, stacked)."""
 
@@ -87,6 +98,7 @@ class JobSpec(Settings):
     output: Annotated[str, Field(min_length=1)]
     chunking: Chunking = Chunking()
     outputs: Outputs = Outputs()
+    objects: Objects = Objects()
     cluster: ClusterSettings = ClusterSettings()
     scenes_in_flight: PositiveInt = 2
 
@@ -138,6 +150,8 @@ class JobSpec(Settings):
             batch_size=c.batch_size, device=p.device, overwrite=overwrite, resume=resume,
             cog=self.outputs.cog, vectors=self.outputs.vectors,
             model_resources=dict(p.model_resources) if p.model_resources else None,
+            max_object_size=None if self.objects.max_object_size is None else str(self.objects.max_object_size),
+            **{k: getattr(self.objects, k) for k in ("instance_model", "score_threshold", "nms_iou", "prompts")},
         )
 
     def settings(self) -> dict[str, Any]:
@@ -288,6 +302,9 @@ def anchor_paths(layer: config.Layer) -> config.Layer:
                 e = _anchor(e, base)
             out.append(e)
         data["scenes"] = out
+    objects = data.get("objects")
+    if isinstance(objects, dict):
+        data["objects"] = {**objects, **{k: _anchor(objects[k], base) for k in ("instance_model", "prompts") if objects.get(k)}}
     cluster = data.get("cluster")
     if isinstance(cluster, dict) and isinstance(cluster.get("profiles"), dict):
         profiles = {}

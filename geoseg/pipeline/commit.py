@@ -177,7 +177,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
 
             write_id_cog(zarr.open_group(str(store), mode="r")["instance_id"], staging / INSTANCE_COG, grid=job.stack.grid,
                          tags={"GEOSEG_MODEL": job.objects.digest})
-            write_objects(objects_frame(found["records"], job.objects.card, job.stack.grid.crs.to_wkt()),
+            # SAM's objects are labelled by the class map they lie in; an instance model's keep theirs
+            write_objects(objects_frame(found["records"], panoptic_classes(job), job.stack.grid.crs.to_wkt()),
                           staging / OBJECTS_NAME, job.objects.card)
             outputs += [INSTANCE_COG, OBJECTS_NAME]
         with Stage("item") as st:
@@ -233,7 +234,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
 def panoptic_classes(job: Job) -> tuple:
     """The semantic model's classes, and the instance model's object classes it lacks (panoptic)."""
     classes = tuple(job.card.classes)
-    if job.objects is not None:
+    if job.objects is not None and job.objects.card.method != "sam":
         have = {c.id for c in classes}
         classes += tuple(c for c in job.objects.card.classes[1:] if c.id not in have)
     return classes
