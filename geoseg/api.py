@@ -268,7 +268,7 @@ def objects(images: Sequence[str | os.PathLike], model: str | os.PathLike, out_d
     objects as a GeoDataFrame."""
     import pyogrio
 
-    from geoseg.instances.run import OBJECTS_LAYER
+    from geoseg.instances.outputs import OBJECTS_LAYER
     from geoseg.pipeline import PredictOptions
     from geoseg.pipeline import predict as run
 

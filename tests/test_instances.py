@@ -143,7 +143,7 @@ def test_instances_tiled_equal_one_pass_and_join_across_chunk_lines(objects_data
         rec = predict([objects_data["image"]], objects_data["model"], out, PredictOptions(chunk_size=chunk), client=client)
         assert rec["task"] == "instance" and rec["parameters"]["halo"] == 64
         runs[chunk] = (rec, _objects(out), out)
-    one_rec, one, _ = runs[1024]
+    _, one, _ = runs[1024]
     truth = len(objects_data["boxes"])
     assert abs(len(one) - truth) <= 2, (len(one), truth)
     for chunk in (256, 320):
@@ -172,7 +172,13 @@ def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp
     out = tmp_path / "out"
     predict([objects_data["image"]], objects_data["model"], out, PredictOptions(chunk_size=256), client=client)
     record = json.loads((out / "run.json").read_text())
-    assert record["outputs"] == ["prediction.zarr", "instances.tif", "classes.tif", "objects.gpkg"]
+    assert record["outputs"] == ["prediction.zarr", "instances.tif", "classes.tif", "objects.gpkg", "item.json"]
+    import pystac
+
+    item = pystac.Item.from_file(str(out / "item.json"))
+    assert {"prediction", "classes", "instances", "objects", "run"} <= set(item.assets)
+    assert item.properties["proj:code"] == "EPSG:32633" and item.properties["geoseg:run"]["objects"] == record["objects"]
+    assert item.assets["instances"].extra_fields["raster:bands"][0]["data_type"] == "uint32"
     with rasterio.open(objects_data["image"]) as src, rasterio.open(out / "instances.tif") as inst, \
             rasterio.open(out / "classes.tif") as cls:
         assert inst.crs == src.crs and inst.transform == src.transform and inst.dtypes[0] == "uint32"
@@ -408,3 +414,30 @@ def test_panoptic_sam_prompts_labelled_by_the_class_map(objects_data, tiny_sam, 
     for o in objects.itertuples():
         under = classes[ids == o.instance_id]
         assert o.class_id == np.bincount(under).argmax() and o.class_name == {3: "grass", 4: "roofs"}[o.class_id]
+
+
+@pytest.mark.gpu
+def test_instances_train_and_run_on_a_cuda_worker(tmp_path):
+    """Where a CUDA device exists: Mask R-CNN trains on it and the detect tasks run on the GPU worker."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.cluster import connect
+    from geoseg.instances.train import InstanceConfig, train_instances
+    from geoseg.pipeline import PredictOptions, predict
+
+    img, _, boxes = object_scene()
+    image = write_raster(tmp_path / "scene.tif", img, crs="EPSG:32633", transform=from_origin(*ORIGIN, RES, RES))
+    polys = [shapely.box(ORIGIN[0] + x0, ORIGIN[1] - y1, ORIGIN[0] + x1, ORIGIN[1] - y0) for y0, x0, y1, x1 in boxes]
+    gpd.GeoDataFrame(geometry=polys, crs="EPSG:32633").to_file(tmp_path / "objects.gpkg")
+    card = train_instances([str(image)], str(tmp_path / "objects.gpkg"), tmp_path / "model", InstanceConfig(steps=120, chip_size=128))
+    assert card.training["device"].startswith("cuda")
+    with connect(n_workers=1, resources={"GPU": 1}) as client:
+        rec = predict([image], tmp_path / "model", tmp_path / "out", PredictOptions(chunk_size=256, model_resources={"GPU": 1}),
+                      client=client)
+    (worker,) = rec["numerics"]["workers"].values()
+    assert worker["device"].startswith("cuda") and abs(rec["objects"] - len(boxes)) <= 3

@@ -135,7 +135,7 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     if task == "instance":
         _train_instances(images, labels, out_dir, label_field, background, encoder, epochs, chip_size, batch_size,
-                         steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity)
+                         steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity, device)
         return
     chip_size = chip_size or 128
     config = TrainConfig(
@@ -184,7 +184,7 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
 
 
 def _train_instances(images, labels, out_dir, label_field, background, encoder, epochs, chip_size, batch_size,
-                     steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity) -> None:
+                     steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity, device) -> None:
     from geoseg.instances.train import InstanceConfig, train_instances
     from geoseg.io.sources import open_stack
     from geoseg.training.chips import region_box
@@ -192,7 +192,7 @@ def _train_instances(images, labels, out_dir, label_field, background, encoder, 
     stack = open_stack(list(images))
     region = region_box(stack.grid, bbox, window)
     config = InstanceConfig(chip_size=chip_size or 256, batch_size=min(batch_size, 4), steps=epochs * (steps_per_epoch or 20), lr=lr,
-                            weight_decay=weight_decay, encoder=encoder, seed=seed)
+                            weight_decay=weight_decay, encoder=encoder, seed=seed, device=device)
 
     def progress(r):
         if verbosity >= 0:

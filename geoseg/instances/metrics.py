@@ -60,7 +60,7 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     import zarr
 
     from geoseg.errors import InputError
-    from geoseg.instances.run import OBJECTS_LAYER, OBJECTS_NAME
+    from geoseg.instances.outputs import OBJECTS_LAYER, OBJECTS_NAME
     from geoseg.instances.train import instance_targets
     from geoseg.model.card import NODATA_CLASS
     from geoseg.tiling import Box

@@ -186,7 +186,6 @@ def sam_detect(sam: torch.nn.Module, data: np.ndarray, valid: np.ndarray, card: 
 
     p = {**SAM_DEFAULTS, **card.method_params, **params}
     rgb = to_rgb(data, valid, card, p["stretch"])
-    h, w = valid.shape
     if prompts is None:
         gen = SamAutomaticMaskGenerator(sam, points_per_side=int(p["points_per_side"]), pred_iou_thresh=float(p["score_threshold"]),
                                         stability_score_thresh=float(p["stability_threshold"]), box_nms_thresh=float(p["nms_iou"]))

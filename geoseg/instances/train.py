@@ -35,6 +35,7 @@ class InstanceConfig:
     seed: int = 0
     max_object_px: int | None = None  # None: from the labels (largest object side, +25%)
     score_threshold: float = DEFAULTS["score_threshold"]
+    device: str = "auto"  # auto: a CUDA GPU where there is one, else the CPU
 
 
 def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None, background: int = 0
@@ -124,7 +125,7 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     from safetensors.torch import save_file
 
     from geoseg import __version__
-    from geoseg.instances.run import normalise
+    from geoseg.instances.tasks import normalise
     from geoseg.model.store import write_model_dir
     from geoseg.training.loop import band_infos
 
@@ -151,7 +152,10 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
 
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    net = build_maskrcnn(config.encoder, stack.count, len(classes), {"score_threshold": config.score_threshold})
+    from geoseg.runtime import pick_device
+
+    device = pick_device(config.device)
+    net = build_maskrcnn(config.encoder, stack.count, len(classes), {"score_threshold": config.score_threshold}).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     warm = max(1, config.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -169,8 +173,8 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
             else:
                 y0, x0 = int(rng.integers(0, H - cs + 1)), int(rng.integers(0, W - cs + 1))
             cx_, ci = _d4(x[:, y0:y0 + cs, x0:x0 + cs], inst[y0:y0 + cs, x0:x0 + cs], int(rng.integers(8)))
-            xs.append(torch.from_numpy(np.ascontiguousarray(cx_)))
-            ts.append(_target(ci, lab))
+            xs.append(torch.from_numpy(np.ascontiguousarray(cx_)).to(device))
+            ts.append({k: v.to(device) for k, v in _target(ci, lab).items()})
         loss_parts = net(xs, ts)
         loss = sum(loss_parts.values())
         opt.zero_grad()
@@ -194,7 +198,7 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
         training={"task": "instance", "images": [str(i) for i in images], "labels": str(labels),
                   "region": [box.y0, box.y1, box.x0, box.x1], "objects": len(objects), "largest_object_px": int(largest),
                   "steps": config.steps, "batch_size": config.batch_size, "chip_size": cs, "lr": config.lr, "seed": config.seed,
-                  "final_loss": float(np.mean(losses[-25:])), "seconds": round(time.perf_counter() - t0, 1)}))
+                  "final_loss": float(np.mean(losses[-25:])), "seconds": round(time.perf_counter() - t0, 1), "device": device}))
     card = ModelCard.model_validate(card.model_dump())
 
     def weights(path: Path) -> None:

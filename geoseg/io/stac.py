@@ -93,6 +93,8 @@ def make_item(
             RasterExtension.ext(asset, add_if_missing=True).apply(
                 bands=[RasterBand.create(nodata=NODATA_CLASS, data_type=DataType.UINT8)])
             ClassificationExtension.ext(asset, add_if_missing=True).apply(classes=class_items(classes, counts))
+        if key == "instances":  # object ids: 0 = none
+            RasterExtension.ext(asset, add_if_missing=True).apply(bands=[RasterBand.create(nodata=0, data_type=DataType.UINT32)])
     return item
 
 

@@ -101,7 +101,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     from geoseg.io.zarr_store import finalize_store
 
     if job.card.method in ("instance", "sam"):
-        from geoseg.instances.run import run_instance_job
+        from geoseg.instances.outputs import run_instance_job
 
         return run_instance_job(job, client, cluster_info, job.options.instance_params())
     if numerics is None:
@@ -133,7 +133,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     timings["segment_s"] = st.seconds
     found = None
     if job.objects is not None:  # panoptic: objects laid over the class map, before anything is made from it
-        from geoseg.instances.run import add_instance_array, find_objects
+        from geoseg.instances.outputs import add_instance_array
+        from geoseg.instances.run import find_objects
 
         with Stage("instances") as st:
             add_instance_array(str(store), job.plan)
@@ -170,7 +171,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             polygons = vec["polygons"]
             outputs.append(VECTOR_NAME)
         if found is not None:
-            from geoseg.instances.run import objects_frame, write_objects
+            from geoseg.instances.outputs import objects_frame, write_objects
             from geoseg.io.cog import write_id_cog
 
             import zarr
@@ -245,13 +246,14 @@ def _item(job: Job, record: dict[str, Any], pixels: dict[int, int], path: Path) 
     from geoseg.io.stac import make_item, write_item
 
     hrefs = {"prediction": ZARR_NAME, "classes": COG_NAME, "classes-style": COG_STYLE, "polygons": VECTOR_NAME,
-             "run": RUN_NAME}
+             "instances": INSTANCE_COG, "objects": OBJECTS_NAME, "run": RUN_NAME}
     present = set(record["outputs"]) | {RUN_NAME}
     card = job.card
     model = {"digest": job.digest, "card_sha256": card.digest(), "arch": card.arch, "encoder": card.encoder,
              "encoder_depth": card.encoder_depth, "bands": [b.name for b in card.bands],
              "provenance": card.provenance, "metrics": (card.training or {}).get("metrics")}
-    run = {k: record[k] for k in ("finished", "parameters", "chunks", "polygons", "timings", "throughput_mpx_s")}
+    run = {k: record[k] for k in ("finished", "parameters", "chunks", "polygons", "objects", "timings", "throughput_mpx_s")
+           if k in record}
     run["precision"] = record["numerics"]["precision"]
     item = make_item(Path(str(job.out_dir)).name or "prediction", job.stack.grid, panoptic_classes(job),
                      {k: v for k, v in hrefs.items() if v in present}, counts=pixels, model=model, run=run,
