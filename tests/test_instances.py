@@ -111,6 +111,30 @@ def test_merge_unions_an_object_larger_than_the_halo():
     assert (merge.paint([obj], meta, Box(0, 60, 0, 200)) == obj.id).sum() == 10 * 120
 
 
+def test_merge_keeps_an_object_whose_views_disagree_on_the_centre():
+    """At a chunk line (x = 256) A's mask is x 248..265 (centre 256: B's core) and B's 246..265 (centre
+    255: A's core): one object, not none."""
+    shape = (100, 512)
+    a_core, b_core = Box(0, 100, 0, 256), Box(0, 100, 256, 512)
+    wa, wb = a_core.grow(64, shape), b_core.grow(64, shape)
+    a = _dets([(np.ones((10, 17), bool), (40, 248, 50, 265))], [0.9])
+    b = _dets([(np.ones((10, 19), bool), (40, 246, 50, 265))], [0.8])
+    meta = {(0, 0): {**a, "window": wa, "core": a_core}, (0, 1): {**b, "window": wb, "core": b_core}}
+    pairs = [(((0, 0), i), ((0, 1), j)) for i, j in merge.match(a, wa, b, wb, 0.5)]
+    (obj,) = merge.resolve(meta, pairs, shape)
+    assert obj.members == (((0, 1), 0),)  # the best view's centre (256) lies in B's core: B's view
+
+
+def test_merge_matches_one_to_one():
+    """B sees two touching objects of A as one blob: it joins one of them, never both into one group."""
+    shape = (100, 200)
+    a_core, b_core = Box(0, 100, 0, 100), Box(0, 100, 100, 200)
+    wa, wb = a_core.grow(40, shape), b_core.grow(40, shape)
+    a = _dets([(np.ones((10, 10), bool), (20, 95, 30, 105)), (np.ones((10, 10), bool), (30, 95, 40, 105))], [0.9, 0.8])
+    b = _dets([(np.ones((20, 10), bool), (20, 95, 40, 105))], [0.7])
+    assert merge.match(a, wa, b, wb, 0.45) == [(0, 0)]
+
+
 def test_object_scores_by_hand():
     truth = np.zeros((20, 40), np.uint32)
     pred = np.zeros_like(truth)
@@ -230,7 +254,9 @@ def test_panoptic_objects_lie_in_their_class_area(objects_data, client, tmp_path
     from geoseg.pipeline import PredictOptions, predict
 
     semantic = tmp_path / "semantic"
-    init_model(semantic, n_bands=3, encoder_depth=3, classes=[ClassInfo(id=0, name="ground"), ClassInfo(id=2, name="water")])
+    # both number their classes from 1: the objects' "building" (1) must not become "agriculture" (1)
+    init_model(semantic, n_bands=3, encoder_depth=3, classes=[ClassInfo(id=0, name="ground"), ClassInfo(id=1, name="agriculture"),
+                                                               ClassInfo(id=2, name="water")])
     out = tmp_path / "pan"
     rec = predict([objects_data["image"]], semantic, out, PredictOptions(chunk_size=256, instance_model=str(objects_data["model"])),
                   client=client)
@@ -238,12 +264,13 @@ def test_panoptic_objects_lie_in_their_class_area(objects_data, client, tmp_path
     assert rec["objects"] >= len(objects_data["boxes"]) - 2
     ds = xr.open_zarr(out / "prediction.zarr", decode_coords="all")
     ids, classes = ds["instance_id"].values, ds["class_id"].values
-    assert ((ids > 0) == (classes == 1)).all()  # object pixels take the object's class; no class-1 pixel without an object
-    assert set(np.unique(classes[ids == 0])) <= {0, 2}
+    assert ((ids > 0) == (classes == 3)).all()  # object pixels take the object's class (a free id); none elsewhere
+    assert set(np.unique(classes[ids == 0])) <= {0, 1, 2}
     objects = pyogrio.read_dataframe(out / "objects.gpkg", layer="objects")
     landuse = pyogrio.read_dataframe(out / "landuse.gpkg", layer="landuse")
-    assert set(landuse["class_name"]) >= {"building"}  # the instance model's class joins the legend
-    area = shapely.union_all(landuse[landuse["class_id"] == 1].geometry.values)
+    assert set(objects["class_name"]) == {"building"} and set(objects["class_id"]) == {3}
+    assert dict(zip(landuse["class_id"], landuse["class_name"]))[3] == "building"  # the instance model's class joins the legend
+    area = shapely.union_all(landuse[landuse["class_id"] == 3].geometry.values)
     assert all(area.buffer(1e-6).contains(g) for g in objects.geometry)
     assert objects["pixels"].sum() == (ids > 0).sum()
 

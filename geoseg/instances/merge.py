@@ -2,13 +2,13 @@
 
 Every chunk detects objects in its window (core + a halo at least as large as the objects), so an
 object near a chunk line is seen by two to four windows. Detections of two windows are the same
-object when their masks, restricted to the area both windows see, overlap with IoU >= ``match_iou``.
-Of one group the object is the detection of a window that holds it whole and whose core holds its
-centre (the most central one if several): that window saw it with the most context, as one pass
-would. A group whose every member is cut by a window edge (an object larger than the halo) becomes
-the union of its members. A group seen whole only in halos, never by the window whose core holds
-its centre, is dropped: that window had the better view and found nothing. So an object is counted
-once whatever the chunk size.
+object when their masks, restricted to the area both windows see, overlap with IoU >= ``match_iou``
+(one to one, best overlaps first); a group never holds two detections of one window. Of one group
+the object is the whole view (not cut by a window edge) of the window whose core holds the group's
+centre (that of its best-scoring whole view): that window saw it with context on every side, as
+one pass would. A group whose every member is cut by a window edge (an object larger than the halo)
+becomes the union of its members. A group seen whole only in halos, never by the window whose core
+holds its centre, is dropped: that window had the better view and found nothing.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def match(a: Mapping[str, Any], wa: Box, b: Mapping[str, Any], wb: Box, min_iou:
     y1 = np.minimum(ba[:, None, 2], bb[None, :, 2])
     x1 = np.minimum(ba[:, None, 3], bb[None, :, 3])
     near = (np.minimum(y1, shared.y1) > np.maximum(y0, shared.y0)) & (np.minimum(x1, shared.x1) > np.maximum(x0, shared.x0))
-    pairs = []
+    scored = []
     for i, j in zip(*np.nonzero(near)):
         box = Box(int(min(ba[i, 0], bb[j, 0])), int(max(ba[i, 2], bb[j, 2])), int(min(ba[i, 1], bb[j, 1])), int(max(ba[i, 3], bb[j, 3])))
         region = box.intersect(shared)
@@ -82,8 +82,15 @@ def match(a: Mapping[str, Any], wa: Box, b: Mapping[str, Any], wb: Box, min_iou:
         ma, mb = paste(a["masks"][i], ba[i], region), paste(b["masks"][j], bb[j], region)
         union = np.count_nonzero(ma | mb)
         if union and np.count_nonzero(ma & mb) / union >= min_iou:
-            pairs.append((int(i), int(j)))
-    return pairs
+            scored.append((np.count_nonzero(ma & mb) / union, int(i), int(j)))
+    # one to one, best overlaps first: a blob one window sees as one never swallows two of the other's
+    pairs, used_a, used_b = [], set(), set()
+    for _, i, j in sorted(scored, key=lambda t: (-t[0], t[1], t[2])):
+        if i not in used_a and j not in used_b:
+            pairs.append((i, j))
+            used_a.add(i)
+            used_b.add(j)
+    return sorted(pairs)
 
 
 @dataclass(frozen=True)
@@ -124,34 +131,41 @@ def resolve(meta: Mapping[Key, Mapping[str, Any]], pairs: Iterable[tuple[tuple[K
     window, core) and the matched pairs. Ids 1..N follow the objects' boxes (row-major), so they do
     not depend on the chunking."""
     uf, index = _Find(), {}
+    windows: dict[int, set[Key]] = {}  # root -> the windows its detections come from
     for key in sorted(meta):
         for i in range(len(meta[key]["scores"])):
             index[(key, i)] = uf.add()
-    for p, q in pairs:
-        uf.union(index[p], index[q])
+            windows[index[(key, i)]] = {key}
+    for p, q in sorted(pairs, key=lambda pq: -max(float(meta[pq[0][0]]["scores"][pq[0][1]]), float(meta[pq[1][0]]["scores"][pq[1][1]]))):
+        rp, rq = uf.find(index[p]), uf.find(index[q])
+        if rp == rq or windows[rp] & windows[rq]:
+            continue  # two detections of one window are two objects (each window's duplicates are already gone)
+        uf.union(rp, rq)
+        windows[uf.find(rp)] = windows[rp] | windows[rq]
     groups: dict[int, list[tuple[Key, int]]] = {}
     for member, n in index.items():
         groups.setdefault(uf.find(n), []).append(member)
     found = []
     for members in groups.values():
-        owners, all_cut = [], True
-        for key, i in members:
-            m = meta[key]
-            box = np.asarray(m["boxes"][i])
-            is_cut = bool(cut(box, m["window"], shape)[0])
-            all_cut &= is_cut
-            if not is_cut and centres_in(box, m["core"])[0]:
-                owners.append((int(margin(box, m["window"], shape)[0]), float(m["scores"][i]), key, i))
-        if owners:
-            _, _, key, i = max(owners, key=lambda o: (o[0], o[1], tuple(-v for v in o[2])))
-            m = meta[key]
-            found.append((tuple(int(v) for v in m["boxes"][i]), int(m["labels"][i]), float(m["scores"][i]), ((key, i),), True))
-        elif all_cut:
-            boxes = np.asarray([meta[k]["boxes"][i] for k, i in members])
-            best = max(members, key=lambda ki: float(meta[ki[0]]["scores"][ki[1]]))
-            box = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
-            found.append((box, int(meta[best[0]]["labels"][best[1]]), float(meta[best[0]]["scores"][best[1]]),
-                          tuple(sorted(members)), False))
+        whole = [(key, i) for key, i in members if not cut(meta[key]["boxes"][i], meta[key]["window"], shape)[0]]
+        if whole:
+            # One centre for the group (its best whole view's), so windows whose masks differ by a
+            # pixel at a chunk line never both decline it; the object is the view of the window
+            # whose core holds that centre. None of them: the window that holds it missed it.
+            best = max(whole, key=lambda ki: (float(meta[ki[0]]["scores"][ki[1]]), tuple(-v for v in ki[0])))
+            centre = np.asarray(meta[best[0]]["boxes"][best[1]])
+            owners = [(key, i) for key, i in whole if centres_in(centre, meta[key]["core"])[0]]
+            if owners:
+                key, i = owners[0]
+                m = meta[key]
+                found.append((tuple(int(v) for v in m["boxes"][i]), int(m["labels"][i]), float(m["scores"][i]), ((key, i),), True))
+            continue
+        # every view is cut by a window edge: an object larger than the halo, the union of its pieces
+        boxes = np.asarray([meta[k]["boxes"][i] for k, i in members])
+        best = max(members, key=lambda ki: float(meta[ki[0]]["scores"][ki[1]]))
+        box = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
+        found.append((box, int(meta[best[0]]["labels"][best[1]]), float(meta[best[0]]["scores"][best[1]]),
+                      tuple(sorted(members)), False))
     found.sort(key=lambda f: (f[0], -f[2]))
     return [SceneObject(n + 1, lab, sc, box, mem, whole) for n, (box, lab, sc, mem, whole) in enumerate(found)]
 

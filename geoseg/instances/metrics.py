@@ -14,6 +14,8 @@ import numpy as np
 
 def object_scores(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None = None, iou: float = 0.5) -> dict[str, Any]:
     """Scores of instance-id maps ``pred`` and ``truth`` (0 = no object) on the ``valid`` pixels."""
+    if iou < 0.5:
+        raise ValueError("object matching needs IoU >= 0.5 (above it a match is unique)")
     p, t = np.asarray(pred, np.int64).ravel(), np.asarray(truth, np.int64).ravel()
     if valid is not None:
         v = np.asarray(valid, bool).ravel()

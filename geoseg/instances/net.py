@@ -81,8 +81,9 @@ def detect(net: torch.nn.Module, x: np.ndarray, valid: np.ndarray, class_ids: tu
     (``mask_overlap``) are dropped. Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels (``offset`` is
     the window's corner), masks cropped to their box, scores and class ids (``class_ids[label]``)."""
     p = {**DEFAULTS, **params}
-    # the job's settings, not the ones the network was built with (the same for every task of a job)
-    net.roi_heads.score_thresh = min(0.05, float(p["score_threshold"]))
+    # the job's settings, not the ones the network was built with (the same for every task of a job);
+    # masks are pasted full-window for every box kept, so nothing below the threshold is kept
+    net.roi_heads.score_thresh = float(p["score_threshold"])
     net.roi_heads.nms_thresh = float(p["nms_iou"])
     out = net([torch.from_numpy(np.ascontiguousarray(x)).to(device)])[0]
     keep = out["scores"] >= float(p["score_threshold"])

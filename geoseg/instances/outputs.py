@@ -98,23 +98,20 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
     """Detect, merge, paint and publish an instance job (local OUT); run.json last."""
     import zarr
 
-    from geoseg.errors import ConfigError
     from geoseg.io import storage
     from geoseg.io.cog import write_cog, write_id_cog
     from geoseg.io.zarr_store import finalize_store
     from geoseg.monitor import Stage
     from geoseg.pipeline.commit import _item, _publish, _sweep, _versions
     from geoseg.pipeline.execute import prepare_cluster
-    from geoseg.pipeline.plan import COG_NAME, ITEM_NAME, PARTIAL, RUN_NAME, STAGING, ZARR_NAME
+    from geoseg.pipeline.plan import COG_NAME, ITEM_NAME, OUTPUTS, PARTIAL, RUN_NAME, STAGING, ZARR_NAME
 
-    if storage.is_url(job.out_dir):
-        raise ConfigError(f"{job.out_dir}: instance outputs are written to a local directory for now; give a path")
     numerics = prepare_cluster(client, job)
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _sweep(out)
     (out / RUN_NAME).unlink(missing_ok=True)
-    for name in (ZARR_NAME, COG_NAME, INSTANCE_COG, OBJECTS_NAME):
+    for name in OUTPUTS:  # an earlier run's outputs, whatever model made them (a stale classes.qml would mislabel)
         p = out / name
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     store = out / (ZARR_NAME + PARTIAL)
@@ -142,14 +139,14 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
         h, w = job.stack.shape
         p = {**DEFAULTS, **job.card.method_params, **(params or {})}
         record = {
-            "geoseg_run": 1, "task": "instance",
+            "geoseg_run": 1, "task": "instance", "job_key": job.key,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "inputs": list(job.inputs),
             "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
             "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(), "method": job.card.method,
                       "arch": job.card.arch, "encoder": job.card.encoder},
             "parameters": {**job.plan.describe(), "score_threshold": p["score_threshold"], "nms_iou": p["nms_iou"],
-                           "match_iou": p["match_iou"], "max_object_px": job.plan.halo, "precision": numerics.precision},
+                           "match_iou": p["match_iou"], "max_object_px": job.plan.halo, "precision": "fp32"},  # detection runs in fp32
             "numerics": numerics.record(),
             "objects": found["objects"], "detections": found["detections"], "matched_pairs": found["pairs"],
             "scene_parameters": found["scene_parameters"], "prompts": job.options.prompts,

@@ -52,6 +52,23 @@ def neighbour_pairs(plan: TilingPlan) -> list[tuple[Chunk, Chunk]]:
     return pairs
 
 
+def panoptic_class_map(semantic: Any, instance: Any) -> dict[int, int]:
+    """Where each object class of ``instance`` goes in the legend of ``semantic``'s map: the semantic
+    class of the same name, else its own id if free, else the lowest free id (both models number
+    classes from 1 when trained from names, so "building" 1 must not become "agriculture" 1)."""
+    taken = {c.id: c.name for c in semantic.classes}
+    out: dict[int, int] = {}
+    for c in instance.classes[1:]:
+        same = [i for i, n in taken.items() if n == c.name]
+        if same:
+            out[c.id] = same[0]
+            continue
+        new = c.id if c.id not in taken else min(set(range(255)) - set(taken))
+        taken[new] = c.name
+        out[c.id] = new
+    return out
+
+
 def paint_plan(plan: TilingPlan, objects: list[merge.SceneObject]):
     """For every chunk: the objects it draws polygons of (box centre in its core) and every object
     its painting needs (those meeting its core or the boxes of its own). Objects are bucketed by the
@@ -85,9 +102,11 @@ def paint_plan(plan: TilingPlan, objects: list[merge.SceneObject]):
         yield ch, owned, sorted(seen.values(), key=lambda o: o.id)
 
 
-def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | None = None, panoptic: bool = False) -> dict[str, Any]:
+def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | None = None, panoptic: bool = False,
+                 class_map: dict[int, int] | None = None) -> dict[str, Any]:
     """Stages 1-4 on ``client``; returns the objects' records (polygons as WKB) and counts.
-    ``panoptic``: objects are laid over the semantic class map the store already holds."""
+    ``panoptic``: objects are laid over the semantic class map the store already holds, their
+    classes renumbered by ``class_map`` (``panoptic_class_map``)."""
     card, plan, stack = job.card, job.plan, job.stack
     params = dict(params or {})
     p = {**DEFAULTS, **card.method_params, **params}
@@ -121,7 +140,7 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
         keys = {(ch.iy, ch.ix)} | {k for o in needed for k, _ in o.members}
         tasks.append(client.submit(paint_chunk, store, ch, needed, [o.id for o in owned], {k: dets[k] for k in keys},
                                    stack.grid.affine, None if panoptic else background_id(card), panoptic and card.method == "sam",
-                                   key=f"geoseg-paint-{token}-{ch.iy}-{ch.ix}"))
+                                   class_map, key=f"geoseg-paint-{token}-{ch.iy}-{ch.ix}"))
     records = [r for part in client.gather(tasks) for r in part]
     for f in [*dets.values(), *metas.values(), *(f for _, _, f in pairs), *tasks]:
         f.release()

@@ -72,19 +72,21 @@ def _polygon(mask: np.ndarray, box: Box, affine: Any) -> Any:
 @detached
 def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owned: list[int],
                 dets: dict[tuple[int, int], dict[str, Any]], affine: Any, background: int | None,
-                label_by_map: bool = False) -> list[dict[str, Any]]:
+                label_by_map: bool = False, class_map: dict[int, int] | None = None) -> list[dict[str, Any]]:
     """Paint ``objects`` over the chunk's core into the store; the polygons of the ``owned`` objects
     (the visible part: where objects overlap the higher score wins, as in the raster).
 
     ``background`` None (panoptic): the store's class map is a semantic model's; objects are laid
     over it (their pixels take their class) and none is drawn where it is nodata. ``label_by_map``
     (panoptic with SAM, whose masks have no class): the class map stays; each object takes the
-    class most of its pixels have there."""
+    class most of its pixels have there. ``class_map``: the object classes' ids in the panoptic legend."""
     import shapely
     import zarr
 
     from geoseg.io import storage
 
+    owned = set(owned)
+    class_map = class_map or {}
     region = chunk.core
     for o in objects:
         if o.id in owned:
@@ -93,7 +95,9 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
     ids = canvas[chunk.core.relative_to(region)]
     valid = dets[(chunk.iy, chunk.ix)]["valid"]
     ids = np.where(valid, ids, 0).astype(np.uint32)
-    lut = {o.id: o.class_id for o in objects}
+    lut = np.zeros(max([o.id for o in objects], default=0) + 1, np.uint8)
+    for o in objects:
+        lut[o.id] = class_map.get(o.class_id, o.class_id)
     group = zarr.open_group(store, mode="r+", **storage.zarr_kwargs(store))
     sl = (slice(chunk.core.y0, chunk.core.y1), slice(chunk.core.x0, chunk.core.x1))
     if background is None:
@@ -104,8 +108,7 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
         classes[~valid] = NODATA_CLASS
     canvas[chunk.core.relative_to(region)] = ids  # the polygons are what the raster shows
     if not label_by_map:
-        for oid in np.unique(ids[ids > 0]):
-            classes[ids == oid] = lut[int(oid)]
+        classes = np.where(ids > 0, lut[ids], classes).astype(np.uint8)
         group["class_id"][sl] = classes
     group["instance_id"][sl] = ids
     semantic = None
@@ -119,7 +122,7 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
         mask = canvas[box.relative_to(region)] == o.id
         if not mask.any():
             continue
-        cls = o.class_id
+        cls = class_map.get(o.class_id, o.class_id)
         if semantic is not None:
             under = semantic[box.relative_to(region)][mask]
             under = under[under != NODATA_CLASS]

@@ -129,6 +129,11 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     from geoseg.model.store import write_model_dir
     from geoseg.training.loop import band_infos
 
+    from geoseg.errors import OutputExistsError
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:  # said now, not after training
+        raise OutputExistsError(f"{out}: already exists and is not empty; choose another directory or pass --overwrite")
     stack = open_stack(images)
     h, w = stack.shape
     box = region or Box(0, h, 0, w)

@@ -74,7 +74,9 @@ def _interrupted(out_dir: Path | str) -> bool:
     return storage.exists(storage.join(out_dir, name))
 
 
-def _wanted(spec: JobSpec) -> list[str]:
+def _wanted(spec: JobSpec, job: Job | None = None) -> list[str]:
+    if job is not None and job.card.method in ("instance", "sam"):
+        return [ZARR_NAME, COG_NAME, "instances.tif", "objects.gpkg"]
     return [ZARR_NAME] + [COG_NAME] * spec.outputs.cog + [VECTOR_NAME] * spec.outputs.vectors
 
 
@@ -84,7 +86,7 @@ def _decide(spec: JobSpec, job: Job, previous: dict[str, Any] | None, overwrite:
         if resume and _interrupted(job.out_dir):
             return "compute", "resuming an interrupted run", False
         return "compute", "not run yet", False
-    missing = [n for n in _wanted(spec) if n not in (previous.get("outputs") or [])]
+    missing = [n for n in _wanted(spec, job) if n not in (previous.get("outputs") or [])]
     if previous.get("job_key") == job.key and not missing:
         if overwrite:
             return "compute", "finished; recomputing (--overwrite)", True

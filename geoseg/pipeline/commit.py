@@ -134,11 +134,12 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     found = None
     if job.objects is not None:  # panoptic: objects laid over the class map, before anything is made from it
         from geoseg.instances.outputs import add_instance_array
-        from geoseg.instances.run import find_objects
+        from geoseg.instances.run import find_objects, panoptic_class_map
 
         with Stage("instances") as st:
             add_instance_array(str(store), job.plan)
-            found = find_objects(job.objects, client, str(store), job.options.instance_params(), panoptic=True)
+            found = find_objects(job.objects, client, str(store), job.options.instance_params(), panoptic=True,
+                                 class_map=panoptic_class_map(job.card, job.objects.card))
         timings["instances_s"] = st.seconds
     finalize_store(store)
     classes = panoptic_classes(job)
@@ -236,8 +237,11 @@ def panoptic_classes(job: Job) -> tuple:
     """The semantic model's classes, and the instance model's object classes it lacks (panoptic)."""
     classes = tuple(job.card.classes)
     if job.objects is not None and job.objects.card.method != "sam":
+        from geoseg.instances.run import panoptic_class_map
+
         have = {c.id for c in classes}
-        classes += tuple(c for c in job.objects.card.classes[1:] if c.id not in have)
+        mapped = panoptic_class_map(job.card, job.objects.card)
+        classes += tuple(c.model_copy(update={"id": mapped[c.id]}) for c in job.objects.card.classes[1:] if mapped[c.id] not in have)
     return classes
 
 

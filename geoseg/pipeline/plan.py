@@ -171,7 +171,7 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         if plan.chunk_size % inst.card.stride:
             raise ConfigError(f"--chunk-size {plan.chunk_size}: with an instance model it must be a multiple of {inst.card.stride}")
         istack = match_bands(open_stack(inputs), inst.card, str(options.instance_model))
-        iplan = instance_plan(inst.card, istack, replace(options, chunk_size=plan.chunk_size))
+        iplan = instance_plan(inst.card, istack, replace(options, chunk_size=plan.chunk_size, halo=None))
         objects = Job(inputs, str(options.instance_model), out, istack, inst.card, inst.digest, iplan, options,
                       job_key(inputs, inst.digest, iplan, options))
     if options.prompts is not None and "sam" not in (card.method, objects and objects.card.method):
@@ -180,7 +180,11 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         from geoseg.instances.sam import read_prompts
 
         read_prompts(str(options.prompts), stack.grid)  # a bad file stops here, before any cluster starts
-    key = job_key(inputs, model.digest + (objects.digest if objects else ""), plan, options)
+    if card.method in ("instance", "sam") and storage.is_url(out):
+        raise ConfigError(f"{out_dir}: objects are written to a local directory for now; give a path "
+                          "(or lay them over a semantic model's map with --instance-model)")
+    # panoptic: the object model and its plan (halo = largest object) are part of what the output depends on
+    key = job_key(inputs, model.digest + (objects.digest + json.dumps(objects.plan.describe()) if objects else ""), plan, options)
     return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, key, objects)
 
 
@@ -205,7 +209,7 @@ def object_size_px(text: str, resolution: float | None) -> int:
                 raise ConfigError(f"--max-object-size {text}: metres need a grid in metres; give pixels (e.g. 64px)")
             return int(math.ceil(float(t[:-1]) / resolution))
         return int(math.ceil(float(t)))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(f"--max-object-size {text!r}: give pixels (64 or 64px) or metres (30m)") from None
 
 
@@ -220,5 +224,5 @@ def instance_plan(card: ModelCard, stack: RasterStack, options: PredictOptions) 
     else:
         halo = int(options.halo if options.halo is not None else card.default_halo)
     if halo < 1:
-        raise ConfigError(f"--max-object-size must be at least one pixel, got {options.max_object_size}")
+        raise ConfigError(f"the largest object must be at least one pixel (--max-object-size), got {halo} px")
     return TilingPlan.make(stack.shape, stride=card.stride, chunk_size=options.chunk_size or INSTANCE_CHUNK, halo=halo)
