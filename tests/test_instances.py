@@ -468,3 +468,28 @@ def test_instances_train_and_run_on_a_cuda_worker(tmp_path):
                       client=client)
     (worker,) = rec["numerics"]["workers"].values()
     assert worker["device"].startswith("cuda") and abs(rec["objects"] - len(boxes)) <= 3
+
+
+def test_box_local_masks_equal_torchvisions_full_window_paste(objects_data):
+    """detect pastes each mask into its box only: the same detections as torchvision's own forward."""
+    import torch
+
+    from geoseg.instances.net import DEFAULTS, detect, detections
+    from geoseg.instances.tasks import normalise
+    from geoseg.io.sources import open_stack, read_bands
+    from geoseg.model.store import load_model
+
+    bundle = load_model(objects_data["model"])
+    stack = open_stack([objects_data["image"]])
+    data, valid = read_bands(stack, Box(100, 420, 60, 400).window)
+    x, ok = normalise(bundle.card, data, valid), valid.all(axis=0)
+    p = {**DEFAULTS, **bundle.card.method_params}
+    mine = detect(bundle.net, x, ok, bundle.card.class_ids, p, offset=(100, 60))
+    with torch.no_grad():
+        out = bundle.net([torch.from_numpy(x)])[0]
+    keep = out["scores"] >= p["score_threshold"]
+    full = (out["masks"][keep, 0] >= p["mask_threshold"]).numpy()
+    ref = detections([(m, 0, 0) for m in full], out["scores"][keep].numpy(), out["labels"][keep].numpy(), ok,
+                     bundle.card.class_ids, p, offset=(100, 60))
+    assert len(mine["scores"]) == len(ref["scores"]) >= 10
+    assert np.array_equal(mine["boxes"], ref["boxes"]) and all(np.array_equal(a, b) for a, b in zip(mine["masks"], ref["masks"]))

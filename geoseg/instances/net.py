@@ -78,38 +78,59 @@ def detect(net: torch.nn.Module, x: np.ndarray, valid: np.ndarray, class_ids: tu
            offset: tuple[int, int] = (0, 0), device: str = "cpu") -> dict[str, Any]:
     """Objects in one window: ``x`` normalised float32 (bands, h, w) with 0 where a band is missing,
     ``valid`` (h, w). Masks smaller than ``min_object_px`` or mostly covered by a higher-scoring mask
-    (``mask_overlap``) are dropped. Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels (``offset`` is
-    the window's corner), masks cropped to their box, scores and class ids (``class_ids[label]``)."""
+    (``mask_overlap``) are dropped. Returns boxes ``(y0, x0, y1, x1)`` of each mask in scene pixels
+    (``offset`` is the window's corner), masks cropped to their box, scores and class ids
+    (``class_ids[label]``).
+
+    The network runs stage by stage so each 28 x 28 mask is pasted into its own box only (the
+    pixels torchvision's ``paste_masks_in_image`` gives it, without a window-sized array per object).
+    """
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
     p = {**DEFAULTS, **params}
-    # the job's settings, not the ones the network was built with (the same for every task of a job);
-    # masks are pasted full-window for every box kept, so nothing below the threshold is kept
+    # the job's settings, not the ones the network was built with (the same for every task of a job)
     net.roi_heads.score_thresh = float(p["score_threshold"])
     net.roi_heads.nms_thresh = float(p["nms_iou"])
-    out = net([torch.from_numpy(np.ascontiguousarray(x)).to(device)])[0]
+    h, w = valid.shape
+    images, _ = net.transform([torch.from_numpy(np.ascontiguousarray(x)).to(device)])
+    features = net.backbone(images.tensors)
+    proposals, _ = net.rpn(images, features)
+    out = net.roi_heads(features, proposals, images.image_sizes)[0][0]  # boxes in window pixels (never resized)
     keep = out["scores"] >= float(p["score_threshold"])
-    probs = out["masks"][keep, 0].float().cpu().numpy()
     scores, labels = out["scores"][keep].float().cpu().numpy(), out["labels"][keep].cpu().numpy()
-    return detections(probs >= float(p["mask_threshold"]), scores, labels, valid, class_ids, p, offset)
+    pieces = []
+    if len(scores):
+        masks, scale = expand_masks(out["masks"][keep], padding=1)
+        for m, b in zip(masks, expand_boxes(out["boxes"][keep], scale).to(dtype=torch.int64).tolist()):
+            bw, bh = max(b[2] - b[0] + 1, 1), max(b[3] - b[1] + 1, 1)
+            r = torch.nn.functional.interpolate(m[0].expand((1, 1, -1, -1)), size=(bh, bw), mode="bilinear", align_corners=False)[0][0]
+            x0, x1, y0, y1 = max(b[0], 0), min(b[2] + 1, w), max(b[1], 0), min(b[3] + 1, h)
+            crop = r[y0 - b[1]:max(y1, y0) - b[1], x0 - b[0]:max(x1, x0) - b[0]] >= float(p["mask_threshold"])
+            pieces.append((crop.cpu().numpy(), y0, x0))
+    return detections(pieces, scores, labels, valid, class_ids, p, offset)
 
 
-def detections(masks: np.ndarray, scores: np.ndarray, labels: np.ndarray, valid: np.ndarray, class_ids: tuple[int, ...],
-               params: dict[str, Any], offset: tuple[int, int] = (0, 0)) -> dict[str, Any]:
-    """Window masks (n, h, w) as detections: cropped to their boxes in scene pixels; specks
-    (``min_object_px``) and duplicates (``mask_overlap``) dropped in descending score order.
-    ``index``: the position in ``masks`` each kept detection comes from (a prompt's number)."""
+def detections(pieces: list[tuple[np.ndarray, int, int]], scores: np.ndarray, labels: np.ndarray, valid: np.ndarray,
+               class_ids: tuple[int, ...], params: dict[str, Any], offset: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    """Masks of one window (``pieces``: a bool array and its corner ``(y, x)`` in the window) as
+    detections: cropped to their boxes in scene pixels; specks (``min_object_px``) and duplicates
+    (``mask_overlap``) dropped in descending score order. ``index``: the position in ``pieces`` each
+    kept detection comes from (a prompt's number)."""
     p = {**DEFAULTS, **params}
     dets = empty_detections()
     boxes, crops, sc, lab, idx = [], [], [], [], []
     taken = np.zeros(valid.shape, bool)  # pixels of the masks kept so far
     for k in np.argsort(-np.asarray(scores, np.float64), kind="stable"):
-        m = masks[k] & valid
+        piece, py, px = pieces[k]
+        sl = (slice(py, py + piece.shape[0]), slice(px, px + piece.shape[1]))
+        m = piece & valid[sl]
         area = int(m.sum())
-        if area < max(1, int(p["min_object_px"])) or labels[k] <= 0 or (m & taken).sum() > float(p["mask_overlap"]) * area:
+        if area < max(1, int(p["min_object_px"])) or labels[k] <= 0 or (m & taken[sl]).sum() > float(p["mask_overlap"]) * area:
             continue
-        taken |= m
+        taken[sl] |= m
         rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
         y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        boxes.append((y0 + offset[0], x0 + offset[1], y1 + offset[0], x1 + offset[1]))
+        boxes.append((py + y0 + offset[0], px + x0 + offset[1], py + y1 + offset[0], px + x1 + offset[1]))
         crops.append(np.ascontiguousarray(m[y0:y1, x0:x1]))
         sc.append(float(scores[k]))
         lab.append(class_ids[int(labels[k])])

@@ -215,7 +215,7 @@ def sam_detect(sam: torch.nn.Module, data: np.ndarray, valid: np.ndarray, card: 
         masks, scores, numbers = np.stack(masks), np.asarray(scores, np.float32), np.asarray(numbers)
     # prompted masks: each prompt is its own object (never suppressed as another's duplicate)
     q = {**p, "mask_overlap": 1.0} if prompts is not None else p
-    dets = detections(masks, scores, np.ones(len(scores), np.int64), valid, card.class_ids, q, offset)
+    dets = detections([(m, 0, 0) for m in masks], scores, np.ones(len(scores), np.int64), valid, card.class_ids, q, offset)
     dets["index"] = numbers[dets["index"]] if len(dets["index"]) else dets["index"]
     return dets
 
