@@ -175,11 +175,6 @@ def ensemble_mixer(companion: Any, card: ModelCard, data: np.ndarray, band_valid
     return mix
 
 
-def _edges_open(box: Box, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
-    """Sides (top, bottom, left, right) where the scene continues beyond ``box``."""
-    return (box.y0 > 0, box.y1 < shape[0], box.x0 > 0, box.x1 < shape[1])
-
-
 def segment_chunk(
     net: Any,
     card: ModelCard,
@@ -217,7 +212,7 @@ def segment_chunk(
     if pp.active:
         from geoseg.methods.postprocess import apply
 
-        class_id = apply(class_id, pp, _edges_open(box, plan.shape))
+        class_id = apply(class_id, pp, box.open_sides(plan.shape))
         sl = chunk.core.relative_to(box)
         class_id, confidence = class_id[sl], confidence[sl]
     return class_id, confidence

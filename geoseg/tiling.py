@@ -52,6 +52,10 @@ class Box:
         b = Box(max(self.y0, other.y0), min(self.y1, other.y1), max(self.x0, other.x0), min(self.x1, other.x1))
         return b if b.y0 < b.y1 and b.x0 < b.x1 else None
 
+    def open_sides(self, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
+        """Sides (top, bottom, left, right) where a scene of ``shape`` continues beyond this box."""
+        return (self.y0 > 0, self.y1 < shape[0], self.x0 > 0, self.x1 < shape[1])
+
     def relative_to(self, outer: "Box") -> tuple[slice, slice]:
         """Slices selecting this box inside an array that covers ``outer``."""
         return slice(self.y0 - outer.y0, self.y1 - outer.y0), slice(self.x0 - outer.x0, self.x1 - outer.x0)

@@ -475,14 +475,15 @@ def test_box_local_masks_equal_torchvisions_full_window_paste(objects_data):
     import torch
 
     from geoseg.instances.net import DEFAULTS, detect, detections
-    from geoseg.instances.tasks import normalise
+    from geoseg.infer import normalize
     from geoseg.io.sources import open_stack, read_bands
     from geoseg.model.store import load_model
 
     bundle = load_model(objects_data["model"])
     stack = open_stack([objects_data["image"]])
     data, valid = read_bands(stack, Box(100, 420, 60, 400).window)
-    x, ok = normalise(bundle.card, data, valid), valid.all(axis=0)
+    ok = valid.all(axis=0)
+    x = normalize(data, ok, bundle.card, valid)
     p = {**DEFAULTS, **bundle.card.method_params}
     mine = detect(bundle.net, x, ok, bundle.card.class_ids, p, offset=(100, 60))
     with torch.no_grad():

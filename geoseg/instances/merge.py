@@ -33,27 +33,12 @@ def paste(mask: np.ndarray, box: Sequence[int], region: Box) -> np.ndarray:
     return out
 
 
-def interior_sides(window: Box, shape: tuple[int, int]) -> tuple[bool, bool, bool, bool]:
-    """Which sides (top, left, bottom, right) of a window lie inside the scene (not at its edge)."""
-    return window.y0 > 0, window.x0 > 0, window.y1 < shape[0], window.x1 < shape[1]
-
-
 def cut(boxes: np.ndarray, window: Box, shape: tuple[int, int]) -> np.ndarray:
     """Whether each box touches a side of its window that lies inside the scene (the object may go on)."""
-    top, left, bottom, right = interior_sides(window, shape)
+    top, bottom, left, right = window.open_sides(shape)
     b = np.asarray(boxes).reshape(-1, 4)
     return ((b[:, 0] <= window.y0) & top) | ((b[:, 1] <= window.x0) & left) | ((b[:, 2] >= window.y1) & bottom) | \
         ((b[:, 3] >= window.x1) & right)
-
-
-def margin(boxes: np.ndarray, window: Box, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels between each box and the nearest interior side of its window (the context it had)."""
-    top, left, bottom, right = interior_sides(window, shape)
-    b = np.asarray(boxes).reshape(-1, 4)
-    big = np.iinfo(np.int64).max
-    d = [np.where(top, b[:, 0] - window.y0, big), np.where(left, b[:, 1] - window.x0, big),
-         np.where(bottom, window.y1 - b[:, 2], big), np.where(right, window.x1 - b[:, 3], big)]
-    return np.min(np.stack(d), axis=0)
 
 
 def centres_in(boxes: np.ndarray, core: Box) -> np.ndarray:
@@ -103,6 +88,17 @@ class SceneObject:
     box: tuple[int, int, int, int]  # y0, x0, y1, x1 in scene pixels
     members: tuple[tuple[Key, int], ...]  # (chunk, detection) whose masks make it (one, or several unioned)
     whole: bool = True  # False: larger than the halo, the union of cut pieces
+
+    @property
+    def extent(self) -> Box:
+        return Box(self.box[0], self.box[2], self.box[1], self.box[3])
+
+
+def cover(region: Box, objects: Iterable[SceneObject]) -> Box:
+    """The smallest box holding ``region`` and every object's box."""
+    for o in objects:
+        region = Box(min(region.y0, o.box[0]), max(region.y1, o.box[2]), min(region.x0, o.box[1]), max(region.x1, o.box[3]))
+    return region
 
 
 @dataclass
@@ -172,7 +168,7 @@ def resolve(meta: Mapping[Key, Mapping[str, Any]], pairs: Iterable[tuple[tuple[K
 
 def object_mask(obj: SceneObject, dets: Mapping[Key, Mapping[str, Any]], region: Box | None = None) -> np.ndarray:
     """The object's mask over ``region`` (default: its box), from the detections it is made of."""
-    region = region or Box(obj.box[0], obj.box[2], obj.box[1], obj.box[3])
+    region = region or obj.extent
     out = np.zeros(region.shape, bool)
     for key, i in obj.members:
         out |= paste(dets[key]["masks"][i], dets[key]["boxes"][i], region)
@@ -183,7 +179,7 @@ def paint(objects: Sequence[SceneObject], dets: Mapping[Key, Mapping[str, Any]],
     """uint32 instance ids over ``region``; where objects overlap the higher score wins (ties: lower id)."""
     out = np.zeros(region.shape, np.uint32)
     for obj in sorted(objects, key=lambda o: (o.score, -o.id)):
-        box = Box(obj.box[0], obj.box[2], obj.box[1], obj.box[3]).intersect(region)
+        box = obj.extent.intersect(region)
         if box is None:
             continue
         m = object_mask(obj, dets, box)

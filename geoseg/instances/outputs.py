@@ -16,32 +16,18 @@ import numpy as np
 
 from geoseg.instances.net import DEFAULTS
 from geoseg.instances.run import find_objects
-from geoseg.model.card import NODATA_CLASS, ModelCard
+from geoseg.model.card import NODATA_CLASS
 from geoseg.pipeline.plan import INSTANCE_COG, OBJECTS_NAME
 from geoseg.tiling import TilingPlan
 
 OBJECTS_LAYER = "objects"
 
 
-def create_instance_store(path: str, grid: Any, plan: TilingPlan, attrs: dict[str, Any]) -> None:
-    import dask.array as da
-    import xarray as xr
-
-    from geoseg.io import storage
-    from geoseg.io.zarr_store import georeference, pixel_centres
-
-    y, x = pixel_centres(grid)
-    shape, chunks = tuple(grid.shape), plan.chunks
-    ds = xr.Dataset({"instance_id": (("y", "x"), da.zeros(shape, dtype=np.uint32, chunks=chunks)),
-                     "class_id": (("y", "x"), da.full(shape, NODATA_CLASS, dtype=np.uint8, chunks=chunks))},
-                    coords={"y": y, "x": x}, attrs=attrs)
-    ds["instance_id"].attrs.update(long_name="object id (0 = no object)")
-    ds["class_id"].attrs.update(nodata=NODATA_CLASS, long_name="class of the object (background elsewhere, 255 = nodata)")
-    ds = georeference(ds, grid)
-    z = (plan.chunk_size, plan.chunk_size)
-    enc = {"instance_id": {"_FillValue": None, "fill_value": 0, "chunks": z},
-           "class_id": {"_FillValue": None, "fill_value": NODATA_CLASS, "chunks": z}}
-    ds.to_zarr(path, mode="w", compute=False, encoding=enc, consolidated=False, zarr_format=3, **storage.zarr_kwargs(path))
+# the arrays of an object store (zarr_store.create_store)
+INSTANCE_ARRAYS = {
+    "instance_id": (np.uint32, 0, {"long_name": "object id (0 = no object)"}),
+    "class_id": (np.uint8, NODATA_CLASS, {"nodata": NODATA_CLASS, "long_name": "class of the object (background elsewhere, 255 = nodata)"}),
+}
 
 
 def add_instance_array(store: str, plan: TilingPlan) -> None:
@@ -78,7 +64,19 @@ def objects_frame(records: list[dict[str, Any]], classes: Any, crs: Any) -> Any:
     return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
 
 
-def write_objects(frame: Any, path: Path, card: ModelCard) -> None:
+def write_object_files(store: str, staging: Path, grid: Any, digest: str, records: list[dict[str, Any]], classes: Any) -> None:
+    """instances.tif (from the store's ``instance_id``) and objects.gpkg (from the paint tasks' records) in ``staging``."""
+    import zarr
+
+    from geoseg.io import storage
+    from geoseg.io.cog import write_id_cog
+
+    group = zarr.open_group(store, mode="r", **storage.zarr_kwargs(store))
+    write_id_cog(group["instance_id"], staging / INSTANCE_COG, grid=grid, tags={"GEOSEG_MODEL": digest})
+    write_objects(objects_frame(records, classes, grid.crs.to_wkt()), staging / OBJECTS_NAME, classes)
+
+
+def write_objects(frame: Any, path: Path, classes: Any) -> None:
     """objects.gpkg, atomically, with a QGIS style colouring objects by class."""
     import pyogrio
 
@@ -87,7 +85,7 @@ def write_objects(frame: Any, path: Path, card: ModelCard) -> None:
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.gpkg")
     try:
         pyogrio.write_dataframe(frame, tmp, layer=OBJECTS_LAYER, driver="GPKG", geometry_type="Unknown", promote_to_multi=True)
-        add_gpkg_style(tmp, OBJECTS_LAYER, polygon_qml(card.classes))
+        add_gpkg_style(tmp, OBJECTS_LAYER, polygon_qml(classes))
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, *path.parent.glob(f"{tmp.name}-*")):
@@ -99,8 +97,8 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
     import zarr
 
     from geoseg.io import storage
-    from geoseg.io.cog import write_cog, write_id_cog
-    from geoseg.io.zarr_store import finalize_store
+    from geoseg.io.cog import write_cog
+    from geoseg.io.zarr_store import create_store, finalize_store
     from geoseg.monitor import Stage
     from geoseg.pipeline.commit import _item, _publish, _sweep, _versions
     from geoseg.pipeline.execute import prepare_cluster
@@ -116,8 +114,8 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     store = out / (ZARR_NAME + PARTIAL)
     shutil.rmtree(store, ignore_errors=True)
-    create_instance_store(str(store), job.stack.grid, job.plan, {"geoseg_job": job.key, "geoseg_task": "instance",
-                                                                  "geoseg_classes": [c.model_dump() for c in job.card.classes]})
+    create_store(str(store), job.stack.grid, job.plan, {"geoseg_job": job.key, "geoseg_task": "instance",
+                                                        "geoseg_classes": [c.model_dump() for c in job.card.classes]}, INSTANCE_ARRAYS)
     timings = {}
     with Stage("instances") as st:
         found = find_objects(job, client, str(store), params)
@@ -127,12 +125,10 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
         with Stage("cog") as st:
-            write_id_cog(group["instance_id"], staging / INSTANCE_COG, grid=job.stack.grid, tags={"GEOSEG_MODEL": job.digest})
             write_cog(group["class_id"], staging / COG_NAME, grid=job.stack.grid, classes=job.card.classes,
                       tags={"GEOSEG_MODEL": job.digest})
+            write_object_files(str(store), staging, job.stack.grid, job.digest, found["records"], job.card.classes)
         timings["cog_s"] = st.seconds
-        frame = objects_frame(found["records"], job.card.classes, job.stack.grid.crs.to_wkt())
-        write_objects(frame, staging / OBJECTS_NAME, job.card)
         from geoseg.io.stac import class_counts
 
         pixels = class_counts(group["class_id"])

@@ -70,8 +70,8 @@ def panoptic_class_map(semantic: Any, instance: Any) -> dict[int, int]:
 
 
 def paint_plan(plan: TilingPlan, objects: list[merge.SceneObject]):
-    """For every chunk: the objects it draws polygons of (box centre in its core) and every object
-    its painting needs (those meeting its core or the boxes of its own). Objects are bucketed by the
+    """For every chunk: the region it paints (its core and the boxes of the objects it owns), the
+    objects it draws polygons of (box centre in its core) and every object meeting that region. Objects are bucketed by the
     chunks their boxes touch, so the work grows with the objects, not chunks x objects."""
     cs = plan.chunk_size
     ny, nx = plan.grid_shape
@@ -82,24 +82,22 @@ def paint_plan(plan: TilingPlan, objects: list[merge.SceneObject]):
     buckets: dict[tuple[int, int], list[merge.SceneObject]] = {}
     owners: dict[tuple[int, int], list[merge.SceneObject]] = {}
     for o in objects:
-        ys, xs = span(Box(o.box[0], o.box[2], o.box[1], o.box[3]))
+        ys, xs = span(o.extent)
         for iy in ys:
             for ix in xs:
                 buckets.setdefault((iy, ix), []).append(o)
         owners.setdefault((min(ny - 1, (o.box[0] + o.box[2]) // 2 // cs), min(nx - 1, (o.box[1] + o.box[3]) // 2 // cs)), []).append(o)
     for ch in plan:
         owned = owners.get((ch.iy, ch.ix), [])
-        region = ch.core
-        for o in owned:
-            region = Box(min(region.y0, o.box[0]), max(region.y1, o.box[2]), min(region.x0, o.box[1]), max(region.x1, o.box[3]))
+        region = merge.cover(ch.core, owned)
         ys, xs = span(region)
         seen: dict[int, merge.SceneObject] = {}
         for iy in ys:
             for ix in xs:
                 for o in buckets.get((iy, ix), ()):
-                    if Box(o.box[0], o.box[2], o.box[1], o.box[3]).intersect(region) is not None:
+                    if o.extent.intersect(region) is not None:
                         seen[o.id] = o
-        yield ch, owned, sorted(seen.values(), key=lambda o: o.id)
+        yield ch, region, owned, sorted(seen.values(), key=lambda o: o.id)
 
 
 def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | None = None, panoptic: bool = False,
@@ -136,9 +134,9 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
     objects = prompted_objects(got, plan.shape) if by_chunk is not None else merge.resolve(got, edges, plan.shape)
     detections = sum(len(m["scores"]) for m in got.values())
     tasks = []
-    for ch, owned, needed in paint_plan(plan, objects):
+    for ch, region, owned, needed in paint_plan(plan, objects):
         keys = {(ch.iy, ch.ix)} | {k for o in needed for k, _ in o.members}
-        tasks.append(client.submit(paint_chunk, store, ch, needed, [o.id for o in owned], {k: dets[k] for k in keys},
+        tasks.append(client.submit(paint_chunk, store, ch, region, needed, [o.id for o in owned], {k: dets[k] for k in keys},
                                    stack.grid.affine, None if panoptic else background_id(card), panoptic and card.method == "sam",
                                    class_map, key=f"geoseg-paint-{token}-{ch.iy}-{ch.ix}"))
     records = [r for part in client.gather(tasks) for r in part]

@@ -14,7 +14,6 @@ coordinates, each prompt segmented by the chunk whose core holds it.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from functools import partial
 from pathlib import Path
@@ -64,14 +63,6 @@ def build_sam(model_type: str) -> torch.nn.Module:
     return sam.eval()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_checkpoint(path: str | Path, model_type: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors, loaded without running any code (weights_only), checked against the architecture."""
     path = Path(path)
@@ -104,10 +95,10 @@ def init_sam_model(out_dir: str | Path, *, model_type: str = "vit_b", checkpoint
 
     from geoseg.instances.net import DEFAULTS
     from geoseg.model.card import BandInfo, ClassInfo, ModelCard, Normalization
-    from geoseg.model.store import write_model_dir
+    from geoseg.model.store import file_sha256, write_model_dir
 
     if checkpoint is not None:
-        state, digest, source = read_checkpoint(checkpoint, model_type), _sha256(Path(checkpoint)), Path(checkpoint).name
+        state, digest, source = read_checkpoint(checkpoint, model_type), file_sha256(Path(checkpoint)), Path(checkpoint).name
     else:
         torch.manual_seed(seed)
         state, digest, source = {k: v.contiguous() for k, v in build_sam(model_type).state_dict().items()}, None, None

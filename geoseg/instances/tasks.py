@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from geoseg.errors import detached
+from geoseg.infer import normalize, pixel_valid
 from geoseg.instances import merge
 from geoseg.instances.net import detect
 from geoseg.io.sources import RasterStack, read_bands
@@ -21,14 +22,6 @@ def background_id(card: ModelCard) -> int:
     return card.classes[0].id
 
 
-def normalise(card: ModelCard, data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    mean = np.asarray(card.normalization.mean, np.float32)[:, None, None]
-    std = np.asarray(card.normalization.std, np.float32)[:, None, None]
-    x = (data.astype(np.float32) - mean) / std
-    x[~valid] = 0.0  # a missing value is the band's mean
-    return x
-
-
 @detached
 def detect_chunk(ref: ModelRef, stack: RasterStack, chunk: Chunk, params: dict[str, Any],
                  prompts: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -37,14 +30,14 @@ def detect_chunk(ref: ModelRef, stack: RasterStack, chunk: Chunk, params: dict[s
     bundle = get_model(ref)
     card = bundle.card
     data, valid = read_bands(stack, chunk.input.window)
-    ok = valid.all(axis=0) if card.missing_bands == "nodata" else valid.any(axis=0)
+    ok = pixel_valid(card, valid)
     offset = (chunk.input.y0, chunk.input.x0)
     if card.method == "sam":
         from geoseg.instances.sam import sam_detect
 
         dets = sam_detect(bundle.net, data, ok, card, params, offset, prompts)
     else:
-        dets = detect(bundle.net, normalise(card, data, valid), ok, card.class_ids, {**card.method_params, **params},
+        dets = detect(bundle.net, normalize(data, ok, card, valid), ok, card.class_ids, {**card.method_params, **params},
                       offset=offset, device=bundle.device)
     return {**dets, "window": chunk.input, "core": chunk.core, "valid": ok[chunk.core.relative_to(chunk.input)]}
 
@@ -70,11 +63,12 @@ def _polygon(mask: np.ndarray, box: Box, affine: Any) -> Any:
 
 
 @detached
-def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owned: list[int],
+def paint_chunk(store: str, chunk: Chunk, region: Box, objects: list[merge.SceneObject], owned: list[int],
                 dets: dict[tuple[int, int], dict[str, Any]], affine: Any, background: int | None,
                 label_by_map: bool = False, class_map: dict[int, int] | None = None) -> list[dict[str, Any]]:
-    """Paint ``objects`` over the chunk's core into the store; the polygons of the ``owned`` objects
-    (the visible part: where objects overlap the higher score wins, as in the raster).
+    """Paint ``objects`` over ``region`` (the chunk's core and its ``owned`` objects' boxes: ``run.paint_plan``)
+    and write the core into the store; the polygons of the ``owned`` objects (the visible part: where
+    objects overlap the higher score wins, as in the raster).
 
     ``background`` None (panoptic): the store's class map is a semantic model's; objects are laid
     over it (their pixels take their class) and none is drawn where it is nodata. ``label_by_map``
@@ -87,10 +81,6 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
 
     owned = set(owned)
     class_map = class_map or {}
-    region = chunk.core
-    for o in objects:
-        if o.id in owned:
-            region = Box(min(region.y0, o.box[0]), max(region.y1, o.box[2]), min(region.x0, o.box[1]), max(region.x1, o.box[3]))
     canvas = merge.paint(objects, dets, region)
     ids = canvas[chunk.core.relative_to(region)]
     valid = dets[(chunk.iy, chunk.ix)]["valid"]
@@ -118,7 +108,7 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
     for o in objects:
         if o.id not in owned:
             continue
-        box = Box(o.box[0], o.box[2], o.box[1], o.box[3])
+        box = o.extent
         mask = canvas[box.relative_to(region)] == o.id
         if not mask.any():
             continue
@@ -128,5 +118,5 @@ def paint_chunk(store: str, chunk: Chunk, objects: list[merge.SceneObject], owne
             under = under[under != NODATA_CLASS]
             cls = int(np.bincount(under).argmax()) if under.size else NODATA_CLASS
         out.append({"instance_id": o.id, "class_id": cls, "score": o.score, "pixels": int(mask.sum()),
-                    "whole": o.whole, "wkb": shapely.to_wkb(_polygon(mask, box, affine))})
+                    "wkb": shapely.to_wkb(_polygon(mask, box, affine))})
     return out

@@ -112,24 +112,16 @@ def _target(ids: np.ndarray, lab: np.ndarray, min_px: int = 6) -> dict[str, torc
             "masks": torch.from_numpy(np.stack(masks).astype(np.uint8)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)}
 
 
-def _d4(x: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    if k >= 4:
-        x, ids = x[:, :, ::-1], ids[:, ::-1]
-    return np.rot90(x, k % 4, axes=(1, 2)).copy(), np.rot90(ids, k % 4).copy()
-
-
 def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, config: InstanceConfig = InstanceConfig(), *,
                     region: Box | None = None, field: str | None = None, background: int = 0, overwrite: bool = False,
                     progress: Callable[[dict[str, Any]], None] | None = None) -> ModelCard:
     """Train a Mask R-CNN on ``region`` of ``images`` (the whole scene by default) and write its model directory."""
-    from safetensors.torch import save_file
-
     from geoseg import __version__
-    from geoseg.instances.tasks import normalise
-    from geoseg.model.store import write_model_dir
-    from geoseg.training.loop import band_infos
-
     from geoseg.errors import OutputExistsError
+    from geoseg.infer import normalize
+    from geoseg.model.store import save_model
+    from geoseg.training.chips import augment
+    from geoseg.training.loop import band_infos
 
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:  # said now, not after training
@@ -150,7 +142,7 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     norm = Normalization(mean=tuple(float(v.mean()) for v in vals), std=tuple(max(float(v.std()), 1e-6) for v in vals))
     card_probe = ModelCard(bands=tuple(band_infos(stack)), normalization=norm, classes=classes, stride=STRIDE, receptive_field=0,
                            default_halo=0)
-    x = normalise(card_probe, data, valid)
+    x = normalize(data, ok, card_probe, valid)
     inst = np.where(ok, inst, 0)
     largest = max(max(b[2] - b[0], b[3] - b[1]) for b in objects.values())
     max_px = config.max_object_px or max(STRIDE, round_up(math.ceil(largest * 1.25), STRIDE))
@@ -177,8 +169,8 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
                 y0, x0 = int(np.clip(cy - cs // 2, 0, H - cs)), int(np.clip(cx - cs // 2, 0, W - cs))
             else:
                 y0, x0 = int(rng.integers(0, H - cs + 1)), int(rng.integers(0, W - cs + 1))
-            cx_, ci = _d4(x[:, y0:y0 + cs, x0:x0 + cs], inst[y0:y0 + cs, x0:x0 + cs], int(rng.integers(8)))
-            xs.append(torch.from_numpy(np.ascontiguousarray(cx_)).to(device))
+            cx_, ci = augment(x[:, y0:y0 + cs, x0:x0 + cs], inst[y0:y0 + cs, x0:x0 + cs], rng)
+            xs.append(torch.from_numpy(cx_).to(device))
             ts.append({k: v.to(device) for k, v in _target(ci, lab).items()})
         loss_parts = net(xs, ts)
         loss = sum(loss_parts.values())
@@ -205,10 +197,5 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
                   "steps": config.steps, "batch_size": config.batch_size, "chip_size": cs, "lr": config.lr, "seed": config.seed,
                   "final_loss": float(np.mean(losses[-25:])), "seconds": round(time.perf_counter() - t0, 1), "device": device}))
     card = ModelCard.model_validate(card.model_dump())
-
-    def weights(path: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(path),
-                  metadata={"format": "pt", "geoseg_card_schema": "1"})
-
-    write_model_dir(out_dir, card, {"weights.safetensors": weights}, overwrite)
+    save_model(net, card, out_dir, overwrite)
     return card

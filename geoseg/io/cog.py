@@ -110,36 +110,48 @@ def write_cog(
     if shape is not None and tuple(int(n) for n in shape) != (height, width):
         raise InputError(f"class id source has shape {tuple(shape)} but the grid is {height} x {width}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging, cog = _tmp_path(out, "staging"), _tmp_path(out, "cog")
     dataset_tags, band_tags = class_tags(classes)
     dataset_tags |= {str(k): str(v) for k, v in (tags or {}).items()}
+
+    def describe(dst: Any) -> None:
+        dst.write_colormap(1, colormap(classes))
+        dst.set_band_description(1, "class_id")
+        dst.update_tags(**dataset_tags)
+        dst.update_tags(1, **band_tags)
+
+    # Overviews must be MODE: averaging would invent classes (on a paletted band GDAL averages
+    # colours and takes the nearest palette entry, just as wrong). GDAL's COG driver keeps the
+    # colour table, tags and band description (checked in tests).
+    return _write_cog(class_id_source, out, grid, "uint8", NODATA_CLASS, blocksize, describe, _as_class_ids, "MODE")
+
+
+def _write_cog(source: Any, out: Path, grid: GeoBox, dtype: str, nodata: int, blocksize: int, describe: Any, block: Any,
+               resampling: str) -> Path:
+    """``source`` window by window into a tiled GeoTIFF (``describe(dst)`` sets tags and colours,
+    ``block(array, shape, corner)`` checks each window), then GDAL's COG driver with ``resampling``
+    overviews; the COG replaces ``out`` when complete, nothing is left behind on error."""
+    height, width = (int(n) for n in grid.shape)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging, cog = _tmp_path(out, "staging"), _tmp_path(out, "cog")
     profile = dict(
-        driver="GTiff", height=height, width=width, count=1, dtype="uint8", nodata=NODATA_CLASS,
+        driver="GTiff", height=height, width=width, count=1, dtype=dtype, nodata=nodata,
         crs=_rio_crs(grid), transform=grid.affine, tiled=True, blockxsize=blocksize, blockysize=blocksize,
         # fast settings: this file is read once by the COG driver and deleted
         compress="deflate", zlevel=1, BIGTIFF="IF_SAFER",
     )  # fmt: skip
-    step = _read_side(class_id_source, blocksize)
+    step = _read_side(source, blocksize)
     try:
         with rasterio.Env(GDAL_CACHEMAX=_CACHE_BYTES):
             with rasterio.open(staging, "w", **profile) as dst:
-                dst.write_colormap(1, colormap(classes))
-                dst.set_band_description(1, "class_id")
-                dst.update_tags(**dataset_tags)
-                dst.update_tags(1, **band_tags)
+                describe(dst)
                 for y0 in range(0, height, step):
                     for x0 in range(0, width, step):
                         y1, x1 = min(height, y0 + step), min(width, x0 + step)
-                        block = _as_class_ids(class_id_source[y0:y1, x0:x1], (y1 - y0, x1 - x0), (y0, x0))
-                        dst.write(block, 1, window=((y0, y1), (x0, x1)))
-            # GDAL's COG driver keeps the colour table, tags and band description (checked in
-            # tests). Overviews must be MODE: averaging would invent classes (on a paletted band
-            # GDAL averages colours and takes the nearest palette entry, just as wrong).
+                        dst.write(block(source[y0:y1, x0:x1], (y1 - y0, x1 - x0), (y0, x0)), 1, window=((y0, y1), (x0, x1)))
             rasterio.shutil.copy(
                 staging, cog, driver="COG",
-                COMPRESS="DEFLATE", BLOCKSIZE=str(blocksize), OVERVIEW_RESAMPLING="MODE",
-                RESAMPLING="MODE", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
+                COMPRESS="DEFLATE", BLOCKSIZE=str(blocksize), OVERVIEW_RESAMPLING=resampling,
+                RESAMPLING=resampling, BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS",
             )  # fmt: skip
         os.replace(cog, out)
     finally:
@@ -159,30 +171,12 @@ def validate_cog(path: str | os.PathLike) -> tuple[bool, list[str], list[str]]:
 
 
 def write_id_cog(source: Any, out_path: str | os.PathLike, *, grid: GeoBox, tags: Mapping[str, Any] | None = None,
-                 blocksize: int = 512, dtype: str = "uint32", nodata: int = 0) -> Path:
-    """An id raster (object ids, uint32; ``nodata`` = no object) as a COG with NEAREST overviews
-    (ids are labels: averaging would invent ids), atomically, window by window like ``write_cog``."""
-    out = Path(out_path)
-    height, width = (int(n) for n in grid.shape)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging, cog = _tmp_path(out, "staging"), _tmp_path(out, "cog")
-    profile = dict(driver="GTiff", height=height, width=width, count=1, dtype=dtype, nodata=nodata, crs=_rio_crs(grid),
-                   transform=grid.affine, tiled=True, blockxsize=blocksize, blockysize=blocksize, compress="deflate",
-                   zlevel=1, BIGTIFF="IF_SAFER")
-    step = _read_side(source, blocksize)
-    try:
-        with rasterio.Env(GDAL_CACHEMAX=_CACHE_BYTES):
-            with rasterio.open(staging, "w", **profile) as dst:
-                dst.set_band_description(1, "instance_id")
-                dst.update_tags(**{str(k): str(v) for k, v in (tags or {}).items()})
-                for y0 in range(0, height, step):
-                    for x0 in range(0, width, step):
-                        y1, x1 = min(height, y0 + step), min(width, x0 + step)
-                        dst.write(np.asarray(source[y0:y1, x0:x1], dtype=dtype), 1, window=((y0, y1), (x0, x1)))
-            rasterio.shutil.copy(staging, cog, driver="COG", COMPRESS="DEFLATE", PREDICTOR="2", BLOCKSIZE=str(blocksize),
-                                 OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER", NUM_THREADS="ALL_CPUS")
-        os.replace(cog, out)
-    finally:
-        for tmp in (staging, cog, *out.parent.glob(f"{cog.name}.*")):
-            tmp.unlink(missing_ok=True)
-    return out
+                 blocksize: int = 512) -> Path:
+    """An object-id raster (uint32, 0 = no object) as a COG, like ``write_cog``, with NEAREST
+    overviews (ids are labels: averaging would invent ids)."""
+    def describe(dst: Any) -> None:
+        dst.set_band_description(1, "instance_id")
+        dst.update_tags(**{str(k): str(v) for k, v in (tags or {}).items()})
+
+    return _write_cog(source, Path(out_path), grid, "uint32", 0, blocksize, describe,
+                      lambda a, shape, corner: np.asarray(a, dtype=np.uint32), "NEAREST")

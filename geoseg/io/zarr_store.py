@@ -49,26 +49,26 @@ def georeference(ds: xr.Dataset, grid: GeoBox) -> xr.Dataset:
     return ds
 
 
-def create_store(path: str | os.PathLike, grid: GeoBox, plan: TilingPlan, attrs: dict[str, Any]) -> None:
+# name -> (dtype, fill value, attributes) of a class-map store's arrays
+SEMANTIC_ARRAYS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
+    "class_id": (np.uint8, NODATA_CLASS, {"nodata": NODATA_CLASS, "long_name": "class id (255 = nodata)"}),
+    "confidence": (np.float32, np.nan, {"long_name": "probability of the winning class"}),
+}
+
+
+def create_store(path: str | os.PathLike, grid: GeoBox, plan: TilingPlan, attrs: dict[str, Any],
+                 arrays: dict[str, tuple[Any, Any, dict[str, Any]]] = SEMANTIC_ARRAYS) -> None:
     """Write the store's metadata and coordinates; the data chunks come from the write tasks."""
     y, x = pixel_centres(grid)
     shape, chunks = tuple(grid.shape), plan.chunks
-    ds = xr.Dataset(
-        {
-            "class_id": (("y", "x"), da.full(shape, NODATA_CLASS, dtype=np.uint8, chunks=chunks)),
-            "confidence": (("y", "x"), da.full(shape, np.nan, dtype=np.float32, chunks=chunks)),
-        },
-        coords={"y": y, "x": x},
-        attrs=attrs,
-    )
-    ds["class_id"].attrs.update(nodata=NODATA_CLASS, long_name="class id (255 = nodata)")
-    ds["confidence"].attrs.update(long_name="probability of the winning class")
+    ds = xr.Dataset({name: (("y", "x"), da.full(shape, fill, dtype=dtype, chunks=chunks)) for name, (dtype, fill, _) in arrays.items()},
+                    coords={"y": y, "x": x}, attrs=attrs)
+    for name, (_, _, var_attrs) in arrays.items():
+        ds[name].attrs.update(var_attrs)
     ds = georeference(ds, grid)
     zchunks = (plan.chunk_size, plan.chunk_size)
-    encoding = {
-        "class_id": {"_FillValue": None, "fill_value": NODATA_CLASS, "chunks": zchunks},
-        "confidence": {"_FillValue": np.nan, "chunks": zchunks},
-    }
+    encoding = {name: {"_FillValue": np.nan, "chunks": zchunks} if np.issubdtype(dtype, np.floating)
+                else {"_FillValue": None, "fill_value": fill, "chunks": zchunks} for name, (dtype, fill, _) in arrays.items()}
     ds.to_zarr(str(path), mode="w", compute=False, encoding=encoding, consolidated=False, zarr_format=3,
                **storage.zarr_kwargs(path))
     if not storage.is_url(path):

@@ -172,16 +172,10 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             polygons = vec["polygons"]
             outputs.append(VECTOR_NAME)
         if found is not None:
-            from geoseg.instances.outputs import objects_frame, write_objects
-            from geoseg.io.cog import write_id_cog
+            from geoseg.instances.outputs import write_object_files
 
-            import zarr
-
-            write_id_cog(zarr.open_group(str(store), mode="r")["instance_id"], staging / INSTANCE_COG, grid=job.stack.grid,
-                         tags={"GEOSEG_MODEL": job.objects.digest})
             # SAM's objects are labelled by the class map they lie in; an instance model's keep theirs
-            write_objects(objects_frame(found["records"], panoptic_classes(job), job.stack.grid.crs.to_wkt()),
-                          staging / OBJECTS_NAME, job.objects.card)
+            write_object_files(str(store), staging, job.stack.grid, job.objects.digest, found["records"], classes)
             outputs += [INSTANCE_COG, OBJECTS_NAME]
         with Stage("item") as st:
             from geoseg.io.stac import class_counts

@@ -45,10 +45,10 @@ class PredictOptions:
     model_resources: dict[str, float] | None = None
     worker_timeout: float = 30.0  # s to wait for a worker that can run the model tasks
     tta: str | None = None  # test-time augmentation: None = as the card says, "none" or "d4"
-    # instance models: the largest object expected ("64", "64px", "30m": the chunks' halo), and
-    # the detection settings (None: as the card says)
     prompts: str | None = None  # SAM: points or boxes (a vector file in any CRS) to segment, one object each
     instance_model: str | None = None  # panoptic: an instance model run in the same job over a semantic model's map
+    # object models: the largest object expected ("64", "64px", "30m": the chunks' halo), and
+    # the detection settings (None: as the card says)
     max_object_size: str | None = None
     score_threshold: float | None = None
     nms_iou: float | None = None
@@ -193,8 +193,6 @@ def chunk_key(key: str, precision: str, device: str) -> str:
     return hashlib.sha256(f"{key}:{precision}:{device}".encode()).hexdigest()
 
 
-
-
 INSTANCE_CHUNK = 1024
 
 
@@ -203,12 +201,12 @@ def object_size_px(text: str, resolution: float | None) -> int:
     t = str(text).strip().lower()
     try:
         if t.endswith("px"):
-            return int(math.ceil(float(t[:-2])))
+            return math.ceil(float(t[:-2]))
         if t.endswith("m"):
             if not resolution:
                 raise ConfigError(f"--max-object-size {text}: metres need a grid in metres; give pixels (e.g. 64px)")
-            return int(math.ceil(float(t[:-1]) / resolution))
-        return int(math.ceil(float(t)))
+            return math.ceil(float(t[:-1]) / resolution)
+        return math.ceil(float(t))
     except (ValueError, OverflowError):
         raise ConfigError(f"--max-object-size {text!r}: give pixels (64 or 64px) or metres (30m)") from None
 
