@@ -6,7 +6,10 @@
 Prints, in this order:
   1. ceiling: N plain processes (spawned outside dask, N = usable cores, 1 torch thread each) run the
      bare network on 512 px random tiles (batch 1, no overlap, channels_last, the job's precision),
-     all started together for --bare-seconds: total Mpx / the longest wall time;
+     all started together for --bare-seconds: total Mpx / the longest wall time; measured twice: the
+     network as stored (the aims' ceiling) and with the inference rewrites geoseg applies on loading
+     (geoseg.model.fold: batch norms folded, U-Net skips not concatenated), whose ratio is the
+     pipeline's own cost;
   2. segment: geoseg's read -> infer -> Zarr stage on an already started embedded cluster (model loaded in
      the workers by a warm-up) on a --size scene: Mpx/s and its ratio to the ceiling (aim >= 0.80);
   3. bytes moved between workers during that run: total, per chunk, and per chunk over a chunk's input
@@ -62,7 +65,9 @@ def trained(work: Path, name: str, epochs: int, steps: int, scale: float, env: d
         img = scene(work, 2048, 0)
         cmd = [GEOSEG, "train", str(img), "--labels", str(img.with_name("labels.tif")), "--classes",
                str(img.with_name("classes.yaml")), "--out", str(out), "--epochs", str(epochs), "--steps-per-epoch",
-               str(steps), "--chip-size", "128", "--batch-size", "4", "--patience", "100", "--overwrite"]
+               str(steps), "--chip-size", "128", "--batch-size", "4", "--patience", "100", "--overwrite",
+               # the network alone: no D4 test-time augmentation (8x the passes), no per-pixel companion
+               "--tta", "none", "--no-ensemble"]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         print(f"trained {out.name} ({epochs * steps} steps) in {time.perf_counter() - t:.0f} s", flush=True)
@@ -82,12 +87,12 @@ def _bare_stream(job: tuple[str, str, float]) -> tuple[int, float, str | None]:
     from geoseg.infer import InferenceSettings, forward
     from geoseg.model.store import load_model
 
-    model, precision, seconds = job
+    model, precision, seconds, optimize = job
     torch.set_num_threads(1)
-    bundle = load_model(model)
+    bundle = load_model(model, optimize=optimize)
     net, stride = bundle.net.to(memory_format=torch.channels_last), bundle.card.stride
     settings = InferenceSettings(precision=precision, batch_size=1, device="cpu")
-    x = np.random.default_rng(os.getpid()).standard_normal((1, bundle.card.n_bands, TILE, TILE), dtype=np.float32)
+    x = np.random.default_rng(os.getpid()).standard_normal((1, bundle.card.n_inputs, TILE, TILE), dtype=np.float32)
     for _ in range(2):
         forward(net, x, stride, settings)
     _BARRIER.wait(timeout=600)
@@ -98,17 +103,19 @@ def _bare_stream(job: tuple[str, str, float]) -> tuple[int, float, str | None]:
     return n * TILE * TILE, time.perf_counter() - t0, os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
-def ceiling(model: Path, precision: str, seconds: float) -> dict:
+def ceiling(model: Path, precision: str, seconds: float, optimize: bool = False) -> dict:
+    """The bare network as stored (``optimize``: with geoseg's inference rewrites, geoseg.model.fold)."""
     n = len(os.sched_getaffinity(0))
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(n)
     with ctx.Pool(n, initializer=_bare_init, initargs=(barrier,)) as pool:
-        res = pool.map(_bare_stream, [(str(model), precision, seconds)] * n, chunksize=1)
+        res = pool.map(_bare_stream, [(str(model), precision, seconds, optimize)] * n, chunksize=1)
     mpx_s = sum(px for px, _, _ in res) / 1e6 / max(wall for _, wall, _ in res)
     trim = {t for _, _, t in res}
-    print(f"[1] ceiling: {n} plain processes, {precision}, {TILE} px tiles: {mpx_s:.3f} Mpx/s "
-          f"(MALLOC_TRIM_THRESHOLD_ there: {trim.pop() if trim != {None} else 'unset'})", flush=True)
-    return {"processes": n, "precision": precision, "mpx_s": mpx_s}
+    what = "network with geoseg's inference rewrites" if optimize else "network as stored"
+    print(f"[1] ceiling{' (rewritten)' if optimize else ''}: {n} plain processes, {what}, {precision}, {TILE} px tiles: "
+          f"{mpx_s:.3f} Mpx/s (MALLOC_TRIM_THRESHOLD_ there: {trim.pop() if trim != {None} else 'unset'})", flush=True)
+    return {"processes": n, "precision": precision, "mpx_s": mpx_s, "rewritten": optimize}
 
 
 def _warm_worker(ref, precision: str) -> None:
@@ -118,7 +125,7 @@ def _warm_worker(ref, precision: str) -> None:
     from geoseg.runtime import get_model
 
     b = get_model(ref)
-    x = np.zeros((1, b.card.n_bands, TILE, TILE), np.float32)
+    x = np.zeros((1, b.card.n_inputs, TILE, TILE), np.float32)
     forward(b.net, x, b.card.stride, InferenceSettings(precision, 1, str(next(b.net.parameters()).device)))
 
 
@@ -233,14 +240,18 @@ def whole_cli(args, model: Path, image: Path, work: Path, ceil: float, env: dict
 
 
 def summary(fig: dict) -> None:
-    rows = [("ceiling, plain processes", f"{fig['ceiling']['mpx_s']:.3f} Mpx/s", "")]
+    rows = [("ceiling, plain processes", f"{fig['ceiling']['mpx_s']:.3f} Mpx/s", ""),
+            ("  same, rewritten network", f"{fig['ceiling_rewritten']['mpx_s']:.3f} Mpx/s", "")]
     if "segment" in fig:
         s = fig["segment"]
-        rows += [("segment stage", f"{s['mpx_s']:.3f} Mpx/s = {s['ratio']:.2f}x ceiling", ">= 0.80"),
+        rw = s["mpx_s"] / fig["ceiling_rewritten"]["mpx_s"]
+        rows += [("segment stage", f"{s['mpx_s']:.3f} Mpx/s = {s['ratio']:.2f}x ceiling ({rw:.2f}x rewritten)", ">= 0.80"),
                  ("moved per chunk / chunk input", f"{s['moved_ratio']:.3f}x ({s['moved_bytes'] / 1e6:.1f} MB in all)", "<= 1.2"),
                  ("worker peak RSS, max", f"{max(s['worker_peak_rss_mb']):.0f} MB", "")]
     if "cli" in fig:
-        rows.append(("geoseg predict, whole", f"{fig['cli']['mpx_s']:.3f} Mpx/s = {fig['cli']['ratio']:.2f}x ceiling", ">= 0.70"))
+        rw = fig["cli"]["mpx_s"] / fig["ceiling_rewritten"]["mpx_s"]
+        rows.append(("geoseg predict, whole", f"{fig['cli']['mpx_s']:.3f} Mpx/s = {fig['cli']['ratio']:.2f}x ceiling ({rw:.2f}x rewritten)",
+                     ">= 0.70"))
     for r in fig.get("seams", []):
         rows.append((f"seams, {r['model']}", f"ratio {r['ratio']} at overhead {r['overhead']}", "<= 1.0 at <= 1.15"))
     print("\n" + "\n".join(f"{a:32} {b:44} {c}" for a, b, c in [("figure", "value", "aim"), *rows]))
@@ -288,6 +299,9 @@ def main() -> None:
 
     try:
         fig["ceiling"] = ceiling(model, num.precision, args.bare_seconds)
+        # the same, with the rewrites geoseg applies when it loads a model: the ratio to this one is
+        # what the pipeline itself costs
+        fig["ceiling_rewritten"] = ceiling(model, num.precision, args.bare_seconds, optimize=True)
         with connect() as client:
             fig["segment"] = segment(client, args, model, image, warm, work, fig["ceiling"]["mpx_s"])
         if not args.skip_cli:  # no cluster of ours alive now: the cores are the command's

@@ -33,24 +33,33 @@ class InferenceSettings:
 
 
 def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None = None) -> np.ndarray:
-    """``(x - mean) / std`` per band; invalid pixels (and missing values of a band) become 0 (the band mean)."""
+    """``(x - mean) / std`` per band; invalid pixels (and missing values of a band) become 0 (the band mean).
+
+    The card's index channels follow the bands (0 where an index has no finite value). Written
+    into one array with masked copies (no boolean gathers: this runs on every chunk's window)."""
     mean = np.asarray(card.normalization.mean, np.float32)[:, None, None]
     std = np.asarray(card.normalization.std, np.float32)[:, None, None]
-    x = (data.astype(np.float32, copy=False) - mean) / std
-    x[:, ~valid] = 0.0
-    if band_valid is not None:
-        x[~band_valid] = 0.0
     indices = getattr(card, "index_channels", ())
+    nb = data.shape[0]
+    x = np.empty((nb + len(indices), *data.shape[1:]), np.float32)
+    bands = x[:nb]
+    np.subtract(data, mean, out=bands, dtype=np.float32)
+    np.divide(bands, std, out=bands)
+    invalid = ~valid
+    np.copyto(bands, np.float32(0), where=invalid)
+    if band_valid is not None:
+        np.copyto(bands, np.float32(0), where=~band_valid)
     if indices:
         from geoseg.methods.features import spectral_index
 
-        raw = data.astype(np.float32, copy=True)
-        raw[:, ~valid] = np.nan
+        raw = data.astype(np.float32)
+        np.copyto(raw, np.float32(np.nan), where=invalid)
         if band_valid is not None:
-            raw[~band_valid] = np.nan
-        extra = np.stack([spectral_index(raw, card.band_roles, name) for name in indices])
-        extra[~np.isfinite(extra)] = 0.0
-        x = np.concatenate([x, extra.astype(np.float32)])
+            np.copyto(raw, np.float32(np.nan), where=~band_valid)
+        extra = x[nb:]
+        for i, name in enumerate(indices):
+            extra[i] = spectral_index(raw, card.band_roles, name)
+        np.copyto(extra, np.float32(0), where=~np.isfinite(extra))
     return x
 
 

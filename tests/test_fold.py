@@ -1,0 +1,84 @@
+"""Inference rewrites (geoseg.model.fold): the same function as the network they rewrite."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from geoseg.model.fold import _phase_weights, _upsampled_conv, optimize_for_inference
+from geoseg.model.network import build_network
+
+
+def _batchnorm_calls(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """How many BatchNorm2d modules a forward pass runs (unused modules, as smp keeps for shallow encoders, aside)."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.inference_mode():
+        net(x)
+    for h in hooks:
+        h.remove()
+    return len(calls)
+
+
+def _random_statistics(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("arch,depth", [("unet", 5), ("unet", 3), ("fpn", 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rewritten_network_computes_the_same(arch, depth, channels_last):
+    torch.manual_seed(0)
+    net = _random_statistics(build_network(arch, "resnet18", 4, 5, depth, {}))
+    plain = copy.deepcopy(net)
+    fast = optimize_for_inference(net)
+    assert _batchnorm_calls(plain, torch.zeros(1, 4, 64, 64)) > 0
+    assert _batchnorm_calls(fast, torch.zeros(1, 4, 64, 64)) == 0  # every batch norm that runs is folded
+    if arch == "unet":
+        assert sum(type(m).__name__ == "SplitSkipDecoderBlock" for m in fast.modules()) == depth
+    x = torch.randn(2, 4, 96, 160)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        plain, fast = plain.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        a, b = plain(x), fast(x)
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.999
+
+
+def test_upsampled_convolution_at_low_resolution():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 6, 7, 9, generator=g)
+    w = torch.randn(3, 6, 3, 3, generator=g)
+    want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
+    got = torch.zeros_like(want)
+    _upsampled_conv(x, _phase_weights(w), got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_is_refused():
+    net = build_network("unet", "resnet18", 3, 2, 3, {})
+    with pytest.raises(ValueError, match="eval"):
+        optimize_for_inference(net.train())
+
+
+def test_load_model_rewrites_unless_asked(tmp_path):
+    from geoseg.model.store import init_model, load_model
+
+    init_model(tmp_path / "m", n_bands=3, n_classes=2, encoder="resnet18", seed=0, encoder_depth=3)
+    fast, plain = load_model(tmp_path / "m"), load_model(tmp_path / "m", optimize=False)
+    x = torch.randn(1, 3, 64, 64)
+    assert _batchnorm_calls(fast.net, x) == 0 and _batchnorm_calls(plain.net, x) > 0
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.net(x), plain.net(x), rtol=1e-4, atol=1e-4)
