@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from geoseg.model.card import NODATA_CLASS, ModelCard
 from geoseg.tiling import Box, Chunk, Tile, TilingPlan
@@ -72,6 +71,8 @@ def pixel_valid(card: ModelCard, valid: np.ndarray) -> np.ndarray:
 
 
 def _autocast(settings: InferenceSettings):
+    import torch
+
     if settings.precision == "bf16":
         return torch.autocast(device_type=torch.device(settings.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -84,6 +85,8 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
     every batch on the stride lattice, so this is the same padding one pass over the whole
     scene gets.
     """
+    import torch  # here, not at import: the client that plans a job never loads torch
+
     n, b, h, w = x.shape
     ph, pw = -h % stride, -w % stride
     t = torch.from_numpy(np.ascontiguousarray(x))

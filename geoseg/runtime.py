@@ -10,8 +10,6 @@ import os
 import threading
 from dataclasses import dataclass
 
-import torch
-
 from geoseg.errors import ModelError
 from geoseg.model.store import ModelBundle, load_model, local_model_dir
 
@@ -29,6 +27,8 @@ class ModelRef:
 
 
 def pick_device(requested: str = "auto") -> str:
+    import torch
+
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
@@ -53,6 +53,8 @@ def get_model(ref: ModelRef) -> ModelBundle:
     with _LOCK:
         bundle = _CACHE.get(ref)
         if bundle is None:
+            import torch
+
             threads = _worker_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
             if threads:
                 # One torch thread per dask thread: workers never oversubscribe the cores.
@@ -72,6 +74,8 @@ def get_model(ref: ModelRef) -> ModelBundle:
 
 def fast_bf16(device: str) -> bool:
     """Whether ``device`` computes bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16 or AMX)."""
+    import torch
+
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
-@torch.no_grad()
 def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int, seed: int = 0) -> int:
     """Radius in pixels over which one input pixel changes the output logits.
 
@@ -16,11 +19,15 @@ def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int,
     backgrounds (ReLUs off on one may be on on the other); the largest reach is returned. A strip
     is lengthened until the response no longer touches its ends.
     """
+    import torch
+
     was_dtype = next(net.parameters()).dtype
     net64 = net.eval().double()
     rng = np.random.default_rng(seed)
     short = 4 * stride
     length = max(256, 16 * stride)
+    torch_grad = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)
     try:
         while True:
             radius = 0
@@ -42,3 +49,4 @@ def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int,
             length *= 2
     finally:
         net.to(was_dtype)
+        torch.set_grad_enabled(torch_grad)

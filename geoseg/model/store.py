@@ -9,11 +9,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from geoseg.errors import ModelError, OutputExistsError
 from geoseg.model.card import (
@@ -27,6 +25,9 @@ from geoseg.model.card import (
 )
 from geoseg.model.network import build_network, network_stride
 from geoseg.model.receptive_field import measure_receptive_field
+
+if TYPE_CHECKING:  # torch is imported where a network is built or loaded, not by clients that plan
+    import torch
 
 DEFAULT_HALO = 32  # trained U-Net-resnet18: 0.007% of pixels differ from --exact; see README
 
@@ -44,8 +45,9 @@ class ModelBundle:
     @property
     def device(self) -> str:
         """Where the model computes: the network's device, the CPU for the other methods."""
-        if isinstance(self.net, torch.nn.Module):
-            return str(next(self.net.parameters()).device)
+        params = getattr(self.net, "parameters", None)  # a torch network (other methods have none)
+        if callable(params):
+            return str(next(params()).device)
         return "cpu"
 
 
@@ -101,7 +103,7 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     try:
         from safetensors import safe_open
 
-        with safe_open(str(weights), framework="pt") as f:
+        with safe_open(str(weights), framework="numpy") as f:  # the header only: no torch here
             f.keys()
     except (SafetensorError, OSError, Exception) as exc:  # safetensors raises several types
         raise ModelError(f"{weights}: weights file is corrupt or truncated ({exc}); re-export the model") from None
@@ -227,6 +229,8 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
 def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
     """``net`` with the directory's safetensors weights, or a clear error."""
     weights = model_dir / WEIGHTS_NAME
+    from safetensors.torch import load_file
+
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:
@@ -266,6 +270,8 @@ def save_model(net: torch.nn.Module, card: ModelCard, model_dir: str | os.PathLi
                extra: dict[str, Any] | None = None) -> Path:
     """A network's model directory: weights as safetensors, the card, and ``extra`` files it lists (an ensemble member)."""
     def weights(path: Path) -> None:
+        from safetensors.torch import save_file
+
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(path), metadata={"format": "pt", "geoseg_card_schema": "1"})
 
@@ -335,6 +341,8 @@ def init_model(
     overwrite: bool = False,
 ) -> ModelCard:
     """Make a model directory with seeded random weights, so the pipeline runs before training."""
+    import torch
+
     torch.manual_seed(seed)
     classes = classes or default_classes(n_classes)
     net = build_network(arch, encoder, n_bands, len(classes), encoder_depth)
