@@ -62,7 +62,9 @@ def connect(
     # the worker plugin sets the same at run time in workers started by someone else)
     from geoseg.workers import allocator_environ
 
-    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **allocator_environ()}
+    from geoseg.workers import EMBEDDED_ENV
+
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **allocator_environ(), EMBEDDED_ENV: "1"}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
                           "distributed.nanny.pre-spawn-environ": pre_spawn}):
         cluster = LocalCluster(

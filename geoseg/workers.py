@@ -111,6 +111,32 @@ class GeosegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
     def setup(self, worker: Any) -> None:
         worker.geoseg_setup = setup_process(worker.state.nthreads)
 
+    def teardown(self, worker: Any) -> None:
+        if os.environ.get(EMBEDDED_ENV) == "1":
+            import atexit
+
+            atexit.register(_exit_now)  # runs first at exit (atexit is last in, first out)
+
+
+# Set in the workers geoseg spawns itself (geoseg.cluster.connect): theirs is a short life that ends
+# with the job. A spawned process ends with a full interpreter shutdown, which with torch loaded
+# took ~2 s after the worker had closed (measured; the nanny kills it after 4 s when it holds a
+# large heap). Once the worker has closed (its results are on disk or with the scheduler), such a
+# process leaves at once. Workers started by anyone else exit as they always do.
+EMBEDDED_ENV = "GEOSEG_EMBEDDED_WORKER"
+
+
+def _exit_now() -> None:
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(0)
+
 
 def register(client: Any) -> None:
     """Register the worker plugin on ``client``'s cluster (existing and future workers)."""

@@ -88,6 +88,8 @@ def test_workers_started_elsewhere_get_the_allocator_fix(gpu_and_cpu_workers):
     register(client)
     env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert set(env.values()) == {"65536"}  # distributed's nanny set it in every worker
+    # not geoseg's own workers: they exit the way their owner's processes always do
+    assert set(client.run(lambda: os.environ.get("GEOSEG_EMBEDDED_WORKER")).values()) == {None}
     setups = client.run(lambda dask_worker: dask_worker.geoseg_setup)
     for s in setups.values():
         assert s["allocator"] == {"mmap_max": 0, "trim_threshold": 512 << 20, "arena_max": 1}
@@ -120,7 +122,7 @@ def _huge_pages_after_allocating() -> tuple[str, int]:
     rollup = open("/proc/self/smaps_rollup").read()
     kb = int(rollup.split("AnonHugePages:")[1].split()[0])
     del a
-    return os.environ.get("GLIBC_TUNABLES", ""), kb
+    return os.environ.get("GLIBC_TUNABLES", "") + " " + os.environ.get("GEOSEG_EMBEDDED_WORKER", ""), kb
 
 
 def test_embedded_workers_keep_their_heap_in_huge_pages():
@@ -138,5 +140,6 @@ def test_embedded_workers_keep_their_heap_in_huge_pages():
     with connect(n_workers=1) as client:
         ((tunables, kb),) = client.run(_huge_pages_after_allocating).values()
     assert "glibc.malloc.hugetlb=1" in tunables
+    assert tunables.endswith(" 1")  # marked as geoseg's own: it leaves at once when closed (geoseg.workers)
     if version >= (2, 35):
         assert kb >= 2048, f"no huge page in a worker's heap ({libc})"
