@@ -57,14 +57,15 @@ def connect(
     # GDAL's block cache defaults to 5% of RAM per process; a read task reads each block once, so
     # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
     # image, as infra/docker does).
-    environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON}
+    from geoseg.workers import EMBEDDED_ENV
+
+    # set in the worker process once spawned (pre-spawn variables also land in this process's environment)
+    environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON, EMBEDDED_ENV: "1"}
     # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
     # the worker plugin sets the same at run time in workers started by someone else)
     from geoseg.workers import allocator_environ
 
-    from geoseg.workers import EMBEDDED_ENV
-
-    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **allocator_environ(), EMBEDDED_ENV: "1"}
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **allocator_environ()}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
                           "distributed.nanny.pre-spawn-environ": pre_spawn}):
         cluster = LocalCluster(
