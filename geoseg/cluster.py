@@ -63,9 +63,9 @@ def connect(
     environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON, EMBEDDED_ENV: "1"}
     # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
     # the worker plugin sets the same at run time in workers started by someone else)
-    from geoseg.workers import allocator_environ
+    from geoseg.workers import ALLOCATOR_ENVIRON
 
-    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **allocator_environ()}
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
                           "distributed.nanny.pre-spawn-environ": pre_spawn}):
         cluster = LocalCluster(

@@ -28,22 +28,9 @@ GDAL_CACHEMAX_MB = "128"
 # glibc's mallopt parameters (malloc.h) and what geoseg's workers run with
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 TRIM_BYTES = 512 << 20
-# glibc >= 2.35: the heap asks for transparent huge pages (madvise), so a multi-GB heap of
-# activations is faulted and walked in 2 MiB pages. Read by glibc at process start only (there is
-# no run-time switch): set for the workers geoseg spawns; remote workers set it in their environment
-# (infra/). Older glibc ignores the tunable. Measured, U-Net-resnet18 fp32, 2176 px tile, one
-# thread, passes 2-3: 9.7-10.0 s without, 7.7-8.8 s with.
-HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 # the same settings as environment variables, for worker processes geoseg spawns itself
 ALLOCATOR_ENVIRON = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_BYTES), "MALLOC_ARENA_MAX": "1"}
 
-
-def allocator_environ(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """ALLOCATOR_ENVIRON plus the huge-page tunable added to any GLIBC_TUNABLES already set."""
-    current = (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in current:
-        return dict(ALLOCATOR_ENVIRON)
-    return {**ALLOCATOR_ENVIRON, "GLIBC_TUNABLES": ":".join(t for t in (current, HUGEPAGE_TUNABLE) if t)}
 
 
 def tune_allocator() -> dict[str, Any]:
