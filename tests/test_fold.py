@@ -82,3 +82,56 @@ def test_load_model_rewrites_unless_asked(tmp_path):
     assert _batchnorm_calls(fast.net, x) == 0 and _batchnorm_calls(plain.net, x) > 0
     with torch.inference_mode():
         torch.testing.assert_close(fast.net(x), plain.net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_or_training_batch_norms_are_left_alone():
+    """A conv or batch norm used twice, or a batch norm in training mode, is not folded (the function would change)."""
+    from torch import nn
+
+    from geoseg.model.fold import fold_batchnorm
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x)
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    shared = _random_statistics(Shared())
+    assert fold_batchnorm(shared) == 0
+    training = _random_statistics(Plain())
+    training.bn.train()
+    assert fold_batchnorm(training) == 0 and isinstance(training.bn, nn.BatchNorm2d)
+    plain = _random_statistics(Plain())
+    x = torch.randn(1, 3, 16, 16)
+    with torch.inference_mode():
+        want = plain(x)
+    assert fold_batchnorm(plain) == 1 and isinstance(plain.bn, nn.Identity)
+    with torch.inference_mode():
+        torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_phase_kernels_follow_new_weights():
+    """Weights loaded after the first pass are used (the phase kernels are made again)."""
+    torch.manual_seed(0)
+    net = optimize_for_inference(_random_statistics(build_network("unet", "resnet18", 3, 2, 3, {})))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        net(x)
+    block = next(m for m in net.modules() if type(m).__name__ == "SplitSkipDecoderBlock")
+    with torch.no_grad():
+        block.conv1[0].weight.mul_(2.0)
+    reference = copy.deepcopy(net)
+    for m in reference.modules():
+        m.__dict__.pop("_geoseg_phases", None)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), reference(x))

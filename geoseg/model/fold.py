@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -44,13 +45,17 @@ def fold_batchnorm(net: nn.Module) -> int:
     n = 0
     for module, graph in _traced(net):
         modules = dict(module.named_modules())
+        # a module called twice, or reachable under two names, is shared: folding it would change its other uses
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        names = Counter(id(m) for _, m in module.named_modules(remove_duplicate=False))
         for node in graph.nodes:
             bn = modules.get(node.target) if node.op == "call_module" else None
-            if not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats or bn.running_var is None:
+            if (not isinstance(bn, nn.BatchNorm2d) or bn.training or not bn.track_running_stats or bn.running_var is None
+                    or calls[node.target] != 1 or names[id(bn)] != 1):
                 continue
             src = node.args[0] if node.args else None
             conv = modules.get(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module" else None
-            if type(conv) is not nn.Conv2d or len(src.users) != 1:
+            if (type(conv) is not nn.Conv2d or len(src.users) != 1 or calls[src.target] != 1 or names[id(conv)] != 1):
                 continue
             _fold(conv, bn)
             parent, _, attr = node.target.rpartition(".")
@@ -99,7 +104,8 @@ def split_skip_concat(net: nn.Module) -> int:
         conv = m.conv1[0] if type(m) is block else None
         if (conv is not None and isinstance(getattr(m.attention1, "attention", None), nn.Identity) and type(conv) is nn.Conv2d
                 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None):
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.bias is not None
+                and conv.padding_mode == "zeros"):
             m.__class__ = _split_class(block)
             n += 1
     return n
@@ -151,10 +157,15 @@ def _split_class(block: type) -> type:
                 h, w = feature_map.shape[-2:]
                 if self.interpolation_mode != "nearest" or (target_height, target_width) != (2 * h, 2 * w):
                     return super().forward(feature_map, target_height, target_width, skip_connection)
-                phases = self.__dict__.get("_geoseg_phases")
-                if phases is None or phases.dtype != conv.weight.dtype or phases.device != conv.weight.device:
-                    phases = _phase_weights(conv.weight[:, :k].float()).to(conv.weight)
-                    self.__dict__["_geoseg_phases"] = phases
+                # the phase kernels, made again whenever the weights (or where and how they live) change
+                key = (conv.weight.dtype, conv.weight.device, conv.weight.data_ptr(), conv.weight._version,
+                       torch.is_inference_mode_enabled())
+                cached = self.__dict__.get("_geoseg_phases")
+                if cached is None or cached[0] != key:
+                    with torch.no_grad():
+                        cached = (key, _phase_weights(conv.weight[:, :k].detach().float()).to(conv.weight))
+                    self.__dict__["_geoseg_phases"] = cached
+                phases = cached[1]
                 if skip_connection is None:
                     y = conv.bias.reshape(1, -1, 1, 1).expand(feature_map.shape[0], -1, target_height, target_width)
                     y = y.contiguous(memory_format=torch.channels_last) if feature_map.is_contiguous(
