@@ -41,7 +41,7 @@ def connect(
     import dask
     from distributed import Client, LocalCluster
 
-    from geoseg.workers import register
+    from geoseg.workers import ALLOCATOR_ENVIRON, EMBEDDED_ENV, register
 
     if scheduler:
         try:
@@ -57,14 +57,10 @@ def connect(
     # GDAL's block cache defaults to 5% of RAM per process; a read task reads each block once, so
     # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
     # image, as infra/docker does).
-    from geoseg.workers import EMBEDDED_ENV
-
     # set in the worker process once spawned (pre-spawn variables also land in this process's environment)
     environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON, EMBEDDED_ENV: "1"}
     # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
     # the worker plugin sets the same at run time in workers started by someone else)
-    from geoseg.workers import ALLOCATOR_ENVIRON
-
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
     with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
                           "distributed.nanny.pre-spawn-environ": pre_spawn}):

@@ -24,13 +24,19 @@ from typing import Any
 PLUGIN_NAME = "geoseg-worker"
 GDAL_CACHEMAX_MB = "128"
 
+# Set in the workers geoseg spawns itself (geoseg.cluster.connect): theirs is a short life that ends
+# with the job. A spawned process ends with a full interpreter shutdown, which with torch loaded
+# took ~2 s after the worker had closed (measured; the nanny kills it after 4 s when it holds a
+# large heap). Once the worker has closed (its results are on disk or with the scheduler), such a
+# process leaves at once. Workers started by anyone else exit as they always do.
+EMBEDDED_ENV = "GEOSEG_EMBEDDED_WORKER"
+
 
 # glibc's mallopt parameters (malloc.h) and what geoseg's workers run with
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 TRIM_BYTES = 512 << 20
 # the same settings as environment variables, for worker processes geoseg spawns itself
 ALLOCATOR_ENVIRON = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_BYTES), "MALLOC_ARENA_MAX": "1"}
-
 
 
 def tune_allocator() -> dict[str, Any]:
@@ -103,14 +109,6 @@ class GeosegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
             import atexit
 
             atexit.register(_exit_now)  # runs first at exit (atexit is last in, first out)
-
-
-# Set in the workers geoseg spawns itself (geoseg.cluster.connect): theirs is a short life that ends
-# with the job. A spawned process ends with a full interpreter shutdown, which with torch loaded
-# took ~2 s after the worker had closed (measured; the nanny kills it after 4 s when it holds a
-# large heap). Once the worker has closed (its results are on disk or with the scheduler), such a
-# process leaves at once. Workers started by anyone else exit as they always do.
-EMBEDDED_ENV = "GEOSEG_EMBEDDED_WORKER"
 
 
 def _exit_now() -> None:

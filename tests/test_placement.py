@@ -113,7 +113,6 @@ def test_model_tasks_run_on_a_cuda_worker(random_model, scene_path, tmp_path):
     assert rec["numerics"]["precision"] == ("bf16" if worker["bf16_native"] else "fp32")
 
 
-
 def _marker() -> str | None:
     import os
 

@@ -26,27 +26,25 @@ def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int,
     rng = np.random.default_rng(seed)
     short = 4 * stride
     length = max(256, 16 * stride)
-    torch_grad = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)
-    try:
-        while True:
-            radius = 0
-            for axis in (2, 3):
-                shape = [1, in_channels, short, short]
-                shape[axis] = length
-                centre = [0, 0, short // 2, short // 2]
-                centre[axis] = length // 2
-                for _ in range(2):
-                    base = torch.from_numpy(rng.standard_normal(shape))
-                    bumped = base.clone()
-                    bumped[:, :, centre[2], centre[3]] += 10.0
-                    diff = (net64(bumped) - net64(base)).abs().amax(dim=(0, 1)).numpy()
-                    hits = np.nonzero(diff > 0)[axis - 2]
-                    if hits.size:
-                        radius = max(radius, int(np.abs(hits - centre[axis]).max()))
-            if radius < length // 2 - stride or length >= 8192:
-                return radius
-            length *= 2
-    finally:
-        net.to(was_dtype)
-        torch.set_grad_enabled(torch_grad)
+    with torch.no_grad():
+        try:
+            while True:
+                radius = 0
+                for axis in (2, 3):
+                    shape = [1, in_channels, short, short]
+                    shape[axis] = length
+                    centre = [0, 0, short // 2, short // 2]
+                    centre[axis] = length // 2
+                    for _ in range(2):
+                        base = torch.from_numpy(rng.standard_normal(shape))
+                        bumped = base.clone()
+                        bumped[:, :, centre[2], centre[3]] += 10.0
+                        diff = (net64(bumped) - net64(base)).abs().amax(dim=(0, 1)).numpy()
+                        hits = np.nonzero(diff > 0)[axis - 2]
+                        if hits.size:
+                            radius = max(radius, int(np.abs(hits - centre[axis]).max()))
+                if radius < length // 2 - stride or length >= 8192:
+                    return radius
+                length *= 2
+        finally:
+            net.to(was_dtype)
