@@ -83,7 +83,8 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
 
     The batch is padded with zeros at the bottom and right up to the stride; callers place
     every batch on the stride lattice, so this is the same padding one pass over the whole
-    scene gets.
+    scene gets. A large window of a U-Net runs stage by stage in tiles (``geoseg.model.tiled``:
+    the same logits, bounded memory).
     """
     import torch  # here, not at import: the client that plans a job never loads torch
 
@@ -93,8 +94,10 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
     if ph or pw:
         t = torch.nn.functional.pad(t, (0, pw, 0, ph))
     t = t.to(settings.device).contiguous(memory_format=torch.channels_last)
+    from geoseg.model.tiled import tiled_forward
+
     with torch.inference_mode(), _autocast(settings):
-        logits = net(t)
+        logits = tiled_forward(net, t)
     probs = torch.softmax(logits.float(), dim=1)[:, :, :h, :w]
     return probs.cpu().numpy()
 

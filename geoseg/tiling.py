@@ -9,6 +9,7 @@ padded to the same lattice point as one pass over the whole scene: tiled equals 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Iterator
@@ -180,7 +181,23 @@ class TilingPlan:
 
 
 DEFAULT_CHUNK = 2048
-HALO_PER_CHUNK = 32  # default halo: at least chunk / 32 (64 px at 2048): forward-pass overhead about 1.13
+STAGEWISE_CHUNK = 4096  # chunks of a network run stage by stage in tiles (geoseg.model.tiled): memory of one 2048 pass
+HALO_PER_CHUNK = 32  # default halo where the receptive field is too costly: chunk / 32 (64 px at 2048), overhead about 1.13
+SEAM_FREE_OVERHEAD = 1.15  # the default halo is the whole receptive field while the plan's overhead stays within this
+
+_STAGEWISE_ENCODER = re.compile(r"^(resnet(18|34|50|101|152)|resnext\d+_\d+x\d+d)$")
+
+
+def runs_stagewise(card: "ModelCard") -> bool:
+    """Whether workers run this model's network stage by stage in tiles (``geoseg.model.tiled``), so
+    a large chunk costs no more memory than a 2048 px pass: an smp U-Net on a ResNet encoder with
+    nearest upsampling, no attention and no classification head (decided from the card alone: the
+    client that plans never imports torch; ``tests/test_tiled.py`` checks it agrees with the network)."""
+    p = card.arch_params
+    return (card.method == "smp" and card.arch.lower() == "unet" and bool(_STAGEWISE_ENCODER.match(card.encoder))
+            and card.encoder_depth >= 2 and p.get("decoder_attention_type") is None
+            and p.get("decoder_interpolation", "nearest") == "nearest" and p.get("activation") is None
+            and p.get("aux_params") is None and p.get("decoder_use_norm", "batchnorm") in (True, False, "batchnorm", "identity"))
 
 
 def plan_for(
@@ -194,13 +211,16 @@ def plan_for(
 ) -> TilingPlan:
     """The tiling a model gets on a scene; ``exact``: halo = receptive field.
 
-    Defaults: chunks of 2048 px segmented in one forward pass each (tile = chunk), halo the larger
-    of the card's default_halo and chunk / 32 (64 px). For the same pixel overhead (about 1.13)
-    that doubles the context at chunk lines over 1024 px chunks with 32 px: on a lightly trained
-    U-Net-resnet18 (2048² scene), 0.018% of the pixels within 2 px of chunk lines differ from one
-    pass at halo 64 against 0.196% at halo 32. ``tile_size`` smaller than the chunk bounds the
-    memory of one forward pass (each tile gets its own halo). The card's ``tile_size`` is not a
-    default: it records what the model was trained and checked with.
+    Default halo: the whole receptive field (and post-processing ring), so tiled output equals one
+    pass, wherever that costs a pixel overhead of at most 1.15 on this scene. Default chunks: 2048
+    px, or 4096 px where 2048 px chunks cannot be exact within that overhead and the network runs
+    stage by stage in tiles (``runs_stagewise``; memory of a 2048 px pass). A U-Net-resnet18 of
+    depth 4 (receptive field 142 px) gets 2048 px chunks up to 4096² scenes and 4096 px ones
+    beyond, exact at an overhead of 1.07-1.15. Where no candidate is exact within the overhead, the
+    halo is the larger of the card's default_halo and chunk / 32. Chunks are segmented in one
+    forward pass each (tile = chunk); ``tile_size`` smaller than the chunk bounds the memory of one
+    pass (each tile gets its own halo). The card's ``tile_size`` is not a default: it records what
+    the model was trained and checked with.
     """
     from geoseg.errors import ConfigError
 
@@ -208,9 +228,21 @@ def plan_for(
         raise ConfigError(f"--halo must be >= 0, got {halo}")
     if exact and halo is not None and halo < card.exact_halo:
         raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
-    chunk = chunk_size or DEFAULT_CHUNK
     ring = card.postprocess.ring  # class map needed around a core by the post-processing
+    if chunk_size:
+        candidates = [chunk_size]
+    else:
+        candidates = [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
+    if halo is None:
+        plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo, tile_size=tile_size or c)
+                 for c in candidates]
+        for plan in plans:
+            if plan.overhead <= SEAM_FREE_OVERHEAD:
+                return plan
+        if exact:
+            return plans[-1]
+    chunk = candidates[-1]
     model_exact = card.exact_halo - ring if ring else card.exact_halo
     default = max(card.default_halo, min(chunk // HALO_PER_CHUNK, max(model_exact, 0)))
-    chosen = card.exact_halo if exact and halo is None else (halo if halo is not None else default) + (0 if exact else ring)
+    chosen = (halo if halo is not None else default) + (0 if exact else ring)
     return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=chosen, tile_size=tile_size or chunk)

@@ -1,0 +1,123 @@
+"""Stage-by-stage tiled execution (geoseg.model.tiled) and the seam-free default plans it allows."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from geoseg.model.card import BandInfo, Normalization
+from geoseg.model.fold import optimize_for_inference
+from geoseg.model.network import build_network
+from geoseg.model.store import default_classes, make_card
+from geoseg.model.tiled import TiledUnet, tiled_forward
+from geoseg.tiling import DEFAULT_CHUNK, SEAM_FREE_OVERHEAD, STAGEWISE_CHUNK, plan_for, runs_stagewise
+from tests.test_fold import _random_statistics
+
+
+_BASE = None
+
+
+def _card(arch="unet", encoder="resnet18", depth=3, arch_params=None, rf=None):
+    """A card for these settings; the receptive field is measured once (for the base U-Net) or given."""
+    global _BASE
+    if _BASE is None:
+        _BASE = make_card(build_network("unet", "resnet18", 4, 3, 3, {}).eval(), arch="unet", encoder="resnet18",
+                          encoder_depth=3, bands=[BandInfo(name=f"b{i}") for i in range(4)], classes=default_classes(3),
+                          normalization=Normalization(mean=(0.0,) * 4, std=(1.0,) * 4), tile_size=128,
+                          provenance={"source": "test"})
+    update = {"arch": arch, "encoder": encoder, "encoder_depth": depth, "arch_params": dict(arch_params or {})}
+    if rf is not None:
+        update["receptive_field"] = rf
+    return _BASE.model_copy(update=update)
+
+
+@pytest.mark.parametrize("encoder,depth,fold", [("resnet18", 4, True), ("resnet18", 4, False), ("resnet34", 5, True),
+                                                ("resnet50", 3, True)])
+def test_tiled_execution_equals_one_pass(encoder, depth, fold):
+    torch.manual_seed(0)
+    net = _random_statistics(build_network("unet", encoder, 4, 5, depth, {}))
+    if fold:
+        optimize_for_inference(net)
+    runner = TiledUnet.plan(net, tile_bytes=64 * 64 * 4 * 64)  # tiles of ~64 px at 64 channels: many tiles per stage
+    assert runner is not None
+    tiles = []
+    hooks = [m.register_forward_hook(lambda m, i, o: tiles.append(o.shape[-1])) for m in [net.segmentation_head]]
+    x = torch.randn(2, 4, 352, 416).contiguous(memory_format=torch.channels_last)  # a multiple of 32, not of the tiles
+    with torch.inference_mode():
+        a, b = net(x), runner(x)
+    for h in hooks:
+        h.remove()
+    assert len(tiles) > 2  # the head ran tile by tile, not once
+    assert a.shape == b.shape
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.999
+
+
+def test_small_windows_run_as_one_pass():
+    net = build_network("unet", "resnet18", 4, 3, 3, {}).eval()
+    x = torch.randn(1, 4, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(tiled_forward(net, x), net(x))
+    assert "_geoseg_tiled" not in net.__dict__  # never planned for a small window
+
+
+@pytest.mark.parametrize("arch,encoder,params,expected", [
+    ("unet", "resnet18", {}, True),
+    ("unet", "resnet34", {}, True),
+    ("unet", "resnet50", {}, True),
+    ("unet", "resnet18", {"decoder_attention_type": "scse"}, False),
+    ("unet", "resnet18", {"decoder_interpolation": "bilinear"}, False),
+    ("unet", "mobilenet_v2", {}, False),
+    ("fpn", "resnet18", {}, False),
+])
+def test_the_card_says_what_the_worker_does(arch, encoder, params, expected):
+    """The client decides chunk sizes from the card alone; the worker decides from the network: they agree."""
+    card = _card(arch, encoder, 3, params)
+    net = build_network(arch, encoder, 4, 3, 3, params).eval()
+    assert runs_stagewise(card) is expected
+    assert (TiledUnet.plan(net) is not None) is expected
+
+
+def test_default_plans_are_exact_within_the_overhead():
+    card = _card(rf=142)  # a U-Net-resnet18 of depth 4 measures 142 px
+    assert card.exact_halo == 144 and runs_stagewise(card)
+    for side in (4096, 6000, 8192, 20000):
+        plan = plan_for(card, (side, side))
+        assert plan.halo == card.exact_halo  # the default is exact: tiled equals one pass
+        assert plan.overhead <= SEAM_FREE_OVERHEAD
+        assert plan == plan_for(card, (side, side), exact=True)
+    assert plan_for(card, (4096, 4096)).chunk_size == DEFAULT_CHUNK  # 2048 px chunks where they are exact cheaply enough
+    assert plan_for(card, (8192, 8192)).chunk_size == STAGEWISE_CHUNK
+    # a network the workers cannot run stage by stage keeps 2048 px chunks: exactness is not worth its memory
+    other = _card("fpn", rf=142)
+    plan = plan_for(other, (8192, 8192))
+    assert plan.chunk_size == DEFAULT_CHUNK and plan.halo < other.exact_halo and plan.overhead <= SEAM_FREE_OVERHEAD
+    # a receptive field no candidate affords: the largest chunk and chunk / 32
+    wide = _card(rf=400)
+    plan = plan_for(wide, (20000, 20000))
+    assert plan.chunk_size == STAGEWISE_CHUNK and plan.halo == 128
+    # what the user asks for is what they get
+    assert plan_for(card, (8192, 8192), chunk_size=1024, halo=48).halo == 48
+    assert plan_for(card, (8192, 8192), chunk_size=1024).chunk_size == 1024
+
+
+def test_large_window_runs_stagewise_in_forward():
+    """infer.forward on a window above the threshold gives the network's one-pass probabilities."""
+    from geoseg.infer import InferenceSettings, forward
+    from geoseg.model import tiled
+
+    torch.manual_seed(1)
+    net = _random_statistics(build_network("unet", "resnet18", 4, 3, 3, {}))
+    x = np.random.default_rng(0).standard_normal((1, 4, 200, 232)).astype(np.float32)
+    old = tiled.MIN_WINDOW
+    tiled.MIN_WINDOW = 100 * 100
+    try:
+        p = forward(net, x, 16, InferenceSettings())
+    finally:
+        tiled.MIN_WINDOW = old
+    assert net.__dict__["_geoseg_tiled"] is not None
+    ref = forward(copy.deepcopy(net), x, 16, InferenceSettings())  # a fresh copy: under the threshold, one pass
+    assert np.abs(p - ref).max() < 1e-5
