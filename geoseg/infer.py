@@ -83,7 +83,7 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
 
     The batch is padded with zeros at the bottom and right up to the stride; callers place
     every batch on the stride lattice, so this is the same padding one pass over the whole
-    scene gets. A large window of a U-Net runs stage by stage in tiles (``geoseg.model.tiled``:
+    scene gets. A large window of a U-Net runs stage by stage in strips (``geoseg.model.tiled``:
     the same logits, bounded memory).
     """
     import torch  # here, not at import: the client that plans a job never loads torch

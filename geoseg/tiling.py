@@ -181,7 +181,7 @@ class TilingPlan:
 
 
 DEFAULT_CHUNK = 2048
-STAGEWISE_CHUNK = 4096  # chunks of a network run stage by stage in tiles (geoseg.model.tiled): memory of one 2048 pass
+STAGEWISE_CHUNK = 4096  # chunks of a network run stage by stage in strips (geoseg.model.tiled)
 HALO_PER_CHUNK = 32  # default halo where the receptive field is too costly: chunk / 32 (64 px at 2048), overhead about 1.13
 SEAM_FREE_OVERHEAD = 1.15  # the default halo is the whole receptive field while the plan's overhead stays within this
 
@@ -189,8 +189,8 @@ _STAGEWISE_ENCODER = re.compile(r"^(resnet(18|34|50|101|152)|resnext\d+_\d+x\d+d
 
 
 def runs_stagewise(card: "ModelCard") -> bool:
-    """Whether workers run this model's network stage by stage in tiles (``geoseg.model.tiled``), so
-    a large chunk costs no more memory than a 2048 px pass: an smp U-Net on a ResNet encoder with
+    """Whether workers run this model's network stage by stage in strips (``geoseg.model.tiled``), so
+    a 4096 px chunk costs about twice the memory of a 2048 px pass, not four times: an smp U-Net on a ResNet encoder with
     nearest upsampling, no attention and no classification head (decided from the card alone: the
     client that plans never imports torch; ``tests/test_tiled.py`` checks it agrees with the network)."""
     p = card.arch_params
@@ -214,7 +214,7 @@ def plan_for(
     Default halo: the whole receptive field (and post-processing ring), so tiled output equals one
     pass, wherever that costs a pixel overhead of at most 1.15 on this scene. Default chunks: 2048
     px, or 4096 px where 2048 px chunks cannot be exact within that overhead and the network runs
-    stage by stage in tiles (``runs_stagewise``; memory of a 2048 px pass). A U-Net-resnet18 of
+    stage by stage in strips (``runs_stagewise``; about twice the memory of a 2048 px pass). A U-Net-resnet18 of
     depth 4 (receptive field 142 px) gets 2048 px chunks up to 4096² scenes and 4096 px ones
     beyond, exact at an overhead of 1.07-1.15. Where no candidate is exact within the overhead, the
     halo is the larger of the card's default_halo and chunk / 32. Chunks are segmented in one
