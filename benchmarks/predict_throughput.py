@@ -292,9 +292,10 @@ def main() -> None:
 
     models: dict[str, Path] = {}
     if not args.skip_seams:
-        models["random"] = work / "model-random"
+        # the architecture of the trained two (U-Net-resnet18, depth 4), so the three differ only in training
+        models["random"] = work / "model-random-d4"
         if not (models["random"] / "model.json").exists():
-            init_model(models["random"], n_bands=4, n_classes=5, encoder="resnet18", seed=0, encoder_depth=5)
+            init_model(models["random"], n_bands=4, n_classes=5, encoder="resnet18", seed=0, encoder_depth=4)
         models["60 steps"] = trained(work, "light", 3, 20, args.train_scale, env)
     if not args.skip_seams or not args.model:
         models["well trained"] = trained(work, "well", 20, 30, args.train_scale, env)
