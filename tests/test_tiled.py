@@ -121,3 +121,16 @@ def test_large_window_runs_stagewise_in_forward():
     assert net.__dict__["_geoseg_tiled"] is not None
     ref = forward(copy.deepcopy(net), x, 16, InferenceSettings())  # a fresh copy: under the threshold, one pass
     assert np.abs(p - ref).max() < 1e-5
+
+
+def test_embedded_workers_fit_in_memory():
+    """4096 px chunks need ~8 GiB per model worker: the embedded cluster never starts more than memory holds."""
+    import os
+
+    import psutil
+
+    from geoseg.cluster import WORKER_MEMORY, default_workers
+
+    n = default_workers()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    assert n == 1 or n * WORKER_MEMORY <= psutil.virtual_memory().total
