@@ -153,7 +153,10 @@ def segment_window(
     class_id = np.full(core.shape, NODATA_CLASS, np.uint8)
     confidence = np.full(core.shape, np.nan, np.float32)
     for batch in _batches(tiles, settings.batch_size):
-        xb = np.stack([x[(slice(None), *t.input.relative_to(outer))] for t in batch])
+        if len(batch) == 1 and batch[0].input == outer:
+            xb = x[None]  # the whole window is the one tile (the default: tile = chunk): no copy of it
+        else:
+            xb = np.stack([x[(slice(None), *t.input.relative_to(outer))] for t in batch])
         d4 = (settings.tta or card.tta) == "d4"
         probs = forward_d4(net, xb, card.stride, settings) if d4 else forward(net, xb, card.stride, settings)
         for t, p in zip(batch, probs):
