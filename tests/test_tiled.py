@@ -124,7 +124,7 @@ def test_large_window_runs_stagewise_in_forward():
 
 
 def test_embedded_workers_fit_in_memory():
-    """4096 px chunks need ~8 GiB per model worker: the embedded cluster never starts more than memory holds."""
+    """4096 px chunks need ~6 GiB per model worker: the embedded cluster never starts more than memory holds."""
     import os
 
     import psutil
