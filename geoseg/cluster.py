@@ -23,10 +23,10 @@ WORKER_MEMORY = 8 << 30  # a model worker's peak, with margin: 4096 px chunks of
 def default_workers() -> int:
     """One single-threaded worker per usable core, but no more than the machine's memory holds at
     WORKER_MEMORY each (a 16-core machine with 32 GiB gets 4, not 16 workers that would swap)."""
-    import psutil
+    from distributed.system import MEMORY_LIMIT  # the machine's memory or the container's limit, the lower
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, psutil.virtual_memory().total // WORKER_MEMORY))
+    return max(1, min(cores, MEMORY_LIMIT // WORKER_MEMORY))
 
 
 @contextlib.contextmanager

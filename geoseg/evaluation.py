@@ -7,8 +7,8 @@ Pixels count where the image is valid and the labels hold a class (not nodata, n
 
 `compare` scores several models side by side on the same pixels: those where the labels hold a
 class and every model predicts one. Each model is planned with its own card (bands, stride,
-halo) but the same chunk size, so their class maps line up chunk by chunk (rechunked where a
-stride makes them differ); one chunk gives one confusion per model over its common pixels, and
+halo, and its own default chunk size unless --chunk-size sets one); their class maps are
+rechunked to one grid of chunks; one chunk gives one confusion per model over its common pixels, and
 one dask compute segments the image once per model.
 """
 
@@ -509,7 +509,7 @@ def plan_comparison(
     """Check inputs, every model and the labels and build one graph. Computes nothing, writes nothing.
 
     The image list must fit every model (the bands each card names, as for predict); every model
-    is planned with its own card and the same chunk size.
+    is planned with its own card (and the chunk size --chunk-size gives, else its own default).
     """
     images = tuple(map(str, images))
     model_dirs = tuple(map(str, models))

@@ -197,7 +197,9 @@ def runs_stagewise(card: "ModelCard") -> bool:
     return (card.method == "smp" and card.arch.lower() == "unet" and bool(_STAGEWISE_ENCODER.match(card.encoder))
             and card.encoder_depth >= 2 and p.get("decoder_attention_type") is None
             and p.get("decoder_interpolation", "nearest") == "nearest" and p.get("activation") is None
-            and p.get("aux_params") is None and p.get("decoder_use_norm", "batchnorm") in (True, False, "batchnorm", "identity"))
+            and p.get("aux_params") is None and p.get("decoder_use_norm", "batchnorm") in (True, False, "batchnorm", "identity")
+            and p.get("decoder_use_batchnorm", True) in (True, False)
+            and p.get("output_stride", 32) >= 2 ** card.encoder_depth)  # a dilated encoder does not halve every stage
 
 
 def plan_for(
@@ -215,8 +217,9 @@ def plan_for(
     pass, wherever that costs a pixel overhead of at most 1.15 on this scene. Default chunks: 2048
     px, or 4096 px where 2048 px chunks cannot be exact within that overhead and the network runs
     stage by stage in strips (``runs_stagewise``; about twice the memory of a 2048 px pass). A U-Net-resnet18 of
-    depth 4 (receptive field 142 px) gets 2048 px chunks up to 4096² scenes and 4096 px ones
-    beyond, exact at an overhead of 1.07-1.15. Where no candidate is exact within the overhead, the
+    depth 4 (receptive field 142 px) gets one chunk up to 4096² scenes where 2048 px chunks cost
+    more than 1.15 (2300² to 3900²: one 4096 px chunk, one busy worker), four 2048 px chunks on a
+    4096² scene (1.146) and 4096 px chunks beyond, exact at an overhead of 1.07-1.15. Where no candidate is exact within the overhead, the
     halo is the larger of the card's default_halo and chunk / 32. Chunks are segmented in one
     forward pass each (tile = chunk); ``tile_size`` smaller than the chunk bounds the memory of one
     pass (each tile gets its own halo). The card's ``tile_size`` is not a default: it records what
@@ -233,16 +236,18 @@ def plan_for(
         candidates = [chunk_size]
     else:
         candidates = [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
-    if halo is None:
-        plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo, tile_size=tile_size or c)
-                 for c in candidates]
-        for plan in plans:
-            if plan.overhead <= SEAM_FREE_OVERHEAD:
-                return plan
-        if exact:
-            return plans[-1]
+    if halo is not None:  # the user's halo: their chunk, else the default one
+        chunk = chunk_size or DEFAULT_CHUNK
+        return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=halo + (0 if exact else ring),
+                               tile_size=tile_size or chunk)
+    plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo, tile_size=tile_size or c)
+             for c in candidates]
+    for plan in plans:
+        if plan.overhead <= SEAM_FREE_OVERHEAD:
+            return plan
+    if exact:
+        return plans[-1]
     chunk = candidates[-1]
     model_exact = card.exact_halo - ring if ring else card.exact_halo
-    default = max(card.default_halo, min(chunk // HALO_PER_CHUNK, max(model_exact, 0)))
-    chosen = (halo if halo is not None else default) + (0 if exact else ring)
+    chosen = max(card.default_halo, min(chunk // HALO_PER_CHUNK, max(model_exact, 0))) + ring
     return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=chosen, tile_size=tile_size or chunk)

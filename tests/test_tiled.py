@@ -64,19 +64,21 @@ def test_small_windows_run_as_one_pass():
     assert "_geoseg_tiled" not in net.__dict__  # never planned for a small window
 
 
-@pytest.mark.parametrize("arch,encoder,params,expected", [
-    ("unet", "resnet18", {}, True),
-    ("unet", "resnet34", {}, True),
-    ("unet", "resnet50", {}, True),
-    ("unet", "resnet18", {"decoder_attention_type": "scse"}, False),
-    ("unet", "resnet18", {"decoder_interpolation": "bilinear"}, False),
-    ("unet", "mobilenet_v2", {}, False),
-    ("fpn", "resnet18", {}, False),
+@pytest.mark.parametrize("arch,encoder,params,depth,expected", [
+    ("unet", "resnet18", {}, 3, True),
+    ("unet", "resnet34", {}, 3, True),
+    ("unet", "resnet50", {}, 3, True),
+    ("unet", "resnet18", {"output_stride": 8}, 3, True),  # no stage of a depth-3 encoder is dilated
+    ("unet", "resnet18", {"output_stride": 16}, 5, False),  # layer4 dilated: it does not halve the map
+    ("unet", "resnet18", {"decoder_attention_type": "scse"}, 3, False),
+    ("unet", "resnet18", {"decoder_interpolation": "bilinear"}, 3, False),
+    ("unet", "mobilenet_v2", {}, 3, False),
+    ("fpn", "resnet18", {}, 3, False),
 ])
-def test_the_card_says_what_the_worker_does(arch, encoder, params, expected):
+def test_the_card_says_what_the_worker_does(arch, encoder, params, depth, expected):
     """The client decides chunk sizes from the card alone; the worker decides from the network: they agree."""
-    card = _card(arch, encoder, 3, params)
-    net = build_network(arch, encoder, 4, 3, 3, params).eval()
+    card = _card(arch, encoder, depth, params)
+    net = build_network(arch, encoder, 4, 3, depth, params).eval()
     assert runs_stagewise(card) is expected
     assert (TiledUnet.plan(net) is not None) is expected
 
@@ -99,8 +101,9 @@ def test_default_plans_are_exact_within_the_overhead():
     wide = _card(rf=400)
     plan = plan_for(wide, (20000, 20000))
     assert plan.chunk_size == STAGEWISE_CHUNK and plan.halo == 128
-    # what the user asks for is what they get
+    # what the user asks for is what they get, and a halo alone keeps the default chunk
     assert plan_for(card, (8192, 8192), chunk_size=1024, halo=48).halo == 48
+    assert plan_for(card, (8192, 8192), halo=64).chunk_size == DEFAULT_CHUNK
     assert plan_for(card, (8192, 8192), chunk_size=1024).chunk_size == 1024
 
 
@@ -127,10 +130,19 @@ def test_embedded_workers_fit_in_memory():
     """4096 px chunks need ~6 GiB per model worker: the embedded cluster never starts more than memory holds."""
     import os
 
-    import psutil
+    from distributed.system import MEMORY_LIMIT
 
     from geoseg.cluster import WORKER_MEMORY, default_workers
 
     n = default_workers()
     assert 1 <= n <= len(os.sched_getaffinity(0))
-    assert n == 1 or n * WORKER_MEMORY <= psutil.virtual_memory().total
+    assert n == 1 or n * WORKER_MEMORY <= MEMORY_LIMIT
+
+
+def test_a_window_off_the_stride_runs_as_one_pass():
+    torch.manual_seed(2)
+    net = _random_statistics(build_network("unet", "resnet18", 4, 3, 3, {}))
+    runner = TiledUnet.plan(net, strip_bytes=1 << 20)
+    x = torch.randn(1, 4, 100, 84)  # 100 is no multiple of 8: stage sizes would not halve exactly
+    with torch.inference_mode():
+        assert torch.equal(runner(x), net(x))

@@ -76,6 +76,7 @@ class Stage:
             if out is None:
                 out = torch.empty((n, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
             out[:, :, y0:y1] = y[:, :, y0 - gy0:y1 - gy0]
+            del y  # not alive while the next strip is computed
         assert out is not None
         return out
 
@@ -103,6 +104,8 @@ class TiledUnet:
             return None
         enc, dec = net.encoder, net.decoder
         depth = enc._depth
+        if enc.output_stride != 2 ** depth:  # dilated stages do not halve the map
+            return None
         if depth < 2 or not isinstance(dec.center, nn.Identity) or len(dec.blocks) != depth:
             return None
         parts = [nn.Sequential(enc.conv1, enc.bn1, enc.relu), nn.Sequential(enc.maxpool, enc.layer1)]
@@ -136,6 +139,8 @@ class TiledUnet:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
+        if h % (1 << len(self.encoder_stages)) or w % (1 << len(self.encoder_stages)):
+            return self.net(x)  # a window off the network's own stride: one pass
         feats = []
         for i, stage in enumerate(self.encoder_stages):
             x = stage(x, out_hw=(h >> (i + 1), w >> (i + 1)))

@@ -18,7 +18,7 @@ from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import ModelCard
 from geoseg.model.store import open_model
 from geoseg.runtime import ModelRef
-from geoseg.tiling import TilingPlan, plan_for
+from geoseg.tiling import DEFAULT_CHUNK, TilingPlan, plan_for
 
 ZARR_NAME, COG_NAME, VECTOR_NAME, RUN_NAME = "prediction.zarr", "classes.tif", "landuse.gpkg", "run.json"
 COG_STYLE, ITEM_NAME = "classes.qml", "item.json"
@@ -159,7 +159,9 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     if card.method in ("instance", "sam"):
         plan = instance_plan(card, stack, options)
     else:
-        plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
+        # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
+        chunk = options.chunk_size or (DEFAULT_CHUNK if options.instance_model is not None else None)
+        plan = plan_for(card, stack.shape, chunk_size=chunk, halo=options.halo, exact=options.exact,
                         tile_size=options.tile_size)
     objects = None
     if options.instance_model is not None:
