@@ -210,7 +210,7 @@ def seams(client, args, models: dict, precision: str, work: Path) -> list[dict]:
         maps, recs = {}, {}
         for exact in (False, True):
             out = work / f"seam-{name}-{'exact' if exact else 'default'}"
-            # the reference is one pass: the whole scene as one chunk (run stage by stage in tiles where the
+            # the reference is one pass: the whole scene as one chunk (run stage by stage in strips where the
             # network allows: the same logits, tested), not --exact, which the default plan may well be
             kw = {"exact": True, "chunk_size": args.seam_size} if exact else {}
             recs[exact] = predict([image], model, out, options(args, precision=precision, **kw), client=client)

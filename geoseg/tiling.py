@@ -189,10 +189,11 @@ _STAGEWISE_ENCODER = re.compile(r"^(resnet(18|34|50|101|152)|resnext\d+_\d+x\d+d
 
 
 def runs_stagewise(card: "ModelCard") -> bool:
-    """Whether workers run this model's network stage by stage in strips (``geoseg.model.tiled``), so
-    a 4096 px chunk costs about twice the memory of a 2048 px pass, not four times: an smp U-Net on a ResNet encoder with
-    nearest upsampling, no attention and no classification head (decided from the card alone: the
-    client that plans never imports torch; ``tests/test_tiled.py`` checks it agrees with the network)."""
+    """Whether workers run this model's network stage by stage in strips (``geoseg.model.tiled``),
+    so a 4096 px chunk costs about twice the memory of a 2048 px pass, not four times: an smp U-Net
+    on an undilated ResNet encoder with nearest upsampling, no attention and no classification head.
+    Decided from the card alone (the client that plans never imports torch); ``tests/test_tiled.py``
+    checks it agrees with ``TiledUnet.plan`` on the network."""
     p = card.arch_params
     return (card.method == "smp" and card.arch.lower() == "unet" and bool(_STAGEWISE_ENCODER.match(card.encoder))
             and card.encoder_depth >= 2 and p.get("decoder_attention_type") is None
@@ -216,14 +217,15 @@ def plan_for(
     Default halo: the whole receptive field (and post-processing ring), so tiled output equals one
     pass, wherever that costs a pixel overhead of at most 1.15 on this scene. Default chunks: 2048
     px, or 4096 px where 2048 px chunks cannot be exact within that overhead and the network runs
-    stage by stage in strips (``runs_stagewise``; about twice the memory of a 2048 px pass). A U-Net-resnet18 of
-    depth 4 (receptive field 142 px) gets one chunk up to 4096² scenes where 2048 px chunks cost
-    more than 1.15 (2300² to 3900²: one 4096 px chunk, one busy worker), four 2048 px chunks on a
-    4096² scene (1.146) and 4096 px chunks beyond, exact at an overhead of 1.07-1.15. Where no candidate is exact within the overhead, the
-    halo is the larger of the card's default_halo and chunk / 32. Chunks are segmented in one
-    forward pass each (tile = chunk); ``tile_size`` smaller than the chunk bounds the memory of one
-    pass (each tile gets its own halo). The card's ``tile_size`` is not a default: it records what
-    the model was trained and checked with.
+    stage by stage in strips (``runs_stagewise``). A U-Net-resnet18 of depth 4 (receptive field
+    142 px): 2300² to 3900² scenes are one 4096 px chunk (2048 px chunks would cost more than
+    1.15; one busy worker), a 4096² scene four 2048 px chunks (1.146), larger scenes 4096 px
+    chunks (1.07-1.15). Where no candidate is exact within the overhead: the largest candidate and
+    a halo of the larger of the card's default_halo and chunk / 32. A ``halo`` given keeps
+    ``chunk_size`` or 2048. Chunks are segmented in one forward pass each (tile = chunk);
+    ``tile_size`` smaller than the chunk bounds the memory of one pass (each tile gets its own
+    halo). The card's ``tile_size`` is not a default: it records what the model was trained and
+    checked with.
     """
     from geoseg.errors import ConfigError
 
@@ -232,14 +234,11 @@ def plan_for(
     if exact and halo is not None and halo < card.exact_halo:
         raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
     ring = card.postprocess.ring  # class map needed around a core by the post-processing
-    if chunk_size:
-        candidates = [chunk_size]
-    else:
-        candidates = [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
     if halo is not None:  # the user's halo: their chunk, else the default one
         chunk = chunk_size or DEFAULT_CHUNK
         return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=halo + (0 if exact else ring),
                                tile_size=tile_size or chunk)
+    candidates = [chunk_size] if chunk_size else [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
     plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo, tile_size=tile_size or c)
              for c in candidates]
     for plan in plans:

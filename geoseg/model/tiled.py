@@ -145,14 +145,12 @@ class TiledUnet:
         for i, stage in enumerate(self.encoder_stages):
             x = stage(x, out_hw=(h >> (i + 1), w >> (i + 1)))
             feats.append(x)
-        skips = feats[:-1][::-1]
+        skips = feats[-2::-1]  # deepest first; each dropped once its block has used it
         del feats
         depth = len(self.encoder_stages)
         for i, block in enumerate(self.blocks):
             size = (h >> (depth - 1 - i), w >> (depth - 1 - i))
-            x = block(x, skips[i], out_hw=size) if i < len(skips) else block(x, out_hw=size)
-            if i < len(skips):
-                skips[i] = None  # type: ignore[call-overload]
+            x = block(x, skips.pop(0), out_hw=size) if skips else block(x, out_hw=size)
         return self.head(x, out_hw=(h, w))
 
 
