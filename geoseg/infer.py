@@ -78,8 +78,8 @@ def _autocast(settings: InferenceSettings):
     return contextlib.nullcontext()
 
 
-def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings) -> np.ndarray:
-    """Class probabilities ``(n, classes, h, w)`` for a batch ``(n, bands, h, w)``.
+def _logits(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings) -> torch.Tensor:
+    """The network's logits ``(n, classes, h, w)`` for a batch ``(n, bands, h, w)`` (in the compute dtype).
 
     The batch is padded with zeros at the bottom and right up to the stride; callers place
     every batch on the stride lattice, so this is the same padding one pass over the whole
@@ -98,8 +98,38 @@ def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
 
     with torch.inference_mode(), _autocast(settings):
         logits = tiled_forward(net, t)
-    probs = torch.softmax(logits.float(), dim=1)[:, :, :h, :w]
+    return logits[:, :, :h, :w]
+
+
+def forward(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings) -> np.ndarray:
+    """Class probabilities ``(n, classes, h, w)`` for a batch ``(n, bands, h, w)`` (see ``_logits``)."""
+    import torch
+
+    probs = torch.softmax(_logits(net, x, stride, settings).float(), dim=1)
     return probs.cpu().numpy()
+
+
+CLASS_ROWS = 64  # rows of logits turned into classes at a time: small enough to stay in cache
+
+
+def forward_classes(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(class index, probability of that class) ``(n, h, w)`` each, as ``forward`` then argmax and max
+    would give, without the probabilities of every class: the most likely class is the largest
+    logit, and its probability is ``1 / sum(exp(logit - largest))``. Row strips keep it in cache."""
+    import torch
+
+    logits = _logits(net, x, stride, settings)
+    n, c, h, w = logits.shape
+    index = torch.empty((n, h, w), dtype=torch.int64)
+    prob = torch.empty((n, h, w), dtype=torch.float32)
+    with torch.inference_mode():
+        for y0 in range(0, h, CLASS_ROWS):
+            part = logits[:, :, y0:y0 + CLASS_ROWS].float().cpu()
+            top, idx = part.max(dim=1)
+            index[:, y0:y0 + CLASS_ROWS] = idx
+            prob[:, y0:y0 + CLASS_ROWS] = torch.exp(part - top[:, None]).sum(dim=1).reciprocal_()
+    return index.numpy(), prob.numpy()
 
 
 def forward_d4(net: torch.nn.Module, x: np.ndarray, stride: int, settings: InferenceSettings) -> np.ndarray:
@@ -158,6 +188,13 @@ def segment_window(
         else:
             xb = np.stack([x[(slice(None), *t.input.relative_to(outer))] for t in batch])
         d4 = (settings.tta or card.tta) == "d4"
+        if mix is None and not d4:  # the class and its probability straight from the logits
+            index, prob = forward_classes(net, xb, card.stride, settings)
+            for t, i, p in zip(batch, index, prob):
+                sl = t.core.relative_to(t.input)
+                class_id[t.core.relative_to(core)] = lut[i[sl]]
+                confidence[t.core.relative_to(core)] = p[sl]
+            continue
         probs = forward_d4(net, xb, card.stride, settings) if d4 else forward(net, xb, card.stride, settings)
         for t, p in zip(batch, probs):
             p = p[(slice(None), *t.core.relative_to(t.input))]

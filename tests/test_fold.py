@@ -135,3 +135,46 @@ def test_phase_kernels_follow_new_weights():
         m.__dict__.pop("_geoseg_phases", None)
     with torch.inference_mode():
         torch.testing.assert_close(net(x), reference(x))
+
+
+def test_fused_relus_and_sums_run_as_one_call_and_match_the_plain_network():
+    """ReLUs and residual sums go into the convolutions (oneDNN post-ops): fewer ops run, same logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    net = _random_statistics(build_network("unet", "resnet18", 4, 5, 4, {}))
+    plain = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    fast = optimize_for_inference(net).to(memory_format=torch.channels_last)
+    names = {type(m).__name__ for m in fast.modules()}
+    assert {"ConvReLU", "FusedBasicBlock", "StripedMaxPool2d"} <= names
+    x = torch.randn(1, 4, 160, 224).contiguous(memory_format=torch.channels_last)
+
+    def relus(model):
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            y = model(x)
+        return y, sum(e.count for e in prof.key_averages() if e.key in ("aten::relu_", "aten::relu", "aten::clamp_min_"))
+
+    (a, n_plain), (b, n_fast) = relus(plain), relus(fast)
+    assert n_plain > 20 and n_fast == 0  # every ReLU of this U-Net is applied by a convolution
+    assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):  # bf16: the same classes as the plain network
+        a16, b16 = plain(x), fast(x)
+    assert b16.dtype == torch.bfloat16 and b16.is_contiguous(memory_format=torch.channels_last)
+    assert (a16.argmax(1) == b16.argmax(1)).float().mean() > 0.995
+    assert (a.argmax(1) == b16.argmax(1)).float().mean() > 0.995
+
+
+@pytest.mark.parametrize("h,w", [(200, 131), (201, 64), (131, 77), (67, 40)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_striped_max_pool_equals_the_max_pool(h, w, channels_last):
+    from geoseg.model.fuse import StripedMaxPool2d
+
+    x = torch.randn(2, 8, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    pool = torch.nn.MaxPool2d(3, 2, 1)
+    want = pool(x)
+    pool.__class__ = StripedMaxPool2d
+    pool.ROWS = 8  # several strips on these small maps
+    got = pool(x)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last) == channels_last

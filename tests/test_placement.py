@@ -92,7 +92,7 @@ def test_workers_started_elsewhere_get_the_allocator_fix(gpu_and_cpu_workers):
     assert set(client.run(lambda: os.environ.get("GEOSEG_EMBEDDED_WORKER")).values()) == {None}
     setups = client.run(lambda dask_worker: dask_worker.geoseg_setup)
     for s in setups.values():
-        assert s["allocator"] == {"mmap_max": 0, "trim_threshold": 512 << 20, "arena_max": 1}
+        assert s["allocator"] == {"mmap_max": 0, "trim_threshold": -1, "arena_max": 1}
 
 
 @pytest.mark.gpu

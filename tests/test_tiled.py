@@ -146,3 +146,20 @@ def test_a_window_off_the_stride_runs_as_one_pass():
     x = torch.randn(1, 4, 100, 84)  # 100 is no multiple of 8: stage sizes would not halve exactly
     with torch.inference_mode():
         assert torch.equal(runner(x), net(x))
+
+
+def test_classes_from_logits_equal_argmax_and_max_of_the_probabilities():
+    """forward_classes (the class and its probability from the logits, in row strips) = argmax / max of forward."""
+    from geoseg.infer import CLASS_ROWS, InferenceSettings, forward, forward_classes
+    from geoseg.model.fold import optimize_for_inference
+    from geoseg.model.network import build_network
+
+    torch.manual_seed(0)
+    net = optimize_for_inference(build_network("unet", "resnet18", 4, 5, 3, {}).eval())
+    x = np.random.default_rng(0).standard_normal((2, 4, 2 * CLASS_ROWS + 40, 72)).astype(np.float32)
+    st = InferenceSettings(precision="fp32", batch_size=2, device="cpu")
+    probs = forward(net, x, 8, st)
+    index, prob = forward_classes(net, x, 8, st)
+    assert index.shape == prob.shape == (2, x.shape[2], 72)
+    assert (index == probs.argmax(axis=1)).mean() > 0.9999
+    np.testing.assert_allclose(prob, probs.max(axis=1), rtol=1e-5, atol=1e-6)

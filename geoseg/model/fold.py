@@ -35,7 +35,13 @@ def optimize_for_inference(net: nn.Module) -> nn.Module:
         raise ValueError("optimize_for_inference needs a network in eval mode")
     folded = fold_batchnorm(net)
     split = split_skip_concat(net)
-    log.debug("inference rewrites: %d batch norms folded, %d skip concatenations split", folded, split)
+    from geoseg.model.fuse import fuse_relu
+
+    # a split block's first convolution is run by its own forward, which applies the ReLU after the sum
+    own = {id(m.conv1) for m in net.modules() if type(m) in _SPLIT.values()}
+    fused = fuse_relu(net, skip=own)
+    log.debug("inference rewrites: %d batch norms folded, %d skip concatenations split, %d ReLUs fused", folded, split,
+              fused)
     return net
 
 
@@ -134,15 +140,29 @@ def _phase_weights(w: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _upsampled_conv(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += conv3x3(upsample2x_nearest(x))`` computed at ``x``'s resolution (``phases``: _phase_weights)."""
-    h, w = x.shape[-2:]
-    z = F.conv2d(F.pad(x, (1, 1, 1, 1)), phases)  # (n, 4 * out, h + 1, w + 1)
-    c = out.shape[1]
+def _interleave(z: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The 2x map whose pixel (2i+a, 2j+b) is phase (a, b)'s pixel (i+a, j+b) of ``z`` (n, 4c, h+1, w+1):
+    the four phase outputs of a 3x3 convolution over an upsampled map, put in place in one copy."""
+    n, c = z.shape[0], z.shape[1] // 4
+    if z.is_contiguous(memory_format=torch.channels_last):
+        # z's memory is (n, h+1, w+1, a, b, c): a view with (i, a, j, b, c) steps that moves a row and a phase at once
+        sn, sc, sh, sw = z.stride()
+        src = z.as_strided((n, h, 2, w, 2, c), (sn, sh, sh + 2 * c, sw, sw + c, 1))
+        out = torch.empty((n, c, 2 * h, 2 * w), dtype=z.dtype, device=z.device, memory_format=torch.channels_last)
+        out.permute(0, 2, 3, 1).view(n, h, 2, w, 2, c).copy_(src)
+        return out
+    out = z.new_empty((n, c, 2 * h, 2 * w))
     for a in (0, 1):
         for b in (0, 1):
             g = 2 * a + b
-            out[:, :, a::2, b::2] += z[:, g * c:(g + 1) * c, a:a + h, b:b + w]
+            out[:, :, a::2, b::2] = z[:, g * c:(g + 1) * c, a:a + h, b:b + w]
+    return out
+
+
+def _upsampled_conv(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += conv3x3(upsample2x_nearest(x))`` computed at ``x``'s resolution (``phases``: _phase_weights)."""
+    h, w = x.shape[-2:]
+    out += _interleave(F.conv2d(x, phases, padding=1), h, w)
 
 
 def _split_class(block: type) -> type:
@@ -154,30 +174,37 @@ def _split_class(block: type) -> type:
             kernels), the skip part at full resolution, and the two are added."""
 
             def forward(self, feature_map, target_height, target_width, skip_connection=None):  # noqa: ANN001
+                from geoseg.model.fuse import cast_cached, compute_dtype, conv2d
+
                 layers = list(self.conv1)
                 conv, k = layers[0], feature_map.shape[1]
                 h, w = feature_map.shape[-2:]
                 if self.interpolation_mode != "nearest" or (target_height, target_width) != (2 * h, 2 * w):
                     return super().forward(feature_map, target_height, target_width, skip_connection)
+                # [conv, folded norm (Identity)..., ReLU]: the ReLU is applied by the last convolution as it writes
+                rest = layers[1:]
+                relu = bool(rest) and type(rest[-1]) is nn.ReLU and all(isinstance(m, nn.Identity) for m in rest[:-1])
+                dtype = compute_dtype(conv.weight, feature_map.device)
                 # the phase kernels, made again whenever the weights (or where and how they live) change
-                key = (conv.weight.dtype, conv.weight.device, conv.weight.data_ptr(), conv.weight._version,
+                key = (dtype, conv.weight.device, conv.weight.data_ptr(), conv.weight._version,
                        torch.is_inference_mode_enabled())
                 cached = self.__dict__.get("_geoseg_phases")
                 if cached is None or cached[0] != key:
                     with torch.no_grad():
-                        cached = (key, _phase_weights(conv.weight[:, :k].detach().float()).to(conv.weight))
+                        bias = conv.bias.detach()
+                        cached = (key, _phase_weights(conv.weight[:, :k].detach().float()).to(dtype), bias.to(dtype),
+                                  bias.repeat(4).to(dtype))
                     self.__dict__["_geoseg_phases"] = cached
-                phases = cached[1]
-                if skip_connection is None:
-                    layout = (torch.channels_last if feature_map.is_contiguous(memory_format=torch.channels_last)
-                              else torch.contiguous_format)
-                    y = conv.bias.reshape(1, -1, 1, 1).expand(feature_map.shape[0], -1, target_height, target_width)
-                    y = y.contiguous(memory_format=layout)
+                _, phases, bias, bias4 = cached
+                if skip_connection is None:  # every output pixel is one phase's: bias and ReLU go to the phase kernels
+                    y = _interleave(conv2d(feature_map, phases, bias4, (1, 1), relu=relu), h, w)
                 else:
-                    y = F.conv2d(skip_connection, conv.weight[:, k:], conv.bias, 1, 1)
-                _upsampled_conv(feature_map, phases.to(feature_map.dtype), y)
-                for layer in layers[1:]:
-                    y = layer(y)
+                    up = _interleave(conv2d(feature_map, phases, None, (1, 1)), h, w)
+                    (w_skip,) = cast_cached(self, "_geoseg_skip", dtype, conv.weight[:, k:])
+                    y = conv2d(skip_connection, w_skip, bias, (1, 1), relu=relu, add=up)
+                if not relu:
+                    for layer in rest:
+                        y = layer(y)
                 return self.attention2(self.conv2(y))
 
         _SPLIT[block] = SplitSkipDecoderBlock
