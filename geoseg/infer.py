@@ -125,10 +125,13 @@ def forward_classes(net: torch.nn.Module, x: np.ndarray, stride: int, settings: 
     prob = torch.empty((n, h, w), dtype=torch.float32)
     with torch.inference_mode():
         for y0 in range(0, h, CLASS_ROWS):
-            part = logits[:, :, y0:y0 + CLASS_ROWS].float().cpu()
+            part = logits[:, :, y0:y0 + CLASS_ROWS].float()  # on the device; only the two results come back
             top, idx = part.max(dim=1)
-            index[:, y0:y0 + CLASS_ROWS] = idx
-            prob[:, y0:y0 + CLASS_ROWS] = torch.exp(part - top[:, None]).sum(dim=1).reciprocal_()
+            p = torch.exp(part - top[:, None]).sum(dim=1).reciprocal_()
+            if torch.isnan(top).any():  # as the probabilities would say: no class is likelier than the first
+                idx[torch.isnan(top)] = 0
+            index[:, y0:y0 + CLASS_ROWS] = idx.cpu()
+            prob[:, y0:y0 + CLASS_ROWS] = p.cpu()
     return index.numpy(), prob.numpy()
 
 

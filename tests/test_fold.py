@@ -178,3 +178,36 @@ def test_striped_max_pool_equals_the_max_pool(h, w, channels_last):
     pool.ROWS = 8  # several strips on these small maps
     got = pool(x)
     assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_rewritten_network_keeps_gradients_and_follows_new_biases():
+    """Training through a loaded (rewritten) network still reaches every weight; a bias written after the
+    first pass is used; a dtype oneDNN does not fuse gives the plain convolution's geometry."""
+    from geoseg.model.fuse import ConvReLU
+
+    torch.manual_seed(0)
+    net = optimize_for_inference(_random_statistics(build_network("unet", "resnet18", 3, 2, 3, {})))
+    x = torch.randn(1, 3, 64, 64)
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in net.decoder.parameters() if p.requires_grad)
+    net.zero_grad()
+    with torch.inference_mode():
+        before = net(x)
+    block = next(m for m in net.modules() if type(m).__name__ == "SplitSkipDecoderBlock")
+    with torch.no_grad():
+        block.conv1[0].bias.add_(5.0)
+    reference = copy.deepcopy(net)
+    for m in reference.modules():
+        m.__dict__.pop("_geoseg_phases", None)
+        m.__dict__.pop("_geoseg_cast", None)
+    with torch.inference_mode():
+        after = net(x)
+        torch.testing.assert_close(after, reference(x))
+    assert not torch.allclose(before, after)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    plain = copy.deepcopy(conv).double()
+    conv.__class__ = ConvReLU
+    conv = conv.double()
+    xd = torch.randn(1, 3, 11, 11, dtype=torch.float64)
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(xd), torch.relu(plain(xd)))

@@ -1,4 +1,5 @@
-"""Inference-only rewrites of a network that compute the same function with less memory traffic.
+"""Inference-only rewrites of a network that compute the same function with less memory traffic
+(see also ``geoseg.model.fuse``: ReLUs and residual sums inside the convolutions, on CPUs).
 
 On CPUs a large tile's activations do not fit any cache, so the passes that only move memory
 (batch normalisation, nearest upsampling, the U-Net's skip concatenation) cost as much as a third
@@ -174,33 +175,33 @@ def _split_class(block: type) -> type:
             kernels), the skip part at full resolution, and the two are added."""
 
             def forward(self, feature_map, target_height, target_width, skip_connection=None):  # noqa: ANN001
-                from geoseg.model.fuse import cast_cached, compute_dtype, conv2d
+                from geoseg.model.fuse import compute_dtype, conv2d
 
                 layers = list(self.conv1)
                 conv, k = layers[0], feature_map.shape[1]
                 h, w = feature_map.shape[-2:]
-                if self.interpolation_mode != "nearest" or (target_height, target_width) != (2 * h, 2 * w):
+                if (self.interpolation_mode != "nearest" or (target_height, target_width) != (2 * h, 2 * w)
+                        or (torch.is_grad_enabled() and conv.weight.requires_grad)):  # gradients: the plain forward
                     return super().forward(feature_map, target_height, target_width, skip_connection)
                 # [conv, folded norm (Identity)..., ReLU]: the ReLU is applied by the last convolution as it writes
                 rest = layers[1:]
                 relu = bool(rest) and type(rest[-1]) is nn.ReLU and all(isinstance(m, nn.Identity) for m in rest[:-1])
                 dtype = compute_dtype(conv.weight, feature_map.device)
                 # the phase kernels, made again whenever the weights (or where and how they live) change
-                key = (dtype, conv.weight.device, conv.weight.data_ptr(), conv.weight._version,
-                       torch.is_inference_mode_enabled())
+                key = (dtype, conv.weight.device, conv.weight._version, conv.bias._version, torch.is_inference_mode_enabled())
                 cached = self.__dict__.get("_geoseg_phases")
-                if cached is None or cached[0] != key:
+                if cached is None or cached[0] != key or cached[1] is not conv.weight or cached[2] is not conv.bias:
                     with torch.no_grad():
                         bias = conv.bias.detach()
-                        cached = (key, _phase_weights(conv.weight[:, :k].detach().float()).to(dtype), bias.to(dtype),
-                                  bias.repeat(4).to(dtype))
+                        cached = (key, conv.weight, conv.bias,
+                                  _phase_weights(conv.weight[:, :k].detach().float()).to(dtype), bias.to(dtype),
+                                  bias.repeat(4).to(dtype), conv.weight[:, k:].detach().to(dtype).contiguous())
                     self.__dict__["_geoseg_phases"] = cached
-                _, phases, bias, bias4 = cached
+                phases, bias, bias4, w_skip = cached[3:]
                 if skip_connection is None:  # every output pixel is one phase's: bias and ReLU go to the phase kernels
                     y = _interleave(conv2d(feature_map, phases, bias4, (1, 1), relu=relu), h, w)
                 else:
                     up = _interleave(conv2d(feature_map, phases, None, (1, 1)), h, w)
-                    (w_skip,) = cast_cached(self, "_geoseg_skip", dtype, conv.weight[:, k:])
                     y = conv2d(skip_connection, w_skip, bias, (1, 1), relu=relu, add=up)
                 if not relu:
                     for layer in rest:

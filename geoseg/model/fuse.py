@@ -45,15 +45,26 @@ def compute_dtype(weight: torch.Tensor, device: torch.device) -> torch.dtype:
 
 
 def cast_cached(owner: nn.Module, name: str, dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple:
-    """``tensors`` in ``dtype``, made again only when the weights (or where they live) change."""
-    key = (dtype, torch.is_inference_mode_enabled(), *((None, None) if t is None else (t.data_ptr(), t._version)
-                                                       for t in tensors))
+    """``tensors`` in ``dtype``, made again only when the weights change (other tensors, or written to)."""
+    key = (dtype, torch.is_inference_mode_enabled(), *(None if t is None else t._version for t in tensors))
     cached = owner.__dict__.get(name)
-    if cached is None or cached[0] != key:
+    # the source tensors are kept and compared by identity: an address alone can be reused by a new tensor
+    if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], tensors)):
         with torch.no_grad():
-            cached = (key, tuple(None if t is None else t.detach().to(dtype) for t in tensors))
+            cached = (key, tensors, tuple(None if t is None else t.detach().to(dtype) for t in tensors))
         owner.__dict__[name] = cached
-    return cached[1]
+    return cached[2]
+
+
+def _onednn_dtype(dtype: torch.dtype) -> bool:
+    """oneDNN's fused convolutions take fp32, and bf16 only where the CPU has the instructions for it (they
+    raise otherwise, where a plain convolution falls back to a slow kernel)."""
+    if dtype == torch.float32:
+        return True
+    if dtype != torch.bfloat16:
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: Sequence[int], *, relu: bool = False,
@@ -63,13 +74,13 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: Se
     x = x.to(w.dtype)
     if add is not None:
         add = add.to(w.dtype)
-    geo = (list(padding), list(stride), list(dilation), groups)
-    if _onednn_ready(x) and w.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and w.requires_grad):
+    if _onednn_ready(x) and _onednn_dtype(w.dtype) and not (torch.is_grad_enabled() and w.requires_grad):
+        geo = (list(padding), list(stride), list(dilation), groups)
         if add is not None:
             return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, *geo, "add", None,
                                                                   "relu" if relu else None, [None], "")
         return torch.ops.mkldnn._convolution_pointwise(x, w, b, *geo, "relu" if relu else "none", [None], "")
-    y = F.conv2d(x, w, b, *geo)
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
     if add is not None:
         y += add
     return F.relu(y, inplace=True) if relu else y
