@@ -31,16 +31,23 @@ class InferenceSettings:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
-def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None = None) -> np.ndarray:
+def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None = None,
+              channels_last: bool = False) -> np.ndarray:
     """``(x - mean) / std`` per band; invalid pixels (and missing values of a band) become 0 (the band mean).
 
     The card's index channels follow the bands (0 where an index has no finite value). Written
-    into one array with masked copies (no boolean gathers: this runs on every chunk's window)."""
+    into one array with masked copies (no boolean gathers: this runs on every chunk's window).
+    ``channels_last``: the (bands, h, w) result is a view of (h, w, bands) memory, the layout the
+    network runs in, so no second copy of the window is made for it."""
     mean = np.asarray(card.normalization.mean, np.float32)[:, None, None]
     std = np.asarray(card.normalization.std, np.float32)[:, None, None]
     indices = getattr(card, "index_channels", ())
     nb = data.shape[0]
-    x = np.empty((nb + len(indices), *data.shape[1:]), np.float32)
+    c = nb + len(indices)
+    if channels_last:
+        x = np.empty((*data.shape[1:], c), np.float32).transpose(2, 0, 1)
+    else:
+        x = np.empty((c, *data.shape[1:]), np.float32)
     bands = x[:nb]
     np.subtract(data, mean, out=bands, dtype=np.float32)
     np.divide(bands, std, out=bands)
@@ -90,7 +97,9 @@ def _logits(net: torch.nn.Module, x: np.ndarray, stride: int, settings: Inferenc
 
     n, b, h, w = x.shape
     ph, pw = -h % stride, -w % stride
-    t = torch.from_numpy(np.ascontiguousarray(x))
+    if x.strides[1] != x.itemsize:  # not channels-last memory already (see normalize)
+        x = np.ascontiguousarray(x)
+    t = torch.from_numpy(x)
     if ph or pw:
         t = torch.nn.functional.pad(t, (0, pw, 0, ph))
     t = t.to(settings.device).contiguous(memory_format=torch.channels_last)
@@ -121,7 +130,7 @@ def forward_classes(net: torch.nn.Module, x: np.ndarray, stride: int, settings: 
 
     logits = _logits(net, x, stride, settings)
     n, c, h, w = logits.shape
-    index = torch.empty((n, h, w), dtype=torch.int64)
+    index = torch.empty((n, h, w), dtype=torch.uint8 if c <= 256 else torch.int64)
     prob = torch.empty((n, h, w), dtype=torch.float32)
     with torch.inference_mode():
         for y0 in range(0, h, CLASS_ROWS):
@@ -259,7 +268,7 @@ def segment_chunk(
     box = chunk.core.grow(pp.ring, plan.shape).intersect(chunk.input) if pp.active else chunk.core
     assert box is not None
     if card.method == "smp":
-        x = normalize(data, pix, card, band_valid)
+        x = normalize(data, pix, card, band_valid, channels_last=True)
         tiles = plan.tiles(chunk)
         if pp.active:
             tiles = [Tile(t.core.grow(pp.ring, plan.shape).intersect(t.input) or t.core, t.input) for t in tiles]
