@@ -38,7 +38,7 @@ def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: 
     The card's index channels follow the bands (0 where an index has no finite value). Written
     into one array with masked copies (no boolean gathers: this runs on every chunk's window).
     ``channels_last``: the (bands, h, w) result is a view of (h, w, bands) memory, the layout the
-    network runs in, so no second copy of the window is made for it."""
+    network runs in, so the network makes no copy of its own while it holds its feature maps."""
     mean = np.asarray(card.normalization.mean, np.float32)[:, None, None]
     std = np.asarray(card.normalization.std, np.float32)[:, None, None]
     indices = getattr(card, "index_channels", ())
@@ -137,8 +137,9 @@ def forward_classes(net: torch.nn.Module, x: np.ndarray, stride: int, settings: 
             part = logits[:, :, y0:y0 + CLASS_ROWS].float()  # on the device; only the two results come back
             top, idx = part.max(dim=1)
             p = torch.exp(part - top[:, None]).sum(dim=1).reciprocal_()
-            if torch.isnan(top).any():  # as the probabilities would say: no class is likelier than the first
-                idx[torch.isnan(top)] = 0
+            nan = torch.isnan(top)
+            if nan.any():  # as the probabilities would say: no class is likelier than the first
+                idx[nan] = 0
             index[:, y0:y0 + CLASS_ROWS] = idx.cpu()
             prob[:, y0:y0 + CLASS_ROWS] = p.cpu()
     return index.numpy(), prob.numpy()

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geoseg.model.fold import _phase_weights, _upsampled_conv, optimize_for_inference
+from geoseg.model.fold import _interleave, _phase_weights, optimize_for_inference
 from geoseg.model.network import build_network
 
 
@@ -21,6 +21,15 @@ def _batchnorm_calls(net: torch.nn.Module, x: torch.Tensor) -> int:
     for h in hooks:
         h.remove()
     return len(calls)
+
+
+def _without_caches(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` that makes every derived weight afresh (phase kernels, cast weights)."""
+    reference = copy.deepcopy(net)
+    for m in reference.modules():
+        m.__dict__.pop("_geoseg_phases", None)
+        m.__dict__.pop("_geoseg_cast", None)
+    return reference
 
 
 def _random_statistics(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -62,8 +71,12 @@ def test_upsampled_convolution_at_low_resolution():
     x = torch.randn(1, 6, 7, 9, generator=g)
     w = torch.randn(3, 6, 3, 3, generator=g)
     want = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
-    got = torch.zeros_like(want)
-    _upsampled_conv(x, _phase_weights(w), got)
+    got = _interleave(F.conv2d(x, _phase_weights(w), padding=1), 7, 9)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the channels-last path (one strided copy) puts the phases in the same places
+    xl = x.contiguous(memory_format=torch.channels_last)
+    got = _interleave(F.conv2d(xl, _phase_weights(w).contiguous(memory_format=torch.channels_last), padding=1), 7, 9)
+    assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -130,9 +143,7 @@ def test_phase_kernels_follow_new_weights():
     block = next(m for m in net.modules() if type(m).__name__ == "SplitSkipDecoderBlock")
     with torch.no_grad():
         block.conv1[0].weight.mul_(2.0)
-    reference = copy.deepcopy(net)
-    for m in reference.modules():
-        m.__dict__.pop("_geoseg_phases", None)
+    reference = _without_caches(net)
     with torch.inference_mode():
         torch.testing.assert_close(net(x), reference(x))
 
@@ -196,10 +207,7 @@ def test_rewritten_network_keeps_gradients_and_follows_new_biases():
     block = next(m for m in net.modules() if type(m).__name__ == "SplitSkipDecoderBlock")
     with torch.no_grad():
         block.conv1[0].bias.add_(5.0)
-    reference = copy.deepcopy(net)
-    for m in reference.modules():
-        m.__dict__.pop("_geoseg_phases", None)
-        m.__dict__.pop("_geoseg_cast", None)
+    reference = _without_caches(net)
     with torch.inference_mode():
         after = net(x)
         torch.testing.assert_close(after, reference(x))

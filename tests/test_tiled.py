@@ -162,4 +162,6 @@ def test_classes_from_logits_equal_argmax_and_max_of_the_probabilities():
     index, prob = forward_classes(net, x, 8, st)
     assert index.shape == prob.shape == (2, x.shape[2], 72)
     assert (index == probs.argmax(axis=1)).mean() > 0.9999
-    np.testing.assert_allclose(prob, probs.max(axis=1), rtol=1e-5, atol=1e-6)
+    # two float paths (softmax, and exp/sum of the same logits) over two passes: after other tests in the same
+    # process the passes differed by ~3e-5 relative on this AMX machine (oneDNN picks its kernels per process)
+    np.testing.assert_allclose(prob, probs.max(axis=1), rtol=1e-3, atol=1e-5)

@@ -160,12 +160,6 @@ def _interleave(z: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return out
 
 
-def _upsampled_conv(x: torch.Tensor, phases: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += conv3x3(upsample2x_nearest(x))`` computed at ``x``'s resolution (``phases``: _phase_weights)."""
-    h, w = x.shape[-2:]
-    out += _interleave(F.conv2d(x, phases, padding=1), h, w)
-
-
 def _split_class(block: type) -> type:
     if block not in _SPLIT:
 
@@ -175,7 +169,7 @@ def _split_class(block: type) -> type:
             kernels), the skip part at full resolution, and the two are added."""
 
             def forward(self, feature_map, target_height, target_width, skip_connection=None):  # noqa: ANN001
-                from geoseg.model.fuse import compute_dtype, conv2d
+                from geoseg.model.fuse import compute_dtype, conv2d, derived
 
                 layers = list(self.conv1)
                 conv, k = layers[0], feature_map.shape[1]
@@ -187,17 +181,10 @@ def _split_class(block: type) -> type:
                 rest = layers[1:]
                 relu = bool(rest) and type(rest[-1]) is nn.ReLU and all(isinstance(m, nn.Identity) for m in rest[:-1])
                 dtype = compute_dtype(conv.weight, feature_map.device)
-                # the phase kernels, made again whenever the weights (or where and how they live) change
-                key = (dtype, conv.weight.device, conv.weight._version, conv.bias._version, torch.is_inference_mode_enabled())
-                cached = self.__dict__.get("_geoseg_phases")
-                if cached is None or cached[0] != key or cached[1] is not conv.weight or cached[2] is not conv.bias:
-                    with torch.no_grad():
-                        bias = conv.bias.detach()
-                        cached = (key, conv.weight, conv.bias,
-                                  _phase_weights(conv.weight[:, :k].detach().float()).to(dtype), bias.to(dtype),
-                                  bias.repeat(4).to(dtype), conv.weight[:, k:].detach().to(dtype).contiguous())
-                    self.__dict__["_geoseg_phases"] = cached
-                phases, bias, bias4, w_skip = cached[3:]
+                # the phase kernels and the skip half of the weights, made again whenever the weights change
+                phases, bias, bias4, w_skip = derived(self, "_geoseg_phases", (conv.weight, conv.bias), (dtype,), lambda: (
+                    _phase_weights(conv.weight[:, :k].detach().float()).to(dtype), conv.bias.detach().to(dtype),
+                    conv.bias.detach().repeat(4).to(dtype), conv.weight[:, k:].detach().to(dtype).contiguous()))
                 if skip_connection is None:  # every output pixel is one phase's: bias and ReLU go to the phase kernels
                     y = _interleave(conv2d(feature_map, phases, bias4, (1, 1), relu=relu), h, w)
                 else:

@@ -18,7 +18,7 @@ network only by float rounding (tested).
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def _fusable_conv(conv: nn.Module) -> bool:
-    return (isinstance(conv, nn.Conv2d) and type(conv) in (nn.Conv2d, ConvReLU) and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str))
+    return type(conv) in (nn.Conv2d, ConvReLU) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _onednn_ready(x: torch.Tensor) -> bool:
@@ -44,14 +43,16 @@ def compute_dtype(weight: torch.Tensor, device: torch.device) -> torch.dtype:
     return weight.dtype
 
 
-def cast_cached(owner: nn.Module, name: str, dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple:
-    """``tensors`` in ``dtype``, made again only when the weights change (other tensors, or written to)."""
-    key = (dtype, torch.is_inference_mode_enabled(), *(None if t is None else t._version for t in tensors))
+def derived(owner: nn.Module, name: str, sources: tuple[torch.Tensor | None, ...], key: tuple,
+            make: Callable[[], tuple]) -> tuple:
+    """``make()``, kept on ``owner`` and made again only when ``sources`` change (other tensors, or written
+    to) or ``key`` does. The sources are kept and compared by identity: an address alone can be reused by a
+    new tensor."""
+    full = (*key, torch.is_inference_mode_enabled(), *(None if t is None else (t._version, t.device) for t in sources))
     cached = owner.__dict__.get(name)
-    # the source tensors are kept and compared by identity: an address alone can be reused by a new tensor
-    if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], tensors)):
+    if cached is None or cached[0] != full or any(a is not b for a, b in zip(cached[1], sources)):
         with torch.no_grad():
-            cached = (key, tensors, tuple(None if t is None else t.detach().to(dtype) for t in tensors))
+            cached = (full, sources, make())
         owner.__dict__[name] = cached
     return cached[2]
 
@@ -86,18 +87,16 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: Se
     return F.relu(y, inplace=True) if relu else y
 
 
-def _geometry(conv: nn.Conv2d) -> dict:
-    return {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups}
-
-
 def _run(conv: nn.Conv2d, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    if not _onednn_ready(x) or (torch.is_grad_enabled() and conv.weight.requires_grad):
-        y = nn.Conv2d.forward(conv, x)
-        if add is not None:
-            y += add
-        return F.relu(y, inplace=True)
-    w, b = cast_cached(conv, "_geoseg_cast", compute_dtype(conv.weight, x.device), conv.weight, conv.bias)
-    return conv2d(x, w, b, conv.padding, relu=True, add=add, **_geometry(conv))
+    """``relu(conv(x) + add)``: with the weights in the compute dtype (cast once), or as they are where
+    gradients must reach them."""
+    w, b = conv.weight, conv.bias
+    if not (torch.is_grad_enabled() and w.requires_grad):
+        dtype = compute_dtype(w, x.device)
+        w, b = derived(conv, "_geoseg_cast", (w, b), (dtype,),
+                       lambda: tuple(None if t is None else t.detach().to(dtype) for t in (w, b)))
+    return conv2d(x, w, b, conv.padding, relu=True, add=add, stride=conv.stride, dilation=conv.dilation,
+                  groups=conv.groups)
 
 
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -202,8 +201,7 @@ def fuse_relu(net: nn.Module, skip: set[int] | frozenset[int] = frozenset()) -> 
         if fused is not None:
             convs = [m.conv1, m.conv2] + ([m.conv3] if hasattr(m, "conv3") else [])
             norms = [m.bn1, m.bn2] + ([m.bn3] if hasattr(m, "bn3") else [])
-            if (all(_fusable_conv(c) for c in convs) and all(_is_folded(b) for b in norms)
-                    and isinstance(m.relu, nn.ReLU) and (m.downsample is None or isinstance(m.downsample, nn.Module))):
+            if all(_fusable_conv(c) for c in convs) and all(_is_folded(b) for b in norms) and isinstance(m.relu, nn.ReLU):
                 m.__class__ = fused
                 n += len(convs)
             continue
@@ -235,7 +233,7 @@ def _fuse_stem(net: nn.Module, skip: set[int] | frozenset[int]) -> int:
     """A ResNet encoder's stem (conv1, bn1, relu called one after another by its forward)."""
     n = 0
     for m in net.modules():
-        if id(m) in skip or _block_class(type(m)) is not None or type(m).__name__ not in ("ResNetEncoder", "ResNet"):
+        if id(m) in skip or type(m).__name__ not in ("ResNetEncoder", "ResNet"):
             continue
         conv, bn, relu = getattr(m, "conv1", None), getattr(m, "bn1", None), getattr(m, "relu", None)
         if _fusable_conv(conv) and type(conv) is nn.Conv2d and _is_folded(bn) and type(relu) is nn.ReLU:
