@@ -67,8 +67,8 @@ def trained(work: Path, name: str, epochs: int, steps: int, scale: float, env: d
         cmd = [GEOSEG, "train", str(img), "--labels", str(img.with_name("labels.tif")), "--classes",
                str(img.with_name("classes.yaml")), "--out", str(out), "--epochs", str(epochs), "--steps-per-epoch",
                str(steps), "--chip-size", "128", "--batch-size", "4", "--patience", "100", "--overwrite",
-               # the network alone: no D4 test-time augmentation (8x the passes), no per-pixel companion
-               "--tta", "none", "--no-ensemble"]
+               # the network alone: one network, no D4 test-time augmentation (8x the passes), no per-pixel companion
+               "--tta", "none", "--no-ensemble", "--members", "1"]
         t = time.perf_counter()
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
         print(f"trained {out.name} ({epochs * steps} steps) in {time.perf_counter() - t:.0f} s", flush=True)

@@ -181,7 +181,8 @@ def plot_iou(metrics: Any, *, ax: Any = None, others: dict[str, Any] | None = No
 
 
 def plot_history(history: Sequence[dict[str, Any]] | Any, *, ax: Any = None) -> Any:
-    """Training curves: losses and validation mIoU by epoch (a card's ``training['history']`` or a TrainResult)."""
+    """Training curves: losses and validation mIoU by epoch (a card's ``training['history']`` or a TrainResult);
+    a model of several networks gets one curve per network in each colour."""
     plt = _pyplot()
     if hasattr(history, "history"):
         history = history.history
@@ -190,16 +191,24 @@ def plot_history(history: Sequence[dict[str, Any]] | Any, *, ax: Any = None) -> 
     history = list(history)
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    epochs = [h.get("epoch", i + 1) for i, h in enumerate(history)]
-    for key in ("loss", "val_loss"):
+    runs: dict[int, list[dict[str, Any]]] = {}
+    for h in history:
+        runs.setdefault(int(h.get("member", 0)), []).append(h)
+
+    def curves(axis: Any, key: str, **style: Any) -> None:
+        for k, run in runs.items():
+            epochs = [h.get("epoch", i + 1) for i, h in enumerate(run)]
+            axis.plot(epochs, [h[key] for h in run], **(style if k == min(runs) else dict(style, label=None)))
+
+    for key, color in (("loss", "tab:blue"), ("val_loss", "tab:orange")):
         if history and key in history[0]:
-            ax.plot(epochs, [h[key] for h in history], label=key)
+            curves(ax, key, color=color, label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     key = next((k for k in ("val_miou", "miou") if history and k in history[0]), None)
     if key:
         ax2 = ax.twinx()
-        ax2.plot(epochs, [h[key] for h in history], color="tab:green", label="validation mIoU")
+        curves(ax2, key, color="tab:green", label="validation mIoU")
         ax2.set_ylabel("validation mIoU")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="lower right")

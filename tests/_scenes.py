@@ -123,7 +123,7 @@ def fixture_config():
     from geoseg.training import TrainConfig
 
     return TrainConfig(encoder_depth=3, epochs=6, chip_size=64, batch_size=8, steps_per_epoch=8, lr=3e-3,
-                       patience=3, block_size=64, seed=0, tile_size=128)  # fmt: skip
+                       patience=3, block_size=64, seed=0, tile_size=128, members=1)  # fmt: skip
 
 
 def trained_model(tmp_path_factory) -> tuple[Scene, Path, object, float]:

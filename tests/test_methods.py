@@ -56,7 +56,7 @@ def cli(*args):
 
 def train(scene, out, *extra):
     img, lab, classes, _ = scene
-    r = cli("-q", "train", img, "--labels", lab, "--classes", classes, "--out", out, "--band-roles", ROLES, *extra)
+    r = cli("-q", "train", img, "--labels", lab, "--classes", classes, "--out", out, "--band-roles", ROLES, "--members", 1, *extra)
     assert r.exit_code == 0, r.output
     return ModelCard.read(Path(out) / "model.json")
 

@@ -66,6 +66,13 @@ def test_metric_plots(tmp_path):
     ax = plot_history([{"epoch": i, "loss": 1 / i, "val_loss": 1.2 / i, "val_miou": 0.1 * i} for i in range(1, 6)])
     assert [line.get_label() for line in ax.get_lines()] == ["loss", "val_loss"]
     _png(ax.figure, tmp_path / "history.png")
+    # a model of two networks: one curve per network and series, each series in the legend once
+    two = [{"member": k, "epoch": i, "loss": 1 / i + k, "val_loss": 1.2 / i, "val_miou": 0.1 * i} for k in (0, 1) for i in (1, 2, 3)]
+    ax = plot_history(two)
+    lines = ax.get_lines()
+    assert len(lines) == 4 and [list(line.get_xdata()) for line in lines[:2]] == [[1, 2, 3], [1, 2, 3]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss", "val_loss"]
+    assert len(ax.figure.axes[1].get_lines()) == 2
 
 
 def test_interactive_map_is_offline(prediction, tmp_path):

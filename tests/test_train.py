@@ -158,7 +158,7 @@ def test_vector_labels_with_a_background_class(trained, tmp_path):
     assert counts[1] == 60 * 60 + 80 * 60 and counts[0] == valid - counts[1]
     without = prepare(TrainInputs(scene.bands, str(polys)), TrainConfig(encoder_depth=3, chip_size=32, block_size=32), 8)
     assert without.survey.id_counts[0] == 0 and [c.name for c in without.classes] == ["building"]
-    r = cli("train", *scene.bands, "--labels", scene.labels, "--background", "0", "--out", tmp_path / "m")
+    r = cli("train", *scene.bands, "--labels", scene.labels, "--background", "0", "--out", tmp_path / "m", "--members", 1)
     assert r.exit_code == 2 and "--background is for vector labels" in r.output
 
 
@@ -175,7 +175,7 @@ def test_region_restricts_training(trained):
 
 # -- checkpoints and resume ------------------------------------------------------------------
 
-TINY = dict(encoder_depth=3, epochs=3, chip_size=32, batch_size=2, steps_per_epoch=2, block_size=64, seed=0)
+TINY = dict(encoder_depth=3, epochs=3, chip_size=32, batch_size=2, steps_per_epoch=2, block_size=64, seed=0, members=1)
 
 
 class Stop(Exception):
@@ -225,7 +225,7 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_result(scene, tmp_p
     # Resume B to the end through the CLI, with the options the library run used.
     r = cli("train", *scene.bands, "--labels", scene.labels, "--out", tmp_path / "b", "--encoder-depth", 3,
             "--epochs", 3, "--chip-size", 32, "--batch-size", 2, "--steps-per-epoch", 2, "--block-size", 64,
-            "--seed", 0, "--resume")  # fmt: skip
+            "--seed", 0, "--members", 1, "--resume")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert "epoch   3/3" in r.output and "epoch   1/3" not in r.output
     card = load_model(tmp_path / "b").card
@@ -280,7 +280,7 @@ def _bad_inputs(scene, tmp: Path) -> dict[str, tuple[list, str]]:
 def test_bad_input_is_a_clear_error_and_writes_nothing(scene, tmp_path, case):
     args, named = _bad_inputs(scene, tmp_path)[case]
     out = tmp_path / "out" / "model"
-    r = cli("train", *args, "--out", out, "--encoder-depth", 3, "--epochs", 1, "--chip-size", 32)
+    r = cli("train", *args, "--out", out, "--encoder-depth", 3, "--epochs", 1, "--chip-size", 32, "--members", 1)
     assert r.exit_code != 0
     assert "geoseg: error:" in r.output and named in r.output, r.output
     assert "Traceback" not in r.output
@@ -299,3 +299,72 @@ def test_cuda_mixed_precision(scene, tmp_path):
     result = train(TrainInputs(scene.bands, scene.labels), tmp_path / "m", TrainConfig(**dict(TINY, epochs=1)), device="cuda")
     assert result.card.training["device"].startswith("cuda")
     assert result.card.training["precision"] in ("bf16-mixed", "fp16-mixed")
+
+
+# -- several networks (seed ensemble) ----------------------------------------------------------
+
+
+def test_members_model_is_the_mean_of_networks_of_consecutive_seeds(scene, tmp_path, monkeypatch):
+    from geoseg.infer import InferenceSettings, _logits
+    from geoseg.model import tiled
+    from geoseg.model.members import MemberMean
+
+    inputs = TrainInputs(scene.bands, scene.labels)
+    quick = dict(TINY, ensemble=False)
+    one = train(inputs, tmp_path / "one", TrainConfig(**quick), card_update={"tta": "none"})
+    two = train(inputs, tmp_path / "two", TrainConfig(**dict(quick, members=2)), card_update={"tta": "none"})
+    assert one.card.members == 1 and two.card.members == 2
+    assert [m["member"] for m in two.card.training["members"]] == [0, 1]
+    assert [h["member"] for h in two.history] == [0, 0, 0, 1, 1, 1]
+    assert two.card.training["metrics"]["pixels"] > 0  # validation of the members' mean
+    assert not working_dir(tmp_path / "two").exists()
+
+    plain = load_model(tmp_path / "one", optimize=False).net
+    both = load_model(tmp_path / "two", optimize=False).net
+    assert isinstance(both, MemberMean) and len(both.members) == 2
+    # member 0 is the one-network run (same seed; training is deterministic on the CPU), member 1 another
+    first, second = both.members[0].state_dict(), both.members[1].state_dict()
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, first[k]), k
+    assert any(not torch.equal(first[k], second[k]) for k in first if first[k].is_floating_point())
+
+    # what predict runs (rewritten networks, stage by stage on a large window) is the mean of the members' logits
+    x = normalize(np.stack([np.full((96, 104), 500.0 * (b + 1), np.float32) for b in range(3)])
+                  + np.random.default_rng(0).normal(0, 300, (3, 96, 104)).astype(np.float32),
+                  np.ones((96, 104), bool), two.card)[None]  # fmt: skip
+    with torch.no_grad():
+        t = torch.from_numpy(x)
+        ref = ((both.members[0](t) + both.members[1](t)) / 2).numpy()
+    run = load_model(tmp_path / "two").net
+    monkeypatch.setattr(tiled, "MIN_WINDOW", 64 * 64)
+    got = _logits(run, x, two.card.stride, InferenceSettings()).float().numpy()
+    assert all(m.__dict__.get("_geoseg_tiled") is not None for m in run.members)  # each member ran stage by stage
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    assert not np.allclose(ref, both.members[0](t).detach().numpy(), atol=1e-3)  # the mean, not one member
+
+
+def test_members_resume_skips_finished_networks_with_the_same_result(scene, tmp_path):
+    inputs = TrainInputs(scene.bands, scene.labels)
+    config = TrainConfig(**dict(TINY, members=2, ensemble=False))
+    a = train(inputs, tmp_path / "a", config, card_update={"tta": "none"})
+    seen = []
+
+    def stop_in_second(record):
+        seen.append((record["member"], record["epoch"]))
+        if record["member"] == 1 and record["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "b", config, progress=stop_in_second, card_update={"tta": "none"})
+    work = working_dir(tmp_path / "b")
+    assert (work / "member-0" / "final.safetensors").is_file() and not (work / "member-1" / "final.safetensors").exists()
+    resumed = []
+    b = train(inputs, tmp_path / "b", config, resume=True, progress=lambda r: resumed.append((r["member"], r["epoch"])),
+              card_update={"tta": "none"})  # fmt: skip
+    assert resumed == [(1, 3)]  # member 0 was finished, member 1 continues after its epoch 2
+    wa, wb = load_file(str(tmp_path / "a" / "weights.safetensors")), load_file(str(tmp_path / "b" / "weights.safetensors"))
+    assert wa.keys() == wb.keys() and any(k.startswith("members.1.") for k in wa)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)

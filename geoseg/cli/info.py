@@ -26,6 +26,7 @@ def info(paths, as_json):
             card = check_model_dir(p)
             ens = card.method_params.get("ensemble")
             out.append({"model": p, "method": card.method, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
+                        "members": card.members,
                         "method_params": {k: v for k, v in card.method_params.items() if k not in ("ensemble", "files")},
                         "ensemble": {"with": ens["method"], "network_weight": ens["weight"]} if ens else None,
                         "bands": [b.description or b.name for b in card.bands],

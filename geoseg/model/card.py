@@ -117,6 +117,8 @@ class ModelCard(_Frozen):
     arch: str = "unet"
     encoder: str = "resnet18"
     encoder_depth: int = Field(default=5, ge=1, le=5)
+    members: int = Field(default=1, ge=1, le=16,
+                         description="networks of this architecture (weights members.K.*) whose mean logits are the output")
     arch_params: dict[str, Any] = Field(default_factory=dict)
     bands: tuple[BandInfo, ...]
     normalization: Normalization

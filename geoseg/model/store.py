@@ -210,13 +210,14 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
         from geoseg.methods import load_predictor
 
         return ModelBundle(card=card, net=load_predictor(model_dir, card), digest=model_digest(model_dir), path=model_dir)
-    net = _load_weights(build_network(card.arch, card.encoder, card.n_inputs, card.n_classes, card.encoder_depth, card.arch_params),
-                        model_dir)
+    net = _load_weights(build_card_network(card), model_dir)
     net = net.eval().to(device)
     if optimize:
         from geoseg.model.fold import optimize_for_inference
+        from geoseg.model.members import members_of
 
-        optimize_for_inference(net)
+        for member in members_of(net):
+            optimize_for_inference(member)
     companion = None
     ens = card.method_params.get("ensemble")
     if ens:
@@ -224,6 +225,18 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
 
         companion = lgb.Booster(model_file=str(model_dir / ens["file"]))
     return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
+
+
+def build_card_network(card: ModelCard) -> torch.nn.Module:
+    """The (untrained) network an smp card describes: one network, or the mean of ``card.members`` of them."""
+    def one() -> torch.nn.Module:
+        return build_network(card.arch, card.encoder, card.n_inputs, card.n_classes, card.encoder_depth, card.arch_params)
+
+    if card.members == 1:
+        return one()
+    from geoseg.model.members import MemberMean
+
+    return MemberMean(one() for _ in range(card.members))
 
 
 def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
@@ -294,8 +307,11 @@ def make_card(
     training: dict[str, Any] | None = None,
     index_channels: tuple[str, ...] = (),
 ) -> ModelCard:
-    """A card for ``net`` with its receptive field measured from the impulse response."""
-    stride = network_stride(net, encoder_depth)
+    """A card for ``net`` (one network or a MemberMean) with its receptive field measured from the impulse response."""
+    from geoseg.model.members import members_of
+
+    members = members_of(net)
+    stride = network_stride(members[0], encoder_depth)
     rf = measure_receptive_field(net, len(bands) + len(index_channels), stride)
     halo = DEFAULT_HALO if default_halo is None else default_halo
     halo = -(-halo // stride) * stride
@@ -318,6 +334,7 @@ def make_card(
         provenance=prov,
         training=training,
         index_channels=tuple(index_channels),
+        members=len(members),
     )
 
 

@@ -79,6 +79,7 @@ class TrainConfig:
     ensemble: bool = True  # fit a per-pixel LightGBM companion and keep the mix if it scores better on validation
     val_max_pixels: int = 4_000_000  # validation blocks beyond this are sampled (seeded)
     seed: int = 0
+    members: int = 3  # networks trained with seeds seed, seed+1, ...; the model is the mean of their logits
     tile_size: int = 1024  # the card's forward-pass tile for predict
 
     def __post_init__(self) -> None:
@@ -92,6 +93,7 @@ class TrainConfig:
             "steps_per_epoch": self.steps_per_epoch is None or self.steps_per_epoch >= 1,
             "block_size": self.block_size is None or self.block_size >= CELL,
             "encoder_depth": 1 <= self.encoder_depth <= 5,
+            "members": 1 <= self.members <= 16,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -482,12 +484,157 @@ def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     if resume:
-        if not (work / STATE_NAME).is_file():
+        if not (work / STATE_NAME).is_file() and not any(work.glob(f"member-*/{STATE_NAME}")):
             raise ConfigError(f"{work}: no interrupted training run to resume there; start without --resume")
     elif work.exists() and not overwrite:
         raise OutputExistsError(
             f"{work}: holds an interrupted training run for {out}; pass --resume to continue it or --overwrite to start again"
         )
+
+
+FINAL_NAME = "final.safetensors"  # a finished member of a several-network run (its kept weights)
+
+
+@dataclass(frozen=True, eq=False)
+class _MemberFit:
+    """Trains member ``k`` of a run (seed ``config.seed + k``) with checkpoints in its own directory.
+
+    One member is the whole run (its checkpoints in the working directory itself, as before
+    members existed); with several, each has ``member-K/`` and a finished one keeps its weights
+    there (``final.safetensors``), so ``resume`` skips it."""
+
+    config: TrainConfig
+    prep: Prepared
+    reader: ChipReader
+    num: _Numerics
+    n_inputs: int
+    stride: int
+    fingerprint: dict[str, Any]
+    weight: torch.Tensor | None
+    progress: Callable[[dict[str, Any]], None] | None
+
+    def __call__(self, k: int, work: Path, resume: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
+        config, prep, num = self.config, self.prep, self.num
+        seed = config.seed + k
+        n_classes = len(prep.classes)
+        torch.manual_seed(seed)
+        net = build_network(config.arch, config.encoder, self.n_inputs, n_classes, config.encoder_depth).to(num.device)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        scaler = torch.amp.GradScaler("cuda") if num.amp_dtype == torch.float16 else None
+        fingerprint = self.fingerprint
+        best_state: dict[str, torch.Tensor] | None = None  # weights of the epoch with the best validation mIoU
+        state: dict[str, Any] = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
+                                 "stopped": False, "seconds": 0.0}  # fmt: skip
+        start_epoch = 1
+        if resume and (work / STATE_NAME).is_file():
+            self._check_fingerprint(work)
+            if (work / FINAL_NAME).is_file():  # a finished member of a several-network run
+                from safetensors.torch import load_file
+
+                doc = json.loads((work / STATE_NAME).read_text())
+                net.load_state_dict(load_file(str(work / FINAL_NAME)), strict=True)
+                return net, {key: doc[key] for key in state}
+            doc, best_state = load_checkpoint(work, net, optimizer)
+            state = {key: doc[key] for key in state}
+            start_epoch = int(doc["epoch"]) + 1
+            if scaler is not None and doc.get("scaler"):
+                scaler.load_state_dict(doc["scaler"])
+            log.info("resuming %s after epoch %d", work, doc["epoch"])
+        work.mkdir(parents=True, exist_ok=True)
+        best_state = self._epochs(k, seed, work, net, optimizer, scaler, state, best_state, start_epoch)
+        if best_state is not None:
+            net.load_state_dict(best_state)
+        if config.members > 1:
+            from safetensors.torch import save_file
+
+            tmp = work / f".{FINAL_NAME}.tmp"
+            save_file(_cpu_state(net), str(tmp), metadata={"format": CHECKPOINT_FORMAT, "member": str(k)})
+            os.replace(tmp, work / FINAL_NAME)
+        return net, state
+
+    def _check_fingerprint(self, work: Path) -> None:
+        try:  # compare what the run was before loading its tensors (other bands or roles: other shapes)
+            before = json.loads((work / STATE_NAME).read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError):
+            before = None
+        if before is not None and before != self.fingerprint:
+            diff = _differences(before, self.fingerprint)
+            raise ConfigError(
+                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
+                "ones, or start again with --overwrite"
+            )
+
+    def _epochs(self, k: int, seed: int, work: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
+                state: dict[str, Any], best_state: dict[str, torch.Tensor] | None, start_epoch: int
+                ) -> dict[str, torch.Tensor] | None:
+        config, prep, num, reader, stride = self.config, self.prep, self.num, self.reader, self.stride
+        n_classes = len(prep.classes)
+        ce = torch.nn.CrossEntropyLoss(weight=self.weight, ignore_index=NODATA_CLASS)
+        from segmentation_models_pytorch.losses import DiceLoss
+
+        dice = DiceLoss("multiclass", from_logits=True, ignore_index=NODATA_CLASS)
+        steps = prep.steps_per_epoch
+        total = config.epochs * steps
+        warmup = min(steps, max(1, total // 10))
+        chip = prep.chip_size
+        for epoch in range(start_epoch, config.epochs + 1):
+            if state["stopped"]:
+                break
+            t0 = time.perf_counter()
+            torch.manual_seed(_epoch_seed(seed, epoch))
+            rng = np.random.default_rng([seed, epoch])
+            net.train()
+            losses = []
+            for _ in range(steps):
+                lr = lr_at(state["step"], total, config.lr, warmup)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                corners = prep.candidates[rng.integers(len(prep.candidates), size=config.batch_size)]
+                xb, tb = _batch(reader, corners, chip, rng, config)
+                x = torch.from_numpy(xb).to(num.device)
+                t = torch.from_numpy(tb.astype(np.int64)).to(num.device)
+                optimizer.zero_grad(set_to_none=True)
+                with num.autocast():
+                    logits = net(x)
+                logits = logits.float()
+                loss = ce(logits, t) + config.dice_weight * dice(logits, t)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
+                losses.append(float(loss.detach()))
+                state["step"] += 1
+            record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "lr": lr}
+            if prep.val_boxes:
+                cm, val_loss = validate(net, reader, prep.val_boxes, n_classes, stride, num)
+                m = Metrics(tuple(c.id for c in prep.classes), tuple(c.name for c in prep.classes), cm)
+                miou = m.miou
+                record.update(val_loss=round(val_loss, 6), val_miou=round(miou, 6) if math.isfinite(miou) else None,
+                              val_accuracy=round(m.overall_accuracy, 6))  # fmt: skip
+                best_miou = state["best"]["miou"] if state["best"] else -math.inf
+                if math.isfinite(miou) and miou > best_miou + 1e-9:
+                    state["best"] = {"epoch": epoch, "miou": miou, "metrics": m.to_dict()}
+                    best_state = _cpu_state(net)
+                    state["bad_epochs"] = 0
+                else:
+                    state["bad_epochs"] += 1
+                state["stopped"] = state["bad_epochs"] >= config.patience
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+            state["seconds"] += record["seconds"]
+            state["history"].append(record)
+            extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+            best = (state["best"]["epoch"], best_state) if state["best"] and best_state is not None else None
+            save_checkpoint(work, epoch, net, optimizer, best, {**state, **extra})
+            log.debug(
+                "epoch %d/%d loss %.4f val mIoU %s (%.1f s)", epoch, config.epochs, record["loss"],
+                "-" if record.get("val_miou") is None else f"{record['val_miou']:.4f}", record["seconds"],
+            )  # fmt: skip
+            if self.progress is not None:
+                self.progress(dict(record, epochs=config.epochs, stopped=state["stopped"], member=k, members=config.members))
+        return best_state
 
 
 # -- the loop --------------------------------------------------------------------------------
@@ -520,48 +667,15 @@ def train(
     net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # only to learn the stride
     stride = network_stride(net, config.encoder_depth)
     prep = prepare(inputs, config, stride, cache_bytes)
-    n_classes = len(prep.classes)
 
     from geoseg.methods.features import available_indices, guess_roles
 
     roles = tuple((card_update or {}).get("band_roles") or guess_roles([b.description for b in prep.stack.bands]))
     indices = available_indices(roles) if config.index_channels else ()
-    torch.manual_seed(config.seed)
-    net = build_network(config.arch, config.encoder, prep.stack.count + len(indices), n_classes, config.encoder_depth).to(num.device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda") if num.amp_dtype == torch.float16 else None
+    n_inputs = prep.stack.count + len(indices)
     fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices))
-
-    best_state: dict[str, torch.Tensor] | None = None  # weights of the epoch with the best validation mIoU
-    state: dict[str, Any] = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
-                             "stopped": False, "seconds": 0.0}  # fmt: skip
-    start_epoch = 1
-    if resume:
-        try:  # compare what the run was before loading its tensors (other bands or roles: other shapes)
-            before = json.loads((work / STATE_NAME).read_text()).get("fingerprint")
-        except (OSError, json.JSONDecodeError):
-            before = None
-        if before is not None and before != fingerprint:
-            diff = _differences(before, fingerprint)
-            raise ConfigError(
-                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
-                "ones, or start again with --overwrite"
-            )
-        doc, best_state = load_checkpoint(work, net, optimizer)
-        if doc["fingerprint"] != fingerprint:
-            diff = _differences(doc["fingerprint"], fingerprint)
-            raise ConfigError(
-                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
-                "ones, or start again with --overwrite"
-            )
-        state = {k: doc[k] for k in state}
-        start_epoch = int(doc["epoch"]) + 1
-        if scaler is not None and doc.get("scaler"):
-            scaler.load_state_dict(doc["scaler"])
-        log.info("resuming %s after epoch %d", out, doc["epoch"])
-    else:
-        if work.exists():
-            shutil.rmtree(work)  # --overwrite: a stale run must not be mixed with this one
+    if not resume and work.exists():
+        shutil.rmtree(work)  # --overwrite: a stale run must not be mixed with this one
     work.mkdir(parents=True, exist_ok=True)
 
     reader = prep.reader(indices, roles)
@@ -569,75 +683,14 @@ def train(
     if config.class_balance:
         counts = prep.survey.class_counts[prep.split.train].sum(axis=0)[[c.id for c in prep.classes]]
         weight = torch.tensor(class_weights(counts), dtype=torch.float32, device=num.device)
-    ce = torch.nn.CrossEntropyLoss(weight=weight, ignore_index=NODATA_CLASS)
-    from segmentation_models_pytorch.losses import DiceLoss
+    fit = _MemberFit(config, prep, reader, num, n_inputs, stride, fingerprint, weight, progress)
+    fitted = [fit(k, work if config.members == 1 else work / f"member-{k}", resume) for k in range(config.members)]
+    if len(fitted) == 1:
+        net, state = fitted[0]
+    else:
+        from geoseg.model.members import MemberMean
 
-    dice = DiceLoss("multiclass", from_logits=True, ignore_index=NODATA_CLASS)
-    steps = prep.steps_per_epoch
-    total = config.epochs * steps
-    warmup = min(steps, max(1, total // 10))
-    chip = prep.chip_size
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        if state["stopped"]:
-            break
-        t0 = time.perf_counter()
-        torch.manual_seed(_epoch_seed(config.seed, epoch))
-        rng = np.random.default_rng([config.seed, epoch])
-        net.train()
-        losses = []
-        for _ in range(steps):
-            lr = lr_at(state["step"], total, config.lr, warmup)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            corners = prep.candidates[rng.integers(len(prep.candidates), size=config.batch_size)]
-            xb, tb = _batch(reader, corners, chip, rng, config)
-            x = torch.from_numpy(xb).to(num.device)
-            t = torch.from_numpy(tb.astype(np.int64)).to(num.device)
-            optimizer.zero_grad(set_to_none=True)
-            with num.autocast():
-                logits = net(x)
-            logits = logits.float()
-            loss = ce(logits, t) + config.dice_weight * dice(logits, t)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            losses.append(float(loss.detach()))
-            state["step"] += 1
-        record: dict[str, Any] = {"epoch": epoch, "loss": round(float(np.mean(losses)), 6), "lr": lr}
-        if prep.val_boxes:
-            cm, val_loss = validate(net, reader, prep.val_boxes, n_classes, stride, num)
-            m = Metrics(tuple(c.id for c in prep.classes), tuple(c.name for c in prep.classes), cm)
-            miou = m.miou
-            record.update(val_loss=round(val_loss, 6), val_miou=round(miou, 6) if math.isfinite(miou) else None,
-                          val_accuracy=round(m.overall_accuracy, 6))  # fmt: skip
-            best_miou = state["best"]["miou"] if state["best"] else -math.inf
-            if math.isfinite(miou) and miou > best_miou + 1e-9:
-                state["best"] = {"epoch": epoch, "miou": miou, "metrics": m.to_dict()}
-                best_state = _cpu_state(net)
-                state["bad_epochs"] = 0
-            else:
-                state["bad_epochs"] += 1
-            state["stopped"] = state["bad_epochs"] >= config.patience
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        state["seconds"] += record["seconds"]
-        state["history"].append(record)
-        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
-        best = (state["best"]["epoch"], best_state) if state["best"] and best_state is not None else None
-        save_checkpoint(work, epoch, net, optimizer, best, {**state, **extra})
-        log.debug(
-            "epoch %d/%d loss %.4f val mIoU %s (%.1f s)", epoch, config.epochs, record["loss"],
-            "-" if record.get("val_miou") is None else f"{record['val_miou']:.4f}", record["seconds"],
-        )  # fmt: skip
-        if progress is not None:
-            progress(dict(record, epochs=config.epochs, stopped=state["stopped"]))
-
-    if best_state is not None:
-        net.load_state_dict(best_state)
+        net, state = MemberMean(n for n, _ in fitted), _merged_state(fitted, prep, reader, stride, num)
     net = net.eval().cpu().float()
     card = make_card(
         net,
@@ -679,6 +732,25 @@ def train(
     return TrainResult(card, out, tuple(state["history"]))
 
 
+def _merged_state(fitted: Sequence[tuple[torch.nn.Module, dict[str, Any]]], prep: Prepared, reader: ChipReader, stride: int,
+                  num: _Numerics) -> dict[str, Any]:
+    """The training state of a several-network run: every member's epochs (``member`` K), their total
+    time, and the validation scores of the mean of the members (what the model computes)."""
+    from geoseg.model.members import MemberMean
+
+    states = [s for _, s in fitted]
+    best = None
+    if prep.val_boxes:
+        cm, _ = validate(MemberMean(n for n, _ in fitted), reader, prep.val_boxes, len(prep.classes), stride, num)
+        m = Metrics(tuple(c.id for c in prep.classes), tuple(c.name for c in prep.classes), cm)
+        best = {"epoch": None, "miou": m.miou, "metrics": m.to_dict()}
+    members = [{"member": k, "epochs_run": len(s["history"]), "best_epoch": s["best"]["epoch"] if s["best"] else None,
+                "val_miou": round(s["best"]["miou"], 6) if s["best"] else None, "stopped": bool(s["stopped"]),
+                "seconds": round(s["seconds"], 3)} for k, s in enumerate(states)]  # fmt: skip
+    return {"history": [dict(r, member=k) for k, s in enumerate(states) for r in s["history"]], "best": best,
+            "stopped": any(s["stopped"] for s in states), "seconds": sum(s["seconds"] for s in states), "members": members}
+
+
 def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
@@ -708,8 +780,9 @@ def _training_record(inputs: TrainInputs, config: TrainConfig, prep: Prepared, s
         "precision": num.name,
         "epochs_run": len(history),
         "best_epoch": best["epoch"] if best else (history[-1]["epoch"] if history else None),
-        "stopped_early": bool(state["stopped"]) and len(history) < config.epochs,
+        "stopped_early": bool(state["stopped"]) and len(history) < config.epochs * config.members,
+        **({"members": state["members"]} if "members" in state else {}),
         "seconds": round(state["seconds"], 3),
         "history": history,
-        "metrics": best["metrics"] if best else None,  # validation scores of the kept (best) epoch
+        "metrics": best["metrics"] if best else None,  # validation scores of the kept epoch (of the members' mean)
     }
