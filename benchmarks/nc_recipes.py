@@ -27,7 +27,7 @@ def recipes():
     from geoseg.training.loop import TrainConfig
 
     base = TrainConfig()
-    old = replace(base, class_balance=False, band_dropout=0.0, photometric=0.0, ensemble=False)
+    old = replace(base, class_balance=False, band_dropout=0.0, photometric=0.0, ensemble=False, members=1)
     return {
         "previous-defaults": (old, {}),
         "defaults": (base, {}),
@@ -76,7 +76,8 @@ def main() -> None:
             card = ModelCard.read(out / "model.json")
             (out / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), **update}).to_json())
         elif not (out / "model.json").exists():
-            resume = (work / f"{name}.training" / "state.json").exists()  # an interrupted run continues
+            saved = work / f"{name}.training"
+            resume = (saved / "state.json").exists() or any(saved.glob("member-*/state.json"))  # an interrupted run continues
             train(inputs, out, config, device="cpu", overwrite=not resume, resume=resume, card_update=dict(update))
         t1 = time.perf_counter()
         ev = evaluate(BANDS, out, DATA / "strata.tif", EvaluateOptions(window=EAST))

@@ -358,6 +358,10 @@ def test_members_resume_skips_finished_networks_with_the_same_result(scene, tmp_
         train(inputs, tmp_path / "b", config, progress=stop_in_second, card_update={"tta": "none"})
     work = working_dir(tmp_path / "b")
     assert (work / "member-0" / "final.safetensors").is_file() and not (work / "member-1" / "final.safetensors").exists()
+    for other in (1, 3):  # another number of networks is another run: refused before anything trains
+        with pytest.raises(ConfigError, match="members"):
+            train(inputs, tmp_path / "b", TrainConfig(**dict(TINY, members=other, ensemble=False)), resume=True,
+                  progress=lambda r: pytest.fail("trained"), card_update={"tta": "none"})  # fmt: skip
     resumed = []
     b = train(inputs, tmp_path / "b", config, resume=True, progress=lambda r: resumed.append((r["member"], r["epoch"])),
               card_update={"tta": "none"})  # fmt: skip

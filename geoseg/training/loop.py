@@ -477,7 +477,32 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     d["images"] = [os.path.abspath(p) for p in inputs.images]
     d["labels"] = os.path.abspath(inputs.labels)
     d["classes_file"] = os.path.abspath(inputs.classes_file) if inputs.classes_file else None
-    return json.loads(json.dumps({"inputs": d, "config": asdict(config)}))
+    c = asdict(config)
+    if c["members"] == 1:
+        del c["members"]  # runs of one network resume as they did before members existed
+    return json.loads(json.dumps({"inputs": d, "config": c}))
+
+
+def _check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> None:
+    """Before anything trains: every saved state of the run in ``work`` was made with these inputs and
+    options, in the layout of ``members`` networks (one: ``work/state.json``; several: ``work/member-K/``)."""
+    top, parts = work / STATE_NAME, sorted(work.glob(f"member-*/{STATE_NAME}"))
+    layout_ok = (top.is_file() and not parts) if members == 1 else (bool(parts) and not top.is_file())
+    for path in [top, *parts] if top.is_file() else parts:
+        try:
+            before = json.loads(path.read_text()).get("fingerprint")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{path}: checkpoint state is unreadable ({exc}); start again with --overwrite") from None
+        if before != fingerprint:
+            diff = _differences(before or {}, fingerprint)
+            raise ConfigError(
+                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
+                "ones, or start again with --overwrite"
+            )
+    if not layout_ok:
+        was = "one network" if top.is_file() else f"{len(parts)} network(s) of several"
+        raise ConfigError(f"{work}: the interrupted run trained {was}, this one asks for --members {members}; resume with "
+                          "the same --members, or start again with --overwrite")
 
 
 def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
@@ -526,13 +551,15 @@ class _MemberFit:
         state: dict[str, Any] = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
                                  "stopped": False, "seconds": 0.0}  # fmt: skip
         start_epoch = 1
-        if resume and (work / STATE_NAME).is_file():
-            self._check_fingerprint(work)
+        if resume and (work / STATE_NAME).is_file():  # its fingerprint was checked before any member trained
             if (work / FINAL_NAME).is_file():  # a finished member of a several-network run
                 from safetensors.torch import load_file
 
                 doc = json.loads((work / STATE_NAME).read_text())
-                net.load_state_dict(load_file(str(work / FINAL_NAME)), strict=True)
+                try:
+                    net.load_state_dict(load_file(str(work / FINAL_NAME)), strict=True)
+                except Exception as exc:
+                    raise ConfigError(f"{work / FINAL_NAME}: weights unreadable ({exc}); start again with --overwrite") from None
                 return net, {key: doc[key] for key in state}
             doc, best_state = load_checkpoint(work, net, optimizer)
             state = {key: doc[key] for key in state}
@@ -551,18 +578,6 @@ class _MemberFit:
             save_file(_cpu_state(net), str(tmp), metadata={"format": CHECKPOINT_FORMAT, "member": str(k)})
             os.replace(tmp, work / FINAL_NAME)
         return net, state
-
-    def _check_fingerprint(self, work: Path) -> None:
-        try:  # compare what the run was before loading its tensors (other bands or roles: other shapes)
-            before = json.loads((work / STATE_NAME).read_text()).get("fingerprint")
-        except (OSError, json.JSONDecodeError):
-            before = None
-        if before is not None and before != self.fingerprint:
-            diff = _differences(before, self.fingerprint)
-            raise ConfigError(
-                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
-                "ones, or start again with --overwrite"
-            )
 
     def _epochs(self, k: int, seed: int, work: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
                 state: dict[str, Any], best_state: dict[str, torch.Tensor] | None, start_epoch: int
@@ -674,7 +689,9 @@ def train(
     indices = available_indices(roles) if config.index_channels else ()
     n_inputs = prep.stack.count + len(indices)
     fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices))
-    if not resume and work.exists():
+    if resume:
+        _check_resumable(work, fingerprint, config.members)
+    elif work.exists():
         shutil.rmtree(work)  # --overwrite: a stale run must not be mixed with this one
     work.mkdir(parents=True, exist_ok=True)
 
