@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     from geoseg.evaluation import EvaluateOptions, evaluate
-    from geoseg.training.loop import TrainInputs, train
+    from geoseg.training.loop import TrainInputs, saved_states, train
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -76,8 +76,7 @@ def main() -> None:
             card = ModelCard.read(out / "model.json")
             (out / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), **update}).to_json())
         elif not (out / "model.json").exists():
-            saved = work / f"{name}.training"
-            resume = (saved / "state.json").exists() or any(saved.glob("member-*/state.json"))  # an interrupted run continues
+            resume = saved_states(work / f"{name}.training") != (None, [])  # an interrupted run continues
             train(inputs, out, config, device="cpu", overwrite=not resume, resume=resume, card_update=dict(update))
         t1 = time.perf_counter()
         ev = evaluate(BANDS, out, DATA / "strata.tif", EvaluateOptions(window=EAST))

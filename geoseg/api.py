@@ -66,8 +66,7 @@ class Model:
 
     def __repr__(self) -> str:
         c = self.card
-        nets = f" x {c.members} networks" if c.members > 1 else ""
-        lines = [f"geoseg Model {c.arch}/{c.encoder} depth {c.encoder_depth}{nets} at {self.location}",
+        lines = [f"geoseg Model {c.network} at {self.location}",
                  f"  bands: {', '.join(b.name for b in c.bands)}",
                  f"  classes: {', '.join(f'{k} {v}' for k, v in self.classes.items())}",
                  f"  receptive field {c.receptive_field} px, stride {c.stride}, digest {self.digest[:12]}"]
@@ -85,8 +84,7 @@ class Model:
             f"<td>{escape(k.name)}</td></tr>" for k in c.classes)
         metrics = (c.training or {}).get("metrics") or {}
         miou = f"<p>validation mIoU {metrics['miou']:.3f}</p>" if "miou" in metrics else ""
-        nets = f" x {c.members} networks" if c.members > 1 else ""
-        return (f"<div><b>geoseg Model</b> {escape(c.arch)}/{escape(c.encoder)} depth {c.encoder_depth}{nets}"
+        return (f"<div><b>geoseg Model</b> {escape(c.network)}"
                 f"<br><small>{escape(self.location)} &middot; digest {self.digest[:12]}</small>"
                 f"<p>bands: {escape(', '.join(b.name for b in c.bands))}; receptive field {c.receptive_field} px</p>"
                 f"{miou}<table><tr><th>id</th><th></th><th>class</th></tr>{rows}</table></div>")

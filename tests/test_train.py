@@ -18,7 +18,7 @@ from geoseg.infer import normalize
 from geoseg.model.store import load_model
 from geoseg.tiling import Box
 from geoseg.training import TrainConfig, TrainInputs, prepare, train, working_dir
-from geoseg.training.loop import STATE_NAME
+from geoseg.training.loop import STATE_NAME, saved_states
 
 
 @pytest.fixture(scope="session")
@@ -357,7 +357,8 @@ def test_members_resume_skips_finished_networks_with_the_same_result(scene, tmp_
     with pytest.raises(Stop):
         train(inputs, tmp_path / "b", config, progress=stop_in_second, card_update={"tta": "none"})
     work = working_dir(tmp_path / "b")
-    assert (work / "member-0" / "final.safetensors").is_file() and not (work / "member-1" / "final.safetensors").exists()
+    top, parts = saved_states(work)  # network 0 finished (3 epochs), network 1 saved after its epoch 2
+    assert top is None and [json.loads(p.read_text())["epoch"] for p in parts] == [3, 2]
     for other in (1, 3):  # another number of networks is another run: refused before anything trains
         with pytest.raises(ConfigError, match="members"):
             train(inputs, tmp_path / "b", TrainConfig(**dict(TINY, members=other, ensemble=False)), resume=True,

@@ -63,7 +63,7 @@ def init(out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam
         raise ConfigError("give --classes N or --classes-file classes.yaml")
     card = init_model(out_dir, arch=arch, encoder=encoder, n_bands=n_bands, n_classes=n_classes or len(classes),
                       classes=classes, seed=seed, encoder_depth=encoder_depth, tile_size=tile_size, overwrite=overwrite)
-    click.echo(f"model written to {out_dir}: {arch}/{encoder} depth {encoder_depth}, {card.n_bands} bands, "
+    click.echo(f"model written to {out_dir}: {card.network}, {card.n_bands} bands, "
                f"{card.n_classes} classes, receptive field {card.receptive_field} px (exact halo {card.exact_halo})")
 
 

@@ -247,8 +247,7 @@ def _report(result, verbosity: int) -> None:
         elif isinstance(tr.get("ensemble"), str):
             click.echo(f"ensemble: {tr['ensemble']}")
         click.echo(
-            f"model written to {result.model_dir}: {result.card.arch}/{result.card.encoder} depth {result.card.encoder_depth}"
-            f"{f' x {result.card.members} networks' if result.card.members > 1 else ''}, "
+            f"model written to {result.model_dir}: {result.card.network}, "
             f"{result.card.n_bands} bands, {result.card.n_classes} classes, {tr.get('epochs_run')} epochs in "
             f"{tr.get('seconds', 0):.0f} s on {tr.get('device')}"
         )

@@ -173,6 +173,12 @@ class ModelCard(_Frozen):
         return len(self.classes)
 
     @property
+    def network(self) -> str:
+        """``unet/resnet18 depth 4``, with `` x 3 networks`` for a model of several."""
+        nets = f" x {self.members} networks" if self.members > 1 else ""
+        return f"{self.arch}/{self.encoder} depth {self.encoder_depth}{nets}"
+
+    @property
     def class_ids(self) -> tuple[int, ...]:
         return tuple(c.id for c in self.classes)
 

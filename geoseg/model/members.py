@@ -8,7 +8,7 @@ mean logits.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -24,10 +24,20 @@ class MemberMean(nn.Module):
             raise ValueError("MemberMean needs at least one network")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.members[0](x)
+        return self.mean(lambda net: net(x))
+
+    def mean(self, run: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+        """The mean of ``run(member)`` over the members; accumulated in place where no gradient is
+        recorded (inference: one output buffer more than one member needs)."""
+        n = len(self.members)
+        out = run(self.members[0])
+        if torch.is_grad_enabled():
+            for net in self.members[1:]:
+                out = out + run(net)
+            return out / n
         for net in self.members[1:]:
-            out = out + net(x)
-        return out / len(self.members)
+            out.add_(run(net))
+        return out.div_(n)
 
 
 def members_of(net: nn.Module) -> list[nn.Module]:

@@ -161,11 +161,8 @@ def tiled_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``net(x)``, stage by stage in strips where the network is known to allow it and the window is large."""
     from geoseg.model.members import MemberMean
 
-    if isinstance(net, MemberMean):  # each member stage by stage; their mean accumulated in place (inference only)
-        out = tiled_forward(net.members[0], x)
-        for member in net.members[1:]:
-            out.add_(tiled_forward(member, x))
-        return out.div_(len(net.members))
+    if isinstance(net, MemberMean):  # each member stage by stage, one after another
+        return net.mean(lambda member: tiled_forward(member, x))
     if x.shape[-2] * x.shape[-1] < MIN_WINDOW:
         return net(x)
     runner = net.__dict__.get("_geoseg_tiled", False)

@@ -483,12 +483,20 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps({"inputs": d, "config": c}))
 
 
+def saved_states(work: str | os.PathLike) -> tuple[Path | None, list[Path]]:
+    """The saved states of an interrupted run in ``work``: one network's (``work/state.json``, or None)
+    and those of the networks of a several-network run (``work/member-K/state.json``)."""
+    work = Path(work)
+    top = work / STATE_NAME
+    return (top if top.is_file() else None), sorted(work.glob(f"member-*/{STATE_NAME}"))
+
+
 def _check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> None:
     """Before anything trains: every saved state of the run in ``work`` was made with these inputs and
     options, in the layout of ``members`` networks (one: ``work/state.json``; several: ``work/member-K/``)."""
-    top, parts = work / STATE_NAME, sorted(work.glob(f"member-*/{STATE_NAME}"))
-    layout_ok = (top.is_file() and not parts) if members == 1 else (bool(parts) and not top.is_file())
-    for path in [top, *parts] if top.is_file() else parts:
+    top, parts = saved_states(work)
+    layout_ok = (top is not None and not parts) if members == 1 else (bool(parts) and top is None)
+    for path in [top, *parts] if top else parts:
         try:
             before = json.loads(path.read_text()).get("fingerprint")
         except (OSError, json.JSONDecodeError) as exc:
@@ -500,7 +508,7 @@ def _check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> N
                 "ones, or start again with --overwrite"
             )
     if not layout_ok:
-        was = "one network" if top.is_file() else f"{len(parts)} network(s) of several"
+        was = "one network" if top else f"{len(parts)} network(s) of several"
         raise ConfigError(f"{work}: the interrupted run trained {was}, this one asks for --members {members}; resume with "
                           "the same --members, or start again with --overwrite")
 
@@ -509,7 +517,7 @@ def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     if resume:
-        if not (work / STATE_NAME).is_file() and not any(work.glob(f"member-*/{STATE_NAME}")):
+        if saved_states(work) == (None, []):
             raise ConfigError(f"{work}: no interrupted training run to resume there; start without --resume")
     elif work.exists() and not overwrite:
         raise OutputExistsError(
@@ -517,16 +525,13 @@ def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None
         )
 
 
-FINAL_NAME = "final.safetensors"  # a finished member of a several-network run (its kept weights)
-
-
 @dataclass(frozen=True, eq=False)
 class _MemberFit:
     """Trains member ``k`` of a run (seed ``config.seed + k``) with checkpoints in its own directory.
 
     One member is the whole run (its checkpoints in the working directory itself, as before
-    members existed); with several, each has ``member-K/`` and a finished one keeps its weights
-    there (``final.safetensors``), so ``resume`` skips it."""
+    members existed); with several, each has ``member-K/``. On ``resume`` a finished member's last
+    checkpoint leaves no epoch to run: its kept weights come back without training."""
 
     config: TrainConfig
     prep: Prepared
@@ -546,21 +551,11 @@ class _MemberFit:
         net = build_network(config.arch, config.encoder, self.n_inputs, n_classes, config.encoder_depth).to(num.device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if num.amp_dtype == torch.float16 else None
-        fingerprint = self.fingerprint
         best_state: dict[str, torch.Tensor] | None = None  # weights of the epoch with the best validation mIoU
-        state: dict[str, Any] = {"fingerprint": fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
+        state: dict[str, Any] = {"fingerprint": self.fingerprint, "step": 0, "history": [], "best": None, "bad_epochs": 0,
                                  "stopped": False, "seconds": 0.0}  # fmt: skip
         start_epoch = 1
         if resume and (work / STATE_NAME).is_file():  # its fingerprint was checked before any member trained
-            if (work / FINAL_NAME).is_file():  # a finished member of a several-network run
-                from safetensors.torch import load_file
-
-                doc = json.loads((work / STATE_NAME).read_text())
-                try:
-                    net.load_state_dict(load_file(str(work / FINAL_NAME)), strict=True)
-                except Exception as exc:
-                    raise ConfigError(f"{work / FINAL_NAME}: weights unreadable ({exc}); start again with --overwrite") from None
-                return net, {key: doc[key] for key in state}
             doc, best_state = load_checkpoint(work, net, optimizer)
             state = {key: doc[key] for key in state}
             start_epoch = int(doc["epoch"]) + 1
@@ -571,12 +566,6 @@ class _MemberFit:
         best_state = self._epochs(k, seed, work, net, optimizer, scaler, state, best_state, start_epoch)
         if best_state is not None:
             net.load_state_dict(best_state)
-        if config.members > 1:
-            from safetensors.torch import save_file
-
-            tmp = work / f".{FINAL_NAME}.tmp"
-            save_file(_cpu_state(net), str(tmp), metadata={"format": CHECKPOINT_FORMAT, "member": str(k)})
-            os.replace(tmp, work / FINAL_NAME)
         return net, state
 
     def _epochs(self, k: int, seed: int, work: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: Any,
@@ -707,7 +696,8 @@ def train(
     else:
         from geoseg.model.members import MemberMean
 
-        net, state = MemberMean(n for n, _ in fitted), _merged_state(fitted, prep, reader, stride, num)
+        net = MemberMean(n for n, _ in fitted)
+        state = _merged_state([s for _, s in fitted], net, prep, reader, stride, num)
     net = net.eval().cpu().float()
     card = make_card(
         net,
@@ -749,16 +739,13 @@ def train(
     return TrainResult(card, out, tuple(state["history"]))
 
 
-def _merged_state(fitted: Sequence[tuple[torch.nn.Module, dict[str, Any]]], prep: Prepared, reader: ChipReader, stride: int,
+def _merged_state(states: Sequence[dict[str, Any]], mean: torch.nn.Module, prep: Prepared, reader: ChipReader, stride: int,
                   num: _Numerics) -> dict[str, Any]:
     """The training state of a several-network run: every member's epochs (``member`` K), their total
-    time, and the validation scores of the mean of the members (what the model computes)."""
-    from geoseg.model.members import MemberMean
-
-    states = [s for _, s in fitted]
+    time, and the validation scores of ``mean``, the members' mean (what the model computes)."""
     best = None
     if prep.val_boxes:
-        cm, _ = validate(MemberMean(n for n, _ in fitted), reader, prep.val_boxes, len(prep.classes), stride, num)
+        cm, _ = validate(mean, reader, prep.val_boxes, len(prep.classes), stride, num)
         m = Metrics(tuple(c.id for c in prep.classes), tuple(c.name for c in prep.classes), cm)
         best = {"epoch": None, "miou": m.miou, "metrics": m.to_dict()}
     members = [{"member": k, "epochs_run": len(s["history"]), "best_epoch": s["best"]["epoch"] if s["best"] else None,
