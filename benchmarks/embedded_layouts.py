@@ -28,9 +28,9 @@ def run(mode: str, image: str, model: str, out: str) -> str:
     import dask
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
-    from geoseg.cluster import WORKER_ENVIRON, connect
+    from geoseg.cluster import connect, spawned_worker_config
     from geoseg.pipeline import PredictOptions, predict
-    from geoseg.workers import ALLOCATOR_ENVIRON, EMBEDDED_ENV, register
+    from geoseg.workers import register
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
@@ -39,9 +39,7 @@ def run(mode: str, image: str, model: str, out: str) -> str:
             rec = predict([image], model, out, PredictOptions(overwrite=True), client=client)
     else:
         cores = len(os.sched_getaffinity(0))
-        environ = {**WORKER_ENVIRON, EMBEDDED_ENV: "1"}
-        with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
-                              "distributed.nanny.pre-spawn-environ": ALLOCATOR_ENVIRON}):
+        with dask.config.set(spawned_worker_config()):
             workers = {"model": {"cls": Nanny, "options": {"nthreads": cores, "resources": {"MODEL": 1}, "host": "127.0.0.1"}},
                        "io": {"cls": Nanny, "options": {"nthreads": 1, "host": "127.0.0.1"}}}
             cluster = SpecCluster(workers=workers,

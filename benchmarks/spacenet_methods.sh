@@ -9,19 +9,7 @@ BIN=${BIN:-.venv/bin}
 export HF_HUB_OFFLINE=1
 D=../shared/data/spacenet-solaris
 mkdir -p "$W"
-"$BIN/python" - "$D" "$W" <<'PY'
-import sys, rasterio, geopandas as gpd
-from rasterio.features import rasterize
-d, w = sys.argv[1:]
-with rasterio.open(f"{d}/sample_geotiff.tif") as ds:
-    profile = dict(ds.profile, count=1, dtype="uint8", nodata=255)
-    shapes = gpd.read_file(f"{d}/geotiff_labels.geojson").to_crs(ds.crs).geometry
-    mask = rasterize(((g, 1) for g in shapes), out_shape=ds.shape, transform=ds.transform, fill=0, dtype="uint8")
-    mask[ds.read_masks(1) == 0] = 255
-with rasterio.open(f"{w}/labels.tif", "w", **profile) as out:
-    out.write(mask, 1)
-open(f"{w}/classes.yaml", "w").write("- {id: 0, name: background, color: '#bababa'}\n- {id: 1, name: building, color: '#d7191c'}\n")
-PY
+"$BIN/python" benchmarks/spacenet_labels.py "$D" "$W"
 COMMON=(--labels "$W/labels.tif" --classes "$W/classes.yaml" --window 0 0 450 900 --overwrite)
 train() { local name=$1; shift; [ -f "$W/$name/model.json" ] || "$BIN/geoseg" -q train "$D/sample_geotiff.tif" "${COMMON[@]}" --out "$W/$name" "$@"; }
 train pixel --method pixel

@@ -83,15 +83,14 @@ def main() -> None:
 
         model = tempfile.mkdtemp(prefix="geoseg-layout-")
         init_model(model, n_bands=4, n_classes=5, encoder="resnet18", seed=0, encoder_depth=4)
-    threads, procs_threaded = cores, 1
     n = args.windows_per_core * cores
     print(f"{cores} cores, {args.window} px windows, {precision}, {n} windows per layout", flush=True)
     walls: dict[str, list[float]] = {"single": [], "threaded": []}
     for _ in range(2):
         print("one single-threaded process per core:", flush=True)
         walls["single"].append(run_layout(cores, 1, args.windows_per_core, model, args.window, precision))
-        print(f"one process of {threads} threads, one pass at a time:", flush=True)
-        walls["threaded"].append(run_layout(procs_threaded, threads, n // procs_threaded, model, args.window, precision))
+        print(f"one process of {cores} threads, one pass at a time:", flush=True)
+        walls["threaded"].append(run_layout(1, cores, n, model, args.window, precision))
     best = {k: min(v) for k, v in walls.items()}
     print(f"best wall: single-threaded processes {best['single']:.1f} s, threaded {best['threaded']:.1f} s; "
           f"ratio {best['single'] / best['threaded']:.2f}x", flush=True)  # fmt: skip

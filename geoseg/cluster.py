@@ -29,6 +29,24 @@ def default_workers() -> int:
     return max(1, min(cores, MEMORY_LIMIT // WORKER_MEMORY))
 
 
+def spawned_worker_config() -> dict[str, Any]:
+    """The dask settings under which geoseg spawns its own worker processes (nannies)."""
+    import dask
+
+    from geoseg.workers import ALLOCATOR_ENVIRON, EMBEDDED_ENV
+
+    # GDAL's block cache defaults to 5% of RAM per process; a read task reads each block once, so
+    # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
+    # image, as infra/docker does).
+    # set in the worker process once spawned (pre-spawn variables also land in this process's environment)
+    environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON, EMBEDDED_ENV: "1"}
+    # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
+    # the worker plugin sets the same at run time in workers started by someone else)
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
+    return {"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
+            "distributed.nanny.pre-spawn-environ": pre_spawn}
+
+
 @contextlib.contextmanager
 def connect(
     scheduler: str | None = None,
@@ -49,7 +67,7 @@ def connect(
     import dask
     from distributed import Client, LocalCluster
 
-    from geoseg.workers import ALLOCATOR_ENVIRON, EMBEDDED_ENV, register
+    from geoseg.workers import register
 
     if scheduler:
         try:
@@ -62,16 +80,7 @@ def connect(
         finally:
             client.close()
         return
-    # GDAL's block cache defaults to 5% of RAM per process; a read task reads each block once, so
-    # a small cache keeps a worker's memory flat as scenes grow (remote workers: set it in their
-    # image, as infra/docker does).
-    # set in the worker process once spawned (pre-spawn variables also land in this process's environment)
-    environ = {**dask.config.get("distributed.nanny.environ", {}), **WORKER_ENVIRON, EMBEDDED_ENV: "1"}
-    # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
-    # the worker plugin sets the same at run time in workers started by someone else)
-    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
-    with dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
-                          "distributed.nanny.pre-spawn-environ": pre_spawn}):
+    with dask.config.set(spawned_worker_config()):
         cluster = LocalCluster(
             n_workers=n_workers or default_workers(),
             threads_per_worker=threads_per_worker,
