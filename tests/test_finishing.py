@@ -79,6 +79,41 @@ def test_cluster_cog_is_a_valid_cog_of_the_map(client, class_store, tmp_path, bi
     assert [p.name for p in tmp_path.iterdir()] == ["classes.tif"]
 
 
+def test_cluster_cog_blocks_make_the_same_file(client, tmp_path):
+    """Tasks of one block at several levels, in rounds over the previous round's last level: the file does not
+    depend on the block size, and each overview is the MODE of the level above, edges and nodata included."""
+    from geoseg.io.cog_cluster import _even
+
+    rng = np.random.default_rng(2)
+    h, w = 2100, 1337  # four levels: with 1024 px blocks, three rounds
+    a = np.kron(rng.integers(0, 4, size=(h // 7 + 1, w // 7 + 1)), np.ones((7, 7), np.uint8))[:h, :w].astype(np.uint8)
+    a[rng.random(a.shape) < 0.02] = 255
+    grid = GeoBox((h, w), from_origin(500000.0, 4000000.0, 10.0, 10.0), "EPSG:32617")
+    z = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=a.shape, chunks=(700, 600), dtype="uint8")
+    z[:] = a
+    files, blocks = [], []
+    for block in (1024, 2048, 4096):
+        out = tmp_path / f"b{block}.tif"
+        info = write_cog_cluster(client, z, out, grid=grid, classes=CLASSES, block=block)
+        assert info["levels"] == [[2100, 1337], [1050, 669], [525, 335], [263, 168]]
+        files.append(out.read_bytes())
+        blocks.append(info["blocks"])
+    assert blocks == [3 * 2 + 2 * 1 + 1, 2 * 1 + 1, 1]  # rounds: 1024 px blocks of levels 0, 1, 2
+    assert files[0] == files[1] == files[2]
+    assert validate_cog(tmp_path / "b1024.tif")[0]
+    with rasterio.open(tmp_path / "b1024.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), a)
+        assert ds.overviews(1) == [2, 4, 8]
+    level = a
+    for i in range(3):
+        level = mode2(_even(level))
+        with rasterio.open(tmp_path / "b1024.tif", OVERVIEW_LEVEL=i) as ov:
+            np.testing.assert_array_equal(ov.read(1), level)
+    with pytest.raises(ValueError, match="power of two"):
+        write_cog_cluster(client, z, tmp_path / "bad.tif", grid=grid, classes=CLASSES, block=1536)
+    assert not (tmp_path / "bad.tif").exists()
+
+
 def test_predict_finishes_with_cog_style_and_stac_item(client, random_model, scene_path, tmp_path):
     import pystac
     from pystac.validation import validate_dict
