@@ -35,7 +35,7 @@ def read_block(stack: RasterStack, box: Box) -> tuple[np.ndarray, np.ndarray]:
 
 
 def unpack_valid(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
+    return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).view(bool)  # 0/1 bytes: no copy
 
 
 def on_device(settings: InferenceSettings, device: str) -> InferenceSettings:

@@ -165,3 +165,30 @@ def test_classes_from_logits_equal_argmax_and_max_of_the_probabilities():
     # two float paths (softmax, and exp/sum of the same logits) over two passes: after other tests in the same
     # process the passes differed by ~3e-5 relative on this AMX machine (oneDNN picks its kernels per process)
     np.testing.assert_allclose(prob, probs.max(axis=1), rtol=1e-3, atol=1e-5)
+
+
+def test_channels_last_input_is_made_in_strips_with_the_same_values(monkeypatch):
+    """The channels-last input is made strip by strip (no window-sized temporaries for a fresh worker to
+    fault in); every value equals the band-first result, bands, missing values and indices alike."""
+    import geoseg.infer
+    from geoseg.infer import normalize
+
+    roles = ("blue", "green", "red", "nir")
+    card = _card().model_copy(update={"index_channels": ("ndvi", "ndwi"), "bands": [BandInfo(name=r, role=r) for r in roles],
+                                      "normalization": Normalization(mean=(300.0, 400.0, 500.0, 900.0),
+                                                                     std=(50.0, 60.0, 70.0, 200.0))})
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 3000, (4, 203, 171)).astype(np.uint16)
+    data[3, :5] = 0  # nir and red both 0: the index has no value
+    data[2, :5] = 0
+    band_valid = rng.random(data.shape) > 0.05
+    valid = band_valid.any(axis=0)  # missing_bands: fill, a pixel with a band missing is classified from the others
+    monkeypatch.setattr(geoseg.infer, "NORMALIZE_BYTES", 4 * 6 * 171 * 7)  # strips of 7 rows: the last one short
+    for bv in (None, band_valid):
+        ref = normalize(data, valid, card, bv)
+        got = normalize(data, valid, card, bv, channels_last=True)
+        assert got.shape == ref.shape == (6, 203, 171) and got.strides[0] == 4  # a view of (h, w, channels) memory
+        np.testing.assert_array_equal(got, ref)
+        assert np.isfinite(got).all() and (got[:, ~valid] == 0).all()
+        if bv is not None:
+            assert (got[:4][~band_valid] == 0).all() and (got[:4][band_valid & valid] != 0).any()
