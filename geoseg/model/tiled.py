@@ -92,8 +92,9 @@ def _channels(module: nn.Module) -> int:
 class TiledUnet:
     """An smp U-Net (ResNet encoder) run stage by stage in strips; ``plan(net)`` makes one or returns None."""
 
-    def __init__(self, net: nn.Module, encoder_stages: list[Stage], blocks: list[Stage], head: Stage):
-        self.net, self.encoder_stages, self.blocks, self.head = net, encoder_stages, blocks, head
+    def __init__(self, net: nn.Module, encoder_stages: list[Stage], blocks: list[Stage]):
+        """``blocks``: the decoder's, the last one followed by the segmentation head (it gives the logits)."""
+        self.net, self.encoder_stages, self.blocks = net, encoder_stages, blocks
 
     @classmethod
     def plan(cls, net: nn.Module, strip_bytes: int = STRIP_BYTES) -> "TiledUnet | None":
@@ -128,17 +129,25 @@ class TiledUnet:
             reach = _reach(nn.Sequential(b.conv1, b.conv2))
             if reach is None:
                 return None
-            skip = i < depth - 1
+            if i < depth - 1:
+                def run(x, s, b=b):  # noqa: ANN001
+                    return b(x, 2 * x.shape[-2], 2 * x.shape[-1], s)
 
-            def run(x, s=None, b=b):  # noqa: ANN001
-                return b(x, 2 * x.shape[-2], 2 * x.shape[-1], s)
+                blocks.append(Stage(run, (0.5, 1), reach, _channels(b), strip_bytes))
+                continue
+            # the last block (no skip) and the head in one stage: its full-resolution feature map only
+            # ever exists a strip at a time (measured, AMX bf16, a 4240 px window: the map was 0.58 GB
+            # a fresh worker had to fault in; see the #7 note)
+            head = net.segmentation_head
+            head_reach = _reach(head)
+            if head_reach is None:
+                return None
 
-            blocks.append(Stage(run, (0.5, 1) if skip else (0.5,), reach, _channels(b), strip_bytes))
-        head = net.segmentation_head
-        reach = _reach(head)
-        if reach is None:
-            return None
-        return cls(net, stages, blocks, Stage(head, (1,), reach, _channels(head), strip_bytes))
+            def last(x, b=b, head=head):  # noqa: ANN001
+                return head(b(x, 2 * x.shape[-2], 2 * x.shape[-1], None))
+
+            blocks.append(Stage(last, (0.5,), reach + head_reach, _channels(b), strip_bytes))
+        return cls(net, stages, blocks)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -154,7 +163,7 @@ class TiledUnet:
         for i, block in enumerate(self.blocks):
             size = (h >> (depth - 1 - i), w >> (depth - 1 - i))
             x = block(x, skips.pop(0), out_hw=size) if skips else block(x, out_hw=size)
-        return self.head(x, out_hw=(h, w))
+        return x
 
 
 def tiled_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
