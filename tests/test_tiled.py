@@ -192,3 +192,41 @@ def test_channels_last_input_is_made_in_strips_with_the_same_values(monkeypatch)
         assert np.isfinite(got).all() and (got[:, ~valid] == 0).all()
         if bv is not None:
             assert (got[:4][~band_valid] == 0).all() and (got[:4][band_valid & valid] != 0).any()
+
+
+@pytest.mark.parametrize("shape", [(200, 232), (203, 229)])  # on the stride, and padded to it
+def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
+    """The default path (tile = chunk) gives the network an InputWindow's rows as its first stage reads
+    them: the window's whole input is never made, and classes and confidences equal those from the
+    whole normalised array."""
+    import geoseg.infer
+    from geoseg.infer import InferenceSettings, InputWindow, normalize, segment_window
+    from geoseg.model import tiled
+    from geoseg.tiling import Box, Tile
+
+    roles = ("blue", "green", "red", "nir")
+    card = _card().model_copy(update={"index_channels": ("ndvi", "ndwi"), "bands": [BandInfo(name=r, role=r) for r in roles],
+                                      "normalization": Normalization(mean=(300.0, 400.0, 500.0, 900.0),
+                                                                     std=(50.0, 60.0, 70.0, 200.0))})
+    torch.manual_seed(2)
+    net = _random_statistics(build_network("unet", "resnet18", 6, 3, 3, {}))
+    optimize_for_inference(net)
+    net.__dict__["_geoseg_tiled"] = TiledUnet.plan(net, strip_bytes=1 << 18)  # strips of a few rows
+    monkeypatch.setattr(tiled, "MIN_WINDOW", 64 * 64)
+    rng = np.random.default_rng(3)
+    h, w = shape
+    data = rng.integers(0, 3000, (4, h, w)).astype(np.uint16)
+    band_valid = rng.random(data.shape) > 0.05
+    valid = band_valid.any(axis=0)
+    box = Box(0, h, 0, w)
+    made: list[int] = []
+    real = geoseg.infer._normalized
+    monkeypatch.setattr(geoseg.infer, "_normalized", lambda d, *a, **k: made.append(d.shape[1]) or real(d, *a, **k))
+    window = InputWindow(data, valid, card, band_valid)
+    got = segment_window(net, card, window, valid, box, [Tile(box, box)], box, InferenceSettings())
+    assert window._array is None and len(made) > 2 and max(made) < h / 2  # strips, never the whole window
+    ref = segment_window(net, card, normalize(data, valid, card, band_valid, channels_last=True), valid, box,
+                         [Tile(box, box)], box, InferenceSettings())
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert (got[0] != 255).sum() == valid.sum()

@@ -56,6 +56,24 @@ def _reach(module: nn.Module) -> int | None:
     return total + (total % 2) + 2
 
 
+class RowSource:
+    """A network input made a strip of rows at a time: the first stage of a stage-wise pass reads it so,
+    and the window's whole input never exists. ``shape`` is (n, channels, h, w)."""
+
+    shape: tuple[int, int, int, int]
+
+    def rows(self, y0: int, y1: int) -> torch.Tensor:
+        """Rows ``y0:y1`` as an (n, channels, y1 - y0, w) channels-last tensor on the network's device."""
+        raise NotImplementedError
+
+    def whole(self) -> torch.Tensor:
+        return self.rows(0, self.shape[2])
+
+
+def _whole(x: "torch.Tensor | RowSource") -> torch.Tensor:
+    return x.whole() if isinstance(x, RowSource) else x
+
+
 class Stage:
     """``fn(*inputs)`` over a whole map, computed strip by strip. ``scales[i]``: input i's size over the
     output's (2: a stride-2 stage's input, 0.5: a decoder block's low-resolution input)."""
@@ -64,18 +82,19 @@ class Stage:
                  strip_bytes: int = STRIP_BYTES):
         self.fn, self.scales, self.reach, self.channels, self.strip_bytes = fn, tuple(scales), reach, channels, strip_bytes
 
-    def __call__(self, *inputs: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    def __call__(self, *inputs: "torch.Tensor | RowSource", out_hw: tuple[int, int]) -> torch.Tensor:
         h, w = out_hw
         n = inputs[0].shape[0]
         rows = max(16, self.strip_bytes // (4 * self.channels * n * w) // 16 * 16)
         if rows + 2 * self.reach >= h:
-            return self.fn(*inputs)
+            return self.fn(*map(_whole, inputs))
         out = None
         r = self.reach
         for y0 in range(0, h, rows):
             y1 = min(y0 + rows, h)
             gy0, gy1 = max(y0 - r, 0), min(y1 + r, h)
-            y = self.fn(*(t[:, :, int(gy0 * s):int(gy1 * s)] for t, s in zip(inputs, self.scales)))
+            y = self.fn(*(t.rows(int(gy0 * s), int(gy1 * s)) if isinstance(t, RowSource) else t[:, :, int(gy0 * s):int(gy1 * s)]
+                          for t, s in zip(inputs, self.scales)))
             if out is None:
                 out = torch.empty((n, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
             out[:, :, y0:y1] = y[:, :, y0 - gy0:y1 - gy0]
@@ -149,10 +168,10 @@ class TiledUnet:
             blocks.append(Stage(last, (0.5,), reach + head_reach, _channels(b), strip_bytes))
         return cls(net, stages, blocks)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: "torch.Tensor | RowSource") -> torch.Tensor:
         h, w = x.shape[-2:]
         if h % (1 << len(self.encoder_stages)) or w % (1 << len(self.encoder_stages)):
-            return self.net(x)  # a window off the network's own stride: one pass
+            return self.net(_whole(x))  # a window off the network's own stride: one pass
         feats = []
         for i, stage in enumerate(self.encoder_stages):
             x = stage(x, out_hw=(h >> (i + 1), w >> (i + 1)))
@@ -166,16 +185,17 @@ class TiledUnet:
         return x
 
 
-def tiled_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``net(x)``, stage by stage in strips where the network is known to allow it and the window is large."""
+def tiled_forward(net: nn.Module, x: "torch.Tensor | RowSource") -> torch.Tensor:
+    """``net(x)``, stage by stage in strips where the network is known to allow it and the window is large
+    (``x`` a tensor, or a RowSource that the first stage reads a strip at a time)."""
     from geoseg.model.members import MemberMean
 
     if isinstance(net, MemberMean):  # each member stage by stage, one after another
         return net.mean(lambda member: tiled_forward(member, x))
     if x.shape[-2] * x.shape[-1] < MIN_WINDOW:
-        return net(x)
+        return net(_whole(x))
     runner = net.__dict__.get("_geoseg_tiled", False)
     if runner is False:
         runner = TiledUnet.plan(net)
         net.__dict__["_geoseg_tiled"] = runner
-    return net(x) if runner is None else runner(x)
+    return net(_whole(x)) if runner is None else runner(x)
