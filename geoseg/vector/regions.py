@@ -41,8 +41,9 @@ def label_regions(values: np.ndarray, nodata: int | None, connectivity: int = 4)
             continue
         lab, k = ndimage.label(values == v, structure=STRUCTURE[connectivity])
         if k:
-            mask = lab > 0
-            labels[mask] = lab[mask] + n
+            # regions of different values never overlap: offset this value's labels and add them in (no boolean gathers)
+            np.add(lab, n, out=lab, where=lab > 0)
+            labels += lab
             classes.extend([int(v)] * k)
             n += k
     return labels, np.asarray(classes, np.int64)
