@@ -50,9 +50,11 @@ def mode_reference(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_mode_overview_kernel():
+@pytest.mark.parametrize("p", [[0.3, 0.3, 0.2, 0.2], [0.1, 0.1, 0.1, 0.7], [0.5, 0.5, 0.0, 0.0]])
+def test_mode_overview_kernel(p):
+    """Ties (two of two, one of each), mostly nodata, no nodata: as counted pixel by pixel."""
     rng = np.random.default_rng(1)
-    a = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(40, 38), p=[0.3, 0.3, 0.2, 0.2])
+    a = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(40, 38), p=p)
     np.testing.assert_array_equal(mode2(a), mode_reference(a))
 
 
