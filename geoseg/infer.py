@@ -270,9 +270,11 @@ def segment_window(
     class_id = np.full(core.shape, NODATA_CLASS, np.uint8)
     confidence = np.full(core.shape, np.nan, np.float32)
     d4 = (settings.tta or card.tta) == "d4"
+    # several networks each read the input: made once, whole (a strip at a time it would be made once per network)
+    strips = isinstance(x, InputWindow) and len(getattr(net, "members", (net,))) == 1
     for batch in _batches(tiles, settings.batch_size):
         whole = len(batch) == 1 and batch[0].input == outer
-        if whole and mix is None and not d4 and isinstance(x, InputWindow):
+        if whole and mix is None and not d4 and strips:
             # the default (tile = chunk): the input made a strip of rows at a time as the network reads it
             xb: Any = x.rows(card.stride, settings.device)
         elif whole:

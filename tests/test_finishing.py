@@ -94,9 +94,9 @@ def test_cluster_cog_blocks_make_the_same_file(client, tmp_path):
     z = zarr.open_array(str(tmp_path / "a.zarr"), mode="w", shape=a.shape, chunks=(700, 600), dtype="uint8")
     z[:] = a
     files, blocks = [], []
-    for block in (1024, 2048, 4096):
+    for block, batch in ((1024, 64 << 20), (2048, 1), (4096, 20_000)):  # fetched: whole rows of blocks, a tile row, a few
         out = tmp_path / f"b{block}.tif"
-        info = write_cog_cluster(client, z, out, grid=grid, classes=CLASSES, block=block)
+        info = write_cog_cluster(client, z, out, grid=grid, classes=CLASSES, block=block, batch_bytes=batch)
         assert info["levels"] == [[2100, 1337], [1050, 669], [525, 335], [263, 168]]
         files.append(out.read_bytes())
         blocks.append(info["blocks"])
@@ -114,6 +114,23 @@ def test_cluster_cog_blocks_make_the_same_file(client, tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         write_cog_cluster(client, z, tmp_path / "bad.tif", grid=grid, classes=CLASSES, block=1536)
     assert not (tmp_path / "bad.tif").exists()
+    assert _held_tiles(client) == []  # every block's tiles left the workers once written
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError) as failed:  # the output's folder cannot be made: the tiles go all the same,
+        write_cog_cluster(client, z, tmp_path / "file" / "x.tif", grid=grid, classes=CLASSES, block=1024)
+    assert _held_tiles(client) == [] and failed.tb is not None  # even while the error (and its frames) is kept
+
+
+def _held_tiles(client, wait: float = 10.0) -> list:
+    """Keys of COG block tasks the scheduler still knows (it forgets released ones within moments)."""
+    import time
+
+    t = time.monotonic()
+    while True:
+        keys = client.run_on_scheduler(lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks if "block_pyramid" in str(k)])
+        if not keys or time.monotonic() - t > wait:
+            return keys
+        time.sleep(0.1)
 
 
 def test_predict_finishes_with_cog_style_and_stac_item(client, random_model, scene_path, tmp_path):

@@ -230,3 +230,25 @@ def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
     assert (got[0] != 255).sum() == valid.sum()
+
+
+def test_several_networks_share_one_whole_input(monkeypatch):
+    """With several networks (a MemberMean), the input is made once, whole, not once per network in strips."""
+    from geoseg.infer import InferenceSettings, InputWindow, segment_window
+    from geoseg.model import tiled
+    from geoseg.model.members import MemberMean
+    from geoseg.tiling import Box, Tile
+
+    torch.manual_seed(4)
+    nets = [_random_statistics(build_network("unet", "resnet18", 4, 3, 3, {})) for _ in range(2)]
+    monkeypatch.setattr(tiled, "MIN_WINDOW", 64 * 64)
+    data = np.random.default_rng(5).integers(0, 3000, (4, 96, 128)).astype(np.uint16)
+    valid = np.ones((96, 128), bool)
+    box = Box(0, 96, 0, 128)
+    card = _card()
+    one = InputWindow(data, valid, card)
+    segment_window(nets[0], card, one, valid, box, [Tile(box, box)], box, InferenceSettings())
+    assert one._array is None  # one network: strips
+    both = InputWindow(data, valid, card)
+    segment_window(MemberMean(nets), card, both, valid, box, [Tile(box, box)], box, InferenceSettings())
+    assert both._array is not None

@@ -22,7 +22,7 @@ import struct
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 from odc.geo.geobox import GeoBox
@@ -138,8 +138,33 @@ def _tile_sizes(result: list[list[bytes]]) -> list[list[int]]:
     return [[len(t) for t in lvl] for lvl in result]
 
 
-def _level_tiles(result: list[list[bytes]], i: int) -> list[bytes]:
-    return result[i]
+def _tile_rows(result: list[list[bytes]], level: int, r0: int, r1: int, n: int) -> list[list[bytes]]:
+    """Rows ``r0:r1`` of a block's tiles at its ``level`` (``n`` tiles a row)."""
+    tiles = result[level]
+    return [tiles[r * n:(r + 1) * n] for r in range(r0, r1)]
+
+
+def _batches_of_rows(sizes: list[int], ntx: int, nb: int, budget: int) -> Iterator[tuple[int, int]]:
+    """(first, end) tile rows of a level fetched together: within one row of blocks (``nb`` tile rows), and no
+    more compressed bytes than ``budget`` unless one row alone has more."""
+    n_rows = len(sizes) // ntx
+    ty = 0
+    while ty < n_rows:
+        end, total = ty, 0
+        limit = min(n_rows, (ty // nb + 1) * nb)
+        while end < limit:
+            row = sum(sizes[end * ntx:(end + 1) * ntx])
+            if end > ty and total + row > budget:
+                break
+            total += row
+            end += 1
+        yield ty, end
+        ty = end
+
+
+def _release(futures: np.ndarray | None) -> None:
+    for fu in () if futures is None else futures.ravel():
+        fu.release()
 
 
 def compress_tile(block: np.ndarray) -> bytes:
@@ -242,12 +267,14 @@ def write_cog_cluster(
     classes: Iterable[ClassInfo],
     tags: Mapping[str, Any] | None = None,
     block: int = BLOCK,
+    batch_bytes: int = 64 << 20,
     bigtiff: bool | None = None,
     priority: int = 0,
 ) -> dict[str, Any]:
     """Write ``class_id`` (a zarr array or dask array, uint8, ``grid.shape``) as a COG built on ``client``'s workers.
 
     The file appears at ``out_path`` complete or not at all. Returns the levels and tile counts.
+    The client fetches tiles a few rows at a time, at most ``batch_bytes`` of them compressed (or one row).
     """
     import dask
     import dask.array as da
@@ -264,104 +291,109 @@ def write_cog_cluster(
     # every block result of every round computed on the workers in one graph; the futures stay there until written
     rounds = list({id(r): r for r, _, _ in per_level}.values())
     flat = client.compute([d for r in rounds for d in r.ravel()], priority=priority)
-    futures: dict[int, np.ndarray] = {}
-    for r in rounds:
-        futures[id(r)] = _grid(flat[: r.size], r.shape)
-        flat = flat[r.size:]
-    lens = {id(r): _grid(client.gather(client.map(_tile_sizes, list(futures[id(r)].ravel()), pure=False, priority=priority)),
-                         r.shape) for r in rounds}
-    # each level's tiles in the file's order (rows of tiles across blocks): (block, index in its list) and size
-    order: list[list[tuple[tuple[int, int], int]]] = []
-    sizes: list[list[int]] = []
-    for (r, i, side), (h, w) in zip(per_level, shapes):
-        nb = max(side // TILE, 1)
-        lvl, sz = [], []
-        for ty in range(-(-h // TILE)):
-            for tx in range(-(-w // TILE)):
-                blk = (ty // nb, tx // nb)
-                bw = min(side, w - blk[1] * side)  # the block's width at this level
-                k = (ty % nb) * -(-bw // TILE) + tx % nb
-                lvl.append((blk, k))
-                sz.append(int(lens[id(r)][blk][i][k]))
-        order.append(lvl)
-        sizes.append(sz)
-    total = sum(sum(s) for s in sizes)
-    # classic TIFF: tile bytes, 8 bytes of leader and trailer and 8 of offset and count per tile, IFDs and tags
-    n_tiles = sum(len(s) for s in sizes)
-    big = total + 16 * n_tiles + 2**20 > 2**32 - 1 if bigtiff is None else bigtiff
-    copied = gdal_tags(grid, classes, tags)
-    ifds = []
-    for i, (h, w) in enumerate(shapes):
-        ifd = _Ifd(big)
-        ifd.add(254, 4, 1 if i else 0)  # NewSubfileType: reduced-resolution image for overviews
-        ifd.add(256, 4, w)
-        ifd.add(257, 4, h)
-        ifd.add(258, 3, 8)
-        ifd.add(259, 3, 8)  # DEFLATE
-        ifd.add(262, 3, 3)  # palette
-        ifd.add(277, 3, 1)
-        ifd.add(284, 3, 1)
-        ifd.add(322, 3, TILE)
-        ifd.add(323, 3, TILE)
-        n = len(sizes[i])
-        ifd.add(324, 16 if big else 4, np.zeros(n, np.uint64))
-        ifd.add(325, 16 if big else 4, np.asarray(sizes[i], np.uint64))
-        ifd.add(339, 3, 1)
-        ifd.add(320, 3, copied[320][1])
-        if i == 0:
-            for code, (typ, value) in copied.items():
-                if code != 320:
-                    ifd.add(code, typ, value)
-        elif 42113 in copied:
-            ifd.add(42113, *copied[42113])
-        ifds.append(ifd)
-    header_len = 16 if big else 8
-    ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(_GHOST):06d} bytes\n{_GHOST}".encode()
-    first_ifd = header_len + len(ghost)
-    first_ifd += first_ifd % 2
-    ifd_at, at = [], first_ifd
-    for ifd in ifds:
-        ifd_at.append(at)
-        at += ifd.size()
-        at += at % 2
-    data_at = at
-    # tile offsets: smallest overview first, full resolution last; each tile has GDAL's leader
-    # (its size, 4 bytes) and trailer (its last 4 bytes again), which readers use to fetch it in one go
-    cursor = data_at
-    for i in reversed(range(len(ifds))):
-        offs = np.zeros(len(sizes[i]), np.uint64)
-        for k, s in enumerate(sizes[i]):
-            offs[k] = cursor + 4
-            cursor += 4 + s + 4
-        ifds[i].add(324, 16 if big else 4, offs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"II+\0" + struct.pack("<HHQ", 8, 0, first_ifd) if big else b"II*\0" + struct.pack("<I", first_ifd))
-            f.write(ghost)
-            f.write(b"\0" * (first_ifd - f.tell()))
-            for k, ifd in enumerate(ifds):
-                nxt = ifd_at[k + 1] if k + 1 < len(ifds) else 0
-                f.write(ifd.pack(ifd_at[k], nxt))
-                f.write(b"\0" * ((ifd_at[k + 1] if k + 1 < len(ifds) else data_at) - f.tell()))
-            for i in reversed(range(len(ifds))):
-                r, li, side = per_level[i]
-                futs = futures[id(r)]
-                nb = max(side // TILE, 1)
-                ntx = -(-shapes[i][1] // TILE)
-                for by in range(futs.shape[0]):  # one row of blocks' tiles of this level at a time
-                    row = client.gather([client.submit(_level_tiles, fu, li, pure=False, priority=priority) for fu in futs[by]])
-                    for blk, k in order[i][by * nb * ntx:(by + 1) * nb * ntx]:
-                        blob = row[blk[1]][k]
-                        f.write(struct.pack("<I", len(blob)) + blob + blob[-4:])
-                    del row
-            assert f.tell() == cursor, (f.tell(), cursor)
-        os.replace(tmp, out)
+    all_futures = list(flat)
+    try:  # the tiles stay on the workers until written, and go whatever happens
+        futures: dict[int, np.ndarray] = {}
+        for r in rounds:
+            futures[id(r)] = _grid(flat[: r.size], r.shape)
+            flat = flat[r.size:]
+        lens = {id(r): _grid(client.gather(client.map(_tile_sizes, list(futures[id(r)].ravel()), pure=False, priority=priority)),
+                             r.shape) for r in rounds}
+        # each level's tile sizes in the file's order (rows of tiles across blocks)
+        sizes: list[list[int]] = []
+        for (r, i, side), (h, w) in zip(per_level, shapes):
+            nb = max(side // TILE, 1)
+            sz = []
+            for ty in range(-(-h // TILE)):
+                for tx in range(-(-w // TILE)):
+                    blk = (ty // nb, tx // nb)
+                    bw = min(side, w - blk[1] * side)  # the block's width at this level
+                    sz.append(int(lens[id(r)][blk][i][(ty % nb) * -(-bw // TILE) + tx % nb]))
+            sizes.append(sz)
+        total = sum(sum(s) for s in sizes)
+        # classic TIFF: tile bytes, 8 bytes of leader and trailer and 8 of offset and count per tile, IFDs and tags
+        n_tiles = sum(len(s) for s in sizes)
+        big = total + 16 * n_tiles + 2**20 > 2**32 - 1 if bigtiff is None else bigtiff
+        copied = gdal_tags(grid, classes, tags)
+        ifds = []
+        for i, (h, w) in enumerate(shapes):
+            ifd = _Ifd(big)
+            ifd.add(254, 4, 1 if i else 0)  # NewSubfileType: reduced-resolution image for overviews
+            ifd.add(256, 4, w)
+            ifd.add(257, 4, h)
+            ifd.add(258, 3, 8)
+            ifd.add(259, 3, 8)  # DEFLATE
+            ifd.add(262, 3, 3)  # palette
+            ifd.add(277, 3, 1)
+            ifd.add(284, 3, 1)
+            ifd.add(322, 3, TILE)
+            ifd.add(323, 3, TILE)
+            n = len(sizes[i])
+            ifd.add(324, 16 if big else 4, np.zeros(n, np.uint64))
+            ifd.add(325, 16 if big else 4, np.asarray(sizes[i], np.uint64))
+            ifd.add(339, 3, 1)
+            ifd.add(320, 3, copied[320][1])
+            if i == 0:
+                for code, (typ, value) in copied.items():
+                    if code != 320:
+                        ifd.add(code, typ, value)
+            elif 42113 in copied:
+                ifd.add(42113, *copied[42113])
+            ifds.append(ifd)
+        header_len = 16 if big else 8
+        ghost = f"GDAL_STRUCTURAL_METADATA_SIZE={len(_GHOST):06d} bytes\n{_GHOST}".encode()
+        first_ifd = header_len + len(ghost)
+        first_ifd += first_ifd % 2
+        ifd_at, at = [], first_ifd
+        for ifd in ifds:
+            ifd_at.append(at)
+            at += ifd.size()
+            at += at % 2
+        data_at = at
+        # tile offsets: smallest overview first, full resolution last; each tile has GDAL's leader
+        # (its size, 4 bytes) and trailer (its last 4 bytes again), which readers use to fetch it in one go
+        cursor = data_at
+        for i in reversed(range(len(ifds))):
+            offs = np.zeros(len(sizes[i]), np.uint64)
+            for k, s in enumerate(sizes[i]):
+                offs[k] = cursor + 4
+                cursor += 4 + s + 4
+            ifds[i].add(324, 16 if big else 4, offs)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(b"II+\0" + struct.pack("<HHQ", 8, 0, first_ifd) if big else b"II*\0" + struct.pack("<I", first_ifd))
+                f.write(ghost)
+                f.write(b"\0" * (first_ifd - f.tell()))
+                for k, ifd in enumerate(ifds):
+                    nxt = ifd_at[k + 1] if k + 1 < len(ifds) else 0
+                    f.write(ifd.pack(ifd_at[k], nxt))
+                    f.write(b"\0" * ((ifd_at[k + 1] if k + 1 < len(ifds) else data_at) - f.tell()))
+                first_level = {id(r): min(i for i, (q, _, _) in enumerate(per_level) if q is r) for r in rounds}
+                for i in reversed(range(len(ifds))):
+                    r, li, side = per_level[i]
+                    futs = futures[id(r)]
+                    nb = max(side // TILE, 1)
+                    h, w = shapes[i]
+                    ntx = -(-w // TILE)
+                    widths = [-(-min(side, w - bx * side) // TILE) for bx in range(futs.shape[1])]  # tiles a row, per block
+                    for ty0, ty1 in _batches_of_rows(sizes[i], ntx, nb, batch_bytes):
+                        by, r0 = divmod(ty0, nb)
+                        parts = client.gather([client.submit(_tile_rows, fu, li, r0, r0 + ty1 - ty0, widths[bx], pure=False,
+                                                             priority=priority) for bx, fu in enumerate(futs[by])])
+                        for k in range(ty1 - ty0):  # rows of tiles across the blocks
+                            for blob in (b for part in parts for b in part[k]):
+                                f.write(struct.pack("<I", len(blob)) + blob + blob[-4:])
+                        del parts
+                    if i == first_level[id(r)]:  # every level of this round written: its tiles can go
+                        _release(futures[id(r)])
+                assert f.tell() == cursor, (f.tell(), cursor)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     finally:
-        tmp.unlink(missing_ok=True)
-    for r in rounds:
-        for fu in futures[id(r)].ravel():
+        for fu in all_futures:
             fu.release()
     return {"levels": [list(s) for s in shapes], "tiles": n_tiles, "blocks": sum(r.size for r in rounds),
             "bytes": cursor, "bigtiff": big}

@@ -191,7 +191,7 @@ def read_bands(stack: RasterStack, window: Window, dtype: str = "float32") -> tu
                 indexes = [b.band for _, b in items]
                 p0 = items[0][0]
                 if [pos for pos, _ in items] == list(range(p0, p0 + len(items))) and all(
-                        np.dtype(b.dtype) == out.dtype for _, b in items):
+                        b.dtype == out.dtype.name for _, b in items):  # GDAL's names ("complex_int16" has no numpy dtype)
                     data = out[p0:p0 + len(items)]
                     ds.read(indexes, window=window, out=data)
                 else:
