@@ -63,6 +63,26 @@ def _normalized(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid
     return x
 
 
+def _channels(data: np.ndarray, card: ModelCard) -> int:
+    return data.shape[0] + len(getattr(card, "index_channels", ()))
+
+
+def _normalized_into(out: np.ndarray, data: np.ndarray, valid: np.ndarray, card: ModelCard,
+                     band_valid: np.ndarray | None) -> None:
+    """``out`` (h, w, channels) = the normalised window, channels-last, made in strips of rows: each strip
+    computed band-first in a small buffer (writing channels-last directly is 3x slower: strided writes),
+    then copied across. Every value is computed per pixel, so strips give the same result, and no
+    window-sized temporaries exist, which a fresh worker would first have to fault in."""
+    h, w, c = out.shape
+    rows = max(1, min(h, NORMALIZE_BYTES // (4 * c * w)))
+    buf = np.empty((c, rows, w), np.float32)
+    for y0 in range(0, h, rows):
+        y1 = min(y0 + rows, h)
+        x = _normalized(data[:, y0:y1], valid[y0:y1], card, None if band_valid is None else band_valid[:, y0:y1],
+                        buf[:, : y1 - y0])
+        out[y0:y1] = x.transpose(1, 2, 0)
+
+
 def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None = None,
               channels_last: bool = False) -> np.ndarray:
     """``(x - mean) / std`` per band; invalid pixels (and missing values of a band) become 0 (the band mean).
@@ -70,25 +90,29 @@ def normalize(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: 
     The card's index channels follow the bands (0 where an index has no finite value). Written
     with masked copies (no boolean gathers: this runs on every chunk's window).
     ``channels_last``: the (bands, h, w) result is a view of (h, w, bands) memory, the layout the
-    network runs in, so the network makes no copy of its own while it holds its feature maps. It is
-    made in strips of rows: each strip computed band-first in a small buffer (writing channels-last
-    directly is 3x slower: strided writes), then copied across. Every value is computed per pixel,
-    so strips give the same result; and no window-sized temporaries exist, which a fresh worker
-    would first have to fault in (a 4240 px window of 4 bands + 2 indices: 3.7 s cold, 0.6 s warm
-    as one block; see the #7 note)."""
+    network runs in, so the network makes no copy of its own while it holds its feature maps; made
+    in strips (``_normalized_into``: a 4240 px window of 4 bands + 2 indices as one block took 3.7 s
+    in a fresh worker, 0.6 s warm; see the #7 note)."""
     if not channels_last:
         return _normalized(data, valid, card, band_valid)
-    c = data.shape[0] + len(getattr(card, "index_channels", ()))
-    h, w = data.shape[1:]
-    out = np.empty((h, w, c), np.float32)
-    rows = max(1, NORMALIZE_BYTES // (4 * c * w))
-    buf = np.empty((c, rows, w), np.float32)
-    for y0 in range(0, h, rows):
-        y1 = min(y0 + rows, h)
-        x = _normalized(data[:, y0:y1], valid[y0:y1], card, None if band_valid is None else band_valid[:, y0:y1],
-                        buf[:, : y1 - y0])
-        out[y0:y1] = x.transpose(1, 2, 0)
+    out = np.empty((*data.shape[1:], _channels(data, card)), np.float32)
+    _normalized_into(out, data, valid, card, band_valid)
     return out.transpose(2, 0, 1)
+
+
+def _batch_tensor(x: np.ndarray, stride: int, device: str) -> torch.Tensor:
+    """A batch ``(n, bands, h, w)`` as a channels-last tensor on ``device``, padded with zeros at the bottom and
+    right up to ``stride``."""
+    import torch
+
+    h, w = x.shape[-2:]
+    ph, pw = -h % stride, -w % stride
+    if x.strides[1] != x.itemsize:  # not channels-last memory already (see normalize)
+        x = np.ascontiguousarray(x)
+    t = torch.from_numpy(x)
+    if ph or pw:
+        t = torch.nn.functional.pad(t, (0, pw, 0, ph))
+    return t.to(device).contiguous(memory_format=torch.channels_last)
 
 
 class InputWindow:
@@ -100,12 +124,7 @@ class InputWindow:
 
     def __init__(self, data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None = None):
         self.data, self.valid, self.card, self.band_valid = data, valid, card, band_valid
-        self.channels = data.shape[0] + len(getattr(card, "index_channels", ()))
         self._array: np.ndarray | None = None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.channels, *self.valid.shape)
 
     def array(self) -> np.ndarray:
         """The whole input (channels, h, w), in channels-last memory; made once."""
@@ -114,26 +133,29 @@ class InputWindow:
         return self._array
 
     def rows(self, stride: int, device: str) -> Any:
-        """The whole window as one batch (1, channels, h, w) padded with zeros to ``stride`` at the bottom
-        and right (as ``_logits`` pads), made a strip of rows at a time (a ``geoseg.model.tiled.RowSource``)."""
-        import torch
-
+        """The whole window as one batch (1, channels, h, w), padded as ``_logits`` pads, for the network to read a
+        strip of rows at a time (a ``geoseg.model.tiled.RowSource``; made whole only if a network asks)."""
         from geoseg.model.tiled import RowSource
 
         window = self
         h, w = self.valid.shape
+        c = _channels(self.data, self.card)
 
         class Rows(RowSource):
-            shape = (1, window.channels, h + (-h % stride), w + (-w % stride))
+            shape = (1, c, h + (-h % stride), w + (-w % stride))
             size = (h, w)
 
             def rows(self, y0: int, y1: int) -> torch.Tensor:
-                out = np.zeros((y1 - y0, self.shape[3], window.channels), np.float32)
-                r1 = min(y1, h)
-                if r1 > y0:
-                    bv = None if window.band_valid is None else window.band_valid[:, y0:r1]
-                    out[: r1 - y0, :w] = _normalized(window.data[:, y0:r1], window.valid[y0:r1], window.card, bv).transpose(1, 2, 0)
+                import torch
+
+                out = np.zeros((y1 - y0, self.shape[3], c), np.float32)
+                if min(y1, h) > y0:
+                    bv = None if window.band_valid is None else window.band_valid[:, y0:y1]
+                    _normalized_into(out[: min(y1, h) - y0, :w], window.data[:, y0:y1], window.valid[y0:y1], window.card, bv)
                 return torch.from_numpy(out).permute(2, 0, 1)[None].to(device)  # channels-last memory
+
+            def whole(self) -> torch.Tensor:  # several networks, or one that runs as one pass: the array, made once
+                return _batch_tensor(window.array()[None], stride, device)
 
         return Rows()
 
@@ -169,14 +191,8 @@ def _logits(net: torch.nn.Module, x: Any, stride: int, settings: InferenceSettin
     if isinstance(x, RowSource):  # padded already, made a strip at a time (InputWindow.rows)
         t, (h, w) = x, x.size
     else:
-        n, b, h, w = x.shape
-        ph, pw = -h % stride, -w % stride
-        if x.strides[1] != x.itemsize:  # not channels-last memory already (see normalize)
-            x = np.ascontiguousarray(x)
-        t = torch.from_numpy(x)
-        if ph or pw:
-            t = torch.nn.functional.pad(t, (0, pw, 0, ph))
-        t = t.to(settings.device).contiguous(memory_format=torch.channels_last)
+        h, w = x.shape[-2:]
+        t = _batch_tensor(x, stride, settings.device)
 
     with torch.inference_mode(), _autocast(settings):
         logits = tiled_forward(net, t)
@@ -270,11 +286,9 @@ def segment_window(
     class_id = np.full(core.shape, NODATA_CLASS, np.uint8)
     confidence = np.full(core.shape, np.nan, np.float32)
     d4 = (settings.tta or card.tta) == "d4"
-    # several networks each read the input: made once, whole (a strip at a time it would be made once per network)
-    strips = isinstance(x, InputWindow) and len(getattr(net, "members", (net,))) == 1
     for batch in _batches(tiles, settings.batch_size):
         whole = len(batch) == 1 and batch[0].input == outer
-        if whole and mix is None and not d4 and strips:
+        if whole and mix is None and not d4 and isinstance(x, InputWindow):
             # the default (tile = chunk): the input made a strip of rows at a time as the network reads it
             xb: Any = x.rows(card.stride, settings.device)
         elif whole:

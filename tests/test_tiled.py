@@ -241,6 +241,8 @@ def test_several_networks_share_one_whole_input(monkeypatch):
 
     torch.manual_seed(4)
     nets = [_random_statistics(build_network("unet", "resnet18", 4, 3, 3, {})) for _ in range(2)]
+    for net in nets:
+        net.__dict__["_geoseg_tiled"] = TiledUnet.plan(net, strip_bytes=1 << 18)  # strips of a few rows
     monkeypatch.setattr(tiled, "MIN_WINDOW", 64 * 64)
     data = np.random.default_rng(5).integers(0, 3000, (4, 96, 128)).astype(np.uint16)
     valid = np.ones((96, 128), bool)

@@ -191,6 +191,8 @@ def tiled_forward(net: nn.Module, x: "torch.Tensor | RowSource") -> torch.Tensor
     from geoseg.model.members import MemberMean
 
     if isinstance(net, MemberMean):  # each member stage by stage, one after another
+        if len(net.members) > 1:
+            x = _whole(x)  # every member reads it: made once, not a strip at a time per member
         return net.mean(lambda member: tiled_forward(member, x))
     if x.shape[-2] * x.shape[-1] < MIN_WINDOW:
         return net(_whole(x))
