@@ -4,10 +4,10 @@ Workers compute the overview levels (MODE of 2x2 blocks, nodata ignored: averagi
 invent classes) and DEFLATE-compress every 512 px tile of every level, one task per 4096 px block
 for four levels at once, then in rounds over the mosaic of the last level made (a task per tile, as
 this module first did, spent its time scheduling: an 8192 px map took 3.5 s, in blocks 1.3 s, on two
-workers). The client first
-learns only the tiles' sizes, writes the TIFF header (IFDs before data, as GDAL's COG driver
-lays them out, with its "ghost" structural metadata), then appends the tiles in COG order
-(smallest overview first, full resolution last, rows in order), fetching a few at a time.
+workers). The client first learns only the tiles' sizes, writes the TIFF header (IFDs before data,
+as GDAL's COG driver lays them out, with its "ghost" structural metadata), then appends the tiles
+in COG order (smallest overview first, full resolution last, rows in order), fetching a few rows
+at a time.
 
 GeoTIFF keys, GDAL metadata (class names and colours), nodata and the colour table are the
 bytes GDAL itself writes for this grid: taken from a tiny GeoTIFF GDAL makes in memory.
@@ -18,6 +18,7 @@ overview factor (the grid would change), so geoseg lays the file out itself.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import struct
 import uuid
 import zlib
@@ -91,40 +92,65 @@ def block_pyramid(block: np.ndarray, n: int, downsample: bool) -> tuple[list[lis
     return tiles, a
 
 
-def _halved(n: int, times: int) -> int:
-    for _ in range(times):
-        n = (n + 1) // 2
-    return n
+@dataclass(eq=False)
+class Round:
+    """One task per block over one level's mosaic, making the tiles of levels ``first .. first + n - 1``."""
+
+    blocks: np.ndarray  # (block rows, block columns): delayed results, then futures
+    first: int
+    n: int
+    side: int  # a block's side at level ``first``
+    sizes: np.ndarray | None = None  # per block, each level's tile sizes (once computed)
+
+    def level_side(self, level: int) -> int:
+        return self.side >> (level - self.first)
 
 
-def pyramid_tasks(full: Any, n_levels: int, block: int) -> list[tuple[np.ndarray, int, int]]:
-    """Delayed block results for every level: one (blocks' results, index of the level in them, block side at that
-    level) per level. One task per ``block`` px block makes its tiles at several levels (``block`` = TILE x 2^k:
-    k + 1 levels from full resolution, then k per round on the mosaic of the previous round's last level), so the
-    graph has a few tasks per block instead of several per tile, and memory stays one block per task."""
+def pyramid_tasks(full: Any, n_levels: int, block: int) -> list[Round]:
+    """The rounds of block tasks that make every level's tiles. One task per ``block`` px block makes its tiles at
+    several levels (``block`` = TILE x 2^k: k + 1 levels from full resolution, then k per round on the mosaic of the
+    previous round's last level), so the graph has a few tasks per block instead of several per tile, and memory
+    stays one block per task."""
     import dask
     import dask.array as da
 
     k = (block // TILE).bit_length() - 1
     if k < 1 or block != TILE << k:
         raise ValueError(f"block must be {TILE} px times a power of two, at least 2; got {block}")
-    out: list[tuple[np.ndarray, int, int]] = []
-    arr, downsample = full, False
-    while len(out) < n_levels:
-        n = min(k + (0 if downsample else 1), n_levels - len(out))
-        parts = arr.rechunk(block).to_delayed(optimize_graph=False)
+    rounds: list[Round] = []
+    arr, level = full.rechunk(block), 0
+    while level < n_levels:
+        downsample = level > 0  # a later round's blocks are the level before its first
+        n = min(k + (0 if downsample else 1), n_levels - level)
+        parts = arr.to_delayed(optimize_graph=False)
         results = np.empty(parts.shape, object)
         lasts = np.empty(parts.shape, object)
-        chunks = arr.rechunk(block).chunks
         steps = n - 1 + downsample
         for iy, ix in np.ndindex(parts.shape):
             results[iy, ix], last = dask.delayed(block_pyramid, nout=2, pure=True)(parts[iy, ix], n, downsample)
-            shape = (_halved(chunks[0][iy], steps), _halved(chunks[1][ix], steps))
+            # each step pads to even sides and halves: ceil(side / 2^steps)
+            shape = (-(-arr.chunks[0][iy] >> steps), -(-arr.chunks[1][ix] >> steps))
             lasts[iy, ix] = da.from_delayed(last, shape, dtype=np.uint8)
-        for i in range(n):
-            out.append((results, i, block >> (i + downsample)))
-        arr, downsample = da.block(lasts.tolist()), True
+        rounds.append(Round(results, level, n, block >> downsample))
+        arr, level = da.block(lasts.tolist()).rechunk(block), level + n
+    return rounds
+
+
+def _file_order(per_block: np.ndarray, i: int, widths: list[int]) -> list[Any]:
+    """Level ``i``'s items of every block (``per_block[by, bx][i]``, each block's row-major, ``widths[bx]`` a row) in
+    the file's order: rows of tiles across the blocks."""
+    out: list[Any] = []
+    for by in range(per_block.shape[0]):
+        lists = [per_block[by, bx][i] for bx in range(per_block.shape[1])]
+        for r in range(len(lists[0]) // widths[0]):
+            for items, n in zip(lists, widths):
+                out.extend(items[r * n:(r + 1) * n])
     return out
+
+
+def _widths(side: int, width: int, columns: int) -> list[int]:
+    """Tiles a row in each block column of a level ``width`` px wide, blocks ``side`` px wide at that level."""
+    return [-(-min(side, width - bx * side) // TILE) for bx in range(columns)]
 
 
 def _grid(items: list[Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -160,11 +186,6 @@ def _batches_of_rows(sizes: list[int], ntx: int, nb: int, budget: int) -> Iterat
             end += 1
         yield ty, end
         ty = end
-
-
-def _release(futures: np.ndarray | None) -> None:
-    for fu in () if futures is None else futures.ravel():
-        fu.release()
 
 
 def compress_tile(block: np.ndarray) -> bytes:
@@ -287,29 +308,18 @@ def write_cog_cluster(
         raise InputError(f"{out_path}: the class map of shape {tuple(full.shape)} ({full.dtype}) does not fit the grid "
                          f"{tuple(grid.shape)} (uint8)")
     shapes = level_shapes(full.shape)
-    per_level = pyramid_tasks(full, len(shapes), block)
+    rounds = pyramid_tasks(full, len(shapes), block)
+    round_of = [r for r in rounds for _ in range(r.n)]  # each level's round
     # every block result of every round computed on the workers in one graph; the futures stay there until written
-    rounds = list({id(r): r for r, _, _ in per_level}.values())
-    flat = client.compute([d for r in rounds for d in r.ravel()], priority=priority)
-    all_futures = list(flat)
+    all_futures = client.compute([d for r in rounds for d in r.blocks.ravel()], priority=priority)
     try:  # the tiles stay on the workers until written, and go whatever happens
-        futures: dict[int, np.ndarray] = {}
+        flat = list(all_futures)
         for r in rounds:
-            futures[id(r)] = _grid(flat[: r.size], r.shape)
-            flat = flat[r.size:]
-        lens = {id(r): _grid(client.gather(client.map(_tile_sizes, list(futures[id(r)].ravel()), pure=False, priority=priority)),
-                             r.shape) for r in rounds}
-        # each level's tile sizes in the file's order (rows of tiles across blocks)
-        sizes: list[list[int]] = []
-        for (r, i, side), (h, w) in zip(per_level, shapes):
-            nb = max(side // TILE, 1)
-            sz = []
-            for ty in range(-(-h // TILE)):
-                for tx in range(-(-w // TILE)):
-                    blk = (ty // nb, tx // nb)
-                    bw = min(side, w - blk[1] * side)  # the block's width at this level
-                    sz.append(int(lens[id(r)][blk][i][(ty % nb) * -(-bw // TILE) + tx % nb]))
-            sizes.append(sz)
+            r.blocks, flat = _grid(flat[: r.blocks.size], r.blocks.shape), flat[r.blocks.size:]
+            r.sizes = _grid(client.gather(client.map(_tile_sizes, list(r.blocks.ravel()), pure=False, priority=priority)),
+                            r.blocks.shape)
+        widths = [_widths(r.level_side(i), w, r.blocks.shape[1]) for i, (r, (_, w)) in enumerate(zip(round_of, shapes))]
+        sizes = [_file_order(r.sizes, i - r.first, widths[i]) for i, r in enumerate(round_of)]
         total = sum(sum(s) for s in sizes)
         # classic TIFF: tile bytes, 8 bytes of leader and trailer and 8 of offset and count per tile, IFDs and tags
         n_tiles = sum(len(s) for s in sizes)
@@ -370,24 +380,20 @@ def write_cog_cluster(
                     nxt = ifd_at[k + 1] if k + 1 < len(ifds) else 0
                     f.write(ifd.pack(ifd_at[k], nxt))
                     f.write(b"\0" * ((ifd_at[k + 1] if k + 1 < len(ifds) else data_at) - f.tell()))
-                first_level = {id(r): min(i for i, (q, _, _) in enumerate(per_level) if q is r) for r in rounds}
                 for i in reversed(range(len(ifds))):
-                    r, li, side = per_level[i]
-                    futs = futures[id(r)]
-                    nb = max(side // TILE, 1)
-                    h, w = shapes[i]
-                    ntx = -(-w // TILE)
-                    widths = [-(-min(side, w - bx * side) // TILE) for bx in range(futs.shape[1])]  # tiles a row, per block
-                    for ty0, ty1 in _batches_of_rows(sizes[i], ntx, nb, batch_bytes):
+                    r = round_of[i]
+                    nb = r.level_side(i) // TILE  # tile rows in a row of blocks
+                    for ty0, ty1 in _batches_of_rows(sizes[i], -(-shapes[i][1] // TILE), nb, batch_bytes):
                         by, r0 = divmod(ty0, nb)
-                        parts = client.gather([client.submit(_tile_rows, fu, li, r0, r0 + ty1 - ty0, widths[bx], pure=False,
-                                                             priority=priority) for bx, fu in enumerate(futs[by])])
+                        parts = client.gather([client.submit(_tile_rows, fu, i - r.first, r0, r0 + ty1 - ty0, n, pure=False,
+                                                             priority=priority) for fu, n in zip(r.blocks[by], widths[i])])
                         for k in range(ty1 - ty0):  # rows of tiles across the blocks
                             for blob in (b for part in parts for b in part[k]):
                                 f.write(struct.pack("<I", len(blob)) + blob + blob[-4:])
                         del parts
-                    if i == first_level[id(r)]:  # every level of this round written: its tiles can go
-                        _release(futures[id(r)])
+                    if i == r.first:  # every level of this round written: its tiles can go
+                        for fu in r.blocks.ravel():
+                            fu.release()
                 assert f.tell() == cursor, (f.tell(), cursor)
             os.replace(tmp, out)
         finally:
@@ -395,5 +401,5 @@ def write_cog_cluster(
     finally:
         for fu in all_futures:
             fu.release()
-    return {"levels": [list(s) for s in shapes], "tiles": n_tiles, "blocks": sum(r.size for r in rounds),
+    return {"levels": [list(s) for s in shapes], "tiles": n_tiles, "blocks": sum(r.blocks.size for r in rounds),
             "bytes": cursor, "bigtiff": big}
