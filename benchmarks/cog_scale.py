@@ -2,8 +2,8 @@
 
     python benchmarks/cog_scale.py [--sizes 8192,16384,32768] [--workdir DIR] [--baseline-max 32768] [--json PATH]
 
-For each size N of --sizes, on an N x N class map (labels.tif of `geoseg sample-data DIR --size N --bands 1
---classes 6 --seed 0`, copied into a Zarr store of 4096 px chunks, as a prediction store holds it), prints:
+For each size N of --sizes, on an N x N class map (vectorize.py's: labels.tif of `geoseg sample-data DIR --size N
+--bands 1 --classes 6 --seed 0`, copied into a Zarr store of 4096 px chunks, as a prediction store holds it), prints:
   1. geoseg: `write_cog_cluster(client, store["class_id"], out)` on an already started `connect()` cluster
      (default workers, warmed up by a 1024 px map): seconds, Mpx/s, tiles and tasks' blocks, the growth
      of this (client) process's peak RSS (VmHWM; it also holds the scheduler) and every worker's peak RSS;
@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vectorize import class_raster, own_peak, worker_peaks  # this folder's: the same class maps and peak figures
+
 GDAL_CHILD = r"""
 import json, sys, time
 t = time.perf_counter()
@@ -48,25 +50,17 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": hwm}))
 """
 
 
-def vm_hwm() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-
-
 def class_store(work: Path, size: int) -> tuple[Path, dict]:
-    """labels.tif of `geoseg sample-data` as a Zarr array of 4096 px chunks, and its grid and classes (cached)."""
+    """vectorize.py's class map (labels.tif of `geoseg sample-data`) as a Zarr array of 4096 px chunks, and its
+    grid and classes (cached)."""
     import numpy as np
     import rasterio
     import zarr
 
-    from geoseg.sample import make_sample, sample_classes
+    from geoseg.sample import sample_classes
 
-    d = work / f"labels{size}-c6-seed0"
-    tif, store = d / "labels.tif", d / "class_id.zarr"
-    if not tif.exists():
-        t = time.perf_counter()
-        make_sample(d, size=size, bands=1, seed=0, n_classes=6)
-        print(f"generated a {size}x{size} class map in {time.perf_counter() - t:.1f} s", flush=True)
+    tif = class_raster(work, size)
+    store = tif.parent / "class_id.zarr"
     with rasterio.open(tif) as src:
         meta = {"shape": [src.height, src.width], "affine": list(src.transform)[:6], "crs": src.crs.to_wkt(),
                 "classes": [c.model_dump() for c in sample_classes(6)]}
@@ -90,13 +84,12 @@ def geoseg_cog(client, store: Path, meta: dict, out: Path) -> dict:
 
     grid = GeoBox(tuple(meta["shape"]), Affine(*meta["affine"]), meta["crs"])
     classes = [ClassInfo(**c) for c in meta["classes"]]
-    before = vm_hwm()
+    before = own_peak()[0]
     t = time.perf_counter()
     info = write_cog_cluster(client, zarr.open_array(str(store), mode="r"), out, grid=grid, classes=classes)
     seconds = time.perf_counter() - t
-    workers = client.run(vm_hwm)
     return {"seconds": seconds, "tiles": info["tiles"], "blocks": info.get("blocks"), "bytes": info["bytes"],
-            "client_peak_growth": vm_hwm() - before, "worker_peak_rss": sorted(workers.values())}
+            "client_peak_growth": own_peak()[0] - before, "worker_peak_rss": worker_peaks(client)[0]}
 
 
 def gdal_cog(store: Path, meta: dict, out: Path) -> dict:
