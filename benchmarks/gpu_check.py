@@ -10,11 +10,14 @@ Prints, in well under 10 minutes on one GPU and ~16 cores:
       a scheduler, N-1 CPU workers (`--nthreads 1`, no GPU visible) for reading and writing, and one
       GPU worker (`--resources GPU=1 --nthreads 1`) for the model tasks (model_resources={"GPU": 1});
       after a warm-up on a 2048 scene: the segment stage's Mpx/s, the whole call's Mpx/s (COG
-      included; polygons only with --vectors: predict polygonizes the whole class map in this
-      process, which on a random model's 16384^2 map takes far longer than 10 minutes), timings
-      and run.json's numerics;
+      included; polygons only with --vectors: a random model's 16384^2 map holds millions of
+      polygons), timings, run.json's numerics and the worker each infer task ran on;
   (d) the GPU's busy share during that run: nvidia-smi's utilization.gpu sampled every 0.5 s.
-On a machine without CUDA it says so and exits 0, having measured nothing.
+On a machine without CUDA it says so and exits 0, having measured nothing, unless --rehearse:
+then (c) runs on the CPU (the "GPU" worker is a CPU worker with the GPU resource), so the script
+itself is known to work before a GPU machine's scarce minutes are spent on it:
+
+    python benchmarks/gpu_check.py --rehearse --size 2048 --cpu-workers 1
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ def stop(procs: list[subprocess.Popen]) -> None:
                 pass
 
 
-def end_to_end(args, model: Path, work: Path) -> None:
+def end_to_end(args, model: Path, work: Path) -> bool:
+    """(c) and (d); True if every infer task ran on the GPU worker."""
     from distributed import Client
 
     from geoseg.pipeline import PredictOptions, predict
@@ -156,10 +160,15 @@ def end_to_end(args, model: Path, work: Path) -> None:
             sampler = GpuSampler() if shutil.which("nvidia-smi") else None
             if sampler:
                 sampler.start()
+            from distributed import get_task_stream
+
             t0 = time.perf_counter()
-            rec = predict([scenes[args.size]], model, work / "out", PredictOptions(model_resources=gpu, overwrite=True,
-                          vectors=args.vectors), client=client)
+            with get_task_stream(client) as stream:
+                rec = predict([scenes[args.size]], model, work / "out", PredictOptions(model_resources=gpu, overwrite=True,
+                              vectors=args.vectors), client=client)
             wall = time.perf_counter() - t0
+            names = {addr: str(w.get("name")) for addr, w in client.scheduler_info()["workers"].items()}
+            ran = [names.get(t["worker"], t["worker"]) for t in stream.data if "geoseg-infer" in str(t["key"])]
             if sampler:
                 sampler.stopped.set()
                 sampler.join()
@@ -171,6 +180,9 @@ def end_to_end(args, model: Path, work: Path) -> None:
           f"{h * w / 1e6 / wall:.1f} Mpx/s; timings {rec['timings']}; chunk {p['chunk_size']}, halo {p['halo']}, "
           f"overhead {p['overhead']}, {p['precision']}", flush=True)
     print("    numerics: " + json.dumps(rec["numerics"]), flush=True)
+    on_gpu = sum(1 for n in ran if n.startswith("gpu"))
+    placed = bool(ran) and on_gpu == len(ran)
+    print(f"    infer tasks on the GPU worker: {on_gpu} of {len(ran)}" + ("" if placed else "  <- PLACEMENT FAILED"), flush=True)
     if sampler is None:
         print("(d) GPU busy: nvidia-smi not found, not measured", flush=True)
     elif sampler.samples:
@@ -179,6 +191,7 @@ def end_to_end(args, model: Path, work: Path) -> None:
         seg = s[busy[0]:busy[-1] + 1] if busy else []
         print(f"(d) GPU busy: mean {sum(s) / len(s):.0f}% over the whole call ({len(s)} samples, 0.5 s apart); "
               f"{(sum(seg) / len(seg)) if seg else 0:.0f}% from the first to the last busy sample (the segment stage)", flush=True)
+    return placed
 
 
 def main() -> int:
@@ -191,14 +204,17 @@ def main() -> int:
     ap.add_argument("--vectors", action="store_true", help="also polygonize (slow on a random model's map)")
     ap.add_argument("--skip-pytest", action="store_true")
     ap.add_argument("--pytest-timeout", type=float, default=180.0)
+    ap.add_argument("--rehearse", action="store_true", help="without CUDA: run (c) on the CPU to check the script")
     args = ap.parse_args()
 
     import torch
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.rehearse:
         print("no CUDA device found (torch.cuda.is_available() is False): nothing was measured")
         return 0
-    ok = True if args.skip_pytest else run_pytest(args.pytest_timeout)
+    if args.rehearse:
+        print("rehearsal: (a) the GPU tests and (b) the model-only figure skipped; (c) on the CPU", flush=True)
+    ok = True if args.skip_pytest or args.rehearse else run_pytest(args.pytest_timeout)
     from geoseg.model.store import init_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="geoseg-gpu-"))
@@ -207,8 +223,9 @@ def main() -> int:
         model = Path(args.model) if args.model else work / "model"
         if not (model / "model.json").exists():
             init_model(model, n_bands=4, n_classes=5, encoder="resnet18", seed=0)
-        model_only(model, args.model_seconds)
-        end_to_end(args, model, work)
+        if not args.rehearse:
+            model_only(model, args.model_seconds)
+        ok = end_to_end(args, model, work) and ok
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
