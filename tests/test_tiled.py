@@ -254,3 +254,35 @@ def test_several_networks_share_one_whole_input(monkeypatch):
     both = InputWindow(data, valid, card)
     segment_window(MemberMean(nets), card, both, valid, box, [Tile(box, box)], box, InferenceSettings())
     assert both._array is not None
+
+
+def test_a_segmented_window_is_freed_without_the_cycle_collector(monkeypatch):
+    """Once a window is segmented, nothing keeps its input alive but the caller: no reference cycle holds it
+    for Python's cyclic collector, which in a worker may run many windows later (the memory of every
+    window in between stays taken: a worker's RSS grew from 3.1 to 6.0 GB over 30 windows)."""
+    import gc
+    import weakref
+
+    from geoseg.infer import InferenceSettings, InputWindow, segment_window
+    from geoseg.model import tiled
+    from geoseg.tiling import Box, Tile
+
+    torch.manual_seed(8)
+    net = _random_statistics(build_network("unet", "resnet18", 4, 3, 3, {}))
+    net.__dict__["_geoseg_tiled"] = TiledUnet.plan(net, strip_bytes=1 << 18)
+    monkeypatch.setattr(tiled, "MIN_WINDOW", 64 * 64)
+    data = np.random.default_rng(9).integers(0, 3000, (4, 96, 128)).astype(np.uint16)
+    valid = np.ones((96, 128), bool)
+    box, card = Box(0, 96, 0, 128), _card()
+    gc.collect()
+    gc.disable()
+    try:
+        window = InputWindow(data, valid, card)
+        got = segment_window(net, card, window, valid, box, [Tile(box, box)], box, InferenceSettings())
+        assert window._array is None  # the stage-wise path: rows made a strip at a time
+        gone = weakref.ref(window)
+        del window
+        assert gone() is None
+    finally:
+        gc.enable()
+    assert (got[0] != 255).all()
