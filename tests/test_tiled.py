@@ -35,7 +35,7 @@ def _card(arch="unet", encoder="resnet18", depth=3, arch_params=None, rf=None):
 
 
 @pytest.mark.parametrize("encoder,depth,fold", [("resnet18", 4, True), ("resnet18", 4, False), ("resnet34", 5, True),
-                                                ("resnet50", 3, True)])
+                                                ("resnet50", 3, True), ("resnet18", 2, False)])
 def test_tiled_execution_equals_one_pass(encoder, depth, fold):
     torch.manual_seed(0)
     net = _random_statistics(build_network("unet", encoder, 4, 5, depth, {}))
