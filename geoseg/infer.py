@@ -173,8 +173,6 @@ def _window_rows_class() -> type:
     return WindowRows
 
 
-
-
 def pixel_valid(card: ModelCard, valid: np.ndarray) -> np.ndarray:
     """Pixels to classify: ``valid`` as given (h, w), or from each band's mask (bands, h, w): every
     band present, or (``missing_bands: fill``) any band present."""
