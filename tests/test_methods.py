@@ -188,7 +188,7 @@ def test_network_with_index_channels_and_companion_through_the_cluster(client, s
     tr = card.training
     assert ens is not None or tr["ensemble"].startswith("not kept")
     if ens is not None:
-        assert (out / "pixel.lgb.txt").read_text().startswith("tree") and 0 <= ens["weight"] < 1
+        assert (out / "pixel.lgb.txt").read_text().startswith("tree") and ens["weight"] in (0.5, 0.75)
     record = predict([img], out, tmp_path / "o", PredictOptions(chunk_size=64, exact=True, cog=False, vectors=False), client=client)
     got = open_prediction(tmp_path / "o" / "prediction.zarr")["class_id"].values
     bundle = load_model(out)
@@ -198,6 +198,18 @@ def test_network_with_index_channels_and_companion_through_the_cluster(client, s
     assert np.count_nonzero(got != ref) <= 1e-4 * got.size
     assert (got[150:170, 30:] != 255).all()  # nir missing: classified (band at its mean, trees route it)
     assert record["model"]["method"] == "smp"
+
+
+def test_the_companion_is_kept_unless_the_mix_clearly_loses_on_validation():
+    """The network keeps the majority of the mix (0.5 or 0.75, the better on validation; ties: 0.75), and the
+    companion is dropped only where that mix scores more than MAX_LOSS below the network alone."""
+    from geoseg.training.ensemble import MAX_LOSS, kept_weight
+
+    assert kept_weight({0.0: 0.2, 0.25: 0.3, 0.5: 0.37, 0.75: 0.33, 1.0: 0.30}) == 0.5
+    assert kept_weight({0.0: 0.4, 0.25: 0.4, 0.5: 0.33, 0.75: 0.338, 1.0: 0.340}) == 0.75  # a small loss: kept
+    assert kept_weight({0.5: 0.35, 0.75: 0.35, 1.0: 0.30}) == 0.75
+    assert kept_weight({0.5: 0.30, 0.75: 0.30, 1.0: 0.30 + 2 * MAX_LOSS}) == 1.0
+    assert kept_weight({1.0: 0.30}) == 1.0  # no companion scored
 
 
 def test_predict_command_with_a_pixel_model_makes_every_output(scene, pixel_model, tmp_path):

@@ -731,7 +731,7 @@ def train(
             extra[entry["file"]] = lambda path, b=booster: b.save_model(str(path), num_iteration=b.best_iteration or None)
         update["training"] = dict(card.training or {}, inference_choice_seconds=round(time.perf_counter() - t_choice, 3),
                                   inference_choice=choice["scores"],
-                                  ensemble=choice["entry"] or "not kept: mixing did not raise validation mIoU")  # fmt: skip
+                                  ensemble=choice["entry"] or choice["why"])  # fmt: skip
     update["tta"] = "none" if tta == "auto" else tta
     card = ModelCard.model_validate({**card.model_dump(), **update})
     save_model(net, card, out, overwrite=True, extra=extra)  # emptiness was checked up front
