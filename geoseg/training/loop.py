@@ -76,7 +76,7 @@ class TrainConfig:
     band_dropout: float = 0.1  # chance a chip loses one band (set to its mean): models that classify with a band missing
     photometric: float = 0.0  # per-band gain and offset jitter of a chip (std, normalised units); NC: 0.1 cost 0.03 mIoU
     index_channels: bool = True  # indices the band roles allow (NDVI, NDWI...) as extra network inputs
-    ensemble: bool = True  # fit a per-pixel LightGBM companion and keep the mix if it scores better on validation
+    ensemble: bool = True  # fit a per-pixel LightGBM companion; keep the mix unless it clearly loses on validation
     val_max_pixels: int = 4_000_000  # validation blocks beyond this are sampled (seeded)
     seed: int = 0
     members: int = 3  # networks trained with seeds seed, seed+1, ...; the model is the mean of their logits
