@@ -49,9 +49,10 @@ def choose_inference(prep: Any, net: torch.nn.Module, stride: int, roles: Sequen
     from geoseg.infer import InferenceSettings, forward, forward_d4
 
     options = ("none", "d4") if tta == "auto" else (tta,)
+    not_asked = None if ensemble else "not asked for (--no-ensemble)"
     if not prep.val_boxes:
         return {"tta": "none" if tta == "auto" else tta, "booster": None, "entry": None, "scores": {},
-                "why": "not kept: no validation blocks to choose on"}
+                "why": not_asked or "not kept: no validation blocks to choose on"}
     n = len(prep.classes)
     features = default_features(roles, prep.stack.count)
     scale = prep.normalization.std
@@ -94,10 +95,8 @@ def choose_inference(prep: Any, net: torch.nn.Module, stride: int, roles: Sequen
     if w < 1.0:
         entry = {"method": "pixel", "file": COMPANION_NAME, "features": list(features), "weight": w,
                  "validation_miou": {str(v): round(float(scores[(chosen, v)]), 6) for v in weights}, "fit": record}  # fmt: skip
-    why = None
-    if entry is None:
-        why = ("not asked for (--no-ensemble)" if not ensemble else
-               "not kept: no companion could be fitted on the training blocks" if booster is None else
-               f"not kept: the mix scored more than {MAX_LOSS} below the network alone on validation")
+    why = None if entry else not_asked or (
+        "not kept: no companion could be fitted on the training blocks" if booster is None else
+        f"not kept: the mix scored more than {MAX_LOSS} below the network alone on validation")
     return {"tta": chosen, "booster": booster if entry else None, "entry": entry, "why": why,
             "scores": {f"tta={t} network_weight={v}": round(float(sc), 6) for (t, v), sc in scores.items()}}
