@@ -43,8 +43,13 @@ def spawned_worker_config() -> dict[str, Any]:
     # glibc's allocator set for large, reused buffers from the first allocation on (geoseg.workers;
     # the worker plugin sets the same at run time in workers started by someone else)
     pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}
-    return {"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
-            "distributed.nanny.pre-spawn-environ": pre_spawn}
+    config = {"distributed.worker.daemon": False, "distributed.nanny.environ": environ,
+              "distributed.nanny.pre-spawn-environ": pre_spawn}
+    # on Linux the workers are forked from a server that imported torch once (geoseg.forkserver)
+    from geoseg import forkserver
+
+    config.update(forkserver.cluster_config(environ, pre_spawn))
+    return config
 
 
 @contextlib.contextmanager

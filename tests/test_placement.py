@@ -129,3 +129,54 @@ def test_embedded_workers_are_marked_as_geoseg_s_own():
     with connect(n_workers=1) as client:
         assert set(client.run(_marker).values()) == {"1"}
         assert os.environ.get("GEOSEG_EMBEDDED_WORKER") is None
+
+
+_FORK_PROBE = """
+import json, os, sys
+
+def probe():
+    import sys, os
+    return [os.getppid(), "torch" in sys.modules, "segmentation_models_pytorch" in sys.modules,
+            os.environ.get("GEOSEG_PROBE"), os.environ.get("MALLOC_ARENA_MAX"), os.environ.get("GEOSEG_EMBEDDED_WORKER")]
+
+if __name__ == "__main__":
+    from geoseg import forkserver
+    from geoseg.cluster import connect
+
+    started = forkserver.start()
+    os.environ["GEOSEG_PROBE"] = "set after the server started"
+    with connect(n_workers=2) as client:
+        seen = client.run(probe)
+    print(json.dumps({"client": os.getpid(), "started": started, "workers": list(seen.values())}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["forkserver", "spawn"])
+def test_embedded_workers_fork_from_a_server_that_imported_torch(tmp_path, mode):
+    """After geoseg.forkserver.start() (what `geoseg predict` does first) the embedded cluster's workers are
+    children of the fork server, not of the client, with torch and smp imported before any task ran;
+    the client's environment as it is when the cluster starts reaches them, and so do geoseg's allocator
+    settings. GEOSEG_WORKER_START=spawn: the client spawns them, nothing imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(_FORK_PROBE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env["GEOSEG_WORKER_START"] = mode
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    workers = report["workers"]
+    assert len(workers) == 2
+    assert report["started"] is (mode == "forkserver")
+    parents = {w[0] for w in workers}
+    for _, torch_loaded, smp_loaded, probe, arena, marker in workers:
+        assert probe == "set after the server started" and arena == "1" and marker == "1"
+        assert torch_loaded is smp_loaded is (mode == "forkserver")
+    if mode == "forkserver":
+        assert len(parents) == 1 and report["client"] not in parents
+    else:
+        assert parents == {report["client"]}

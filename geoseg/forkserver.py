@@ -1,0 +1,96 @@
+"""The process the embedded cluster's workers are forked from, with what a model task needs imported.
+
+A spawned worker starts a fresh interpreter and imports torch and segmentation-models-pytorch
+(with timm and torchvision) on its first model task: ~6.5 s of one core each (measured on the 2-core
+machine), every worker, every job. On Linux geoseg instead starts a fork server (multiprocessing's
+``forkserver``) that imports them once, as early as a command knows it will start an embedded
+cluster (``geoseg predict`` and ``evaluate``: while the client still imports and plans), and the
+cluster's workers are forked from it with everything loaded (measured, a cold ``geoseg predict`` of
+an 8192² scene on 2 cores: 65.3 s with spawned workers, 61.9 s forked, means of three alternating runs).
+
+What a spawned worker would have had still reaches a forked one:
+* the variables that must be set before a process starts (distributed's
+  ``nanny.pre-spawn-environ``: thread counts, the hash seed; geoseg's allocator settings) are the
+  fork server's own from its start;
+* the rest of this process's environment, as it is when a cluster starts, is passed to every worker
+  through distributed's ``nanny.environ``, as are geoseg's worker variables.
+
+Set ``GEOSEG_WORKER_START=spawn`` to spawn workers as distributed does by default (also used
+wherever ``fork`` is not safe: not Linux).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+START_ENV = "GEOSEG_WORKER_START"
+# imported by the fork server; an import that fails there is skipped (multiprocessing's own rule)
+PRELOAD = ("distributed", "torch", "segmentation_models_pytorch", "geoseg.workers", "geoseg.infer", "geoseg.model.store")
+
+_started: bool | None = None  # None: not tried yet in this process
+
+
+def wanted() -> bool:
+    """Whether workers of the embedded cluster are forked from the server here (Linux, not turned off)."""
+    return sys.platform.startswith("linux") and os.environ.get(START_ENV, "forkserver").lower() != "spawn"
+
+
+def start() -> bool:
+    """Start the fork server (it imports ``PRELOAD`` while this process goes on); True if the embedded
+    cluster's workers will be forked from it. Idempotent; never raises (workers are spawned instead)."""
+    global _started
+    if _started is not None:
+        return _started
+    _started = False
+    if not wanted():
+        return False
+    import multiprocessing
+    import multiprocessing.forkserver
+
+    import dask
+
+    from geoseg.workers import ALLOCATOR_ENVIRON
+
+    # what distributed sets before it spawns a worker (nanny.pre-spawn-environ and its hash seed), then geoseg's
+    env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items() if v is not None}
+    env.setdefault("PYTHONHASHSEED", "6640")
+    env.update(ALLOCATOR_ENVIRON)
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        os.environ.update(env)
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
+        multiprocessing.forkserver.ensure_running()
+    except (OSError, ValueError) as exc:  # no unix sockets, a read-only temp dir...
+        log.debug("no fork server (%s): workers are spawned", exc)
+        return False
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:  # distributed would import every optional package it knows here, to preload them; the server runs already
+        import distributed.utils
+
+        distributed.utils._forkserver_preload_set = True
+    except ImportError:  # pragma: no cover - distributed is a dependency
+        pass
+    _started = True
+    return True
+
+
+def cluster_config(environ: dict[str, str], pre_spawn: dict[str, Any]) -> dict[str, Any]:
+    """The dask settings that fork the embedded cluster's workers from the server where ``start`` started
+    one, each with ``environ`` on top of this process's environment (less the ``pre_spawn`` variables:
+    the server's own count there); empty where workers are spawned. A cluster never starts the server
+    itself: one that runs no model (``geoseg vectorize``) would wait for imports it does not need."""
+    if not _started:
+        return {}
+    inherited = {k: v for k, v in os.environ.items() if k not in pre_spawn and k != "PYTHONHASHSEED"}
+    return {"distributed.worker.multiprocessing-method": "forkserver",
+            "distributed.nanny.environ": {**inherited, **environ}}
