@@ -235,3 +235,67 @@ def test_remote_input_identity_follows_its_content(s3):
     after = storage.identity(url)
     assert before[0] == after[0] == url and before[1] == after[1] == 13
     assert before != after
+
+
+def _resident_share(path: Path) -> float:
+    """Share of the file's pages in the page cache (mincore over a read-only mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                                             ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    with open(path, "rb") as f:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    try:
+        vec = (ctypes.c_ubyte * pages)()
+        assert libc.mincore(addr, size, vec) == 0
+        return sum(v & 1 for v in vec) / pages
+    finally:
+        libc.munmap(addr, size)
+
+
+def test_prefetch_reads_a_scene_and_the_files_behind_a_vrt_into_the_page_cache(tmp_path):
+    """What the embedded cluster's client asks of the kernel before the workers read: the files behind the
+    inputs (a VRT's sources too) are read into the page cache in the background; URLs and scenes larger
+    than the share of available memory are left alone."""
+    import time
+
+    tif = tmp_path / "band.tif"
+    data = np.random.default_rng(0).integers(0, 65535, (1, 2048, 2048), dtype=np.uint16)  # 8 MiB, stored as is
+    from rasterio.transform import from_origin
+
+    with rasterio.open(tif, "w", driver="GTiff", width=2048, height=2048, count=1, dtype="uint16", tiled=True,
+                       crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
+        dst.write(data)
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text('<VRTDataset rasterXSize="2048" rasterYSize="2048"><VRTRasterBand dataType="UInt16" band="1">'
+                   '<SimpleSource><SourceFilename relativeToVRT="1">band.tif</SourceFilename><SourceBand>1</SourceBand>'
+                   '</SimpleSource></VRTRasterBand></VRTDataset>')
+
+    def evict() -> float:
+        fd = os.open(tif, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return _resident_share(tif)
+
+    if evict() > 0.1:
+        pytest.skip(f"{tmp_path} keeps files in memory (tmpfs?): nothing to prefetch")
+    assert storage.prefetch_local([str(vrt)], share=1e-9) == 0  # larger than the share: left alone
+    time.sleep(0.5)
+    assert _resident_share(tif) < 0.1
+    assert storage.prefetch_local(["s3://bucket/scene.tif"]) == 0
+    asked = storage.prefetch_local([str(vrt)])
+    assert asked == tif.stat().st_size + vrt.stat().st_size
+    deadline = time.time() + 10
+    while _resident_share(tif) < 0.99 and time.time() < deadline:
+        time.sleep(0.05)
+    assert _resident_share(tif) >= 0.99

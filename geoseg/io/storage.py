@@ -282,3 +282,40 @@ def local_staging(prefix: str = "geoseg-") -> Iterator[Path]:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+PREFETCH_SHARE = 0.25  # of the memory available: scenes larger than that are read as the tasks reach them
+
+
+def prefetch_local(paths: list[str], share: float = PREFETCH_SHARE) -> int:
+    """Ask the kernel to start reading the local files behind ``paths`` (a VRT's or a band stack's too) into
+    the page cache now, in the background (``posix_fadvise(WILLNEED)``), where they fit ``share`` of the
+    memory available; returns the bytes asked for (0: not local, too large, or no such call here).
+
+    For workers on this machine (the embedded cluster): the disk reads while the cluster starts and the
+    first windows are segmented, so read tasks find their blocks in memory (a scene not read for a while
+    is cold: measured on the development VM, a cold 4240 px window of a deflate GeoTIFF took 2.0-9.6 s
+    to read against 0.7 s cached)."""
+    if not hasattr(os, "posix_fadvise") or not paths or any(is_url(p) for p in paths):
+        return 0
+    try:
+        import psutil
+        import rasterio
+
+        files: dict[str, int] = {}
+        for p in paths:
+            with rasterio.open(p) as src:
+                for f in src.files:
+                    if not is_url(f) and os.path.isfile(f):
+                        files[os.path.realpath(f)] = os.path.getsize(f)
+        if sum(files.values()) > share * psutil.virtual_memory().available:
+            return 0
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+    except (OSError, ImportError, RuntimeError):  # a hint only: reads find the files as they are
+        return 0
+    return sum(files.values())

@@ -104,6 +104,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
         from geoseg.instances.outputs import run_instance_job
 
         return run_instance_job(job, client, cluster_info, job.options.instance_params())
+    if _on_this_machine(client):  # the disk reads the scene while the cluster is prepared (a no-op if cached)
+        storage.prefetch_local(list(job.stack.paths))
     if numerics is None:
         numerics = prepare_cluster(client, job)
 
@@ -279,6 +281,14 @@ def _class_array(path: Path | str) -> Any:
     import zarr
 
     return zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path))["class_id"]
+
+
+def _on_this_machine(client: Any) -> bool:
+    """Whether the client's scheduler listens on this machine's loopback (an embedded or local cluster)."""
+    from urllib.parse import urlsplit
+
+    host = urlsplit(str(getattr(client.scheduler, "address", "") or "")).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("inproc")
 
 
 def cluster_info(client: Any) -> dict[str, Any]:
