@@ -267,14 +267,14 @@ def test_prefetch_reads_a_scene_and_the_files_behind_a_vrt_into_the_page_cache(t
     import time
 
     tif = tmp_path / "band.tif"
-    data = np.random.default_rng(0).integers(0, 65535, (1, 2048, 2048), dtype=np.uint16)  # 8 MiB, stored as is
+    data = np.random.default_rng(0).integers(0, 65535, (1, 4096, 4096), dtype=np.uint16)  # 32 MiB, stored as is
     from rasterio.transform import from_origin
 
-    with rasterio.open(tif, "w", driver="GTiff", width=2048, height=2048, count=1, dtype="uint16", tiled=True,
+    with rasterio.open(tif, "w", driver="GTiff", width=4096, height=4096, count=1, dtype="uint16", tiled=True,
                        crs="EPSG:32633", transform=from_origin(500000, 6000000, 10, 10)) as dst:
         dst.write(data)
     vrt = tmp_path / "mosaic.vrt"
-    vrt.write_text('<VRTDataset rasterXSize="2048" rasterYSize="2048"><VRTRasterBand dataType="UInt16" band="1">'
+    vrt.write_text('<VRTDataset rasterXSize="4096" rasterYSize="4096"><VRTRasterBand dataType="UInt16" band="1">'
                    '<SimpleSource><SourceFilename relativeToVRT="1">band.tif</SourceFilename><SourceBand>1</SourceBand>'
                    '</SimpleSource></VRTRasterBand></VRTDataset>')
 
