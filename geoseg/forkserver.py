@@ -4,9 +4,10 @@ A spawned worker starts a fresh interpreter and imports torch and segmentation-m
 (with timm and torchvision) on its first model task: ~6.5 s of one core each (measured on the 2-core
 machine), every worker, every job. On Linux geoseg instead starts a fork server (multiprocessing's
 ``forkserver``) that imports them once, as early as a command knows it will start an embedded
-cluster (``geoseg predict`` and ``evaluate``: while the client still imports and plans), and the
+cluster (``geoseg predict`` and ``evaluate`` without ``--scheduler``, ``geoseg run`` with a local
+profile: while the client still imports and plans), and the
 cluster's workers are forked from it with everything loaded (measured, a cold ``geoseg predict`` of
-an 8192² scene on 2 cores: 65.3 s with spawned workers, 61.9 s forked, means of three alternating runs).
+an 8192² scene on 2 cores: 59.5 s with spawned workers, 55.2 s forked, means of six alternating runs).
 
 What a spawned worker would have had still reaches a forked one:
 * the variables that must be set before a process starts (distributed's
@@ -57,9 +58,11 @@ def start() -> bool:
     from geoseg.workers import ALLOCATOR_ENVIRON
 
     # what distributed sets before it spawns a worker (nanny.pre-spawn-environ and its hash seed), then geoseg's
-    env = {k: str(v) for k, v in dask.config.get("distributed.nanny.pre-spawn-environ", {}).items() if v is not None}
+    # (a value this process's environment holds wins, as distributed lets it for spawned workers)
+    env = {k: str(v) for k, v in {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **ALLOCATOR_ENVIRON}.items()
+           if v is not None}
     env.setdefault("PYTHONHASHSEED", "6640")
-    env.update(ALLOCATOR_ENVIRON)
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
     saved = {k: os.environ.get(k) for k in env}
     try:
         os.environ.update(env)
@@ -89,8 +92,10 @@ def cluster_config(environ: dict[str, str], pre_spawn: dict[str, Any]) -> dict[s
     one, each with ``environ`` on top of this process's environment (less the ``pre_spawn`` variables:
     the server's own count there); empty where workers are spawned. A cluster never starts the server
     itself: one that runs no model (``geoseg vectorize``) would wait for imports it does not need."""
-    if not _started:
-        return {}
+    import dask
+
+    if not _started or dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "spawn":
+        return {}  # not started, or someone chose a method of their own
     inherited = {k: v for k, v in os.environ.items() if k not in pre_spawn and k != "PYTHONHASHSEED"}
     return {"distributed.worker.multiprocessing-method": "forkserver",
             "distributed.nanny.environ": {**inherited, **environ}}

@@ -58,6 +58,10 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, ignore, backgr
     predicts a class for. Classes are the union of the models' (by id); a class missing from a
     model's card scores IoU 0 for it where the labels hold it. --json and --csv write the table.
     """
+    if not scheduler:  # the workers' imports start now, while this process imports and plans (geoseg.forkserver)
+        from geoseg import forkserver
+
+        forkserver.start()
     from geoseg.errors import ConfigError, OutputExistsError
     from geoseg.evaluation import Comparison, EvaluateOptions, plan_comparison, plan_evaluation, run_comparison, run_evaluation
 

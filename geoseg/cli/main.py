@@ -52,19 +52,6 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
 
     logging.getLogger("distributed").setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if ctx.invoked_subcommand in EMBEDDED_CLUSTER_COMMANDS and not _asks(sys.argv, "--scheduler", "--help", "-h"):
-        # the workers' imports start now, while this process imports and plans (geoseg.forkserver)
-        from geoseg import forkserver
-
-        forkserver.start()
-
-
-# commands that start an embedded cluster unless given --scheduler (`run`: where its profile is local)
-EMBEDDED_CLUSTER_COMMANDS = ("predict", "evaluate")
-
-
-def _asks(argv: list[str], *options: str) -> bool:
-    return any(a == o or a.startswith(o + "=") for a in argv[1:] for o in options)
 
 
 def _register() -> None:

@@ -57,6 +57,10 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
 
     Inputs, model and output directory are checked before any cluster starts.
     """
+    if not scheduler:  # the workers' imports start now, while this process imports and plans (geoseg.forkserver)
+        from geoseg import forkserver
+
+        forkserver.start()
     from geoseg.pipeline import DEFAULT_PRECISION, PredictOptions
     from geoseg.pipeline import predict as run
 

@@ -109,10 +109,6 @@ def _print_dry_run(spec, overwrite: bool, resume: bool) -> None:
         click.echo(f"# scheduler: {address or '(none set: create: true or DASK_SCHEDULER_ADDRESS)'}")
         click.echo("# DaskCluster manifest (kubectl apply -f -):")
         click.echo(_yaml(profile.manifest()))
-    if spec.profile.kind == "local":  # the workers' imports start now, while the job is planned (geoseg.forkserver)
-        from geoseg import forkserver
-
-        forkserver.start()
     jp = plan(spec, overwrite=overwrite, resume=resume)
     click.echo(f"\n# plan: {len(jp.todo)} of {len(jp.scenes)} scenes to compute")
     for sp in jp.scenes:

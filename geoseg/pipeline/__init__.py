@@ -47,11 +47,6 @@ def predict(
         return run_job(job, client, progress, cluster_info(client))
     from geoseg.cluster import connect
 
-    if scheduler is None:  # workers on this machine: the disk reads the scene while the cluster starts
-        from geoseg.io.storage import prefetch_local
-
-        prefetch_local(list(job.stack.paths))
-
     t0 = time.perf_counter()
     with connect(scheduler, n_workers) as c:
         info = {**cluster_info(c), "start_s": round(time.perf_counter() - t0, 3)}

@@ -288,7 +288,7 @@ def _on_this_machine(client: Any) -> bool:
     from urllib.parse import urlsplit
 
     host = urlsplit(str(getattr(client.scheduler, "address", "") or "")).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.") or host.startswith("inproc")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def cluster_info(client: Any) -> dict[str, Any]:
