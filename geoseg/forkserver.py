@@ -30,10 +30,12 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 START_ENV = "GEOSEG_WORKER_START"
-# imported by the fork server; an import that fails there is skipped (multiprocessing's own rule)
-PRELOAD = ("distributed", "torch", "segmentation_models_pytorch", "geoseg.workers", "geoseg.infer", "geoseg.model.store")
+# imported by the fork server: geoseg._preload imports the modules a model task needs, each in a
+# try (multiprocessing's server skips a preload that raises ImportError and dies on any other error)
+PRELOAD = ("geoseg._preload",)
 
 _started: bool | None = None  # None: not tried yet in this process
+_environ: dict[str, str] = {}  # this process's environment when the server started (the server's own)
 
 
 def wanted() -> bool:
@@ -64,6 +66,7 @@ def start() -> bool:
     env.setdefault("PYTHONHASHSEED", "6640")
     env = {k: os.environ.get(k, v) for k, v in env.items()}
     saved = {k: os.environ.get(k) for k in env}
+    inherited = dict(os.environ)
     try:
         os.environ.update(env)
         multiprocessing.get_context("forkserver").set_forkserver_preload(list(PRELOAD))
@@ -83,19 +86,29 @@ def start() -> bool:
         distributed.utils._forkserver_preload_set = True
     except ImportError:  # pragma: no cover - distributed is a dependency
         pass
+    _environ.clear()
+    _environ.update(inherited)
     _started = True
     return True
 
 
 def cluster_config(environ: dict[str, str], pre_spawn: dict[str, Any]) -> dict[str, Any]:
     """The dask settings that fork the embedded cluster's workers from the server where ``start`` started
-    one, each with ``environ`` on top of this process's environment (less the ``pre_spawn`` variables:
-    the server's own count there); empty where workers are spawned. A cluster never starts the server
-    itself: one that runs no model (``geoseg vectorize``) would wait for imports it does not need."""
+    one, each with ``environ`` on top of the environment this process has now; empty where workers are
+    spawned. A forked worker inherits the server's environment (this process's when the server
+    started), so only what changed since (less the ``pre_spawn`` variables: the server's own count
+    there) goes through ``nanny.environ``; a variable removed since cannot be removed that way, so
+    then the workers are spawned. A cluster never starts the server itself: one that runs no model
+    (``geoseg vectorize``) would wait for imports it does not need."""
     import dask
 
     if not _started or dask.config.get("distributed.worker.multiprocessing-method", "spawn") != "spawn":
         return {}  # not started, or someone chose a method of their own
-    inherited = {k: v for k, v in os.environ.items() if k not in pre_spawn and k != "PYTHONHASHSEED"}
+    skip = {*pre_spawn, "PYTHONHASHSEED"}
+    removed = sorted(k for k in _environ if k not in os.environ and k not in skip)
+    if removed:
+        log.debug("%s unset since the fork server started: workers are spawned", ", ".join(removed))
+        return {}
+    changed = {k: v for k, v in os.environ.items() if k not in skip and _environ.get(k) != v}
     return {"distributed.worker.multiprocessing-method": "forkserver",
-            "distributed.nanny.environ": {**inherited, **environ}}
+            "distributed.nanny.environ": {**changed, **environ}}

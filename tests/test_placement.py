@@ -136,18 +136,28 @@ import json, os, sys
 
 def probe():
     import sys, os
+    # the allocator setting as the process was started with it (the nanny also sets it in os.environ)
+    with open("/proc/self/environ", "rb") as f:
+        exec_env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\\0") if b"=" in kv)
+    arena = exec_env.get(b"MALLOC_ARENA_MAX")
     return [os.getppid(), "torch" in sys.modules, "segmentation_models_pytorch" in sys.modules,
-            os.environ.get("GEOSEG_PROBE"), os.environ.get("MALLOC_ARENA_MAX"), os.environ.get("GEOSEG_EMBEDDED_WORKER")]
+            os.environ.get("GEOSEG_PROBE"), arena and arena.decode(), os.environ.get("GEOSEG_EMBEDDED_WORKER"),
+            os.environ.get("GEOSEG_GONE")]
 
 if __name__ == "__main__":
     from geoseg import forkserver
     from geoseg.cluster import connect
 
+    os.environ["GEOSEG_GONE"] = "unset after the server started"
     started = forkserver.start()
     os.environ["GEOSEG_PROBE"] = "set after the server started"
     with connect(n_workers=2) as client:
         seen = client.run(probe)
-    print(json.dumps({"client": os.getpid(), "started": started, "workers": list(seen.values())}))
+    del os.environ["GEOSEG_GONE"]
+    with connect(n_workers=1) as client:
+        after = client.run(probe)
+    print(json.dumps({"client": os.getpid(), "started": started, "workers": list(seen.values()),
+                      "after_unset": list(after.values())}))
 """
 
 
@@ -156,7 +166,8 @@ def test_embedded_workers_fork_from_a_server_that_imported_torch(tmp_path, mode)
     """After geoseg.forkserver.start() (what `geoseg predict` does first) the embedded cluster's workers are
     children of the fork server, not of the client, with torch and smp imported before any task ran;
     the client's environment as it is when the cluster starts reaches them, and so do geoseg's allocator
-    settings. GEOSEG_WORKER_START=spawn: the client spawns them, nothing imported."""
+    settings. A variable unset since the server started would still reach forked workers, so then
+    they are spawned. GEOSEG_WORKER_START=spawn: the client spawns them, nothing imported."""
     import json
     import os
     import subprocess
@@ -172,11 +183,62 @@ def test_embedded_workers_fork_from_a_server_that_imported_torch(tmp_path, mode)
     workers = report["workers"]
     assert len(workers) == 2
     assert report["started"] is (mode == "forkserver")
+    assert report["started"] is (mode == "forkserver")
     parents = {w[0] for w in workers}
-    for _, torch_loaded, smp_loaded, probe, arena, marker in workers:
+    for _, torch_loaded, smp_loaded, probe, arena, marker, gone in workers:
         assert probe == "set after the server started" and arena == "1" and marker == "1"
+        assert gone == "unset after the server started"
         assert torch_loaded is smp_loaded is (mode == "forkserver")
     if mode == "forkserver":
         assert len(parents) == 1 and report["client"] not in parents
     else:
         assert parents == {report["client"]}
+    # a variable unset since the server started can only be kept from workers by spawning them
+    ((parent, torch_loaded, _, probe, arena, _, gone),) = report["after_unset"]
+    assert parent == report["client"] and not torch_loaded
+    assert gone is None and probe == "set after the server started" and arena == "1"
+
+
+_BROKEN_PRELOAD_PROBE = """
+import json, os, sys
+
+def probe():
+    import sys
+    pre = sys.modules.get("geoseg._preload")
+    return [os.getppid(), "torch" in sys.modules, None if pre is None else pre.failed]
+
+if __name__ == "__main__":
+    from geoseg import forkserver
+    from geoseg.cluster import connect
+
+    started = forkserver.start()
+    with connect(n_workers=1) as client:
+        seen = client.run(probe)
+    print(json.dumps({"client": os.getpid(), "started": started, "workers": list(seen.values())}))
+"""
+
+
+def test_a_preload_that_fails_with_any_error_leaves_the_fork_server_running(tmp_path):
+    """multiprocessing's fork server dies on a preload that raises anything but ImportError; a broken
+    library (an OSError from a shared object, here a package that raises one) must not cost the
+    cluster its workers: the rest is preloaded and the workers still fork from the server."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "shadow" / "segmentation_models_pytorch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise OSError('libbroken.so: cannot open shared object file')\n")
+    script = tmp_path / "probe.py"
+    script.write_text(_BROKEN_PRELOAD_PROBE)
+    env = {**os.environ, "GEOSEG_WORKER_START": "forkserver",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["started"] is True
+    ((parent, torch_loaded, failed),) = report["workers"]
+    assert parent != report["client"]  # forked from the server, which lived through the failure
+    assert torch_loaded  # the modules after the broken one were still preloaded
+    assert list(failed) == ["segmentation_models_pytorch"] and "OSError" in failed["segmentation_models_pytorch"]

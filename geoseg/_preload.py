@@ -1,0 +1,18 @@
+"""Imported by geoseg's fork server (geoseg.forkserver): the modules a model task needs, each on its own.
+
+multiprocessing's fork server skips a preload that raises ImportError but dies on anything else (an
+OSError from a broken CUDA or torch library), and the cluster could then start no worker. Importing
+through this module, a failure of any kind only leaves that module to the worker's first task.
+"""
+
+import importlib
+
+MODULES = ("distributed", "torch", "segmentation_models_pytorch", "geoseg.workers", "geoseg.infer",
+           "geoseg.model.store")
+
+failed: dict[str, str] = {}
+for _name in MODULES:
+    try:
+        importlib.import_module(_name)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the import to the worker
+        failed[_name] = f"{type(exc).__name__}: {exc}"
