@@ -136,6 +136,19 @@ def _moved(client) -> tuple[int, int]:
     return sum(b for b, _ in out.values()), sum(c for _, c in out.values())
 
 
+def _usage(client) -> dict:
+    """Per worker: (system CPU s, minor page faults) so far."""
+    def usage():
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_stime, ru.ru_minflt
+    return client.run(usage)
+
+
+def _usage_line(before: dict, after: dict) -> str:
+    return ", ".join(f"{after[w][0] - before[w][0]:.1f} s system / {(after[w][1] - before[w][1]) * 4096 / 2**30:.2f} GiB "
+                     "faulted in" for w in sorted(after))
+
+
 def options(args, **kw):
     from geoseg.pipeline import PredictOptions
 
@@ -158,7 +171,9 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
                    for w in client.scheduler_info(n_workers=-1)["workers"]])
     print(f"    warm-up in {time.perf_counter() - t:.1f} s", flush=True)
     b0, c0 = _moved(client)
+    u0 = _usage(client)
     rec = predict([image], model, work / "out-segment", options(args, precision=args.precision), client=client)
+    u1 = _usage(client)
     b1, c1 = _moved(client)
     p = rec["parameters"]
     h, w = p["shape"]
@@ -179,13 +194,21 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
     # the same job again: workers whose heaps already hold a window of this size (the first window of a
     # fresh worker faults its memory in, which costs ~0.5 s per GB on VMs that report free pages)
     again = predict([image], model, work / "out-segment-again", options(args, precision=args.precision), client=client)
+    u2 = _usage(client)
+    # what the first job's windows cost in page faults (the heap grows to a window's size once per worker):
+    # on a VM where fresh pages are dear (nested virtualization: 2-7 s per GiB measured) this is most of
+    # the gap between the first job and the same job again
+    print(f"[4b] workers' kernel time and memory faulted in: first job {_usage_line(u0, u1)}; "
+          f"again {_usage_line(u1, u2)}", flush=True)
     warm_mpx_s = h * w / 1e6 / again["timings"]["segment_s"]
     print(f"[2b] segment, the same job again: {again['timings']['segment_s']:.1f} s = {warm_mpx_s:.3f} Mpx/s, ratio to "
           f"ceiling {warm_mpx_s / ceil:.2f}", flush=True)
     return {"mpx_s": mpx_s, "warm_mpx_s": warm_mpx_s, "warm_ratio": warm_mpx_s / ceil, "ratio": mpx_s / ceil, "segment_s": rec["timings"]["segment_s"], "parameters": p,
             "numerics": rec["numerics"], "chunks": n, "moved_bytes": b1 - b0, "transfers": c1 - c0,
             "moved_per_chunk": per_chunk, "chunk_input_bytes": chunk_in, "moved_ratio": per_chunk / chunk_in,
-            "worker_peak_rss_mb": sorted(round(v / 2**20, 1) for v in rss.values())}
+            "worker_peak_rss_mb": sorted(round(v / 2**20, 1) for v in rss.values()),
+            "worker_system_s": {"first": [round(u1[w][0] - u0[w][0], 2) for w in sorted(u1)],
+                                "again": [round(u2[w][0] - u1[w][0], 2) for w in sorted(u2)]}}
 
 
 def seam_figures(default, exact, chunk: int) -> dict:
