@@ -191,13 +191,11 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
           f"chunk = {per_chunk / chunk_in:.3f}x a chunk's input of {chunk_in / 1e6:.1f} MB (aim <= 1.2x; on one "
           "machine the scheduler tends to run infer where the read ran)", flush=True)
     print("[4] worker peak RSS: " + ", ".join(f"{v / 2**20:.0f} MB" for v in sorted(rss.values())), flush=True)
-    # the same job again: workers whose heaps already hold a window of this size (the first window of a
-    # fresh worker faults its memory in, which costs ~0.5 s per GB on VMs that report free pages)
+    # the same job again: workers whose heaps already hold a window of this size. A fresh worker's first
+    # windows fault its heap in: ~0.5 s per GiB on VMs that report free pages, 2-8.5 s under nested
+    # virtualization (measured), most of the gap between the two jobs there
     again = predict([image], model, work / "out-segment-again", options(args, precision=args.precision), client=client)
     u2 = _usage(client)
-    # what the first job's windows cost in page faults (the heap grows to a window's size once per worker):
-    # on a VM where fresh pages are dear (nested virtualization: 2-7 s per GiB measured) this is most of
-    # the gap between the first job and the same job again
     print(f"[4b] workers' kernel time and memory faulted in: first job {_usage_line(u0, u1)}; "
           f"again {_usage_line(u1, u2)}", flush=True)
     warm_mpx_s = h * w / 1e6 / again["timings"]["segment_s"]

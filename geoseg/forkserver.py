@@ -46,7 +46,7 @@ def wanted() -> bool:
 def start() -> bool:
     """Start the fork server (it imports ``PRELOAD`` while this process goes on); True if the embedded
     cluster's workers will be forked from it. Idempotent; never raises (workers are spawned instead)."""
-    global _started
+    global _started, _environ
     if _started is not None:
         return _started
     _started = False
@@ -86,8 +86,7 @@ def start() -> bool:
         distributed.utils._forkserver_preload_set = True
     except ImportError:  # pragma: no cover - distributed is a dependency
         pass
-    _environ.clear()
-    _environ.update(inherited)
+    _environ = inherited
     _started = True
     return True
 
