@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 
 import geopandas as gpd
 import numpy as np
@@ -83,6 +85,23 @@ def test_polygons_equal_gdal_for_every_chunk_size(client, class_tif, tmp_path, c
     assert (got["pixels"].sum()) == (a != 255).sum()
 
 
+def test_polygons_equal_gdal_on_a_grid_whose_corners_are_not_exact_floats(client, tmp_path):
+    # 1/10800 degree pixels at an origin off the float grid: a corner's map coordinates computed from two
+    # chunks' own origins differ in the last bits; regions across chunk lines must still be one Polygon each
+    t = Affine(1 / 10800, 0.0, -78.1234567, 0.0, -1 / 10800, 35.7654321)
+    a = hard_map()
+    src = write_raster(tmp_path / "geo.tif", a, nodata=255, crs="EPSG:4326", transform=t, block=64)
+    outs = [tmp_path / "geo.gpkg", tmp_path / "geo.fgb"]
+    result = vectorize(src, outs, client=client, chunk_size=100, classes=CLASSES)
+    assert result["merged"] > 0
+    ref = [(int(v), shapely.Polygon(g["coordinates"][0], g["coordinates"][1:]))
+           for g, v in shapes(a, mask=a != 255, connectivity=4, transform=t)]
+    for out in outs:
+        got = gpd.read_file(out, layer="landuse")
+        assert set(got.geom_type) == {"Polygon"}
+        assert canonical(zip(got["class_id"], got.geometry)) == canonical(ref)
+
+
 def test_eight_connectivity_joins_corners_like_gdal(client, class_tif, tmp_path):
     a = hard_map()
     out = tmp_path / "eight.gpkg"
@@ -137,7 +156,8 @@ def test_geopackage_carries_its_style_and_other_formats_a_qml(client, class_tif,
     n = result["polygons"]
     # OGR opens the GeoPackage and the FlatGeobuf, geopandas (pyarrow) the GeoParquet: the same polygons
     for p in (outs[0], outs[2]):
-        info = pyogrio.read_info(p, layer=0)
+        assert pyogrio.list_layers(p)[0, 0] == "landuse"  # not the temporary file's name
+        info = pyogrio.read_info(p, layer="landuse")
         assert info["features"] == n and info["crs"] == "EPSG:32617"
     pq_frame = gpd.read_parquet(outs[1])
     assert len(pq_frame) == n and pq_frame.crs.to_epsg() == 32617
@@ -145,7 +165,10 @@ def test_geopackage_carries_its_style_and_other_formats_a_qml(client, class_tif,
     assert canonical(zip(pq_frame["class_id"], pq_frame.geometry)) == canonical(zip(ref["class_id"], ref.geometry))
     assert pyogrio.read_info(outs[0], layer="landuse")["geometry_type"] == "Polygon"
     con = sqlite3.connect(outs[0])
-    rows = con.execute("SELECT f_table_name, useAsDefault, styleQML FROM layer_styles").fetchall()
+    # the query QGIS loads a layer's default style with (QgsOgrUtils::loadStoredStyle): table and OGR's geometry column
+    geometry_column = pyogrio.read_info(outs[0], layer="landuse")["geometry_name"]
+    rows = con.execute("SELECT f_table_name, useAsDefault, styleQML FROM layer_styles WHERE f_table_schema = '' AND "
+                       "f_table_name = 'landuse' AND f_geometry_column = ?", (geometry_column,)).fetchall()
     registered = con.execute("SELECT data_type FROM gpkg_contents WHERE table_name = 'layer_styles'").fetchall()
     rtree = con.execute("SELECT name FROM sqlite_master WHERE name LIKE 'rtree_landuse_%'").fetchall()
     con.close()
@@ -201,6 +224,14 @@ def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scen
     big = got.sort_values("pixels").iloc[-1]
     inside = rasterio.features.geometry_mask([big.geometry], a.shape, transform, invert=True)
     assert big["mean_confidence"] == pytest.approx(float(np.nanmean(conf[inside])), rel=1e-5)
+    # a fresh interpreter (`geoseg vectorize prediction.zarr`, a resumed job that reuses every chunk) opens
+    # the store with nothing else imported before it: its CRS and transform come back all the same
+    probe = ("import sys; from geoseg.vector.run import open_class_raster; r = open_class_raster(sys.argv[1]); "
+             "print(r.crs_wkt is not None, *r.affine[:6])")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "out" / "prediction.zarr")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", *map(str, transform[:6])]
 
 
 def test_sieve_kernel():

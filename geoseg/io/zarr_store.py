@@ -189,4 +189,6 @@ def finalize_store(path: str | os.PathLike) -> None:
 
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:
     """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8."""
+    import rioxarray  # noqa: F401  (the .rio accessor its callers read the CRS and transform through)
+
     return xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))

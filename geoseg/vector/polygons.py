@@ -31,6 +31,19 @@ def label_polygons(labels: np.ndarray, transform: Affine, connectivity: int = 4)
     return np.asarray(ids, np.int64), np.asarray(geoms, dtype=object)
 
 
+def to_map(geoms: np.ndarray, affine: Affine) -> np.ndarray:
+    """Polygons in pixel coordinates (exact: whole numbers) moved to the map's by ``affine``, each vertex
+    computed as GDAL's polygonize computes it (``c + col * a + row * b``)."""
+    if not len(geoms):
+        return geoms
+
+    def move(xy: np.ndarray) -> np.ndarray:
+        col, row = xy[:, 0], xy[:, 1]
+        return np.column_stack([affine.c + col * affine.a + row * affine.b, affine.f + col * affine.d + row * affine.e])
+
+    return shapely.transform(geoms, move)
+
+
 def merge_pieces(pieces: Iterable[Any]) -> Any:
     """One region from its pieces: their union, without the vertices chunk lines left on straight edges."""
     pieces = list(pieces)

@@ -32,7 +32,7 @@ from geoseg.errors import detached
 from geoseg.io import storage
 from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
-from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats
+from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats, to_map
 from geoseg.vector.regions import Edges, check_connectivity, join_borders, label_regions, sieve
 
 DEFAULT_CHUNK = 2048
@@ -115,8 +115,10 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
     values, conf = _read_sieved(src, plan, box, opts)
     labels, classes = label_regions(values, src.nodata, opts.connectivity)
     n = len(classes)
-    transform = src.affine * Affine.translation(box.x0, box.y0)
-    ids, geoms = label_polygons(labels, transform, opts.connectivity)
+    # pixel coordinates of the scene: whole numbers, so the pieces two chunks make of one region share
+    # their border vertices exactly (map coordinates of one corner differ in the last bits between chunks
+    # on grids like 1/10800 degree, and the union would leave slivers); moved to the map once whole
+    ids, geoms = label_polygons(labels, Affine.translation(box.x0, box.y0), opts.connectivity)
     pixels, conf_sum = region_stats(labels, n, conf)
     edges = Edges.of(labels)
     # borders that face another chunk (the scene's own edges join nothing)
@@ -127,7 +129,7 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
     border = border[border > 0]
     at_border = np.isin(ids, border)
     keep = np.ones(len(ids), bool) if opts.keep_classes is None else np.isin(classes[ids], opts.keep_classes)
-    inner_ids, inner_geoms = ids[~at_border & keep], geoms[~at_border & keep]
+    inner_ids, inner_geoms = ids[~at_border & keep], to_map(geoms[~at_border & keep], src.affine)
     cols = attributes(inner_geoms, classes[inner_ids], pixels[inner_ids],
                       None if conf_sum is None else conf_sum[inner_ids], opts.names, Measurer(src.crs_wkt))
     written = _write_part(parts, f"inner-{iy}-{ix}.parquet", cols, inner_geoms, src.crs_wkt)
@@ -184,6 +186,7 @@ def merge_phase(owner: int, region_ids: np.ndarray, region_class: np.ndarray, me
     out = np.empty(len(starts), dtype=object)
     for k, (a, b) in enumerate(zip(starts, ends)):
         out[k] = merge_pieces(geoms[a:b])
+    out = to_map(out, src.affine)
     uniq = rid[starts]
     cls = region_class[np.searchsorted(region_ids, uniq)]
     pixels = np.add.reduceat(px, starts)

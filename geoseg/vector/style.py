@@ -78,11 +78,16 @@ def raster_qml(classes: Iterable[ClassInfo]) -> str:
 '''
 
 
-def add_gpkg_style(path: str | Path, layer: str, qml: str, geometry_column: str = "geometry") -> None:
-    """The ``layer_styles`` table QGIS reads, with ``qml`` as the layer's default style, registered in gpkg_contents."""
+def add_gpkg_style(path: str | Path, layer: str, qml: str) -> None:
+    """The ``layer_styles`` table QGIS reads, with ``qml`` as the layer's default style, registered in gpkg_contents.
+
+    QGIS finds a layer's default style by its table *and* geometry column name (``f_geometry_column``),
+    so the row names the column the GeoPackage itself declares (GDAL writes ``geom``)."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
     con = sqlite3.connect(str(path))
     try:
+        found = con.execute("SELECT column_name FROM gpkg_geometry_columns WHERE table_name = ?", (layer,)).fetchone()
+        geometry_column = found[0] if found else "geom"
         with con:
             con.execute(
                 """CREATE TABLE IF NOT EXISTS layer_styles (

@@ -142,5 +142,5 @@ def _fgb(parts: Iterable[gpd.GeoDataFrame], tmp: Path, crs: Any, multi: bool, co
 
     frames = [_promote(g, multi) for g in parts if not g.empty]
     gdf = pd.concat(frames, ignore_index=True) if frames else empty_frame(crs, confidence)
-    pyogrio.write_dataframe(gpd.GeoDataFrame(gdf, crs=crs), tmp, driver="FlatGeobuf", geometry_type=_geometry_type(multi))
+    pyogrio.write_dataframe(gpd.GeoDataFrame(gdf, crs=crs), tmp, layer=LAYER, driver="FlatGeobuf", geometry_type=_geometry_type(multi))
     return len(gdf)
