@@ -141,7 +141,7 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
     paths = [str(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)]
     from geoseg.io.sources import open_stack
 
-    open_stack(paths)  # one clear error for a missing file, no CRS or mixed grids
+    stack = open_stack(paths)  # one clear error for a missing file, no CRS or mixed grids
     import rioxarray
 
     parts = []
@@ -152,11 +152,15 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         stem = Path(p).stem
         band_names = [n if n else (stem if da_.sizes["band"] == 1 else f"{stem}_{i + 1}")
                       for i, n in enumerate(names + [None] * (da_.sizes["band"] - len(names)))]
-        nodata = da_.rio.nodata
         da_ = da_.assign_coords(band=band_names)
-        da_.attrs = {"nodata": [nodata] * da_.sizes["band"]}
+        # the bands geoseg stacks (an alpha band is a mask, not a band), each with its own nodata (a VRT's may differ)
+        used = [b for b in stack.bands if b.path == p]
+        da_ = da_.isel(band=[b.band - 1 for b in used])
+        da_.attrs = {"nodata": [b.nodata for b in used]}
         parts.append(da_)
-    scene = xr.concat(parts, dim="band", combine_attrs="drop") if len(parts) > 1 else parts[0]
+    # open_stack checked that the files share one grid: their coordinates are the first file's (an outer
+    # join of coordinates a rounding apart would double the grid)
+    scene = xr.concat(parts, dim="band", join="override", combine_attrs="drop") if len(parts) > 1 else parts[0]
     scene.attrs["nodata"] = [nd for p in parts for nd in p.attrs["nodata"]]
     scene.attrs["sources"] = paths
     return scene.rio.write_crs(parts[0].rio.crs)
@@ -180,10 +184,15 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
         da_ = da_.rename(renames)
     if da_.rio.crs is None:
         raise InputError("the DataArray has no CRS; set one with .rio.write_crs(...) (odc-stac and stackstac set it)")
-    if "nodata" not in da_.attrs:
+    nd = da_.attrs.get("nodata")
+    if nd is None:
         nd = da_.rio.nodata if da_.rio.nodata is not None else da_.attrs.get("_FillValue")
-        da_ = da_.copy()
-        da_.attrs["nodata"] = [nd] * da_.sizes["band"]
+    if not isinstance(nd, (list, tuple)):  # one value for every band (odc-geo, rioxarray write a scalar)
+        nd = [nd] * da_.sizes["band"]
+    if len(nd) != da_.sizes["band"]:
+        raise InputError(f"attrs['nodata'] holds {len(nd)} values for {da_.sizes['band']} bands; give one, or one per band")
+    da_ = da_.copy()
+    da_.attrs["nodata"] = [None if v is None else float(v) for v in nd]
     return da_
 
 
@@ -242,7 +251,8 @@ def predict(
     data = scene.data if isinstance(scene.data, da.Array) else da.from_array(scene.data, chunks=(-1, plan.chunk_size, plan.chunk_size))
     from geoseg.methods import scene_settings
 
-    nodata = scene.attrs.get("nodata") or [None] * card.n_bands
+    nodata = scene.attrs.get("nodata")
+    nodata = [None] * card.n_bands if nodata is None else nodata
     settings = scene_settings(card, None, plan, InferenceSettings(numerics.precision, batch_size), array=data, nodata=nodata)
     seg = segmentation_from_array(data, nodata, plan, ModelRef(m.location, m.digest, device), settings)
     coords = {"y": scene["y"].values, "x": scene["x"].values}

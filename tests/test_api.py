@@ -150,3 +150,44 @@ def test_vectorize_a_dataset_and_cog_from_the_accessor(client, random_model, sce
     with rasterio.open(path) as src:
         np.testing.assert_array_equal(src.read(1), ds.class_id.values)
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+
+
+def test_a_scalar_nodata_attribute_masks_every_band(random_model):
+    """odc-geo and rioxarray write ``attrs["nodata"]`` as one number: it holds for every band."""
+    import dask
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    for nd in (0, -9999):
+        a = np.full((4, 64, 64), 500, np.int16)
+        a[:, :, :32] = nd  # the left half has no data
+        da_ = xr.DataArray(a, dims=("band", "y", "x"), coords={"y": 4000000.0 - 10 * np.arange(64) - 5,
+                                                                "x": 500000.0 + 10 * np.arange(64) + 5}, attrs={"nodata": nd})
+        ds = geoseg.predict(da_.rio.write_crs("EPSG:32617"), random_model, chunk_size=64, halo=0, precision="fp32")
+        with dask.config.set(scheduler="synchronous"):
+            cid = ds.class_id.values
+        assert (cid[:, :32] == 255).all() and (cid[:, 32:] != 255).all()
+
+
+def test_open_scene_stacks_what_the_pipeline_stacks(tmp_path):
+    """Band files whose origins differ by float rounding stay one grid; an alpha band is a mask, not a band;
+    each band keeps its own nodata (the CLI's open_stack reads the same)."""
+    import rasterio
+    from affine import Affine
+
+    from geoseg.io.sources import open_stack
+
+    from conftest import write_raster
+
+    t = Affine(0.1, 0.0, 500000.1, 0.0, -0.1, 4000000.0)
+    a = write_raster(tmp_path / "a.tif", np.ones((1, 32, 40), np.uint16), transform=t, nodata=0, block=16)
+    b = write_raster(tmp_path / "b.tif", np.ones((1, 32, 40), np.uint16), nodata=65535, block=16,
+                     transform=Affine(0.1, 0.0, np.nextafter(500000.1, 1e9), 0.0, -0.1, 4000000.0))
+    scene = geoseg.open_scene([a, b])
+    assert scene.shape == (2, 32, 40) and scene.dtype == np.uint16
+    assert scene.attrs["nodata"] == [b_.nodata for b_ in open_stack([a, b]).bands] == [0, 65535]
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(rgba, "w", driver="GTiff", width=40, height=32, count=4, dtype="uint8", crs="EPSG:32617",
+                       transform=t, photometric="RGB", alpha="YES") as ds:
+        ds.write(np.full((4, 32, 40), 200, np.uint8))
+    assert geoseg.open_scene(rgba).sizes["band"] == open_stack([rgba]).count == 3

@@ -36,6 +36,18 @@ def test_missing_input(random_model, tmp_path):
     assert "no such file" in out
 
 
+@pytest.mark.parametrize("command, flag, value", [("predict", "--batch-size", "0"), ("predict", "--chunk-size", "-64"),
+                                                   ("predict", "--halo", "-1"), ("evaluate", "--tile-size", "0"),
+                                                   ("train", "--threshold", "abc"), ("train", "--threshold", "nan")])
+def test_out_of_range_options_are_usage_errors_before_anything_runs(random_model, scene_path, tmp_path, command, flag, value):
+    out = tmp_path / "out"
+    args = {"predict": ["--model", random_model, "--out", out], "evaluate": ["--model", random_model, "--labels", scene_path],
+            "train": ["--labels", scene_path, "--out", out, "--method", "threshold"]}[command]
+    code, output = run(command, scene_path, *args, flag, value)
+    assert code == 2 and f"Invalid value for '{flag}'" in output, output
+    assert "Traceback" not in output and not out.exists()
+
+
 def test_not_a_raster(random_model, tmp_path):
     bad = tmp_path / "notes.tif"
     bad.write_text("this is not a GeoTIFF")

@@ -9,6 +9,8 @@ import geopandas as gpd
 import numpy as np
 import pyogrio
 import pytest
+import rasterio
+import rasterio.transform
 import shapely
 from affine import Affine
 from pyproj import CRS, Geod
@@ -196,3 +198,22 @@ def test_unknown_suffix_is_refused(tmp_path, blob_map):
     with pytest.raises(ConfigError, match=r"\.gpkg"):
         write_vectors(gdf, tmp_path / "landuse.shp")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chunks_follow_tiles_but_not_the_strips_of_a_striped_geotiff(tmp_path):
+    from geoseg.vector.run import DEFAULT_CHUNK, open_class_raster, plan_chunks
+
+    a = np.zeros((40, 5000), np.uint8)
+    striped = tmp_path / "striped.tif"  # GDAL's default layout: blocks of a few rows, the raster's width wide
+    with rasterio.open(striped, "w", driver="GTiff", width=5000, height=40, count=1, dtype="uint8", crs="EPSG:32617",
+                       transform=rasterio.transform.from_origin(500000, 4000000, 10, 10)) as ds:
+        ds.write(a, 1)
+    src = open_class_raster(striped)
+    assert max(src.chunks) == 5000  # what the file holds
+    assert plan_chunks(src, None).chunk_size == DEFAULT_CHUNK and plan_chunks(src, None).grid_shape == (1, 3)
+    tiled = tmp_path / "tiled.tif"
+    with rasterio.open(tiled, "w", driver="GTiff", width=5000, height=40, count=1, dtype="uint8", crs="EPSG:32617",
+                       transform=rasterio.transform.from_origin(500000, 4000000, 10, 10), tiled=True, blockxsize=4096,
+                       blockysize=4096) as ds:
+        ds.write(a, 1)
+    assert plan_chunks(open_class_raster(tiled), None).chunk_size == 4096  # reads stay aligned to the tiles

@@ -34,10 +34,10 @@ def _write_atomic(path: Path, text: str) -> None:
 @opt.chunk_opt
 @opt.halo_opt
 @opt.exact_opt
-@click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the chunk).")
+@click.option("--tile-size", type=click.IntRange(1), default=None, metavar="PX", help="Side of one forward pass (default: the chunk).")
 @opt.precision_opt
 @opt.tta_opt
-@click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per forward pass.")
+@click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="Tiles per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @opt.scheduler_opt
 @opt.workers_opt

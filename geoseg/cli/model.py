@@ -27,7 +27,7 @@ def model() -> None:
               help="SAM: the largest object expected, in pixels (the chunks' halo).")
 @click.option("--classes", "n_classes", type=int, default=None, help="Number of classes (ids 0..N-1).")
 @click.option("--classes-file", type=click.Path(dir_okay=False, exists=True), default=None, help="classes.yaml with id, name, color.")
-@click.option("--tile-size", type=int, default=1024, show_default=True)
+@click.option("--tile-size", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 def init(out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam_type, max_object_px, n_classes, classes_file,

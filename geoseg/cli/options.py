@@ -9,11 +9,11 @@ model_opt = click.option("--model", "model_dir", required=True, type=click.Path(
                          help="Model directory (model.json + weights.safetensors).")
 scheduler_opt = click.option("--scheduler", default=None, metavar="ADDRESS",
                              help="Address of a running dask scheduler (tcp:// or tls://). Default: an embedded local cluster.")
-workers_opt = click.option("--workers", "n_workers", type=int, default=None,
+workers_opt = click.option("--workers", "n_workers", type=click.IntRange(1), default=None,
                            help="Worker processes of the embedded cluster (default: one per core).")
-chunk_opt = click.option("--chunk-size", type=int, default=None, metavar="PX",
+chunk_opt = click.option("--chunk-size", type=click.IntRange(1), default=None, metavar="PX",
                          help="Side of the chunks a worker segments and writes (default 2048; rounded up to the network stride).")
-halo_opt = click.option("--halo", type=int, default=None, metavar="PX",
+halo_opt = click.option("--halo", type=click.IntRange(0), default=None, metavar="PX",
                         help="Context read around every tile (default: the larger of the card's default_halo and chunk / 32).")
 exact_opt = click.option("--exact", is_flag=True,
                          help="Halo = the model's receptive field: the class map no longer depends on the chunking.")

@@ -16,10 +16,10 @@ from geoseg.cli import options as opt
 @opt.chunk_opt
 @opt.halo_opt
 @opt.exact_opt
-@click.option("--tile-size", type=int, default=None, metavar="PX", help="Side of one forward pass (default: the chunk; smaller bounds the memory of a pass, each tile gets its own halo).")
+@click.option("--tile-size", type=click.IntRange(1), default=None, metavar="PX", help="Side of one forward pass (default: the chunk; smaller bounds the memory of a pass, each tile gets its own halo).")
 @opt.precision_opt
 @opt.tta_opt
-@click.option("--batch-size", type=int, default=2, show_default=True, help="Tiles per forward pass (tiles of one chunk only).")
+@click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="Tiles per forward pass (tiles of one chunk only).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @opt.scheduler_opt
 @opt.workers_opt

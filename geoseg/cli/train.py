@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 
 import click
 
 from geoseg.cli import options as opt
+
+
+def _threshold(ctx: click.Context, param: click.Parameter, value: str) -> str | float:
+    """--threshold: otsu or a finite number, checked before any imagery is read."""
+    if str(value).lower() == "otsu":
+        return "otsu"
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise click.BadParameter(f"{value!r}: give otsu or a number (the index value pixels are split at)")
+    return number
 
 
 @contextlib.contextmanager
@@ -77,7 +91,7 @@ def apply(options):
                    "by role. Default: read from band descriptions that name one.")
 @click.option("--index", "index", default=None, metavar="NAME",
               help="threshold: ndvi, ndwi, mndwi, ndbi, nbr or expr:<arithmetic of roles> (default: the first of mndwi, ndwi, ndvi the roles allow).")
-@click.option("--threshold", "threshold", default="otsu", show_default=True, metavar="otsu|VALUE",
+@click.option("--threshold", "threshold", default="otsu", show_default=True, metavar="otsu|VALUE", callback=_threshold,
               help="threshold: a fixed value, or otsu: Otsu's threshold over each predicted scene, computed on the cluster.")
 @click.option("--clusters", type=click.IntRange(2, 254), default=None, help="kmeans: number of clusters (default: twice the classes, at least 8).")
 @click.option("--majority", type=click.IntRange(0, 16), default=0, show_default=True, metavar="R",
@@ -114,7 +128,7 @@ def apply(options):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA (mixed precision) when a GPU is present, else the CPU.")
 @click.option("--no-amp", is_flag=True, help="Train in fp32 on CUDA too.")
-@click.option("--tile-size", type=int, default=1024, show_default=True, help="Forward-pass tile recorded in the card for predict.")
+@click.option("--tile-size", type=click.IntRange(1), default=1024, show_default=True, help="Forward-pass tile recorded in the card for predict.")
 @apply(region_opts)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out from its last finished epoch.")
 @opt.overwrite_opt

@@ -81,7 +81,7 @@ class ClassRaster:
 
 @dataclass(frozen=True)
 class VectorizeOptions:
-    chunk_size: int | None = None  # None: the source's chunks (at least 1024), else 2048
+    chunk_size: int | None = None  # None: the source's tiles (at least 2048), else 2048 (plan_chunks)
     connectivity: int = 4
     keep_classes: tuple[int, ...] | None = None  # None: every class
     names: dict[int, str] = field(default_factory=dict)
@@ -196,7 +196,12 @@ def merge_phase(owner: int, region_ids: np.ndarray, region_class: np.ndarray, me
 
 
 def plan_chunks(src: ClassRaster, chunk_size: int | None) -> TilingPlan:
-    size = chunk_size or max(DEFAULT_CHUNK, *(src.chunks or ()))
+    """Chunks of ``chunk_size``, else the source's own tiles where they are tiles (a GeoTIFF's or a
+    store's, 256-4096 px a side: reads stay aligned), else ``DEFAULT_CHUNK`` (strips of a striped
+    GeoTIFF are a raster's width wide: as chunks they would make one task hold the whole map)."""
+    tiles = src.chunks or ()
+    tiled = bool(tiles) and 256 <= min(tiles) and max(tiles) <= 4096
+    size = chunk_size or (max(DEFAULT_CHUNK, *tiles) if tiled else DEFAULT_CHUNK)
     return TilingPlan.make(src.shape, stride=1, chunk_size=size, halo=0)
 
 
