@@ -133,18 +133,40 @@ def test_area_in_us_survey_feet():
     assert area[0] == pytest.approx(14 * 100 * ft * ft, rel=1e-3)
 
 
+def quadrangle_area(lon0: float, lon1: float, lat0: float, lat1: float) -> float:
+    """Area (m²) between two meridians and two parallels on WGS84, in closed form (authalic latitude)."""
+    geod = Geod(ellps="WGS84")
+    e = np.sqrt(geod.es)
+
+    def q(lat: float) -> float:
+        s = np.sin(np.radians(lat))
+        return (1 - e**2) * (s / (1 - e**2 * s**2) - np.log((1 - e * s) / (1 + e * s)) / (2 * e))
+
+    return geod.a**2 / 2 * np.radians(lon1 - lon0) * (q(lat1) - q(lat0))
+
+
 def test_geodesic_area_for_geographic_crs():
     a = np.full((30, 30), 1, np.uint8)
     a[10:20, 10:20] = 2  # 0.1 x 0.1 degrees: a hole in class 1's polygon
     t = Affine(0.01, 0.0, -79.0, 0.0, -0.01, 36.0)
     gdf = polygonize(a, t, "EPSG:4326", CLASSES)
     check_exact(a, t, gdf)
-    geod = Geod(ellps="WGS84")
-    inner, _ = geod.polygon_area_perimeter([-78.9, -78.8, -78.8, -78.9], [35.9, 35.9, 35.8, 35.8])
-    outer, _ = geod.polygon_area_perimeter([-79.0, -78.7, -78.7, -79.0], [36.0, 36.0, 35.7, 35.7])
+    inner = quadrangle_area(-78.9, -78.8, 35.8, 35.9)
+    outer = quadrangle_area(-79.0, -78.7, 35.7, 36.0)
     area = dict(zip(gdf["class_id"], gdf["area_m2"]))
-    assert area[2] == pytest.approx(abs(inner), rel=1e-9)
-    assert area[1] == pytest.approx(abs(outer) - abs(inner), rel=1e-9)
+    assert area[2] == pytest.approx(inner, rel=1e-9)
+    assert area[1] == pytest.approx(outer - inner, rel=1e-9)
+    # top and bottom edges follow parallels: a wide region is larger than the polygon of geodesics through its corners
+    wide = polygonize(np.ones((10, 60), np.uint8), Affine(1.0, 0.0, 0.0, 0.0, -1.0, 70.0), "EPSG:4326", CLASSES)
+    corners, _ = Geod(ellps="WGS84").polygon_area_perimeter([0, 60, 60, 0], [70, 70, 60, 60])
+    assert wide["area_m2"].iloc[0] == pytest.approx(quadrangle_area(0, 60, 60, 70), rel=1e-9)
+    assert wide["area_m2"].iloc[0] > 1.1 * abs(corners)
+    # the perimeter: two meridian arcs and two parallels (each 60 degrees of longitude x the parallel's radius)
+    geod = Geod(ellps="WGS84")
+    meridian = geod.line_length([0, 0], [60, 70])
+    parallels = sum(np.radians(60) * geod.a * np.cos(np.radians(p)) / np.sqrt(1 - geod.es * np.sin(np.radians(p)) ** 2)
+                    for p in (60, 70))
+    assert wide["perimeter_m"].iloc[0] == pytest.approx(2 * meridian + parallels, rel=1e-7)
     # and plausible on its own: 0.1 degree of latitude ~ 11.1 km, of longitude ~ 11.1 km x cos(35.85)
     assert area[2] == pytest.approx(11.09e3 * 11.09e3 * np.cos(np.radians(35.85)), rel=0.01)
 

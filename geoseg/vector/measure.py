@@ -4,6 +4,13 @@ Projected polygons are densified (so an edge that is straight on the map is foll
 on the ground), taken to longitude/latitude on the CRS's own datum, and measured with
 GeographicLib (pyproj.Geod) on that datum's ellipsoid. Planar areas in a projected CRS are off
 by the projection's scale: +22% for EPSG:3857 at 24°N, -0.08% on a UTM central meridian.
+
+In a geographic CRS a pixel's top and bottom edges follow parallels, which are not geodesics (a
+geodesic between two corners bulges poleward: -13% of the area of a region 60° wide at 60-70°N
+if its rows were taken for geodesics). Areas there are planar areas in the ellipsoid's
+Lambert cylindrical equal-area projection, where parallels and meridians are straight lines
+(exact for every edge along them, other edges densified to 0.01°); perimeters are geodesic
+lengths of the edges densified to 0.01° (a parallel's arc within 1e-9).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from pyproj import CRS, Geod, Transformer
 
 # Edges longer than this many metres are split before projecting to lon/lat.
 DENSIFY_M = 1000.0
+# Edges longer than this many degrees are split in a geographic CRS.
+DENSIFY_DEG = 0.01
 # Polygons narrower than this (bounding-box diagonal, metres) in a conformal projection are measured
 # by the projection's scale at their centroid (pyproj's factors), not edge by edge.
 SMALL_M = 2000.0
@@ -52,6 +61,11 @@ class Measurer:
         if self.crs.is_geographic:
             # rasterio's x is longitude (GIS axis order); degrees from the CRS's angular unit
             self.to_degrees = self.crs.axis_info[0].unit_conversion_factor / (math.pi / 180.0)
+            e = self.crs.ellipsoid
+            # equal-area on this ellipsoid; +over: longitudes past ±180 (a scene across the antimeridian) are not wrapped
+            cea = CRS.from_proj4(f"+proj=cea +lon_0=0 +lat_ts=0 +a={e.semi_major_metre!r} +b={e.semi_minor_metre!r} +over +units=m")
+            lonlat = CRS.from_proj4(f"+proj=longlat +a={e.semi_major_metre!r} +b={e.semi_minor_metre!r} +over")
+            self._equal_area = Transformer.from_crs(lonlat, cea, always_xy=True)
         else:
             geographic = self.crs.geodetic_crs
             self.transformer = Transformer.from_crs(self.crs, geographic, always_xy=True)
@@ -111,8 +125,10 @@ class Measurer:
             geoms = shapely.segmentize(geoms, self.densify)
             t = self.transformer
             geoms = shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
-        elif not math.isclose(self.to_degrees, 1.0, rel_tol=1e-12):
-            geoms = shapely.transform(geoms, lambda xy: xy * self.to_degrees)
+        else:
+            if not math.isclose(self.to_degrees, 1.0, rel_tol=1e-12):
+                geoms = shapely.transform(geoms, lambda xy: xy * self.to_degrees)
+            geoms = shapely.segmentize(geoms, DENSIFY_DEG)
         # every ring as lon/lat arrays, measured by GeographicLib: exterior areas minus holes' areas;
         # the perimeter counts every ring, holes too (as GIS packages do)
         rings, owner = shapely.get_rings(shapely.get_parts(geoms), return_index=True)
@@ -125,4 +141,7 @@ class Measurer:
             i = part_of[part]
             area[i] += abs(a) if is_exterior else -abs(a)
             perim[i] += p
+        if self.transformer is None:  # geographic: rows follow parallels, not geodesics
+            ea = self._equal_area
+            area = shapely.area(shapely.transform(geoms, lambda xy: np.column_stack(ea.transform(xy[:, 0], xy[:, 1]))))
         return area, perim
