@@ -189,3 +189,34 @@ def test_failure_after_segmentation_leaves_nothing_finished(client, random_model
     record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, vectors=False, resume=True), client=client)
     assert record["chunks"] == {"chunks": 12, "computed": 0, "reused": 12}
     assert _visible(out) == ["classes.qml", "classes.tif", "item.json", "prediction.zarr", "run.json"]
+
+
+def test_a_band_file_rewritten_behind_a_vrt_is_a_new_input(tmp_path):
+    """The job key (what --resume reuses chunks under) covers the files GDAL reads for an input, not
+    only the input's own path: a VRT that did not change over band files that did is a new job."""
+    import rasterio
+    from affine import Affine
+
+    from geoseg.pipeline.plan import job_key
+    from geoseg.tiling import TilingPlan
+
+    bands = []
+    for i in range(2):
+        p = tmp_path / f"b{i}.tif"
+        bands.append(write_raster(p, np.full((1, 8, 8), 100 + i, np.uint16), transform=Affine(10, 0, 5e5, 0, -10, 6e6), block=16))
+    with rasterio.open(bands[0]) as ds:
+        srs = ds.crs.to_wkt()
+    sources = "".join(f'<VRTRasterBand dataType="UInt16" band="{i + 1}"><SimpleSource><SourceFilename relativeToVRT="0">'
+                      f"{p}</SourceFilename><SourceBand>1</SourceBand></SimpleSource></VRTRasterBand>"
+                      for i, p in enumerate(bands))
+    vrt = tmp_path / "stack.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="8" rasterYSize="8"><SRS>{srs}</SRS>'
+                   f"<GeoTransform>500000, 10, 0, 6000000, 0, -10</GeoTransform>{sources}</VRTDataset>")
+    plan = TilingPlan.make((8, 8), stride=32, chunk_size=64, halo=0)
+    before = job_key([str(vrt)], "digest", plan, PredictOptions(resume=True))
+    assert job_key([str(vrt)], "digest", plan, PredictOptions(resume=True)) == before
+    vrt_stat = vrt.stat()
+    write_raster(bands[1], np.full((1, 8, 8), 7, np.uint16), transform=Affine(10, 0, 5e5, 0, -10, 6e6), block=16)
+    os.utime(bands[1], ns=(vrt_stat.st_atime_ns, vrt_stat.st_mtime_ns + 1_000_000_000))  # a later mtime, whatever the clock
+    assert vrt.stat().st_mtime_ns == vrt_stat.st_mtime_ns
+    assert job_key([str(vrt)], "digest", plan, PredictOptions(resume=True)) != before

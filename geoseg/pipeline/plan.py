@@ -85,6 +85,23 @@ class Job:
         return ModelRef(self.model_location, self.digest, self.options.device)
 
 
+def input_identity(path: str) -> list:
+    """An input's identity and, for a local file, that of every file GDAL reads for it (the rasters
+    behind a VRT, a sidecar .ovr or .aux.xml): a band file rewritten behind an unchanged VRT is a
+    new input, and a resumed job does not reuse chunks of the old one."""
+    ident = storage.identity(path)
+    if storage.is_url(path) or not os.path.isfile(path):
+        return ident
+    import rasterio
+
+    try:
+        with rasterio.open(path) as ds:
+            files = [f for f in ds.files if os.path.abspath(f) != os.path.abspath(path)]
+    except Exception:  # unreadable here: open_stack has already said so, or the workers will
+        return ident
+    return [*ident, *(storage.identity(f) for f in sorted(files))]
+
+
 def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: PredictOptions) -> str:
     """What a finished output's reuse depends on: inputs, model, plan and the numerics asked for.
 
@@ -92,7 +109,7 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
     """
     blob = json.dumps(
         {
-            "inputs": [storage.identity(p) for p in inputs],
+            "inputs": [input_identity(p) for p in inputs],
             "model": digest,
             "plan": plan.describe(),
             "precision": options.precision,
