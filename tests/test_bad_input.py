@@ -48,6 +48,20 @@ def test_out_of_range_options_are_usage_errors_before_anything_runs(random_model
     assert "Traceback" not in output and not out.exists()
 
 
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(random_model, scene_path, tmp_path):
+    """An output under a file (a typo'd path): one line naming it, before a cluster starts or a model runs."""
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder would go")
+    out = blocker / "out"
+    code, output = run("predict", scene_path, "--model", random_model, "--out", out)
+    assert_refused(code, output, out, out)
+    assert "is a file, not a directory" in output and "cluster" not in output
+    code, output = run("evaluate", scene_path, "--model", random_model, "--labels", scene_path, "--json", out / "r.json")
+    assert_refused(code, output, out / "r.json", out)
+    code, output = run("vectorize", scene_path, "--out", out / "l.gpkg")
+    assert_refused(code, output, out / "l.gpkg", out)
+
+
 def test_not_a_raster(random_model, tmp_path):
     bad = tmp_path / "notes.tif"
     bad.write_text("this is not a GeoTIFF")

@@ -74,9 +74,13 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, ignore, backgr
     )  # fmt: skip
     if names and len(names) != len(model_dirs):
         raise ConfigError(f"{len(names)} --name for {len(model_dirs)} --model; give one name per model or none")
+    from geoseg.io.storage import check_creatable
+
     for flag, p in (("--json", json_path), ("--csv", csv_path)):
         if p and Path(p).exists() and not overwrite:
             raise OutputExistsError(f"{p}: already exists; choose another {flag} path or pass --overwrite")
+        if p:
+            check_creatable(p, f"{flag} path")
     if json_path and csv_path and Path(json_path).resolve() == Path(csv_path).resolve():
         raise ConfigError(f"{json_path}: given as both --json and --csv; give two paths")
     quiet = (ctx.obj or {}).get("verbosity", 0) < 0

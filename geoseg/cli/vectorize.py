@@ -43,10 +43,13 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplif
     from geoseg.vector.writers import check_vector_path
     from geoseg.vector.api import vectorize as run
 
+    from geoseg.io.storage import check_creatable
+
     for out in outputs:
         check_vector_path(out)
         if Path(out).exists() and not overwrite:
             raise OutputExistsError(f"{out}: already exists; choose another path or pass --overwrite")
+        check_creatable(out, "--out path")
     try:
         ids = None if keep is None else [int(v) for v in keep.split(",") if v.strip()]
     except ValueError:

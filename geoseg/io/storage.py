@@ -29,6 +29,27 @@ _LOCAL_SCHEMES = ("", "file", "local")
 _FALSE = ("0", "no", "false", "off")
 
 
+def check_creatable(path: str | os.PathLike, what: str = "output") -> None:
+    """Raise ConfigError unless the local ``path`` can be created or written: its nearest existing
+    ancestor is a directory this process may write in. Checked before any cluster starts, so a bad
+    output is one clear line, not a traceback after the work. URLs are checked where they are listed."""
+    from geoseg.errors import ConfigError
+
+    if is_url(path):
+        return
+    p = Path(os.path.abspath(path))
+    if p.exists():
+        target = p if p.is_dir() else p.parent
+    else:
+        target = p.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise ConfigError(f"{path}: cannot be created: {target} is a file, not a directory; choose another {what}")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: cannot be written: no permission to write in {target}; choose another {what}")
+
+
 def is_url(location: str | os.PathLike) -> bool:
     """True for ``scheme://...`` locations other than local files (GDAL ``/vsi...`` paths are not URLs)."""
     s = str(location)

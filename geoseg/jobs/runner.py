@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ from geoseg.errors import ConfigError, GeosegError, OutputExistsError
 from geoseg.io import storage
 from geoseg.jobs.spec import JobSpec, Scene, resolve
 from geoseg.pipeline import COG_NAME, PARTIAL, RUN_NAME, VECTOR_NAME, ZARR_NAME, Job, plan_job
+
+log = logging.getLogger(__name__)
 
 JOB_NAME = "job.json"
 Report = Callable[[str], None]
@@ -120,6 +123,10 @@ def plan(spec: JobSpec, *, overwrite: bool = False, resume: bool = False) -> Job
         check_model_dir(local_model_dir(spec.model_dir))
     except GeosegError as exc:
         raise type(exc)(f"{spec.source}: model: {exc}") from None
+    try:
+        storage.check_creatable(spec.output_root, "output")  # job.json goes there
+    except GeosegError as exc:
+        raise type(exc)(f"{spec.source}: {exc}") from None
     # Plan as if overwriting, so a finished folder is not refused before its job key is known.
     probe = spec.predict_options(overwrite=True, resume=resume)
     planned: list[ScenePlan] = []
@@ -257,7 +264,10 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 raise errors[0]
     except BaseException:
         if any(e["status"] == "failed" for e in entries.values()):
-            write_summary(spec.output_root, summary("failed", info))
+            try:
+                write_summary(spec.output_root, summary("failed", info))
+            except OSError as exc:  # the error being raised says more than this one would
+                log.warning("%s: cannot write the job summary: %s", spec.output_root, exc)
         raise
     result = summary("finished", info)
     write_summary(spec.output_root, result)

@@ -147,6 +147,7 @@ def check_out_dir(out_dir: Path | str, overwrite: bool, resume: bool) -> None:
             raise OutputExistsError(f"{out_dir}: is an object, not a prefix; choose another output URL")
     else:
         out = Path(out_dir)
+        storage.check_creatable(out, "output directory")
         if not out.exists():
             return
         if not out.is_dir():
