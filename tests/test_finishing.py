@@ -184,3 +184,11 @@ def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp
     assert {c["id"]: c["polygons"] for c in table} == n_by_class
     text = CliRunner().invoke(cli, ["info", str(out)])
     assert text.exit_code == 0 and all(c["name"] in text.output for c in table) and "%" in text.output
+    # the store itself: its CRS and grid as the scene's (GDAL alone reads no CRS from it)
+    res = CliRunner().invoke(cli, ["info", str(out / "prediction.zarr"), "--json"])
+    assert res.exit_code == 0, res.output
+    (store,) = json.loads(res.output)
+    with rasterio.open(scene_path) as src:
+        assert store["crs"] == f"EPSG:{src.crs.to_epsg()}" and store["shape"] == [src.height, src.width]
+        assert store["transform"] == list(src.transform)[:6]
+    assert store["layers"] == ["class_id", "confidence"] and store["class_nodata"] == 255

@@ -36,6 +36,9 @@ def info(paths, as_json):
                         "receptive_field": card.receptive_field, "default_halo": card.default_halo,
                         "tile_size": card.tile_size, "metrics": (card.training or {}).get("metrics")})
             continue
+        if Path(p).is_dir() and ((Path(p) / "zarr.json").exists() or (Path(p) / ".zgroup").exists()):
+            out.append(store_summary(p))  # a prediction store (prediction.zarr): GDAL does not read its CRS
+            continue
         stack = open_stack([p])
         g = stack.grid
         out.append({"raster": p, "crs": g.crs.to_wkt() if g.crs.epsg is None else f"EPSG:{g.crs.epsg}",
@@ -94,3 +97,17 @@ def output_summary(folder: Path) -> dict:
             "model": run.get("model", {}).get("path"), "precision": run.get("parameters", {}).get("precision"),
             "chunks": run.get("chunks"), "polygons": run.get("polygons"), "throughput_mpx_s": run.get("throughput_mpx_s"),
             "timings_s": t, "outputs": run.get("outputs"), "classes_table": table}
+
+
+def store_summary(path: str) -> dict:
+    """A prediction store's grid and layers, read as geoseg and xarray read it (CRS from its attributes)."""
+    from pyproj import CRS
+
+    from geoseg.vector.run import open_class_raster
+
+    src = open_class_raster(path)
+    crs = CRS.from_wkt(src.crs_wkt) if src.crs_wkt else None
+    epsg = crs.to_epsg() if crs is not None else None
+    return {"store": path, "crs": f"EPSG:{epsg}" if epsg else (crs.to_wkt() if crs else None), "shape": list(src.shape),
+            "transform": list(src.affine)[:6], "chunks": list(src.chunks or ()), "class_nodata": src.nodata,
+            "layers": ["class_id"] + (["confidence"] if src.has_confidence else [])}
