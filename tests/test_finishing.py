@@ -192,3 +192,24 @@ def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp
         assert store["crs"] == f"EPSG:{src.crs.to_epsg()}" and store["shape"] == [src.height, src.width]
         assert store["transform"] == list(src.transform)[:6]
     assert store["layers"] == ["class_id", "confidence"] and store["class_nodata"] == 255
+
+
+def test_stac_footprint_and_bbox_of_a_scene_across_the_antimeridian():
+    """RFC 7946 / STAC: a footprint crossing 180 degrees is split there, and its bbox has west > east."""
+    import shapely.geometry
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from geoseg.io.stac import make_item
+
+    grid = GeoBox((1000, 1000), Affine(100, 0, 380000, 0, -100, 8100000), "EPSG:32601")  # UTM 1N at ~72N, across 180
+    item = make_item("x", grid, [ClassInfo(id=0, name="a", color="#ff0000")], {"classes": "classes.tif"})
+    assert item.geometry["type"] == "MultiPolygon"
+    parts = shapely.geometry.shape(item.geometry).geoms
+    assert all(-180 <= b <= 180 for p in parts for b in p.bounds[::2])
+    west, south, east, north = item.bbox
+    assert 179 < west <= 180 and -180 <= east < -177 and 72 < south < north < 73.1
+    # a scene away from it keeps an ordinary bbox and a Polygon
+    plain = make_item("y", GeoBox((100, 100), Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32617"),
+                      [ClassInfo(id=0, name="a", color="#ff0000")], {"classes": "classes.tif"})
+    assert plain.geometry["type"] == "Polygon" and plain.bbox[0] < plain.bbox[2]

@@ -31,8 +31,25 @@ ROLES = {".tif": ["data"], ".zarr": ["data"], ".gpkg": ["data"], ".parquet": ["d
 
 
 def footprint(grid: GeoBox) -> dict[str, Any]:
-    """The grid's outline in longitude/latitude (densified edges), as GeoJSON."""
-    return json.loads(json.dumps(grid.extent.to_crs("EPSG:4326", resolution=None).geom.__geo_interface__))
+    """The grid's outline in longitude/latitude (densified edges), as GeoJSON; split into a
+    MultiPolygon at the antimeridian where it crosses it (RFC 7946, STAC)."""
+    geom = grid.extent.to_crs("EPSG:4326", resolution=None, wrapdateline=True).geom
+    return json.loads(json.dumps(geom.__geo_interface__))
+
+
+def bbox_of(geom: dict[str, Any]) -> list[float]:
+    """[west, south, east, north] of a footprint; across the antimeridian west > east (RFC 7946 5.2)."""
+    polys = geom["coordinates"] if geom["type"] == "MultiPolygon" else [geom["coordinates"]]
+    parts = [np.asarray([p for ring in poly for p in ring], float) for poly in polys]
+    xs = np.concatenate([q[:, 0] for q in parts])
+    ys = np.concatenate([q[:, 1] for q in parts])
+    east_side = [q for q in parts if q[:, 0].max() >= 180.0 - 1e-9]
+    west_side = [q for q in parts if q[:, 0].min() <= -180.0 + 1e-9]
+    if len(parts) > 1 and east_side and west_side:  # pieces on both sides of the antimeridian
+        west = min(q[:, 0].min() for q in east_side)
+        east = max(q[:, 0].max() for q in west_side)
+        return [float(west), float(ys.min()), float(east), float(ys.max())]
+    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
 
 
 def class_items(classes: Iterable[ClassInfo], counts: Mapping[int, int] | None) -> list[Any]:
@@ -73,14 +90,12 @@ def make_item(
 
     classes = list(classes)
     geom = footprint(grid)
-    xs = [p[0] for ring in geom["coordinates"] for p in ring]
-    ys = [p[1] for ring in geom["coordinates"] for p in ring]
     props: dict[str, Any] = {}
     if model:
         props["geoseg:model"] = dict(model)
     if run:
         props["geoseg:run"] = dict(run)
-    item = pystac.Item(item_id, geom, [min(xs), min(ys), max(xs), max(ys)], when or datetime.now(timezone.utc), props)
+    item = pystac.Item(item_id, geom, bbox_of(geom), when or datetime.now(timezone.utc), props)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     epsg = grid.crs.epsg
     proj.apply(code=f"EPSG:{epsg}" if epsg else None, wkt2=None if epsg else grid.crs.to_wkt(),
