@@ -24,6 +24,7 @@ import numpy as np
 import xarray as xr
 
 from geoseg.errors import ConfigError, InputError
+from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS, ModelCard
 from geoseg.tiling import plan_for
 
@@ -156,7 +157,10 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         # the bands geoseg stacks (an alpha band is a mask, not a band), each with its own nodata (a VRT's may differ)
         used = [b for b in stack.bands if b.path == p]
         da_ = da_.isel(band=[b.band - 1 for b in used])
-        da_.attrs = {"nodata": [b.nodata for b in used]}
+        attrs = {"nodata": [b.nodata for b in used]}
+        if any(b.use_mask for b in used):  # GDAL's mask (an internal mask band, an alpha): masked pixels become NaN
+            da_ = da_.astype("float32").where(_gdal_mask(p, used[0].band, da_))
+        da_.attrs = attrs
         parts.append(da_)
     # open_stack checked that the files share one grid: their coordinates are the first file's (an outer
     # join of coordinates a rounding apart would double the grid)
@@ -164,6 +168,24 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
     scene.attrs["nodata"] = [nd for p in parts for nd in p.attrs["nodata"]]
     scene.attrs["sources"] = paths
     return scene.rio.write_crs(parts[0].rio.crs)
+
+
+def _mask_block(path: str, band: int, block_info: Any = None) -> np.ndarray:
+    import rasterio
+    from rasterio.windows import Window
+
+    (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    with storage.gdal_env(path), rasterio.open(path) as ds:
+        return ds.read_masks(band, window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
+
+
+def _gdal_mask(path: str, band: int, like: xr.DataArray) -> xr.DataArray:
+    """GDAL's valid-pixel mask of ``path`` (as the pipeline's reads apply it), lazily, on ``like``'s (y, x) grid and chunks."""
+    import dask.array as da
+
+    chunks = like.chunks[1:] if like.chunks else tuple((n,) for n in like.shape[1:])
+    mask = da.map_blocks(_mask_block, path, band, dtype=bool, chunks=chunks, meta=np.zeros((0, 0), bool))
+    return xr.DataArray(mask, dims=("y", "x"), coords={"y": like["y"], "x": like["x"]})
 
 
 def _as_scene(da_: xr.DataArray) -> xr.DataArray:

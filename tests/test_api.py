@@ -189,5 +189,10 @@ def test_open_scene_stacks_what_the_pipeline_stacks(tmp_path):
     rgba = tmp_path / "rgba.tif"
     with rasterio.open(rgba, "w", driver="GTiff", width=40, height=32, count=4, dtype="uint8", crs="EPSG:32617",
                        transform=t, photometric="RGB", alpha="YES") as ds:
-        ds.write(np.full((4, 32, 40), 200, np.uint8))
-    assert geoseg.open_scene(rgba).sizes["band"] == open_stack([rgba]).count == 3
+        data = np.full((4, 32, 40), 200, np.uint8)
+        data[3, :, :20] = 0  # transparent: no data on the left
+        ds.write(data)
+    scene = geoseg.open_scene(rgba)
+    assert scene.sizes["band"] == open_stack([rgba]).count == 3
+    values = scene.values  # the pipeline's reads mask what GDAL's mask masks: so does the scene
+    assert np.isnan(values[:, :, :20]).all() and (values[:, :, 20:] == 200).all()
