@@ -170,3 +170,25 @@ def test_file_damaged_after_planning_is_a_clear_error_from_the_workers(client, r
         run_job(job, client)
     assert str(path) in str(info.value)
     assert not (tmp_path / "out" / "run.json").exists() and not (tmp_path / "out" / "prediction.zarr").exists()
+
+
+def test_gdal_subdataset_names_open_and_gcp_rasters_are_told_to_warp(tmp_path):
+    """A subdataset name GDAL opens is an input, not a missing file; a missing file behind one is named
+    as missing; a raster placed by ground control points is told to be warped (not to be given a CRS)."""
+    import numpy as np
+    from rasterio.control import GroundControlPoint
+
+    from geoseg.errors import InputError, InputNotFoundError
+    from geoseg.io.sources import open_stack
+
+    tif = write_raster(tmp_path / "plain.tif", np.ones((1, 16, 16), np.uint8), block=16)
+    assert open_stack([f"GTIFF_DIR:1:{tif}"]).shape == (16, 16)
+    with pytest.raises(InputNotFoundError, match="no such file"):
+        open_stack([f"GTIFF_DIR:1:{tmp_path / 'nope.tif'}"])
+    gcps = [GroundControlPoint(row=r, col=c, x=500000 + 10 * c, y=4000000 - 10 * r) for r, c in ((0, 0), (0, 16), (16, 0), (16, 16))]
+    placed = tmp_path / "gcps.tif"
+    with rasterio.open(placed, "w", driver="GTiff", width=16, height=16, count=1, dtype="uint8") as ds:
+        ds.gcps = (gcps, rasterio.crs.CRS.from_epsg(32617))
+        ds.write(np.ones((1, 16, 16), np.uint8))
+    with pytest.raises(InputError, match="ground control points.*gdalwarp"):
+        open_stack([str(placed)])

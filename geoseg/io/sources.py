@@ -9,6 +9,7 @@ paths; remote ones are opened inside ``storage.gdal_env`` on the client and on e
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -69,10 +70,29 @@ def _is_remote(path: str) -> bool:
     return "://" in path or path.startswith("/vsi")
 
 
+def _subdataset(path: str) -> str | None:
+    """The file a GDAL subdataset name reads (``NETCDF:"f.nc":var``, ``GTIFF_DIR:1:f.tif``, ``HDF5:f.h5://x``), or None."""
+    m = re.match(r'^([A-Z][A-Z0-9_]+):(.*)$', path)
+    if m is None or "://" in path.split(":", 1)[0] or m.group(1) in ("HTTP", "HTTPS", "S3", "GS", "AZ", "FILE"):
+        return None
+    rest = m.group(2)
+    if rest.startswith('"'):
+        return rest[1:].split('"', 1)[0]
+    parts = rest.split(":")
+    if m.group(1) == "GTIFF_DIR" and len(parts) >= 2:
+        return ":".join(parts[1:])
+    for k in range(len(parts), 0, -1):  # the longest prefix that is a file (a path may hold ':')
+        candidate = ":".join(parts[:k])
+        if Path(candidate).exists():
+            return candidate
+    return parts[0]
+
+
 def _check_exists(path: str) -> None:
     """A missing input named as such, not as GDAL's generic 'not recognized' (URLs asked through fsspec)."""
     if not _is_remote(path):
-        if not Path(path).exists():
+        inner = None if Path(path).exists() else _subdataset(path)
+        if not Path(inner or path).exists():
             raise InputNotFoundError(f"{path}: no such file; check the path")
         return
     if not storage.is_url(path):
@@ -103,6 +123,9 @@ def _open(path: str) -> rasterio.io.DatasetReader:
 
 
 def grid_of(ds: rasterio.io.DatasetReader, path: str) -> GeoBox:
+    if ds.crs is None and ds.gcps[0]:
+        raise InputError(f"{path}: raster is georeferenced by ground control points only; warp it onto a grid first, "
+                         f"for example 'gdalwarp -t_srs EPSG:XXXX {path} out.tif'")
     if ds.crs is None:
         raise InputError(
             f"{path}: raster has no CRS; assign one first, for example "
