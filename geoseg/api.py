@@ -147,6 +147,9 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
 
     parts = []
     for p in paths:
+        if storage.is_url(p):  # read as the pipeline reads: every block inside the Env that reaches the store
+            parts.append(_remote_part(stack, p, chunks))
+            continue
         da_ = rioxarray.open_rasterio(p, chunks={"band": -1, "y": chunks, "x": chunks}, lock=False)
         names = da_.attrs.get("long_name")
         names = [names] if isinstance(names, str) else list(names or [])
@@ -168,6 +171,39 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
     scene.attrs["nodata"] = [nd for p in parts for nd in p.attrs["nodata"]]
     scene.attrs["sources"] = paths
     return scene.rio.write_crs(parts[0].rio.crs)
+
+
+def _stack_block(stack: Any, dtype: str, block_info: Any = None) -> np.ndarray:
+    from rasterio.windows import Window
+
+    from geoseg.io.sources import read_bands
+
+    _, (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    data, valid = read_bands(stack, Window(x0, y0, x1 - x0, y1 - y0), dtype=dtype)
+    if np.dtype(dtype).kind == "f":
+        data[~valid] = np.nan  # masked (GDAL's mask) or nodata: no value
+    return data
+
+
+def _remote_part(stack: Any, path: str, chunks: int) -> xr.DataArray:
+    """The bands of ``path`` (an object-store URL) as a lazy DataArray whose blocks are read by
+    ``geoseg.io.sources.read_bands``, which enters the GDAL Env that reaches the store on whichever
+    worker reads them (rioxarray's lazy reads would run outside it: a custom endpoint never reached)."""
+    import dask.array as da
+
+    positions = [i for i, b in enumerate(stack.bands) if b.path == path]
+    sub = stack.select(positions)
+    dtype = "float32" if any(b.use_mask for b in sub.bands) else np.result_type(*[b.dtype for b in sub.bands]).name
+    h, w = sub.shape
+    grid_chunks = ((len(positions),), da.core.normalize_chunks(chunks, (h,))[0], da.core.normalize_chunks(chunks, (w,))[0])
+    data = da.map_blocks(_stack_block, sub, dtype, dtype=dtype, chunks=grid_chunks, meta=np.zeros((0, 0, 0), dtype))
+    t = sub.grid.affine
+    stem = Path(path).stem
+    names = [b.description or (stem if len(positions) == 1 else f"{stem}_{b.band}") for b in sub.bands]
+    out = xr.DataArray(data, dims=("band", "y", "x"),
+                       coords={"band": names, "y": t.f + t.e * (np.arange(h) + 0.5), "x": t.c + t.a * (np.arange(w) + 0.5)},
+                       attrs={"nodata": [b.nodata for b in sub.bands]})
+    return out.rio.write_crs(sub.grid.crs.to_wkt()).rio.write_transform(t)
 
 
 def _mask_block(path: str, band: int, block_info: Any = None) -> np.ndarray:

@@ -299,3 +299,15 @@ def test_prefetch_reads_a_scene_and_the_files_behind_a_vrt_into_the_page_cache(t
     while _resident_share(tif) < 0.99 and time.time() < deadline:
         time.sleep(0.05)
     assert _resident_share(tif) >= 0.99
+
+
+def test_open_scene_reads_an_object_behind_the_endpoint_on_the_workers(s3, uploaded, scene_path):
+    """The xarray API on an s3:// input: opened and read (by the cluster's worker) through the endpoint
+    geoseg derives from AWS_ENDPOINT_URL, the same pixels, grid and nodata as the local file."""
+    import geoseg
+
+    remote, local = geoseg.open_scene(uploaded[0], chunks=128), geoseg.open_scene(scene_path)
+    assert remote.sizes == local.sizes and remote.attrs["nodata"] == local.attrs["nodata"]
+    assert remote.rio.crs == local.rio.crs and remote.rio.transform() == local.rio.transform()
+    np.testing.assert_array_equal(remote["x"].values, local["x"].values)
+    np.testing.assert_array_equal(s3.client.compute(remote.data).result(), local.values)
