@@ -270,3 +270,19 @@ def test_cards_name_only_files_beside_them_and_expressions_only_arithmetic(pixel
         with pytest.raises(ConfigError):
             check_expression(bad)
     check_expression("(nir - red) / (nir + red + 0.5)")
+
+
+def test_labels_of_one_class(scene, tmp_path):
+    """Labels that hold one class (building polygons without --background): the network trains without
+    a companion (LightGBM cannot fit one class), and --method pixel says what to do."""
+    img, lab, _, labels = scene
+    one = write_raster(tmp_path / "one.tif", np.where(labels == 2, 3, 0).astype(np.uint8), nodata=0)
+    r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,
+                           ["train", str(img), "--labels", str(one), "--out", str(tmp_path / "px"), "--method", "pixel"])
+    assert r.exit_code != 0 and "one class only" in r.output and "--background" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "px").exists()
+    r = cli("-q", "train", img, "--labels", one, "--out", tmp_path / "net", "--members", 1, "--epochs", 1, "--chip-size", 32,
+            "--steps-per-epoch", 2, "--batch-size", 2, "--encoder-depth", 3)
+    assert r.exit_code == 0, r.output
+    card = ModelCard.read(tmp_path / "net" / "model.json")
+    assert [c.id for c in card.classes] == [3] and card.method_params.get("ensemble") is None

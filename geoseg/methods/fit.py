@@ -49,9 +49,11 @@ def _with_roles(bands: list[BandInfo], roles: Sequence[str | None]) -> tuple[Ban
 
 def fit_pixel_on_split(prep, roles: Sequence[str | None], features: Sequence[str], seed: int) -> tuple[Any, dict[str, Any]] | None:
     """LightGBM on the labelled pixels of the training blocks, stopped early on the validation blocks
-    (None when the training blocks hold no labelled pixel)."""
+    (None when the training blocks hold no labelled pixel or the model has one class)."""
     from geoseg.methods import pixel
 
+    if len(prep.classes) < 2:  # nothing to tell apart (LightGBM refuses a one-class multiclass fit)
+        return None
     lut = class_lut(prep.classes)
     rng = np.random.default_rng([seed, 0x9E0])
     scale = prep.normalization.std
@@ -135,6 +137,9 @@ def train_method(
     if method == "pixel":
         from geoseg.methods import pixel
 
+        if len(prep.classes) < 2:
+            raise InputError(f"{inputs.labels}: the labels hold one class only ({prep.classes[0].name}); a classifier needs two: "
+                             "label the rest with --background ID (vector labels) or give labels of another class")
         features = default_features(roles, prep.stack.count)
         fitted = fit_pixel_on_split(prep, roles, features, config.seed)
         if fitted is None:
