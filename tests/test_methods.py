@@ -286,3 +286,15 @@ def test_labels_of_one_class(scene, tmp_path):
     assert r.exit_code == 0, r.output
     card = ModelCard.read(tmp_path / "net" / "model.json")
     assert [c.id for c in card.classes] == [3] and card.method_params.get("ensemble") is None
+
+
+def test_a_run_stopped_before_its_first_epoch_does_not_block_the_next(scene, tmp_path):
+    """Interrupted before any checkpoint: the working folder holds nothing to resume, so the same
+    command starts again (it used to ask for --resume, which then said there was nothing to resume)."""
+    img, lab, classes, _ = scene
+    out = tmp_path / "net"
+    (tmp_path / "net.training").mkdir()  # what a run leaves when it is stopped during its first epoch
+    r = cli("-q", "train", img, "--labels", lab, "--classes", classes, "--out", out, "--members", 1, "--epochs", 1,
+            "--chip-size", 32, "--steps-per-epoch", 2, "--batch-size", 2, "--encoder-depth", 3, "--no-ensemble")
+    assert r.exit_code == 0, r.output
+    assert (out / "model.json").is_file() and not (tmp_path / "net.training").exists()

@@ -196,8 +196,15 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
             result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
                          progress=progress, card_update=update)  # fmt: skip
     except KeyboardInterrupt:
-        click.echo(f"geoseg: interrupted; the last finished epoch is saved in {working_dir(out_dir)}: "
-                   "run the same command with --resume to continue", err=True)  # fmt: skip
+        from geoseg.training.loop import saved_states
+
+        work = working_dir(out_dir)
+        if saved_states(work) == (None, []):
+            click.echo("geoseg: interrupted before the first epoch finished; nothing was saved: run the same command "
+                       "to start again", err=True)
+        else:
+            click.echo(f"geoseg: interrupted; the last finished epoch is saved in {work}: "
+                       "run the same command with --resume to continue", err=True)  # fmt: skip
         sys.exit(130)
     _report(result, verbosity)
 

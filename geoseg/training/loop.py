@@ -519,6 +519,8 @@ def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None
     if resume:
         if saved_states(work) == (None, []):
             raise ConfigError(f"{work}: no interrupted training run to resume there; start without --resume")
+    elif work.exists() and saved_states(work) == (None, []) and not any(work.rglob("*.safetensors")):
+        shutil.rmtree(work)  # a run stopped before its first epoch finished: nothing in it to resume
     elif work.exists() and not overwrite:
         raise OutputExistsError(
             f"{work}: holds an interrupted training run for {out}; pass --resume to continue it or --overwrite to start again"
