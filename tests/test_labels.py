@@ -132,6 +132,14 @@ def test_integer_field_and_names_without_a_class_list(tmp_path, grid):
     assert ids[2, 2] == 7 and ids[7, 2] == 0 and ids[20, 20] == 255
     src = open_labels(write_polygons(tmp_path / "names.gpkg", POLYS), grid)
     assert [(c.id, c.name) for c in src.classes] == [(1, "Forest"), (2, "water")]  # sorted names get 1, 2, ...
+    # ids written as text (CSV, some exports) are ids, not names to number 1, 2, ... ("10" would sort before "2")
+    p = write_polygons(tmp_path / "text.geojson", [((0, 5, 0, 5), "10"), ((5, 10, 0, 5), "0"), ((10, 15, 0, 5), "2")],
+                       field="code")
+    ids = read_labels(open_labels(p, grid, field="code"), ALL)
+    assert ids[2, 2] == 10 and ids[7, 2] == 0 and ids[12, 2] == 2
+    # unless the class list names classes so
+    named = open_labels(p, grid, field="code", classes=[ClassInfo(id=i, name=n) for i, n in ((1, "10"), (2, "0"), (3, "2"))])
+    assert read_labels(named, ALL)[2, 2] == 1
 
 
 def test_unknown_class_name_is_a_clear_error(tmp_path, grid):

@@ -406,6 +406,12 @@ def _open_vector(
         log.warning("%s: %d feature(s) have no value in %r and are left out", path, int(missing.sum()), field)
         gdf, values = gdf[~missing], values[~missing]
     defined: tuple[ClassInfo, ...] | None = None
+    if not pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        # ids written as text ("0", "3": CSV and some exports): ids, unless the class list names them so
+        text = values.astype(str).str.strip()
+        known = {c.name for c in classes} if classes else set()
+        if len(text) and text.str.fullmatch(r"\d{1,3}").all() and not set(text) <= known:
+            values = text.astype(np.int64)
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         v = values.to_numpy(np.float64)
         if (v != np.floor(v)).any():
