@@ -147,8 +147,9 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
 
     parts = []
     for p in paths:
-        if storage.is_url(p):  # read as the pipeline reads: every block inside the Env that reaches the store
-            parts.append(_remote_part(stack, p, chunks))
+        used = [b for b in stack.bands if b.path == p]
+        if storage.is_url(p) or any(b.use_mask for b in used):  # read as the pipeline reads (read_bands)
+            parts.append(_read_part(stack, p, chunks))
             continue
         da_ = rioxarray.open_rasterio(p, chunks={"band": -1, "y": chunks, "x": chunks}, lock=False)
         names = da_.attrs.get("long_name")
@@ -157,13 +158,9 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         band_names = [n if n else (stem if da_.sizes["band"] == 1 else f"{stem}_{i + 1}")
                       for i, n in enumerate(names + [None] * (da_.sizes["band"] - len(names)))]
         da_ = da_.assign_coords(band=band_names)
-        # the bands geoseg stacks (an alpha band is a mask, not a band), each with its own nodata (a VRT's may differ)
-        used = [b for b in stack.bands if b.path == p]
+        # the bands geoseg stacks, each with its own nodata (a VRT's may differ)
         da_ = da_.isel(band=[b.band - 1 for b in used])
-        attrs = {"nodata": [b.nodata for b in used]}
-        if any(b.use_mask for b in used):  # GDAL's mask (an internal mask band, an alpha): masked pixels become NaN
-            da_ = da_.astype("float32").where(_gdal_mask(p, used[0].band, da_))
-        da_.attrs = attrs
+        da_.attrs = {"nodata": [b.nodata for b in used]}
         parts.append(da_)
     # open_stack checked that the files share one grid: their coordinates are the first file's (an outer
     # join of coordinates a rounding apart would double the grid)
@@ -185,10 +182,11 @@ def _stack_block(stack: Any, dtype: str, block_info: Any = None) -> np.ndarray:
     return data
 
 
-def _remote_part(stack: Any, path: str, chunks: int) -> xr.DataArray:
-    """The bands of ``path`` (an object-store URL) as a lazy DataArray whose blocks are read by
-    ``geoseg.io.sources.read_bands``, which enters the GDAL Env that reaches the store on whichever
-    worker reads them (rioxarray's lazy reads would run outside it: a custom endpoint never reached)."""
+def _read_part(stack: Any, path: str, chunks: int) -> xr.DataArray:
+    """The bands of ``path`` as a lazy DataArray whose blocks are read by ``geoseg.io.sources.read_bands``,
+    as the pipeline reads them: inside the GDAL Env that reaches an object store on whichever worker
+    reads them (rioxarray's lazy reads run outside it: a custom endpoint is never reached), and with
+    GDAL's mask applied (an internal mask band, an alpha): masked pixels are NaN, the bands float32."""
     import dask.array as da
 
     positions = [i for i, b in enumerate(stack.bands) if b.path == path]
@@ -204,24 +202,6 @@ def _remote_part(stack: Any, path: str, chunks: int) -> xr.DataArray:
                        coords={"band": names, "y": t.f + t.e * (np.arange(h) + 0.5), "x": t.c + t.a * (np.arange(w) + 0.5)},
                        attrs={"nodata": [b.nodata for b in sub.bands]})
     return out.rio.write_crs(sub.grid.crs.to_wkt()).rio.write_transform(t)
-
-
-def _mask_block(path: str, band: int, block_info: Any = None) -> np.ndarray:
-    import rasterio
-    from rasterio.windows import Window
-
-    (y0, y1), (x0, x1) = block_info[None]["array-location"]
-    with storage.gdal_env(path), rasterio.open(path) as ds:
-        return ds.read_masks(band, window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
-
-
-def _gdal_mask(path: str, band: int, like: xr.DataArray) -> xr.DataArray:
-    """GDAL's valid-pixel mask of ``path`` (as the pipeline's reads apply it), lazily, on ``like``'s (y, x) grid and chunks."""
-    import dask.array as da
-
-    chunks = like.chunks[1:] if like.chunks else tuple((n,) for n in like.shape[1:])
-    mask = da.map_blocks(_mask_block, path, band, dtype=bool, chunks=chunks, meta=np.zeros((0, 0), bool))
-    return xr.DataArray(mask, dims=("y", "x"), coords={"y": like["y"], "x": like["x"]})
 
 
 def _as_scene(da_: xr.DataArray) -> xr.DataArray:

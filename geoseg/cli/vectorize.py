@@ -39,11 +39,10 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplif
 
     from geoseg.cluster import connect
     from geoseg.errors import ConfigError, OutputExistsError
+    from geoseg.io.storage import check_creatable
     from geoseg.vector.run import open_class_raster
     from geoseg.vector.writers import check_vector_path
     from geoseg.vector.api import vectorize as run
-
-    from geoseg.io.storage import check_creatable
 
     for out in outputs:
         check_vector_path(out)

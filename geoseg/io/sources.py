@@ -72,8 +72,8 @@ def _is_remote(path: str) -> bool:
 
 def _subdataset(path: str) -> str | None:
     """The file a GDAL subdataset name reads (``NETCDF:"f.nc":var``, ``GTIFF_DIR:1:f.tif``, ``HDF5:f.h5://x``), or None."""
-    m = re.match(r'^([A-Z][A-Z0-9_]+):(.*)$', path)
-    if m is None or "://" in path.split(":", 1)[0] or m.group(1) in ("HTTP", "HTTPS", "S3", "GS", "AZ", "FILE"):
+    m = re.match(r'^([A-Z][A-Z0-9_]+):(.*)$', path)  # URLs never come here (_is_remote)
+    if m is None:
         return None
     rest = m.group(2)
     if rest.startswith('"'):
