@@ -1,23 +1,34 @@
 """One command for a machine with a CUDA GPU: the GPU tests, the bare model's speed, and geoseg end to end.
 
     python benchmarks/gpu_check.py [--size 16384] [--workdir DIR] [--model DIR] [--vectors] [--skip-pytest]
+                                   [--gpu-threads 1,2]
 
 Prints, in well under 10 minutes on one GPU and ~16 cores:
-  (a) `pytest -m gpu -q`: its outcome (exit code 5, no test marked gpu, is fine and said so);
+  (a) `pytest -m gpu -q` over the test files that hold gpu tests: its outcome;
   (b) model only: img/s and Mpx/s of a U-Net-resnet18 (random weights, init_model) on 512x512 tiles,
       batch 8, bf16 autocast, channels_last, on cuda;
+  (b2) geoseg's infer kernel on one default chunk's window (4352 px of uint16 bands) in this process:
+      what an infer task computes, without dask;
   (c) geoseg end to end on a generated --size scene (make_sample) on a dask cluster started here:
       a scheduler, N-1 CPU workers (`--nthreads 1`, no GPU visible) for reading and writing, and one
-      GPU worker (`--resources GPU=1 --nthreads 1`) for the model tasks (model_resources={"GPU": 1});
-      after a warm-up on a 2048 scene: the segment stage's Mpx/s, the whole call's Mpx/s (COG
-      included; polygons only with --vectors: a random model's 16384^2 map holds millions of
-      polygons), timings, run.json's numerics and the worker each infer task ran on;
+      GPU worker (`--resources GPU=1`, `--nthreads` each of --gpu-threads: one cluster each) for the model
+      tasks (model_resources={"GPU": 1}); after a warm-up on a 2048 scene: the segment stage's Mpx/s, the
+      whole call's Mpx/s (COG included; polygons only with --vectors: a random model's 16384^2 map holds
+      millions of polygons), timings, run.json's numerics and the worker each infer task ran on;
   (d) the GPU's busy share during that run: nvidia-smi's utilization.gpu sampled every 0.5 s.
 On a machine without CUDA it says so and exits 0, having measured nothing, unless --rehearse:
 then (c) runs on the CPU (the "GPU" worker is a CPU worker with the GPU resource), so the script
 itself is known to work before a GPU machine's scarce minutes are spent on it:
 
     python benchmarks/gpu_check.py --rehearse --size 2048 --cpu-workers 1
+
+A bare GPU machine without the project's packages: benchmarks/gpu_bundle.sh packs them here (~49 MB),
+benchmarks/gpu_device.sh unpacks them there and runs this script.
+
+Measured (H200, 16 cores, torch 2.11 cu130, random U-Net-resnet18, 16384^2 uint16 scene, 4096 px chunks, halo 128),
+see the #7 note of 2026-12-04: (b) 2145-2278 img/s = 562-597 Mpx/s; (b2) 0.343 s = 55 Mpx/s; (c) segment stage
+18.4 Mpx/s before the bands were normalised on the device and stages ran whole there, 24.1 after (GPU worker of
+one thread), 31.1 with two threads; whole call 15.0 / 18.4 / 22.8 Mpx/s; (d) GPU busy 4% / 11% / 7%.
 """
 
 from __future__ import annotations
@@ -35,12 +46,15 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+# `python -m dask`, not the `dask` script: works where the packages sit on PYTHONPATH and no script was installed
+DASK = [sys.executable, "-m", "dask"]
 
 
 def run_pytest(timeout: float) -> bool:
+    # only the files that hold gpu tests: collecting the others imports what a GPU machine need not have (moto, nbclient)
+    files = sorted(str(f.relative_to(REPO)) for f in (REPO / "tests").glob("test_*.py") if "pytest.mark.gpu" in f.read_text())
     try:
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q"]
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *files]
         rc = subprocess.run(cmd, check=False, cwd=REPO, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         print(f"(a) pytest -m gpu: stopped after {timeout:.0f} s", flush=True)
@@ -76,6 +90,36 @@ def model_only(model: Path, seconds: float, batch: int = 8, tile: int = 512) -> 
     return img_s
 
 
+def kernel_only(model: Path, side: int = 4352, runs: int = 5) -> None:
+    """geoseg's infer kernel (``segment_window`` on an InputWindow: normalisation, the network, classes back on the
+    host) on one default chunk's window of uint16 bands, in this process: the infer task's work without dask."""
+    import numpy as np
+    import torch
+
+    from geoseg.infer import InferenceSettings, InputWindow, segment_window
+    from geoseg.model.store import load_model
+    from geoseg.tiling import Box, Tile
+
+    bundle = load_model(model, device="cuda")
+    net = bundle.net.to(memory_format=torch.channels_last)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 4000, (bundle.card.n_bands, side, side)).astype(np.uint16)
+    valid = np.ones((side, side), bool)
+    box = Box(0, side, 0, side)
+    settings = InferenceSettings("bf16", 1, "cuda")
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        segment_window(net, bundle.card, InputWindow(data, valid, bundle.card), valid, box, [Tile(box, box)], box, settings)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    best = min(times[1:])
+    print(f"(b2) geoseg kernel, one {side}x{side} window in process: {best:.3f} s = {side * side / 1e6 / best:.0f} Mpx/s "
+          f"(first {times[0]:.2f} s); peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+    del net, bundle
+    torch.cuda.empty_cache()
+
+
 class GpuSampler(threading.Thread):
     """utilization.gpu of the first GPU every ``period`` s, until stopped."""
 
@@ -94,24 +138,26 @@ class GpuSampler(threading.Thread):
             self.stopped.wait(self.period)
 
 
-def start_cluster(work: Path, cpu_workers: int) -> tuple[str, list[subprocess.Popen]]:
-    """A scheduler, ``cpu_workers`` CPU workers and one GPU worker, each in its own process session."""
+def start_cluster(work: Path, cpu_workers: int, gpu_threads: int = 1) -> tuple[str, list[subprocess.Popen]]:
+    """A scheduler, ``cpu_workers`` CPU workers and one GPU worker (``gpu_threads`` threads), each in its own process
+    session."""
     sched_file = work / "scheduler.json"
     sched_file.unlink(missing_ok=True)
     with open(work / "dask.log", "w") as log:  # each child keeps its own copy of the descriptor
         common = {"start_new_session": True, "stdout": subprocess.DEVNULL, "stderr": log}
-        procs = [subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+        procs = [subprocess.Popen([*DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                    "--scheduler-file", str(sched_file)], **common)]
         for _ in range(60):
             if sched_file.exists() and sched_file.stat().st_size:
                 break
             time.sleep(0.5)
-        worker = [str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--nthreads",
+        worker = [*DASK, "worker", "--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--nthreads",
                   "1", "--no-dashboard", "--local-directory", str(work / "dask-workers")]
         if cpu_workers:
             procs.append(subprocess.Popen(worker + ["--nworkers", str(cpu_workers), "--name", "cpu"],
                                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, **common))
-        procs.append(subprocess.Popen(worker + ["--resources", "GPU=1", "--name", "gpu"], **common))
+        gpu = [a if a != "1" or worker[i - 1] != "--nthreads" else str(gpu_threads) for i, a in enumerate(worker)]
+        procs.append(subprocess.Popen(gpu + ["--resources", "GPU=1", "--name", "gpu"], **common))
     return json.loads(sched_file.read_text())["address"], procs
 
 
@@ -131,7 +177,7 @@ def stop(procs: list[subprocess.Popen]) -> None:
                 pass
 
 
-def end_to_end(args, model: Path, work: Path) -> bool:
+def end_to_end(args, model: Path, work: Path, gpu_threads: int = 1) -> bool:
     """(c) and (d); True if every infer task ran on the GPU worker."""
     from distributed import Client
 
@@ -148,7 +194,7 @@ def end_to_end(args, model: Path, work: Path) -> bool:
         scenes[size] = d / "image.tif"
     cores = len(os.sched_getaffinity(0))
     cpu_workers = args.cpu_workers if args.cpu_workers is not None else max(1, cores - 1)
-    address, procs = start_cluster(work, cpu_workers)
+    address, procs = start_cluster(work, cpu_workers, gpu_threads)
     try:
         with Client(address) as client:
             client.wait_for_workers(cpu_workers + 1, timeout=120)
@@ -156,7 +202,7 @@ def end_to_end(args, model: Path, work: Path) -> bool:
             t = time.perf_counter()
             predict([scenes[2048]], model, work / "out-warmup", PredictOptions(model_resources=gpu, overwrite=True, cog=False,
                     vectors=False), client=client)
-            print(f"    cluster of {cpu_workers} CPU workers + 1 GPU worker; warm-up in {time.perf_counter() - t:.0f} s", flush=True)
+            print(f"    cluster of {cpu_workers} CPU workers + 1 GPU worker of {gpu_threads} thread(s); warm-up in {time.perf_counter() - t:.0f} s", flush=True)
             sampler = GpuSampler() if shutil.which("nvidia-smi") else None
             if sampler:
                 sampler.start()
@@ -200,6 +246,7 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="model directory (default: a U-Net-resnet18 with random weights)")
     ap.add_argument("--workdir", default=None, help="keep scenes, model and outputs here (default: a temp dir)")
     ap.add_argument("--cpu-workers", type=int, default=None, help="CPU workers (default: usable cores - 1)")
+    ap.add_argument("--gpu-threads", default="1", help="threads of the GPU worker; several (1,2): one cluster each")
     ap.add_argument("--model-seconds", type=float, default=10.0)
     ap.add_argument("--vectors", action="store_true", help="also polygonize (slow on a random model's map)")
     ap.add_argument("--skip-pytest", action="store_true")
@@ -209,6 +256,11 @@ def main() -> int:
 
     import torch
 
+    import platform
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), {gpu}, "
+          f"{len(os.sched_getaffinity(0))} usable cores", flush=True)
     if not torch.cuda.is_available() and not args.rehearse:
         print("no CUDA device found (torch.cuda.is_available() is False): nothing was measured")
         return 0
@@ -225,7 +277,10 @@ def main() -> int:
             init_model(model, n_bands=4, n_classes=5, encoder="resnet18", seed=0)
         if not args.rehearse:
             model_only(model, args.model_seconds)
-        ok = end_to_end(args, model, work) and ok
+        if not args.rehearse:
+            kernel_only(model)
+        for threads in (int(t) for t in args.gpu_threads.split(",")):
+            ok = end_to_end(args, model, work, threads) and ok
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -194,6 +194,40 @@ def test_channels_last_input_is_made_in_strips_with_the_same_values(monkeypatch)
             assert (got[:4][~band_valid] == 0).all() and (got[:4][band_valid & valid] != 0).any()
 
 
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "float32", "float64"])
+def test_the_device_normalisation_equals_numpys(dtype):
+    """A GPU worker normalises on the device (``normalized_on_device``): the same float32 values as the CPU path,
+    missing bands and invalid pixels 0; its rows, padded to the stride, equal the CPU rows. Run here on torch's CPU
+    device: the same torch code a GPU runs. Cards with index channels keep the CPU path (None)."""
+    from geoseg.infer import _window_rows_class, InputWindow, normalize, normalized_on_device
+
+    card = _card().model_copy(update={"normalization": Normalization(mean=(300.0, 400.0, 500.0, 900.0),
+                                                                       std=(50.0, 60.0, 70.0, 200.0))})
+    rng = np.random.default_rng(7)
+    data = (rng.integers(-200, 3000, (4, 61, 45)) if dtype == "int16" else rng.integers(0, 3000, (4, 61, 45))).astype(dtype)
+    if dtype.startswith("float"):
+        data = data + rng.random(data.shape).astype(dtype)
+        data[1, 3, :7] = np.nan
+    band_valid = (rng.random(data.shape) > 0.05) & np.isfinite(data)
+    valid = band_valid.any(axis=0)
+    before = data.copy()
+    for bv in (None, band_valid):
+        ref = normalize(data, valid, card, bv)
+        got = normalized_on_device(data, valid, card, bv, "cpu")
+        np.testing.assert_array_equal(data, before)  # the caller's bands are left as they were
+        assert got is not None and got.dtype == torch.float32
+        np.testing.assert_array_equal(got.numpy(), ref)
+        window = InputWindow(data, valid, card, bv)
+        rows = _window_rows_class()(window, 32, "cpu")  # padded to 64 x 64
+        for y0, y1 in ((0, 64), (16, 48), (48, 64)):
+            dev = rows._device_rows(y0, y1)
+            assert dev.shape == (1, 4, y1 - y0, 64) and dev.is_contiguous(memory_format=torch.channels_last)
+            np.testing.assert_array_equal(dev.numpy(), rows.rows(y0, y1).numpy())
+    indexed = card.model_copy(update={"index_channels": ("ndvi",), "bands": [BandInfo(name=r, role=r) for r in
+                                                                            ("blue", "green", "red", "nir")]})
+    assert normalized_on_device(data, valid, indexed, None, "cpu") is None
+
+
 @pytest.mark.parametrize("shape", [(200, 232), (203, 229)])  # on the stride, and padded to it
 def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
     """The default path (tile = chunk) gives the network an InputWindow's rows as its first stage reads
