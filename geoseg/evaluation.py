@@ -227,7 +227,7 @@ def run_evaluation(job: EvaluationJob) -> Evaluation:
             f"{job.labels_path}: no pixel where both the labels and the image are valid in the evaluated region; "
             "check that the labels cover the image (and the region)"
         )
-    metrics = Metrics(job.card.class_ids, tuple(c.name for c in job.card.classes), cm)
+    metrics = Metrics(job.card.class_ids, tuple(c.name for c in job.card.classes), cm, job.options.ignore)
     seconds = time.perf_counter() - t0
     log.info("evaluated %d labelled pixels in %.1f s: mIoU %.4f", metrics.pixels, seconds, metrics.miou)
     return Evaluation(metrics, job, seconds, labelled)
@@ -572,8 +572,8 @@ def run_comparison(job: ComparisonJob) -> Comparison:
     names = tuple(c.name for c in job.classes)
     labelled = int(counts[0])
     scores = tuple(
-        ModelScores(name, m, digest, card.class_ids, plan, Metrics(ids, names, restrict_confusion(cm, ids)[0]),
-                    int(pred), labelled)
+        ModelScores(name, m, digest, card.class_ids, plan, Metrics(ids, names, restrict_confusion(cm, ids)[0],
+                                                                   job.options.ignore), int(pred), labelled)
         for name, m, digest, card, plan, cm, pred in zip(job.names, job.model_dirs, job.digests, job.cards, job.plans,
                                                          cms, counts[1:])
     )  # fmt: skip

@@ -16,6 +16,7 @@ from geoseg.errors import GridMismatchError, InputError
 from geoseg.evaluation import EvaluateOptions, confusion_array, evaluate, plan_evaluation
 from geoseg.infer import InferenceSettings, segment_array
 from geoseg.model.store import load_model
+from geoseg.training.metrics import Metrics
 
 
 @pytest.fixture(scope="session")
@@ -95,6 +96,33 @@ def test_evaluate_a_region_and_ignore_a_class(trained, reference):
     np.testing.assert_array_equal(result.metrics.confusion, expect["confusion"])
     assert result.metrics.label_pixels[1] == 0  # class 5 left out of the labels
     assert result.to_dict()["region"] == {"rows": [30, 150], "cols": [100, 192]}
+
+
+def test_an_ignored_class_is_out_of_the_scores(trained, reference, tmp_path):
+    """--ignore-index on a class of the model: its pixels leave the labels and the class leaves the mean (undefined,
+    not an IoU of 0 wherever the model predicts it); the pixels it is predicted on still count as the true class's
+    misses."""
+    scene, model_dir, _, _ = trained
+    pred, labels, card = reference
+    relabelled = labels.copy()
+    relabelled[labels == 5] = 9  # the model's class 5 pixels are now labelled 9: misses of 9, predictions of 5
+    with rasterio.open(scene.labels) as ds:
+        profile = ds.profile
+    with rasterio.open(tmp_path / "labels.tif", "w", **profile) as ds:
+        ds.write(relabelled, 1)
+    with dask.config.set(scheduler="threads"):
+        result = evaluate(scene.bands, model_dir, tmp_path / "labels.tif", EvaluateOptions(exact=True, chunk_size=64, ignore=(5,)))
+    expect = numpy_scores(pred, relabelled, card.class_ids)
+    m = result.metrics
+    np.testing.assert_array_equal(m.confusion, expect["confusion"])
+    assert m.label_pixels[1] == 0 and m.predicted_pixels[1] > 1000 and expect["iou"][1] == 0
+    assert np.isnan(m.iou[1]) and np.isnan(m.precision[1]) and np.isfinite(m.iou[[0, 2]]).all()
+    np.testing.assert_allclose(m.iou[[0, 2]], np.asarray(expect["iou"])[[0, 2]], rtol=1e-12)
+    assert m.recall[2] == pytest.approx(expect["recall"][2], rel=1e-12) and m.recall[2] < 0.9  # class 9 misses counted
+    assert m.miou == pytest.approx(np.mean(np.asarray(expect["iou"])[[0, 2]]), rel=1e-12)
+    d = result.to_dict()
+    assert d["ignored"] == [5] and d["classes"][1]["iou"] is None
+    assert Metrics.from_dict(d).miou == pytest.approx(m.miou, rel=1e-12)
 
 
 def test_vector_labels_by_class_name(trained, reference, tmp_path):

@@ -61,6 +61,9 @@ class Metrics:
     class_ids: tuple[int, ...]
     class_names: tuple[str, ...]
     confusion: np.ndarray
+    # classes left out on purpose (``--ignore-index``): their scores are undefined and out of the mean; pixels
+    # predicted as one of them where the labels hold another class still count as that class's misses
+    ignored: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         n = len(self.class_ids)
@@ -84,21 +87,26 @@ class Metrics:
     def pixels(self) -> int:
         return int(self.confusion.sum())
 
+    def _defined(self, scores: np.ndarray) -> np.ndarray:
+        if self.ignored:
+            scores[np.isin(np.asarray(self.class_ids), self.ignored)] = np.nan
+        return scores
+
     @property
     def iou(self) -> np.ndarray:
-        return _ratio(self.tp, self.label_pixels + self.predicted_pixels - self.tp)
+        return self._defined(_ratio(self.tp, self.label_pixels + self.predicted_pixels - self.tp))
 
     @property
     def precision(self) -> np.ndarray:
-        return _ratio(self.tp, self.predicted_pixels)
+        return self._defined(_ratio(self.tp, self.predicted_pixels))
 
     @property
     def recall(self) -> np.ndarray:
-        return _ratio(self.tp, self.label_pixels)
+        return self._defined(_ratio(self.tp, self.label_pixels))
 
     @property
     def f1(self) -> np.ndarray:
-        return _ratio(2 * self.tp, self.label_pixels + self.predicted_pixels)
+        return self._defined(_ratio(2 * self.tp, self.label_pixels + self.predicted_pixels))
 
     @property
     def miou(self) -> float:
@@ -129,6 +137,7 @@ class Metrics:
             for i, (cid, name) in enumerate(zip(self.class_ids, self.class_names))
         ]
         return {
+            **({"ignored": list(self.ignored)} if self.ignored else {}),
             "miou": num(self.miou),
             "overall_accuracy": num(self.overall_accuracy),
             "pixels": self.pixels,
@@ -145,7 +154,7 @@ class Metrics:
     def from_dict(cls, d: dict[str, Any]) -> "Metrics":
         c = d["confusion"]
         names = [k["name"] for k in d["classes"]]
-        return cls(tuple(c["class_ids"]), tuple(names), np.asarray(c["matrix"], np.int64))
+        return cls(tuple(c["class_ids"]), tuple(names), np.asarray(c["matrix"], np.int64), tuple(d.get("ignored", ())))
 
     def table(self, confusion: bool = True) -> str:
         """A plain-text table for the terminal: per-class scores, then the confusion matrix."""
