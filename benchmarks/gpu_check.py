@@ -22,7 +22,7 @@ itself is known to work before a GPU machine's scarce minutes are spent on it:
 
     python benchmarks/gpu_check.py --rehearse --size 2048 --cpu-workers 1
 
-A bare GPU machine without the project's packages: benchmarks/gpu_bundle.sh packs them here (~49 MB),
+A bare GPU machine without the project's packages: benchmarks/gpu_bundle.sh packs them here (~55 MB),
 benchmarks/gpu_device.sh unpacks them there and runs this script.
 
 Measured (H200, 16 cores, torch 2.11 cu130, random U-Net-resnet18, 16384^2 uint16 scene, 4096 px chunks, halo 128),
