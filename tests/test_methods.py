@@ -298,3 +298,28 @@ def test_a_run_stopped_before_its_first_epoch_does_not_block_the_next(scene, tmp
             "--chip-size", 32, "--steps-per-epoch", 2, "--batch-size", 2, "--encoder-depth", 3, "--no-ensemble")
     assert r.exit_code == 0, r.output
     assert (out / "model.json").is_file() and not (tmp_path / "net.training").exists()
+
+
+def test_per_pixel_methods_train_from_sparse_point_labels(scene, tmp_path):
+    """Labels as scattered single pixels (field survey points, a few per 64 px block): the per-pixel methods
+    learn from the pixels, so they train (the network's chips need labelled areas, and said so for them too);
+    the trees classify the scene well from 300 points."""
+    img, _, classes, labels = scene
+    rng = np.random.default_rng(11)
+    ys, xs = rng.integers(20, labels.shape[0], 300), rng.integers(30, labels.shape[1], 300)
+    sparse = np.zeros_like(labels, dtype=np.uint8)
+    sparse[ys, xs] = labels[ys, xs]
+    assert (sparse > 0).mean() < 0.01  # under a chip's minimum share (1%) everywhere on average
+    pts = write_raster(tmp_path / "points.tif", sparse, nodata=0)
+    out = tmp_path / "px"
+    r = cli("-q", "train", img, "--labels", pts, "--classes", classes, "--out", out, "--band-roles", ROLES, "--method", "pixel")
+    assert r.exit_code == 0, r.output
+    card = ModelCard.read(out / "model.json")
+    assert card.method == "pixel"
+    pred, _ = one_pass(out, img)
+    scored = pred != 255
+    assert scored.mean() > 0.8 and (pred[scored] == labels[scored]).mean() > 0.8
+    r = cli("-q", "train", img, "--labels", pts, "--classes", classes, "--out", tmp_path / "km", "--band-roles", ROLES,
+            "--method", "kmeans", "--clusters", "6", "--seed", "3")  # clusters named by the points under them
+    assert r.exit_code == 0, r.output
+    assert set(ModelCard.read(tmp_path / "km" / "model.json").method_params["cluster_class"]) <= {1, 2, 3}

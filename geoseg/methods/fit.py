@@ -118,7 +118,9 @@ def train_method(
     from dataclasses import replace
 
     block = config.block_size or 64
-    prep = prepare(inputs, replace(config, block_size=block, chip_size=min(config.chip_size, block)), 1)
+    # and any labelled pixel counts (min_labelled 0): per-pixel methods learn from pixels, so sparse point labels
+    # (a few surveyed pixels per block) serve; only a network's chips need labelled areas
+    prep = prepare(inputs, replace(config, block_size=block, chip_size=min(config.chip_size, block), min_labelled=0.0), 1)
     roles = band_roles_for(prep.stack, band_roles)
     bands = _with_roles(band_infos(prep.stack), roles)
     classes: tuple[ClassInfo, ...] = prep.classes
