@@ -297,7 +297,7 @@ def forward_classes(net: torch.nn.Module, x: Any, stride: int, settings: Inferen
             nan = torch.isnan(top)
             if nan.any():  # as the probabilities would say: no class is likelier than the first
                 idx[nan] = 0
-            index[:, y0:y0 + step] = idx.cpu()
+            index[:, y0:y0 + step] = idx.to(index.dtype).cpu()  # on a GPU: one byte a pixel crosses the bus, not eight
             prob[:, y0:y0 + step] = p.cpu()
     return index.numpy(), prob.numpy()
 
