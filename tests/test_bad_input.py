@@ -192,3 +192,19 @@ def test_gdal_subdataset_names_open_and_gcp_rasters_are_told_to_warp(tmp_path):
         ds.write(np.ones((1, 16, 16), np.uint8))
     with pytest.raises(InputError, match="ground control points.*gdalwarp"):
         open_stack([str(placed)])
+
+
+def test_a_malformed_dask_config_file_is_named_not_a_traceback(tmp_path):
+    """dask reads its YAML config files when first imported (by the command group): a broken one is one clear
+    error naming the file, exit 2, in a fresh process as a user runs it."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "dask"
+    cfg.mkdir()
+    (cfg / "workers.yaml").write_text("distributed:\n  worker: [unclosed\n")
+    env = {**os.environ, "DASK_CONFIG": str(cfg)}
+    out = subprocess.run([sys.executable, "-m", "geoseg", "info", "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-1500:]
+    assert "Traceback" not in out.stderr and str(cfg / "workers.yaml") in out.stderr and "Fix or remove" in out.stderr

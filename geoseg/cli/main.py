@@ -48,7 +48,13 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     logging.getLogger("geoseg").setLevel(level)
     # distributed configures its own loggers at INFO when first imported, and the embedded
     # scheduler runs in this process: import it now, then quieten it.
-    import distributed  # noqa: F401
+    try:
+        import distributed  # noqa: F401
+    except ValueError as exc:  # dask reads its YAML config files on first import: one of them is malformed
+        from geoseg.errors import ConfigError
+
+        raise ConfigError(f"{exc}\nFix or remove that file (dask reads every YAML file in ~/.config/dask, "
+                          "/etc/dask and $DASK_CONFIG).") from None
 
     logging.getLogger("distributed").setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
