@@ -90,7 +90,7 @@ def model_only(model: Path, seconds: float, batch: int = 8, tile: int = 512) -> 
     return img_s
 
 
-def kernel_only(model: Path, side: int = 4352, runs: int = 5) -> None:
+def kernel_only(model: Path, side: int = 4352, runs: int = 5, profile: bool = False) -> None:
     """geoseg's infer kernel (``segment_window`` on an InputWindow: normalisation, the network, classes back on the
     host) on one default chunk's window of uint16 bands, in this process: the infer task's work without dask."""
     import numpy as np
@@ -113,6 +113,14 @@ def kernel_only(model: Path, side: int = 4352, runs: int = 5) -> None:
         segment_window(net, bundle.card, InputWindow(data, valid, bundle.card), valid, box, [Tile(box, box)], box, settings)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    if profile:  # where the window's time goes: the kernel once more under torch's profiler, top operators
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            segment_window(net, bundle.card, InputWindow(data, valid, bundle.card), valid, box, [Tile(box, box)], box, settings)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
     best = min(times[1:])
     print(f"(b2) geoseg kernel, one {side}x{side} window in process: {best:.3f} s = {side * side / 1e6 / best:.0f} Mpx/s "
           f"(first {times[0]:.2f} s); peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
@@ -250,6 +258,7 @@ def main() -> int:
     ap.add_argument("--model-seconds", type=float, default=10.0)
     ap.add_argument("--vectors", action="store_true", help="also polygonize (slow on a random model's map)")
     ap.add_argument("--skip-pytest", action="store_true")
+    ap.add_argument("--profile-kernel", action="store_true", help="(b2) once more under torch.profiler: the top operators")
     ap.add_argument("--pytest-timeout", type=float, default=180.0)
     ap.add_argument("--rehearse", action="store_true", help="without CUDA: run (c) on the CPU to check the script")
     args = ap.parse_args()
@@ -278,7 +287,7 @@ def main() -> int:
         if not args.rehearse:
             model_only(model, args.model_seconds)
         if not args.rehearse:
-            kernel_only(model)
+            kernel_only(model, profile=args.profile_kernel)
         for threads in (int(t) for t in args.gpu_threads.split(",")):
             ok = end_to_end(args, model, work, threads) and ok
     finally:
