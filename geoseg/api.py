@@ -128,6 +128,13 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
     """
     if isinstance(source, xr.DataArray):
         return _as_scene(source)
+    if isinstance(source, xr.Dataset):  # one variable per band (odc-stac's load, a netCDF of bands)
+        names = list(source.data_vars)
+        if not names:
+            raise InputError("the Dataset holds no variable; a scene is one variable per band, or a (band, y, x) DataArray")
+        nodata = [_scalar_nodata(source[v]) for v in names]
+        scene = source.to_array("band").assign_coords(band=[str(v) for v in names])
+        return _as_scene(_with_nodata(scene, nodata))
     if type(source).__name__ == "Item" and hasattr(source, "assets"):
         keys = list(assets) if assets else [k for k, a in source.assets.items()
                                             if (a.media_type or "").startswith("image/tiff") or a.href.endswith((".tif", ".tiff"))]
@@ -160,14 +167,52 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         da_ = da_.assign_coords(band=band_names)
         # the bands geoseg stacks, each with its own nodata (a VRT's may differ)
         da_ = da_.isel(band=[b.band - 1 for b in used])
-        da_.attrs = {"nodata": [b.nodata for b in used]}
-        parts.append(da_)
+        da_.attrs = {}
+        parts.append(_with_nodata(da_, [b.nodata for b in used]))
     # open_stack checked that the files share one grid: their coordinates are the first file's (an outer
     # join of coordinates a rounding apart would double the grid)
     scene = xr.concat(parts, dim="band", join="override", combine_attrs="drop") if len(parts) > 1 else parts[0]
-    scene.attrs["nodata"] = [nd for p in parts for nd in p.attrs["nodata"]]
+    scene = _with_nodata(scene, band_nodata(scene))  # the scalar attribute, where every band agrees
     scene.attrs["sources"] = paths
     return scene.rio.write_crs(parts[0].rio.crs)
+
+
+NODATA = "nodata"  # the band coordinate that holds each band's nodata (NaN: none), so it follows band selections
+
+
+def _scalar_nodata(var: xr.DataArray) -> float | None:
+    nd = var.attrs.get("nodata", var.attrs.get("_FillValue", var.encoding.get("_FillValue")))
+    return None if nd is None or np.ndim(nd) else float(nd)
+
+
+def _with_nodata(da_: xr.DataArray, nodata: Sequence[float | None]) -> xr.DataArray:
+    """``da_`` with each band's nodata as the ``nodata`` coordinate of its band dimension, and as rioxarray's
+    scalar nodata where every band has the same (rioxarray's ``.rio.nodata``, ``to_raster``, ``reproject`` read that)."""
+    values = [np.nan if v is None else float(v) for v in nodata]
+    out = da_.assign_coords({NODATA: ("band", np.asarray(values, np.float64))})
+    out.attrs = {k: v for k, v in out.attrs.items() if k not in ("nodata", "_FillValue")}
+    same = {None if v is None else float(v) for v in nodata}
+    if len(same) == 1 and None not in same:
+        out = out.rio.write_nodata(same.pop(), encoded=False)
+    return out
+
+
+def band_nodata(scene: xr.DataArray) -> list[float | None]:
+    """Each band's nodata: the ``nodata`` band coordinate (``open_scene``), else a per-band ``nodata`` attribute
+    (a list, or an array as netCDF reads one back), else one value for every band (``rio.nodata``, ``_FillValue``)."""
+    if NODATA in scene.coords and scene.coords[NODATA].dims == ("band",):
+        return [None if np.isnan(v) else float(v) for v in np.asarray(scene.coords[NODATA].values, np.float64)]
+    nd = scene.attrs.get("nodata")
+    if nd is None:
+        nd = scene.attrs.get("_FillValue", scene.encoding.get("_FillValue"))
+    if nd is not None and np.ndim(nd):
+        values = list(np.asarray(nd, dtype=object).ravel())
+        if len(values) != scene.sizes["band"]:
+            raise InputError(f"attrs['nodata'] holds {len(values)} values for {scene.sizes['band']} bands; give one, "
+                             "or one per band (after selecting bands, set it again or use geoseg.open_scene, which "
+                             "keeps each band's nodata with its band)")
+        return [None if v is None else float(v) for v in values]
+    return [None if nd is None else float(nd)] * scene.sizes["band"]
 
 
 def _stack_block(stack: Any, dtype: str, block_info: Any = None) -> np.ndarray:
@@ -199,8 +244,8 @@ def _read_part(stack: Any, path: str, chunks: int) -> xr.DataArray:
     stem = Path(path).stem
     names = [b.description or (stem if len(positions) == 1 else f"{stem}_{b.band}") for b in sub.bands]
     out = xr.DataArray(data, dims=("band", "y", "x"),
-                       coords={"band": names, "y": t.f + t.e * (np.arange(h) + 0.5), "x": t.c + t.a * (np.arange(w) + 0.5)},
-                       attrs={"nodata": [b.nodata for b in sub.bands]})
+                       coords={"band": names, "y": t.f + t.e * (np.arange(h) + 0.5), "x": t.c + t.a * (np.arange(w) + 0.5)})
+    out = _with_nodata(out, [b.nodata for b in sub.bands])
     return out.rio.write_crs(sub.grid.crs.to_wkt()).rio.write_transform(t)
 
 
@@ -222,16 +267,13 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
         da_ = da_.rename(renames)
     if da_.rio.crs is None:
         raise InputError("the DataArray has no CRS; set one with .rio.write_crs(...) (odc-stac and stackstac set it)")
-    nd = da_.attrs.get("nodata")
-    if nd is None:
-        nd = da_.rio.nodata if da_.rio.nodata is not None else da_.attrs.get("_FillValue")
-    if not isinstance(nd, (list, tuple)):  # one value for every band (odc-geo, rioxarray write a scalar)
-        nd = [nd] * da_.sizes["band"]
-    if len(nd) != da_.sizes["band"]:
-        raise InputError(f"attrs['nodata'] holds {len(nd)} values for {da_.sizes['band']} bands; give one, or one per band")
-    da_ = da_.copy()
-    da_.attrs["nodata"] = [None if v is None else float(v) for v in nd]
-    return da_
+    nodata = band_nodata(da_)
+    if da_.sizes["y"] > 1 and da_.sizes["x"] > 1:
+        if float(da_["y"][1]) > float(da_["y"][0]):  # south-up rows (y ascending): north-up, as rasters are
+            da_ = da_.isel(y=slice(None, None, -1))
+        # the grid from the coordinates: a strided selection, coarsen or flip keeps rioxarray's cached transform
+        da_ = da_.rio.write_transform(da_.rio.transform(recalc=True))
+    return _with_nodata(da_, nodata)
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -278,9 +320,7 @@ def predict(
     if card.method in ("instance", "sam"):
         raise ConfigError(f"{m.location} finds objects, which are joined across the whole scene (not lazily per chunk): "
                           "use geoseg.api.objects(images, model, out_dir)")
-    if scene.sizes["band"] != card.n_bands:
-        raise ConfigError(f"the scene has {scene.sizes['band']} bands, the model in {m.location} takes {card.n_bands} "
-                          f"({', '.join(b.name for b in card.bands)})")
+    scene = _match_bands(scene, card, m.location)
     shape = (scene.sizes["y"], scene.sizes["x"])
     plan = plan_tiling(card, shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
     numerics = resolve_current(precision, device, exact)
@@ -289,8 +329,7 @@ def predict(
     data = scene.data if isinstance(scene.data, da.Array) else da.from_array(scene.data, chunks=(-1, plan.chunk_size, plan.chunk_size))
     from geoseg.methods import scene_settings
 
-    nodata = scene.attrs.get("nodata")
-    nodata = [None] * card.n_bands if nodata is None else nodata
+    nodata = band_nodata(scene)
     settings = scene_settings(card, None, plan, InferenceSettings(numerics.precision, batch_size), array=data, nodata=nodata)
     seg = segmentation_from_array(data, nodata, plan, ModelRef(m.location, m.digest, device), settings)
     coords = {"y": scene["y"].values, "x": scene["x"].values}
@@ -301,6 +340,26 @@ def predict(
                     geoseg_chunk_size=plan.chunk_size, geoseg_halo=plan.halo)
     # rioxarray records the grid mapping in each variable's encoding: to_zarr/to_netcdf write it
     return ds.rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
+
+
+def _match_bands(scene: xr.DataArray, card: ModelCard, location: str) -> xr.DataArray:
+    """The scene's bands as the card lists them, by name, as ``geoseg.bands.match_bands`` does for files: the card's
+    band descriptions (or file names) found among more bands are selected; the same bands in another order are
+    refused (a model fed its bands swapped gives a wrong map without a word)."""
+    names = [str(b) for b in scene["band"].values]
+    for want in ([b.description for b in card.bands], [Path(b.file).stem if b.file else None for b in card.bands]):
+        if not all(want):
+            continue
+        if len(names) != card.n_bands:
+            if len(set(names)) == len(names) and all(w in names for w in want):
+                return scene.sel(band=list(want))
+        elif sorted(want) == sorted(names) and want != names:
+            raise InputError(f"the scene's bands ({', '.join(names)}) are those of the model in {location} in another "
+                             f"order; it expects ({', '.join(want)}): pass scene.sel(band={list(want)!r})")
+    if scene.sizes["band"] != card.n_bands:
+        raise ConfigError(f"the scene has {scene.sizes['band']} bands, the model in {location} takes {card.n_bands} "
+                          f"({', '.join(b.name for b in card.bands)})")
+    return scene
 
 
 def segment(images: Sequence[str | os.PathLike], model: str | os.PathLike, **options: Any) -> xr.Dataset:

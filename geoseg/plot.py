@@ -39,16 +39,23 @@ def _in_notebook() -> bool:
         return False
 
 
+def _step(da_: xr.DataArray, max_size: int) -> int:
+    return max(1, int(np.ceil(max(da_.sizes["y"], da_.sizes["x"]) / max_size)))
+
+
 def _decimate(da_: xr.DataArray, max_size: int) -> xr.DataArray:
-    step = max(1, int(np.ceil(max(da_.sizes["y"], da_.sizes["x"]) / max_size)))
+    step = _step(da_, max_size)
     return da_.isel(y=slice(None, None, step), x=slice(None, None, step))
 
 
-def _extent(da_: xr.DataArray) -> list[float]:
+def _extent(da_: xr.DataArray, step: int = 1) -> list[float]:
+    """Left, right, bottom, top of an image of ``da_`` (taken every ``step`` pixels of its source): each shown
+    cell spans ``step`` source pixels from the source's own edge, not a cell centred on the pixel sampled."""
     x, y = da_["x"].values, da_["y"].values
-    dx = (x[1] - x[0]) if len(x) > 1 else 1.0
-    dy = (y[1] - y[0]) if len(y) > 1 else -1.0
-    return [x[0] - dx / 2, x[-1] + dx / 2, y[-1] + dy / 2, y[0] - dy / 2]
+    dx = (x[1] - x[0]) if len(x) > 1 else float(step)
+    dy = (y[1] - y[0]) if len(y) > 1 else -float(step)
+    left, top = x[0] - dx / step / 2, y[0] - dy / step / 2
+    return [left, left + len(x) * dx, top + len(y) * dy, top]
 
 
 def composite_bands(names: Sequence[str], false_colour: bool = False) -> list[int]:
@@ -83,19 +90,22 @@ def stretch(rgb: np.ndarray, valid: np.ndarray, percentiles: tuple[float, float]
 def plot_scene(scene: xr.DataArray, *, false_colour: bool = False, bands: Sequence[int] | None = None,
                percentiles: tuple[float, float] = (2, 98), max_size: int = 1024, ax: Any = None) -> Any:
     """The scene as a true- or false-colour composite with a percentile stretch; nodata transparent."""
+    from geoseg.api import _as_scene, band_nodata
+
     plt = _pyplot()
+    scene = _as_scene(scene)  # (band, y, x), north-up, each band's nodata, whatever the DataArray was
     pick = list(bands) if bands is not None else composite_bands([str(b) for b in scene["band"].values], false_colour)
     small = _decimate(scene.isel(band=pick), max_size)
     rgb = np.asarray(small.values, np.float64)
     valid = np.ones(rgb.shape[1:], bool)
-    for i, nd in enumerate(np.asarray(scene.attrs.get("nodata") or [None] * scene.sizes["band"], dtype=object)[pick]):
+    for i, nd in enumerate(np.asarray(band_nodata(scene), dtype=object)[pick]):
         if nd is not None:
             valid &= rgb[i] != nd
         valid &= np.isfinite(rgb[i])
     img = np.concatenate([stretch(rgb, valid, percentiles), valid[None].astype(np.float32)]).transpose(1, 2, 0)
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 7))
-    ax.imshow(img, extent=_extent(small), interpolation="nearest")
+    ax.imshow(img, extent=_extent(small, _step(scene, max_size)), interpolation="nearest")
     names = [str(scene["band"].values[i]) for i in pick]
     ax.set_title(("false" if false_colour else "true") + f" colour: {', '.join(names)}")
     return ax
@@ -128,7 +138,8 @@ def plot_classes(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_siz
     cmap = ListedColormap([c.color for c in classes])
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 7))
-    ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5, extent=_extent(small), interpolation="nearest",
+    ax.imshow(shown, cmap=cmap, vmin=-0.5, vmax=len(classes) - 0.5, extent=_extent(small, _step(var, max_size)),
+              interpolation="nearest",
               alpha=alpha)
     if polygons is not None and len(polygons):
         polygons.boundary.plot(ax=ax, color="black", linewidth=0.4)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
+import rasterio
+import rasterio.transform
 
 import geoseg
+from geoseg.api import band_nodata
 from geoseg.io.zarr_store import open_prediction
 from geoseg.pipeline import PredictOptions, predict
 
@@ -41,7 +45,7 @@ def test_open_scene_is_lazy_with_names_nodata_and_crs(scene_path):
     scene = geoseg.open_scene(scene_path)
     assert scene.dims == ("band", "y", "x") and scene.shape == (4, 300, 437)
     assert scene.chunks is not None and scene.rio.crs == "EPSG:32617"
-    assert scene.attrs["nodata"] == [0, 0, 0, 0]
+    assert list(scene.coords["nodata"].values) == [0, 0, 0, 0] and scene.rio.nodata == 0  # per band, and rioxarray's
     assert list(scene["band"].values) == ["scene_1", "scene_2", "scene_3", "scene_4"]
 
 
@@ -185,7 +189,9 @@ def test_open_scene_stacks_what_the_pipeline_stacks(tmp_path):
                      transform=Affine(0.1, 0.0, np.nextafter(500000.1, 1e9), 0.0, -0.1, 4000000.0))
     scene = geoseg.open_scene([a, b])
     assert scene.shape == (2, 32, 40) and scene.dtype == np.uint16
-    assert scene.attrs["nodata"] == [b_.nodata for b_ in open_stack([a, b]).bands] == [0, 65535]
+    assert band_nodata(scene) == [b_.nodata for b_ in open_stack([a, b]).bands] == [0, 65535]
+    assert scene.isel(band=[1, 0]).pipe(band_nodata) == [65535, 0]  # each band's nodata follows its band
+    assert scene.rio.nodata is None  # the bands disagree: no one value for rioxarray
     rgba = tmp_path / "rgba.tif"
     with rasterio.open(rgba, "w", driver="GTiff", width=40, height=32, count=4, dtype="uint8", crs="EPSG:32617",
                        transform=t, photometric="RGB", alpha="YES") as ds:
@@ -196,3 +202,104 @@ def test_open_scene_stacks_what_the_pipeline_stacks(tmp_path):
     assert scene.sizes["band"] == open_stack([rgba]).count == 3
     values = scene.values  # the pipeline's reads mask what GDAL's mask masks: so does the scene
     assert np.isnan(values[:, :, :20]).all() and (values[:, :, 20:] == 200).all()
+
+
+def _north_up(h: int = 64, w: int = 96, res: float = 10.0):
+    import rioxarray  # noqa: F401
+    import xarray as xr
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(100, 3000, (4, h, w)).astype(np.uint16)
+    a[:, :8, :8] = 0
+    da_ = xr.DataArray(a, dims=("band", "y", "x"), coords={"band": ["b1", "b2", "b3", "b4"],
+                       "y": 4000000.0 - res * (np.arange(h) + 0.5), "x": 500000.0 + res * (np.arange(w) + 0.5)})
+    return da_.rio.write_crs("EPSG:32617").rio.write_transform(rasterio.transform.from_origin(500000.0, 4000000.0, res, res))
+
+
+def test_strided_coarsened_and_south_up_scenes_keep_their_grid(random_model):
+    """The grid comes from the coordinates, not rioxarray's cached transform: a strided selection, a coarsen or
+    rows given south-up (y ascending) give results and polygons where the pixels are (they were placed at the
+    cached 10 m transform: a quarter of the area, or 2 km off)."""
+    import dask
+    from rasterio.transform import from_origin
+
+    scene = _north_up()
+    assert scene.isel(y=slice(None, None, 2)).rio.transform() == scene.rio.transform()  # rioxarray's cache
+    with dask.config.set(scheduler="synchronous"):
+        for sub, res in ((scene.isel(y=slice(None, None, 2), x=slice(None, None, 2)), 20.0),
+                         (scene.coarsen(y=2, x=2).mean().astype(np.uint16), 20.0)):
+            ds = geoseg.predict(sub, random_model, chunk_size=64, precision="fp32")
+            x0 = float(sub["x"][0]) - res / 2
+            y0 = float(sub["y"][0]) + res / 2
+            assert ds.rio.transform() == from_origin(x0, y0, res, res)
+        ref = geoseg.predict(scene, random_model, chunk_size=64, precision="fp32")
+        flipped = scene.isel(y=slice(None, None, -1))  # y ascending, the cached transform unchanged
+        ds = geoseg.predict(flipped, random_model, chunk_size=64, precision="fp32")
+        assert ds.rio.transform() == ref.rio.transform() and float(ds["y"][0]) > float(ds["y"][-1])
+        np.testing.assert_array_equal(ds.class_id.values, ref.class_id.values)  # the model saw it north-up
+
+
+def test_per_band_nodata_follows_band_selections_and_rioxarray_reads_the_scene(tmp_path, random_model):
+    """Each band's nodata is a coordinate of the band dimension: a reordered selection keeps it with its band, and
+    rioxarray's own calls (.rio.nodata, to_raster, reproject) work on an open_scene result (a list attribute broke
+    them). A netCDF round trip (which reads a list attribute back as an array) still predicts."""
+    import dask
+    import xarray as xr
+
+    from conftest import write_raster
+
+    files = []
+    for i, nd in enumerate((0, 0, 0, 65535)):
+        a = np.full((1, 64, 64), 1000 + 300 * i, np.uint16)
+        if nd:
+            a[:, :16] = nd  # band 4 missing in the top rows
+        files.append(write_raster(tmp_path / f"b{i + 1}.tif", a, nodata=nd, block=16))
+    scene = geoseg.open_scene(files)
+    assert band_nodata(scene) == [0, 0, 0, 65535] and scene.rio.nodata is None
+    turned = scene.isel(band=[3, 0, 1, 2])
+    assert band_nodata(turned) == [65535, 0, 0, 0]
+    with dask.config.set(scheduler="synchronous"):
+        ids = geoseg.predict(turned, random_model, chunk_size=64, precision="fp32").class_id.values
+    assert (ids[:16] == 255).all() and (ids[16:] != 255).all()
+    same = geoseg.open_scene(files[:3])
+    assert same.rio.nodata == 0
+    same.rio.to_raster(tmp_path / "out.tif")
+    with rasterio.open(tmp_path / "out.tif") as ds:
+        assert ds.nodata == 0 and ds.count == 3
+    assert same.rio.reproject("EPSG:4326").rio.crs == "EPSG:4326"
+    legacy = scene.drop_vars("nodata").assign_attrs(nodata=np.array([0, 0, 0, 65535]))  # as netCDF reads a list back
+    with dask.config.set(scheduler="synchronous"):
+        again = geoseg.predict(legacy, random_model, chunk_size=64, precision="fp32").class_id.values
+    assert (again[:16] == 255).all()
+    ds_ = xr.Dataset({str(b): scene.sel(band=b).drop_vars(["band", "nodata"]) for b in scene["band"].values})
+    for v, nd in zip(ds_.data_vars, (0, 0, 0, 65535)):
+        ds_[v].attrs["_FillValue"] = nd
+    from_dataset = geoseg.open_scene(ds_)  # odc-stac's load: one variable per band
+    assert list(from_dataset["band"].values) == ["b1", "b2", "b3", "b4"] and band_nodata(from_dataset) == [0, 0, 0, 65535]
+
+
+def test_the_api_refuses_bands_in_another_order_as_the_cli_does(tmp_path, random_model):
+    """A model whose card names its bands: the same bands in another order are refused, not silently swapped; the
+    named bands are picked out of more."""
+    import json
+    import shutil
+
+    from geoseg.errors import InputError
+
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    card = json.loads((model / "model.json").read_text())
+    for i, b in enumerate(card["bands"]):
+        b["description"] = f"b{i + 1}"
+    (model / "model.json").write_text(json.dumps(card))
+    scene = _north_up()
+    with pytest.raises(InputError, match=r"another order.*scene.sel\(band="):
+        geoseg.predict(scene.isel(band=[3, 0, 1, 2]), model, chunk_size=64)
+    more = scene.isel(band=[0, 1, 2, 3, 0]).assign_coords(band=["b1", "b2", "b3", "b4", "extra"])
+    ds = geoseg.predict(more.isel(band=[4, 3, 2, 1, 0]), model, chunk_size=64, precision="fp32")
+    import dask
+
+    with dask.config.set(scheduler="synchronous"):
+        np.testing.assert_array_equal(ds.class_id.values,
+                                      geoseg.predict(scene, model, chunk_size=64, precision="fp32").class_id.values)
+

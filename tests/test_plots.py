@@ -81,3 +81,27 @@ def test_interactive_map_is_offline(prediction, tmp_path):
     assert "data:image/png;base64," in html  # the class map travels inside the page
     assert "tile.openstreetmap" not in html  # no basemap fetched
     assert "class_name" in html
+
+
+def test_a_raw_rioxarray_array_plots_as_its_scene(scene_path):
+    """``.geoseg.plot()`` on what rioxarray.open_rasterio returns, in any dim order: nodata transparent as for
+    open_scene; a decimated image spans the scene from its own edge."""
+    import rioxarray
+
+
+    scene = geoseg.open_scene(scene_path)
+    raw = rioxarray.open_rasterio(scene_path)
+    images = []
+    for da_ in (scene, raw, raw.transpose("y", "x", "band")):
+        ax = da_.geoseg.plot()
+        images.append(ax.get_images()[0].get_array())
+        plt.close(ax.figure)
+    assert (images[0][..., 3] == 0).any()  # the sample scene has nodata
+    for img in images[1:]:
+        np.testing.assert_array_equal(img, images[0])
+    ax = plot_scene(scene, max_size=100)
+    left, right, bottom, top = ax.get_images()[0].get_extent()
+    x0, y0, x1, y1 = scene.rio.bounds()
+    assert left == x0 and top == y1 and right >= x1 and bottom <= y0  # 300 x 437 px taken every 5th: 88 x 60 cells
+    assert right - x1 < 5 * 30 and y0 - bottom < 5 * 30
+    plt.close(ax.figure)
