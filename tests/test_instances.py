@@ -494,3 +494,87 @@ def test_box_local_masks_equal_torchvisions_full_window_paste(objects_data):
                      bundle.card.class_ids, p, offset=(100, 60))
     assert len(mine["scores"]) == len(ref["scores"]) >= 10
     assert np.array_equal(mine["boxes"], ref["boxes"]) and all(np.array_equal(a, b) for a, b in zip(mine["masks"], ref["masks"]))
+
+
+def test_object_polygons_are_valid_where_pixels_touch_at_a_corner():
+    """An object whose pixels touch only at a corner (and one with a hole touching its edge at a corner) is a valid
+    (Multi)Polygon that covers exactly its pixels (8-connected rings touched themselves: invalid in GEOS and QGIS)."""
+    import shapely
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    from geoseg.instances.tasks import _polygon
+
+    m = np.zeros((9, 9), bool)
+    m[:2, :2] = m[2:4, 2:4] = True  # two blocks meeting at a corner
+    m[5:9, 4:9] = True
+    m[6, 5] = False  # a hole ...
+    m[7, 6] = False  # ... and another touching it at a corner
+    t = Affine(0.5, 0, 600000.0, 0, -0.5, 4100000.0)
+    poly = _polygon(m, Box(10, 19, 20, 29), t)
+    assert shapely.is_valid(poly), shapely.is_valid_reason(poly)
+    back = rasterize([poly], out_shape=m.shape, transform=t @ Affine.translation(20, 10), dtype="uint8").astype(bool)
+    np.testing.assert_array_equal(back, m)
+
+
+def test_object_scores_match_classes_by_name(objects_data, client, tmp_path):
+    """evaluate-objects --label-field: the labels' classes meet the model's by name (the labels' values were
+    renumbered 1..n and met the model's class ids by number: 'annex' was scored against the model's buildings)."""
+    import geopandas as gpd
+
+    from geoseg.pipeline import PredictOptions, predict
+
+    out = tmp_path / "out"
+    predict([objects_data["image"]], objects_data["model"], out, PredictOptions(chunk_size=256, vectors=False), client=client)
+    gdf = gpd.read_file(objects_data["labels"])
+    gdf["kind"] = ["annex" if i % 2 else "building" for i in range(len(gdf))]
+    gdf.loc[3, "kind"] = None  # an object without a class: left out, with a warning, not a traceback
+    gdf.to_file(tmp_path / "kinds.gpkg")
+    run("evaluate-objects", out, "--labels", tmp_path / "kinds.gpkg", "--label-field", "kind", "--json", tmp_path / "s.json")
+    classes = json.loads((tmp_path / "s.json").read_text())["classes"]
+    assert set(classes) == {"annex", "building"}
+    annex, building = classes["annex"], classes["building"]
+    assert annex["true_objects"] == len(gdf) // 2 - 1 and annex["predicted_objects"] == 0 and annex["tp"] == 0  # row 3: none
+    assert building["true_objects"] == (len(gdf) + 1) // 2 and building["tp"] >= 0.8 * building["true_objects"]
+
+
+def test_instance_label_files_are_checked_before_training(objects_data, tmp_path):
+    """Labels that cannot train or score say so in one line, before any training: objects only on nodata, a file
+    that is neither raster nor vector, an id raster in another CRS; an id raster's nodata means no object and its ids
+    may be large (hashed ids: renumbered, not tables sized by the largest)."""
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.instances.train import instance_targets
+    from geoseg.io.sources import open_stack
+
+    img, _, boxes = object_scene()
+    img[:, :256] = 0  # the top half has no data
+    t = from_origin(*ORIGIN, RES, RES)
+    image = write_raster(tmp_path / "half.tif", img, crs="EPSG:32633", transform=t, nodata=0)
+    top = [shapely.box(ORIGIN[0] + x0, ORIGIN[1] - y1, ORIGIN[0] + x1, ORIGIN[1] - y0) for y0, x0, y1, x1 in boxes if y1 < 250]
+    gpd.GeoDataFrame(geometry=top, crs="EPSG:32633").to_file(tmp_path / "top.gpkg")
+    res = run("train", image, "--task", "instance", "--labels", tmp_path / "top.gpkg", "--out", tmp_path / "m", "--epochs", 1,
+              "--steps-per-epoch", 2, "--chip-size", 64, code=2)
+    assert "where the image has data" in res.output and not (tmp_path / "m").exists()
+    (tmp_path / "labels.csv").write_text("a,b\n1,2\n")
+    res = run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "labels.csv", "--out", tmp_path / "m2",
+              code=2)
+    assert "neither a raster GDAL can read nor a vector file" in res.output
+    _, ids, _ = object_scene()
+    other = write_raster(tmp_path / "ids_34.tif", ids, crs="EPSG:32634", transform=t)
+    res = run("train", objects_data["image"], "--task", "instance", "--labels", other, "--out", tmp_path / "m3", code=2)
+    assert "EPSG:32634" in res.output and "EPSG:32633" in res.output and "gdalwarp" in res.output
+    big = np.where(ids > 0, ids.astype(np.int64) + 4_000_000_000, -1)
+    labels = write_raster(tmp_path / "ids_big.tif", big, crs="EPSG:32633", transform=t, nodata=-1)
+    stack = open_stack([objects_data["image"]])
+    inst, lab, classes = instance_targets(str(labels), stack.grid, Box(0, SIZE, 0, SIZE))
+    assert inst.max() == len(boxes) == len(lab) - 1 and (inst > 0).sum() == (ids > 0).sum()
+    assert ((inst > 0) == (ids > 0)).all() and len(np.unique(inst[ids > 0])) == len(boxes)
+
+
+def test_metres_on_a_grid_in_degrees_are_refused_as_such(objects_data, tmp_path):
+    img, _, _ = object_scene()
+    image = write_raster(tmp_path / "deg.tif", img[:, :128, :128], crs="EPSG:4326", transform=from_origin(15.0, 37.0, 1e-5, 1e-5))
+    res = run("predict", image, "--model", objects_data["model"], "--out", tmp_path / "o", "--max-object-size", "30m", code=2)
+    assert "metres need a grid in metres" in res.output and not (tmp_path / "o").exists()

@@ -88,11 +88,22 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     pred = group["instance_id"][sl]
     valid = group["class_id"][sl] != NODATA_CLASS
     truth, lab, classes = instance_targets(labels, grid, box, field)
-    objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False, columns=["instance_id", "class_id"])
-    pred_class = dict(zip(objs["instance_id"].astype(int), objs["class_id"].astype(int)))
-    truth_class = {i: classes[int(lab[i])].id for i in range(1, len(lab))}
-    names = {c.id: c.name for c in classes}
+    objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False,
+                                  columns=["instance_id", "class_id", "class_name"])
     report = {"region": [box.y0, box.y1, box.x0, box.x1], "all": object_scores(pred, truth, valid)}
+    if field is None:  # the labels name no class (one "object" class): nothing to score per class
+        return report
+    # classes matched by name (the labels' values and the model's class names); labels whose field holds class ids
+    # (read as class_<id>) by id
+    numeric = all(c.name == f"class_{c.id}" for c in classes[1:])
+    if numeric:
+        pred_class = dict(zip(objs["instance_id"].astype(int), objs["class_id"].astype(int)))
+        truth_class = {i: classes[int(lab[i])].id for i in range(1, len(lab))}
+        names = {**dict(zip(objs["class_id"].astype(int), objs["class_name"].astype(str))), **{c.id: c.name for c in classes}}
+    else:
+        pred_class = dict(zip(objs["instance_id"].astype(int), objs["class_name"].astype(str)))
+        truth_class = {i: classes[int(lab[i])].name for i in range(1, len(lab))}
+        names = {}
     if len(set(truth_class.values()) | set(pred_class.values())) > 1:
-        report["classes"] = {names.get(c, str(c)): s for c, s in per_class(pred, pred_class, truth, truth_class, valid).items()}
+        report["classes"] = {str(names.get(c, c)): s for c, s in per_class(pred, pred_class, truth, truth_class, valid).items()}
     return report

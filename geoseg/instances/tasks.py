@@ -58,7 +58,9 @@ def _polygon(mask: np.ndarray, box: Box, affine: Any) -> Any:
     from rasterio.features import shapes
 
     t = affine @ Affine.translation(box.x0, box.y0)
-    parts = [shapely.geometry.shape(g) for g, v in shapes(mask.astype(np.uint8), mask=mask, transform=t, connectivity=8) if v]
+    # 4-connected, as the class polygons: with 8, pixels touching at a corner made one ring that touches itself there,
+    # which GEOS, OGR and QGIS call invalid; here they are parts of a MultiPolygon that meet at a point (valid)
+    parts = [shapely.geometry.shape(g) for g, v in shapes(mask.astype(np.uint8), mask=mask, transform=t, connectivity=4) if v]
     return parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
 
 

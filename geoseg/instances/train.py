@@ -8,6 +8,7 @@ its chunks, so an object is always seen whole by the window whose core holds its
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from geoseg.instances.net import DEFAULTS, STRIDE, build_maskrcnn
 from geoseg.io.sources import open_stack, read_bands
 from geoseg.model.card import DEFAULT_COLORS, ClassInfo, ModelCard, Normalization
 from geoseg.tiling import Box, round_up
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,13 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
         if field is not None and field not in gdf.columns:
             raise InputError(f"{labels}: no field {field!r}; fields are {', '.join(c for c in gdf.columns if c != 'geometry')}")
+        if field is not None and gdf[field].isna().any():
+            missing = int(gdf[field].isna().sum())
+            if missing == len(gdf):
+                raise InputError(f"{labels}: no polygon has a value in the field {field!r}; give the field that holds the classes")
+            log.warning("%s: %d of %d polygons have no value in %r: left out (neither objects nor background)",
+                        labels, missing, len(gdf), field)
+            gdf = gdf[gdf[field].notna()]
         values = sorted(gdf[field].unique().tolist()) if field else ["object"]
         numeric = field is not None and all(isinstance(v, (int, np.integer)) and 0 <= v <= 254 and v != background for v in values)
         ids = [int(v) for v in values] if numeric else [i + 1 if i + 1 != background else i + 2 for i in range(len(values))]
@@ -70,14 +80,33 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         lab = np.zeros(len(gdf) + 1, np.int64)
         lab[1:] = [label_of[v] for v in (gdf[field] if field else ["object"] * len(gdf))]
     else:
-        with rasterio.open(labels) as ds:
-            if ds.shape != tuple(grid.shape) or not np.allclose(tuple(ds.transform)[:6], tuple(grid.affine)[:6]):
-                raise InputError(f"{labels}: instance raster is not on the image's grid ({ds.shape} vs {tuple(grid.shape)}); "
-                                 "warp it to the image first (gdalwarp -tr -te)")
+        from rasterio.errors import RasterioIOError
+
+        try:
+            ds = rasterio.open(labels)
+        except RasterioIOError as exc:
+            raise InputError(
+                f"{labels}: neither a raster GDAL can read nor a vector file ({str(exc).splitlines()[0]}); "
+                "give an instance-id raster (GeoTIFF, 0 = no object) or polygons (GeoPackage, GeoJSON, Shapefile)"
+            ) from None
+        with ds:
+            from geoseg.io.sources import grid_of
+            from geoseg.training.labels import _crs_name, crs_equivalent
+
+            lcrs = grid_of(ds, labels).crs
+            same_crs = lcrs == grid.crs or crs_equivalent(lcrs, grid.crs)
+            if not same_crs or ds.shape != tuple(grid.shape) or not np.allclose(tuple(ds.transform)[:6], tuple(grid.affine)[:6]):
+                raise InputError(f"{labels}: instance raster is not on the image's grid (its CRS {_crs_name(lcrs)}, shape {ds.shape}, "
+                                 f"transform {tuple(ds.transform)[:6]}; the image's {_crs_name(grid.crs)}, {tuple(grid.shape)}, "
+                                 f"{tuple(grid.affine)[:6]}); warp it to the image first (gdalwarp -t_srs -tr -te)")
             inst = ds.read(1, window=box.window).astype(np.int64)
+            if ds.nodata is not None:
+                inst[inst == ds.nodata] = 0  # nodata: no object
         if inst.min() < 0:
-            raise InputError(f"{labels}: instance ids must be >= 0 (0 = no object)")
-        inst = inst.astype(np.uint32)
+            raise InputError(f"{labels}: instance ids must be >= 0 (0 = no object; or set the raster's nodata)")
+        # ids renumbered 1..n in order (hashed or OSM ids run to 2**32: tables sized by the largest id would not fit)
+        uniq, inv = np.unique(inst, return_inverse=True)
+        inst = (inv.reshape(inst.shape) + (0 if uniq[0] == 0 else 1)).astype(np.uint32)
         lab = np.zeros(int(inst.max()) + 1, np.int64)
         lab[1:] = 1
         ids, names = [1 if background != 1 else 2], ["object"]
@@ -133,17 +162,18 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     if cs < STRIDE:
         raise InputError(f"the training area {box.shape} is smaller than one {STRIDE} px chip; give a larger area")
     inst, lab, classes = instance_targets(labels, stack.grid, box, field, background)
-    objects = _object_boxes(inst)
-    if not objects:
-        raise InputError(f"{labels}: no object falls inside the training area of {images[0]}; check the region and the CRS")
     data, valid = read_bands(stack, box.window)
     ok = valid.all(axis=0)
+    inst = np.where(ok, inst, 0)  # objects on nodata are none: checked now, not after training
+    objects = _object_boxes(inst)
+    if not objects:
+        raise InputError(f"{labels}: no object falls inside the training area of {images[0]} where the image has data; "
+                         "check the region, the CRS and the image's nodata")
     vals = [data[b][ok] for b in range(stack.count)]
     norm = Normalization(mean=tuple(float(v.mean()) for v in vals), std=tuple(max(float(v.std()), 1e-6) for v in vals))
     card_probe = ModelCard(bands=tuple(band_infos(stack)), normalization=norm, classes=classes, stride=STRIDE, receptive_field=0,
                            default_halo=0)
     x = normalize(data, ok, card_probe, valid)
-    inst = np.where(ok, inst, 0)
     largest = max(max(b[2] - b[0], b[3] - b[1]) for b in objects.values())
     max_px = config.max_object_px or max(STRIDE, round_up(math.ceil(largest * 1.25), STRIDE))
 

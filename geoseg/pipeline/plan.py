@@ -219,12 +219,12 @@ INSTANCE_CHUNK = 1024
 def object_size_px(text: str, resolution: float | None) -> int:
     """``64``, ``64px`` or ``30m`` as pixels (metres need a metric grid)."""
     t = str(text).strip().lower()
+    if t.endswith("m") and not t.endswith("px") and not resolution:  # said as it is, not as a malformed size
+        raise ConfigError(f"--max-object-size {text}: metres need a grid in metres (this image's is not); give pixels (e.g. 64px)")
     try:
         if t.endswith("px"):
             return math.ceil(float(t[:-2]))
         if t.endswith("m"):
-            if not resolution:
-                raise ConfigError(f"--max-object-size {text}: metres need a grid in metres; give pixels (e.g. 64px)")
             return math.ceil(float(t[:-1]) / resolution)
         return math.ceil(float(t))
     except (ValueError, OverflowError):
