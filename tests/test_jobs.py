@@ -323,6 +323,13 @@ def test_run_two_scenes_then_nothing_then_overwrite(client, scenes, random_model
     with pytest.raises(OutputExistsError, match=r"scene field: .*finished without landuse.gpkg, which the job now asks for"):
         plan(spec)
     assert [sp.action for sp in plan(spec, resume=True).scenes] == ["compute", "reuse"]
+    (root / "out" / "field" / "landuse.gpkg").unlink()
+    # --resume makes the missing output from the finished store's chunks (same job key): none is computed again
+    code, out = invoke("run", job, "--scheduler", address, "--set", "chunking.halo=24", "--resume")
+    assert code == 0, out
+    redone = json.loads(run_json.read_text())
+    assert redone["chunks"]["computed"] == 0 and redone["chunks"]["reused"] == redone["chunks"]["chunks"] > 0
+    assert "landuse.gpkg" in redone["outputs"] and (root / "out" / "field" / "landuse.gpkg").is_file()
 
 
 def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random_model, tmp_path):

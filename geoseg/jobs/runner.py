@@ -99,6 +99,9 @@ def _decide(spec: JobSpec, job: Job, previous: dict[str, Any] | None, overwrite:
         detail = f" (job key {str(previous.get('job_key') or 'unknown')[:12]}, now {job.key[:12]})"
     else:
         why, detail = "without " + ", ".join(missing), ", which the job now asks for"
+    if resume and not overwrite and previous.get("job_key") == job.key:
+        # the same key: the finished store's chunks are this job's; only the outputs it lacks are made
+        return "compute", f"finished {why}; making them from its chunks (--resume)", False
     if overwrite or resume:
         return "compute", f"finished {why}; recomputing ({'--overwrite' if overwrite else '--resume'})", True
     raise OutputExistsError(f"{job.out_dir}: holds a prediction finished {why}{detail}; pass --overwrite to "
