@@ -107,6 +107,19 @@ class GeosegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
 
     def setup(self, worker: Any) -> None:
         worker.geoseg_setup = setup_process(worker.state.nthreads)
+        if os.environ.get(EMBEDDED_ENV) == "1":
+            _ignore_interrupts()
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C in a terminal reaches every process of its group: geoseg's own workers leave it to the command, which
+    closes the cluster (each worker printed its KeyboardInterrupt traceback); workers someone else started keep it."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: this worker keeps the default
+        pass
 
     def teardown(self, worker: Any) -> None:
         if os.environ.get(EMBEDDED_ENV) == "1":

@@ -86,3 +86,32 @@ def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, 
     # nothing of the dead worker's half-done writes is left in the finished store
     assert not list((out / "prediction.zarr").rglob("*.partial"))
     assert not (out / "prediction.zarr" / ".geoseg").exists()
+
+
+def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_model, big_scene, tmp_path):
+    """Ctrl-C reaches the whole process group of a terminal: the command stops (non-zero, nothing finished) and
+    geoseg's own workers leave the interrupt to it (each printed a KeyboardInterrupt traceback)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "geoseg", "predict", str(big_scene), "--model", str(random_model), "--out", str(out),
+           "--chunk-size", "64", "--halo", "16", "--workers", "1"]
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as f:
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            done = out / "prediction.zarr.partial" / ".geoseg" / "done"
+            deadline = time.monotonic() + 240
+            while not (done.is_dir() and len(list(done.iterdir())) >= 2) and p.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert p.poll() is None, log.read_text()[-2000:]  # still segmenting
+            os.killpg(p.pid, signal.SIGINT)  # as a terminal sends it: to every process of the group
+            rc = p.wait(120)
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert rc != 0 and "Aborted" in text and not (out / "run.json").exists()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
