@@ -109,6 +109,20 @@ class GeosegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
         worker.geoseg_setup = setup_process(worker.state.nthreads)
         if os.environ.get(EMBEDDED_ENV) == "1":
             _ignore_interrupts()
+            _quiet_failed_tasks()
+
+
+def _quiet_failed_tasks() -> None:
+    """geoseg's own workers do not log a failed task's traceback ("Compute Failed"): the command that submitted it
+    gets the error and says it once, in one line (its traceback with -vv)."""
+    import logging
+
+    logging.getLogger("distributed.worker").addFilter(_NotComputeFailed())
+
+
+class _NotComputeFailed:
+    def filter(self, record: Any) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
 
 
 def _ignore_interrupts() -> None:

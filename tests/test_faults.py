@@ -115,3 +115,25 @@ def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_mod
     text = log.read_text()
     assert rc != 0 and "Aborted" in text and not (out / "run.json").exists()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+
+
+def test_a_full_disk_is_one_line_and_publishes_nothing(random_model, big_scene, tmp_path):
+    """No space left on the output's file system (here a 300 KB tmpfs; raised in a worker): one error line and a
+    non-zero exit, not three tracebacks; nothing looks finished."""
+    import subprocess
+    import sys
+
+    full = tmp_path / "full"
+    full.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(full)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        out = subprocess.run([sys.executable, "-m", "geoseg", "predict", str(big_scene), "--model", str(random_model), "--out",
+                              str(full / "o"), "--chunk-size", "128", "--halo", "32", "--workers", "1"],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert "geoseg: error:" in out.stderr and "No space left on device" in out.stderr and "--resume" in out.stderr
+        assert "Traceback" not in out.stderr and not (full / "o" / "run.json").exists()
+    finally:
+        subprocess.run(["umount", str(full)], check=False)

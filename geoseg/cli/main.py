@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -23,6 +24,20 @@ class GeosegGroup(click.Group):
                 raise
             click.echo(f"geoseg: error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:  # the machine's, not geoseg's: a full disk, a read-only or forbidden place (from a worker too)
+            if exc.errno not in _STORAGE_ERRORS or (ctx.obj and ctx.obj.get("verbosity", 0) > 1):
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"geoseg: error: {where}{exc.strerror or exc}; {_STORAGE_ERRORS[exc.errno]}", err=True)
+            sys.exit(2)
+
+
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "free some space or choose another output (predict, run and train go on with --resume)",
+    errno.EDQUOT: "free some of your quota or choose another output (predict, run and train go on with --resume)",
+    errno.EROFS: "choose an output on a writable file system",
+    errno.EACCES: "choose an output you may write to, or fix its permissions",
+}
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
