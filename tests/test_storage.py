@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 
+from geoseg.api import band_nodata
 from geoseg.errors import InputNotFoundError, ModelError, OutputExistsError
 from geoseg.io import storage
 from geoseg.io.zarr_store import open_prediction
@@ -184,6 +185,18 @@ def test_remote_model_is_verified(s3, uploaded, random_model):
         fetch_model_dir(f"s3://{BUCKET}/models/nothing")
 
 
+def test_an_output_in_a_missing_bucket_is_refused_before_any_work(s3, uploaded, tmp_path):
+    """s3fs lists a missing bucket as an empty prefix: the output is refused at planning, one clear error, not a
+    traceback from the first worker that writes."""
+    from geoseg.errors import ConfigError
+    from geoseg.pipeline import plan_job
+
+    scene_url, model_url = uploaded
+    with pytest.raises(ConfigError, match="the bucket 'no-such-bucket' does not exist"):
+        plan_job([scene_url], model_url, "s3://no-such-bucket/runs/x", PredictOptions(chunk_size=128))
+    plan_job([scene_url], model_url, f"s3://{BUCKET}/runs/fresh", PredictOptions(chunk_size=128))  # a new prefix is fine
+
+
 def test_missing_remote_input(s3, uploaded, tmp_path):
     _, model_url = uploaded
     with pytest.raises(InputNotFoundError, match=f"s3://{BUCKET}/in/nope.tif"):
@@ -307,7 +320,7 @@ def test_open_scene_reads_an_object_behind_the_endpoint_on_the_workers(s3, uploa
     import geoseg
 
     remote, local = geoseg.open_scene(uploaded[0], chunks=128), geoseg.open_scene(scene_path)
-    assert remote.sizes == local.sizes and remote.attrs["nodata"] == local.attrs["nodata"]
+    assert remote.sizes == local.sizes and band_nodata(remote) == band_nodata(local) == [0, 0, 0, 0]
     assert remote.rio.crs == local.rio.crs and remote.rio.transform() == local.rio.transform()
     np.testing.assert_array_equal(remote["x"].values, local["x"].values)
     np.testing.assert_array_equal(s3.client.compute(remote.data).result(), local.values)

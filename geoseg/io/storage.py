@@ -155,6 +155,24 @@ def filesystem(url: str) -> tuple[Any, str]:
     return url_to_fs(url, **storage_options(url))
 
 
+BUCKET_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def missing_bucket(url: str) -> str | None:
+    """The bucket (container) of an object-store URL where it does not exist, else None: an output under it would
+    fail only when the first worker writes (s3fs lists a missing bucket as empty)."""
+    if scheme(url) not in BUCKET_SCHEMES:
+        return None
+    fs, path = filesystem(url)
+    bucket = path.strip("/").split("/", 1)[0]
+    if not bucket:
+        return None
+    try:
+        return None if fs.exists(bucket) else bucket
+    except PermissionError:  # may not list the bucket but may write in it: the write says
+        return None
+
+
 def exists(location: str | os.PathLike) -> bool:
     if not is_url(location):
         return os.path.exists(location)

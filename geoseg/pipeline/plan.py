@@ -139,10 +139,14 @@ def check_out_dir(out_dir: Path | str, overwrite: bool, resume: bool) -> None:
         if storage.scheme(out_dir) in ("http", "https"):
             raise ConfigError(f"{out_dir}: outputs cannot be written over HTTP; give a local directory or an object-store URL (s3://...)")
         try:
+            bucket = storage.missing_bucket(str(out_dir))
             is_object = storage.isfile(out_dir)
             names = [] if is_object else storage.list_names(out_dir)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{out_dir}: cannot list the output prefix ({exc}); check the URL and the credentials (AWS_* variables)") from None
+        if bucket:
+            raise ConfigError(f"{out_dir}: the bucket {bucket!r} does not exist (or these credentials cannot see it); create it "
+                              "first or choose another output URL")
         if is_object:
             raise OutputExistsError(f"{out_dir}: is an object, not a prefix; choose another output URL")
     else:
