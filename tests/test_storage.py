@@ -197,6 +197,18 @@ def test_an_output_in_a_missing_bucket_is_refused_before_any_work(s3, uploaded, 
     plan_job([scene_url], model_url, f"s3://{BUCKET}/runs/fresh", PredictOptions(chunk_size=128))  # a new prefix is fine
 
 
+def test_a_killed_run_s_temporaries_under_a_prefix_are_swept_by_the_next(s3, uploaded):
+    """A run killed while workers wrote polygon parts leaves them under the output prefix (no rename, no finally on
+    SIGKILL); the next run removes them before it publishes, as a local run does."""
+    scene_url, model_url = uploaded
+    out_url = f"s3://{BUCKET}/runs/swept"
+    storage.write_atomic(f"{out_url}/.geoseg-parts-0123456789ab/inner-0-1.parquet", b"left by a killed run")
+    assert "runs/swept/.geoseg-parts-0123456789ab/inner-0-1.parquet" in s3.keys("runs/swept/")
+    predict([scene_url], model_url, out_url, PredictOptions(chunk_size=128, cog=False, vectors=False), client=s3.client)
+    keys = s3.keys("runs/swept/")
+    assert "runs/swept/run.json" in keys and not [k for k in keys if "/.geoseg-parts" in k]
+
+
 def test_missing_remote_input(s3, uploaded, tmp_path):
     _, model_url = uploaded
     with pytest.raises(InputNotFoundError, match=f"s3://{BUCKET}/in/nope.tif"):

@@ -91,6 +91,13 @@ def _sweep(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def _sweep_remote(out: str) -> None:
+    """Temporaries a killed run left under an object-store prefix (part files of the polygons, staging objects)."""
+    for name in storage.list_names(out):
+        if name.startswith(".") and _ours(name) and name != ".geoseg":
+            storage.remove(storage.join(out, name), recursive=True)
+
+
 def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | None = None,
             numerics: Numerics | None = None, priority: int = 0) -> dict[str, Any]:
     """Run a planned job on ``client`` and publish its outputs (commit protocol above); returns the run record.
@@ -114,6 +121,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     if not remote:
         Path(out).mkdir(parents=True, exist_ok=True)
         _sweep(Path(out))
+    else:
+        _sweep_remote(str(out))
     # Step 2: OUT stops claiming to be finished before anything in it changes; outputs of an
     # earlier run go too (they are rebuilt from the store), the store itself only with --overwrite.
     storage.remove(storage.join(out, RUN_NAME))
