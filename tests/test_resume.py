@@ -220,3 +220,20 @@ def test_a_band_file_rewritten_behind_a_vrt_is_a_new_input(tmp_path):
     os.utime(bands[1], ns=(vrt_stat.st_atime_ns, vrt_stat.st_mtime_ns + 1_000_000_000))  # a later mtime, whatever the clock
     assert vrt.stat().st_mtime_ns == vrt_stat.st_mtime_ns
     assert job_key([str(vrt)], "digest", plan, PredictOptions(resume=True)) != before
+
+
+def test_an_unfinished_output_is_said_so_and_a_cut_short_store_is_recomputed(client, random_model, scene_path, tmp_path):
+    """`geoseg info` on an output without run.json says it is not finished and how to finish it (it said "not a raster
+    GDAL can read"); --resume over a store whose metadata a power loss cut short starts it again, not a traceback."""
+    out = tmp_path / "out"
+    opts = PredictOptions(chunk_size=128, cog=False, vectors=False)
+    predict([scene_path], random_model, out, opts, client=client)
+    (out / "run.json").unlink()
+    res = CliRunner().invoke(cli, ["info", str(out)])
+    assert res.exit_code == 2 and "not finished (no run.json)" in res.output and "--resume" in res.output, res.output
+    os.replace(out / "prediction.zarr", out / "prediction.zarr.partial")
+    meta = out / "prediction.zarr.partial" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])  # cut short
+    record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, cog=False, vectors=False, resume=True),
+                     client=client)
+    assert record["chunks"]["computed"] == record["chunks"]["chunks"] > 0 and (out / "run.json").is_file()

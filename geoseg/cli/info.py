@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from geoseg.errors import InputError
+
 
 @click.command(short_help="Summarise rasters or a model directory.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
@@ -39,6 +41,9 @@ def info(paths, as_json):
         if Path(p).is_dir() and ((Path(p) / "zarr.json").exists() or (Path(p) / ".zgroup").exists()):
             out.append(store_summary(p))  # a prediction store (prediction.zarr): GDAL does not read its CRS
             continue
+        if Path(p).is_dir() and any(c.name.startswith(("prediction.zarr", ".geoseg")) for c in Path(p).iterdir()):
+            raise InputError(f"{p}: an output of geoseg predict that is not finished (no run.json); run the same "
+                             "command with --resume to finish it")
         stack = open_stack([p])
         g = stack.grid
         out.append({"raster": p, "crs": g.crs.to_wkt() if g.crs.epsg is None else f"EPSG:{g.crs.epsg}",
@@ -63,7 +68,6 @@ def info(paths, as_json):
 
 def output_summary(folder: Path) -> dict:
     """What a finished output folder holds: classes and their shares (true areas from the polygons), run figures."""
-    from geoseg.errors import InputError
 
     try:
         run = json.loads((folder / "run.json").read_text())

@@ -13,6 +13,7 @@ one whose worker died half-way through writing it, is computed again and rewritt
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -143,8 +144,10 @@ def store_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
 
     try:
         return dict(zarr.open_group(str(path), mode="r", **storage.zarr_kwargs(path)).attrs)
-    except (FileNotFoundError, KeyError, zarr.errors.BaseZarrError):
-        return None  # missing or not a Zarr group: nothing to reuse (other errors, a timeout say, are raised)
+    except (FileNotFoundError, KeyError, zarr.errors.BaseZarrError, json.JSONDecodeError, UnicodeDecodeError):
+        # missing, not a Zarr group, or its metadata cut short (a power loss): nothing to reuse (other errors, a
+        # timeout say, are raised)
+        return None
 
 
 def reusable_chunks(path: str | os.PathLike, job_key: str, plan: TilingPlan) -> set[tuple[int, int]]:
