@@ -578,3 +578,22 @@ def test_metres_on_a_grid_in_degrees_are_refused_as_such(objects_data, tmp_path)
     image = write_raster(tmp_path / "deg.tif", img[:, :128, :128], crs="EPSG:4326", transform=from_origin(15.0, 37.0, 1e-5, 1e-5))
     res = run("predict", image, "--model", objects_data["model"], "--out", tmp_path / "o", "--max-object-size", "30m", code=2)
     assert "metres need a grid in metres" in res.output and not (tmp_path / "o").exists()
+
+
+def test_prompts_off_the_scene_are_left_out_with_a_warning(tmp_path, caplog):
+    import logging
+
+    import geopandas as gpd
+    import shapely
+    from odc.geo.geobox import GeoBox
+
+    from geoseg.instances.sam import read_prompts
+
+    grid = GeoBox((100, 100), from_origin(*ORIGIN, RES, RES), "EPSG:32633")
+    pts = [shapely.Point(ORIGIN[0] + 10, ORIGIN[1] - 10), shapely.Point(ORIGIN[0] + 500, ORIGIN[1] - 10),
+           shapely.Point(ORIGIN[0] + 50, ORIGIN[1] - 60)]
+    gpd.GeoDataFrame(geometry=pts, crs="EPSG:32633").to_file(tmp_path / "p.gpkg")
+    with caplog.at_level(logging.WARNING, logger="geoseg.instances.sam"):
+        prompts = read_prompts(str(tmp_path / "p.gpkg"), grid)
+    assert [p["number"] for p in prompts] == [0, 2] and [p["centre"] for p in prompts] == [(10, 10), (60, 50)]
+    assert "1 of 3 prompts lie off the scene" in caplog.text and "rows 1" in caplog.text
