@@ -80,9 +80,10 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
                    + ", ".join(record["outputs"]) + ", run.json")
     elif verbosity >= 0:
         p = record["parameters"]
+        # a speed only where every chunk was segmented by this run (reused chunks cost nothing: no honest figure)
+        speed = f"{record['throughput_mpx_s']:.2f} Mpx/s; " if record["throughput_mpx_s"] else ""
         click.echo(
             f"segmented {p['shape'][0]} x {p['shape'][1]} px in {record['timings']['segment_s']:.1f} s "
-            f"({record['throughput_mpx_s'] or 0:.2f} Mpx/s; chunks {record['chunks']['computed']} computed, "
-            f"{record['chunks']['reused']} reused; halo {p['halo']} px)"
+            f"({speed}chunks {record['chunks']['computed']} computed, {record['chunks']['reused']} reused; halo {p['halo']} px)"
         )
         click.echo(f"outputs in {out_dir}: " + ", ".join(record["outputs"]) + ", run.json")
