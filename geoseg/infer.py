@@ -111,6 +111,11 @@ def _on_device(a: np.ndarray, device: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
 
+def normalizes_on_device(card: ModelCard, dtype: np.dtype) -> bool:
+    """Whether ``normalized_on_device`` gives the CPU path's values for this card and dtype."""
+    return not getattr(card, "index_channels", ()) and np.dtype(dtype) in _DEVICE_DTYPES
+
+
 def normalized_on_device(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid: np.ndarray | None,
                          device: str) -> torch.Tensor | None:
     """``_normalized`` computed on ``device`` from the raw bands: (bands, h, w) float32, the same values.
@@ -121,7 +126,7 @@ def normalized_on_device(data: np.ndarray, valid: np.ndarray, card: ModelCard, b
     (``geoseg.methods.features``) or a dtype torch does not convert as numpy does."""
     import torch
 
-    if getattr(card, "index_channels", ()) or data.dtype not in _DEVICE_DTYPES:
+    if not normalizes_on_device(card, data.dtype):
         return None
     mean = torch.tensor(card.normalization.mean, dtype=torch.float32, device=device)[:, None, None]
     std = torch.tensor(card.normalization.std, dtype=torch.float32, device=device)[:, None, None]
@@ -188,12 +193,14 @@ def _window_rows_class() -> type:
             self.window, self.stride, self.device, self.size = window, stride, device, (h, w)
             self.channels = _channels(window.data, window.card)
             self.shape = (1, self.channels, h + (-h % stride), w + (-w % stride))
+            # on a GPU the raw bands are normalised there where the card allows (else the CPU path, strip by strip)
+            self.on_device = device != "cpu" and normalizes_on_device(window.card, window.data.dtype)
 
         def rows(self, y0: int, y1: int) -> torch.Tensor:
             import torch
 
             window, (h, w) = self.window, self.size
-            if self.device != "cpu":
+            if self.on_device:
                 return self._device_rows(y0, y1)
             out = np.zeros((y1 - y0, self.shape[3], self.channels), np.float32)
             if min(y1, h) > y0:
@@ -202,12 +209,12 @@ def _window_rows_class() -> type:
             return torch.from_numpy(out).permute(2, 0, 1)[None].to(self.device)  # channels-last memory
 
         def whole(self) -> torch.Tensor:  # several networks, or one that runs as one pass: the array, made once
-            if self.device != "cpu":
+            if self.on_device:
                 return self._device_rows(0, self.shape[2])
             return _batch_tensor(self.window.array()[None], self.stride, self.device)
 
         def _device_rows(self, y0: int, y1: int) -> torch.Tensor:
-            """Rows ``y0:y1``, normalised on the device where it can (``normalized_on_device``), padded with zeros."""
+            """Rows ``y0:y1`` normalised on the device (``normalized_on_device``), padded with zeros."""
             import torch
 
             window, (h, w) = self.window, self.size
@@ -215,9 +222,6 @@ def _window_rows_class() -> type:
             if min(y1, h) > y0:
                 bv = None if window.band_valid is None else window.band_valid[:, y0:y1]
                 part = normalized_on_device(window.data[:, y0:y1], window.valid[y0:y1], window.card, bv, self.device)
-                if part is None:  # the CPU path: made whole once, sliced
-                    full = _batch_tensor(self.window.array()[None], self.stride, self.device)
-                    return full[:, :, y0:y1]
             out = torch.zeros((1, y1 - y0, self.shape[3], self.channels), dtype=torch.float32, device=self.device)
             out = out.permute(0, 3, 1, 2)  # channels-last memory, (1, channels, rows, width)
             if part is not None:

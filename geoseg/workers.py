@@ -117,7 +117,9 @@ def _quiet_failed_tasks() -> None:
     gets the error and says it once, in one line (its traceback with -vv)."""
     import logging
 
-    logging.getLogger("distributed.worker").addFilter(_NotComputeFailed())
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NotComputeFailed) for f in worker_log.filters):
+        worker_log.addFilter(_NotComputeFailed())
 
 
 class _NotComputeFailed:

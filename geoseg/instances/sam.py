@@ -238,7 +238,8 @@ def read_prompts(path: str, grid: Any) -> list[dict[str, Any]]:
             out.append({"number": n, "kind": kind, "coords": coords, "centre": (int(cy), int(cx))})
     if not out:
         raise InputError(f"{path}: none of its {len(gdf)} prompts lies on the scene; check the file and its CRS")
-    off = [n for n, g in enumerate(gdf.geometry) if g is not None and not g.is_empty and n not in {o["number"] for o in out}]
+    on = {o["number"] for o in out}
+    off = [n for n, g in enumerate(gdf.geometry) if g is not None and not g.is_empty and n not in on]
     if off:
         import logging
 

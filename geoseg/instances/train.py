@@ -20,7 +20,7 @@ import torch
 
 from geoseg.errors import InputError
 from geoseg.instances.net import DEFAULTS, STRIDE, build_maskrcnn
-from geoseg.io.sources import open_stack, read_bands
+from geoseg.io.sources import grid_of, open_stack, read_bands
 from geoseg.model.card import DEFAULT_COLORS, ClassInfo, ModelCard, Normalization
 from geoseg.tiling import Box, round_up
 
@@ -90,7 +90,6 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
                 "give an instance-id raster (GeoTIFF, 0 = no object) or polygons (GeoPackage, GeoJSON, Shapefile)"
             ) from None
         with ds:
-            from geoseg.io.sources import grid_of
             from geoseg.training.labels import _crs_name, crs_equivalent
 
             lcrs = grid_of(ds, labels).crs

@@ -84,18 +84,15 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _sweep(out: Path) -> None:
-    """Temporaries a killed local run left in OUT (never read: every run stages anew)."""
-    for p in out.iterdir():
-        if p.name.startswith(".") and _ours(p.name) and p.name != ".geoseg":
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-def _sweep_remote(out: str) -> None:
-    """Temporaries a killed run left under an object-store prefix (part files of the polygons, staging objects)."""
+def _sweep(out: str | os.PathLike) -> None:
+    """Temporaries a killed run left in OUT, a directory or an object-store prefix (staging, polygon part files;
+    never read: every run stages anew)."""
     for name in storage.list_names(out):
         if name.startswith(".") and _ours(name) and name != ".geoseg":
-            storage.remove(storage.join(out, name), recursive=True)
+            try:
+                storage.remove(storage.join(out, name), recursive=True)
+            except OSError:  # one that cannot go stays; it is never read
+                pass
 
 
 def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | None = None,
@@ -120,9 +117,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     remote = storage.is_url(out)
     if not remote:
         Path(out).mkdir(parents=True, exist_ok=True)
-        _sweep(Path(out))
-    else:
-        _sweep_remote(str(out))
+    _sweep(out)
     # Step 2: OUT stops claiming to be finished before anything in it changes; outputs of an
     # earlier run go too (they are rebuilt from the store), the store itself only with --overwrite.
     storage.remove(storage.join(out, RUN_NAME))
