@@ -15,7 +15,10 @@ Prints, in well under 10 minutes on one GPU and ~16 cores:
       tasks (model_resources={"GPU": 1}); after a warm-up on a 2048 scene: the segment stage's Mpx/s, the
       whole call's Mpx/s (COG included; polygons only with --vectors: a random model's 16384^2 map holds
       millions of polygons), timings, run.json's numerics and the worker each infer task ran on;
-  (d) the GPU's busy share during that run: nvidia-smi's utilization.gpu sampled every 0.5 s.
+  (d) the GPU's busy share during that run: nvidia-smi's utilization.gpu sampled every 0.5 s;
+  (e) `geoseg predict` as a user runs it, with its embedded cluster (one GPU worker per device beside CPU
+      workers, geoseg.cluster.connect): wall time, Mpx/s, the workers run.json records and what the
+      model's workers computed on (--skip-embedded: not run).
 On a machine without CUDA it says so and exits 0, having measured nothing, unless --rehearse:
 then (c) runs on the CPU (the "GPU" worker is a CPU worker with the GPU resource), so the script
 itself is known to work before a GPU machine's scarce minutes are spent on it:
@@ -248,6 +251,33 @@ def end_to_end(args, model: Path, work: Path, gpu_threads: int = 1) -> bool:
     return placed
 
 
+def embedded(args, model: Path, work: Path) -> bool:
+    """(e) `geoseg predict` with its embedded cluster; True if the model ran on GPU workers only (cuda, or in a
+    rehearsal the GPU worker GEOSEG_GPUS=0 names)."""
+    scene = work / f"scene{args.size}" / "image.tif"
+    out = work / "out-embedded"
+    env = {**os.environ, **({"GEOSEG_GPUS": "0"} if args.rehearse else {})}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "geoseg", "predict", str(scene), "--model", str(model), "--out", str(out),
+                           "--overwrite", "--no-vectors"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(f"(e) geoseg predict, embedded cluster: FAILED (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}", flush=True)
+        return False
+    rec = json.loads((out / "run.json").read_text())
+    h, w = rec["parameters"]["shape"]
+    workers = rec["numerics"]["workers"]
+    devices = sorted({str(c.get("device")) for c in workers.values()})
+    print(f"(e) geoseg predict {h}x{w}, embedded cluster: {wall:.1f} s = {h * w / 1e6 / wall:.1f} Mpx/s (segment stage "
+          f"{rec['throughput_mpx_s']} Mpx/s); cluster {json.dumps(rec['cluster'])}; model workers {len(workers)} on "
+          f"{', '.join(devices)}; {rec['parameters']['precision']}", flush=True)
+    gpus = rec["cluster"].get("gpu_workers", 0)
+    ok = gpus >= 1 and len(workers) == gpus and (args.rehearse or devices == ["cuda"])
+    if not ok:
+        print("    <- the model did not run on GPU workers alone", flush=True)
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=16384, help="side of the end-to-end scene")
@@ -260,6 +290,7 @@ def main() -> int:
     ap.add_argument("--skip-pytest", action="store_true")
     ap.add_argument("--profile-kernel", action="store_true", help="(b2) once more under torch.profiler: the top operators")
     ap.add_argument("--pytest-timeout", type=float, default=180.0)
+    ap.add_argument("--skip-embedded", action="store_true", help="skip (e), geoseg predict with its embedded cluster")
     ap.add_argument("--rehearse", action="store_true", help="without CUDA: run (c) on the CPU to check the script")
     args = ap.parse_args()
 
@@ -290,6 +321,8 @@ def main() -> int:
             kernel_only(model, profile=args.profile_kernel)
         for threads in (int(t) for t in args.gpu_threads.split(",")):
             ok = end_to_end(args, model, work, threads) and ok
+        if not args.skip_embedded:
+            ok = embedded(args, model, work) and ok
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

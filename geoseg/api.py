@@ -323,7 +323,10 @@ def predict(
     scene = _match_bands(scene, card, m.location)
     shape = (scene.sizes["y"], scene.sizes["x"])
     plan = plan_tiling(card, shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
-    numerics = resolve_current(precision, device, exact)
+    from geoseg.cluster import model_resources
+
+    resources = model_resources(card.method, None, _current_client())  # the GPU workers of an embedded cluster
+    numerics = resolve_current(precision, device, exact, resources)
     import dask.array as da
 
     data = scene.data if isinstance(scene.data, da.Array) else da.from_array(scene.data, chunks=(-1, plan.chunk_size, plan.chunk_size))
@@ -331,7 +334,7 @@ def predict(
 
     nodata = band_nodata(scene)
     settings = scene_settings(card, None, plan, InferenceSettings(numerics.precision, batch_size), array=data, nodata=nodata)
-    seg = segmentation_from_array(data, nodata, plan, ModelRef(m.location, m.digest, device), settings)
+    seg = segmentation_from_array(data, nodata, plan, ModelRef(m.location, m.digest, device), settings, resources)
     coords = {"y": scene["y"].values, "x": scene["x"].values}
     ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)}, coords=coords)
     ds["class_id"].attrs.update(_class_attrs(card))

@@ -193,12 +193,14 @@ def plan_evaluation(
                     tile_size=options.tile_size)
     digest = opened.digest
     ref = ModelRef(opened.location, digest, options.device)
-    precision = resolve_current(options.precision, options.device, options.exact).precision if resolve else "fp32"
-    options = replace(options, precision=precision)
-    from geoseg.methods import scene_settings
+    from geoseg.cluster import model_resources
+    from geoseg.methods import current_client, scene_settings
 
+    resources = model_resources(card.method, None, current_client())  # the GPU workers of an embedded cluster
+    precision = resolve_current(options.precision, options.device, options.exact, resources).precision if resolve else "fp32"
+    options = replace(options, precision=precision)
     settings = scene_settings(card, stack, plan, InferenceSettings(precision, options.batch_size, tta=options.tta)) if resolve else InferenceSettings(precision, options.batch_size, tta=options.tta)
-    seg = build_segmentation(stack, plan, ref, settings)
+    seg = build_segmentation(stack, plan, ref, settings, resources)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     lab = labels_array(source, plan)[ys, xs]
     confusion = confusion_array(seg.class_id[ys, xs], lab)
@@ -537,15 +539,19 @@ def plan_comparison(
     region = region_box(base.grid, options.bbox, options.window) or Box(0, h, 0, w)
     plans = tuple(plan_for(card, base.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                            tile_size=options.tile_size) for card in cards)  # fmt: skip
-    precision = resolve_current(options.precision, options.device, options.exact).precision if resolve else "fp32"
+    from geoseg.cluster import model_resources
+    from geoseg.methods import current_client, scene_settings
+
+    client = current_client()
+    resources = [model_resources(card.method, None, client) for card in cards]  # the GPU workers of an embedded cluster
+    precision = resolve_current(options.precision, options.device, options.exact,
+                                next((r for r in resources if r), None)).precision if resolve else "fp32"
     options = replace(options, precision=precision)
     settings = InferenceSettings(precision, options.batch_size, tta=options.tta)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
-    from geoseg.methods import scene_settings
-
     maps = [build_segmentation(stack, plan, ModelRef(o.location, o.digest, options.device),
-                               scene_settings(card, stack, plan, settings) if resolve else settings).class_id[ys, xs]
-            for stack, plan, o, card in zip(stacks, plans, opened, cards)]  # fmt: skip
+                               scene_settings(card, stack, plan, settings) if resolve else settings, res).class_id[ys, xs]
+            for stack, plan, o, card, res in zip(stacks, plans, opened, cards, resources)]  # fmt: skip
     confusions, coverage = common_confusions(maps, labels_array(source, plans[0])[ys, xs])
     return ComparisonJob(images, model_dirs, names, str(labels), cards, tuple(o.digest for o in opened), plans, source,
                          region, classes, confusions, coverage, options)  # fmt: skip

@@ -242,3 +242,102 @@ def test_a_preload_that_fails_with_any_error_leaves_the_fork_server_running(tmp_
     assert parent != report["client"]  # forked from the server, which lived through the failure
     assert torch_loaded  # the modules after the broken one were still preloaded
     assert list(failed) == ["segmentation_models_pytorch"] and "OSError" in failed["segmentation_models_pytorch"]
+
+
+def test_local_gpus_as_the_driver_lists_them_and_cuda_narrows_them(tmp_path, monkeypatch):
+    from geoseg.cluster import GPU_ENV, local_gpus
+
+    monkeypatch.delenv(GPU_ENV, raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    driver, dev = tmp_path / "gpus", tmp_path / "dev"
+    driver.mkdir()
+    dev.mkdir()
+    assert local_gpus(driver_dir=str(tmp_path / "absent"), dev_dir=str(dev)) == ()  # no NVIDIA driver: no GPU worker
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):  # the device nodes a container gets
+        (dev / name).touch()
+    assert local_gpus(driver_dir=str(driver), dev_dir=str(dev)) == ("0", "1")
+    for bus in ("0000:3b:00.0", "0000:5e:00.0", "0000:86:00.0"):
+        (driver / bus).mkdir()
+    assert local_gpus(driver_dir=str(driver), dev_dir=str(dev)) == ("0", "1", "2")
+    # CUDA_VISIBLE_DEVICES as CUDA reads it: the ids in order, up to the first that names no device
+    for visible, want in (("2,0", ("2", "0")), ("1,7,0", ("1",)), ("", ()), ("-1", ()), ("0,-1,1", ("0",)),
+                          ("GPU-8f6e2c1a", ("GPU-8f6e2c1a",))):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert local_gpus(driver_dir=str(driver), dev_dir=str(dev)) == want, visible
+    # the user's choice wins, also on a machine without a driver; "none" turns the GPU workers off
+    monkeypatch.setenv(GPU_ENV, "1, 0")
+    assert local_gpus(driver_dir=str(tmp_path / "absent")) == ("1", "0")
+    monkeypatch.setenv(GPU_ENV, "none")
+    assert local_gpus(driver_dir=str(driver), dev_dir=str(dev)) == ()
+
+
+def test_embedded_cluster_on_a_gpu_machine_runs_model_tasks_on_its_gpu_worker(random_model, scene_path, tmp_path):
+    """The embedded cluster on a machine with one CUDA device: one GPU worker (that device alone visible, GPU=1,
+    two threads) beside CPU workers that see none. Predict, evaluate and the lazy API put every model task
+    on the GPU worker without being asked (as recorded by the task stream), reads and writes anywhere.
+    No CUDA here: the GPU worker's torch finds no device and computes on the CPU, the placement is the same."""
+    import os
+
+    from distributed import get_task_stream
+
+    from _scenes import LABEL_NODATA
+    from conftest import blob_scene, write_raster
+    from geoseg import api
+    from geoseg.cluster import connect
+    from geoseg.evaluation import EvaluateOptions, evaluate
+
+    _, labels = blob_scene(300, 437, 4, seed=3)
+    labels_path = write_raster(tmp_path / "labels.tif", (labels[None] + 1).astype("uint8"), nodata=LABEL_NODATA)
+
+    def ran_on(ts, prefix):
+        return [t["worker"] for t in ts.data
+                if (t["key"][0] if isinstance(t["key"], tuple) else str(t["key"])).startswith(prefix)]
+
+    with connect(n_workers=1, gpus=("0",)) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        gpu = _worker_with_gpu(client)
+        assert len(workers) == 2 and workers[gpu]["nthreads"] == 2 and workers[gpu]["resources"] == {"GPU": 1}
+        assert client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")) == {
+            a: ("0" if a == gpu else "") for a in workers}
+        opts = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
+        with get_task_stream(client) as ts:
+            record = predict([scene_path], random_model, tmp_path / "out", opts, client=client)
+        assert record["cluster"]["gpu_workers"] == 1
+        infers = ran_on(ts, "geoseg-infer")
+        assert len(infers) == record["chunks"]["chunks"] == 35 and set(infers) == {gpu}
+        assert len(set(ran_on(ts, "geoseg-read")) | set(ran_on(ts, "geoseg-write"))) == 2
+        assert list(record["numerics"]["workers"]) == [gpu]
+
+        with get_task_stream(client) as ts:
+            result = evaluate([scene_path], random_model, labels_path, EvaluateOptions(chunk_size=64, halo=16))
+        infers = ran_on(ts, "geoseg-infer")
+        assert len(infers) == 35 and set(infers) == {gpu}
+        assert result.metrics.pixels > 0
+
+        with get_task_stream(client) as ts:
+            lazy = api.predict(str(scene_path), random_model, chunk_size=64, halo=16).compute()
+        infers = ran_on(ts, "geoseg-infer")
+        assert len(infers) == 35 and set(infers) == {gpu}
+        assert lazy["class_id"].shape == (300, 437)
+
+
+def test_geoseg_predict_makes_gpu_workers_unless_told_cpu(random_model, scene_path, tmp_path, monkeypatch):
+    """`geoseg predict` on a machine with a CUDA device (GEOSEG_GPUS names it here) asks only its GPU worker
+    what the model computes in; --device cpu starts no GPU worker."""
+    import json
+
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+    from geoseg.cluster import GPU_ENV
+
+    monkeypatch.setenv(GPU_ENV, "0")
+    for device, gpu_workers in (("auto", 1), ("cpu", 0)):
+        out = tmp_path / device
+        res = CliRunner().invoke(cli, ["predict", str(scene_path), "--model", str(random_model), "--out", str(out),
+                                       "--workers", "1", "--chunk-size", "128", "--no-cog", "--no-vectors",
+                                       "--device", device])
+        assert res.exit_code == 0, res.output
+        rec = json.loads((out / "run.json").read_text())
+        assert rec["cluster"]["workers"] == 1 + gpu_workers and rec["cluster"]["gpu_workers"] == gpu_workers
+        assert len(rec["numerics"]["workers"]) == 1  # the GPU worker alone, or the one CPU worker

@@ -54,7 +54,7 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplif
     except ValueError:
         raise ConfigError(f"--classes must be class ids separated by commas, not {keep!r}") from None
     src = open_class_raster(source)  # checked before any cluster starts
-    with connect(scheduler, n_workers) as client:
+    with connect(scheduler, n_workers, gpus=()) as client:  # no model tasks: no GPU workers
         result = run(src, list(outputs), client=client, chunk_size=chunk_size, connectivity=int(connectivity), keep_classes=ids,
                      min_area=min_area, simplify=simplify)
     for w in result["outputs"]:

@@ -48,7 +48,8 @@ def predict(
     from geoseg.cluster import connect
 
     t0 = time.perf_counter()
-    with connect(scheduler, n_workers) as c:
+    # --device cpu: no GPU workers on a machine with CUDA devices (geoseg.cluster.connect)
+    with connect(scheduler, n_workers, gpus=() if options.device == "cpu" else None) as c:
         info = {**cluster_info(c), "start_s": round(time.perf_counter() - t0, 3)}
         return run_job(job, c, progress, info)
 

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 from geoseg.io import storage
 from geoseg.monitor import Stage
 from geoseg.numerics import Numerics
-from geoseg.pipeline.execute import prepare_cluster, run_segmentation
+from geoseg.pipeline.execute import placed, prepare_cluster, run_segmentation
 from geoseg.pipeline.plan import (
     COG_NAME,
     COG_STYLE,
@@ -104,6 +104,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     """
     from geoseg.io.zarr_store import finalize_store
 
+    job = placed(job, client)  # model tasks on the GPU workers of an embedded cluster that has some
     if job.card.method in ("instance", "sam"):
         from geoseg.instances.outputs import run_instance_job
 
@@ -296,7 +297,8 @@ def _on_this_machine(client: Any) -> bool:
 
 
 def cluster_info(client: Any) -> dict[str, Any]:
-    info = client.scheduler_info()
-    return {"scheduler": client.scheduler.address, "workers": len(info.get("workers", {})),
-            "threads": sum(w.get("nthreads", 0) for w in info.get("workers", {}).values()),
+    workers = client.scheduler_info().get("workers", {})
+    return {"scheduler": client.scheduler.address, "workers": len(workers),
+            "threads": sum(w.get("nthreads", 0) for w in workers.values()),
+            "gpu_workers": sum(1 for w in workers.values() if (w.get("resources") or {}).get("GPU")),
             "dashboard": client.dashboard_link}

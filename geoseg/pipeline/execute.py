@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,25 @@ from geoseg.pipeline.plan import Job, chunk_key
 log = logging.getLogger(__name__)
 
 
+def placed(job: Job, client: Any) -> Job:
+    """``job`` with its model tasks' resources decided for ``client``'s cluster: its own ``model_resources``,
+    else the GPU workers' of an embedded cluster that has some (geoseg.cluster.model_resources)."""
+    from geoseg.cluster import model_resources
+
+    objects = placed(job.objects, client) if job.objects is not None else None
+    resources = model_resources(job.card.method, job.options.model_resources, client)
+    if resources == job.options.model_resources and objects is job.objects:
+        return job
+    return replace(job, options=replace(job.options, model_resources=resources), objects=objects)
+
+
 def prepare_cluster(client: Any, job: Job, timeout: float | None = None) -> Numerics:
     """Set up every worker (allocator, threads: geoseg.workers) and decide the job's numerics on
     the workers that take its model tasks; a clear error if none offers the resources they need."""
     from geoseg.workers import register
 
     register(client)
+    job = placed(job, client)
     return resolve_on_cluster(client, job.options.precision, job.options.device, job.options.exact,
                               job.options.model_resources, job.options.worker_timeout if timeout is None else timeout)
 
@@ -54,6 +68,8 @@ def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: li
 
     if settings is None:
         settings = scene_settings(job.card, job.stack, job.plan, job.settings(numerics.precision), client)
+    if client is not None:
+        job = placed(job, client)
     seg = build_segmentation(job.stack, job.plan, job.ref, settings, job.options.model_resources)
     # Reads and inferences of one job are the same wherever they go (a shared cluster may share
     # them); writes are not: their name carries the store, or a second run of the same job into

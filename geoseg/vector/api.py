@@ -168,7 +168,7 @@ def vectorize(
         if client is None:
             from geoseg.cluster import connect
 
-            client = stack.enter_context(connect())
+            client = stack.enter_context(connect(gpus=()))  # no model tasks: no GPU workers
         parts = stack.enter_context(_parts_dir(near))
         stats = vectorize_parts(client, src, parts, opts, priority)
         if not classes:
