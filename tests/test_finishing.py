@@ -213,3 +213,39 @@ def test_stac_footprint_and_bbox_of_a_scene_across_the_antimeridian():
     plain = make_item("y", GeoBox((100, 100), Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32617"),
                       [ClassInfo(id=0, name="a", color="#ff0000")], {"classes": "classes.tif"})
     assert plain.geometry["type"] == "Polygon" and plain.bbox[0] < plain.bbox[2]
+
+
+def test_stac_footprint_of_a_polar_scene_and_of_a_geographic_grid_past_180():
+    """A grid around the South Pole has a footprint that holds the pole (bbox to -90, every longitude); a
+    longitude/latitude grid written with longitudes past 180 is split at the antimeridian and brought
+    into [-180, 180]; a south-up grid's outline winds as any other; curved edges are densified."""
+    import shapely.geometry
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+    from pyproj import Transformer
+
+    from geoseg.io.stac import bbox_of, footprint
+
+    polar = GeoBox((128, 128), Affine(1000, 0, -64000, 0, -1000, 64000), "EPSG:3031")  # 128 km around the pole
+    geom = footprint(polar)
+    shape = shapely.geometry.shape(geom)
+    assert geom["type"] == "Polygon" and shape.is_valid
+    west, south, east, north = bbox_of(geom)
+    assert (west, south, east) == (-180.0, -90.0, 180.0)
+    # the outline's northernmost point, a corner 90.5 km from the pole
+    corner_lat = Transformer.from_crs(3031, 4326, always_xy=True).transform(64000, 64000)[1]
+    assert north == pytest.approx(corner_lat, abs=1e-6)
+    # off the pole: the edges are curves in longitude/latitude, so the outline has more than its 4 corners
+    off = footprint(GeoBox((128, 128), Affine(1000, 0, 200000, 0, -1000, 64000), "EPSG:3031"))
+    assert off["type"] == "Polygon" and len(off["coordinates"][0]) > 100
+
+    past = GeoBox((100, 100), Affine(1e-3, 0, 179.95, 0, -1e-3, -16.0), "EPSG:4326")  # 179.95 to 180.05 E
+    geom = footprint(past)
+    assert geom["type"] == "MultiPolygon"
+    lons = [x for poly in geom["coordinates"] for ring in poly for x, _ in ring]
+    assert -180 <= min(lons) and max(lons) <= 180
+    assert bbox_of(geom) == pytest.approx([179.95, -16.1, -179.95, -16.0])
+    assert shapely.geometry.shape(geom).area == pytest.approx(0.1 * 0.1)
+
+    south_up = footprint(GeoBox((10, 10), Affine(1, 0, 150, 0, 1, 10), "EPSG:4326"))
+    assert south_up["type"] == "Polygon" and bbox_of(south_up) == pytest.approx([150, 10, 160, 20])

@@ -30,26 +30,32 @@ ROLES = {".tif": ["data"], ".zarr": ["data"], ".gpkg": ["data"], ".parquet": ["d
          ".json": ["metadata"], ".qml": ["style"]}
 
 
+EDGE_POINTS = 64  # points per edge of the grid's outline: its edges are curves in longitude/latitude
+
+
 def footprint(grid: GeoBox) -> dict[str, Any]:
-    """The grid's outline in longitude/latitude (densified edges), as GeoJSON; split into a
-    MultiPolygon at the antimeridian where it crosses it (RFC 7946, STAC)."""
-    geom = grid.extent.to_crs("EPSG:4326", resolution=None, wrapdateline=True).geom
-    return json.loads(json.dumps(geom.__geo_interface__))
+    """The grid's outline in longitude/latitude (edges densified in the grid's CRS), as GeoJSON (RFC 7946):
+    split into a MultiPolygon where it crosses the antimeridian, closed over the pole it encloses, longitudes
+    within [-180, 180]. The splitting and the pole are antimeridian's (the library stactools uses)."""
+    import antimeridian
+    import pyproj
+    import shapely
+    import shapely.geometry.polygon
+
+    outline = shapely.geometry.polygon.orient(grid.extent.geom)  # counter-clockwise, also for a south-up grid
+    west, south, east, north = outline.bounds
+    dense = shapely.segmentize(outline, max(east - west, north - south) / EDGE_POINTS)
+    to_lonlat = pyproj.Transformer.from_crs(grid.crs.proj, "EPSG:4326", always_xy=True)
+    lonlat = shapely.transform(dense, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+    return json.loads(json.dumps(shapely.geometry.mapping(antimeridian.fix_polygon(lonlat, fix_winding=True, great_circle=False))))
 
 
 def bbox_of(geom: dict[str, Any]) -> list[float]:
     """[west, south, east, north] of a footprint; across the antimeridian west > east (RFC 7946 5.2)."""
-    polys = geom["coordinates"] if geom["type"] == "MultiPolygon" else [geom["coordinates"]]
-    parts = [np.asarray([p for ring in poly for p in ring], float) for poly in polys]
-    xs = np.concatenate([q[:, 0] for q in parts])
-    ys = np.concatenate([q[:, 1] for q in parts])
-    east_side = [q for q in parts if q[:, 0].max() >= 180.0 - 1e-9]
-    west_side = [q for q in parts if q[:, 0].min() <= -180.0 + 1e-9]
-    if len(parts) > 1 and east_side and west_side:  # pieces on both sides of the antimeridian
-        west = min(q[:, 0].min() for q in east_side)
-        east = max(q[:, 0].max() for q in west_side)
-        return [float(west), float(ys.min()), float(east), float(ys.max())]
-    return [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    import antimeridian
+    import shapely.geometry
+
+    return [float(v) for v in antimeridian.bbox(shapely.geometry.shape(geom))]
 
 
 def class_items(classes: Iterable[ClassInfo], counts: Mapping[int, int] | None) -> list[Any]:
