@@ -497,7 +497,7 @@ def train(images: Sequence[str | os.PathLike], labels: str | os.PathLike, out_di
     from geoseg.training import TrainConfig, TrainInputs
     from geoseg.training import train as run
 
-    known = {k: config.pop(k) for k in list(config) if k in ("classes_file", "label_field", "ignore", "reproject_labels", "background",
+    known = {k: config.pop(k) for k in list(config) if k in ("classes_file", "label_field", "label_layer", "ignore", "reproject_labels", "background",
                                                               "bbox", "window")}
     inputs = TrainInputs(tuple(str(p) for p in images), str(labels), **known)
     overwrite = config.pop("overwrite", False)

@@ -61,6 +61,7 @@ class EvaluateOptions:
     device: str = "auto"
     tta: str | None = None  # test-time augmentation: None = as each card says, "none" or "d4"
     label_field: str | None = None
+    label_layer: str | None = None  # vector labels: the layer of a file that holds several
     ignore: tuple[int, ...] = ()
     reproject_labels: bool = False
     background: int | None = None  # vector labels: class of valid pixels no feature covers
@@ -180,6 +181,7 @@ def plan_evaluation(
         labels,
         stack.grid,
         field=options.label_field,
+        layer=options.label_layer,
         classes=card.classes,
         classes_from=str(Path(model_dir) / CARD_NAME),
         ignore=options.ignore,
@@ -528,6 +530,7 @@ def plan_comparison(
         labels,
         base.grid,
         field=options.label_field,
+        layer=options.label_layer,
         classes=classes,
         classes_from=" and ".join(str(Path(m) / CARD_NAME) for m in model_dirs),
         ignore=options.ignore,

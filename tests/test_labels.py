@@ -126,6 +126,52 @@ def test_polygons_in_another_crs_are_reprojected(tmp_path, grid):
     assert (ids[:9] == 255).all() and (ids[31:] == 255).all()
 
 
+def test_polygons_on_another_realisation_of_the_datum_are_transformed(tmp_path):
+    """GDA94 polygons on a GDA2020 image (one projection, datums 1.5 m apart): PROJ's transformation, not a relabel."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    t = Affine(0.5, 0, 320000, 0, -0.5, 5810000)
+    grid = open_stack([write_tif(tmp_path / "img.tif", np.ones((1, 128, 128), np.uint16), crs="EPSG:7855", transform_=t)]).grid
+    ground = box(320010, 5809970, 320030, 5809990)  # rows 20-60, cols 20-60 of the image, in its CRS
+    gpd.GeoDataFrame({"class_id": [1]}, geometry=[ground], crs="EPSG:7855").to_crs("EPSG:28355").to_file(tmp_path / "gda94.gpkg")
+    ids = read_labels(open_labels(str(tmp_path / "gda94.gpkg"), grid), Box(0, 128, 0, 128))
+    expect = np.full((128, 128), 255, np.uint8)
+    expect[20:60, 20:60] = 1
+    assert np.array_equal(ids, expect)
+
+
+def test_a_file_of_several_layers_needs_the_layer_named(tmp_path, grid):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    path = tmp_path / "project.gpkg"
+    x0, y0 = ORIGIN
+    gpd.GeoDataFrame({"name": ["study area"]}, geometry=[box(x0, y0 - H * RES, x0 + W * RES, y0)], crs="EPSG:32617").to_file(
+        path, layer="aoi")
+    gpd.GeoDataFrame({"class_id": [3]}, geometry=[box(x0, y0 - 10 * RES, x0 + 10 * RES, y0)], crs="EPSG:32617").to_file(
+        path, layer="labels")
+    with pytest.raises(InputError, match=r"holds 2 layers \(aoi, labels\); pass --label-layer") as exc:
+        open_labels(str(path), grid)
+    assert str(path) in str(exc.value)
+    ids = read_labels(open_labels(str(path), grid, layer="labels"), ALL)
+    assert (ids[:10, :10] == 3).all() and (ids[10:] == 255).all()
+
+
+def test_ids_written_as_decimal_text_are_ids_and_an_empty_file_says_so(tmp_path, grid):
+    p = write_polygons(tmp_path / "dec.geojson", [((0, 5, 0, 5), "10.0"), ((5, 10, 0, 5), "2.0"), ((10, 15, 0, 5), "1")],
+                       field="code")
+    ids = read_labels(open_labels(p, grid, field="code"), ALL)
+    assert ids[2, 2] == 10 and ids[7, 2] == 2 and ids[12, 2] == 1
+    empty = write_polygons(tmp_path / "empty.gpkg", [((0, 5, 0, 5), 1)])
+    import geopandas as gpd
+
+    gpd.read_file(empty).iloc[:0].to_file(empty)
+    with pytest.raises(InputError, match="holds no features") as exc:
+        open_labels(str(empty), grid)
+    assert str(empty) in str(exc.value)
+
+
 def test_integer_field_and_names_without_a_class_list(tmp_path, grid):
     p = write_polygons(tmp_path / "ints.shp", [((0, 5, 0, 5), 7), ((5, 10, 0, 5), 0)], field="code")
     ids = read_labels(open_labels(p, grid, field="code"), ALL)

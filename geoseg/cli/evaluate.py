@@ -43,7 +43,7 @@ def _write_atomic(path: Path, text: str) -> None:
 @opt.workers_opt
 @opt.overwrite_opt
 @click.pass_context
-def evaluate(ctx, images, model_dirs, names, labels, label_field, ignore, background, reproject_labels, bbox, window, json_path,
+def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, ignore, background, reproject_labels, bbox, window, json_path,
              csv_path, chunk_size, halo, exact, tile_size, precision, tta, batch_size, device, scheduler, n_workers, overwrite):
     """Segment IMAGE with --model through the same tiled graph as `geoseg predict` and compare
     the class map with --labels over the pixels where both are valid.
@@ -67,7 +67,7 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, ignore, backgr
 
     options = EvaluateOptions(
         chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or "auto",
-        batch_size=batch_size, device=device, label_field=label_field, ignore=tuple(ignore),
+        batch_size=batch_size, device=device, label_field=label_field, label_layer=label_layer, ignore=tuple(ignore),
         tta=None if tta == "card" else tta,
         reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
         background=background,

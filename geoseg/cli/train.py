@@ -55,6 +55,8 @@ label_opts = [
                  help="Class raster on the image grid, or polygons (GeoPackage, GeoJSON, Shapefile)."),
     click.option("--label-field", default=None, metavar="FIELD",
                  help="Vector labels: the field with class ids or class names (default: class_id, class or label)."),
+    click.option("--label-layer", default=None, metavar="LAYER",
+                 help="Vector labels: the layer of a file that holds several (a GeoPackage)."),
     click.option("--ignore-index", "ignore", type=int, multiple=True, metavar="ID",
                  help="A label value left out of the loss and the metrics (repeatable). Nodata always is."),
     click.option("--background", type=click.IntRange(0, 254), default=None, metavar="ID",
@@ -133,7 +135,7 @@ def apply(options):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run into the same --out from its last finished epoch.")
 @opt.overwrite_opt
 @click.pass_context
-def train(ctx, images, labels, label_field, ignore, background, reproject_labels, out_dir, classes_file, task, method, band_roles, index,
+def train(ctx, images, labels, label_field, label_layer, ignore, background, reproject_labels, out_dir, classes_file, task, method, band_roles, index,
           threshold, clusters, majority, mmu, tta, ensemble, arch, encoder, encoder_depth,
           epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed, members,
           device, no_amp, tile_size, bbox, window, resume, overwrite):
@@ -152,7 +154,7 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
 
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     if task == "instance":
-        _train_instances(images, labels, out_dir, label_field, background, encoder, epochs, chip_size, batch_size,
+        _train_instances(images, labels, out_dir, label_field, label_layer, background, encoder, epochs, chip_size, batch_size,
                          steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity, device)
         return
     chip_size = chip_size or 128
@@ -162,7 +164,7 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
         val_fraction=val_fraction, block_size=block_size, seed=seed, members=members, tile_size=tile_size, ensemble=ensemble,
     )  # fmt: skip
     inputs = TrainInputs(
-        images=tuple(images), labels=labels, label_field=label_field, classes_file=classes_file, ignore=tuple(ignore),
+        images=tuple(images), labels=labels, label_field=label_field, label_layer=label_layer, classes_file=classes_file, ignore=tuple(ignore),
         reproject_labels=reproject_labels, bbox=tuple(bbox) if bbox else None, window=tuple(window) if window else None,
         background=background,
     )  # fmt: skip
@@ -209,7 +211,7 @@ def train(ctx, images, labels, label_field, ignore, background, reproject_labels
     _report(result, verbosity)
 
 
-def _train_instances(images, labels, out_dir, label_field, background, encoder, epochs, chip_size, batch_size,
+def _train_instances(images, labels, out_dir, label_field, label_layer, background, encoder, epochs, chip_size, batch_size,
                      steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity, device) -> None:
     from geoseg.instances.train import InstanceConfig, train_instances
     from geoseg.io.sources import open_stack
@@ -224,7 +226,7 @@ def _train_instances(images, labels, out_dir, label_field, background, encoder, 
         if verbosity >= 0:
             click.echo(f"step {r['step']:>5}/{r['steps']}  loss {r['loss']:.4f}  {r['seconds']:.1f} s")
 
-    card = train_instances(list(images), labels, out_dir, config, region=region, field=label_field,
+    card = train_instances(list(images), labels, out_dir, config, region=region, field=label_field, layer=label_layer,
                            background=0 if background is None else background, overwrite=overwrite, progress=progress)
     if verbosity >= 0:
         click.echo(f"model written to {out_dir}: Mask R-CNN-{card.encoder}, {card.n_bands} bands, classes "

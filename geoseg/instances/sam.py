@@ -216,7 +216,7 @@ def read_prompts(path: str, grid: Any) -> list[dict[str, Any]]:
     scene, in scene pixel coordinates (x, y); each with its row number."""
     from geoseg.training.labels import _read_vector
 
-    gdf = _read_vector(path, None)
+    gdf = _read_vector(path, None, "keep the prompts in a file of their own (ogr2ogr -f GPKG prompts.gpkg FILE LAYER)")
     if gdf.crs is None:
         raise InputError(f"{path}: the prompts have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the scene")
     gdf = gdf.to_crs(grid.crs.to_wkt())

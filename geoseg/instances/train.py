@@ -41,7 +41,7 @@ class InstanceConfig:
     device: str = "auto"  # auto: a CUDA GPU where there is one, else the CPU
 
 
-def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None, background: int = 0
+def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None, background: int = 0, layer: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray, tuple[ClassInfo, ...]]:
     """Object ids (uint32, 0 = none) over ``box``, the network label of each id, and the classes
     (background first). ``labels``: polygons (one per object; classes from ``field``, else one
@@ -56,7 +56,7 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
 
         from geoseg.training.labels import _read_vector
 
-        gdf = _read_vector(labels, None)
+        gdf = _read_vector(labels, layer)
         if gdf.crs is None:
             raise InputError(f"{labels}: the polygons have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the image")
         gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
@@ -141,7 +141,8 @@ def _target(ids: np.ndarray, lab: np.ndarray, min_px: int = 6) -> dict[str, torc
 
 
 def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, config: InstanceConfig = InstanceConfig(), *,
-                    region: Box | None = None, field: str | None = None, background: int = 0, overwrite: bool = False,
+                    region: Box | None = None, field: str | None = None, background: int = 0, layer: str | None = None,
+                    overwrite: bool = False,
                     progress: Callable[[dict[str, Any]], None] | None = None) -> ModelCard:
     """Train a Mask R-CNN on ``region`` of ``images`` (the whole scene by default) and write its model directory."""
     from geoseg import __version__
@@ -160,7 +161,7 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     cs = min(config.chip_size, box.shape[0], box.shape[1]) // STRIDE * STRIDE
     if cs < STRIDE:
         raise InputError(f"the training area {box.shape} is smaller than one {STRIDE} px chip; give a larger area")
-    inst, lab, classes = instance_targets(labels, stack.grid, box, field, background)
+    inst, lab, classes = instance_targets(labels, stack.grid, box, field, background, layer)
     data, valid = read_bands(stack, box.window)
     ok = valid.all(axis=0)
     inst = np.where(ok, inst, 0)  # objects on nodata are none: checked now, not after training

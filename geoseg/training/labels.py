@@ -137,7 +137,7 @@ def _to_ids(data: np.ndarray, valid: np.ndarray, nodata: float | None, ignore: S
         frac = values != np.floor(values)
         if frac.any():
             raise InputError(
-                f"{path}: label value {values[frac][0]!r} (window rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}) "
+                f"{path}: label value {float(values[frac][0]):g} (window rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}) "
                 "is not an integer class id; labels must hold integer ids 0-254"
             )
     lo, hi = values.min(), values.max()
@@ -301,6 +301,8 @@ def open_labels(
         return _open_vector(path, grid, field, classes, classes_from, ignore, layer, all_touched, image, background)
     if background is not None:
         raise InputError(f"{path}: --background is for vector labels (pixels no polygon covers), but this is a raster; drop it")
+    if layer:
+        raise InputError(f"{path}: --label-layer {layer!r} is for vector labels, but this is a raster; drop it")
     if field:
         raise InputError(f"{path}: --label-field {field!r} is for vector labels, but this is a raster; drop it")
     return _open_raster(path, grid, ignore, reproject, image)
@@ -353,11 +355,19 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
     return RasterLabels(path, grid, nodata, ignore, use_mask, warp=True, source_crs_wkt=src_crs)
 
 
-def _read_vector(path: str, layer: str | None):
+def _read_vector(path: str, layer: str | None, choose: str = "pass --label-layer NAME"):
+    """The features of ``path`` (its ``layer``); a file of several layers must say which (``choose``: how)."""
     import geopandas as gpd
+    import pyogrio
 
     try:
+        if not layer:
+            layers = [str(name) for name, _ in pyogrio.list_layers(path)]
+            if len(layers) > 1:
+                raise InputError(f"{path}: holds {len(layers)} layers ({', '.join(layers)}); {choose}")
         return gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+    except InputError:
+        raise
     except Exception as exc:  # pyogrio raises DataSourceError, DataLayerError, ...
         raise InputError(
             f"{path}: cannot read vector labels ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON or Shapefile"
@@ -395,6 +405,9 @@ def _open_vector(
     import pandas as pd
 
     gdf = _read_vector(path, layer)
+    where = f" (layer {layer!r})" if layer else ""
+    if gdf.geometry.isna().all() or gdf.geometry.is_empty.all():
+        raise InputError(f"{path}{where}: holds no features with a geometry; give the file that holds the labels")
     columns = [c for c in gdf.columns if c != gdf.geometry.name]
     field = _pick_field(path, columns, field)
     if gdf.crs is None:
@@ -410,8 +423,8 @@ def _open_vector(
         # ids written as text ("0", "3": CSV and some exports): ids, unless the class list names them so
         text = values.astype(str).str.strip()
         known = {c.name for c in classes} if classes else set()
-        if len(text) and text.str.fullmatch(r"\d{1,3}").all() and not set(text) <= known:
-            values = text.astype(np.int64)
+        if len(text) and text.str.fullmatch(r"\d{1,3}(?:\.0*)?").all() and not set(text) <= known:
+            values = text.astype(np.float64).astype(np.int64)  # "3" and "3.0" alike
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         v = values.to_numpy(np.float64)
         if (v != np.floor(v)).any():
@@ -455,10 +468,9 @@ def _open_vector(
     image_crs = _pyproj(grid.crs)
     label_crs = pyproj.CRS.from_user_input(gdf.crs)
     if not label_crs.equals(image_crs, ignore_axis_order=True):
-        if crs_equivalent(label_crs, image_crs):
-            gdf = gdf.set_crs(image_crs, allow_override=True)  # same projection: no datum shift
-        else:
-            gdf = gdf.to_crs(image_crs)
+        # PROJ's transformation, also between realisations of one datum on one projection: GDA94 and GDA2020
+        # differ by 1.5 m, NAD83 and NAD83(HARN) by under one (where PROJ knows none, it moves nothing)
+        gdf = gdf.to_crs(image_crs)
     geoms = np.asarray(gdf.geometry.values, dtype=object)
     bounds = np.asarray(gdf.geometry.bounds.to_numpy(np.float64)).reshape(-1, 4)
     left, bottom, right, top = grid.extent.boundingbox

@@ -107,6 +107,7 @@ class TrainInputs:
     images: tuple[str, ...]
     labels: str
     label_field: str | None = None
+    label_layer: str | None = None  # vector labels: the layer of a file that holds several
     classes_file: str | None = None
     ignore: tuple[int, ...] = ()
     reproject_labels: bool = False
@@ -202,6 +203,7 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
         inputs.labels,
         stack.grid,
         field=inputs.label_field,
+        layer=inputs.label_layer,
         classes=pre_classes,
         classes_from=str(inputs.classes_file),
         ignore=inputs.ignore,
