@@ -144,19 +144,26 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         if missing:
             raise InputError(f"STAC item {source.id}: no asset {', '.join(missing)}; it has {', '.join(source.assets)}")
         paths = [source.assets[k].get_absolute_href() or source.assets[k].href for k in keys]
-        scene = open_scene(paths, chunks=chunks)
-        return scene.assign_coords(band=keys)
-    paths = [str(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)]
+        scene, counts = _open_files(paths, chunks)
+        # a band per asset, named by its key; the bands of a multi-band asset (a "visual" RGB) key_1, key_2, ...
+        names = [k if n == 1 else f"{k}_{i + 1}" for k, n in zip(keys, counts) for i in range(n)]
+        return scene.assign_coords(band=names)
+    return _open_files([str(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)], chunks)[0]
+
+
+def _open_files(paths: list[str], chunks: int) -> tuple[xr.DataArray, list[int]]:
+    """The scene of ``paths`` stacked in order, and how many bands each gave."""
     from geoseg.io.sources import open_stack
 
     stack = open_stack(paths)  # one clear error for a missing file, no CRS or mixed grids
     import rioxarray
 
     parts = []
-    for p in paths:
-        used = [b for b in stack.bands if b.path == p]
-        if storage.is_url(p) or any(b.use_mask for b in used):  # read as the pipeline reads (read_bands)
-            parts.append(_read_part(stack, p, chunks))
+    per_source = _bands_per_source(stack, paths)
+    for p, used in zip(paths, per_source):
+        bands = [stack.bands[i] for i in used]
+        if storage.is_url(p) or any(b.use_mask for b in bands):  # read as the pipeline reads (read_bands)
+            parts.append(_read_part(stack, p, chunks, used))
             continue
         da_ = rioxarray.open_rasterio(p, chunks={"band": -1, "y": chunks, "x": chunks}, lock=False)
         names = da_.attrs.get("long_name")
@@ -166,15 +173,29 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
                       for i, n in enumerate(names + [None] * (da_.sizes["band"] - len(names)))]
         da_ = da_.assign_coords(band=band_names)
         # the bands geoseg stacks, each with its own nodata (a VRT's may differ)
-        da_ = da_.isel(band=[b.band - 1 for b in used])
+        da_ = da_.isel(band=[b.band - 1 for b in bands])
         da_.attrs = {}
-        parts.append(_with_nodata(da_, [b.nodata for b in used]))
+        parts.append(_with_nodata(da_, [b.nodata for b in bands]))
     # open_stack checked that the files share one grid: their coordinates are the first file's (an outer
     # join of coordinates a rounding apart would double the grid)
     scene = xr.concat(parts, dim="band", join="override", combine_attrs="drop") if len(parts) > 1 else parts[0]
     scene = _with_nodata(scene, band_nodata(scene))  # the scalar attribute, where every band agrees
     scene.attrs["sources"] = paths
-    return scene.rio.write_crs(parts[0].rio.crs)
+    return scene.rio.write_crs(parts[0].rio.crs), [len(used) for used in per_source]
+
+
+def _bands_per_source(stack: Any, paths: Sequence[str]) -> list[list[int]]:
+    """The positions in the stack of each entry of ``paths``'s bands, in turn (a file given twice gives its bands
+    twice, once each)."""
+    out, cursor = [], 0
+    for p in paths:
+        n = sum(1 for b in stack.bands if b.path == p) // paths.count(p)
+        used = list(range(cursor, cursor + n))
+        if cursor + n > len(stack.bands) or any(stack.bands[i].path != p for i in used):
+            raise AssertionError(f"the stack's bands are not in the order of the files given ({p})")
+        out.append(used)
+        cursor += n
+    return out
 
 
 NODATA = "nodata"  # the band coordinate that holds each band's nodata (NaN: none), so it follows band selections
@@ -227,15 +248,14 @@ def _stack_block(stack: Any, dtype: str, block_info: Any = None) -> np.ndarray:
     return data
 
 
-def _read_part(stack: Any, path: str, chunks: int) -> xr.DataArray:
+def _read_part(stack: Any, path: str, chunks: int, positions: Sequence[int]) -> xr.DataArray:
     """The bands of ``path`` as a lazy DataArray whose blocks are read by ``geoseg.io.sources.read_bands``,
     as the pipeline reads them: inside the GDAL Env that reaches an object store on whichever worker
     reads them (rioxarray's lazy reads run outside it: a custom endpoint is never reached), and with
     GDAL's mask applied (an internal mask band, an alpha): masked pixels are NaN, the bands float32."""
     import dask.array as da
 
-    positions = [i for i, b in enumerate(stack.bands) if b.path == path]
-    sub = stack.select(positions)
+    sub = stack.select(list(positions))
     dtype = "float32" if any(b.use_mask for b in sub.bands) else np.result_type(*[b.dtype for b in sub.bands]).name
     h, w = sub.shape
     grid_chunks = ((len(positions),), da.core.normalize_chunks(chunks, (h,))[0], da.core.normalize_chunks(chunks, (w,))[0])

@@ -104,6 +104,17 @@ def test_open_scene_from_a_stac_item(scene_path, tmp_path, random_model):
     assert list(scene["band"].values) == ["blue", "green", "red", "nir"]
     np.testing.assert_array_equal(scene.values, data)
     assert geoseg.open_scene(item, assets=["red", "nir"]).sizes["band"] == 2
+    # a multi-band asset (a "visual" RGB) gives its bands as key_1, key_2, ...
+    visual = tmp_path / "visual.tif"
+    with rasterio.open(visual, "w", **{**profile, "count": 3}) as dst:
+        dst.write(data[:3])
+    item.add_asset("visual", pystac.Asset(str(visual), media_type=pystac.MediaType.COG))
+    scene = geoseg.open_scene(item, assets=["nir", "visual"])
+    assert list(scene["band"].values) == ["nir", "visual_1", "visual_2", "visual_3"]
+    np.testing.assert_array_equal(scene.values, data[[3, 0, 1, 2]])
+    # a file given twice gives its bands twice, as the pipeline stacks it
+    twice = geoseg.open_scene([hrefs["red"], hrefs["red"], hrefs["nir"]])
+    np.testing.assert_array_equal(twice.values, data[[2, 2, 3]])
 
 
 def test_threaded_scheduler_without_a_client(random_model, scene_path, monkeypatch):
