@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from geoseg.errors import InputError
@@ -20,7 +21,9 @@ def match_bands(stack: RasterStack, card: ModelCard, model_dir: str = "the model
     descs = [b.description for b in stack.bands]
     if stack.count != card.n_bands:
         if all(descs) and all(e in descs for e in expected):
-            return stack.select([descs.index(e) for e in expected])
+            chosen = stack.select([descs.index(e) for e in expected])
+            check_scales(chosen, card, model_dir)
+            return chosen
         raise InputError(
             f"{where}: {stack.count} band(s) given but {model_dir} expects {card.n_bands} "
             f"({', '.join(expected)}); give exactly those bands, in that order"
@@ -38,4 +41,24 @@ def match_bands(stack: RasterStack, card: ModelCard, model_dir: str = "the model
             f"{where}: band files given in a different order than {model_dir} was trained on "
             f"({', '.join(want_files)}); give them in that order"
         )
+    check_scales(stack, card, model_dir)
     return stack
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def check_scales(stack: RasterStack, card: ModelCard, model_dir: str = "the model") -> None:
+    """Refuse bands stored with another GDAL scale or offset than those the model was trained on: read as stored,
+    the same ground would reach the model in other units (a card that recorded none is not checked)."""
+    for i, (want, got) in enumerate(zip(card.bands, stack.bands)):
+        if want.scale is None or want.offset is None:
+            continue
+        if not (_same(want.scale, got.scale) and _same(want.offset, got.offset)):
+            raise InputError(
+                f"{got.path}: band {got.band} stores values with scale {got.scale:g} and offset {got.offset:g}, but {model_dir} "
+                f"was trained on band {i + 1} stored with scale {want.scale:g} and offset {want.offset:g}: the same ground "
+                "would reach the model in other units; give the bands stored as the training imagery was (gdal_translate "
+                "-unscale -ot Float32 writes physical values), or train on imagery stored like this"
+            )

@@ -208,3 +208,31 @@ def test_a_malformed_dask_config_file_is_named_not_a_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "geoseg", "info", "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-1500:]
     assert "Traceback" not in out.stderr and str(cfg / "workers.yaml") in out.stderr and "Fix or remove" in out.stderr
+
+
+def test_bands_stored_with_another_scale_or_offset_than_the_model_was_trained_on(tmp_path, random_model, scene_path):
+    """A model reads bands as stored: the card records GDAL's scale and offset of its training bands, and a scene
+    that stores them otherwise (DN with scale 1e-4 against reflectance) is refused, naming the file and band."""
+    import numpy as np
+
+    from geoseg.bands import match_bands
+    from geoseg.errors import InputError
+    from geoseg.io.sources import open_stack
+    from geoseg.model.store import read_card
+    from geoseg.training.loop import band_infos
+
+    image, _ = blob_scene(64, 64, 2, seed=1)
+    plain = write_raster(tmp_path / "plain.tif", image)
+    scaled = write_raster(tmp_path / "scaled.tif", image)
+    with rasterio.open(scaled, "r+") as ds:
+        ds.scales, ds.offsets = (1e-4, 1e-4), (-0.1, -0.1)
+    trained_on = open_stack([scaled])
+    card = read_card(random_model).model_copy(update={"bands": tuple(band_infos(trained_on))[:2]})
+    assert [(b.scale, b.offset) for b in card.bands] == [(1e-4, -0.1)] * 2
+    assert match_bands(open_stack([scaled]), card, "m").count == 2  # stored as in training: fine
+    with pytest.raises(InputError, match=r"plain.tif: band 1 stores values with scale 1 and offset 0, but m was trained "
+                                         r"on band 1 stored with scale 0.0001 and offset -0.1.*gdal_translate -unscale"):
+        match_bands(open_stack([plain]), card, "m")
+    # a card that recorded no scale (older models) is not checked
+    unknown = card.model_copy(update={"bands": tuple(b.model_copy(update={"scale": None, "offset": None}) for b in card.bands)})
+    assert match_bands(open_stack([plain]), unknown, "m").count == 2

@@ -35,6 +35,10 @@ class BandSource:
     nodata: float | None
     dtype: str
     use_mask: bool  # the file has a mask band or alpha: read GDAL's mask, not only nodata
+    # GDAL's scale and offset (value = stored x scale + offset): bands are read as stored, and a model
+    # takes bands stored as those it was trained on (geoseg.bands.match_bands checks)
+    scale: float = 1.0
+    offset: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,8 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
                         nodata=ds.nodatavals[i - 1],
                         dtype=ds.dtypes[i - 1],
                         use_mask=per_dataset,
+                        scale=float(ds.scales[i - 1]) if ds.scales[i - 1] is not None else 1.0,
+                        offset=float(ds.offsets[i - 1]) if ds.offsets[i - 1] is not None else 0.0,
                     )
                 )
     assert grid is not None

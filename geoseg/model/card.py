@@ -39,6 +39,10 @@ class BandInfo(_Frozen):
     file: str | None = None
     resolution_m: float | None = None
     role: str | None = None  # blue, green, red, nir, swir1, swir2, thermal...: indices are computed by role
+    # GDAL's scale and offset of the band the model was trained on (None: not recorded): the model reads bands
+    # as stored, so a scene must store them the same way
+    scale: float | None = None
+    offset: float | None = None
 
 
 class ClassInfo(_Frozen):

@@ -169,7 +169,8 @@ def band_infos(stack: RasterStack) -> list[BandInfo]:
     for b in stack.bands:
         stem = Path(b.path).stem
         name = b.description or (stem if per_file[b.path] == 1 else f"{stem}_b{b.band}")
-        out.append(BandInfo(name=name, description=b.description, file=Path(b.path).name, resolution_m=res))
+        out.append(BandInfo(name=name, description=b.description, file=Path(b.path).name, resolution_m=res,
+                            scale=b.scale, offset=b.offset))
     return out
 
 
