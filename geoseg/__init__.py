@@ -19,6 +19,15 @@ _API = ("Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_s
 __all__ = ["GeosegError", "__version__", *_API]
 
 
+# ``geoseg.cluster`` is the API's function, but also the name of a submodule: Python's import binds a submodule
+# to its package's attribute when first imported, which would replace the function from then on (a second
+# ``with geoseg.cluster():`` in a notebook failed). The submodule (light: no dask at import) is loaded here,
+# once, and its binding dropped, so the name stays the API's.
+import geoseg.cluster  # noqa: E402
+
+del globals()["cluster"]
+
+
 def __getattr__(name: str):
     if name in _API:
         from geoseg import api

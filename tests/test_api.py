@@ -314,3 +314,15 @@ def test_the_api_refuses_bands_in_another_order_as_the_cli_does(tmp_path, random
         np.testing.assert_array_equal(ds.class_id.values,
                                       geoseg.predict(scene, model, chunk_size=64, precision="fp32").class_id.values)
 
+
+
+def test_geoseg_cluster_stays_the_api_function_once_its_submodule_is_imported():
+    """``geoseg.cluster`` is also a submodule's name: importing the submodule (every cluster start does) must not
+    turn the API's function into the module (a second ``with geoseg.cluster():`` in a notebook failed)."""
+    import subprocess
+    import sys
+
+    code = ("import geoseg, geoseg.api; from geoseg.cluster import connect, local_gpus; "
+            "assert geoseg.cluster is geoseg.api.cluster, type(geoseg.cluster); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
