@@ -88,6 +88,35 @@ def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, 
     assert not (out / "prediction.zarr" / ".geoseg").exists()
 
 
+def test_a_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(tmp_path, random_model, big_scene):
+    """The only worker offering the model tasks' resource dies mid-job, a CPU worker stays: the scheduler would keep
+    the model tasks waiting forever; the job stops after its timeout with one clear error and publishes nothing."""
+    from geoseg.errors import ConfigError
+
+    out = tmp_path / "out"
+    opts = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False, model_resources={"GPU": 1}, worker_timeout=3)
+    with dask_cluster(tmp_path, [["--resources", "GPU=1"], []]) as (address, workers, monitor):
+        monitor.wait_for_workers(2, timeout=120)
+        pool = ThreadPoolExecutor(1)
+        try:
+            job = pool.submit(predict, [big_scene], random_model, out, opts, scheduler=address)
+            deadline = time.monotonic() + 180
+            while count_markers(out / "prediction.zarr.partial") < 2:
+                assert not job.done(), f"the job ended before its GPU worker could be killed: {job.exception()!r}"
+                assert time.monotonic() < deadline, "no chunk finished in time"
+                time.sleep(0.02)
+            done_at_kill = count_markers(out / "prediction.zarr.partial")
+            os.killpg(workers[0].pid, signal.SIGKILL)  # the GPU worker and its nanny: gone for good
+            t0 = time.monotonic()
+            with pytest.raises(ConfigError, match=r"no worker offering GPU=1 for 3 s.*--resources GPU=1.*--resume"):
+                job.result(timeout=90)
+            assert time.monotonic() - t0 < 60
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    assert done_at_kill < 64
+    assert not (out / "run.json").exists()
+
+
 def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_model, big_scene, tmp_path):
     """Ctrl-C reaches the whole process group of a terminal: the command stops (non-zero, nothing finished) and
     geoseg's own workers leave the interrupt to it (each printed a KeyboardInterrupt traceback)."""

@@ -120,6 +120,29 @@ def test_not_yaml_and_not_a_mapping(tmp_path):
         validate_spec(tmp_path / "missing.yaml")
 
 
+def test_settings_that_would_be_taken_otherwise_than_written_are_refused(tmp_path):
+    """A key given twice (YAML keeps the last without a word), both spellings of one key, true for a number
+    (pydantic's lax mode made it 1) and a timeout that is no duration (a traceback when the job ran)."""
+    job = tmp_path / "dup.yaml"
+    job.write_text("scenes: [a.tif]\nmodel: m\noutput: o\nchunking:\n  chunk_size: 512\n  halo: 16\n  chunk_size: 4096\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: line 7: .*'chunk_size' is given twice in one mapping \(lines 5 and 7\)"):
+        validate_spec(job, env=NO_ENV, config_files=[])
+    for chunking, match in (({"chunk-size": 512, "chunk_size": 1024}, r"chunking\.chunk_size is given twice \(as chunk-size and chunk_size\)"),
+                            ({"chunk_size": True}, r"chunking.*chunk_size: true is a yes/no value")):
+        job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", chunking=chunking)
+        with pytest.raises(ConfigError, match=match):
+            validate_spec(job, env=NO_ENV, config_files=[])
+    for timeout in ("soon", "-5s", 0):
+        job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", cluster={
+            "profile": "x", "profiles": {"x": {"kind": "address", "address": "tcp://h:8786", "timeout": timeout}}})
+        with pytest.raises(ConfigError, match=r"cluster\.profiles\.x\.timeout: .*(no duration|longer than 0)"):
+            validate_spec(job, env=NO_ENV, config_files=[])
+    ok = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", outputs={"cog": False}, cluster={
+        "profile": "x", "profiles": {"x": {"kind": "address", "address": "tcp://h:8786", "timeout": "2 minutes"}}})
+    spec = validate_spec(ok, env=NO_ENV, config_files=[])
+    assert spec.outputs.cog is False and spec.predict_options().worker_timeout == 120.0
+
+
 def test_scene_entries_are_checked(tmp_path):
     job = write_job(tmp_path / "job.yaml", scenes=[{"name": "a", "path": "x.tif", "bands": ["y.tif"]}, 5, {"name": "../up", "path": "z.tif"}],
                     model="m", output="o")
@@ -190,6 +213,12 @@ def test_scene_name_clashes_and_ambiguous_bands(scenes, random_model):
         load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
     job = write_job(scenes / "clash.yaml", **job_settings(random_model, scenes=[{"name": "x", "bands": ["LC08_*/SR_B*.tif"]}]))
     with pytest.raises(ConfigError, match=r"band LC08_\*/SR_B\*\.tif matches 4 files"):
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+
+
+def test_a_scene_cannot_take_the_name_of_the_job_s_summary(scenes, random_model):
+    job = write_job(scenes / "reserved.yaml", **job_settings(random_model, scenes=[{"name": "job.json", "path": "data/field.tif"}]))
+    with pytest.raises(ConfigError, match=r"a scene named 'job.json' .* would take the name of the job's own job.json"):
         load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
 
 

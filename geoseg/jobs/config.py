@@ -108,8 +108,25 @@ def cli_layer(profile: str | None = None, settings: Iterable[str] = ()) -> Layer
 
 
 def merge(layers: Sequence[Layer]) -> dict[str, Any]:
-    """The layers merged, later wins, nested mappings merged key by key (``a-b`` matches ``a_b``)."""
+    """The layers merged, later wins, nested mappings merged key by key (``a-b`` matches ``a_b``; one layer
+    giving both is refused: which one would win is not what it says)."""
+    for layer in layers:
+        _one_spelling(layer, layer.data, ())
     return dask.config.merge(*(copy.deepcopy(dict(layer.data)) for layer in layers))
+
+
+def _one_spelling(layer: Layer, node: Any, loc: tuple[str, ...]) -> None:
+    if not isinstance(node, Mapping):
+        return
+    seen: dict[str, str] = {}
+    for k, v in node.items():
+        if isinstance(k, str):
+            canon = k.replace("-", "_")
+            if canon in seen:
+                where = ".".join((*loc, canon))
+                raise ConfigError(f"{layer.describe((*loc, canon))}: {where} is given twice (as {seen[canon]} and {k}); keep one")
+            seen[canon] = k
+        _one_spelling(layer, v, (*loc, str(k)))
 
 
 def origin(layers: Sequence[Layer], loc: Sequence[str | int]) -> Layer | None:

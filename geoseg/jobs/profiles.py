@@ -30,6 +30,28 @@ DATA_MOUNT = "/data"
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field of this annotation takes true/false (pydantic's lax mode would turn them into 1 and 0)."""
+    import typing
+
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _duration(v: str) -> str:
+    """A dask duration ("30s", "2 minutes", 45): refused here rather than when the job runs."""
+    from dask.utils import parse_timedelta
+
+    try:
+        seconds = parse_timedelta(v, default="s")
+    except (KeyError, ValueError, TypeError):
+        raise ValueError(f"{v!r} is no duration; write for example 30s, 2m or 2 minutes") from None
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"{v!r}: a timeout must be longer than 0 s")
+    return v
+
+
 class Settings(BaseModel):
     """Base of geoseg's settings models: frozen, unknown keys refused, ``a-b`` accepted for ``a_b``."""
 
@@ -38,10 +60,18 @@ class Settings(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _underscores(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            return {(k.replace("-", "_") if isinstance(k, str) and k.replace("-", "_") in cls.model_fields else k): v
-                    for k, v in data.items()}
-        return data
+        if not isinstance(data, dict):
+            return data
+        out: dict[Any, Any] = {}
+        for k, v in data.items():
+            key = k.replace("-", "_") if isinstance(k, str) and k.replace("-", "_") in cls.model_fields else k
+            if key in out:
+                raise ValueError(f"{key} is given twice (as {key} and {key.replace('_', '-')}); keep one")
+            field = cls.model_fields.get(key)
+            if isinstance(v, bool) and field is not None and not _takes_bool(field.annotation):
+                raise ValueError(f"{key}: {str(v).lower()} is a yes/no value, not what {key} takes")
+            out[key] = v
+        return out
 
 
 Resources = dict[str, Annotated[float, Field(gt=0)]]
@@ -124,6 +154,11 @@ class AddressProfile(Profile):
     @classmethod
     def _address(cls, v: str) -> str:
         return _check_address(v)
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> str:
+        return _duration(str(v))
 
     @model_validator(mode="after")
     def _tls_matches(self) -> "AddressProfile":
@@ -221,6 +256,11 @@ class KubernetesProfile(Profile):
     tls: TLSFiles | None = None
     timeout: str = "60s"
     create: bool = False
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> str:
+        return _duration(str(v))
     name: str = Field("geoseg", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str | None = None
     image: str = DEFAULT_IMAGE

@@ -42,6 +42,7 @@ from geoseg.jobs.profiles import KINDS, PROFILE_CLASSES, AnyProfile, Settings, T
 
 SCHEDULER_PROFILE = "scheduler"  # the profile --scheduler ADDRESS makes
 _NAME = re.compile(r"^[^/\\\x00.][^/\\\x00]*$")
+RESERVED_NAMES = ("job.json",)  # what the job itself writes into its output root (geoseg.jobs.runner.JOB_NAME)
 
 
 class Chunking(Settings):
@@ -142,6 +143,8 @@ class JobSpec(Settings):
         return self.output.rstrip("/") if storage.is_url(self.output) else Path(self.output)
 
     def predict_options(self, *, overwrite: bool = False, resume: bool = False) -> Any:
+        from dask.utils import parse_timedelta
+
         from geoseg.pipeline import PredictOptions
 
         c, p = self.chunking, self.profile
@@ -150,6 +153,8 @@ class JobSpec(Settings):
             batch_size=c.batch_size, device=p.device, overwrite=overwrite, resume=resume,
             cog=self.outputs.cog, vectors=self.outputs.vectors,
             model_resources=dict(p.model_resources) if p.model_resources else None,
+            # how long the model tasks wait for a worker that can run them, at the start and mid-job
+            worker_timeout=float(parse_timedelta(getattr(p, "timeout", None) or "30s", default="s")),
             max_object_size=None if self.objects.max_object_size is None else str(self.objects.max_object_size),
             **{k: getattr(self.objects, k) for k in ("instance_model", "score_threshold", "nms_iou", "prompts")},
         )
@@ -187,6 +192,10 @@ class JobSpec(Settings):
                 scenes.append(Scene(name, tuple(files), storage.join(out, name)))
         seen: dict[str, Scene] = {}
         for s in scenes:
+            if s.name.casefold() in RESERVED_NAMES:
+                raise ConfigError(f"{self._source}: a scene named {s.name!r} ({_short(s.inputs[0], base)}) would take the "
+                                  f"name of the job's own {s.name} in the output root; give it another name: "
+                                  "(write the scene as {name: ..., path: ...})")
             if s.name in seen:
                 raise ConfigError(f"{self._source}: two scenes are named {s.name!r} ({_short(seen[s.name].inputs[0], base)} "
                                   f"and {_short(s.inputs[0], base)}) and would share one output folder; give one a name: "
@@ -254,12 +263,27 @@ def _expand(pattern: str, where: str, output_root: Path | None, base: Path) -> l
 
 # -- reading and resolving ---------------------------------------------------------------------
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice in one mapping (lines {seen[key].line + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_job_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such job file; check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"line {mark.line + 1}: " if mark is not None else ""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from geoseg.errors import ConfigError
 from geoseg.graph import build_segmentation, submit, with_layer
 from geoseg.io import storage
-from geoseg.numerics import Numerics, resolve_on_cluster
+from geoseg.numerics import Numerics, model_workers, resolve_on_cluster
 from geoseg.pipeline.plan import Job, chunk_key
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,50 @@ def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: li
     return graph, list(writes)
 
 
+class WorkerWatch(threading.Thread):
+    """Cancels a job's futures once the cluster has had no worker that can run its model tasks (one offering
+    ``resources``, or any) for ``timeout`` s: the scheduler would keep them waiting for one forever (a GPU
+    worker lost mid-job). ``error`` then says what happened; checked every ``period`` s."""
+
+    def __init__(self, client: Any, futures: list, resources: dict[str, float] | None, timeout: float,
+                 period: float = 1.0) -> None:
+        super().__init__(name="geoseg-worker-watch", daemon=True)
+        self.client, self.futures, self.resources, self.timeout, self.period = client, futures, resources, timeout, period
+        self.stopped = threading.Event()
+        self.error: ConfigError | None = None
+
+    def run(self) -> None:
+        since = None
+        while not self.stopped.wait(self.period):
+            try:
+                found = model_workers(self.client, self.resources)
+            except Exception:  # noqa: BLE001 - the client is closing: nothing left to watch
+                return
+            if found:
+                since = None
+                continue
+            since = since if since is not None else time.monotonic()
+            if time.monotonic() - since >= self.timeout:
+                want = ",".join(f"{k}={v:g}" for k, v in (self.resources or {}).items())
+                start = f"'dask worker ... --resources {want}'" if want else "workers"
+                self.error = ConfigError(
+                    f"the cluster at {self.client.scheduler.address} has had no worker "
+                    + (f"offering {want} " if want else "")
+                    + f"for {self.timeout:g} s, and the model tasks need one: the job stopped with its chunks not yet "
+                    f"written left to do; start {start} and run it again with --resume"
+                )
+                self.client.cancel(self.futures)
+                return
+
+    def __enter__(self) -> "WorkerWatch":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        self.join()
+
+
 def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numerics | None = None, progress: bool = False,
                      priority: int = 0) -> dict[str, Any]:
     """Compute and write every chunk that is not already done; returns counts.
@@ -113,16 +160,22 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     futures = submit(client, graph, keys, priority)
     pending = {f.key: f for f in futures}
     sizes = {(ch.iy, ch.ix): ch.core.size for ch in todo}
+    watch = WorkerWatch(client, futures, job.options.model_resources, job.options.worker_timeout)
     try:
-        for fut in as_completed(futures):
-            res = fut.result()
-            # The chunk is on disk: let its result go, or the scheduler would recompute every
-            # finished chunk whose (tiny) result sat on a worker that is lost later.
-            fut.release()
-            pending.pop(fut.key, None)
-            bar.update(round(sizes[(res["iy"], res["ix"])] / 1e6, 4))
+        with watch:
+            for fut in as_completed(futures):
+                if watch.error is not None:
+                    raise watch.error
+                res = fut.result()
+                # The chunk is on disk: let its result go, or the scheduler would recompute every
+                # finished chunk whose (tiny) result sat on a worker that is lost later.
+                fut.release()
+                pending.pop(fut.key, None)
+                bar.update(round(sizes[(res["iy"], res["ix"])] / 1e6, 4))
     except BaseException:
         client.cancel(list(pending.values()))
+        if watch.error is not None:
+            raise watch.error from None
         raise
     finally:
         bar.close()
