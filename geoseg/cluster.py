@@ -139,10 +139,7 @@ def connect(
     from geoseg.workers import register
 
     if scheduler:
-        try:
-            client = Client(scheduler, security=security, timeout=timeout)
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from None
+        client = _client(scheduler, security, timeout)
         try:
             register(client)
             yield client
@@ -190,6 +187,51 @@ def connect(
     finally:
         _EMBEDDED_GPU.pop(address, None)
         cluster.close()
+
+
+def _client(scheduler: str, security: Any, timeout: str) -> Any:
+    """A client on the scheduler at ``scheduler``, or a clear error within about ``timeout``: distributed's own
+    timeout does not cover a handshake with something else on that port (an HTTP dashboard never answers;
+    a service that greets with a banner is read as a message length of exabytes)."""
+    import threading
+
+    import dask
+    from dask.utils import parse_timedelta
+    from distributed import Client
+
+    if scheduler.startswith("tls://") and security is None and not dask.config.get("distributed.comm.tls.ca-file", None):
+        raise ConfigError(
+            f"{scheduler} is a TLS address and no certificate was given; run a job whose cluster profile has tls: "
+            "{ca_file, cert_file, key_file} (geoseg run), or set DASK_DISTRIBUTED__COMM__TLS__CA_FILE, "
+            "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"
+        )
+    seconds = float(parse_timedelta(timeout, default="s"))
+    made: dict[str, Any] = {}
+
+    def make() -> None:
+        try:
+            made["client"] = Client(scheduler, security=security, timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - said below, in one line
+            made["error"] = exc
+
+    thread = threading.Thread(target=make, name="geoseg-connect", daemon=True)
+    thread.start()
+    thread.join(seconds + 5)
+    if thread.is_alive():
+        raise ConfigError(
+            f"nothing answered as a dask scheduler at {scheduler} within {seconds:g} s; check the address and port "
+            "(the scheduler's, 8786 by default; 8787 is its dashboard)"
+        )
+    if "error" in made:
+        exc = made["error"]
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, MemoryError):  # the first bytes it sent, read as dask's frame lengths
+            text = "it speaks another protocol"
+        if isinstance(exc, (OSError, TimeoutError)):
+            raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({text}); check the address and that it runs") from None
+        raise ConfigError(f"{scheduler} did not answer as a dask scheduler ({text[:200]}); check "
+                          "the address and port (the scheduler's, 8786 by default)") from None
+    return made["client"]
 
 
 @contextlib.contextmanager

@@ -185,3 +185,48 @@ def test_scheduler_option_keeps_tls_files_of_the_profile():
     assert spec.profile.tls == spec.cluster.profiles["secure"].tls and spec.profile.model_resources == {"GPU": 1}
     spec = validate_spec(PIPELINES / "sample_local.yaml", env={}, config_files=[], scheduler="tcp://127.0.0.1:8786")
     assert spec.profile.kind == "address" and spec.profile.tls is None
+
+
+def test_a_wrong_port_is_a_clear_error_within_the_timeout_not_a_hang():
+    """Something else on the port: a service that never answers (a dashboard's HTTP server waits for a request)
+    or one that greets first (read as a frame length of exabytes); a tls:// address without certificates."""
+    import socket
+    import threading
+    import time
+
+    from geoseg.cluster import connect
+    from geoseg.errors import ConfigError
+
+    def serve(greeting: bytes | None) -> tuple[socket.socket, str]:
+        srv = socket.socket()
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def loop():
+            conns = []
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                conns.append(c)
+                if greeting:
+                    c.sendall(greeting)
+
+        threading.Thread(target=loop, daemon=True).start()
+        return srv, f"tcp://127.0.0.1:{srv.getsockname()[1]}"
+
+    for greeting, match in ((None, r"nothing answered as a dask scheduler at tcp://127.0.0.1:\d+ within 2 s"),
+                            (b"SSH-2.0-OpenSSH_9.6\r\n" * 4, r"did not answer as a dask scheduler")):
+        srv, address = serve(greeting)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ConfigError, match=match):
+                with connect(address, timeout="2s"):
+                    pass
+        finally:
+            srv.close()
+        assert time.monotonic() - t0 < 15
+    with pytest.raises(ConfigError, match=r"tls://127.0.0.1:9 is a TLS address and no certificate was given"):
+        with connect("tls://127.0.0.1:9", timeout="2s"):
+            pass
