@@ -230,3 +230,39 @@ def test_a_wrong_port_is_a_clear_error_within_the_timeout_not_a_hang():
     with pytest.raises(ConfigError, match=r"tls://127.0.0.1:9 is a TLS address and no certificate was given"):
         with connect("tls://127.0.0.1:9", timeout="2s"):
             pass
+
+
+def test_slurm_workers_run_the_python_their_prologue_activates():
+    """A prologue that activates an environment: the worker command is that environment's `python`, not this
+    machine's interpreter by its absolute path (the activation would not choose what runs)."""
+    import sys
+
+    script = SlurmProfile(cores=4, memory="8GiB", job_script_prologue=["source /projects/geoseg/venv/bin/activate"]).job_script()
+    (command,) = [ln for ln in script.splitlines() if "distributed.cli.dask_worker" in ln]
+    assert command.startswith("python -m distributed.cli.dask_worker")
+    assert sys.executable not in script
+    # without one, or with python: set, dask-jobqueue's choice stands
+    assert sys.executable in SlurmProfile(cores=4, memory="8GiB").job_script()
+    assert "/opt/py/bin/python3 -m" in SlurmProfile(cores=4, memory="8GiB", python="/opt/py/bin/python3",
+                                                    job_script_prologue=["conda activate geo"]).job_script()
+
+
+def test_kubernetes_manifest_over_tls_mounts_the_certificates_and_speaks_tls():
+    profile = KubernetesProfile(address="tls://geoseg-scheduler.geoseg.svc.cluster.local:8786",
+                                tls={"ca_file": "ca.pem", "cert_file": "c.pem", "key_file": "k.pem"})
+    spec = profile.manifest()["spec"]
+    for part in ("scheduler", "worker"):
+        pod = spec[part]["spec"]
+        (container,) = pod["containers"]
+        args = container["args"]
+        for flag, file in (("--tls-ca-file", "ca.crt"), ("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")):
+            assert args[args.index(flag) + 1] == f"/etc/dask/tls/{file}"
+        assert {"name": "tls", "secret": {"secretName": "geoseg-tls"}} in pod["volumes"]
+        assert {"name": "tls", "mountPath": "/etc/dask/tls", "readOnly": True} in container["volumeMounts"]
+    sched = spec["scheduler"]["spec"]["containers"][0]["args"]
+    assert sched[sched.index("--protocol") + 1] == "tls"
+    plain = KubernetesProfile().manifest()["spec"]["scheduler"]["spec"]["containers"][0]
+    assert "--protocol" not in plain["args"] and "volumeMounts" not in plain
+    # a cluster geoseg would create could not get the certificates: refused, saying what to do
+    with pytest.raises(ValueError, match="create: true with tls: makes a cluster geoseg cannot give its certificates"):
+        KubernetesProfile(create=True, tls={"ca_file": "ca.pem", "cert_file": "c.pem", "key_file": "k.pem"})

@@ -103,10 +103,17 @@ def _print_dry_run(spec, overwrite: bool, resume: bool) -> None:
     click.echo(f"\n# cluster profile {spec.cluster.profile} ({profile.kind})")
     if profile.kind == "slurm":
         click.echo("# worker job script (one per job; geoseg run submits it with sbatch):")
+        if profile.tls:
+            click.echo("# (with tls: true, dask-jobqueue makes temporary certificates and adds --tls-ca-file, --tls-cert and\n"
+                       "#  --tls-key to the script it submits; the workers read them from shared_temp_directory)")
         click.echo(profile.job_script().rstrip())
     elif profile.kind == "kubernetes":
         address = profile.scheduler_address()
         click.echo(f"# scheduler: {address or '(none set: create: true or DASK_SCHEDULER_ADDRESS)'}")
+        if profile.tls:
+            click.echo(f"# TLS: the pods take the cluster's certificates from the Secret {profile.secret} (ca.crt, tls.crt, tls.key):\n"
+                       f"#   kubectl create secret generic {profile.secret} --from-file=ca.crt=CA --from-file=tls.crt=CERT "
+                       "--from-file=tls.key=KEY")
         click.echo("# DaskCluster manifest (kubectl apply -f -):")
         click.echo(_yaml(profile.manifest()))
     jp = plan(spec, overwrite=overwrite, resume=resume)

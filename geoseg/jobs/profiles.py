@@ -26,6 +26,7 @@ SCHEMES = ("tcp", "tls", "ucx", "ws", "wss", "inproc")
 DEFAULT_IMAGE = "ghcr.io/geoseg/geoseg:0.1.0"
 SCHEDULER_PORT, DASHBOARD_PORT, WORKER_DASHBOARD_PORT = 8786, 8787, 8788
 DATA_MOUNT = "/data"
+TLS_MOUNT = "/etc/dask/tls"  # where pods find the cluster's certificates under TLS (a Secret)
 # The image's user (infra/docker/Dockerfile); fsGroup lets it write the shared volume.
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 10001, "runAsGroup": 10001, "fsGroup": 10001}
 
@@ -223,6 +224,11 @@ class SlurmProfile(Profile):
             kw["job_extra_directives"] = list(self.job_extra_directives)
         if self.job_script_prologue:
             kw["job_script_prologue"] = list(self.job_script_prologue)
+        prologue = self.job_script_prologue or dask.config.get("jobqueue.slurm.job-script-prologue", None) or []
+        if self.python is None and not dask.config.get("jobqueue.slurm.python", None) and any("activate" in line for line in prologue):
+            # dask-jobqueue would start workers with this machine's interpreter by its absolute path, and the
+            # environment the prologue activates (a venv, conda) would not be the one that runs them
+            kw["python"] = "python"
         base_args = list(self.worker_extra_args or dask.config.get("jobqueue.slurm.worker-extra-args", None) or [])
         extra = base_args + ([] if "--resources" in base_args else _resource_args(self.resources))
         if extra:
@@ -256,11 +262,6 @@ class KubernetesProfile(Profile):
     tls: TLSFiles | None = None
     timeout: str = "60s"
     create: bool = False
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _timeout(cls, v: Any) -> str:
-        return _duration(str(v))
     name: str = Field("geoseg", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     namespace: str | None = None
     image: str = DEFAULT_IMAGE
@@ -271,6 +272,13 @@ class KubernetesProfile(Profile):
     worker_cpu: str | None = None
     worker_memory: str | None = None
     data_claim: str | None = None  # a PersistentVolumeClaim mounted at /data in every pod
+    # with tls: the Secret (ca.crt, tls.crt, tls.key) the scheduler and workers take their certificates from
+    tls_secret: str | None = None
+
+    @field_validator("timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> str:
+        return _duration(str(v))
 
     @field_validator("address")
     @classmethod
@@ -280,7 +288,19 @@ class KubernetesProfile(Profile):
     @model_validator(mode="after")
     def _tls_matches(self) -> "KubernetesProfile":
         _check_tls(self.address, self.tls)
+        if self.tls is not None and self.create:
+            # the cluster would come up without the Secret, and dask-kubernetes connects to it over tcp://
+            raise ValueError("create: true with tls: makes a cluster geoseg cannot give its certificates; create the Secret "
+                             "and apply the manifest (geoseg run JOB --dry-run prints it), then set address: to its "
+                             "tls:// service and drop create:")
+        if self.tls_secret and self.tls is None:
+            raise ValueError("tls_secret: is for a cluster over TLS; add tls: {ca_file, cert_file, key_file} (the client's)")
         return self
+
+    @property
+    def secret(self) -> str:
+        """The Secret with the cluster's own certificates (ca.crt, tls.crt, tls.key), under TLS."""
+        return self.tls_secret or f"{self.name}-tls"
 
     @property
     def resources(self) -> dict[str, float] | None:
@@ -296,6 +316,8 @@ class KubernetesProfile(Profile):
         import dask.config
 
         return self.address or dask.config.get("scheduler-address", None)
+
+
 
     def security(self) -> Any:
         return self.tls.security() if self.tls else None
@@ -331,8 +353,14 @@ def cluster_spec(p: KubernetesProfile) -> dict[str, Any]:
         limits["cpu"] = p.worker_cpu
     if p.worker_memory:
         limits["memory"] = p.worker_memory
+    # under TLS every pod takes the cluster's certificates from a Secret, and speaks tls:// only
+    tls_args = ["--tls-ca-file", f"{TLS_MOUNT}/ca.crt", "--tls-cert", f"{TLS_MOUNT}/tls.crt", "--tls-key", f"{TLS_MOUNT}/tls.key"]
+    tls_args = tls_args if p.tls else []
+    if p.tls:
+        pod_volumes = {"volumes": [*pod_volumes.get("volumes", []), {"name": "tls", "secret": {"secretName": p.secret}}]}
+        mounts = {"volumeMounts": [*mounts.get("volumeMounts", []), {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True}]}
     worker_args = ["worker", "--name", "$(DASK_WORKER_NAME)", "--nthreads", str(p.threads_per_worker),
-                   "--dashboard", "--dashboard-address", str(WORKER_DASHBOARD_PORT), *_resource_args(p.resources)]
+                   "--dashboard", "--dashboard-address", str(WORKER_DASHBOARD_PORT), *_resource_args(p.resources), *tls_args]
     worker = {
         "name": "worker",
         "image": p.image,
@@ -350,7 +378,8 @@ def cluster_spec(p: KubernetesProfile) -> dict[str, Any]:
         "image": p.image,
         "imagePullPolicy": "IfNotPresent",
         "command": ["dask"],
-        "args": ["scheduler", "--port", str(SCHEDULER_PORT), "--dashboard-address", f":{DASHBOARD_PORT}"],
+        "args": ["scheduler", "--port", str(SCHEDULER_PORT), "--dashboard-address", f":{DASHBOARD_PORT}",
+                 *(["--protocol", "tls", *tls_args] if p.tls else [])],
         "ports": [{"name": "tcp-comm", "containerPort": SCHEDULER_PORT, "protocol": "TCP"},
                   {"name": "http-dashboard", "containerPort": DASHBOARD_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"port": "http-dashboard", "path": "/health"}, "initialDelaySeconds": 5, "periodSeconds": 10},
@@ -362,7 +391,8 @@ def cluster_spec(p: KubernetesProfile) -> dict[str, Any]:
         "worker": {"replicas": p.n_workers,
                    "spec": {"securityContext": dict(POD_SECURITY), "containers": [worker], **pod_volumes, **tolerations}},
         "scheduler": {
-            "spec": {"securityContext": dict(POD_SECURITY), "containers": [scheduler]},
+            "spec": {"securityContext": dict(POD_SECURITY), "containers": [{**scheduler, **mounts}] if p.tls else [scheduler],
+                     **(pod_volumes if p.tls else {})},
             "service": {
                 "type": "ClusterIP",
                 "selector": {"dask.org/cluster-name": p.name, "dask.org/component": "scheduler"},
