@@ -229,6 +229,10 @@ def test_earlier_outputs_are_never_inputs(scenes, random_model, tmp_path):
     write_raster(folder / "out" / "a" / "classes.tif", np.zeros((1, 32, 32), np.uint8))
     job = write_job(folder / "job.yaml", scenes=["**/*.tif"], model=str(random_model), output="out")
     assert [s.name for s in load_job(job, env=NO_ENV, config_files=[]).expand_scenes()] == ["a"]
+    # a pattern whose only files lie in the output folder says so (not "matches no file")
+    job = write_job(folder / "job.yaml", scenes=["out/**/*.tif"], model=str(random_model), output="out")
+    with pytest.raises(InputNotFoundError, match=r"the 1 file\(s\) out/\*\*/\*\.tif matches lie in the job's output folder"):
+        load_job(job, env=NO_ENV, config_files=[]).expand_scenes()
 
 
 def test_every_scene_is_checked_before_anything_runs(scenes, random_model, tmp_path):

@@ -253,8 +253,11 @@ def _expand(pattern: str, where: str, output_root: Path | None, base: Path) -> l
                                      "(relative paths in a job file start at its folder)")
         return [pattern]
     # Earlier results are never inputs: a pattern such as data/**/*.tif must not pick them up on a re-run.
-    found = sorted(p for p in glob.glob(pattern, recursive=True)
-                   if os.path.isfile(p) and not (output_root and Path(p).resolve().is_relative_to(output_root)))
+    files = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
+    found = sorted(p for p in files if not (output_root and Path(p).resolve().is_relative_to(output_root)))
+    if not found and files:
+        raise InputNotFoundError(f"{where}: the {len(files)} file(s) {_short(pattern, base)} matches lie in the job's "
+                                 f"output folder {output_root}, whose files are never inputs; write the outputs elsewhere")
     if not found:
         raise InputNotFoundError(f"{where}: {_short(pattern, base)} matches no file; check the pattern "
                                  "(relative paths in a job file start at its folder)")
