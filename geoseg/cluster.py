@@ -193,8 +193,6 @@ def _client(scheduler: str, security: Any, timeout: str) -> Any:
     """A client on the scheduler at ``scheduler``, or a clear error within about ``timeout``: distributed's own
     timeout does not cover a handshake with something else on that port (an HTTP dashboard never answers;
     a service that greets with a banner is read as a message length of exabytes)."""
-    import threading
-
     import dask
     from dask.utils import parse_timedelta
     from distributed import Client
@@ -206,32 +204,57 @@ def _client(scheduler: str, security: Any, timeout: str) -> Any:
             "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY"
         )
     seconds = float(parse_timedelta(timeout, default="s"))
-    made: dict[str, Any] = {}
+    _probe(scheduler, security, seconds)
+    try:
+        return Client(scheduler, security=security, timeout=timeout)
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from None
 
-    def make() -> None:
+
+def _probe(scheduler: str, security: Any, seconds: float) -> None:
+    """Ask ``scheduler`` who it is, on an event loop of its own that is gone when this returns (a client left
+    waiting on a port that never answers would keep the process from exiting); a clear error if it does not
+    answer as a dask scheduler within ``seconds``."""
+    import asyncio
+    import threading
+
+    from distributed.comm import connect as comm_connect
+    from distributed.security import Security
+
+    args = (security or Security()).get_connection_args("client")
+
+    async def ask() -> Any:
+        comm = await comm_connect(scheduler, timeout=seconds, **args)
         try:
-            made["client"] = Client(scheduler, security=security, timeout=timeout)
-        except BaseException as exc:  # noqa: BLE001 - said below, in one line
-            made["error"] = exc
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
 
-    thread = threading.Thread(target=make, name="geoseg-connect", daemon=True)
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:  # a thread of its own: a notebook's thread already runs an event loop
+        try:
+            # past the connect timeout: a refused port is "cannot reach" (its retries end first), not "no answer"
+            outcome["answer"] = asyncio.run(asyncio.wait_for(ask(), seconds * 1.5 + 1))
+        except BaseException as exc:  # noqa: BLE001 - said below, in one line
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="geoseg-probe", daemon=True)
     thread.start()
-    thread.join(seconds + 5)
-    if thread.is_alive():
-        raise ConfigError(
-            f"nothing answered as a dask scheduler at {scheduler} within {seconds:g} s; check the address and port "
-            "(the scheduler's, 8786 by default; 8787 is its dashboard)"
-        )
-    if "error" in made:
-        exc = made["error"]
+    thread.join()
+    exc = outcome.get("error")
+    if exc is None and isinstance(outcome.get("answer"), dict) and outcome["answer"].get("type") == "Scheduler":
+        return
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)) or (exc is None and "answer" not in outcome):
+        raise ConfigError(f"nothing answered as a dask scheduler at {scheduler} within {seconds * 1.5 + 1:g} s; check the address "
+                          "and port (the scheduler's, 8786 by default; 8787 is its dashboard)")
+    if isinstance(exc, OSError):
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, MemoryError):  # the first bytes it sent, read as dask's frame lengths
-            text = "it speaks another protocol"
-        if isinstance(exc, (OSError, TimeoutError)):
-            raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({text}); check the address and that it runs") from None
-        raise ConfigError(f"{scheduler} did not answer as a dask scheduler ({text[:200]}); check "
-                          "the address and port (the scheduler's, 8786 by default)") from None
-    return made["client"]
+        raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({text}); check the address and that it runs")
+    text = "it speaks another protocol" if exc is None or isinstance(exc, MemoryError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+    raise ConfigError(f"{scheduler} did not answer as a dask scheduler ({text[:200]}); check the address and port "
+                      "(the scheduler's, 8786 by default)")
 
 
 @contextlib.contextmanager
