@@ -124,7 +124,7 @@ class WorkerWatch(threading.Thread):
 
     def __exit__(self, *exc: Any) -> None:
         self.stopped.set()
-        self.join()
+        self.join(self.period + 30)  # a daemon: one stuck in a call to a scheduler that is gone does not hold the job
 
 
 def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numerics | None = None, progress: bool = False,
