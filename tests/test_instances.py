@@ -189,6 +189,43 @@ def test_instances_tiled_equal_one_pass_and_join_across_chunk_lines(objects_data
         assert crossing_truth >= 6
 
 
+def test_an_instance_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(objects_data, tmp_path):
+    """As for semantic jobs: the detections wait for a worker offering GPU=1; once none has been in the cluster
+    for the timeout, the job stops with one clear error (the scheduler would keep them waiting forever)."""
+    import os
+    import signal
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import dask_cluster
+    from geoseg.errors import ConfigError
+    from geoseg.pipeline import PredictOptions, predict
+
+    out = tmp_path / "out"
+    opts = PredictOptions(chunk_size=128, model_resources={"GPU": 1}, worker_timeout=3, vectors=False)
+    with dask_cluster(tmp_path, [["--resources", "GPU=1"], []]) as (address, workers, monitor):
+        monitor.wait_for_workers(2, timeout=120)
+        pool = ThreadPoolExecutor(1)
+        try:
+            job = pool.submit(predict, [objects_data["image"]], objects_data["model"], out, opts, scheduler=address)
+            deadline = time.monotonic() + 180
+            while True:  # a detection is running: the job is in the middle
+                assert not job.done(), f"the job ended before its GPU worker could be killed: {job.exception()!r}"
+                assert time.monotonic() < deadline, "no detection started in time"
+                running = monitor.run(lambda dask_worker: [str(ts.key) for ts in dask_worker.state.executing])
+                if any("geoseg-detect" in k for keys in running.values() for k in keys):
+                    break
+                time.sleep(0.05)
+            os.killpg(workers[0].pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            with pytest.raises(ConfigError, match=r"no worker offering GPU=1 for 3 s.*--resume"):
+                job.result(timeout=90)
+            assert time.monotonic() - t0 < 60
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+    assert not (out / "run.json").exists()
+
+
 def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp_path):
     from geoseg.io.cog import validate_cog
     from geoseg.pipeline import PredictOptions, predict

@@ -124,6 +124,23 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
     dets = {(ch.iy, ch.ix): client.submit(detect_chunk, ref, stack, ch, params,
                                           None if by_chunk is None else by_chunk.get((ch.iy, ch.ix), []),
                                           resources=res, pure=False, key=f"geoseg-detect-{token}-{ch.iy}-{ch.ix}") for ch in plan}
+    from geoseg.pipeline.execute import WorkerWatch
+
+    # the detections wait for a worker that can run the model: a clear error once none has been there for the timeout
+    watch = WorkerWatch(client, list(dets.values()), res, job.options.worker_timeout)
+    try:
+        with watch:
+            return _finish(job, client, store, dets, token, p, params, by_chunk, panoptic, class_map)
+    except BaseException:
+        if watch.error is not None:
+            raise watch.error from None
+        raise
+
+
+def _finish(job: Any, client: Any, store: str, dets: dict, token: str, p: dict[str, Any], params: dict[str, Any],
+            by_chunk: dict | None, panoptic: bool, class_map: dict[int, int] | None) -> dict[str, Any]:
+    """Stages 2-4 over the detections ``dets`` (futures)."""
+    card, plan, stack = job.card, job.plan, job.stack
     metas = {k: client.submit(meta, f, key=f"geoseg-meta-{token}-{k[0]}-{k[1]}") for k, f in dets.items()}
     pairs = [] if by_chunk is not None else [
         (a, b, client.submit(match_windows, dets[(a.iy, a.ix)], dets[(b.iy, b.ix)], float(p["match_iou"]),
