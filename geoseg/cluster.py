@@ -36,7 +36,7 @@ GPU_ENV = "GEOSEG_GPUS"  # the CUDA devices the embedded cluster gives a GPU wor
 GPU_WORKER_THREADS = 2
 GPU_RESOURCES = {"GPU": 1.0}
 TORCH_FREE_METHODS = ("threshold", "kmeans", "pixel")  # methods whose tasks run no torch model: any worker takes them
-_EMBEDDED_GPU: dict[str, dict[str, float]] = {}  # scheduler address -> what model tasks need on that embedded cluster
+_EMBEDDED_GPU: set[str] = set()  # scheduler addresses of embedded clusters with GPU workers (GPU_RESOURCES each)
 
 
 def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "/dev") -> tuple[str, ...]:
@@ -72,8 +72,7 @@ def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "
 def embedded_model_resources(client: Any) -> dict[str, float] | None:
     """What model tasks need on ``client``'s cluster when it is geoseg's embedded cluster with GPU workers, else None."""
     address = getattr(getattr(client, "scheduler", None), "address", None)
-    found = _EMBEDDED_GPU.get(address) if address else None
-    return dict(found) if found else None
+    return dict(GPU_RESOURCES) if address in _EMBEDDED_GPU else None
 
 
 def model_resources(method: str, requested: dict[str, float] | None, client: Any) -> dict[str, float] | None:
@@ -176,7 +175,7 @@ def connect(
                 except TimeoutError:
                     raise ConfigError(f"the local cluster's GPU workers (devices {','.join(gpus)}) did not start; "
                                       f"set {GPU_ENV}=none to run on the CPU workers alone") from None
-                _EMBEDDED_GPU[address] = dict(GPU_RESOURCES)
+                _EMBEDDED_GPU.add(address)
             register(client)
             log.info("local cluster: %d workers (%d on GPUs), dashboard %s", len(cluster.workers), len(gpus),
                      client.dashboard_link)
@@ -185,7 +184,7 @@ def connect(
             with dask.config.set({"optimization.fuse.active": False} if gpus else {}):
                 yield client
     finally:
-        _EMBEDDED_GPU.pop(address, None)
+        _EMBEDDED_GPU.discard(address)
         cluster.close()
 
 

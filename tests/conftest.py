@@ -176,3 +176,26 @@ def dask_cluster(tmp_path: Path, worker_args: list[list[str]]):
             kill_group(p)
         for log in logs:
             log.close()
+
+
+def lose_the_gpu_worker(tmp_path: Path, start, in_the_middle) -> tuple[BaseException | None, float]:
+    """A `dask scheduler`, a worker offering GPU=1 and one without. ``start(address)`` runs a job (in a thread);
+    once ``in_the_middle(monitor)`` the GPU worker and its nanny are killed for good. Returns what the job
+    then raised (None: it finished) and the seconds it took after the kill."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with dask_cluster(tmp_path, [["--resources", "GPU=1"], []]) as (address, workers, monitor):
+        monitor.wait_for_workers(2, timeout=120)
+        pool = ThreadPoolExecutor(1)  # no `with`: on a failure the teardown must kill the processes, not wait on them
+        try:
+            job = pool.submit(start, address)
+            deadline = time.monotonic() + 180
+            while not in_the_middle(monitor):
+                assert not job.done(), f"the job ended before its GPU worker could be killed: {job.exception()!r}"
+                assert time.monotonic() < deadline, "the job did not get under way in time"
+                time.sleep(0.02)
+            os.killpg(workers[0].pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            return job.exception(timeout=90), time.monotonic() - t0
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -8,6 +8,7 @@ The cluster here is what a deployment runs: `dask scheduler` and two `dask worke
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ import pytest
 from geoseg.io.zarr_store import open_prediction
 from geoseg.pipeline import PredictOptions, predict
 
-from conftest import blob_scene, count_markers, dask_cluster, write_raster
+from conftest import blob_scene, count_markers, dask_cluster, lose_the_gpu_worker, write_raster
 
 # 64 chunks of 64 px; a small halo keeps each chunk's work short (the test is about faults).
 OPTIONS = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
@@ -95,25 +96,18 @@ def test_a_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(tmp_path, 
 
     out = tmp_path / "out"
     opts = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False, model_resources={"GPU": 1}, worker_timeout=3)
-    with dask_cluster(tmp_path, [["--resources", "GPU=1"], []]) as (address, workers, monitor):
-        monitor.wait_for_workers(2, timeout=120)
-        pool = ThreadPoolExecutor(1)
-        try:
-            job = pool.submit(predict, [big_scene], random_model, out, opts, scheduler=address)
-            deadline = time.monotonic() + 180
-            while count_markers(out / "prediction.zarr.partial") < 2:
-                assert not job.done(), f"the job ended before its GPU worker could be killed: {job.exception()!r}"
-                assert time.monotonic() < deadline, "no chunk finished in time"
-                time.sleep(0.02)
-            done_at_kill = count_markers(out / "prediction.zarr.partial")
-            os.killpg(workers[0].pid, signal.SIGKILL)  # the GPU worker and its nanny: gone for good
-            t0 = time.monotonic()
-            with pytest.raises(ConfigError, match=r"no worker offering GPU=1 for 3 s.*--resources GPU=1.*--resume"):
-                job.result(timeout=90)
-            assert time.monotonic() - t0 < 60
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-    assert done_at_kill < 64
+    seen: list[int] = []
+
+    def two_chunks_written(monitor) -> bool:
+        seen.append(count_markers(out / "prediction.zarr.partial"))
+        return seen[-1] >= 2
+
+    error, waited = lose_the_gpu_worker(tmp_path, lambda address: predict([big_scene], random_model, out, opts,
+                                                                          scheduler=address), two_chunks_written)
+    assert isinstance(error, ConfigError), repr(error)
+    assert re.search(r"no worker offering GPU=1 for 3 s.*--resources GPU=1.*--resume", str(error))
+    assert waited < 60
+    assert seen[-1] < 64
     assert not (out / "run.json").exists()
 
 

@@ -192,37 +192,24 @@ def test_instances_tiled_equal_one_pass_and_join_across_chunk_lines(objects_data
 def test_an_instance_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(objects_data, tmp_path):
     """As for semantic jobs: the detections wait for a worker offering GPU=1; once none has been in the cluster
     for the timeout, the job stops with one clear error (the scheduler would keep them waiting forever)."""
-    import os
-    import signal
-    import time
-    from concurrent.futures import ThreadPoolExecutor
+    import re
 
-    from conftest import dask_cluster
+    from conftest import lose_the_gpu_worker
     from geoseg.errors import ConfigError
     from geoseg.pipeline import PredictOptions, predict
 
     out = tmp_path / "out"
     opts = PredictOptions(chunk_size=128, model_resources={"GPU": 1}, worker_timeout=3, vectors=False)
-    with dask_cluster(tmp_path, [["--resources", "GPU=1"], []]) as (address, workers, monitor):
-        monitor.wait_for_workers(2, timeout=120)
-        pool = ThreadPoolExecutor(1)
-        try:
-            job = pool.submit(predict, [objects_data["image"]], objects_data["model"], out, opts, scheduler=address)
-            deadline = time.monotonic() + 180
-            while True:  # a detection is running: the job is in the middle
-                assert not job.done(), f"the job ended before its GPU worker could be killed: {job.exception()!r}"
-                assert time.monotonic() < deadline, "no detection started in time"
-                running = monitor.run(lambda dask_worker: [str(ts.key) for ts in dask_worker.state.executing])
-                if any("geoseg-detect" in k for keys in running.values() for k in keys):
-                    break
-                time.sleep(0.05)
-            os.killpg(workers[0].pid, signal.SIGKILL)
-            t0 = time.monotonic()
-            with pytest.raises(ConfigError, match=r"no worker offering GPU=1 for 3 s.*--resume"):
-                job.result(timeout=90)
-            assert time.monotonic() - t0 < 60
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+
+    def detecting(monitor) -> bool:  # a detection is running: the job is in the middle
+        running = monitor.run(lambda dask_worker: [str(ts.key) for ts in dask_worker.state.executing])
+        return any("geoseg-detect" in k for keys in running.values() for k in keys)
+
+    error, waited = lose_the_gpu_worker(tmp_path, lambda address: predict([objects_data["image"]], objects_data["model"],
+                                                                          out, opts, scheduler=address), detecting)
+    assert isinstance(error, ConfigError), repr(error)
+    assert re.search(r"no worker offering GPU=1 for 3 s.*--resume", str(error))
+    assert waited < 60
     assert not (out / "run.json").exists()
 
 

@@ -127,14 +127,8 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
     from geoseg.pipeline.execute import WorkerWatch
 
     # the detections wait for a worker that can run the model: a clear error once none has been there for the timeout
-    watch = WorkerWatch(client, list(dets.values()), res, job.options.worker_timeout)
-    try:
-        with watch:
-            return _finish(job, client, store, dets, token, p, params, by_chunk, panoptic, class_map)
-    except BaseException:
-        if watch.error is not None:
-            raise watch.error from None
-        raise
+    with WorkerWatch(client, list(dets.values()), res, job.options.worker_timeout):
+        return _finish(job, client, store, dets, token, p, params, by_chunk, panoptic, class_map)
 
 
 def _finish(job: Any, client: Any, store: str, dets: dict, token: str, p: dict[str, Any], params: dict[str, Any],

@@ -64,10 +64,8 @@ class Settings(BaseModel):
         if not isinstance(data, dict):
             return data
         out: dict[Any, Any] = {}
-        for k, v in data.items():
+        for k, v in data.items():  # both spellings in one layer are refused where layers merge (geoseg.jobs.config)
             key = k.replace("-", "_") if isinstance(k, str) and k.replace("-", "_") in cls.model_fields else k
-            if key in out:
-                raise ValueError(f"{key} is given twice (as {key} and {key.replace('_', '-')}); keep one")
             field = cls.model_fields.get(key)
             if isinstance(v, bool) and field is not None and not _takes_bool(field.annotation):
                 raise ValueError(f"{key}: {str(v).lower()} is a yes/no value, not what {key} takes")

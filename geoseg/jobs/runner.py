@@ -234,7 +234,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
         with _client(spec, client) as (c, info):
             say(f"cluster: {info['workers']} workers, {info['threads']} threads at {info['scheduler']}"
                 + (f" (dashboard {info['dashboard']})" if info.get("dashboard") else ""))
-            numerics = prepare_cluster(c, todo[0].job, timeout=_timeout(spec))
+            numerics = prepare_cluster(c, todo[0].job)  # waits the profile's timeout (its worker_timeout)
             info = {**info, "numerics": numerics.record()}
 
             def one(i: int, sp: ScenePlan) -> None:
@@ -275,14 +275,6 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     result = summary("finished", info)
     write_summary(spec.output_root, result)
     return result
-
-
-def _timeout(spec: JobSpec) -> float:
-    """How long to wait for a worker that can run the model tasks (the profile's timeout, default 30 s)."""
-    from dask.utils import parse_timedelta
-
-    value = getattr(spec.profile, "timeout", None) or "30s"
-    return float(parse_timedelta(value, default="s"))
 
 
 def write_summary(root: Path | str, summary: dict[str, Any]) -> Path | str:

@@ -71,8 +71,6 @@ def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: li
 
     if settings is None:
         settings = scene_settings(job.card, job.stack, job.plan, job.settings(numerics.precision), client)
-    if client is not None:
-        job = placed(job, client)
     seg = build_segmentation(job.stack, job.plan, job.ref, settings, job.options.model_resources)
     # Reads and inferences of one job are the same wherever they go (a shared cluster may share
     # them); writes are not: their name carries the store, or a second run of the same job into
@@ -86,7 +84,8 @@ def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: li
 class WorkerWatch(threading.Thread):
     """Cancels a job's futures once the cluster has had no worker that can run its model tasks (one offering
     ``resources``, or any) for ``timeout`` s: the scheduler would keep them waiting for one forever (a GPU
-    worker lost mid-job). ``error`` then says what happened; checked every ``period`` s."""
+    worker lost mid-job); checked every ``period`` s. Used as a context around the wait for those futures, it
+    turns what the wait then raises (their cancellation) into ``error``, which says what happened."""
 
     def __init__(self, client: Any, futures: list, resources: dict[str, float] | None, timeout: float,
                  period: float = 1.0) -> None:
@@ -125,6 +124,8 @@ class WorkerWatch(threading.Thread):
     def __exit__(self, *exc: Any) -> None:
         self.stopped.set()
         self.join(self.period + 30)  # a daemon: one stuck in a call to a scheduler that is gone does not hold the job
+        if exc[0] is not None and self.error is not None:
+            raise self.error from None
 
 
 def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numerics | None = None, progress: bool = False,
@@ -138,6 +139,7 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
 
     from geoseg.io.zarr_store import CLASSES_ATTR, JOB_ATTR, create_store, reusable_chunks
 
+    job = placed(job, client)  # model tasks on the GPU workers of an embedded cluster that has some
     if numerics is None:
         numerics = prepare_cluster(client, job)
     plan = job.plan
@@ -160,12 +162,9 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     futures = submit(client, graph, keys, priority)
     pending = {f.key: f for f in futures}
     sizes = {(ch.iy, ch.ix): ch.core.size for ch in todo}
-    watch = WorkerWatch(client, futures, job.options.model_resources, job.options.worker_timeout)
     try:
-        with watch:
+        with WorkerWatch(client, futures, job.options.model_resources, job.options.worker_timeout):
             for fut in as_completed(futures):
-                if watch.error is not None:
-                    raise watch.error
                 res = fut.result()
                 # The chunk is on disk: let its result go, or the scheduler would recompute every
                 # finished chunk whose (tiny) result sat on a worker that is lost later.
@@ -174,8 +173,6 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
                 bar.update(round(sizes[(res["iy"], res["ix"])] / 1e6, 4))
     except BaseException:
         client.cancel(list(pending.values()))
-        if watch.error is not None:
-            raise watch.error from None
         raise
     finally:
         bar.close()
