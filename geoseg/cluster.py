@@ -39,12 +39,32 @@ TORCH_FREE_METHODS = ("threshold", "kmeans", "pixel")  # methods whose tasks run
 _EMBEDDED_GPU: set[str] = set()  # scheduler addresses of embedded clusters with GPU workers (GPU_RESOURCES each)
 
 
-def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "/dev") -> tuple[str, ...]:
+def torch_cuda_build(torch_dir: str | None = None) -> str | None:
+    """The CUDA version the installed torch was built for (None: a CPU-only build, or no torch), read from
+    torch/version.py without importing torch (an import here would slow every client and no worker needs it)."""
+    if torch_dir is None:
+        import importlib.util
+
+        spec = importlib.util.find_spec("torch")  # finds the package without running it
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        torch_dir = list(spec.submodule_search_locations)[0]
+    try:
+        text = open(os.path.join(torch_dir, "version.py"), encoding="utf-8").read()
+    except OSError:
+        return None
+    found = re.search(r"^cuda\b[^=\n]*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "/dev",
+               torch_dir: str | None = None) -> tuple[str, ...]:
     """The CUDA devices of this machine the embedded cluster gives a GPU worker each, as CUDA_VISIBLE_DEVICES names them.
 
     Found without torch and without starting CUDA in this process: ``GEOSEG_GPUS`` where set ("0,1";
     "none" or empty for no GPU worker), else the NVIDIA devices the driver lists (/proc/driver/nvidia/gpus,
-    /dev/nvidiaN), narrowed by CUDA_VISIBLE_DEVICES as CUDA narrows them (up to the first id that is not a device).
+    /dev/nvidiaN), narrowed by CUDA_VISIBLE_DEVICES as CUDA narrows them (up to the first id that is not a device);
+    none where the installed torch is a CPU-only build (its one GPU worker would take every model task on the CPU).
     """
     chosen = os.environ.get(GPU_ENV)
     if chosen is not None:
@@ -57,6 +77,10 @@ def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "
         with contextlib.suppress(OSError):
             count = sum(1 for d in os.listdir(dev_dir) if re.fullmatch(r"nvidia\d+", d))
     if not count:
+        return ()
+    if torch_cuda_build(torch_dir) is None:
+        log.warning("this machine has %d NVIDIA GPU(s) but the installed torch is a CPU-only build: no GPU worker; "
+                    "install a CUDA build of torch to run the model on them", count)
         return ()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:

@@ -244,9 +244,18 @@ def test_a_preload_that_fails_with_any_error_leaves_the_fork_server_running(tmp_
     assert list(failed) == ["segmentation_models_pytorch"] and "OSError" in failed["segmentation_models_pytorch"]
 
 
-def test_local_gpus_as_the_driver_lists_them_and_cuda_narrows_them(tmp_path, monkeypatch):
-    from geoseg.cluster import GPU_ENV, local_gpus
+def test_local_gpus_as_the_driver_lists_them_and_cuda_narrows_them(tmp_path, monkeypatch, caplog):
+    import functools
+    import importlib
 
+    cluster = importlib.import_module("geoseg.cluster")  # geoseg.cluster the attribute is the API function
+    from geoseg.cluster import GPU_ENV
+
+    cuda_torch, cpu_torch = tmp_path / "torch-cu", tmp_path / "torch-cpu"
+    for folder, line in ((cuda_torch, "cuda: Optional[str] = '13.0'"), (cpu_torch, "cuda: Optional[str] = None")):
+        folder.mkdir()
+        (folder / "version.py").write_text(f"from typing import Optional\n__version__ = '2.14.1'\n{line}\n")
+    local_gpus = functools.partial(cluster.local_gpus, torch_dir=str(cuda_torch))
     monkeypatch.delenv(GPU_ENV, raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     driver, dev = tmp_path / "gpus", tmp_path / "dev"
@@ -259,6 +268,9 @@ def test_local_gpus_as_the_driver_lists_them_and_cuda_narrows_them(tmp_path, mon
     for bus in ("0000:3b:00.0", "0000:5e:00.0", "0000:86:00.0"):
         (driver / bus).mkdir()
     assert local_gpus(driver_dir=str(driver), dev_dir=str(dev)) == ("0", "1", "2")
+    # a CPU-only torch beside the driver: no GPU worker (it would take every model task, on the CPU), and says why
+    assert cluster.local_gpus(driver_dir=str(driver), dev_dir=str(dev), torch_dir=str(cpu_torch)) == ()
+    assert "CPU-only build" in caplog.text
     # CUDA_VISIBLE_DEVICES as CUDA reads it: the ids in order, up to the first that names no device
     for visible, want in (("2,0", ("2", "0")), ("1,7,0", ("1",)), ("", ()), ("-1", ()), ("0,-1,1", ("0",)),
                           ("GPU-8f6e2c1a", ("GPU-8f6e2c1a",))):
