@@ -175,7 +175,7 @@ def _open_files(paths: list[str], chunks: int) -> tuple[xr.DataArray, list[int]]
         # the bands geoseg stacks, each with its own nodata (a VRT's may differ)
         da_ = da_.isel(band=[b.band - 1 for b in bands])
         da_.attrs = {}
-        parts.append(_with_nodata(da_, [b.nodata for b in bands]))
+        parts.append(_with_scales(_with_nodata(da_, [b.nodata for b in bands]), [(b.scale, b.offset) for b in bands]))
     # open_stack checked that the files share one grid: their coordinates are the first file's (an outer
     # join of coordinates a rounding apart would double the grid)
     scene = xr.concat(parts, dim="band", join="override", combine_attrs="drop") if len(parts) > 1 else parts[0]
@@ -216,6 +216,37 @@ def _with_nodata(da_: xr.DataArray, nodata: Sequence[float | None]) -> xr.DataAr
     if len(same) == 1 and None not in same:
         out = out.rio.write_nodata(same.pop(), encoded=False)
     return out
+
+
+# the band coordinates that hold each band's GDAL scale and offset (physical = value x scale + offset), as the
+# model's card records those of its training bands: values stored otherwise are refused, not fed to the model
+SCALE, OFFSET = "scale", "offset"
+
+
+def _with_scales(da_: xr.DataArray, scales: Sequence[tuple[float, float]]) -> xr.DataArray:
+    return da_.assign_coords({SCALE: ("band", np.asarray([s for s, _ in scales], np.float64)),
+                              OFFSET: ("band", np.asarray([o for _, o in scales], np.float64))})
+
+
+def band_scales(scene: xr.DataArray) -> list[tuple[float, float]] | None:
+    """Each band's (scale, offset), or None where the scene does not say: the ``scale``/``offset`` band coordinates
+    (``open_scene``), else rioxarray's attributes of values read as stored (``scale_factor``/``add_offset``, or
+    per band ``scales``/``offsets``), else (1, 0) for values rioxarray already scaled (``mask_and_scale=True``)."""
+    n = scene.sizes["band"]
+    if SCALE in scene.coords and scene.coords[SCALE].dims == ("band",):
+        offsets = scene.coords[OFFSET].values if OFFSET in scene.coords else np.zeros(n)
+        return [(float(s), float(o)) for s, o in zip(scene.coords[SCALE].values, offsets)]
+    attrs = scene.attrs
+    if "scale_factor" in attrs or "add_offset" in attrs:
+        if not np.ndim(attrs.get("scale_factor", 1.0)) and not np.ndim(attrs.get("add_offset", 0.0)):
+            return [(float(attrs.get("scale_factor", 1.0)), float(attrs.get("add_offset", 0.0)))] * n
+    scales, offsets = attrs.get("scales"), attrs.get("offsets")
+    if scales is not None and np.ndim(scales) and len(scales) == n:
+        offsets = offsets if offsets is not None and np.ndim(offsets) and len(offsets) == n else [0.0] * n
+        return [(1.0 if s is None else float(s), 0.0 if o is None else float(o)) for s, o in zip(scales, offsets)]
+    if "scale_factor" in scene.encoding or "add_offset" in scene.encoding:
+        return [(1.0, 0.0)] * n  # decoded: the values are physical
+    return None
 
 
 def band_nodata(scene: xr.DataArray) -> list[float | None]:
@@ -265,7 +296,7 @@ def _read_part(stack: Any, path: str, chunks: int, positions: Sequence[int]) -> 
     names = [b.description or (stem if len(positions) == 1 else f"{stem}_{b.band}") for b in sub.bands]
     out = xr.DataArray(data, dims=("band", "y", "x"),
                        coords={"band": names, "y": t.f + t.e * (np.arange(h) + 0.5), "x": t.c + t.a * (np.arange(w) + 0.5)})
-    out = _with_nodata(out, [b.nodata for b in sub.bands])
+    out = _with_scales(_with_nodata(out, [b.nodata for b in sub.bands]), [(b.scale, b.offset) for b in sub.bands])
     return out.rio.write_crs(sub.grid.crs.to_wkt()).rio.write_transform(t)
 
 
@@ -288,6 +319,9 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
     if da_.rio.crs is None:
         raise InputError("the DataArray has no CRS; set one with .rio.write_crs(...) (odc-stac and stackstac set it)")
     nodata = band_nodata(da_)
+    scales = band_scales(da_)
+    if scales is not None and SCALE not in da_.coords:
+        da_ = _with_scales(da_, scales)
     if da_.sizes["y"] > 1 and da_.sizes["x"] > 1:
         if float(da_["y"][1]) > float(da_["y"][0]):  # south-up rows (y ascending): north-up, as rasters are
             da_ = da_.isel(y=slice(None, None, -1))
@@ -341,6 +375,7 @@ def predict(
         raise ConfigError(f"{m.location} finds objects, which are joined across the whole scene (not lazily per chunk): "
                           "use geoseg.api.objects(images, model, out_dir)")
     scene = _match_bands(scene, card, m.location)
+    _check_scales(scene, card, m.location)
     shape = (scene.sizes["y"], scene.sizes["x"])
     plan = plan_tiling(card, shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
     from geoseg.cluster import model_resources
@@ -383,6 +418,18 @@ def _match_bands(scene: xr.DataArray, card: ModelCard, location: str) -> xr.Data
         raise ConfigError(f"the scene has {scene.sizes['band']} bands, the model in {location} takes {card.n_bands} "
                           f"({', '.join(b.name for b in card.bands)})")
     return scene
+
+
+def _check_scales(scene: xr.DataArray, card: ModelCard, location: str) -> None:
+    from geoseg.bands import check_band_scales
+
+    scales = band_scales(scene)
+    if scales is None:
+        return
+    names = [str(b) for b in scene["band"].values]
+    check_band_scales([(f"the scene's band {name!r}", s, o) for name, (s, o) in zip(names, scales)], card, location,
+                      "give values stored as the training imagery was (rioxarray: open_rasterio(..., mask_and_scale="
+                      "False) keeps them as stored), or train on imagery like this")
 
 
 def segment(images: Sequence[str | os.PathLike], model: str | os.PathLike, **options: Any) -> xr.Dataset:

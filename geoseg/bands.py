@@ -52,13 +52,20 @@ def _same(a: float, b: float) -> bool:
 def check_scales(stack: RasterStack, card: ModelCard, model_dir: str = "the model") -> None:
     """Refuse bands stored with another GDAL scale or offset than those the model was trained on: read as stored,
     the same ground would reach the model in other units (a card that recorded none is not checked)."""
-    for i, (want, got) in enumerate(zip(card.bands, stack.bands)):
-        if want.scale is None or want.offset is None:
+    check_band_scales([(f"{b.path}: band {b.band}", b.scale, b.offset) for b in stack.bands], card, model_dir,
+                      "give the bands stored as the training imagery was (gdal_translate -unscale -ot Float32 writes "
+                      "physical values), or train on imagery stored like this")
+
+
+def check_band_scales(bands: list[tuple[str, float, float] | None], card: ModelCard, model_dir: str, remedy: str) -> None:
+    """``bands``: each input band's (what to call it, scale, offset) in the card's order; None where not known."""
+    for i, (want, got) in enumerate(zip(card.bands, bands)):
+        if got is None or want.scale is None or want.offset is None:
             continue
-        if not (_same(want.scale, got.scale) and _same(want.offset, got.offset)):
+        where, scale, offset = got
+        if not (_same(want.scale, scale) and _same(want.offset, offset)):
             raise InputError(
-                f"{got.path}: band {got.band} stores values with scale {got.scale:g} and offset {got.offset:g}, but {model_dir} "
-                f"was trained on band {i + 1} stored with scale {want.scale:g} and offset {want.offset:g}: the same ground "
-                "would reach the model in other units; give the bands stored as the training imagery was (gdal_translate "
-                "-unscale -ot Float32 writes physical values), or train on imagery stored like this"
+                f"{where} holds values with scale {scale:g} and offset {offset:g}, but {model_dir} was trained on "
+                f"band {i + 1} stored with scale {want.scale:g} and offset {want.offset:g}: the same ground would "
+                f"reach the model in other units; {remedy}"
             )

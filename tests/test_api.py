@@ -326,3 +326,38 @@ def test_geoseg_cluster_stays_the_api_function_once_its_submodule_is_imported():
             "assert geoseg.cluster is geoseg.api.cluster, type(geoseg.cluster); print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_the_api_refuses_values_scaled_otherwise_than_the_training_bands(tmp_path, random_model, scene_path):
+    """A model trained on bands stored with a GDAL scale and offset (DN, 1e-4, -0.1): a scene read as stored is
+    taken, from files or from rioxarray; one whose values were scaled on reading (rioxarray's mask_and_scale) or
+    stored otherwise is refused naming the band, as the CLI refuses such files. A bare array says nothing: taken."""
+    import json
+    import shutil
+
+    import rioxarray
+
+    from geoseg.errors import InputError
+
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    card = json.loads((model / "model.json").read_text())
+    for b in card["bands"]:
+        b["scale"], b["offset"] = 1e-4, -0.1
+    (model / "model.json").write_text(json.dumps(card))
+    scaled = tmp_path / "scaled.tif"
+    shutil.copy(scene_path, scaled)
+    with rasterio.open(scaled, "r+") as ds:
+        ds.scales, ds.offsets = (1e-4,) * 4, (-0.1,) * 4
+
+    for taken in (geoseg.open_scene(scaled), rioxarray.open_rasterio(scaled, chunks=128),
+                  geoseg.open_scene(scaled).isel(band=[0, 1, 2, 3])):
+        assert geoseg.predict(taken, model, chunk_size=64).class_id.shape == (300, 437)
+    bare = rioxarray.open_rasterio(scaled).copy()
+    bare.attrs = {}
+    geoseg.predict(bare, model, chunk_size=64)
+    with pytest.raises(InputError, match=r"band '1' holds values with scale 1 and offset 0.*scale 0.0001 and offset "
+                                         r"-0.1.*mask_and_scale=False"):
+        geoseg.predict(rioxarray.open_rasterio(scaled, mask_and_scale=True), model, chunk_size=64)
+    with pytest.raises(InputError, match=r"band 'scene_1' holds values with scale 1 and offset 0"):
+        geoseg.predict(geoseg.open_scene(scene_path), model, chunk_size=64)

@@ -230,7 +230,7 @@ def test_bands_stored_with_another_scale_or_offset_than_the_model_was_trained_on
     card = read_card(random_model).model_copy(update={"bands": tuple(band_infos(trained_on))[:2]})
     assert [(b.scale, b.offset) for b in card.bands] == [(1e-4, -0.1)] * 2
     assert match_bands(open_stack([scaled]), card, "m").count == 2  # stored as in training: fine
-    with pytest.raises(InputError, match=r"plain.tif: band 1 stores values with scale 1 and offset 0, but m was trained "
+    with pytest.raises(InputError, match=r"plain.tif: band 1 holds values with scale 1 and offset 0, but m was trained "
                                          r"on band 1 stored with scale 0.0001 and offset -0.1.*gdal_translate -unscale"):
         match_bands(open_stack([plain]), card, "m")
     # a card that recorded no scale (older models) is not checked
