@@ -143,6 +143,7 @@ def connect(
     resources: dict[str, float] | None = None,
     timeout: str = "30s",
     gpus: Sequence[str] | None = None,
+    device: str = "auto",
 ) -> Iterator["distributed.Client"]:  # noqa: F821
     """A client on an existing scheduler (``scheduler`` address) or on a new local cluster.
 
@@ -150,7 +151,7 @@ def connect(
     is the fastest way to run a CNN on CPU cores) and binds to 127.0.0.1 only; ``resources``
     are what each of its workers offers (``{"GPU": 1}`` for model tasks annotated so).
 
-    On a machine with CUDA devices (``gpus``; None: ``local_gpus()``), and unless ``resources`` are
+    On a machine with CUDA devices (``gpus``; None: ``local_gpus()``), unless ``device`` is "cpu" or ``resources`` are
     given, the cluster gets one GPU worker per device (that device alone visible, GPU_WORKER_THREADS
     threads, offering GPU=1) beside ``n_workers`` CPU workers that see no device (default: one per
     core left). Model tasks of torch methods then run on the GPU workers (``model_resources``), reads,
@@ -169,7 +170,7 @@ def connect(
         finally:
             client.close()
         return
-    gpus = () if resources else tuple(local_gpus() if gpus is None else gpus)
+    gpus = () if resources or device == "cpu" else tuple(local_gpus() if gpus is None else gpus)
     n_cpu = n_workers or (max(1, default_workers() - len(gpus)) if gpus else default_workers())
     with dask.config.set(spawned_worker_config()):
         cluster = LocalCluster(
@@ -286,7 +287,7 @@ def connect_profile(profile: Any, name: str = "") -> Iterator["distributed.Clien
     label = f"cluster profile {name!r}" if name else f"the {profile.kind} cluster profile"
     if profile.kind == "local":
         with connect(None, profile.n_workers, profile.threads_per_worker, None, profile.memory_limit,
-                     resources=profile.resources, gpus=() if profile.device == "cpu" else None) as client:
+                     resources=profile.resources, device=profile.device) as client:
             yield client
     elif profile.kind == "address":
         with connect(profile.address, security=profile.security(), timeout=profile.timeout) as client:

@@ -89,7 +89,7 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
             plan_comparison(images, model_dirs, labels, options, names=names or None, resolve=False)  # checked first
             from geoseg.cluster import connect
 
-            with connect(scheduler, n_workers, gpus=() if device == "cpu" else None):
+            with connect(scheduler, n_workers, device=device):
                 cjob = plan_comparison(images, model_dirs, labels, options, names=names or None)
                 table = run_comparison(cjob)
         if json_path:
@@ -109,7 +109,7 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
         plan_evaluation(images, model_dir, labels, options, resolve=False)  # everything checked before a cluster starts
         from geoseg.cluster import connect
 
-        with connect(scheduler, n_workers, gpus=() if device == "cpu" else None):
+        with connect(scheduler, n_workers, device=device):
             # planned again on the cluster: the numerics are decided by the workers that run the model
             job = plan_evaluation(images, model_dir, labels, options)
             result = run_evaluation(job)

@@ -49,7 +49,7 @@ def predict(
 
     t0 = time.perf_counter()
     # --device cpu: no GPU workers on a machine with CUDA devices (geoseg.cluster.connect)
-    with connect(scheduler, n_workers, gpus=() if options.device == "cpu" else None) as c:
+    with connect(scheduler, n_workers, device=options.device) as c:
         info = {**cluster_info(c), "start_s": round(time.perf_counter() - t0, 3)}
         return run_job(job, c, progress, info)
 
