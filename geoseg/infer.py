@@ -58,8 +58,9 @@ def _normalized(data: np.ndarray, valid: np.ndarray, card: ModelCard, band_valid
         if band_valid is not None:
             np.copyto(raw, np.float32(np.nan), where=~band_valid)
         extra = x[nb:]
+        units = getattr(card, "index_band_units", None)
         for i, name in enumerate(indices):
-            extra[i] = spectral_index(raw, card.band_roles, name)
+            extra[i] = spectral_index(raw, card.band_roles, name, units)
         np.copyto(extra, np.float32(0), where=~np.isfinite(extra))
     return x
 

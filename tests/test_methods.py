@@ -323,3 +323,72 @@ def test_per_pixel_methods_train_from_sparse_point_labels(scene, tmp_path):
             "--method", "kmeans", "--clusters", "6", "--seed", "3")  # clusters named by the points under them
     assert r.exit_code == 0, r.output
     assert set(ModelCard.read(tmp_path / "km" / "model.json").method_params["cluster_class"]) <= {1, 2, 3}
+
+
+def test_threshold_picks_its_class_by_whole_names_and_the_pixels(scene, tmp_path):
+    """The class above an NDWI threshold is the one named water, not "non-water"; above NDVI "street trees",
+    not a "street" (which holds "tree"); a name the pixels contradict gives way to the class of highest mean."""
+    from geoseg.methods.fit import names_target
+
+    assert names_target("Open water", ("water",)) and names_target("street trees", ("tree",))
+    assert not names_target("non-water", ("water",)) and not names_target("street", ("tree",))
+    assert not names_target("no water", ("water",)) and not names_target("waterfront", ("water",))
+    img, lab, _, truth = scene
+    # the scene's pixels are water, forest, bare (truth 1, 2, 3); each case names classes and says which id
+    # holds which pixels. The last: "water" names the forest pixels, and the data wins (water pixels go above)
+    cases = ((("wet land", "non-water", "water"), {1: 3, 2: 1, 3: 2}, "ndwi", 3),
+             (("lake", "street", "street trees"), {1: 1, 2: 3, 3: 2}, "ndvi", 3),
+             (("water", "forest", "bare"), {1: 1, 2: 2, 3: 3}, "ndwi", 1),
+             (("bare", "water", "rock"), {1: 1, 2: 2, 3: 3}, "ndwi", 1))
+    for names, order, index, want in cases:
+        relabelled = np.vectorize(lambda v: order[int(v)])(truth).astype(np.uint8)
+        labels = write_raster(tmp_path / f"labels-{index}-{names[1]}.tif", relabelled, nodata=0)
+        classes = tmp_path / f"classes-{index}-{names[1]}.yaml"
+        classes.write_text("".join(f"- {{id: {i + 1}, name: {n}}}\n" for i, n in enumerate(names)))
+        out = tmp_path / f"th-{index}-{names[1]}"
+        r = cli("-q", "train", img, "--labels", labels, "--classes", classes, "--out", out, "--band-roles", ROLES,
+                "--method", "threshold", "--index", index)
+        assert r.exit_code == 0, r.output
+        card = ModelCard.read(out / "model.json")
+        assert card.method_params["above"] == want, (names, index, card.method_params)
+        assert card.training["metrics"]["miou"] > 0.3
+
+
+def test_indices_are_computed_on_physical_values(tmp_path):
+    """The same reflectance stored as float and as DN with GDAL's scale and offset (Landsat Collection 2:
+    2.75e-5, -0.2) gives the same NDVI and the same map with a fixed literature threshold; a validation block
+    whose index has no value where one band is missing is scored, not a crash. Cards written before keep
+    computing on stored values."""
+    rng = np.random.default_rng(0)
+    n = 96
+    veg = np.broadcast_to(((np.arange(n) // 8) % 2 == 0)[None, :], (n, n))
+    red = np.where(veg, 0.08, 0.20) + rng.normal(0, 0.003, (n, n))
+    nir = np.where(veg, 0.25, 0.27) + rng.normal(0, 0.003, (n, n))  # NDVI 0.51 (vegetation) and 0.15 (soil)
+    scale, offset = 2.75e-5, -0.2
+    dn = np.round((np.stack([red, nir]) - offset) / scale).astype(np.uint16)
+    dn[1, :, 40:46] = 0  # nir missing here only (nodata 0)
+    refl = np.stack([red, nir]).astype(np.float32)
+    refl[1, :, 40:46] = np.nan
+    stored = write_raster(tmp_path / "dn.tif", dn, nodata=0)
+    with rasterio.open(stored, "r+") as ds:
+        ds.scales, ds.offsets = (scale, scale), (offset, offset)
+    physical = write_raster(tmp_path / "refl.tif", refl, nodata=float("nan"))
+    labels = write_raster(tmp_path / "labels.tif", np.where(veg, 2, 1).astype(np.uint8), nodata=0)
+    classes = tmp_path / "classes.yaml"
+    classes.write_text("- {id: 1, name: soil}\n- {id: 2, name: vegetation}\n")
+    maps = []
+    for img in (stored, physical):
+        out = tmp_path / f"m-{Path(img).stem}"
+        r = cli("-q", "train", img, "--labels", labels, "--classes", classes, "--out", out, "--band-roles", "red,nir",
+                "--method", "threshold", "--index", "ndvi", "--threshold", "0.3", "--block-size", 32)
+        assert r.exit_code == 0, r.output
+        card = ModelCard.read(out / "model.json")
+        assert card.index_units == "physical" and card.training["metrics"]["miou"] == 1.0
+        cls, _ = one_pass(out, img, [("threshold", 0.3)])
+        maps.append(cls)
+    assert np.array_equal(maps[0], maps[1])
+    assert np.array_equal(maps[0][:, :40] == 2, veg[:, :40]) and (maps[0][:, 40:46] == 255).all()
+    old = card.model_copy(update={"index_units": "stored", "bands": tuple(b.model_copy(update={"scale": scale, "offset": offset})
+                                                                           for b in card.bands)})
+    assert old.index_band_units is None  # cards written before: the indices they were trained on, from stored values
+    assert card.model_copy(update={"bands": old.bands}).index_band_units == ((scale, offset), (scale, offset))

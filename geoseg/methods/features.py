@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import operator
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -70,11 +70,27 @@ def available_indices(roles: Sequence[str | None]) -> tuple[str, ...]:
     return tuple(name for name, (a, b) in INDICES.items() if a in have and b in have)
 
 
-def _band(data: np.ndarray, roles: Sequence[str | None], role: str) -> np.ndarray:
+Units = Sequence[tuple[float, float]] | None  # each band's (scale, offset) to physical values; None: as stored
+
+
+def band_units(bands: Sequence[Any]) -> tuple[tuple[float, float], ...] | None:
+    """Each band's GDAL (scale, offset) (``BandInfo``), or None where every band is stored as its physical value:
+    indices are computed on physical values (NDVI of reflectance, not of DN with an offset), as their
+    thresholds in the literature are."""
+    units = tuple((1.0 if b.scale is None else float(b.scale), 0.0 if b.offset is None else float(b.offset)) for b in bands)
+    return None if all(u == (1.0, 0.0) for u in units) else units
+
+
+def _band(data: np.ndarray, roles: Sequence[str | None], role: str, units: Units = None) -> np.ndarray:
     try:
-        return data[list(roles).index(role)]
+        i = list(roles).index(role)
     except ValueError:
         raise ConfigError(f"the band roles ({', '.join(str(r) for r in roles)}) have no {role!r} band; set them with --band-roles") from None
+    x = data[i].astype(np.float32)
+    if units is not None and tuple(units[i]) != (1.0, 0.0):
+        scale, offset = units[i]
+        x = x * np.float32(scale) + np.float32(offset)
+    return x
 
 
 def normalized_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -108,7 +124,7 @@ def check_expression(expr: str, roles: Sequence[str | None] | None = None) -> No
             raise ConfigError(f"index expression {expr!r}: only + - * / ** on numbers and band roles are allowed")
 
 
-def expression(data: np.ndarray, roles: Sequence[str | None], expr: str) -> np.ndarray:
+def expression(data: np.ndarray, roles: Sequence[str | None], expr: str, units: Units = None) -> np.ndarray:
     """Evaluate an arithmetic expression of band roles, e.g. ``(nir - red) / (nir + red + 0.5)``."""
     check_expression(expr, roles)
 
@@ -118,7 +134,7 @@ def expression(data: np.ndarray, roles: Sequence[str | None], expr: str) -> np.n
         if isinstance(node, ast.Constant):
             return np.float32(node.value)
         if isinstance(node, ast.Name):
-            return _band(data, roles, canonical_role(node.id)).astype(np.float32)  # type: ignore[arg-type]
+            return _band(data, roles, canonical_role(node.id), units)  # type: ignore[arg-type]
         if isinstance(node, ast.BinOp):
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp):
@@ -132,15 +148,16 @@ def expression(data: np.ndarray, roles: Sequence[str | None], expr: str) -> np.n
     return out
 
 
-def spectral_index(data: np.ndarray, roles: Sequence[str | None], name: str) -> np.ndarray:
-    """A named index (ndvi, ndwi, mndwi, ndbi, nbr) or ``expr:...`` over ``data`` (NaN = missing)."""
+def spectral_index(data: np.ndarray, roles: Sequence[str | None], name: str, units: Units = None) -> np.ndarray:
+    """A named index (ndvi, ndwi, mndwi, ndbi, nbr) or ``expr:...`` over ``data`` (NaN = missing), each band
+    taken to its physical value by ``units`` (``band_units``) first."""
     key = name.strip()
     if key.lower().startswith("expr:"):
-        return expression(data, roles, key[5:])
+        return expression(data, roles, key[5:], units)
     if key.lower() not in INDICES:
         raise ConfigError(f"unknown index {name!r}; use one of {', '.join(INDICES)} or expr:<arithmetic of band roles>")
     a, b = INDICES[key.lower()]
-    return normalized_difference(_band(data, roles, a).astype(np.float32), _band(data, roles, b).astype(np.float32))
+    return normalized_difference(_band(data, roles, a, units), _band(data, roles, b, units))
 
 
 def local_stats(x: np.ndarray, radius: int = TEXTURE_RADIUS) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +201,8 @@ def brightness(data: np.ndarray, scale: Sequence[float] | None = None) -> np.nda
 
 
 def feature_stack(
-    data: np.ndarray, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float] | None = None
+    data: np.ndarray, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float] | None = None,
+    units: Units = None,
 ) -> np.ndarray:
     """``(len(features), h, w)`` float32; NaN where a feature's inputs are missing."""
     import warnings
@@ -199,7 +217,7 @@ def feature_stack(
             elif name == "brightness":
                 base[name] = brightness(data, scale)
             else:
-                base[name] = spectral_index(data, roles, name)
+                base[name] = spectral_index(data, roles, name, units)
         return base[name]
 
     with warnings.catch_warnings():

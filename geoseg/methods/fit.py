@@ -5,7 +5,9 @@ directory (card + LightGBM text model or safetensors; nothing pickled) atomicall
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,6 +18,7 @@ from geoseg.errors import ConfigError, InputError, OutputExistsError
 from geoseg.model.store import write_model_dir
 from geoseg.methods.features import (
     available_indices,
+    band_units,
     check_expression,
     default_features,
     feature_radius,
@@ -34,6 +37,9 @@ MAX_TRAIN_PIXELS = 2_000_000
 KMEANS_SAMPLE = 200_000
 # the index a threshold uses when none is named: the first of these the band roles allow
 INDEX_PREFERENCE = ("mndwi", "ndwi", "ndvi", "ndbi")
+log = logging.getLogger(__name__)
+
+NEGATIONS = ("non", "not", "no", "without")
 TARGET_WORDS = {"mndwi": "water", "ndwi": "water", "ndvi": ("forest", "vegetation", "tree"), "ndbi": ("developed", "built", "urban")}
 
 
@@ -92,6 +98,42 @@ def _validate(predictor, card: ModelCard, prep, boxes: Sequence[Box], lut: np.nd
         target = np.where(v, target, NODATA_CLASS)
         cm += confusion_indices(target, pred, n)
     return Metrics(card.class_ids, tuple(c.name for c in card.classes), cm)
+
+
+def names_target(name: str, words: Sequence[str]) -> bool:
+    """Whether a class name says it is what an index measures: one of ``words`` as a whole word (or its
+    plural), not negated ("open water", "street trees"; not "non-water", "no water", "street")."""
+    tokens = re.findall(r"[a-z0-9]+", name.lower())
+    for j, t in enumerate(tokens):
+        if t in words or (t.endswith("s") and t[:-1] in words) or (t.endswith("es") and t[:-2] in words):
+            if not (j and tokens[j - 1] in NEGATIONS):
+                return True
+    return False
+
+
+def _threshold_classes(classes: Sequence[Any], idx: str, means: np.ndarray, counts: np.ndarray) -> tuple[int, int]:
+    """The classes above and below the threshold (positions): above, the class named after what the index
+    measures, else the one of highest mean index; below, the most frequent other. The names only choose
+    where the training pixels agree: a named class whose mean index is not above the other's gives way."""
+    words = TARGET_WORDS.get(idx.lower(), ())
+    words = (words,) if isinstance(words, str) else words
+
+    def most_frequent_besides(i: int) -> int:
+        others = counts.astype(float).copy()
+        others[i] = -1
+        return int(others.argmax()) if len(classes) > 1 else i
+
+    named = [i for i, c in enumerate(classes) if counts[i] and names_target(c.name, words)]
+    if named:
+        above = max(named, key=lambda i: means[i])
+        below = most_frequent_besides(above)
+        if below == above or means[above] > means[below]:
+            return above, below
+        log.warning("class %r is named after what %s measures but its training pixels have a lower mean %s (%.3f) than "
+                    "class %r (%.3f): the class of highest mean goes above the threshold", classes[above].name, idx,
+                    idx, means[above], classes[below].name, means[below])
+    above = int(means.argmax())
+    return above, most_frequent_besides(above)
 
 
 def train_method(
@@ -202,7 +244,7 @@ def train_method(
 
         for box in train_boxes:
             data, bv = read_bands(prep.stack, box.window)
-            v = spectral_index(nan_bands(data, bv), roles, idx)
+            v = spectral_index(nan_bands(data, bv), roles, idx, band_units(prep.stack.bands))
             t = targets(box)
             m = np.isfinite(v) & (t != NODATA_CLASS)
             np.add.at(sums, t[m], v[m])
@@ -210,14 +252,8 @@ def train_method(
             values.append(v)
         if counts.sum() == 0:
             raise InputError(f"{inputs.labels}: no labelled pixel with a value of {idx} in the training blocks")
-        words = TARGET_WORDS.get(idx.lower(), ())
-        words = (words,) if isinstance(words, str) else words
-        named = [i for i, c in enumerate(classes) if any(w in c.name.lower() for w in words) and counts[i]]
         means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
-        above = named[0] if named else int(means.argmax())
-        others = counts.copy()
-        others[above] = -1
-        below = int(others.argmax()) if len(classes) > 1 else above
+        above, below = _threshold_classes(classes, idx, means, counts)
         t_value: Any = "otsu" if str(threshold).lower() == "otsu" else float(threshold)
         params = {"index": idx, "threshold": t_value, "above": classes[above].id, "below": classes[below].id}
         if t_value == "otsu":
@@ -235,6 +271,7 @@ def train_method(
     card = ModelCard(
         arch=method, encoder="-", encoder_depth=1, bands=bands, normalization=prep.normalization, classes=classes,
         stride=1, tile_size=1024, receptive_field=radius, default_halo=radius, method=method, missing_bands=missing,
+        index_units="physical",
         postprocess=postprocess,
         provenance={"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "geoseg": __version__,
                     "source": "geoseg train", "seed": config.seed},

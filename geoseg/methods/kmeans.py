@@ -39,7 +39,7 @@ class KMeansPredictor:
         return d2.argmin(1), np.maximum(d2, 0)
 
     def probabilities(self, data: np.ndarray, valid: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        f = feature_stack(data, self.card.band_roles, self.features, self.card.normalization.std)
+        f = feature_stack(data, self.card.band_roles, self.features, self.card.normalization.std, self.card.index_band_units)
         out = np.zeros((self.card.n_classes, *valid.shape), np.float32)
         if valid.any():
             _, d2 = self.clusters(f[:, valid].T)

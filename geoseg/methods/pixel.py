@@ -60,7 +60,7 @@ class PixelPredictor:
 
 
 def predict_pixels(booster, card: ModelCard, features: Sequence[str], data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    f = feature_stack(data, card.band_roles, features, card.normalization.std)
+    f = feature_stack(data, card.band_roles, features, card.normalization.std, card.index_band_units)
     out = np.zeros((card.n_classes, *valid.shape), np.float32)
     if valid.any():
         X = f[:, valid].T

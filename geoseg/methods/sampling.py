@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from geoseg.io.sources import RasterStack, read_bands
-from geoseg.methods.features import feature_radius, feature_stack, nan_bands
+from geoseg.methods.features import band_units, feature_radius, feature_stack, nan_bands
 from geoseg.model.card import NODATA_CLASS
 from geoseg.tiling import Box
 
@@ -21,7 +21,7 @@ def window_features(
     h, w = stack.shape
     outer = box.grow(r, (h, w))
     data, bv = read_bands(stack, outer.window)
-    f = feature_stack(nan_bands(data, bv), roles, features, scale)
+    f = feature_stack(nan_bands(data, bv), roles, features, scale, band_units(stack.bands))
     sl = box.relative_to(outer)
     return f[(slice(None), *sl)], bv.any(axis=0)[sl]
 

@@ -34,7 +34,7 @@ class ThresholdPredictor:
         return float(t)
 
     def probabilities(self, data: np.ndarray, valid: np.ndarray, params: dict[str, Any]) -> np.ndarray:
-        v = spectral_index(data, self.card.band_roles, self.index)
+        v = spectral_index(data, self.card.band_roles, self.index, self.card.index_band_units)
         t = self.threshold(params)
         if not np.isfinite(t):  # the scene had no index value at all: no class anywhere
             v = np.full(v.shape, np.nan, np.float32)
@@ -53,7 +53,7 @@ def index_values(card: ModelCard, data: np.ndarray, band_valid: np.ndarray) -> n
     """The card's index over a window, NaN where it has no value (or a needed band is missing)."""
     from geoseg.methods.features import nan_bands
 
-    return spectral_index(nan_bands(data, band_valid), card.band_roles, card.method_params["index"])
+    return spectral_index(nan_bands(data, band_valid), card.band_roles, card.method_params["index"], card.index_band_units)
 
 
 def otsu_from_histogram(counts: np.ndarray, lo: float, hi: float) -> float:

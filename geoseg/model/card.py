@@ -141,6 +141,9 @@ class ModelCard(_Frozen):
     index_channels: tuple[str, ...] = Field(
         default=(), description="smp: spectral indices (by band role) appended to the normalised bands as network inputs")
     tta: Literal["none", "d4"] = Field(default="none", description="test-time augmentation of smp models: d4 = mean of the 8 flips/rotations")
+    index_units: Literal["stored", "physical"] = Field(
+        default="stored", description="what spectral indices are computed on: physical values (each band's value x "
+        "scale + offset; models trained since 2026-12-04) or values as stored (cards written before)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ModelCard":
@@ -166,6 +169,13 @@ class ModelCard(_Frozen):
     @property
     def n_bands(self) -> int:
         return len(self.bands)
+
+    @property
+    def index_band_units(self) -> tuple[tuple[float, float], ...] | None:
+        """Each band's (scale, offset) the indices take it to its physical value by (None: as stored)."""
+        from geoseg.methods.features import band_units
+
+        return band_units(self.bands) if self.index_units == "physical" else None
 
     @property
     def n_inputs(self) -> int:

@@ -334,6 +334,7 @@ def make_card(
         provenance=prov,
         training=training,
         index_channels=tuple(index_channels),
+        index_units="physical",
         members=len(members),
     )
 

@@ -19,6 +19,7 @@ from odc.geo.geobox import GeoBox
 from geoseg.errors import ConfigError, InputError
 from geoseg.infer import normalize
 from geoseg.io.sources import RasterStack, read_window
+from geoseg.methods.features import band_units
 from geoseg.model.card import NODATA_CLASS, ClassInfo, Normalization
 from geoseg.tiling import Box
 from geoseg.training.labels import LabelSource, read_labels
@@ -324,6 +325,7 @@ class _NormOnly:
     normalization: Normalization
     index_channels: tuple[str, ...] = ()
     band_roles: tuple[str | None, ...] = ()
+    index_band_units: tuple[tuple[float, float], ...] | None = None
 
 
 def class_lut(classes: Sequence[ClassInfo]) -> np.ndarray:
@@ -355,7 +357,7 @@ class ChipReader:
         else:
             data, valid = read_window(self.stack, box.window)
             ids = np.where(valid, read_labels(self.labels, box), NODATA_CLASS)
-        card = _NormOnly(self.normalization, self.index_channels, self.band_roles)
+        card = _NormOnly(self.normalization, self.index_channels, self.band_roles, band_units(self.stack.bands))
         x = normalize(data, valid, card)  # type: ignore[arg-type]
         return x, self.lut[ids]
 

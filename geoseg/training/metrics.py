@@ -29,10 +29,11 @@ def confusion_ids(labels: np.ndarray, preds: np.ndarray) -> np.ndarray:
 
 
 def confusion_indices(target: np.ndarray, pred: np.ndarray, n_classes: int, ignore: int = NO_CLASS) -> np.ndarray:
-    """``n x n`` pixel counts of (target index, predicted index), pixels with target ``ignore`` left out."""
+    """``n x n`` pixel counts of (target index, predicted index), pixels with target ``ignore`` left out, and
+    pixels with no prediction (an index out of range: a threshold's index has no value where its band is missing)."""
     t = np.asarray(target).ravel().astype(np.int64)
     p = np.asarray(pred).ravel().astype(np.int64)
-    keep = t != ignore
+    keep = (t != ignore) & (t >= 0) & (t < n_classes) & (p >= 0) & (p < n_classes)
     return np.bincount(t[keep] * n_classes + p[keep], minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
