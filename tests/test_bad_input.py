@@ -38,7 +38,8 @@ def test_missing_input(random_model, tmp_path):
 
 @pytest.mark.parametrize("command, flag, value", [("predict", "--batch-size", "0"), ("predict", "--chunk-size", "-64"),
                                                    ("predict", "--halo", "-1"), ("evaluate", "--tile-size", "0"),
-                                                   ("train", "--threshold", "abc"), ("train", "--threshold", "nan")])
+                                                   ("train", "--threshold", "abc"), ("train", "--threshold", "nan"),
+                                                   ("train", "--mmu", "5000"), ("train", "--mmu", "1=5000")])
 def test_out_of_range_options_are_usage_errors_before_anything_runs(random_model, scene_path, tmp_path, command, flag, value):
     out = tmp_path / "out"
     args = {"predict": ["--model", random_model, "--out", out], "evaluate": ["--model", random_model, "--labels", scene_path],
@@ -236,3 +237,27 @@ def test_bands_stored_with_another_scale_or_offset_than_the_model_was_trained_on
     # a card that recorded no scale (older models) is not checked
     unknown = card.model_copy(update={"bands": tuple(b.model_copy(update={"scale": None, "offset": None}) for b in card.bands)})
     assert match_bands(open_stack([plain]), unknown, "m").count == 2
+
+
+def test_training_options_and_a_classes_file_that_is_no_text_are_one_line_errors(scene_path, tmp_path):
+    out = tmp_path / "out"
+    code, output = run("train", scene_path, "--labels", scene_path, "--out", out, "--weight-decay", "-1")
+    assert_refused(code, output, "weight_decay=-1.0", out)
+    code, output = run("train", scene_path, "--labels", scene_path, "--out", out, "--classes", scene_path)
+    assert_refused(code, output, scene_path, out)
+    assert "not a text file" in output
+
+
+def test_a_scene_of_one_chip_trains_with_the_defaults(tmp_path):
+    """128 px: the default chip (128) and block (256) leave one block, which no split can cut; the chips shrink
+    until blocks of two chips cut the region into four."""
+    image, labels = blob_scene(128, 128, 3, seed=4)
+    img = write_raster(tmp_path / "small.tif", image)
+    lab = write_raster(tmp_path / "labels.tif", labels, nodata=255)
+    code, output = run("-q", "train", img, "--labels", lab, "--out", tmp_path / "m", "--epochs", 1, "--members", 1,
+                       "--steps-per-epoch", 1, "--no-ensemble")
+    assert code == 0, output
+    from geoseg.model.card import ModelCard
+
+    card = ModelCard.read(tmp_path / "m" / "model.json")
+    assert card.training["config"]["chip_size"] <= 32 and card.training["metrics"]["pixels"] > 0

@@ -172,7 +172,13 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.methods.fit import band_roles_for, train_method
     from geoseg.model.card import PostProcess
 
-    postprocess = PostProcess(majority_radius=majority, **parse_mmu(mmu))
+    import pydantic
+
+    try:
+        postprocess = PostProcess(majority_radius=majority, **parse_mmu(mmu))
+    except pydantic.ValidationError as exc:
+        what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise click.BadParameter(what, param_hint="'--mmu' / '--majority'") from None
     if method != "smp":
         with geoseg_warnings():
             result = train_method(inputs, out_dir, method, config, band_roles=band_roles, index=index, threshold=threshold,

@@ -22,6 +22,8 @@ def load_classes(path: str | os.PathLike) -> tuple[ClassInfo, ...]:
         text = path.read_text()
     except FileNotFoundError:
         raise InputNotFoundError(f"{path}: classes file not found; give a YAML list of {{id, name, color}}") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise InputError(f"{path}: not a text file; the classes file is YAML, a list of {{id, name, color}}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -245,7 +245,7 @@ def split_blocks(survey: Survey, val_fraction: float, seed: int, tries: int = 25
     if idx.size < 2:
         raise InputError(
             f"labels cover {idx.size} block(s) of {survey.block_size} px: too few to split into training and "
-            "validation; use a smaller --block-size or more labels"
+            "validation; use a smaller --chip-size and --block-size, or more labels"
         )
     n_val = min(idx.size - 1, max(1, round(val_fraction * idx.size)))
     per_block = survey.class_counts.reshape(-1, ID_SPACE)[idx]

@@ -87,7 +87,8 @@ class TrainConfig:
             "epochs": self.epochs >= 1,
             "chip_size": self.chip_size >= CELL,
             "batch_size": self.batch_size >= 1,
-            "lr": self.lr > 0,
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "weight_decay": self.weight_decay >= 0 and math.isfinite(self.weight_decay),
             "patience": self.patience >= 1,
             "val_fraction": 0 <= self.val_fraction < 1,
             "steps_per_epoch": self.steps_per_epoch is None or self.steps_per_epoch >= 1,
@@ -174,6 +175,13 @@ def band_infos(stack: RasterStack) -> list[BandInfo]:
     return out
 
 
+MIN_BLOCKS = 4  # blocks a region of one default block (two chips) is cut into by smaller chips
+
+
+def _blocks(region: Box, block: int) -> int:
+    return math.ceil(region.shape[0] / block) * math.ceil(region.shape[1] / block)
+
+
 def _round_to(value: int, multiple: int) -> int:
     return max(multiple, (int(value) // multiple) * multiple)
 
@@ -218,9 +226,17 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
     chip = min(_round_to(config.chip_size, unit), _round_to(min(region.shape), unit))
     if chip > min(region.shape):
         raise InputError(f"the training region ({region.shape[0]} x {region.shape[1]} px) is smaller than one chip of {unit} px")
+    if config.block_size is None and config.val_fraction > 0 and _blocks(region, 2 * chip) < 2:
+        # a region of one block, which no split can cut: chips small enough that blocks of two chips cut it in four
+        # (regions of two blocks or more keep their chips, as they always did)
+        while chip > unit and _blocks(region, 2 * chip) < MIN_BLOCKS:
+            chip = _round_to(chip // 2, unit)
+        if chip < config.chip_size:
+            log.info("the training region (%d x %d px) is small: chips of %d px (asked %d), blocks of %d px",
+                     *region.shape, chip, config.chip_size, 2 * chip)
     block = _round_to(config.block_size or 2 * chip, CELL)
     if block < chip:
-        raise ConfigError(f"--block-size {block} is smaller than the chip size {chip}; blocks must hold whole chips")
+        raise ConfigError(f"--block-size {block} is smaller than the chip size {chip}; blocks must hold whole chips: give a smaller --chip-size too")
     sv = survey(stack, labels, region, block, cache_bytes)
     counts = sv.id_counts
     if counts.sum() == 0:
