@@ -322,12 +322,17 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
     scales = band_scales(da_)
     if scales is not None and SCALE not in da_.coords:
         da_ = _with_scales(da_, scales)
-    if da_.sizes["y"] > 1 and da_.sizes["x"] > 1:
-        if float(da_["y"][1]) > float(da_["y"][0]):  # south-up rows (y ascending): north-up, as rasters are
-            da_ = da_.isel(y=slice(None, None, -1))
-        # the grid from the coordinates: a strided selection, coarsen or flip keeps rioxarray's cached transform
-        da_ = da_.rio.write_transform(da_.rio.transform(recalc=True))
-    return _with_nodata(da_, nodata)
+    return _with_nodata(_north_up(da_), nodata)
+
+
+def _north_up(obj: Any) -> Any:
+    """A DataArray or Dataset with rows north-up (y descending), as rasters are, and its transform from its
+    coordinates: a strided selection, coarsen or flip keeps rioxarray's cached transform, which no longer fits."""
+    if obj.sizes.get("y", 0) > 1 and obj.sizes.get("x", 0) > 1:
+        if float(obj["y"][1]) > float(obj["y"][0]):  # south-up rows (y ascending)
+            obj = obj.isel(y=slice(None, None, -1))
+        obj = obj.rio.write_transform(obj.rio.transform(recalc=True))
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -501,6 +506,7 @@ def vectorize(source: Any, outputs: Sequence[str | os.PathLike] | None = None, *
         if unsupported:
             raise ConfigError(f"{', '.join(unsupported)}: for a Dataset in memory only connectivity applies; write it "
                               "to a store (ds.to_zarr) and vectorize the store for the other options")
+        source = _north_up(source)
         var = source["class_id"] if isinstance(source, xr.Dataset) else source
         with_conf = isinstance(source, xr.Dataset) and "confidence" in source
         # one computation for both layers: the model runs once
@@ -530,7 +536,7 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
     from geoseg.io.cog import write_cog
     from geoseg.io.cog_cluster import write_cog_cluster
 
-    var = ds["class_id"] if isinstance(ds, xr.Dataset) else ds
+    var = _north_up(ds["class_id"] if isinstance(ds, xr.Dataset) else ds)
     from odc.geo.geobox import GeoBox
 
     grid = GeoBox(var.shape, var.rio.transform(), var.rio.crs.to_wkt())

@@ -361,3 +361,25 @@ def test_the_api_refuses_values_scaled_otherwise_than_the_training_bands(tmp_pat
         geoseg.predict(rioxarray.open_rasterio(scaled, mask_and_scale=True), model, chunk_size=64)
     with pytest.raises(InputError, match=r"band 'scene_1' holds values with scale 1 and offset 0"):
         geoseg.predict(geoseg.open_scene(scene_path), model, chunk_size=64)
+
+
+def test_cog_and_polygons_of_a_strided_or_south_up_prediction_are_where_its_pixels_are(random_model, tmp_path):
+    """A prediction Dataset subsampled or flipped south-up keeps rioxarray's cached transform; to_cog and vectorize
+    place the pixels by their coordinates (they wrote 10 m pixels for 20 m ones, and the south-up map upside down)."""
+    import dask
+    from rasterio.features import rasterize
+
+    with dask.config.set(scheduler="synchronous"):
+        ds = geoseg.predict(_north_up(), random_model, chunk_size=64, precision="fp32").compute()
+    for name, sub in (("strided", ds.isel(y=slice(0, None, 2), x=slice(1, None, 3))), ("south-up", ds.isel(y=slice(None, None, -1)))):
+        yy, xx = np.meshgrid(sub["y"].values, sub["x"].values, indexing="ij")
+        want = sub.class_id.values
+        path = geoseg.to_cog(sub, tmp_path / f"{name}.tif", client=None)
+        with rasterio.open(path) as src:
+            got = np.array([v[0] for v in src.sample(zip(xx.ravel(), yy.ravel()))]).reshape(want.shape)
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        gdf = geoseg.vectorize(sub)
+        with rasterio.open(path) as src:  # the polygons burnt on the COG's (north-up) grid give the COG back
+            burnt = rasterize(zip(gdf.geometry, gdf.class_id.astype(int)), out_shape=src.shape, transform=src.transform,
+                              fill=255, dtype="uint8")
+            np.testing.assert_array_equal(burnt, src.read(1), err_msg=name)
