@@ -311,3 +311,31 @@ def test_fast_measures_agree_with_the_geodesic_ones(crs, x0, y0, unit):
     exact_area, exact_perim = m._geodesic(geoms)
     np.testing.assert_allclose(fast_area, exact_area, rtol=2e-5)
     np.testing.assert_allclose(fast_perim, exact_perim, rtol=2e-5)
+
+
+def test_a_mask_band_hides_pixels_as_gdal_polygonize_has_it_and_255_is_none(client, tmp_path):
+    """A class map without nodata but with a mask band (per dataset): GDAL's polygonize leaves the hidden pixels out,
+    so geoseg does too (it vectorized them). 255 in a uint8 map without nodata is none, as in every class map geoseg
+    reads (it crashed after all the work, building a style for class 255)."""
+    a = hard_map()
+    a[a == 255] = 0
+    mask = np.full(a.shape, 255, np.uint8)
+    mask[:, 270:] = 0
+    path = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.open(path, "w", driver="GTiff", width=a.shape[1], height=a.shape[0], count=1, dtype="uint8",
+                           crs="EPSG:32617", transform=T) as ds:
+            ds.write(a, 1)
+            ds.write_mask(mask)
+    vectorize(path, [tmp_path / "masked.gpkg"], client=client, chunk_size=100)
+    got = gpd.read_file(tmp_path / "masked.gpkg", layer="landuse")
+    with rasterio.open(path) as ds:
+        ref = [(int(v), shapely.geometry.shape(g)) for g, v in shapes(a, mask=ds.read_masks(1) > 0, transform=T)]
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(ref)
+    b = a.copy()
+    b[10:20, 10:30] = 255
+    plain = write_raster(tmp_path / "no-nodata.tif", b, nodata=None)
+    result = vectorize(plain, [tmp_path / "plain.gpkg"], client=client, chunk_size=100)
+    got = gpd.read_file(tmp_path / "plain.gpkg", layer="landuse")
+    assert result["polygons"] == len(got) and int(got["pixels"].sum()) == int((b != 255).sum())
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(gdal(b))

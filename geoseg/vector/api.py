@@ -253,4 +253,5 @@ def _classes_from_parts(parts: str) -> list[ClassInfo]:
     ids: set[int] = set()
     for gdf in iter_parts(parts):
         ids |= set(int(i) for i in gdf["class_id"].unique())
-    return [ClassInfo(id=i, name=f"class_{i}", color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in sorted(ids)]
+    # a map whose nodata is another value may hold 255 as a class: polygons, but no class to style (ids 0-254)
+    return [ClassInfo(id=i, name=f"class_{i}", color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in sorted(ids) if i <= 254]

@@ -50,6 +50,7 @@ class ClassRaster:
     nodata: int | None
     chunks: tuple[int, int] | None  # the source's own chunking (reads aligned to it)
     has_confidence: bool = False
+    masked: bool = False  # the raster has a mask band (per dataset, alpha): pixels it hides are none, as GDAL's polygonize has them
 
     def read(self, box: Box) -> tuple[np.ndarray, np.ndarray | None]:
         ys, xs = slice(box.y0, box.y1), slice(box.x0, box.x1)
@@ -64,10 +65,13 @@ class ClassRaster:
         with storage.gdal_env(self.path), rasterio.open(self.path) as ds:
             a = ds.read(1, window=box.window)
             nodata = ds.nodata
+            hidden = ds.read_masks(1, window=box.window) == 0 if self.masked else np.zeros(a.shape, bool)
         if a.dtype == np.uint8:
+            if hidden.any():
+                a = np.where(hidden, np.uint8(255), a)
             return a, None
-        # wider integer types: class ids 0-254, the file's nodata becomes 255
-        missing = np.zeros(a.shape, bool) if nodata is None else a == nodata
+        # wider integer types: class ids 0-254, the file's nodata (and what its mask hides) becomes 255
+        missing = hidden if nodata is None else hidden | (a == nodata)
         ids = a[~missing]
         if ids.size and (ids.min() < 0 or ids.max() > 254):
             from geoseg.errors import InputError
@@ -304,10 +308,17 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
         with storage.gdal_env(p), rasterio.open(p) as ds:
             if ds.count != 1 or ds.dtypes[0] not in ("uint8", "int8", "uint16", "int16", "uint32", "int32"):
                 raise InputError(f"{p}: a class raster has one integer band; this has {ds.count} band(s) of {ds.dtypes[0]}")
-            nodata = None if ds.nodata is None else int(ds.nodata)
+            from rasterio.enums import MaskFlags
+
+            # 255 is none in every class map geoseg reads (class ids are 0-254); a uint8 map with another
+            # nodata keeps it, and 255 is none as well where the file names no nodata
+            nodata = 255 if ds.nodata is None else int(ds.nodata)
             if ds.dtypes[0] != "uint8":
                 nodata = 255  # read() maps the file's nodata to 255 and checks ids fit 0-254
+            flags = ds.mask_flag_enums[0]
+            masked = ds.nodata is None and MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags
             return ClassRaster(p, "raster", (ds.height, ds.width), ds.transform,
-                               None if ds.crs is None else ds.crs.to_wkt(), nodata, tuple(ds.block_shapes[0]))
+                               None if ds.crs is None else ds.crs.to_wkt(), nodata, tuple(ds.block_shapes[0]),
+                               masked=masked)
     except RasterioIOError as exc:
         raise InputError(f"{p}: not a raster GDAL can open ({exc})") from None
