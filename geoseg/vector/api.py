@@ -212,7 +212,11 @@ def _simplified(parts: Iterable[gpd.GeoDataFrame], tolerance: float, src: ClassR
     if not frames:
         return empty_frame(to_pyproj(src.crs_wkt), src.has_confidence)
     gdf = pd.concat(frames, ignore_index=True)
-    geoms = shapely.coverage_simplify(np.asarray(gdf.geometry.values, dtype=object), tolerance)
+    geoms = np.asarray(gdf.geometry.values, dtype=object)
+    # 8-connected regions are GDAL's rings that touch themselves at corners, no valid coverage: split there first
+    # (into valid MultiPolygons), or the simplification leaves gaps and overlaps at those corners
+    geoms = shapely.make_valid(geoms, method="structure", keep_collapsed=False)
+    geoms = shapely.coverage_simplify(geoms, tolerance)
     area, perimeter = Measurer(to_pyproj(src.crs_wkt))(geoms)
     out = gpd.GeoDataFrame(gdf.drop(columns="geometry"), geometry=gpd.GeoSeries(geoms, crs=gdf.crs), crs=gdf.crs)
     out["area_m2"], out["perimeter_m"] = area, perimeter
