@@ -203,6 +203,17 @@ def test_cli_vectorize(class_tif, tmp_path):
     assert bad.exit_code == 2 and "nope.tif: no such file" in bad.output
     wrong = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(tmp_path / "x.shp")])
     assert wrong.exit_code == 2 and ".gpkg" in wrong.output
+    negative = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(tmp_path / "y.gpkg"), "--chunk-size", "-5"])
+    assert negative.exit_code == 2 and "Invalid value for '--chunk-size'" in negative.output
+    # polygons named like the class raster beside them: their style (classes.qml) would replace the raster's
+    from geoseg.vector.style import raster_qml, write_qml
+
+    raster = tmp_path / "classes.tif"
+    style = write_qml(raster, raster_qml(CLASSES))
+    before = style.read_text()
+    clash = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(tmp_path / "classes.parquet"), "--overwrite"])
+    assert clash.exit_code == 2 and "classes.qml" in clash.output and "another layer's style" in clash.output
+    assert style.read_text() == before and not (tmp_path / "classes.parquet").exists()
 
 
 def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scene_path, tmp_path):

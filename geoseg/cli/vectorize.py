@@ -11,7 +11,7 @@ from geoseg.cli.options import scheduler_opt, workers_opt
 @click.argument("source", type=click.Path())
 @click.option("--out", "outputs", multiple=True, required=True, type=click.Path(dir_okay=False),
               help="Output file: .gpkg (GeoPackage), .parquet (GeoParquet 1.1) or .fgb (FlatGeobuf). Repeat for several.")
-@click.option("--chunk-size", type=int, default=None, metavar="PX",
+@click.option("--chunk-size", type=click.IntRange(min=1), default=None, metavar="PX",
               help="Side of the chunks polygonized in parallel (default: the source's chunks, or 2048). "
                    "The polygons do not depend on it.")
 @click.option("--connectivity", type=click.Choice(["4", "8"]), default="4", show_default=True,

@@ -22,7 +22,7 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, OutputExistsError
 from geoseg.model.card import ClassInfo
 from geoseg.vector.style import add_gpkg_style, polygon_qml, write_qml
 
@@ -35,6 +35,11 @@ def check_vector_path(path: str | os.PathLike) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise ConfigError(f"{path}: vector output must end in .gpkg (GeoPackage), .parquet (GeoParquet) or .fgb (FlatGeobuf)")
+    qml = Path(path).with_suffix(".qml")
+    if suffix != ".gpkg" and qml.is_file() and "<renderer-v2" not in qml.read_text(errors="replace"):
+        # the style QGIS loads with this file is <name>.qml: another layer's (the class raster's) would be replaced
+        raise OutputExistsError(f"{qml}: holds another layer's style (a raster's), which QGIS would lose: {Path(path).name} "
+                                "writes its style there; give the polygons another name (landuse.parquet)")
     return suffix
 
 
