@@ -355,3 +355,23 @@ def test_a_mask_band_hides_pixels_as_gdal_polygonize_has_it_and_255_is_none(clie
     got = gpd.read_file(tmp_path / "plain.gpkg", layer="landuse")
     assert result["polygons"] == len(got) and int(got["pixels"].sum()) == int((b != 255).sum())
     assert canonical(zip(got["class_id"], got.geometry)) == canonical(gdal(b))
+
+
+def test_min_area_on_the_ground_where_pixels_shrink_with_latitude(client, tmp_path):
+    """0.1° pixels from the equator to 60°N: --min-area in m² judges each region by the ground area of its
+    pixels (one pixel count from the central pixel removed a 246 km² island and kept a 198 km² one); chunked
+    equals one chunk."""
+    a = np.zeros((600, 100), np.uint8)
+    a[595:597, 50] = 1  # 2 px near the equator: 246 km²
+    a[20:23, 50] = 2  # 3 px near 58°N: 198 km²
+    a[300:302, 20:22] = 3  # 4 px near 30°N: 4 x 106 km²
+    t = Affine(0.1, 0, 0, 0, -0.1, 60)
+    src = write_raster(tmp_path / "geo.tif", a, crs="EPSG:4326", transform=t, nodata=255, block=64)
+    got = {}
+    for chunk in (64, 1000):
+        out = tmp_path / f"geo-{chunk}.gpkg"
+        vectorize(src, [out], client=client, chunk_size=chunk, min_area="220000000m2")
+        got[chunk] = gpd.read_file(out, layer="landuse")
+    kept = got[64][got[64]["class_id"] != 0]
+    assert sorted(kept["class_id"].astype(int)) == [1, 3] and (kept["area_m2"] >= 2.2e8).all()
+    assert canonical(zip(got[64]["class_id"], got[64].geometry)) == canonical(zip(got[1000]["class_id"], got[1000].geometry))

@@ -12,6 +12,7 @@ Polygons follow pixel edges, so rasterizing them back (pixel centres) gives the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from geoseg.vector.polygons import attributes, label_polygons, region_stats
 from geoseg.vector.regions import check_connectivity, label_regions
 from geoseg.vector.run import ClassRaster, VectorizeOptions, iter_parts, open_class_raster, vectorize_parts
 from geoseg.vector.writers import LAYER, check_vector_path, empty_frame, write_layer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LAYER", "classes_from_attrs", "classes_of", "polygonize", "vectorize", "write_vectors"]
 
@@ -160,9 +163,15 @@ def vectorize(
         check_vector_path(out)
     src = source if isinstance(source, ClassRaster) else open_class_raster(source)
     classes = list(classes) if classes is not None else classes_of(src)
+    min_pixels, min_area_m2 = min_area_limit(min_area, src)
     opts = VectorizeOptions(chunk_size=chunk_size, connectivity=check_connectivity(connectivity),
                             keep_classes=None if keep_classes is None else tuple(int(k) for k in keep_classes),
-                            names={c.id: c.name for c in classes}, min_pixels=min_area_pixels(min_area, src))
+                            names={c.id: c.name for c in classes}, min_pixels=min_pixels, min_area_m2=min_area_m2)
+    if min_pixels > SIEVE_HALO_WARN:
+        side = 2 * min_pixels + (chunk_size or 2048)
+        log.warning("--min-area %s can span %d px: each chunk is sieved in a window of up to %d x %d px (%.1f GB of "
+                    "region labels per task); a smaller area, or sieving a coarser map, keeps tasks small",
+                    min_area, min_pixels, side, side, side * side * 8 / 1e9)
     near = parts_near if parts_near is not None else Path(outputs[0]).parent if outputs else None
     with contextlib.ExitStack() as stack:
         if client is None:
@@ -178,6 +187,9 @@ def vectorize(
         written = [write_layer(layer(), out, crs=to_pyproj(src.crs_wkt), classes=classes,
                                multi=connectivity == 8, confidence=src.has_confidence) for out in outputs]
     return {**stats, "outputs": written}
+
+
+SIEVE_HALO_WARN = 4096  # a --min-area halo (px) beyond which the sieve windows outgrow the chunks by far
 
 
 def _quantity(value: str | float | None, units: str, default: str, problem: str) -> tuple[float, str] | None:
@@ -223,32 +235,25 @@ def _simplified(parts: Iterable[gpd.GeoDataFrame], tolerance: float, src: ClassR
     return out
 
 
-def min_area_pixels(value: str | float | None, src: ClassRaster) -> int:
-    """``--min-area`` in pixels: "25", "25px", "500m2" or "0.5ha" (areas by the pixel's size on the ground)."""
+def min_area_limit(value: str | float | None, src: ClassRaster) -> tuple[int, float]:
+    """``--min-area`` as (pixels, m²): "25" or "25px" is (25, 0); "500m2" or "0.5ha" is judged on the ground (each
+    region's pixels summed by their area, ``row_pixel_areas``), with the pixels that area spans at the most (the
+    area over the scene's smallest pixel: the halo that keeps chunks exact)."""
     from geoseg.errors import ConfigError
+    from geoseg.vector.run import row_pixel_areas
 
     q = _quantity(value, "px|m2|ha", "px", "--min-area takes pixels (25 or 25px), square metres (500m2) or hectares (0.5ha)")
     if q is None:
-        return 0
+        return 0, 0.0
     number, unit = q
     if unit == "px":
-        return int(np.ceil(number))
+        return int(np.ceil(number)), 0.0
     metres = number * (1e4 if unit == "ha" else 1.0)
-    pixel = _pixel_area_m2(src)
-    if not np.isfinite(pixel) or pixel <= 0:
-        raise ConfigError(f"--min-area {value!r}: {src.path} has no CRS in metres to measure pixels with; give pixels")
-    return int(np.ceil(metres / pixel))
-
-
-def _pixel_area_m2(src: ClassRaster) -> float:
-    """Ground area of the scene's central pixel on the ellipsoid."""
-    import shapely
-
-    h, w = src.shape
-    t = src.affine
-    px = shapely.Polygon([t * (w // 2 + dx, h // 2 + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1))])
-    area, _ = Measurer(to_pyproj(src.crs_wkt))(np.array([px]))
-    return float(area[0])
+    areas = row_pixel_areas(src, 0, src.shape[0])
+    smallest = float(np.nanmin(areas)) if np.isfinite(areas).any() else float("nan")
+    if not np.isfinite(areas).all() or smallest <= 0:
+        raise ConfigError(f"--min-area {value!r}: {src.path} has no CRS on an ellipsoid to measure pixels with; give pixels")
+    return int(np.ceil(metres / smallest)), metres
 
 
 def _classes_from_parts(parts: str) -> list[ClassInfo]:

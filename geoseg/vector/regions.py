@@ -138,7 +138,8 @@ def join_borders(grid_shape: tuple[int, int], edges: dict[tuple[int, int], Edges
 
 def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity: int = 4,
           open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
-          class_min: dict[int, int] | None = None) -> np.ndarray:
+          class_min: dict[int, int] | None = None, row_area: np.ndarray | None = None,
+          min_area: float = 0.0) -> np.ndarray:
     """Regions of fewer than ``min_pixels`` pixels take the class they share the most pixel edges with.
 
     One pass on the map as given (every small region decides from the original map, so the
@@ -148,15 +149,24 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
     ``min_pixels`` on those sides judges every small region of its core exactly as the whole
     map would, so sieving chunk by chunk equals sieving the whole scene. ``class_min``: a minimum
     per class id (a minimum mapping unit per class) in place of ``min_pixels`` for those classes.
+    ``row_area``: each row's pixel area on the ground; regions then are small below ``min_area`` of
+    it (the window must be grown by that area over the scene's smallest pixel, in pixels).
     """
-    limits = np.full(256, min_pixels, np.int64)
+    limits = np.full(256, min_pixels, np.float64)
     for c, v in (class_min or {}).items():
         limits[int(c)] = int(v)
-    if limits.max() <= 1:
+    if row_area is not None:
+        limits[:] = min_area
+    elif limits.max() <= 1:
         return values
     labels, classes = label_regions(values, nodata, connectivity)
     n = len(classes)
-    small = np.bincount(labels.ravel(), minlength=n) < limits[classes]
+    if row_area is None:
+        sizes = np.bincount(labels.ravel(), minlength=n)
+    else:
+        weights = np.broadcast_to(np.asarray(row_area, np.float64)[:, None], labels.shape)
+        sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)
+    small = sizes < limits[classes]
     small[0] = False
     for edge, is_open in zip((labels[0], labels[-1], labels[:, 0], labels[:, -1]), open_edges):
         if is_open:

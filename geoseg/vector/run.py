@@ -90,6 +90,7 @@ class VectorizeOptions:
     keep_classes: tuple[int, ...] | None = None  # None: every class
     names: dict[int, str] = field(default_factory=dict)
     min_pixels: int = 0  # sieve: regions smaller than this take their main neighbour's class
+    min_area_m2: float = 0.0  # or smaller than this on the ground (min_pixels: that area in the scene's smallest pixels)
 
 
 def _code(chunk_index: int, labels: np.ndarray) -> np.ndarray:
@@ -156,9 +157,28 @@ def _read_sieved(src: ClassRaster, plan: TilingPlan, box: Box, opts: VectorizeOp
     window = box.grow(opts.min_pixels, plan.shape)
     values, conf = src.read(window)
     opened = (window.y0 > 0, window.y1 < plan.shape[0], window.x0 > 0, window.x1 < plan.shape[1])
-    values = sieve(values, src.nodata, opts.min_pixels, opts.connectivity, opened)
+    rows = row_pixel_areas(src, window.y0, window.y1) if opts.min_area_m2 > 0 else None
+    values = sieve(values, src.nodata, opts.min_pixels, opts.connectivity, opened, row_area=rows, min_area=opts.min_area_m2)
     ys, xs = box.relative_to(window)
     return values[ys, xs], None if conf is None else conf[ys, xs]
+
+
+def row_pixel_areas(src: ClassRaster, y0: int, y1: int) -> np.ndarray:
+    """The ground area (m², on the ellipsoid) of a pixel of each row ``y0``..``y1`` of ``src``, at its middle
+    column: exact per row on a north-up lon/lat grid (the area changes with latitude only), the projection's
+    scale at the middle column elsewhere; every chunk measures the same rows alike."""
+    import shapely
+
+    from geoseg.vector.measure import Measurer, to_pyproj
+
+    t = src.affine
+    c = src.shape[1] // 2
+    rows = np.arange(y0, y1, dtype=np.float64)
+    corners = [t * (c + dx, rows + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))]
+    rings = np.stack([np.stack([np.asarray(x, np.float64) * np.ones_like(rows), np.asarray(y, np.float64) * np.ones_like(rows)], -1)
+                      for x, y in corners], axis=1)
+    area, _ = Measurer(to_pyproj(src.crs_wkt))(shapely.polygons(rings))
+    return np.asarray(area, np.float64)
 
 
 def select_pieces(pieces: dict, labels: np.ndarray) -> dict:
