@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     args = ap.parse_args()
     from geoseg.evaluation import EvaluateOptions, evaluate
-    from geoseg.training.loop import TrainInputs, saved_states, train
+    from geoseg.training.checkpoint import saved_states
+    from geoseg.training.loop import TrainInputs, train
 
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from geoseg.infer import normalize
 from geoseg.model.store import load_model
 from geoseg.tiling import Box
 from geoseg.training import TrainConfig, TrainInputs, prepare, train, working_dir
-from geoseg.training.loop import STATE_NAME, saved_states
+from geoseg.training.checkpoint import STATE_NAME, saved_states
 
 
 @pytest.fixture(scope="session")

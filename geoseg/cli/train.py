@@ -149,7 +149,8 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from the training imagery and go into the card. After every epoch a checkpoint is saved
     next to --out (OUT.training/); --resume continues an interrupted run from it.
     """
-    from geoseg.training.loop import TrainConfig, TrainInputs, working_dir
+    from geoseg.training.checkpoint import working_dir
+    from geoseg.training.loop import TrainConfig, TrainInputs
     from geoseg.training.loop import train as run
 
     verbosity = (ctx.obj or {}).get("verbosity", 0)
@@ -204,7 +205,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
             result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
                          progress=progress, card_update=update)  # fmt: skip
     except KeyboardInterrupt:
-        from geoseg.training.loop import saved_states
+        from geoseg.training.checkpoint import saved_states
 
         work = working_dir(out_dir)
         if saved_states(work) == (None, []):

@@ -1,7 +1,8 @@
 """Training a segmentation network on labelled imagery: labels, chips, metrics and the loop."""
 
+from geoseg.training.checkpoint import working_dir
 from geoseg.training.labels import crs_equivalent, load_classes, open_labels, read_labels
-from geoseg.training.loop import TrainConfig, TrainInputs, TrainResult, prepare, train, working_dir
+from geoseg.training.loop import TrainConfig, TrainInputs, TrainResult, prepare, train
 from geoseg.training.metrics import Metrics, confusion_ids, restrict_confusion
 
 __all__ = [

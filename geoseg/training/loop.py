@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from geoseg.errors import ConfigError, InputError, OutputExistsError
+from geoseg.errors import ConfigError, InputError
 from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import NODATA_CLASS, BandInfo, ClassInfo, ModelCard, Normalization
 from geoseg.model.network import build_network, network_stride
@@ -44,14 +44,19 @@ from geoseg.training.chips import (
     survey,
     train_normalization,
 )
+from geoseg.training.checkpoint import (
+    STATE_NAME,
+    check_outputs,
+    check_resumable,
+    cpu_state,
+    load_checkpoint,
+    save_checkpoint,
+    working_dir,
+)
 from geoseg.training.labels import LabelSource, default_classes, load_classes, open_labels
 from geoseg.training.metrics import Metrics, confusion_indices
 
 log = logging.getLogger(__name__)
-
-WORK_SUFFIX = ".training"
-STATE_NAME = "state.json"
-CHECKPOINT_FORMAT = "geoseg-train-checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -150,12 +155,6 @@ class TrainResult:
     card: ModelCard
     model_dir: Path
     history: tuple[dict[str, Any], ...]
-
-
-def working_dir(out_dir: str | os.PathLike) -> Path:
-    """Where checkpoints of a training run into ``out_dir`` live: a sibling, ``<out_dir>.training``."""
-    out = Path(out_dir)
-    return out.with_name(out.name + WORK_SUFFIX)
 
 
 def band_infos(stack: RasterStack) -> list[BandInfo]:
@@ -390,107 +389,6 @@ def validate(
 # -- checkpoints -----------------------------------------------------------------------------
 
 
-def _cpu_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
-
-
-def save_checkpoint(
-    work: Path,
-    epoch: int,
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    best: tuple[int, dict[str, torch.Tensor]] | None,
-    state: dict[str, Any],
-) -> Path:
-    """Weights and optimizer tensors as safetensors, the rest as JSON; crash-safe.
-
-    Tensor files are named by epoch and written first (the best weights only when they change);
-    ``state.json`` then points at them and is replaced atomically, so a crash at any moment
-    leaves one consistent checkpoint. Files it no longer points at are removed last.
-    """
-    from safetensors.torch import save_file
-
-    tensors = {f"model/{k}": v for k, v in _cpu_state(net).items()}
-    osd = optimizer.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in osd["state"].items():
-        for name, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"optim/{pid}/{name}"] = v.detach().to("cpu", copy=True).contiguous()
-            else:
-                scalars.setdefault(str(pid), {})[name] = v
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
-    meta = {"format": CHECKPOINT_FORMAT, "epoch": str(epoch)}
-    name = f"epoch-{epoch:04d}.safetensors"
-    tmp = work / f".{name}.tmp"
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, work / name)
-    best_name = None
-    if best is not None:
-        best_name = f"best-{best[0]:04d}.safetensors"
-        if not (work / best_name).exists():
-            tmp = work / f".{best_name}.tmp"
-            save_file(best[1], str(tmp), metadata=dict(meta, epoch=str(best[0])))
-            os.replace(tmp, work / best_name)
-    doc = dict(state, format=CHECKPOINT_FORMAT, epoch=epoch, checkpoint=name, best_checkpoint=best_name,
-               optimizer={"param_groups": groups, "scalars": scalars})  # fmt: skip
-    tmp_state = work / f".{STATE_NAME}.tmp"
-    tmp_state.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    os.replace(tmp_state, work / STATE_NAME)
-    for old in [*work.glob("epoch-*.safetensors"), *work.glob("best-*.safetensors")]:
-        if old.name not in (name, best_name):
-            old.unlink(missing_ok=True)
-    return work / name
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (np.floating,)):
-        return float(v)
-    raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-
-def load_checkpoint(
-    work: Path, net: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore weights and optimizer from ``work``; returns the JSON state and the best weights (or None)."""
-    from safetensors.torch import load_file
-
-    state_path = work / STATE_NAME
-    try:
-        doc = json.loads(state_path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{work}: no checkpoint to resume ({STATE_NAME} missing); start without --resume") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{state_path}: checkpoint state is corrupt ({exc}); start again with --overwrite") from None
-    if doc.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{state_path}: not a geoseg training checkpoint; start again with --overwrite")
-    try:
-        tensors = load_file(str(work / doc["checkpoint"]))
-    except Exception as exc:
-        raise ConfigError(f"{work / doc['checkpoint']}: checkpoint weights unreadable ({exc}); start again with --overwrite") from None
-    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
-    best = None
-    if doc.get("best_checkpoint"):
-        try:
-            best = load_file(str(work / doc["best_checkpoint"]))
-        except Exception as exc:
-            raise ConfigError(
-                f"{work / doc['best_checkpoint']}: best weights unreadable ({exc}); start again with --overwrite"
-            ) from None
-    ostate: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim/"):
-            _, pid, name = k.split("/", 2)
-            ostate.setdefault(int(pid), {})[name] = v
-    for pid, sc in doc["optimizer"]["scalars"].items():
-        ostate.setdefault(int(pid), {}).update(sc)
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in doc["optimizer"]["param_groups"]]
-    optimizer.load_state_dict({"state": ostate, "param_groups": groups})
-    return doc, best
-
-
 def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     d = asdict(inputs)
     d["images"] = [os.path.abspath(p) for p in inputs.images]
@@ -500,50 +398,6 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     if c["members"] == 1:
         del c["members"]  # runs of one network resume as they did before members existed
     return json.loads(json.dumps({"inputs": d, "config": c}))
-
-
-def saved_states(work: str | os.PathLike) -> tuple[Path | None, list[Path]]:
-    """The saved states of an interrupted run in ``work``: one network's (``work/state.json``, or None)
-    and those of the networks of a several-network run (``work/member-K/state.json``)."""
-    work = Path(work)
-    top = work / STATE_NAME
-    return (top if top.is_file() else None), sorted(work.glob(f"member-*/{STATE_NAME}"))
-
-
-def _check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> None:
-    """Before anything trains: every saved state of the run in ``work`` was made with these inputs and
-    options, in the layout of ``members`` networks (one: ``work/state.json``; several: ``work/member-K/``)."""
-    top, parts = saved_states(work)
-    layout_ok = (top is not None and not parts) if members == 1 else (bool(parts) and top is None)
-    for path in [top, *parts] if top else parts:
-        try:
-            before = json.loads(path.read_text()).get("fingerprint")
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: checkpoint state is unreadable ({exc}); start again with --overwrite") from None
-        if before != fingerprint:
-            diff = _differences(before or {}, fingerprint)
-            raise ConfigError(
-                f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
-                "ones, or start again with --overwrite"
-            )
-    if not layout_ok:
-        was = "one network" if top else f"{len(parts)} network(s) of several"
-        raise ConfigError(f"{work}: the interrupted run trained {was}, this one asks for --members {members}; resume with "
-                          "the same --members, or start again with --overwrite")
-
-
-def _check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
-    if resume:
-        if saved_states(work) == (None, []):
-            raise ConfigError(f"{work}: no interrupted training run to resume there; start without --resume")
-    elif work.exists() and saved_states(work) == (None, []) and not any(work.rglob("*.safetensors")):
-        shutil.rmtree(work)  # a run stopped before its first epoch finished: nothing in it to resume
-    elif work.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{work}: holds an interrupted training run for {out}; pass --resume to continue it or --overwrite to start again"
-        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -642,7 +496,7 @@ class _MemberFit:
                 best_miou = state["best"]["miou"] if state["best"] else -math.inf
                 if math.isfinite(miou) and miou > best_miou + 1e-9:
                     state["best"] = {"epoch": epoch, "miou": miou, "metrics": m.to_dict()}
-                    best_state = _cpu_state(net)
+                    best_state = cpu_state(net)
                     state["bad_epochs"] = 0
                 else:
                     state["bad_epochs"] += 1
@@ -686,7 +540,7 @@ def train(
     """
     out = Path(out_dir)
     work = working_dir(out)
-    _check_outputs(out, work, resume, overwrite)
+    check_outputs(out, work, resume, overwrite)
     num = _numerics(device, amp)
     torch.manual_seed(config.seed)
     net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # only to learn the stride
@@ -700,7 +554,7 @@ def train(
     n_inputs = prep.stack.count + len(indices)
     fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices))
     if resume:
-        _check_resumable(work, fingerprint, config.members)
+        check_resumable(work, fingerprint, config.members)
     elif work.exists():
         shutil.rmtree(work)  # --overwrite: a stale run must not be mixed with this one
     work.mkdir(parents=True, exist_ok=True)
@@ -774,17 +628,6 @@ def _merged_state(states: Sequence[dict[str, Any]], mean: torch.nn.Module, prep:
                 "seconds": round(s["seconds"], 3)} for k, s in enumerate(states)]  # fmt: skip
     return {"history": [dict(r, member=k) for k, s in enumerate(states) for r in s["history"]], "best": best,
             "stopped": any(s["stopped"] for s in states), "seconds": sum(s["seconds"] for s in states), "members": members}
-
-
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} then, {vb!r} now")
-    return out
 
 
 def _training_record(inputs: TrainInputs, config: TrainConfig, prep: Prepared, state: dict[str, Any], num: _Numerics) -> dict[str, Any]:
