@@ -233,17 +233,23 @@ def band_scales(scene: xr.DataArray) -> list[tuple[float, float]] | None:
     (``open_scene``), else rioxarray's attributes of values read as stored (``scale_factor``/``add_offset``, or
     per band ``scales``/``offsets``), else (1, 0) for values rioxarray already scaled (``mask_and_scale=True``)."""
     n = scene.sizes["band"]
-    if SCALE in scene.coords and scene.coords[SCALE].dims == ("band",):
-        offsets = scene.coords[OFFSET].values if OFFSET in scene.coords else np.zeros(n)
-        return [(float(s), float(o)) for s, o in zip(scene.coords[SCALE].values, offsets)]
+    if SCALE in scene.coords and scene.coords[SCALE].dims in (("band",), ()):  # per band, or one for all
+        scales = np.broadcast_to(np.asarray(scene.coords[SCALE].values, np.float64), (n,))
+        offsets = np.broadcast_to(np.asarray(scene.coords[OFFSET].values if OFFSET in scene.coords else 0.0, np.float64), (n,))
+        return [(float(s), float(o)) for s, o in zip(scales, offsets)]
     attrs = scene.attrs
-    if "scale_factor" in attrs or "add_offset" in attrs:
-        if not np.ndim(attrs.get("scale_factor", 1.0)) and not np.ndim(attrs.get("add_offset", 0.0)):
-            return [(float(attrs.get("scale_factor", 1.0)), float(attrs.get("add_offset", 0.0)))] * n
-    scales, offsets = attrs.get("scales"), attrs.get("offsets")
-    if scales is not None and np.ndim(scales) and len(scales) == n:
-        offsets = offsets if offsets is not None and np.ndim(offsets) and len(offsets) == n else [0.0] * n
-        return [(1.0 if s is None else float(s), 0.0 if o is None else float(o)) for s, o in zip(scales, offsets)]
+
+    def per_band(many: str, one: str, default: float) -> list[float] | None:
+        """rioxarray's per-band tuple (``scales``), else its one value (``scale_factor``), else None."""
+        values = attrs.get(many)
+        if values is not None and np.ndim(values) and len(values) == n:
+            return [default if v is None else float(v) for v in values]
+        value = attrs.get(one)
+        return [float(value)] * n if value is not None and not np.ndim(value) else None
+
+    scales, offsets = per_band("scales", "scale_factor", 1.0), per_band("offsets", "add_offset", 0.0)
+    if scales is not None or offsets is not None:  # values as stored, with how to make them physical
+        return list(zip(scales or [1.0] * n, offsets or [0.0] * n))
     if "scale_factor" in scene.encoding or "add_offset" in scene.encoding:
         return [(1.0, 0.0)] * n  # decoded: the values are physical
     return None
@@ -434,7 +440,8 @@ def _check_scales(scene: xr.DataArray, card: ModelCard, location: str) -> None:
     names = [str(b) for b in scene["band"].values]
     check_band_scales([(f"the scene's band {name!r}", s, o) for name, (s, o) in zip(names, scales)], card, location,
                       "give values stored as the training imagery was (rioxarray: open_rasterio(..., mask_and_scale="
-                      "False) keeps them as stored), or train on imagery like this")
+                      "False) keeps them as stored), or train on imagery like this; values converted in xarray keep "
+                      "the scene's scale and offset coordinates: set them with .assign_coords(scale=1.0, offset=0.0)")
 
 
 def segment(images: Sequence[str | os.PathLike], model: str | os.PathLike, **options: Any) -> xr.Dataset:

@@ -361,6 +361,16 @@ def test_the_api_refuses_values_scaled_otherwise_than_the_training_bands(tmp_pat
         geoseg.predict(rioxarray.open_rasterio(scaled, mask_and_scale=True), model, chunk_size=64)
     with pytest.raises(InputError, match=r"band 'scene_1' holds values with scale 1 and offset 0"):
         geoseg.predict(geoseg.open_scene(scene_path), model, chunk_size=64)
+    # rioxarray's per-band tuples beside a single value of the other, and one coordinate for every band
+    import xarray as xr
+
+    from geoseg.api import band_scales
+
+    bare = xr.DataArray(np.zeros((2, 2, 2)), dims=("band", "y", "x"))
+    for attrs, want in (({"scales": (1e-4, 1.0), "add_offset": 0.0}, [(1e-4, 0.0), (1.0, 0.0)]),
+                        ({"scale_factor": 2.75e-5, "offsets": (-0.2, 0.0)}, [(2.75e-5, -0.2), (2.75e-5, 0.0)])):
+        assert band_scales(bare.assign_attrs(attrs)) == want
+    assert band_scales(bare.assign_coords(scale=1.0, offset=0.0)) == [(1.0, 0.0)] * 2
 
 
 def test_cog_and_polygons_of_a_strided_or_south_up_prediction_are_where_its_pixels_are(random_model, tmp_path):

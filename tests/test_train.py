@@ -245,6 +245,30 @@ def test_resume_refuses_other_options_and_nothing_to_resume(scene, tmp_path):
         train(inputs, tmp_path / "other", TrainConfig(**TINY), resume=True)
 
 
+def test_a_run_begun_with_indices_on_stored_values_does_not_resume_on_physical_ones(tmp_path):
+    """Bands stored with a GDAL scale and offset and index channels: a run interrupted under the code that computed
+    the indices on stored values (its saved fingerprint has no index_units) is refused, not mixed."""
+    import rasterio
+
+    from conftest import blob_scene, write_raster
+
+    image, labels = blob_scene(128, 128, 2, seed=5)
+    img = write_raster(tmp_path / "dn.tif", image)
+    with rasterio.open(img, "r+") as ds:
+        ds.scales, ds.offsets = (2.75e-5, 2.75e-5), (-0.2, -0.2)
+    lab = write_raster(tmp_path / "labels.tif", labels, nodata=255)
+    inputs, roles = TrainInputs((str(img),), str(lab)), {"band_roles": ["red", "nir"]}
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "m", TrainConfig(**TINY), progress=stop_after(1), card_update=roles)
+    state_path = working_dir(tmp_path / "m") / STATE_NAME
+    state = json.loads(state_path.read_text())
+    assert state["fingerprint"]["index_units"] == "physical" and state["fingerprint"]["index_channels"] == ["ndvi"]
+    del state["fingerprint"]["index_units"]  # as the code before wrote it
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="index_units"):
+        train(inputs, tmp_path / "m", TrainConfig(**TINY), resume=True, card_update=roles)
+
+
 def test_existing_model_directory_is_not_overwritten(scene, tmp_path):
     out = tmp_path / "m"
     out.mkdir()

@@ -348,6 +348,17 @@ def test_a_mask_band_hides_pixels_as_gdal_polygonize_has_it_and_255_is_none(clie
     with rasterio.open(path) as ds:
         ref = [(int(v), shapely.geometry.shape(g)) for g, v in shapes(a, mask=ds.read_masks(1) > 0, transform=T)]
     assert canonical(zip(got["class_id"], got.geometry)) == canonical(ref)
+    # a nodata value and a mask: both hide pixels (the mask was ignored beside a nodata value)
+    both = tmp_path / "nodata-and-mask.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.open(both, "w", driver="GTiff", width=a.shape[1], height=a.shape[0], count=1, dtype="uint8",
+                           crs="EPSG:32617", transform=T, nodata=3) as ds:
+            ds.write(a, 1)
+            ds.write_mask(mask)
+    vectorize(both, [tmp_path / "both.gpkg"], client=client, chunk_size=100)
+    got = gpd.read_file(tmp_path / "both.gpkg", layer="landuse")
+    ref = [(int(v), shapely.geometry.shape(g)) for g, v in shapes(a, mask=(mask > 0) & (a != 3), transform=T)]
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(ref)
     b = a.copy()
     b[10:20, 10:30] = 255
     plain = write_raster(tmp_path / "no-nodata.tif", b, nodata=None)

@@ -547,12 +547,15 @@ def train(
     stride = network_stride(net, config.encoder_depth)
     prep = prepare(inputs, config, stride, cache_bytes)
 
-    from geoseg.methods.features import available_indices, guess_roles
+    from geoseg.methods.features import available_indices, band_units, guess_roles
 
     roles = tuple((card_update or {}).get("band_roles") or guess_roles([b.description for b in prep.stack.bands]))
     indices = available_indices(roles) if config.index_channels else ()
     n_inputs = prep.stack.count + len(indices)
     fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices))
+    if indices and band_units(prep.stack.bands) is not None:
+        # on scaled bands: a run begun when index channels were computed on stored values does not resume on physical ones
+        fingerprint["index_units"] = "physical"
     if resume:
         check_resumable(work, fingerprint, config.members)
     elif work.exists():

@@ -67,8 +67,8 @@ class ClassRaster:
             nodata = ds.nodata
             hidden = ds.read_masks(1, window=box.window) == 0 if self.masked else np.zeros(a.shape, bool)
         if a.dtype == np.uint8:
-            if hidden.any():
-                a = np.where(hidden, np.uint8(255), a)
+            if hidden.any():  # none: the map's nodata (255 where the file names none)
+                a = np.where(hidden, np.uint8(255 if self.nodata is None else self.nodata), a)
             return a, None
         # wider integer types: class ids 0-254, the file's nodata (and what its mask hides) becomes 255
         missing = hidden if nodata is None else hidden | (a == nodata)
@@ -336,7 +336,7 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
             if ds.dtypes[0] != "uint8":
                 nodata = 255  # read() maps the file's nodata to 255 and checks ids fit 0-254
             flags = ds.mask_flag_enums[0]
-            masked = ds.nodata is None and MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags
+            masked = MaskFlags.per_dataset in flags or MaskFlags.alpha in flags  # beside a nodata value or not
             return ClassRaster(p, "raster", (ds.height, ds.width), ds.transform,
                                None if ds.crs is None else ds.crs.to_wkt(), nodata, tuple(ds.block_shapes[0]),
                                masked=masked)
