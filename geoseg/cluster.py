@@ -8,7 +8,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from geoseg.errors import ConfigError
 
@@ -57,14 +57,45 @@ def torch_cuda_build(torch_dir: str | None = None) -> str | None:
     return found.group(1) if found else None
 
 
+def nvidia_smi_listing() -> str | None:
+    """``nvidia-smi -L`` (GPUs and their MIG devices), or None where it is not there or fails."""
+    import subprocess
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        done = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def mig_devices(listing: str) -> dict[int, list[str]]:
+    """GPU index -> the UUIDs of its MIG devices, from ``nvidia-smi -L`` (GPUs without MIG are left out)."""
+    out: dict[int, list[str]] = {}
+    gpu = None
+    for line in listing.splitlines():
+        head = re.match(r"\s*GPU (\d+):", line)
+        if head:
+            gpu = int(head.group(1))
+            continue
+        mig = re.search(r"\bMIG\b.*\(UUID: (MIG-[^)\s]+)\)", line)
+        if mig and gpu is not None:
+            out.setdefault(gpu, []).append(mig.group(1))
+    return out
+
+
 def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "/dev",
-               torch_dir: str | None = None) -> tuple[str, ...]:
+               torch_dir: str | None = None, listing: Callable[[], str | None] = nvidia_smi_listing) -> tuple[str, ...]:
     """The CUDA devices of this machine the embedded cluster gives a GPU worker each, as CUDA_VISIBLE_DEVICES names them.
 
     Found without torch and without starting CUDA in this process: ``GEOSEG_GPUS`` where set ("0,1";
     "none" or empty for no GPU worker), else the NVIDIA devices the driver lists (/proc/driver/nvidia/gpus,
     /dev/nvidiaN), narrowed by CUDA_VISIBLE_DEVICES as CUDA narrows them (up to the first id that is not a device);
     none where the installed torch is a CPU-only build (its one GPU worker would take every model task on the CPU).
+    A GPU split into MIG devices (``nvidia-smi -L``) gives one worker per MIG device, named by its UUID: by index,
+    CUDA would show each worker the same first slice.
     """
     chosen = os.environ.get(GPU_ENV)
     if chosen is not None:
@@ -84,7 +115,9 @@ def local_gpus(*, driver_dir: str = "/proc/driver/nvidia/gpus", dev_dir: str = "
         return ()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
-        return tuple(str(i) for i in range(count))
+        text = listing()
+        migs = mig_devices(text) if text else {}
+        return tuple(d for i in range(count) for d in migs.get(i, [str(i)]))
     ids: list[str] = []
     for token in (t.strip() for t in visible.split(",")):
         if not token or token.startswith("-") or (token.isdigit() and int(token) >= count):

@@ -255,7 +255,7 @@ def test_local_gpus_as_the_driver_lists_them_and_cuda_narrows_them(tmp_path, mon
     for folder, line in ((cuda_torch, "cuda: Optional[str] = '13.0'"), (cpu_torch, "cuda: Optional[str] = None")):
         folder.mkdir()
         (folder / "version.py").write_text(f"from typing import Optional\n__version__ = '2.14.1'\n{line}\n")
-    local_gpus = functools.partial(cluster.local_gpus, torch_dir=str(cuda_torch))
+    local_gpus = functools.partial(cluster.local_gpus, torch_dir=str(cuda_torch), listing=lambda: None)
     monkeypatch.delenv(GPU_ENV, raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     driver, dev = tmp_path / "gpus", tmp_path / "dev"
@@ -268,6 +268,12 @@ def test_local_gpus_as_the_driver_lists_them_and_cuda_narrows_them(tmp_path, mon
     for bus in ("0000:3b:00.0", "0000:5e:00.0", "0000:86:00.0"):
         (driver / bus).mkdir()
     assert local_gpus(driver_dir=str(driver), dev_dir=str(dev)) == ("0", "1", "2")
+    # GPU 1 split into two MIG devices (nvidia-smi -L): a worker each, by UUID (by index both would get the first)
+    smi = ("GPU 0: NVIDIA H200 (UUID: GPU-0a)\nGPU 1: NVIDIA H200 (UUID: GPU-1b)\n"
+           "  MIG 3g.71gb     Device  0: (UUID: MIG-1b-0)\n  MIG 3g.71gb     Device  1: (UUID: MIG-1b-1)\n"
+           "GPU 2: NVIDIA H200 (UUID: GPU-2c)\n")
+    assert cluster.local_gpus(driver_dir=str(driver), dev_dir=str(dev), torch_dir=str(cuda_torch),
+                              listing=lambda: smi) == ("0", "MIG-1b-0", "MIG-1b-1", "2")
     # a CPU-only torch beside the driver: no GPU worker (it would take every model task, on the CPU), and says why
     assert cluster.local_gpus(driver_dir=str(driver), dev_dir=str(dev), torch_dir=str(cpu_torch)) == ()
     assert "CPU-only build" in caplog.text
