@@ -204,6 +204,10 @@ def test_cli_prints_a_table_and_writes_json(trained, reference, tmp_path, client
     # an existing report is kept unless --overwrite
     r = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert r.exit_code != 0 and "--overwrite" in r.output
+    # with --overwrite, a run that fails leaves no report: not the earlier one, which would look like its own
+    missing = [a if a != str(scene.labels) else str(tmp_path / "missing.gpkg") for a in args]
+    r = CliRunner().invoke(cli, [*missing, "--overwrite"], catch_exceptions=False)
+    assert r.exit_code != 0 and "missing.gpkg" in r.output and not report.exists()
 
 
 def test_cli_bad_input_writes_no_report(trained, tmp_path):

@@ -256,3 +256,17 @@ def test_nc_strata_labels_are_accepted_on_the_landsat_grid():
     pids = read_labels(polys, Box(0, 443, 0, 489))
     m = pids != 255
     assert m.sum() > 1000 and (pids[m] == ids[m]).mean() > 0.99  # the polygons agree with the map
+
+
+def test_ignored_polygons_mask_their_pixels_over_the_background_and_earlier_polygons(tmp_path, grid):
+    """--ignore-index on vector labels: the ignored features burn as no label (they were dropped, and their pixels
+    took the background class, or the class of a polygon they were drawn over, in the loss and the scores)."""
+    path = write_polygons(tmp_path / "p.gpkg", [((0, 20, 0, 25), 3), ((5, 10, 5, 10), 9), ((30, 35, 30, 35), 9),
+                                                ((25, 40, 40, 50), 1000)])
+    ids = read_labels(open_labels(path, grid, background=0, ignore=[9, 1000]), ALL)
+    expect = np.zeros((H, W), np.uint8)  # the background
+    expect[0:20, 0:25] = 3
+    expect[5:10, 5:10] = 255  # drawn over class 3
+    expect[30:35, 30:35] = 255  # over the background
+    expect[25:40, 40:50] = 255  # an ignored value that is no class id
+    assert np.array_equal(ids, expect)

@@ -83,6 +83,9 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
             check_creatable(p, f"{flag} path")
     if json_path and csv_path and Path(json_path).resolve() == Path(csv_path).resolve():
         raise ConfigError(f"{json_path}: given as both --json and --csv; give two paths")
+    for p in (json_path, csv_path):  # --overwrite: a run that fails leaves no earlier report that looks like its own
+        if p:
+            Path(p).unlink(missing_ok=True)
     quiet = (ctx.obj or {}).get("verbosity", 0) < 0
     if len(model_dirs) > 1:
         with geoseg_warnings():

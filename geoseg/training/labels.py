@@ -457,14 +457,16 @@ def _open_vector(
                     raise InputError(f"{path}: --background {background} is the id given to class {order[background - 1]!r}; "
                                      "use 0 (or pass --classes)")
                 defined = (ClassInfo(id=background, name="background", color="#bababa"), *defined)
-    keep = ~np.isin(ids, ignore)
-    gdf, ids = gdf[keep], ids[keep]
-    bad = ids[(ids < 0) | (ids > 254)]
+    # ignored features stay and burn as no label (255): they mask the pixels they cover, over the background
+    # and over features below them, as ignored values of a label raster do (dropped, they took those classes)
+    ignored = np.isin(ids, ignore)
+    bad = ids[~ignored & ((ids < 0) | (ids > 254))]
     if bad.size:
         raise InputError(
             f"{path}: field {field!r} holds {int(bad[0])}, not a class id (ids are 0-254, 255 is nodata); "
             f"fix the value or pass --ignore-index {int(bad[0])}"
         )
+    ids = np.where(ignored, NODATA_CLASS, ids)
     image_crs = _pyproj(grid.crs)
     label_crs = pyproj.CRS.from_user_input(gdf.crs)
     if not label_crs.equals(image_crs, ignore_axis_order=True):
