@@ -14,6 +14,7 @@ import sys
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pyogrio
 import pytest
 import rasterio
@@ -281,6 +282,74 @@ def test_min_area_is_seamless(client, class_tif, tmp_path, chunk):
     again = tmp_path / "m2.gpkg"
     vectorize(class_tif, [again], client=client, chunk_size=chunk, classes=CLASSES, min_area="2990m2")
     assert len(gpd.read_file(again, layer="landuse")) == len(got)
+
+
+def _joined_sieve(a: np.ndarray, chunk: int, limit: float, connectivity: int, row_area=None) -> np.ndarray:
+    """geoseg.vector.sieve's three steps, run here chunk by chunk on an array."""
+    from geoseg.tiling import Box
+    from geoseg.vector.regions import Edges, join_borders
+    from geoseg.vector.sieve import border_labels, core_regions, joined_decisions, sieve_core
+
+    h, w = a.shape
+    ny, nx = -(-h // chunk), -(-w // chunk)
+    found = {}
+    for iy in range(ny):
+        for ix in range(nx):
+            core = Box(iy * chunk, min(h, (iy + 1) * chunk), ix * chunk, min(w, (ix + 1) * chunk))
+            window = core.grow(1, (h, w))
+            rows = None if row_area is None else row_area[core.y0:core.y1]
+            regions = core_regions(a[window.y0:window.y1, window.x0:window.x1], core, window, 255, connectivity, rows)
+            found[(iy, ix)] = (core, regions, (iy > 0, iy < ny - 1, ix > 0, ix < nx - 1))
+    join = join_borders((ny, nx), {k: Edges.of(r.labels) for k, (_, r, _) in found.items()},
+                        {k: r.classes for k, (_, r, _) in found.items()}, connectivity)
+    facts = {}
+    for (iy, ix), (_, r, facing) in found.items():
+        border = border_labels(r.labels, facing)
+        facts[iy * nx + ix] = (border, r.sizes[border], r.votes[np.isin(r.votes[:, 0], border)])
+    decided = joined_decisions(join, facts, limit)
+    out = np.empty_like(a)
+    for (iy, ix), (core, r, facing) in found.items():
+        values = a[core.y0:core.y1, core.x0:core.x1]
+        out[core.y0:core.y1, core.x0:core.x1] = sieve_core(r, facing, limit, values, decided[iy * nx + ix])
+    return out
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_the_joined_sieve_equals_the_sieve_of_the_whole_map(connectivity):
+    """--min-area beyond a window's reach: regions joined across chunks, as the polygons are, give the whole map's
+    sieve for every chunk size, in pixels and in ground area (rows of different pixel areas)."""
+    from geoseg.vector.regions import sieve
+
+    rng = np.random.default_rng(connectivity)
+    maps = [hard_map(), np.kron(rng.integers(0, 4, (30, 40)), np.ones((3, 2), int)).astype(np.uint8)]
+    speckled = hard_map(seed=2)[90:210, 150:300].copy()
+    speckled[rng.random(speckled.shape) < 0.05] = 255
+    speckled[rng.random(speckled.shape) < 0.05] = 3
+    maps.append(speckled)
+    for a in maps:
+        area = np.linspace(1.0, 3.0, a.shape[0])  # pixels 3x larger at the bottom
+        for limit in (2, 30, 400):
+            whole = sieve(a, 255, limit, connectivity)
+            weighted = sieve(a, 255, 0, connectivity, row_area=area, min_area=2.0 * limit)
+            assert limit == 2 or (whole != a).any()
+            for chunk in (7, 32, 100):
+                np.testing.assert_array_equal(_joined_sieve(a, chunk, limit, connectivity), whole, err_msg=f"{limit} {chunk}")
+                np.testing.assert_array_equal(_joined_sieve(a, chunk, 2.0 * limit, connectivity, area), weighted)
+
+
+def test_a_min_area_beyond_the_window_reach_is_sieved_across_chunks(client, class_tif, tmp_path):
+    """The cluster runs the joined sieve when the area spans more pixels than a window may grow by (each task then
+    reads its chunk and a one-pixel ring, not the scene): polygons of the whole map sieved at once."""
+    from geoseg.vector.regions import sieve
+    from geoseg.vector.run import VectorizeOptions, iter_parts, open_class_raster, vectorize_parts
+
+    a = hard_map()
+    opts = VectorizeOptions(chunk_size=64, min_pixels=300, sieve_window_max=0)
+    assert opts.sieve_joined
+    parts = tmp_path / "parts"
+    vectorize_parts(client, open_class_raster(class_tif), str(parts), opts)
+    got = gpd.GeoDataFrame(pd.concat(list(iter_parts(str(parts))), ignore_index=True))
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(gdal(sieve(a, 255, 300)))
 
 
 @pytest.mark.parametrize("connectivity", [4, 8])

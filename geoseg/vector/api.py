@@ -12,7 +12,6 @@ Polygons follow pixel edges, so rasterizing them back (pixel centres) gives the 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -32,8 +31,6 @@ from geoseg.vector.polygons import attributes, label_polygons, region_stats
 from geoseg.vector.regions import check_connectivity, label_regions
 from geoseg.vector.run import ClassRaster, VectorizeOptions, iter_parts, open_class_raster, vectorize_parts
 from geoseg.vector.writers import LAYER, check_vector_path, empty_frame, write_layer
-
-log = logging.getLogger(__name__)
 
 __all__ = ["LAYER", "classes_from_attrs", "classes_of", "polygonize", "vectorize", "write_vectors"]
 
@@ -167,11 +164,6 @@ def vectorize(
     opts = VectorizeOptions(chunk_size=chunk_size, connectivity=check_connectivity(connectivity),
                             keep_classes=None if keep_classes is None else tuple(int(k) for k in keep_classes),
                             names={c.id: c.name for c in classes}, min_pixels=min_pixels, min_area_m2=min_area_m2)
-    if min_pixels > SIEVE_HALO_WARN:
-        side = 2 * min_pixels + (chunk_size or 2048)
-        log.warning("--min-area %s can span %d px: each chunk is sieved in a window of up to %d x %d px (%.1f GB of "
-                    "region labels per task); a smaller area, or sieving a coarser map, keeps tasks small",
-                    min_area, min_pixels, side, side, side * side * 8 / 1e9)
     near = parts_near if parts_near is not None else Path(outputs[0]).parent if outputs else None
     with contextlib.ExitStack() as stack:
         if client is None:
@@ -187,9 +179,6 @@ def vectorize(
         written = [write_layer(layer(), out, crs=to_pyproj(src.crs_wkt), classes=classes,
                                multi=connectivity == 8, confidence=src.has_confidence) for out in outputs]
     return {**stats, "outputs": written}
-
-
-SIEVE_HALO_WARN = 4096  # a --min-area halo (px) beyond which the sieve windows outgrow the chunks by far
 
 
 def _quantity(value: str | float | None, units: str, default: str, problem: str) -> tuple[float, str] | None:

@@ -34,6 +34,7 @@ from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
 from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats, to_map
 from geoseg.vector.regions import Edges, check_connectivity, join_borders, label_regions, sieve
+from geoseg.vector.sieve import Regions, border_labels, core_regions, joined_decisions, sieve_core
 
 DEFAULT_CHUNK = 2048
 
@@ -91,6 +92,15 @@ class VectorizeOptions:
     names: dict[int, str] = field(default_factory=dict)
     min_pixels: int = 0  # sieve: regions smaller than this take their main neighbour's class
     min_area_m2: float = 0.0  # or smaller than this on the ground (min_pixels: that area in the scene's smallest pixels)
+    sieve_window_max: int = 256  # sieve halos (px) up to which a chunk sieves a grown window; beyond: joined (vector.sieve)
+
+    @property
+    def sieve_limit(self) -> float:
+        return self.min_area_m2 if self.min_area_m2 > 0 else float(self.min_pixels)
+
+    @property
+    def sieve_joined(self) -> bool:
+        return self.min_pixels > max(1, self.sieve_window_max)
 
 
 def _code(chunk_index: int, labels: np.ndarray) -> np.ndarray:
@@ -112,12 +122,41 @@ def _write_part(parts: str, name: str, cols: dict[str, Any], geoms: np.ndarray, 
     return len(geoms)
 
 
+def _regions(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions) -> tuple[Regions, tuple[bool, ...]]:
+    """A chunk core's regions (with a one-pixel ring of its neighbours for the edges), and which sides face a chunk."""
+    box = plan.chunk(iy, ix).core
+    window = box.grow(1, plan.shape)
+    values, _ = src.read(window)
+    rows = row_pixel_areas(src, box.y0, box.y1) if opts.min_area_m2 > 0 else None
+    ny, nx = plan.grid_shape
+    return core_regions(values, box, window, src.nodata, opts.connectivity, rows), (iy > 0, iy < ny - 1, ix > 0, ix < nx - 1)
+
+
 @detached
-def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions, parts: str) -> tuple[dict, dict]:
-    """Phase 1 of one chunk: (summary for the client, border pieces kept on the worker)."""
+def sieve_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions) -> dict[str, Any]:
+    """What the client needs of a chunk to sieve regions across chunks: its edges, classes, border labels, their
+    sizes, and the edges to other classes of those small enough here to be small joined."""
+    regions, facing = _regions(src, plan, iy, ix, opts)
+    border = border_labels(regions.labels, facing)
+    candidates = border[regions.sizes[border] < opts.sieve_limit]
+    return {"edges": Edges.of(regions.labels), "classes": regions.classes.astype(np.uint8), "labels": border,
+            "sizes": regions.sizes[border], "votes": regions.votes[np.isin(regions.votes[:, 0], candidates)]}
+
+
+@detached
+def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions, parts: str,
+                decided: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict]:
+    """Phase 1 of one chunk: (summary for the client, border pieces kept on the worker). ``decided``: the classes its
+    border regions take in a joined sieve (``sieve_phase``)."""
     ch = plan.chunk(iy, ix)
     box = ch.core
-    values, conf = _read_sieved(src, plan, box, opts)
+    if opts.sieve_joined:
+        values, conf = src.read(box)
+        regions, facing = _regions(src, plan, iy, ix, opts)
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        values = sieve_core(regions, facing, opts.sieve_limit, values, empty if decided is None else decided)
+    else:
+        values, conf = _read_sieved(src, plan, box, opts)
     labels, classes = label_regions(values, src.nodata, opts.connectivity)
     n = len(classes)
     # pixel coordinates of the scene: whole numbers, so the pieces two chunks make of one region share
@@ -239,7 +278,20 @@ def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOp
         os.makedirs(parts, exist_ok=True)
     plan = plan_chunks(src, opts.chunk_size)
     ny, nx = plan.grid_shape
-    first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, pure=False, priority=priority) for ch in plan}
+    decided: dict[tuple[int, int], Any] = {}
+    if opts.sieve_joined:  # --min-area beyond a window's reach: small regions decided across chunks first
+        found = {(ch.iy, ch.ix): client.submit(sieve_phase, src, plan, ch.iy, ch.ix, opts, pure=False, priority=priority)
+                 for ch in plan}
+        facts = dict(zip(found, client.gather(list(found.values()))))
+        del found
+        sieve_join = join_borders((ny, nx), {k: f["edges"] for k, f in facts.items()},
+                                  {k: f["classes"] for k, f in facts.items()}, opts.connectivity)
+        decisions = joined_decisions(sieve_join, {iy * nx + ix: (f["labels"], f["sizes"], f["votes"])
+                                                  for (iy, ix), f in facts.items()}, opts.sieve_limit)
+        decided = {(c // nx, c % nx): d for c, d in decisions.items()}
+        del facts
+    first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, decided.get((ch.iy, ch.ix)),
+                                           pure=False, priority=priority) for ch in plan}
     summaries_f = {k: client.submit(operator.getitem, f, 0, pure=False, priority=priority) for k, f in first.items()}
     pieces_f = {k: client.submit(operator.getitem, f, 1, pure=False, priority=priority) for k, f in first.items()}
     summaries = dict(zip(summaries_f, client.gather(list(summaries_f.values()))))
