@@ -49,6 +49,47 @@ def label_regions(values: np.ndarray, nodata: int | None, connectivity: int = 4)
     return labels, np.asarray(classes, np.int64)
 
 
+AREA_QUANTUM = 2.0**-16  # m²: ground areas summed on this grid are exact in float64, so any order gives the same sum
+
+
+def ground_weights(row_area: np.ndarray) -> np.ndarray:
+    """Row areas on the AREA_QUANTUM grid: a region's area is then the same summed pixel by pixel over the whole
+    map or chunk by chunk (float sums in another order differ in the last bit, and a limit may sit right there)."""
+    return np.round(np.asarray(row_area, np.float64) / AREA_QUANTUM) * AREA_QUANTUM
+
+
+def winners(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From vote rows (region, class, count): each region and the class with the most votes (ties: the lowest
+    class id). Memory in proportion to the rows, not 256 counts per region."""
+    if not len(rows):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    codes, at = np.unique((rows[:, 0] << 8) | rows[:, 1], return_inverse=True)
+    counts = np.bincount(at, weights=rows[:, 2]).astype(np.int64)
+    region, cls = codes >> 8, codes & 0xFF
+    order = np.lexsort((cls, -counts, region))
+    region, cls = region[order], cls[order]
+    first = np.ones(len(region), bool)
+    first[1:] = region[1:] != region[:-1]
+    return region[first], cls[first]
+
+
+@dataclass(frozen=True)
+class LabelClasses:
+    """The classes of some labels, looked up like an array indexed by label: what the client needs of a chunk's
+    border labels without a table of all its regions (one per pixel on a speckled map)."""
+
+    labels: np.ndarray  # sorted
+    values: np.ndarray
+
+    @classmethod
+    def of(cls, classes: np.ndarray, labels: np.ndarray) -> "LabelClasses":
+        labels = np.unique(labels)
+        return cls(labels, np.asarray(classes)[labels].astype(np.uint8))
+
+    def __getitem__(self, labels: np.ndarray) -> np.ndarray:
+        return self.values[np.searchsorted(self.labels, labels)]
+
+
 @dataclass(frozen=True)
 class Edges:
     """A chunk's outermost rows and columns of labels (0 = nodata), as its neighbours see them."""
@@ -164,7 +205,7 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
     if row_area is None:
         sizes = np.bincount(labels.ravel(), minlength=n)
     else:
-        weights = np.broadcast_to(np.asarray(row_area, np.float64)[:, None], labels.shape)
+        weights = np.broadcast_to(ground_weights(row_area)[:, None], labels.shape)
         sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)
     small = sizes < limits[classes]
     small[0] = False
@@ -173,20 +214,18 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
             small[edge] = False
     if not small.any():
         return values
-    idx = np.full(n, -1, np.int64)
-    idx[small] = np.arange(int(small.sum()))
-    votes = np.zeros((int(small.sum()), 256), np.int64)
     # every pixel edge between a small region and another region with a class is one vote
+    rows = []
     for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:, 1:], labels[:, :-1]),
                  (labels[:-1, :], labels[1:, :]), (labels[1:, :], labels[:-1, :])):
         m = small[a] & (b != a) & (b > 0)
-        np.add.at(votes, (idx[a[m]], classes[b[m]]), 1)
-    has = votes.sum(1) > 0
-    new_class = votes.argmax(1)  # ties: the lowest class id
+        rows.append(np.stack([a[m].astype(np.int64), classes[b[m]], np.ones(int(m.sum()), np.int64)], axis=1))
+    region, new_class = winners(np.concatenate(rows))  # a small region with no valid neighbour has no row: it stays
+    if not len(region):
+        return values
+    lut = classes.copy()
+    lut[region] = new_class
     out = values.copy()
-    pix = small[labels]
-    repl = idx[labels[pix]]
-    keep = has[repl]
-    sel = np.flatnonzero(pix.ravel())[keep]
-    out.ravel()[sel] = new_class[repl[keep]].astype(values.dtype)
+    pix = labels > 0
+    out[pix] = lut[labels[pix]].astype(values.dtype)
     return out

@@ -33,7 +33,7 @@ from geoseg.io import storage
 from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
 from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats, to_map
-from geoseg.vector.regions import Edges, check_connectivity, join_borders, label_regions, sieve
+from geoseg.vector.regions import Edges, LabelClasses, check_connectivity, join_borders, label_regions, sieve
 from geoseg.vector.sieve import Regions, border_labels, core_regions, joined_decisions, sieve_core
 
 DEFAULT_CHUNK = 2048
@@ -139,7 +139,8 @@ def sieve_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
     regions, facing = _regions(src, plan, iy, ix, opts)
     border = border_labels(regions.labels, facing)
     candidates = border[regions.sizes[border] < opts.sieve_limit]
-    return {"edges": Edges.of(regions.labels), "classes": regions.classes.astype(np.uint8), "labels": border,
+    edges = Edges.of(regions.labels)
+    return {"edges": edges, "classes": LabelClasses.of(regions.classes, edges.labels()), "labels": border,
             "sizes": regions.sizes[border], "votes": regions.votes[np.isin(regions.votes[:, 0], candidates)]}
 
 
@@ -178,7 +179,7 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
                       None if conf_sum is None else conf_sum[inner_ids], opts.names, Measurer(src.crs_wkt))
     written = _write_part(parts, f"inner-{iy}-{ix}.parquet", cols, inner_geoms, src.crs_wkt)
     summary = {
-        "iy": iy, "ix": ix, "edges": edges, "classes": classes.astype(np.uint8),
+        "iy": iy, "ix": ix, "edges": edges, "classes": LabelClasses.of(classes, edges.labels()),
         "border_labels": border, "written": written,
     }
     pieces = {

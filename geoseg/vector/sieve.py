@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.tiling import Box
-from geoseg.vector.regions import Edges, Join, label_regions
+from geoseg.vector.regions import Edges, Join, ground_weights, label_regions, winners
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def core_regions(window: np.ndarray, core: Box, window_box: Box, nodata: int | N
     if row_area is None:
         sizes = np.bincount(labels.ravel(), minlength=n).astype(np.float64)
     else:
-        weights = np.broadcast_to(np.asarray(row_area, np.float64)[:, None], labels.shape)
+        weights = np.broadcast_to(ground_weights(row_area)[:, None], labels.shape)
         sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)
     full = np.zeros(window.shape, np.int64)  # the core's labels on the window (0 in the ring)
     full[ys, xs] = labels
@@ -74,13 +74,8 @@ def decide(sizes: np.ndarray, votes: np.ndarray, limit: float, n: int) -> np.nda
     small[0] = False  # nodata
     if not small.any() or not len(votes):
         return out
-    rows = votes[small[votes[:, 0]]]
-    if not len(rows):
-        return out
-    regions, at = np.unique(rows[:, 0], return_inverse=True)
-    tally = np.zeros((len(regions), 256), np.int64)
-    np.add.at(tally, (at, rows[:, 1]), rows[:, 2])
-    out[regions] = tally.argmax(1)
+    regions, classes = winners(votes[small[votes[:, 0]]])
+    out[regions] = classes
     return out
 
 
