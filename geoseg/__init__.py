@@ -2,7 +2,7 @@
 
 The Python API (geoseg.api), imported on first use (it pulls in dask, xarray and torch):
 ``open_scene``, ``predict``, ``vectorize``, ``train``, ``evaluate``, ``cluster``, ``Model``,
-``open_prediction``, ``to_cog``; ``import geoseg`` also registers the ``.geoseg`` xarray accessor.
+``open_prediction``, ``to_cog``, ``physical``; ``import geoseg`` also registers the ``.geoseg`` xarray accessor.
 """
 
 import warnings
@@ -14,8 +14,8 @@ from geoseg.errors import GeosegError
 warnings.filterwarnings("ignore", message="IProgress not found")
 
 __version__ = "0.1.0"
-_API = ("Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "plan_tiling", "predict",
-        "sample_data", "segment", "to_cog", "train", "vectorize")
+_API = ("Model", "classes_of", "cluster", "evaluate", "open_prediction", "open_scene", "physical", "plan_tiling",
+        "predict", "sample_data", "segment", "to_cog", "train", "vectorize")
 __all__ = ["GeosegError", "__version__", *_API]
 
 

@@ -255,6 +255,23 @@ def band_scales(scene: xr.DataArray) -> list[tuple[float, float]] | None:
     return None
 
 
+def physical(scene: Any) -> xr.DataArray:
+    """A scene's values as physical quantities (float32: value x scale + offset of each band), its ``scale`` and
+    ``offset`` coordinates set to 1 and 0 to say so, and each band's nodata as NaN: for a model trained on physical
+    values (``gdal_translate -unscale``). Converting in xarray by hand keeps the coordinates of the stored values."""
+    scene = open_scene(scene)
+    scales = band_scales(scene) or [(1.0, 0.0)] * scene.sizes["band"]
+    nodata = band_nodata(scene)
+    s = xr.DataArray(np.asarray([v for v, _ in scales], np.float32), dims="band")
+    o = xr.DataArray(np.asarray([v for _, v in scales], np.float32), dims="band")
+    missing = xr.DataArray(np.asarray([np.nan if v is None else v for v in nodata], np.float64), dims="band")
+    values = scene.astype(np.float32)
+    out = (values * s + o).where(values != missing)  # NaN where a band had its nodata
+    out = out.assign_attrs(scene.attrs).rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
+    n = scene.sizes["band"]
+    return _with_scales(_with_nodata(out, [float("nan")] * n), [(1.0, 0.0)] * n)
+
+
 def band_nodata(scene: xr.DataArray) -> list[float | None]:
     """Each band's nodata: the ``nodata`` band coordinate (``open_scene``), else a per-band ``nodata`` attribute
     (a list, or an array as netCDF reads one back), else one value for every band (``rio.nodata``, ``_FillValue``)."""
@@ -441,7 +458,7 @@ def _check_scales(scene: xr.DataArray, card: ModelCard, location: str) -> None:
     check_band_scales([(f"the scene's band {name!r}", s, o) for name, (s, o) in zip(names, scales)], card, location,
                       "give values stored as the training imagery was (rioxarray: open_rasterio(..., mask_and_scale="
                       "False) keeps them as stored), or train on imagery like this; values converted in xarray keep "
-                      "the scene's scale and offset coordinates: set them with .assign_coords(scale=1.0, offset=0.0)")
+                      "the scene's scale and offset coordinates: geoseg.physical(scene) converts and resets them")
 
 
 def segment(images: Sequence[str | os.PathLike], model: str | os.PathLike, **options: Any) -> xr.Dataset:

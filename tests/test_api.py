@@ -393,3 +393,34 @@ def test_cog_and_polygons_of_a_strided_or_south_up_prediction_are_where_its_pixe
             burnt = rasterize(zip(gdf.geometry, gdf.class_id.astype(int)), out_shape=src.shape, transform=src.transform,
                               fill=255, dtype="uint8")
             np.testing.assert_array_equal(burnt, src.read(1), err_msg=name)
+
+
+def test_physical_converts_values_and_says_so(tmp_path, random_model, scene_path):
+    """geoseg.physical: value x scale + offset per band, nodata as NaN, and scale/offset coordinates of 1 and 0, so a
+    model trained on physical values takes it and refuses the stored values (converting by hand kept the stored
+    values' coordinates: refused, or wrongly taken by a model trained on the stored values)."""
+    import json
+    import shutil
+
+    from geoseg.errors import InputError
+
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    card = json.loads((model / "model.json").read_text())
+    for b in card["bands"]:
+        b["scale"], b["offset"] = 1.0, 0.0
+    (model / "model.json").write_text(json.dumps(card))
+    scaled = tmp_path / "scaled.tif"
+    shutil.copy(scene_path, scaled)
+    with rasterio.open(scaled, "r+") as ds:
+        ds.scales, ds.offsets = (1e-4, 1e-4, 2e-4, 2e-4), (-0.1, -0.1, 0.0, 0.0)
+        stored = ds.read()
+    scene = geoseg.open_scene(scaled)
+    values = geoseg.physical(scene)
+    want = stored * np.array([1e-4, 1e-4, 2e-4, 2e-4])[:, None, None] + np.array([-0.1, -0.1, 0, 0])[:, None, None]
+    want[stored == 0] = np.nan  # the scene's nodata
+    np.testing.assert_allclose(values.values, want, rtol=1e-6, atol=1e-7)  # float32
+    assert list(values["scale"].values) == [1.0] * 4 and values.rio.crs == scene.rio.crs
+    assert geoseg.predict(values, model, chunk_size=64).class_id.shape == (300, 437)
+    with pytest.raises(InputError, match=r"geoseg.physical\(scene\)"):
+        geoseg.predict(scene, model, chunk_size=64)
