@@ -57,12 +57,11 @@ def check_scales(stack: RasterStack, card: ModelCard, model_dir: str = "the mode
                       "physical values), or train on imagery stored like this")
 
 
-def check_band_scales(bands: list[tuple[str, float, float] | None], card: ModelCard, model_dir: str, remedy: str) -> None:
-    """``bands``: each input band's (what to call it, scale, offset) in the card's order; None where not known."""
-    for i, (want, got) in enumerate(zip(card.bands, bands)):
-        if got is None or want.scale is None or want.offset is None:
+def check_band_scales(bands: list[tuple[str, float, float]], card: ModelCard, model_dir: str, remedy: str) -> None:
+    """``bands``: each input band's (what to call it, scale, offset) in the card's order."""
+    for i, (want, (where, scale, offset)) in enumerate(zip(card.bands, bands)):
+        if want.scale is None or want.offset is None:
             continue
-        where, scale, offset = got
         if not (_same(want.scale, scale) and _same(want.offset, offset)):
             raise InputError(
                 f"{where} holds values with scale {scale:g} and offset {offset:g}, but {model_dir} was trained on "

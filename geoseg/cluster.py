@@ -219,10 +219,10 @@ def connect(
         )
         if gpus:
             base = cluster.new_spec
-            for device in gpus:
+            for gpu in gpus:
                 options = {**base["options"], "nthreads": GPU_WORKER_THREADS, "resources": dict(GPU_RESOURCES),
-                           "env": {"CUDA_VISIBLE_DEVICES": device}}
-                cluster.worker_spec[f"gpu-{device}"] = {"cls": base["cls"], "options": options}
+                           "env": {"CUDA_VISIBLE_DEVICES": gpu}}
+                cluster.worker_spec[f"gpu-{gpu}"] = {"cls": base["cls"], "options": options}
             cluster.scale(len(cluster.worker_spec))
     address = cluster.scheduler_address
     try:

@@ -247,7 +247,7 @@ def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scen
 
 
 def test_sieve_kernel():
-    from geoseg.vector.regions import sieve
+    from geoseg.vector.sieve import sieve
 
     a = np.zeros((8, 8), np.uint8)
     a[2:4, 2:4] = 1  # 4 px island in class 0: goes
@@ -268,7 +268,7 @@ def test_sieve_kernel():
 @pytest.mark.parametrize("chunk", [64, 256])
 def test_min_area_is_seamless(client, class_tif, tmp_path, chunk):
     """Sieving chunk by chunk (with its halo) gives the polygons of the whole map sieved at once."""
-    from geoseg.vector.regions import sieve
+    from geoseg.vector.sieve import sieve
 
     a = hard_map()
     sieved = sieve(a, 255, 30)
@@ -318,7 +318,7 @@ def _joined_sieve(a: np.ndarray, chunk: int, limit: float, connectivity: int, ro
 def test_the_joined_sieve_equals_the_sieve_of_the_whole_map(connectivity):
     """--min-area beyond a window's reach: regions joined across chunks, as the polygons are, give the whole map's
     sieve for every chunk size, in pixels and in ground area (rows of different pixel areas)."""
-    from geoseg.vector.regions import sieve
+    from geoseg.vector.sieve import sieve
 
     rng = np.random.default_rng(connectivity)
     maps = [hard_map(), np.kron(rng.integers(0, 4, (30, 40)), np.ones((3, 2), int)).astype(np.uint8)]
@@ -340,7 +340,7 @@ def test_the_joined_sieve_equals_the_sieve_of_the_whole_map(connectivity):
 def test_ground_areas_add_up_the_same_whole_and_by_chunk():
     """A region whose area is the limit to the last bit: float sums in another order (by chunk, then joined) differed
     from the whole map's, and the region was sieved whole but kept chunked. Areas on a fixed grid add up exactly."""
-    from geoseg.vector.regions import sieve
+    from geoseg.vector.sieve import sieve
 
     a = np.array([[0, 1, 1, 0], [0, 1, 1, 0]], np.uint8)
     area = np.array([0.2, 0.1])
@@ -352,7 +352,7 @@ def test_ground_areas_add_up_the_same_whole_and_by_chunk():
 def test_a_min_area_beyond_the_window_reach_is_sieved_across_chunks(client, class_tif, tmp_path):
     """The cluster runs the joined sieve when the area spans more pixels than a window may grow by (each task then
     reads its chunk and a one-pixel ring, not the scene): polygons of the whole map sieved at once."""
-    from geoseg.vector.regions import sieve
+    from geoseg.vector.sieve import sieve
     from geoseg.vector.run import VectorizeOptions, iter_parts, open_class_raster, vectorize_parts
 
     a = hard_map()

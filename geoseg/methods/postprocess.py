@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from geoseg.model.card import NODATA_CLASS, PostProcess
-from geoseg.vector.regions import sieve
+from geoseg.vector.sieve import sieve
 
 
 def majority(class_map: np.ndarray, radius: int, nodata: int = NODATA_CLASS) -> np.ndarray:

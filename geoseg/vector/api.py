@@ -239,10 +239,9 @@ def min_area_limit(value: str | float | None, src: ClassRaster) -> tuple[int, fl
         return int(np.ceil(number)), 0.0
     metres = number * (1e4 if unit == "ha" else 1.0)
     areas = row_pixel_areas(src, 0, src.shape[0])
-    smallest = float(np.nanmin(areas)) if np.isfinite(areas).any() else float("nan")
-    if not np.isfinite(areas).all() or smallest <= 0:
+    if not np.isfinite(areas).all() or areas.min() <= 0:
         raise ConfigError(f"--min-area {value!r}: {src.path} has no CRS on an ellipsoid to measure pixels with; give pixels")
-    return int(np.ceil(metres / smallest)), metres
+    return int(np.ceil(metres / areas.min())), metres
 
 
 def _classes_from_parts(parts: str) -> list[ClassInfo]:

@@ -49,30 +49,6 @@ def label_regions(values: np.ndarray, nodata: int | None, connectivity: int = 4)
     return labels, np.asarray(classes, np.int64)
 
 
-AREA_QUANTUM = 2.0**-16  # m²: ground areas summed on this grid are exact in float64, so any order gives the same sum
-
-
-def ground_weights(row_area: np.ndarray) -> np.ndarray:
-    """Row areas on the AREA_QUANTUM grid: a region's area is then the same summed pixel by pixel over the whole
-    map or chunk by chunk (float sums in another order differ in the last bit, and a limit may sit right there)."""
-    return np.round(np.asarray(row_area, np.float64) / AREA_QUANTUM) * AREA_QUANTUM
-
-
-def winners(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """From vote rows (region, class, count): each region and the class with the most votes (ties: the lowest
-    class id). Memory in proportion to the rows, not 256 counts per region."""
-    if not len(rows):
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    codes, at = np.unique((rows[:, 0] << 8) | rows[:, 1], return_inverse=True)
-    counts = np.bincount(at, weights=rows[:, 2]).astype(np.int64)
-    region, cls = codes >> 8, codes & 0xFF
-    order = np.lexsort((cls, -counts, region))
-    region, cls = region[order], cls[order]
-    first = np.ones(len(region), bool)
-    first[1:] = region[1:] != region[:-1]
-    return region[first], cls[first]
-
-
 @dataclass(frozen=True)
 class LabelClasses:
     """The classes of some labels, looked up like an array indexed by label: what the client needs of a chunk's
@@ -175,57 +151,3 @@ def join_borders(grid_shape: tuple[int, int], edges: dict[tuple[int, int], Edges
     else:
         region = np.arange(len(keys))
     return Join(keys, region.astype(np.int64))
-
-
-def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity: int = 4,
-          open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
-          class_min: dict[int, int] | None = None, row_area: np.ndarray | None = None,
-          min_area: float = 0.0) -> np.ndarray:
-    """Regions of fewer than ``min_pixels`` pixels take the class they share the most pixel edges with.
-
-    One pass on the map as given (every small region decides from the original map, so the
-    result does not depend on any order); nodata is never sieved nor given; a small region with
-    no valid neighbour stays. ``open_edges`` (top, bottom, left, right): edges of a window that
-    the scene continues beyond; regions touching them are not judged here. A window grown by
-    ``min_pixels`` on those sides judges every small region of its core exactly as the whole
-    map would, so sieving chunk by chunk equals sieving the whole scene. ``class_min``: a minimum
-    per class id (a minimum mapping unit per class) in place of ``min_pixels`` for those classes.
-    ``row_area``: each row's pixel area on the ground; regions then are small below ``min_area`` of
-    it (the window must be grown by that area over the scene's smallest pixel, in pixels).
-    """
-    limits = np.full(256, min_pixels, np.float64)
-    for c, v in (class_min or {}).items():
-        limits[int(c)] = int(v)
-    if row_area is not None:
-        limits[:] = min_area
-    elif limits.max() <= 1:
-        return values
-    labels, classes = label_regions(values, nodata, connectivity)
-    n = len(classes)
-    if row_area is None:
-        sizes = np.bincount(labels.ravel(), minlength=n)
-    else:
-        weights = np.broadcast_to(ground_weights(row_area)[:, None], labels.shape)
-        sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)
-    small = sizes < limits[classes]
-    small[0] = False
-    for edge, is_open in zip((labels[0], labels[-1], labels[:, 0], labels[:, -1]), open_edges):
-        if is_open:
-            small[edge] = False
-    if not small.any():
-        return values
-    # every pixel edge between a small region and another region with a class is one vote
-    rows = []
-    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:, 1:], labels[:, :-1]),
-                 (labels[:-1, :], labels[1:, :]), (labels[1:, :], labels[:-1, :])):
-        m = small[a] & (b != a) & (b > 0)
-        rows.append(np.stack([a[m].astype(np.int64), classes[b[m]], np.ones(int(m.sum()), np.int64)], axis=1))
-    region, new_class = winners(np.concatenate(rows))  # a small region with no valid neighbour has no row: it stays
-    if not len(region):
-        return values
-    lut = classes.copy()
-    lut[region] = new_class
-    out = values.copy()
-    pix = labels > 0
-    out[pix] = lut[labels[pix]].astype(values.dtype)
-    return out

@@ -33,8 +33,8 @@ from geoseg.io import storage
 from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
 from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats, to_map
-from geoseg.vector.regions import Edges, LabelClasses, check_connectivity, join_borders, label_regions, sieve
-from geoseg.vector.sieve import Regions, border_labels, core_regions, joined_decisions, sieve_core
+from geoseg.vector.regions import Edges, LabelClasses, check_connectivity, join_borders, label_regions
+from geoseg.vector.sieve import Regions, border_labels, core_regions, joined_decisions, sieve, sieve_core
 
 DEFAULT_CHUNK = 2048
 
@@ -122,21 +122,25 @@ def _write_part(parts: str, name: str, cols: dict[str, Any], geoms: np.ndarray, 
     return len(geoms)
 
 
-def _regions(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions) -> tuple[Regions, tuple[bool, ...]]:
-    """A chunk core's regions (with a one-pixel ring of its neighbours for the edges), and which sides face a chunk."""
+def _regions(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions
+             ) -> tuple[Regions, tuple[bool, ...], np.ndarray, np.ndarray | None]:
+    """A chunk core's regions (read with a one-pixel ring of its neighbours, for the edges), which sides face a
+    chunk, and the core's class map and confidence."""
     box = plan.chunk(iy, ix).core
     window = box.grow(1, plan.shape)
-    values, _ = src.read(window)
+    values, conf = src.read(window)
     rows = row_pixel_areas(src, box.y0, box.y1) if opts.min_area_m2 > 0 else None
     ny, nx = plan.grid_shape
-    return core_regions(values, box, window, src.nodata, opts.connectivity, rows), (iy > 0, iy < ny - 1, ix > 0, ix < nx - 1)
+    regions = core_regions(values, box, window, src.nodata, opts.connectivity, rows)
+    ys, xs = box.relative_to(window)
+    return regions, (iy > 0, iy < ny - 1, ix > 0, ix < nx - 1), values[ys, xs], None if conf is None else conf[ys, xs]
 
 
 @detached
 def sieve_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions) -> dict[str, Any]:
     """What the client needs of a chunk to sieve regions across chunks: its edges, classes, border labels, their
     sizes, and the edges to other classes of those small enough here to be small joined."""
-    regions, facing = _regions(src, plan, iy, ix, opts)
+    regions, facing, _, _ = _regions(src, plan, iy, ix, opts)
     border = border_labels(regions.labels, facing)
     candidates = border[regions.sizes[border] < opts.sieve_limit]
     edges = Edges.of(regions.labels)
@@ -152,8 +156,7 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
     ch = plan.chunk(iy, ix)
     box = ch.core
     if opts.sieve_joined:
-        values, conf = src.read(box)
-        regions, facing = _regions(src, plan, iy, ix, opts)
+        regions, facing, values, conf = _regions(src, plan, iy, ix, opts)
         empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
         values = sieve_core(regions, facing, opts.sieve_limit, values, empty if decided is None else decided)
     else:
@@ -211,12 +214,10 @@ def row_pixel_areas(src: ClassRaster, y0: int, y1: int) -> np.ndarray:
 
     from geoseg.vector.measure import Measurer, to_pyproj
 
-    t = src.affine
-    c = src.shape[1] // 2
     rows = np.arange(y0, y1, dtype=np.float64)
-    corners = [t * (c + dx, rows + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))]
-    rings = np.stack([np.stack([np.asarray(x, np.float64) * np.ones_like(rows), np.asarray(y, np.float64) * np.ones_like(rows)], -1)
-                      for x, y in corners], axis=1)
+    cols = np.full_like(rows, src.shape[1] // 2)
+    corners = [src.affine * (cols + dx, rows + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))]
+    rings = np.stack([np.stack(xy, axis=-1) for xy in corners], axis=1)  # (rows, 5 corners, x/y)
     area, _ = Measurer(to_pyproj(src.crs_wkt))(shapely.polygons(rings))
     return np.asarray(area, np.float64)
 
@@ -383,8 +384,7 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
                 raise InputError(f"{p}: a class raster has one integer band; this has {ds.count} band(s) of {ds.dtypes[0]}")
             from rasterio.enums import MaskFlags
 
-            # 255 is none in every class map geoseg reads (class ids are 0-254); a uint8 map with another
-            # nodata keeps it, and 255 is none as well where the file names no nodata
+            # class ids are 0-254: in a map that names no nodata, 255 is none
             nodata = 255 if ds.nodata is None else int(ds.nodata)
             if ds.dtypes[0] != "uint8":
                 nodata = 255  # read() maps the file's nodata to 255 and checks ids fit 0-254

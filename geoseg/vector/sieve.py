@@ -1,9 +1,11 @@
-"""``--min-area`` over the whole scene with tasks the size of a chunk, whatever the area.
+"""The sieve (``--min-area``, ``--mmu``): regions smaller than a limit take the class they share the most
+pixel edges with, decided in one pass on the map as given.
 
-A region smaller than the area can span as many pixels as the area holds, so a chunk that sieves
-a window grown by that many pixels judges it as the whole map would: fine for small areas, but
-half a hectare of 0.25 m pixels is 80 000 pixels, and every task would read the whole scene.
-Beyond ``VectorizeOptions.sieve_window_max`` the sieve is joined instead, as the polygons are:
+``sieve`` sieves one window. A region smaller than the limit spans at most as many pixels as the limit
+holds, so a chunk that sieves a window grown by that many pixels judges it as the whole map would: fine
+for small limits, but half a hectare of 0.25 m pixels is 80 000 pixels, and every task would read the
+whole scene. Beyond ``VectorizeOptions.sieve_window_max`` vectorize joins the sieve instead, as it joins
+the polygons:
 
 1. each chunk labels its regions and counts, for those that touch its border, their size and their
    pixel edges to each other class (over a one-pixel ring of its neighbours' pixels);
@@ -12,7 +14,7 @@ Beyond ``VectorizeOptions.sieve_window_max`` the sieve is joined instead, as the
 3. each chunk then sieves its core: its inner regions as it can decide alone, its border regions
    as the client decided.
 
-The result equals ``regions.sieve`` of the whole map (tested). Pure kernels here; the tasks are in
+The joined result equals ``sieve`` of the whole map (tested). Pure kernels; the tasks are in
 ``geoseg.vector.run``.
 """
 
@@ -23,13 +25,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.tiling import Box
-from geoseg.vector.regions import Edges, Join, ground_weights, label_regions, winners
+from geoseg.vector.regions import Edges, Join, label_regions
+
+AREA_QUANTUM = 2.0**-16  # m²: ground areas summed on this grid are exact in float64, so any order gives the same sum
+
+
+def ground_weights(row_area: np.ndarray) -> np.ndarray:
+    """Row areas on the AREA_QUANTUM grid: a region's area is then the same summed pixel by pixel over the whole
+    map or chunk by chunk (float sums in another order differ in the last bit, and a limit may sit right there)."""
+    return np.round(np.asarray(row_area, np.float64) / AREA_QUANTUM) * AREA_QUANTUM
 
 
 @dataclass(frozen=True)
 class Regions:
-    """A chunk core's regions: labels (0 = nodata), the class of each label, each label's size (pixels or
-    ground area) and its pixel edges to other classes as (label, class, count) rows."""
+    """A core's regions: labels (0 = nodata), the class of each label, each label's size (pixels or ground
+    area) and its pixel edges to other classes as (label, class, count) rows."""
 
     labels: np.ndarray
     classes: np.ndarray
@@ -39,8 +49,8 @@ class Regions:
 
 def core_regions(window: np.ndarray, core: Box, window_box: Box, nodata: int | None, connectivity: int,
                  row_area: np.ndarray | None = None) -> Regions:
-    """The regions of ``core`` (read as part of ``window``, its pixels plus a ring of up to one pixel), with the
-    edges of its pixels to every valid pixel of another class around them, in the core or in the ring."""
+    """The regions of ``core`` (read as part of ``window``: its pixels and a ring of up to one pixel, or none), with
+    the edges of its pixels to every valid pixel of another class around them, in the core or in the ring."""
     ys, xs = core.relative_to(window_box)
     values = window[ys, xs]
     labels, classes = label_regions(values, nodata, connectivity)
@@ -59,24 +69,74 @@ def core_regions(window: np.ndarray, core: Box, window_box: Box, nodata: int | N
                  ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
                  ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
         la, va, vb, ok = full[a], window[a], window[b], valid[b]
-        m = (la > 0) & ok & (vb != va)
+        m = (la > 0) & ok & (vb != va)  # 4-adjacent pixels of another value are of another region
         rows.append((la[m] << 8) | vb[m].astype(np.int64))
-    codes, counts = np.unique(np.concatenate(rows), return_counts=True) if rows else (np.zeros(0, np.int64),) * 2
+    codes, counts = np.unique(np.concatenate(rows), return_counts=True)
     votes = np.stack([codes >> 8, codes & 0xFF, counts], axis=1).astype(np.int64)
     return Regions(labels, classes, sizes, votes)
 
 
-def decide(sizes: np.ndarray, votes: np.ndarray, limit: float, n: int) -> np.ndarray:
-    """The class each of ``n`` regions takes (-1: it stays): those smaller than ``limit`` take the class they share
-    the most pixel edges with (ties: the lowest class id); a small region with no valid neighbour stays."""
-    out = np.full(n, -1, np.int64)
-    small = sizes < limit
-    small[0] = False  # nodata
-    if not small.any() or not len(votes):
+def decide(small: np.ndarray, votes: np.ndarray) -> np.ndarray:
+    """The class each region takes (-1: it stays): a ``small`` one takes the class it shares the most pixel edges
+    with (ties: the lowest class id); one with no valid neighbour stays. Memory in proportion to the vote rows."""
+    out = np.full(len(small), -1, np.int64)
+    rows = votes[small[votes[:, 0]]]
+    if not len(rows):
         return out
-    regions, classes = winners(votes[small[votes[:, 0]]])
-    out[regions] = classes
+    codes, at = np.unique((rows[:, 0] << 8) | rows[:, 1], return_inverse=True)
+    counts = np.bincount(at, weights=rows[:, 2]).astype(np.int64)
+    region, cls = codes >> 8, codes & 0xFF
+    order = np.lexsort((cls, -counts, region))
+    region, cls = region[order], cls[order]
+    first = np.ones(len(region), bool)
+    first[1:] = region[1:] != region[:-1]
+    out[region[first]] = cls[first]
     return out
+
+
+def _apply(values: np.ndarray, regions: Regions, new: np.ndarray) -> np.ndarray:
+    change = new >= 0
+    if not change.any():
+        return values
+    lut = np.where(change, new, regions.classes).astype(values.dtype)
+    out = values.copy()
+    pix = regions.labels > 0
+    out[pix] = lut[regions.labels[pix]]
+    return out
+
+
+def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity: int = 4,
+          open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+          class_min: dict[int, int] | None = None, row_area: np.ndarray | None = None,
+          min_area: float = 0.0) -> np.ndarray:
+    """Regions of fewer than ``min_pixels`` pixels take the class they share the most pixel edges with.
+
+    One pass on the map as given (every small region decides from the original map, so the
+    result does not depend on any order); nodata is never sieved nor given; a small region with
+    no valid neighbour stays. ``open_edges`` (top, bottom, left, right): edges of a window that
+    the scene continues beyond; regions touching them are not judged here. A window grown by
+    ``min_pixels`` on those sides judges every small region of its core exactly as the whole
+    map would, so sieving chunk by chunk equals sieving the whole scene. ``class_min``: a minimum
+    per class id (a minimum mapping unit per class) in place of ``min_pixels`` for those classes.
+    ``row_area``: each row's pixel area on the ground; regions then are small below ``min_area`` of
+    it (the window must be grown by that area over the scene's smallest pixel, in pixels).
+    """
+    limits = np.full(256, min_pixels, np.float64)
+    for c, v in (class_min or {}).items():
+        limits[int(c)] = int(v)
+    if row_area is not None:
+        limits[:] = min_area
+    elif limits.max() <= 1:
+        return values
+    whole = Box(0, values.shape[0], 0, values.shape[1])
+    regions = core_regions(values, whole, whole, nodata, connectivity, row_area)
+    small = regions.sizes < limits[regions.classes]
+    small[0] = False  # nodata
+    e = Edges.of(regions.labels)
+    for edge, is_open in zip((e.top, e.bottom, e.left, e.right), open_edges):
+        if is_open:
+            small[edge] = False
+    return _apply(values, regions, decide(small, regions.votes))
 
 
 def border_labels(labels: np.ndarray, facing: tuple[bool, bool, bool, bool]) -> np.ndarray:
@@ -102,11 +162,8 @@ def joined_decisions(join: Join, facts: dict[int, tuple[np.ndarray, np.ndarray, 
     for c, (labels, _, votes) in facts.items():
         if len(votes):
             rid = region_of[c][np.searchsorted(labels, votes[:, 0])]
-            keep = size[rid] < limit
-            rows.append(np.stack([rid[keep], votes[keep, 1], votes[keep, 2]], axis=1))
-    votes = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
-    # region numbers start at 0; decide() keeps 0 for nodata: shift by one
-    new = decide(np.concatenate([[np.inf], size]), votes + np.array([1, 0, 0]), limit, n_regions + 1)[1:]
+            rows.append(np.stack([rid, votes[:, 1], votes[:, 2]], axis=1))
+    new = decide(size < limit, np.concatenate(rows) if rows else np.zeros((0, 3), np.int64))
     out = {}
     for c, (labels, _, _) in facts.items():
         cls = new[region_of[c]]
@@ -118,16 +175,10 @@ def joined_decisions(join: Join, facts: dict[int, tuple[np.ndarray, np.ndarray, 
 def sieve_core(regions: Regions, facing: tuple[bool, bool, bool, bool], limit: float, values: np.ndarray,
                decided: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """The core's class map sieved: inner regions decided here, border regions as ``decided`` (labels, classes)."""
-    n = len(regions.classes)
-    new = decide(regions.sizes, regions.votes, limit, n)
-    new[border_labels(regions.labels, facing)] = -1
+    small = regions.sizes < limit
+    small[0] = False
+    small[border_labels(regions.labels, facing)] = False
+    new = decide(small, regions.votes)
     labels, classes = decided
     new[np.asarray(labels, np.int64)] = classes
-    change = new >= 0
-    if not change.any():
-        return values
-    lut = np.where(change, new, regions.classes).astype(values.dtype)
-    out = values.copy()
-    pix = regions.labels > 0
-    out[pix] = lut[regions.labels[pix]]
-    return out
+    return _apply(values, regions, new)
