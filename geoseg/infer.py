@@ -26,6 +26,7 @@ class InferenceSettings:
     device: str = "cpu"
     params: tuple[tuple[str, Any], ...] = ()  # what a method computed over the whole scene (Otsu's threshold)
     tta: str | None = None  # test-time augmentation of an smp model: None = the card's, "none" or "d4"
+    sieve_later: bool = False  # the card's sieve runs over the whole map after this (geoseg.pipeline.sieve)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -437,7 +438,7 @@ def segment_chunk(
     if not pix[chunk.core.relative_to(chunk.input)].any():
         # Nothing to see: skip the model entirely.
         return (np.full(chunk.core.shape, NODATA_CLASS, np.uint8), np.full(chunk.core.shape, np.nan, np.float32))
-    pp = card.postprocess
+    pp = card.postprocess.without_sieve() if settings.sieve_later else card.postprocess
     box = chunk.core.grow(pp.ring, plan.shape).intersect(chunk.input) if pp.active else chunk.core
     assert box is not None
     if card.method == "smp":

@@ -150,21 +150,69 @@ def test_kmeans_is_reproducible_and_mapped_to_classes(client, scene, tmp_path):
     assert np.mean(got[valid] == truth[valid]) > 0.85
 
 
+def with_postprocess(model_dir: Path, card: ModelCard, out: Path, pp: dict) -> Path:
+    """A copy of a model whose card asks for post-processing ``pp``."""
+    out.mkdir()
+    for f in model_dir.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    (out / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), "postprocess": pp}).to_json())
+    return out
+
+
 def test_postprocessing_is_seamless_across_chunks(client, scene, pixel_model, tmp_path):
     img, _, _, _ = scene
     out, card = pixel_model
-    noisy = tmp_path / "pp"
-    noisy.mkdir()
-    for f in out.iterdir():
-        (noisy / f.name).write_bytes(f.read_bytes())
-    pp = {"majority_radius": 1, "min_pixels": 0, "class_min_pixels": {1: 40, 2: 12, 3: 12}, "connectivity": 4}
-    (noisy / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), "postprocess": pp}).to_json())
+    noisy = with_postprocess(out, card, tmp_path / "pp",
+                             {"majority_radius": 1, "min_pixels": 0, "class_min_pixels": {1: 40, 2: 12, 3: 12}, "connectivity": 4})
+    from geoseg import api
+
+    ref, _ = one_pass(noisy, img)
     for chunk in (48, 96):
         got = tiled(client, noisy, img, tmp_path / f"out{chunk}", chunk=chunk)
-        ref, _ = one_pass(noisy, img)
         assert np.array_equal(got, ref), f"chunk {chunk}: {np.count_nonzero(got != ref)} pixels differ"
+    # the lazy Python API sieves in each chunk's window grown by the mmu, and agrees
+    lazy = api.predict(api.open_scene(img, chunks=48), noisy, chunk_size=48)["class_id"].values
+    assert np.array_equal(lazy, ref), f"API: {np.count_nonzero(lazy != ref)} pixels differ"
     raw, _ = one_pass(out, img)
     assert np.count_nonzero(raw != ref) > 0  # the post-processing changed the map
+
+
+def test_a_large_mmu_is_sieved_across_chunks_without_growing_the_halo(client, scene, pixel_model, tmp_path):
+    """--mmu beyond a chunk: the model's halo stays its own, the sieve runs over the whole map after the segment
+    stage (joined across chunks) and equals the card's sieve of one pass; cut short between its passes and chunk
+    writes, it is taken up again and gives the same map."""
+    from geoseg.pipeline import plan_job, run_segmentation
+    from geoseg.pipeline.sieve import RAW_ARRAY, SIEVED, decide_store, sieve_store, sieve_task
+
+    img, _, _, _ = scene
+    out, card = pixel_model
+    big = with_postprocess(out, card, tmp_path / "mmu",
+                           {"majority_radius": 1, "min_pixels": 300, "class_min_pixels": {2: 12}, "connectivity": 8})
+    ref, _ = one_pass(big, img)
+    raw, _ = one_pass(out, img)
+    assert np.count_nonzero(raw != ref) > 0
+    record = predict([img], big, tmp_path / "o", PredictOptions(chunk_size=48, cog=False, vectors=False), client=client)
+    got = open_prediction(tmp_path / "o" / "prediction.zarr")
+    assert np.array_equal(got["class_id"].values, ref), f"{np.count_nonzero(got['class_id'].values != ref)} px differ"
+    assert RAW_ARRAY not in got and not (tmp_path / "o" / "prediction.zarr" / RAW_ARRAY).exists()
+    assert record["parameters"]["halo"] == plan_for(load_model(out).card, (200, 260), chunk_size=48).halo + 1  # + majority
+    assert record["parameters"]["postprocess"]["sieve"] == "joined across chunks" and "sieve_s" in record["timings"]
+    # cut short: the decisions saved, two chunks sieved, a third written without its marker
+    job = plan_job([img], big, tmp_path / "cut", PredictOptions(chunk_size=48, cog=False, vectors=False))
+    store = str(tmp_path / "cut.zarr")
+    run_segmentation(job, client, store)
+    from geoseg.pipeline import chunk_key, prepare_cluster
+
+    numerics = prepare_cluster(client, job)
+    key = chunk_key(job.key, numerics.precision, numerics.device)
+    decided = decide_store(client, store, job.plan, job.card.postprocess, key)
+    for iy, ix in ((0, 0), (1, 2), (2, 1)):
+        client.submit(sieve_task, store, job.plan, iy, ix, job.card.postprocess, decided[(iy, ix)], key, pure=False).result()
+    (Path(store) / SIEVED / "2_1").unlink()  # its data written, its marker not
+    done = sieve_store(client, store, job.plan, job.card.postprocess, key)
+    assert done["chunks_reused"] == 2 and done["chunks_sieved"] == job.plan.grid_shape[0] * job.plan.grid_shape[1] - 2
+    again = open_prediction(store)["class_id"].values
+    assert np.array_equal(again, ref), f"{np.count_nonzero(again != ref)} px differ"
 
 
 def test_band_roles_are_checked(scene, tmp_path):

@@ -288,7 +288,7 @@ def _joined_sieve(a: np.ndarray, chunk: int, limit: float, connectivity: int, ro
     """geoseg.vector.sieve's three steps, run here chunk by chunk on an array."""
     from geoseg.tiling import Box
     from geoseg.vector.regions import Edges, join_borders
-    from geoseg.vector.sieve import border_labels, core_regions, joined_decisions, sieve_core
+    from geoseg.vector.sieve import border_facts, core_regions, joined_decisions, sieve_core
 
     h, w = a.shape
     ny, nx = -(-h // chunk), -(-w // chunk)
@@ -304,8 +304,7 @@ def _joined_sieve(a: np.ndarray, chunk: int, limit: float, connectivity: int, ro
                         {k: r.classes for k, (_, r, _) in found.items()}, connectivity)
     facts = {}
     for (iy, ix), (_, r, facing) in found.items():
-        border = border_labels(r.labels, facing)
-        facts[iy * nx + ix] = (border, r.sizes[border], r.votes[np.isin(r.votes[:, 0], border)])
+        facts[iy * nx + ix] = border_facts(r, facing, limit)
     decided = joined_decisions(join, facts, limit)
     out = np.empty_like(a)
     for (iy, ix), (core, r, facing) in found.items():
@@ -317,8 +316,8 @@ def _joined_sieve(a: np.ndarray, chunk: int, limit: float, connectivity: int, ro
 @pytest.mark.parametrize("connectivity", [4, 8])
 def test_the_joined_sieve_equals_the_sieve_of_the_whole_map(connectivity):
     """--min-area beyond a window's reach: regions joined across chunks, as the polygons are, give the whole map's
-    sieve for every chunk size, in pixels and in ground area (rows of different pixel areas)."""
-    from geoseg.vector.sieve import sieve
+    sieve for every chunk size, in pixels, in ground area (rows of different pixel areas) and per class."""
+    from geoseg.vector.sieve import class_limits, sieve
 
     rng = np.random.default_rng(connectivity)
     maps = [hard_map(), np.kron(rng.integers(0, 4, (30, 40)), np.ones((3, 2), int)).astype(np.uint8)]
@@ -335,6 +334,13 @@ def test_the_joined_sieve_equals_the_sieve_of_the_whole_map(connectivity):
             for chunk in (7, 32, 100):
                 np.testing.assert_array_equal(_joined_sieve(a, chunk, limit, connectivity), whole, err_msg=f"{limit} {chunk}")
                 np.testing.assert_array_equal(_joined_sieve(a, chunk, 2.0 * limit, connectivity, area), weighted)
+        # a minimum mapping unit per class (predict's --mmu 1=400,2=30): one limit for each class id
+        per_class = {1: 400, 2: 30}
+        whole = sieve(a, 255, 5, connectivity, class_min=per_class)
+        assert (whole != sieve(a, 255, 5, connectivity)).any()
+        for chunk in (7, 32, 100):
+            np.testing.assert_array_equal(_joined_sieve(a, chunk, class_limits(5, per_class), connectivity), whole,
+                                          err_msg=f"per class, chunk {chunk}")
 
 
 def test_ground_areas_add_up_the_same_whole_and_by_chunk():

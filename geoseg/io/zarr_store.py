@@ -85,14 +85,16 @@ def _marker(path: str | os.PathLike, iy: int, ix: int) -> str | Path:
 
 
 @detached
-def write_chunk(path: str, chunk: Chunk, job_key: str, result: tuple[np.ndarray, np.ndarray]) -> dict[str, int]:
-    """Write one chunk's class map and confidence into the store, then mark it done."""
+def write_chunk(path: str, chunk: Chunk, job_key: str, result: tuple[np.ndarray, np.ndarray],
+                class_array: str = "class_id") -> dict[str, int]:
+    """Write one chunk's class map (into ``class_array``: the raw one a later sieve reads) and confidence into
+    the store, then mark it done."""
     import zarr
 
     class_id, confidence = result
     group = zarr.open_group(path, mode="r+", **storage.zarr_kwargs(path))
     region = (slice(chunk.core.y0, chunk.core.y1), slice(chunk.core.x0, chunk.core.x1))
-    group["class_id"][region] = class_id
+    group[class_array][region] = class_id
     group["confidence"][region] = confidence
     # Only now, both writes returned: the marker vouches for data that are in place.
     storage.write_atomic(_marker(path, chunk.iy, chunk.ix), job_key.encode())

@@ -115,6 +115,10 @@ class PostProcess(_Frozen):
     def active(self) -> bool:
         return self.ring > 0
 
+    def without_sieve(self) -> "PostProcess":
+        """The majority filter alone: what a window runs where the sieve runs later over the whole map."""
+        return PostProcess(majority_radius=self.majority_radius, connectivity=self.connectivity)
+
 
 class ModelCard(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION

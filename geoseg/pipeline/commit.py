@@ -47,6 +47,7 @@ from geoseg.io import storage
 from geoseg.monitor import Stage
 from geoseg.numerics import Numerics
 from geoseg.pipeline.execute import placed, prepare_cluster, run_segmentation
+from geoseg.pipeline.sieve import sieve_joined
 from geoseg.pipeline.plan import (
     COG_NAME,
     COG_STYLE,
@@ -59,6 +60,7 @@ from geoseg.pipeline.plan import (
     VECTOR_NAME,
     ZARR_NAME,
     Job,
+    chunk_key,
     _ours,
 )
 
@@ -138,6 +140,20 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     with Stage("segment") as st:
         counts = run_segmentation(job, client, store, numerics, progress, priority)
     timings["segment_s"] = st.seconds
+    sieved = None
+    if sieve_joined(job.card.postprocess):  # the card's --mmu over the whole map, joined across chunks
+        from geoseg.io.zarr_store import COMPLETE_ATTR, store_attrs
+        from geoseg.pipeline.sieve import forget, sieve_store
+
+        if (store_attrs(store) or {}).get(COMPLETE_ATTR):
+            sieved = {"sieve": "joined across chunks", "chunks_reused": counts["chunks"]}  # a finished store, taken back
+        else:
+            with Stage("sieve") as st:
+                if counts["computed"]:
+                    forget(str(store))  # decisions of an earlier run were made on a map that has changed
+                sieved = sieve_store(client, str(store), job.plan, job.card.postprocess,
+                                     chunk_key(job.key, numerics.precision, numerics.device), priority)
+            timings["sieve_s"] = st.seconds
     found = None
     if job.objects is not None:  # panoptic: objects laid over the class map, before anything is made from it
         from geoseg.instances.outputs import add_instance_array
@@ -205,7 +221,9 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             "parameters": {**job.plan.describe(), "exact": job.options.exact, "precision": numerics.precision,
                            "precision_requested": job.options.precision,
                            "batch_size": job.options.batch_size, "device": job.options.device,
-                           "tta": job.options.tta or job.card.tta},
+                           "tta": job.options.tta or job.card.tta,
+                           "postprocess": ({**job.card.postprocess.model_dump(), **(sieved or {})}
+                                           if job.card.postprocess.active else None)},
             "job_key": job.key,
             "numerics": numerics.record(),
             "chunks": counts,

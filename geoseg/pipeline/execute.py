@@ -14,6 +14,7 @@ from geoseg.graph import build_segmentation, submit, with_layer
 from geoseg.io import storage
 from geoseg.numerics import Numerics, model_workers, resolve_on_cluster
 from geoseg.pipeline.plan import Job, chunk_key
+from geoseg.pipeline.sieve import RAW_ARRAY, sieve_joined
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,9 @@ def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: li
     # them); writes are not: their name carries the store, or a second run of the same job into
     # another OUT would be merged with the first and write nothing.
     write_name = f"geoseg-write-{tokenize(key, str(store))}"
-    writes = {(write_name, ch.iy, ch.ix): (write_chunk, str(store), ch, key, seg.infer_key(ch)) for ch in todo}
+    # a map the sieve stage sieves later is written raw beside the final one (geoseg.pipeline.sieve)
+    target = RAW_ARRAY if settings.sieve_later else "class_id"
+    writes = {(write_name, ch.iy, ch.ix): (write_chunk, str(store), ch, key, seg.infer_key(ch), target) for ch in todo}
     graph = with_layer(seg.graph, write_name, writes, {seg.infer_name})
     return graph, list(writes)
 
@@ -137,7 +140,7 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     """
     from distributed import as_completed
 
-    from geoseg.io.zarr_store import CLASSES_ATTR, JOB_ATTR, create_store, reusable_chunks
+    from geoseg.io.zarr_store import CLASSES_ATTR, JOB_ATTR, SEMANTIC_ARRAYS, create_store, reusable_chunks
 
     job = placed(job, client)  # model tasks on the GPU workers of an embedded cluster that has some
     if numerics is None:
@@ -147,7 +150,11 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     done = reusable_chunks(store, key, plan) if job.options.resume else set()
     if not done:
         storage.remove(store, recursive=True)
-        create_store(store, job.stack.grid, plan, {JOB_ATTR: key, CLASSES_ATTR: [c.model_dump() for c in job.card.classes]})
+        arrays = dict(SEMANTIC_ARRAYS)
+        if sieve_joined(job.card.postprocess):
+            arrays[RAW_ARRAY] = SEMANTIC_ARRAYS["class_id"]
+        create_store(store, job.stack.grid, plan, {JOB_ATTR: key, CLASSES_ATTR: [c.model_dump() for c in job.card.classes]},
+                     arrays)
     todo = [ch for ch in plan if (ch.iy, ch.ix) not in done]
     from geoseg.methods import scene_settings
 

@@ -17,6 +17,7 @@ from geoseg.io import storage
 from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import ModelCard
 from geoseg.model.store import open_model
+from geoseg.pipeline.sieve import sieve_joined
 from geoseg.runtime import ModelRef
 from geoseg.tiling import DEFAULT_CHUNK, TilingPlan, plan_for
 
@@ -73,7 +74,8 @@ class Job:
     objects: "Job | None" = None  # panoptic: the instance model's job, painted over this one's class map
 
     def settings(self, precision: str) -> InferenceSettings:
-        return InferenceSettings(precision, self.options.batch_size, tta=self.options.tta)
+        return InferenceSettings(precision, self.options.batch_size, tta=self.options.tta,
+                                 sieve_later=sieve_joined(self.card.postprocess))
 
     @property
     def model_location(self) -> str:
@@ -183,7 +185,9 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     else:
         # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
         chunk = options.chunk_size or (DEFAULT_CHUNK if options.instance_model is not None else None)
-        plan = plan_for(card, stack.shape, chunk_size=chunk, halo=options.halo, exact=options.exact,
+        # the sieve runs over the whole map after the model (geoseg.pipeline.sieve): the halo does not carry it
+        windowed = card.model_copy(update={"postprocess": card.postprocess.without_sieve()}) if sieve_joined(card.postprocess) else card
+        plan = plan_for(windowed, stack.shape, chunk_size=chunk, halo=options.halo, exact=options.exact,
                         tile_size=options.tile_size)
     objects = None
     if options.instance_model is not None:

@@ -34,7 +34,7 @@ from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
 from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats, to_map
 from geoseg.vector.regions import Edges, LabelClasses, check_connectivity, join_borders, label_regions
-from geoseg.vector.sieve import Regions, border_labels, core_regions, joined_decisions, sieve, sieve_core
+from geoseg.vector.sieve import Regions, border_facts, core_regions, joined_decisions, sieve, sieve_core
 
 DEFAULT_CHUNK = 2048
 
@@ -141,11 +141,7 @@ def sieve_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
     """What the client needs of a chunk to sieve regions across chunks: its edges, classes, border labels, their
     sizes, and the edges to other classes of those small enough here to be small joined."""
     regions, facing, _, _ = _regions(src, plan, iy, ix, opts)
-    border = border_labels(regions.labels, facing)
-    candidates = border[regions.sizes[border] < opts.sieve_limit]
-    edges = Edges.of(regions.labels)
-    return {"edges": edges, "classes": LabelClasses.of(regions.classes, edges.labels()), "labels": border,
-            "sizes": regions.sizes[border], "votes": regions.votes[np.isin(regions.votes[:, 0], candidates)]}
+    return border_facts(regions, facing, opts.sieve_limit)
 
 
 @detached
@@ -288,8 +284,7 @@ def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOp
         del found
         sieve_join = join_borders((ny, nx), {k: f["edges"] for k, f in facts.items()},
                                   {k: f["classes"] for k, f in facts.items()}, opts.connectivity)
-        decisions = joined_decisions(sieve_join, {iy * nx + ix: (f["labels"], f["sizes"], f["votes"])
-                                                  for (iy, ix), f in facts.items()}, opts.sieve_limit)
+        decisions = joined_decisions(sieve_join, {iy * nx + ix: f for (iy, ix), f in facts.items()}, opts.sieve_limit)
         decided = {(c // nx, c % nx): d for c, d in decisions.items()}
         del facts
     first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, decided.get((ch.iy, ch.ix)),

@@ -25,9 +25,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from geoseg.tiling import Box
-from geoseg.vector.regions import Edges, Join, label_regions
+from geoseg.vector.regions import Edges, Join, LabelClasses, label_regions
 
 AREA_QUANTUM = 2.0**-16  # m²: ground areas summed on this grid are exact in float64, so any order gives the same sum
+
+
+def class_limits(min_pixels: float, class_min: dict[int, int] | None = None) -> np.ndarray:
+    """The limit of each class id (256): ``min_pixels``, or the class's own minimum mapping unit."""
+    limits = np.full(256, min_pixels, np.float64)
+    for c, v in (class_min or {}).items():
+        limits[int(c)] = v
+    return limits
+
+
+def _below(sizes: np.ndarray, classes: np.ndarray, limit: float | np.ndarray) -> np.ndarray:
+    """Which regions are small: ``limit`` is one for all, or one per class id (``class_limits``)."""
+    lim = np.asarray(limit, np.float64)
+    return sizes < (lim if lim.ndim == 0 else lim[np.asarray(classes, np.intp)])
 
 
 def ground_weights(row_area: np.ndarray) -> np.ndarray:
@@ -121,16 +135,14 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
     ``row_area``: each row's pixel area on the ground; regions then are small below ``min_area`` of
     it (the window must be grown by that area over the scene's smallest pixel, in pixels).
     """
-    limits = np.full(256, min_pixels, np.float64)
-    for c, v in (class_min or {}).items():
-        limits[int(c)] = int(v)
+    limits = class_limits(min_pixels, class_min)
     if row_area is not None:
         limits[:] = min_area
     elif limits.max() <= 1:
         return values
     whole = Box(0, values.shape[0], 0, values.shape[1])
     regions = core_regions(values, whole, whole, nodata, connectivity, row_area)
-    small = regions.sizes < limits[regions.classes]
+    small = _below(regions.sizes, regions.classes, limits)
     small[0] = False  # nodata
     e = Edges.of(regions.labels)
     for edge, is_open in zip((e.top, e.bottom, e.left, e.right), open_edges):
@@ -147,35 +159,51 @@ def border_labels(labels: np.ndarray, facing: tuple[bool, bool, bool, bool]) -> 
     return found[found > 0].astype(np.int64)
 
 
-def joined_decisions(join: Join, facts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], limit: float
-                     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Each chunk's border labels that change class, and to which: ``facts[chunk]`` holds its border labels, their
-    sizes and their vote rows; joined regions add theirs up."""
+def border_facts(regions: Regions, facing: tuple[bool, bool, bool, bool], limit: float | np.ndarray) -> dict:
+    """What the client needs of a chunk to sieve across chunks: its edges and their labels' classes (to join
+    regions), its border labels with their sizes and classes, and the edges to other classes of those small
+    enough here to be small joined. ``limit``: one, or one per class id (``class_limits``)."""
+    border = border_labels(regions.labels, facing)
+    classes = regions.classes[border]
+    candidates = border[_below(regions.sizes[border], classes, limit)]
+    edges = Edges.of(regions.labels)
+    return {"edges": edges, "classes": LabelClasses.of(regions.classes, edges.labels()), "labels": border,
+            "sizes": regions.sizes[border], "label_classes": classes,
+            "votes": regions.votes[np.isin(regions.votes[:, 0], candidates)]}
+
+
+def joined_decisions(join: Join, facts: dict[int, dict], limit: float | np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Each chunk's border labels that change class, and to which: ``facts[chunk]`` is its ``border_facts``;
+    joined regions add their sizes and edges up."""
     n_regions = int(join.region.max()) + 1 if len(join.region) else 0
     size = np.zeros(n_regions, np.float64)
+    region_class = np.zeros(n_regions, np.intp)
     region_of = {}
-    for c, (labels, sizes, _) in facts.items():
-        rid = join.region_of(c, labels)
+    for c, f in facts.items():
+        rid = join.region_of(c, f["labels"])
         region_of[c] = rid
-        np.add.at(size, rid, sizes)
+        np.add.at(size, rid, f["sizes"])
+        region_class[rid] = f["label_classes"]
     rows = []
-    for c, (labels, _, votes) in facts.items():
+    for c, f in facts.items():
+        votes = f["votes"]
         if len(votes):
-            rid = region_of[c][np.searchsorted(labels, votes[:, 0])]
+            rid = region_of[c][np.searchsorted(f["labels"], votes[:, 0])]
             rows.append(np.stack([rid, votes[:, 1], votes[:, 2]], axis=1))
-    new = decide(size < limit, np.concatenate(rows) if rows else np.zeros((0, 3), np.int64))
+    new = decide(_below(size, region_class, limit), np.concatenate(rows) if rows else np.zeros((0, 3), np.int64))
     out = {}
-    for c, (labels, _, _) in facts.items():
+    for c, f in facts.items():
         cls = new[region_of[c]]
         changed = cls >= 0
-        out[c] = (labels[changed], cls[changed])
+        out[c] = (f["labels"][changed], cls[changed])
     return out
 
 
-def sieve_core(regions: Regions, facing: tuple[bool, bool, bool, bool], limit: float, values: np.ndarray,
+def sieve_core(regions: Regions, facing: tuple[bool, bool, bool, bool], limit: float | np.ndarray, values: np.ndarray,
                decided: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """The core's class map sieved: inner regions decided here, border regions as ``decided`` (labels, classes)."""
-    small = regions.sizes < limit
+    """The core's class map sieved: inner regions decided here, border regions as ``decided`` (labels, classes).
+    Only border regions' votes reach outside the core: ``regions`` may be those of the core alone."""
+    small = _below(regions.sizes, regions.classes, limit)
     small[0] = False
     small[border_labels(regions.labels, facing)] = False
     new = decide(small, regions.votes)
