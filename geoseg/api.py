@@ -421,7 +421,7 @@ def predict(
     coords = {"y": scene["y"].values, "x": scene["x"].values}
     ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)}, coords=coords)
     ds["class_id"].attrs.update(_class_attrs(card))
-    ds["confidence"].attrs.update(long_name="probability of the winning class", units="1")
+    ds["confidence"].attrs.update(long_name="probability of the model's winning class (before the card's post-processing)", units="1")
     ds.attrs.update(geoseg_model=m.location, geoseg_model_digest=m.digest, geoseg_precision=numerics.precision,
                     geoseg_chunk_size=plan.chunk_size, geoseg_halo=plan.halo)
     # rioxarray records the grid mapping in each variable's encoding: to_zarr/to_netcdf write it

@@ -39,7 +39,9 @@ def unpack_valid(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def on_device(settings: InferenceSettings, device: str) -> InferenceSettings:
-    return InferenceSettings(settings.precision, settings.batch_size, device, settings.params, settings.tta)
+    from dataclasses import replace
+
+    return replace(settings, device=device)
 
 
 @detached

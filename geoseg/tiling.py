@@ -232,7 +232,9 @@ def plan_for(
     if halo is not None and halo < 0:
         raise ConfigError(f"--halo must be >= 0, got {halo}")
     if exact and halo is not None and halo < card.exact_halo:
-        raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px (the receptive field); drop --halo or raise it")
+        ring = card.postprocess.ring
+        parts = f"the receptive field {card.receptive_field} px + post-processing {ring} px" if ring else "the receptive field"
+        raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px ({parts}); drop --halo or raise it")
     ring = card.postprocess.ring  # class map needed around a core by the post-processing
     if halo is not None:  # the user's halo: their chunk, else the default one
         chunk = chunk_size or DEFAULT_CHUNK

@@ -127,6 +127,27 @@ def test_threshold_otsu_on_the_cluster_equals_skimage(client, scene, tmp_path):
     v = got != 255
     assert np.mean((got == water)[v & (truth == 1)]) > 0.95 and np.mean((got == water)[v & (truth != 1)]) < 0.05
     assert not (got[150:170] != 255).any()  # ndwi needs nir: no value where it is missing
+    from geoseg.errors import ConfigError
+    from geoseg.pipeline import plan_job
+
+    with pytest.raises(ConfigError, match="--tta d4 augments a network's passes, and this is a threshold model"):
+        plan_job([img], tmp_path / "th", tmp_path / "tta", PredictOptions(tta="d4"))
+
+
+def test_a_minimum_mapping_unit_names_classes_the_model_has(scene, pixel_model, tmp_path):
+    """--mmu 9=4 on classes 1-3 did nothing (and grew the halo); 2=4,2=40 kept the last silently."""
+    import pydantic
+
+    img, lab, classes, _ = scene
+    for mmu, says in (("9=4", "class id(s) [9] are not in"), ("2=4,2=40", "class id(s) [2] given more than once")):
+        r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,
+                               ["train", str(img), "--labels", str(lab), "--classes", str(classes), "--out",
+                                str(tmp_path / "m"), "--method", "pixel", "--mmu", mmu])
+        assert r.exit_code == 2 and says in r.output, r.output
+        assert not (tmp_path / "m").exists()
+    _, card = pixel_model
+    with pytest.raises(pydantic.ValidationError, match=r"minimum mapping units for class id\(s\) \[9\]"):
+        ModelCard.model_validate({**card.model_dump(), "postprocess": {"class_min_pixels": {9: 4}}})
 
 
 def test_threshold_needs_roles_or_index(scene, tmp_path):
@@ -197,6 +218,7 @@ def test_a_large_mmu_is_sieved_across_chunks_without_growing_the_halo(client, sc
     assert RAW_ARRAY not in got and not (tmp_path / "o" / "prediction.zarr" / RAW_ARRAY).exists()
     assert record["parameters"]["halo"] == plan_for(load_model(out).card, (200, 260), chunk_size=48).halo + 1  # + majority
     assert record["parameters"]["postprocess"]["sieve"] == "joined across chunks" and "sieve_s" in record["timings"]
+    assert record["parameters"]["postprocess"]["pixels_changed"] > 0  # the workers left the sieve to this stage
     # cut short: the decisions saved, two chunks sieved, a third written without its marker
     job = plan_job([img], big, tmp_path / "cut", PredictOptions(chunk_size=48, cog=False, vectors=False))
     store = str(tmp_path / "cut.zarr")

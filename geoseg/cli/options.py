@@ -14,7 +14,8 @@ workers_opt = click.option("--workers", "n_workers", type=click.IntRange(1), def
 chunk_opt = click.option("--chunk-size", type=click.IntRange(1), default=None, metavar="PX",
                          help="Side of the chunks a worker segments and writes (default 2048; rounded up to the network stride).")
 halo_opt = click.option("--halo", type=click.IntRange(0), default=None, metavar="PX",
-                        help="Context read around every tile (default: the larger of the card's default_halo and chunk / 32).")
+                        help="Context read around every tile (default: the receptive field where that costs at most 15% more pixels); "
+                             "the card's post-processing ring is added (in predict, the majority filter's radius only).")
 exact_opt = click.option("--exact", is_flag=True,
                          help="Halo = the model's receptive field: the class map no longer depends on the chunking.")
 precision_opt = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,

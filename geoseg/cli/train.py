@@ -180,6 +180,14 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     except pydantic.ValidationError as exc:
         what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise click.BadParameter(what, param_hint="'--mmu' / '--majority'") from None
+    if postprocess.class_min_pixels and classes_file:
+        from geoseg.training.labels import load_classes
+
+        known = {c.id for c in load_classes(classes_file)}
+        unknown = sorted(set(postprocess.class_min_pixels) - known)
+        if unknown:
+            raise click.BadParameter(f"class id(s) {unknown} are not in {classes_file} ({', '.join(map(str, sorted(known)))})",
+                                     param_hint="--mmu")
     if method != "smp":
         with geoseg_warnings():
             result = train_method(inputs, out_dir, method, config, band_roles=band_roles, index=index, threshold=threshold,
@@ -248,10 +256,14 @@ def parse_mmu(text: str | None) -> dict:
     try:
         if "=" not in text:
             return {"min_pixels": int(text.removesuffix("px"))}
-        pairs = [p.split("=") for p in text.split(",")]
-        return {"class_min_pixels": {int(c): int(v.removesuffix("px")) for c, v in pairs}}
+        pairs = [(int(c), int(v.removesuffix("px"))) for c, v in (p.split("=") for p in text.split(","))]
     except ValueError:
         raise click.BadParameter(f"{text!r}: give pixels (16) or class=pixels pairs (6=4,1=16)", param_hint="--mmu") from None
+    ids = [c for c, _ in pairs]
+    if len(set(ids)) != len(ids):
+        twice = sorted({c for c in ids if ids.count(c) > 1})
+        raise click.BadParameter(f"{text!r}: class id(s) {twice} given more than once", param_hint="--mmu")
+    return {"class_min_pixels": dict(pairs)}
 
 
 def _report(result, verbosity: int) -> None:
@@ -259,16 +271,18 @@ def _report(result, verbosity: int) -> None:
         from geoseg.training.metrics import Metrics
 
         tr = result.card.training or {}
+        # the card's majority filter and sieve run at predict time (geoseg evaluate scores them)
+        raw = ", before the card's post-processing" if result.card.postprocess.active else ""
         if result.card.method != "smp":
             if tr.get("metrics"):
-                click.echo(f"\nvalidation ({tr['split']['val']['blocks']} held-out blocks):")
+                click.echo(f"\nvalidation ({tr['split']['val']['blocks']} held-out blocks{raw}):")
                 click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
             click.echo(f"model written to {result.model_dir}: method {result.card.method}, {result.card.n_bands} bands, "
                        f"{result.card.n_classes} classes, in {tr.get('seconds', 0):.0f} s")
             return
         if tr.get("metrics"):
             kept = f"mean of {len(tr['members'])} networks" if tr.get("members") else f"epoch {tr['best_epoch']}"
-            click.echo(f"\nvalidation ({kept}, {tr['split']['val']['blocks']} held-out blocks):")
+            click.echo(f"\nvalidation ({kept}, {tr['split']['val']['blocks']} held-out blocks{raw}):")
             click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
         ens = result.card.method_params.get("ensemble")
         if ens:

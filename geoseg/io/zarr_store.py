@@ -53,7 +53,8 @@ def georeference(ds: xr.Dataset, grid: GeoBox) -> xr.Dataset:
 # name -> (dtype, fill value, attributes) of a class-map store's arrays
 SEMANTIC_ARRAYS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
     "class_id": (np.uint8, NODATA_CLASS, {"nodata": NODATA_CLASS, "long_name": "class id (255 = nodata)"}),
-    "confidence": (np.float32, np.nan, {"long_name": "probability of the winning class"}),
+    "confidence": (np.float32, np.nan,
+                   {"long_name": "probability of the model's winning class (before the card's post-processing)"}),
 }
 
 

@@ -168,6 +168,10 @@ class ModelCard(_Frozen):
             raise ValueError(f"class ids must be unique, got {ids}")
         if len(ids) < 1:
             raise ValueError("a model needs at least one class")
+        unknown = sorted(set(self.postprocess.class_min_pixels) - set(ids))
+        if unknown:
+            raise ValueError(f"minimum mapping units for class id(s) {unknown}, which the model does not have "
+                             f"(its classes: {', '.join(map(str, ids))})")
         return self
 
     @property

@@ -180,6 +180,8 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
+    if options.tta == "d4" and card.method != "smp":
+        raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     if card.method in ("instance", "sam"):
         plan = instance_plan(card, stack, options)
     else:
