@@ -70,7 +70,7 @@ class Model:
         lines = [f"geoseg Model {c.network} at {self.location}",
                  f"  bands: {', '.join(b.name for b in c.bands)}",
                  f"  classes: {', '.join(f'{k} {v}' for k, v in self.classes.items())}",
-                 f"  receptive field {c.receptive_field} px, stride {c.stride}, digest {self.digest[:12]}"]
+                 f"  receptive field {c.reach}, stride {c.stride}, digest {self.digest[:12]}"]
         metrics = (c.training or {}).get("metrics") or {}
         if "miou" in metrics:
             lines.append(f"  validation mIoU {metrics['miou']:.3f}")
@@ -87,7 +87,7 @@ class Model:
         miou = f"<p>validation mIoU {metrics['miou']:.3f}</p>" if "miou" in metrics else ""
         return (f"<div><b>geoseg Model</b> {escape(c.network)}"
                 f"<br><small>{escape(self.location)} &middot; digest {self.digest[:12]}</small>"
-                f"<p>bands: {escape(', '.join(b.name for b in c.bands))}; receptive field {c.receptive_field} px</p>"
+                f"<p>bands: {escape(', '.join(b.name for b in c.bands))}; receptive field {escape(c.reach)}</p>"
                 f"{miou}<table><tr><th>id</th><th></th><th>class</th></tr>{rows}</table></div>")
 
 

@@ -269,6 +269,12 @@ def _logits(net: torch.nn.Module, x: Any, stride: int, settings: InferenceSettin
 
     with torch.inference_mode(), _autocast(settings):
         logits = tiled_forward(net, t)
+    if tuple(logits.shape[-2:]) != tuple(t.shape[-2:]):
+        from geoseg.errors import ModelError
+
+        raise ModelError(f"the network's output is {tuple(logits.shape[-2:])} px for an input of {tuple(t.shape[-2:])}: "
+                         "its head does not upsample to the input's size (an arch_params 'upsampling' for another "
+                         "encoder depth?); train it again with the default arch_params")
     return logits[:, :, :h, :w]
 
 

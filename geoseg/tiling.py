@@ -231,6 +231,9 @@ def plan_for(
 
     if halo is not None and halo < 0:
         raise ConfigError(f"--halo must be >= 0, got {halo}")
+    if exact and card.global_reach:
+        raise ConfigError(f"--exact: every output of this {card.network} depends on every input pixel (global pooling, "
+                          "squeeze-excitation or group norm in its layers), so no halo makes tiles equal one pass; drop --exact")
     if exact and halo is not None and halo < card.exact_halo:
         ring = card.postprocess.ring
         parts = f"the receptive field {card.receptive_field} px + post-processing {ring} px" if ring else "the receptive field"

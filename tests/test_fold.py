@@ -219,3 +219,95 @@ def test_rewritten_network_keeps_gradients_and_follows_new_biases():
     xd = torch.randn(1, 3, 11, 11, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(conv(xd), torch.relu(plain(xd)))
+
+
+@pytest.mark.parametrize("arch, depth", [("fpn", 3), ("fpn", 4), ("fpn", 5), ("pspnet", 1), ("pspnet", 2), ("pspnet", 4)])
+def test_every_depth_gives_a_map_of_the_input_size(arch, depth):
+    """smp's FPN and PSPNet heads upsample by a factor made for one depth: at depth 4 FPN gave a map twice the input,
+    and inference kept its top-left quarter without a word."""
+    net = build_network(arch, "resnet18", 3, 4, depth).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 64, 96))
+    assert tuple(out.shape[-2:]) == (64, 96)
+
+
+def test_a_head_of_another_size_is_refused_at_inference():
+    import numpy as np
+
+    from geoseg.errors import ModelError
+    from geoseg.infer import InferenceSettings, forward
+
+    net = build_network("fpn", "resnet18", 3, 4, 4, {"upsampling": 4}).eval()  # made for depth 5
+    with pytest.raises(ModelError, match="does not upsample to the input's size"):
+        forward(net, np.zeros((1, 3, 64, 64), np.float32), 32, InferenceSettings())
+
+
+@pytest.mark.parametrize("encoder", ["mit_b0", "tu-convnext_atto"])
+def test_u_nets_on_encoders_with_an_empty_skip_run_rewritten(encoder):
+    """mit_b* and ConvNeXt encoders report a stage of 0 channels; the concatenation-free decoder block crashed on it."""
+    net = _random_statistics(build_network("unet", encoder, 3, 4, 5)).eval()
+    plain = copy.deepcopy(net)
+    fast = optimize_for_inference(net)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_exact_halo_reaches_past_the_receptive_field():
+    """The receptive field is measured from a pixel on the stride lattice; the one just outside a lattice-aligned
+    window reaches a pixel further. A U-Net of depth 1 (receptive field 6, stride 2) with a halo of exactly 6
+    differed from one pass on 14 pixels."""
+    import numpy as np
+
+    from geoseg.infer import InferenceSettings, segment_array, segment_chunk
+    from geoseg.model.card import BandInfo, Normalization
+    from geoseg.model.store import default_classes, make_card
+    from geoseg.tiling import TilingPlan
+
+    torch.manual_seed(0)
+    net = _random_statistics(build_network("unet", "resnet18", 3, 4, 1)).eval()
+    card = make_card(net, arch="unet", encoder="resnet18", encoder_depth=1, bands=[BandInfo(name=f"b{i}") for i in range(3)],
+                     classes=default_classes(4), normalization=Normalization(mean=(0.0,) * 3, std=(1.0,) * 3))
+    assert card.exact_halo > card.receptive_field
+    data = np.random.default_rng(0).standard_normal((3, 96, 96)).astype(np.float32) * 3
+    valid = np.ones((96, 96), bool)
+    s = InferenceSettings()
+    ref, conf_ref = segment_array(net, card, data, valid, s)
+    plan = TilingPlan.make((96, 96), stride=card.stride, chunk_size=32, halo=card.exact_halo, tile_size=32)
+    got, conf = np.empty_like(ref), np.empty_like(conf_ref)
+    for ch in plan:
+        i = ch.input
+        a, b = segment_chunk(net, card, plan, ch, data[:, i.y0:i.y1, i.x0:i.x1], valid[i.y0:i.y1, i.x0:i.x1], s)
+        got[ch.core.y0:ch.core.y1, ch.core.x0:ch.core.x1], conf[ch.core.y0:ch.core.y1, ch.core.x0:ch.core.x1] = a, b
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(conf, conf_ref, rtol=0, atol=1e-5)
+
+
+def test_a_global_reach_is_recorded_and_exact_tiling_refused():
+    """Squeeze-excitation, global pooling and group norm make every output depend on every input: the measurement
+    doubled its strip to 8192 px (minutes) and recorded ~4096 px as if finite, and --exact promised what no halo
+    can give."""
+    from geoseg.errors import ConfigError
+    from geoseg.model.card import BandInfo, ModelCard, Normalization
+    from geoseg.model.receptive_field import measure_receptive_field
+    from geoseg.model.store import default_classes
+    from geoseg.tiling import plan_for
+
+    class SqueezeExcite(torch.nn.Module):  # a 3x3 convolution scaled by the image's mean, as an SE block does
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * torch.sigmoid(y.mean(dim=(2, 3), keepdim=True))
+
+    assert measure_receptive_field(SqueezeExcite().eval(), 3, 1) is None
+    assert measure_receptive_field(torch.nn.Conv2d(3, 4, 5, padding=2).eval(), 3, 1) == 2
+    card = ModelCard(bands=tuple(BandInfo(name=f"b{i}") for i in range(3)), classes=tuple(default_classes(4)),
+                     normalization=Normalization(mean=(0.0,) * 3, std=(1.0,) * 3), stride=32, receptive_field=1024,
+                     global_reach=True, default_halo=64)
+    assert "global" in card.reach
+    with pytest.raises(ConfigError, match="no halo makes tiles equal one pass"):
+        plan_for(card, (4096, 4096), exact=True)
+    assert plan_for(card, (4096, 4096)).overhead <= 1.15  # the default plan still runs, with a bounded halo

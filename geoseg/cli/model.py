@@ -64,7 +64,8 @@ def init(out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam
     card = init_model(out_dir, arch=arch, encoder=encoder, n_bands=n_bands, n_classes=n_classes or len(classes),
                       classes=classes, seed=seed, encoder_depth=encoder_depth, tile_size=tile_size, overwrite=overwrite)
     click.echo(f"model written to {out_dir}: {card.network}, {card.n_bands} bands, "
-               f"{card.n_classes} classes, receptive field {card.receptive_field} px (exact halo {card.exact_halo})")
+               f"{card.n_classes} classes, receptive field {card.reach}"
+               + ("" if card.global_reach else f" (exact halo {card.exact_halo})"))
 
 
 @model.command("show")

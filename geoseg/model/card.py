@@ -134,6 +134,8 @@ class ModelCard(_Frozen):
     stride: int = Field(ge=1, description="input size must be a multiple of this (encoder output stride)")
     tile_size: int = Field(default=1024, ge=32)
     receptive_field: int = Field(ge=0, description="radius in pixels of the measured impulse response")
+    global_reach: bool = Field(default=False, description="every output depends on every input (global pooling, "
+                               "squeeze-excitation, group norm): no halo is exact; receptive_field is the reach measured")
     default_halo: int = Field(ge=0)
     provenance: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] | None = None
@@ -205,9 +207,18 @@ class ModelCard(_Frozen):
         return tuple(c.id for c in self.classes)
 
     @property
+    def reach(self) -> str:
+        """The receptive field in words: ``142 px``, or that it is global."""
+        return "global (every output depends on every input pixel)" if self.global_reach else f"{self.receptive_field} px"
+
+    @property
     def exact_halo(self) -> int:
-        """The smallest stride-aligned halo that covers the receptive field and the post-processing."""
-        return -(-(self.receptive_field + self.postprocess.ring) // self.stride) * self.stride
+        """The smallest stride-aligned halo that covers the receptive field and the post-processing.
+
+        Strictly more than their sum: the receptive field is measured from a pixel on the stride lattice, and
+        the pixel just outside a lattice-aligned window (one row before a lattice line) reaches one pixel further.
+        """
+        return -(-(self.receptive_field + self.postprocess.ring + 1) // self.stride) * self.stride
 
     @property
     def band_roles(self) -> tuple[str | None, ...]:

@@ -171,6 +171,8 @@ def _split_class(block: type) -> type:
             def forward(self, feature_map, target_height, target_width, skip_connection=None):  # noqa: ANN001
                 from geoseg.model.fuse import compute_dtype, conv2d, derived
 
+                if skip_connection is not None and skip_connection.shape[1] == 0:
+                    skip_connection = None  # an encoder stage of no channels (mit_b*, tu-convnext*): concatenates nothing
                 layers = list(self.conv1)
                 conv, k = layers[0], feature_map.shape[1]
                 h, w = feature_map.shape[-2:]

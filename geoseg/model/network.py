@@ -17,6 +17,12 @@ def arch_kwargs(arch: str, encoder_depth: int, arch_params: dict[str, Any]) -> d
     kwargs: dict[str, Any] = {"encoder_depth": encoder_depth}
     if arch.lower() in {"unet", "unetplusplus", "manet"} and "decoder_channels" not in arch_params:
         kwargs["decoder_channels"] = list(_UNET_DECODER[-encoder_depth:])
+    # smp's heads upsample by a fixed factor made for their default depth (FPN: 4 at depth 5, PSPNet: 8 at depth 3):
+    # at another depth the output would not be the input's size
+    if arch.lower() == "fpn":
+        kwargs["upsampling"] = 2 ** (encoder_depth - 3)
+    elif arch.lower() == "pspnet":
+        kwargs["upsampling"] = 2**encoder_depth
     kwargs.update(arch_params)
     return kwargs
 

@@ -10,14 +10,19 @@ if TYPE_CHECKING:
     import torch
 
 
-def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int, seed: int = 0) -> int:
-    """Radius in pixels over which one input pixel changes the output logits.
+MAX_STRIP = 2048  # a response still touching the ends of a strip this long: the network's reach is global
+
+
+def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int, seed: int = 0) -> int | None:
+    """Radius in pixels over which one input pixel changes the output logits; None where every output depends
+    on every input (global pooling, squeeze-excitation, group norm: no halo makes tiles equal one pass).
 
     One pixel in the middle of a random image is perturbed and the outputs are compared in
     float64, so that no change is lost to rounding. The reach is measured along y on a tall strip
     and along x on a wide one (far cheaper than a square of the same reach), each on two random
     backgrounds (ReLUs off on one may be on on the other); the largest reach is returned. A strip
-    is lengthened until the response no longer touches its ends.
+    is lengthened until the response no longer touches its ends, up to ``MAX_STRIP`` px (a reach of
+    ~1000 px: beyond it a halo would cost several times the chunk, and the networks that get there are global).
     """
     import torch
 
@@ -43,8 +48,10 @@ def measure_receptive_field(net: torch.nn.Module, in_channels: int, stride: int,
                         hits = np.nonzero(diff > 0)[axis - 2]
                         if hits.size:
                             radius = max(radius, int(np.abs(hits - centre[axis]).max()))
-                if radius < length // 2 - stride or length >= 8192:
+                if radius < length // 2 - stride:
                     return radius
+                if length >= MAX_STRIP:
+                    return None
                 length *= 2
         finally:
             net.to(was_dtype)

@@ -312,7 +312,12 @@ def make_card(
 
     members = members_of(net)
     stride = network_stride(members[0], encoder_depth)
+    from geoseg.model.receptive_field import MAX_STRIP
+
     rf = measure_receptive_field(net, len(bands) + len(index_channels), stride)
+    global_reach = rf is None
+    if global_reach:
+        rf = MAX_STRIP // 2
     halo = DEFAULT_HALO if default_halo is None else default_halo
     halo = -(-halo // stride) * stride
     from geoseg import __version__
@@ -330,6 +335,7 @@ def make_card(
         stride=stride,
         tile_size=-(-tile_size // stride) * stride,
         receptive_field=rf,
+        global_reach=global_reach,
         default_halo=min(halo, -(-rf // stride) * stride),
         provenance=prov,
         training=training,
