@@ -385,11 +385,16 @@ def predict(
     precision: str = "auto",
     batch_size: int = 2,
     device: str = "auto",
+    tta: str | None = None,
+    postprocess: dict[str, Any] | None = None,
 ) -> xr.Dataset:
     """A lazy Dataset (``class_id`` uint8, 255 = nodata; ``confidence``) on the scene's grid.
 
     Nothing is computed until asked; a selection computes only the chunks it touches. The model
     tasks run where the current distributed client puts them, else on dask's threaded scheduler.
+    ``tta``: "none" or "d4" in place of the card's; ``postprocess``: a majority filter and sieve in place
+    of the card's (``{"majority_radius": 1, "min_pixels": 16}``; ``{}``: none), run in each chunk's window
+    grown by their reach.
     """
     from geoseg.graph import segmentation_from_array
     from geoseg.infer import InferenceSettings
@@ -404,6 +409,17 @@ def predict(
                           "use geoseg.api.objects(images, model, out_dir)")
     scene = _match_bands(scene, card, m.location)
     _check_scales(scene, card, m.location)
+    if tta not in (None, "none", "d4"):
+        raise ConfigError(f"tta must be None (the card's), 'none' or 'd4', not {tta!r}")
+    if tta == "d4" and card.method != "smp":
+        raise ConfigError(f"{m.location}: tta='d4' augments a network's passes, and this is a {card.method} model")
+    if postprocess is not None:
+        import pydantic
+
+        try:
+            card = ModelCard.model_validate({**card.model_dump(), "postprocess": postprocess})
+        except pydantic.ValidationError as exc:
+            raise ConfigError(f"postprocess={postprocess!r}: " + "; ".join(e["msg"] for e in exc.errors())) from None
     shape = (scene.sizes["y"], scene.sizes["x"])
     plan = plan_tiling(card, shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
     from geoseg.cluster import model_resources
@@ -416,7 +432,8 @@ def predict(
     from geoseg.methods import scene_settings
 
     nodata = band_nodata(scene)
-    settings = scene_settings(card, None, plan, InferenceSettings(numerics.precision, batch_size), array=data, nodata=nodata)
+    settings = scene_settings(card, None, plan, InferenceSettings(numerics.precision, batch_size, tta=tta,
+                                                                  postprocess=card.postprocess), array=data, nodata=nodata)
     seg = segmentation_from_array(data, nodata, plan, ModelRef(m.location, m.digest, device), settings, resources)
     coords = {"y": scene["y"].values, "x": scene["x"].values}
     ds = xr.Dataset({"class_id": (("y", "x"), seg.class_id), "confidence": (("y", "x"), seg.confidence)}, coords=coords)

@@ -26,7 +26,9 @@ class InferenceSettings:
     device: str = "cpu"
     params: tuple[tuple[str, Any], ...] = ()  # what a method computed over the whole scene (Otsu's threshold)
     tta: str | None = None  # test-time augmentation of an smp model: None = the card's, "none" or "d4"
-    sieve_later: bool = False  # the card's sieve runs over the whole map after this (geoseg.pipeline.sieve)
+    # the post-processing each window runs in place of the card's (a PostProcess; geoseg predict: the majority
+    # filter only, its sieve runs over the whole map after: geoseg.pipeline.sieve)
+    postprocess: Any = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -444,7 +446,7 @@ def segment_chunk(
     if not pix[chunk.core.relative_to(chunk.input)].any():
         # Nothing to see: skip the model entirely.
         return (np.full(chunk.core.shape, NODATA_CLASS, np.uint8), np.full(chunk.core.shape, np.nan, np.float32))
-    pp = card.postprocess.without_sieve() if settings.sieve_later else card.postprocess
+    pp = card.postprocess if settings.postprocess is None else settings.postprocess
     box = chunk.core.grow(pp.ring, plan.shape).intersect(chunk.input) if pp.active else chunk.core
     assert box is not None
     if card.method == "smp":

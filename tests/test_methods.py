@@ -237,6 +237,40 @@ def test_a_large_mmu_is_sieved_across_chunks_without_growing_the_halo(client, sc
     assert np.array_equal(again, ref), f"{np.count_nonzero(again != ref)} px differ"
 
 
+def test_predict_replaces_the_cards_post_processing(client, scene, pixel_model, tmp_path):
+    """--majority / --mmu / --no-postprocess at predict time, in place of the card's: through the cluster, the
+    Python API and the job key (a resumed job with another mmu reuses nothing)."""
+    from geoseg import api
+    from geoseg.errors import ConfigError
+    from geoseg.model.card import PostProcess
+    from geoseg.pipeline import plan_job
+
+    img, _, _, _ = scene
+    out, card = pixel_model
+    carded = with_postprocess(out, card, tmp_path / "pp", {"majority_radius": 2, "min_pixels": 30})
+    other = with_postprocess(out, card, tmp_path / "other", {"min_pixels": 200, "connectivity": 8})
+    raw, _ = one_pass(out, img)
+    ref, _ = one_pass(other, img)
+    assert np.count_nonzero(ref != raw) and np.count_nonzero(ref != one_pass(carded, img)[0])
+    for pp, want in ((PostProcess(), raw), (PostProcess(min_pixels=200, connectivity=8), ref)):
+        o = tmp_path / f"o{pp.min_pixels}"
+        record = predict([img], carded, o, PredictOptions(chunk_size=64, cog=False, vectors=False, postprocess=pp), client=client)
+        got = open_prediction(o / "prediction.zarr")["class_id"].values
+        assert np.array_equal(got, want), f"{pp}: {np.count_nonzero(got != want)} px differ"
+        assert record["parameters"]["postprocess"] is None if not pp.active else record["parameters"]["postprocess"]["from"] == "options"
+        lazy = api.predict(api.open_scene(img, chunks=64), carded, chunk_size=64, postprocess=pp.model_dump())
+        assert np.array_equal(lazy["class_id"].values, want)
+    keys = {plan_job([img], carded, tmp_path / "k", PredictOptions(postprocess=p)).key
+            for p in (None, PostProcess(min_pixels=200), PostProcess(min_pixels=201))}
+    assert len(keys) == 3
+    with pytest.raises(ConfigError, match=r"--mmu names class id\(s\) \[9\]"):
+        plan_job([img], carded, tmp_path / "k", PredictOptions(postprocess=PostProcess(class_min_pixels={9: 4})))
+    r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,
+                           ["predict", str(img), "--model", str(carded), "--out", str(tmp_path / "c"), "--no-postprocess",
+                            "--mmu", "4", "--scheduler", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 2 and "--no-postprocess goes without" in r.output
+
+
 def test_band_roles_are_checked(scene, tmp_path):
     img, lab, classes, _ = scene
     r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,

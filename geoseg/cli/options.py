@@ -25,3 +25,33 @@ tta_opt = click.option("--tta", type=click.Choice(["card", "none", "d4"]), defau
                        help="Test-time augmentation of smp models: as the card says (chosen on validation by geoseg train), "
                             "none, or d4 (mean of the 8 flips/rotations: 8x the forward passes).")
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finished output.")
+
+
+def parse_mmu(text: str | None) -> dict:
+    """``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id."""
+    if not text:
+        return {}
+    try:
+        if "=" not in text:
+            return {"min_pixels": int(text.removesuffix("px"))}
+        pairs = [(int(c), int(v.removesuffix("px"))) for c, v in (p.split("=") for p in text.split(","))]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give pixels (16) or class=pixels pairs (6=4,1=16)", param_hint="--mmu") from None
+    ids = [c for c, _ in pairs]
+    if len(set(ids)) != len(ids):
+        twice = sorted({c for c in ids if ids.count(c) > 1})
+        raise click.BadParameter(f"{text!r}: class id(s) {twice} given more than once", param_hint="--mmu")
+    return {"class_min_pixels": dict(pairs)}
+
+
+def postprocess_of(majority: int | None, mmu: str | None):
+    """The PostProcess of ``--majority`` and ``--mmu`` (a usage error where out of range)."""
+    import pydantic
+
+    from geoseg.model.card import PostProcess
+
+    try:
+        return PostProcess(majority_radius=majority or 0, **parse_mmu(mmu))
+    except pydantic.ValidationError as exc:
+        what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise click.BadParameter(what, param_hint="'--mmu' / '--majority'") from None

@@ -171,15 +171,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     )  # fmt: skip
 
     from geoseg.methods.fit import band_roles_for, train_method
-    from geoseg.model.card import PostProcess
-
-    import pydantic
-
-    try:
-        postprocess = PostProcess(majority_radius=majority, **parse_mmu(mmu))
-    except pydantic.ValidationError as exc:
-        what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise click.BadParameter(what, param_hint="'--mmu' / '--majority'") from None
+    postprocess = opt.postprocess_of(majority, mmu)
     if postprocess.class_min_pixels and classes_file:
         from geoseg.training.labels import load_classes
 
@@ -247,23 +239,6 @@ def _train_instances(images, labels, out_dir, label_field, label_layer, backgrou
         click.echo(f"model written to {out_dir}: Mask R-CNN-{card.encoder}, {card.n_bands} bands, classes "
                    + ", ".join(c.name for c in card.classes[1:]) + f"; largest object {card.training['largest_object_px']} px "
                    f"-> halo {card.default_halo} px")
-
-
-def parse_mmu(text: str | None) -> dict:
-    """``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id."""
-    if not text:
-        return {}
-    try:
-        if "=" not in text:
-            return {"min_pixels": int(text.removesuffix("px"))}
-        pairs = [(int(c), int(v.removesuffix("px"))) for c, v in (p.split("=") for p in text.split(","))]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: give pixels (16) or class=pixels pairs (6=4,1=16)", param_hint="--mmu") from None
-    ids = [c for c, _ in pairs]
-    if len(set(ids)) != len(ids):
-        twice = sorted({c for c in ids if ids.count(c) > 1})
-        raise click.BadParameter(f"{text!r}: class id(s) {twice} given more than once", param_hint="--mmu")
-    return {"class_min_pixels": dict(pairs)}
 
 
 def _report(result, verbosity: int) -> None:

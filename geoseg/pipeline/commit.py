@@ -141,7 +141,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
         counts = run_segmentation(job, client, store, numerics, progress, priority)
     timings["segment_s"] = st.seconds
     sieved = None
-    if sieve_joined(job.card.postprocess):  # the card's --mmu over the whole map, joined across chunks
+    if sieve_joined(job.postprocess):  # the --mmu over the whole map, joined across chunks
         from geoseg.io.zarr_store import COMPLETE_ATTR, store_attrs
         from geoseg.pipeline.sieve import forget, sieve_store
 
@@ -151,7 +151,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             with Stage("sieve") as st:
                 if counts["computed"]:
                     forget(str(store))  # decisions of an earlier run were made on a map that has changed
-                sieved = sieve_store(client, str(store), job.plan, job.card.postprocess,
+                sieved = sieve_store(client, str(store), job.plan, job.postprocess,
                                      chunk_key(job.key, numerics.precision, numerics.device), priority)
             timings["sieve_s"] = st.seconds
     found = None
@@ -222,8 +222,9 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
                            "precision_requested": job.options.precision,
                            "batch_size": job.options.batch_size, "device": job.options.device,
                            "tta": job.options.tta or job.card.tta,
-                           "postprocess": ({**job.card.postprocess.model_dump(), **(sieved or {})}
-                                           if job.card.postprocess.active else None)},
+                           "postprocess": ({**job.postprocess.model_dump(), **(sieved or {}),
+                                            "from": "card" if job.options.postprocess is None else "options"}
+                                           if job.postprocess.active else None)},
             "job_key": job.key,
             "numerics": numerics.record(),
             "chunks": counts,

@@ -78,7 +78,7 @@ def segmentation_graph(job: Job, store: Path | str, numerics: Numerics, todo: li
     # another OUT would be merged with the first and write nothing.
     write_name = f"geoseg-write-{tokenize(key, str(store))}"
     # a map the sieve stage sieves later is written raw beside the final one (geoseg.pipeline.sieve)
-    target = RAW_ARRAY if settings.sieve_later else "class_id"
+    target = RAW_ARRAY if sieve_joined(job.postprocess) else "class_id"
     writes = {(write_name, ch.iy, ch.ix): (write_chunk, str(store), ch, key, seg.infer_key(ch), target) for ch in todo}
     graph = with_layer(seg.graph, write_name, writes, {seg.infer_name})
     return graph, list(writes)
@@ -151,7 +151,7 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     if not done:
         storage.remove(store, recursive=True)
         arrays = dict(SEMANTIC_ARRAYS)
-        if sieve_joined(job.card.postprocess):
+        if sieve_joined(job.postprocess):
             arrays[RAW_ARRAY] = SEMANTIC_ARRAYS["class_id"]
         create_store(store, job.stack.grid, plan, {JOB_ATTR: key, CLASSES_ATTR: [c.model_dump() for c in job.card.classes]},
                      arrays)

@@ -15,7 +15,7 @@ from geoseg.errors import ConfigError, OutputExistsError
 from geoseg.infer import InferenceSettings
 from geoseg.io import storage
 from geoseg.io.sources import RasterStack, open_stack
-from geoseg.model.card import ModelCard
+from geoseg.model.card import ModelCard, PostProcess
 from geoseg.model.store import open_model
 from geoseg.pipeline.sieve import sieve_joined
 from geoseg.runtime import ModelRef
@@ -46,6 +46,7 @@ class PredictOptions:
     model_resources: dict[str, float] | None = None
     worker_timeout: float = 30.0  # s to wait for a worker that can run the model tasks
     tta: str | None = None  # test-time augmentation: None = as the card says, "none" or "d4"
+    postprocess: PostProcess | None = None  # majority filter and sieve: None = as the card says
     prompts: str | None = None  # SAM: points or boxes (a vector file in any CRS) to segment, one object each
     instance_model: str | None = None  # panoptic: an instance model run in the same job over a semantic model's map
     # object models: the largest object expected ("64", "64px", "30m": the chunks' halo), and
@@ -73,9 +74,15 @@ class Job:
     key: str = field(default="")
     objects: "Job | None" = None  # panoptic: the instance model's job, painted over this one's class map
 
+    @property
+    def postprocess(self) -> PostProcess:
+        """The majority filter and sieve this job runs: its options', else the card's."""
+        return self.card.postprocess if self.options.postprocess is None else self.options.postprocess
+
     def settings(self, precision: str) -> InferenceSettings:
+        pp = self.postprocess
         return InferenceSettings(precision, self.options.batch_size, tta=self.options.tta,
-                                 sieve_later=sieve_joined(self.card.postprocess))
+                                 postprocess=pp.without_sieve() if sieve_joined(pp) else pp)
 
     @property
     def model_location(self) -> str:
@@ -119,6 +126,7 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "device": options.device,
             "batch_size": options.batch_size,
             "tta": options.tta,
+            "postprocess": None if options.postprocess is None else options.postprocess.model_dump(),
             "instance": options.instance_params(),
             "instance_model": options.instance_model and str(options.instance_model),
             "prompts": options.prompts and storage.identity(str(options.prompts)),
@@ -180,6 +188,13 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
+    if options.postprocess is not None:
+        unknown = sorted(set(options.postprocess.class_min_pixels) - set(card.class_ids))
+        if unknown:
+            raise ConfigError(f"--mmu names class id(s) {unknown}, which {model_dir} does not have "
+                              f"(its classes: {', '.join(map(str, card.class_ids))})")
+        if card.method in ("instance", "sam") and options.postprocess.active:
+            raise ConfigError(f"{model_dir}: --majority and --mmu post-process a class map, and this model finds objects")
     if options.tta == "d4" and card.method != "smp":
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     if card.method in ("instance", "sam"):
@@ -188,7 +203,8 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
         chunk = options.chunk_size or (DEFAULT_CHUNK if options.instance_model is not None else None)
         # the sieve runs over the whole map after the model (geoseg.pipeline.sieve): the halo does not carry it
-        windowed = card.model_copy(update={"postprocess": card.postprocess.without_sieve()}) if sieve_joined(card.postprocess) else card
+        pp = card.postprocess if options.postprocess is None else options.postprocess
+        windowed = card.model_copy(update={"postprocess": pp.without_sieve() if sieve_joined(pp) else pp})
         plan = plan_for(windowed, stack.shape, chunk_size=chunk, halo=options.halo, exact=options.exact,
                         tile_size=options.tile_size)
     objects = None
