@@ -5,13 +5,14 @@
 For each size N of --sizes, on an N x N class map (vectorize.py's: labels.tif of `geoseg sample-data DIR --size N
 --bands 1 --classes 6 --seed 0`, copied into a Zarr store of 4096 px chunks, as a prediction store holds it), prints:
   1. geoseg: `write_cog_cluster(client, store["class_id"], out)` on an already started `connect()` cluster
-     (default workers, warmed up by a 1024 px map): seconds, Mpx/s, tiles and tasks' blocks, the growth
-     of this (client) process's peak RSS (VmHWM; it also holds the scheduler) and every worker's peak RSS;
+     (default workers, warmed up by a 1024 px map): seconds, Mpx/s, tiles and tasks' blocks, this (client)
+     process's RSS during the call (sampled every 0.1 s as vectorize.py does; it also holds the scheduler):
+     its peak and increase over the RSS before, and every worker's peak RSS (VmHWM);
   2. GDAL's COG driver (`geoseg.io.cog.write_cog`: the store read window by window into a tiled GeoTIFF,
      then `COMPRESS=DEFLATE, OVERVIEW_RESAMPLING=MODE, NUM_THREADS=ALL_CPUS`) in a plain subprocess with no
-     cluster alive: seconds launch to exit and the child's own seconds (its imports included; the ratio
-     to geoseg's uses these, geoseg's cluster being started already), its peak RSS; skipped above
-     --baseline-max;
+     cluster alive: seconds launch to exit, the child's imports (zarr, odc.geo, rasterio, geoseg.io.cog)
+     and its write timed after them (the ratio to geoseg's uses the write: geoseg's workers have
+     imported already), its peak RSS (VmHWM); skipped above --baseline-max;
   3. agreement of the two files, read back with rasterio: full resolution equal or not, and for every
      overview the share of equal pixels (both take the most frequent class of each 2x2 block; GDAL may
      break ties and treat nodata differently).
@@ -31,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from vectorize import class_raster, own_peak, worker_peaks  # this folder's: the same class maps and peak figures
+from bench_common import worker_peaks  # this folder's: workers' peak figures (VmHWM)
+from vectorize import RssSampler, class_raster  # the same class maps, the client's RSS sampled as vectorize.py does
 
 GDAL_CHILD = r"""
 import json, sys, time
@@ -41,12 +43,14 @@ from odc.geo.geobox import GeoBox
 from rasterio.transform import Affine
 from geoseg.io.cog import write_cog
 from geoseg.model.card import ClassInfo
+t_write = time.perf_counter()
 meta = json.loads(sys.argv[3])
 grid = GeoBox(tuple(meta["shape"]), Affine(*meta["affine"]), meta["crs"])
 classes = [ClassInfo(**c) for c in meta["classes"]]
 write_cog(zarr.open_array(sys.argv[1], mode="r"), sys.argv[2], grid=grid, classes=classes)
 hwm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": hwm}))
+end = time.perf_counter()
+print(json.dumps({"import_s": t_write - t, "write_s": end - t_write, "seconds": end - t, "peak_rss": hwm}))
 """
 
 
@@ -84,12 +88,13 @@ def geoseg_cog(client, store: Path, meta: dict, out: Path) -> dict:
 
     grid = GeoBox(tuple(meta["shape"]), Affine(*meta["affine"]), meta["crs"])
     classes = [ClassInfo(**c) for c in meta["classes"]]
-    before = own_peak()[0]
-    t = time.perf_counter()
-    info = write_cog_cluster(client, zarr.open_array(str(store), mode="r"), out, grid=grid, classes=classes)
-    seconds = time.perf_counter() - t
+    with RssSampler() as s:
+        t = time.perf_counter()
+        info = write_cog_cluster(client, zarr.open_array(str(store), mode="r"), out, grid=grid, classes=classes)
+        seconds = time.perf_counter() - t
     return {"seconds": seconds, "tiles": info["tiles"], "blocks": info.get("blocks"), "bytes": info["bytes"],
-            "client_peak_growth": own_peak()[0] - before, "worker_peak_rss": worker_peaks(client)[0]}
+            "client_before": s.before, "client_peak": s.peak, "client_peak_growth": s.peak - s.before,
+            "worker_peak_rss": worker_peaks(client)[0]}
 
 
 def gdal_cog(store: Path, meta: dict, out: Path) -> dict:
@@ -100,7 +105,8 @@ def gdal_cog(store: Path, meta: dict, out: Path) -> dict:
     if r.returncode:
         raise RuntimeError(r.stderr[-2000:])
     child = json.loads(r.stdout.strip().splitlines()[-1])
-    return {"wall_s": wall, "seconds": child["seconds"], "peak_rss": child["peak_rss"]}
+    return {"wall_s": wall, "seconds": child["write_s"], "import_s": child["import_s"], "child_s": child["seconds"],
+            "peak_rss": child["peak_rss"]}
 
 
 def agreement(a: Path, b: Path) -> dict:
@@ -144,24 +150,28 @@ def main() -> None:
                 fig["geoseg"] = g = geoseg_cog(client, store, meta, work / f"geoseg{n}.tif")
             mpx = n * n / 1e6
             print(f"[{n}] geoseg on the cluster: {g['seconds']:.1f} s = {mpx / g['seconds']:.0f} Mpx/s, {g['tiles']} tiles "
-                  f"in {g['blocks']} block tasks, client peak +{g['client_peak_growth'] / 2**20:.0f} MB, workers' peak "
+                  f"in {g['blocks']} block tasks, client RSS peak {g['client_peak'] / 2**20:.0f} MB "
+                  f"(+{g['client_peak_growth'] / 2**20:.0f} MB over {g['client_before'] / 2**20:.0f} MB before; sampled "
+                  "every 0.1 s), workers' peak (VmHWM) "
                   + ", ".join(f"{v / 2**20:.0f} MB" for v in g["worker_peak_rss"]), flush=True)
             if n <= args.baseline_max:
                 fig["gdal"] = b = gdal_cog(store, meta, work / f"gdal{n}.tif")
-                print(f"[{n}] GDAL's COG driver, one process: {b['wall_s']:.1f} s launch to exit ({b['seconds']:.1f} s its "
-                      f"own) = {mpx / b['seconds']:.0f} Mpx/s, peak {b['peak_rss'] / 2**20:.0f} MB; geoseg / GDAL "
-                      f"{g['seconds'] / b['seconds']:.2f}x its own time", flush=True)
+                print(f"[{n}] GDAL's COG driver, one process: {b['wall_s']:.1f} s launch to exit (imports {b['import_s']:.1f} s, "
+                      f"then the write {b['seconds']:.1f} s) = {mpx / b['seconds']:.0f} Mpx/s written, peak (VmHWM) "
+                      f"{b['peak_rss'] / 2**20:.0f} MB; geoseg / GDAL {g['seconds'] / b['seconds']:.2f}x its write time "
+                      "(both warm: geoseg's workers have imported already)", flush=True)
                 fig["agreement"] = a = agreement(work / f"geoseg{n}.tif", work / f"gdal{n}.tif")
                 print(f"[{n}] full resolution equal: {a['full_equal']}; overviews {a['overviews']} (GDAL {a['gdal_overviews']}), "
                       "equal pixels " + ", ".join("-" if s is None else f"{100 * s:.2f}%" for s in a["overview_equal_share"]),
                       flush=True)
             figures[str(n)] = fig
-        print("\nsize    geoseg s   GDAL s (its own)   ratio   geoseg client peak +MB   full equal")
+        print("\nsize    geoseg s   GDAL write s   GDAL imports s   ratio (write)   geoseg client peak +MB   full equal")
         for n in sizes:
             f = figures[str(n)]
             g, b = f["geoseg"], f.get("gdal")
-            print(f"{n:<7} {g['seconds']:8.1f} {b['seconds'] if b else float('nan'):16.1f} "
-                  f"{g['seconds'] / b['seconds'] if b else float('nan'):7.2f} {g['client_peak_growth'] / 2**20:24.0f}   "
+            print(f"{n:<7} {g['seconds']:8.1f} {b['seconds'] if b else float('nan'):14.1f} "
+                  f"{b['import_s'] if b else float('nan'):16.1f} "
+                  f"{g['seconds'] / b['seconds'] if b else float('nan'):15.2f} {g['client_peak_growth'] / 2**20:24.0f}   "
                   f"{f.get('agreement', {}).get('full_equal', '-')}")
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=2))

@@ -1,12 +1,13 @@
-"""One command for a machine with a CUDA GPU: the GPU tests, the bare model's speed, and geoseg end to end.
+"""One command for a machine with a CUDA GPU: the GPU tests, the model's speed as geoseg loads it (folded), and geoseg end to end.
 
     python benchmarks/gpu_check.py [--size 16384] [--workdir DIR] [--model DIR] [--vectors] [--skip-pytest]
                                    [--gpu-threads 1,2]
 
 Prints, in well under 10 minutes on one GPU and ~16 cores:
   (a) `pytest -m gpu -q` over the test files that hold gpu tests: its outcome;
-  (b) model only: img/s and Mpx/s of a U-Net-resnet18 (random weights, init_model) on 512x512 tiles,
-      batch 8, bf16 autocast, channels_last, on cuda;
+  (b) model only: img/s and Mpx/s of a U-Net-resnet18 (random weights, init_model) as geoseg loads it
+      (load_model's optimize=True: batch norms folded, U-Net skips not concatenated, geoseg.model.fold; not
+      the network as stored) on 512x512 tiles, batch 8, bf16 autocast, channels_last, on cuda;
   (b2) geoseg's infer kernel on one default chunk's window (4352 px of uint16 bands) in this process:
       what an infer task computes, without dask;
   (c) geoseg end to end on a generated --size scene (make_sample) on a dask cluster started here:
@@ -88,7 +89,8 @@ def model_only(model: Path, seconds: float, batch: int = 8, tile: int = 512) -> 
     del net, x, bundle
     torch.cuda.empty_cache()
     img_s = n * batch / wall
-    print(f"(b) model only: {img_s:.0f} img/s = {img_s * tile * tile / 1e6:.0f} Mpx/s ({tile}x{tile}, batch {batch}, "
+    print(f"(b) model only, geoseg's folded network (load_model optimize=True): {img_s:.0f} img/s = "
+          f"{img_s * tile * tile / 1e6:.0f} Mpx/s ({tile}x{tile}, batch {batch}, "
           f"bf16 autocast, channels_last, {torch.cuda.get_device_name(0)})", flush=True)
     return img_s
 

@@ -12,9 +12,10 @@ Prints, in this order:
      pipeline's own cost;
   2. segment: geoseg's read -> infer -> Zarr stage on an already started embedded cluster (model loaded in
      the workers by a warm-up) on a --size scene: Mpx/s and its ratio to the ceiling (aim >= 0.80);
-  3. bytes moved between workers during that run: total, per chunk, and per chunk over a chunk's input
-     bytes (core pixels x bands x itemsize; aim <= 1.2x);
-  4. the peak memory of every worker process after it;
+  3. bytes sent out of workers during that run (to other workers, and to the client: its gathers of chunk
+     results count): total, per chunk, and per chunk over a chunk's mean input bytes (the chunks' core
+     boxes' pixels / chunks x bands x itemsize; aim <= 1.2x);
+  4. the peak memory of every worker process after it (VmHWM, since the worker's start);
   5. the whole `geoseg predict` command (cluster start, imports, COG, polygons) timed from launch to exit,
      with no cluster of this benchmark alive: Mpx/s and its ratio to the ceiling (aim >= 0.70);
   6. seams of the default plan on three models (random weights; 60 optimizer steps; well trained): the share
@@ -41,9 +42,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import init_model_cli, worker_peaks  # this folder's: a model made apart, workers' VmHWM
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TILE, SEAM_PX = 512, 2
-GEOSEG = str(Path(sys.executable).with_name("geoseg"))  # the console script: the package has no __main__
+# `geoseg train` and `geoseg predict` run as a user runs them: the venv's console script (`python -m geoseg`,
+# geoseg/__main__.py, runs the same command line)
+GEOSEG = str(Path(sys.executable).with_name("geoseg"))
 _BARRIER = None
 
 
@@ -162,6 +167,7 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
     from geoseg.model.store import model_digest
     from geoseg.pipeline import predict
     from geoseg.runtime import ModelRef
+    from geoseg.tiling import TilingPlan
 
     t = time.perf_counter()
     # small chunks spread the warm-up over the workers; then every worker loads the model and runs a tile
@@ -178,19 +184,21 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
     p = rec["parameters"]
     h, w = p["shape"]
     mpx_s = h * w / 1e6 / rec["timings"]["segment_s"]
-    with rasterio.open(image) as src:
-        chunk_in = p["chunk_size"] ** 2 * src.count * np.dtype(src.dtypes[0]).itemsize
     n = rec["chunks"]["chunks"]
+    # the chunks' core boxes (edge chunks are partial), their pixels summed: the mean core a chunk reads
+    core_px = sum(c.core.size for c in TilingPlan.make((h, w), stride=1, chunk_size=p["chunk_size"], halo=0))
+    with rasterio.open(image) as src:
+        chunk_in = core_px / n * src.count * np.dtype(src.dtypes[0]).itemsize
     per_chunk = (b1 - b0) / n
-    rss = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    hwm, _ = worker_peaks(client)
     print(f"[2] segment: {h}x{w} in {rec['timings']['segment_s']:.1f} s = {mpx_s:.3f} Mpx/s, ratio to ceiling "
           f"{mpx_s / ceil:.2f} (aim >= 0.80); {p['precision']}, chunk {p['chunk_size']}, halo {p['halo']}, "
           f"overhead {p['overhead']}", flush=True)
-    print(f"[3] moved between workers: {(b1 - b0) / 1e6:.1f} MB ({c1 - c0} get-data replies, the client's gathers of "
-          f"chunk results included), {per_chunk / 1e6:.2f} MB per "
-          f"chunk = {per_chunk / chunk_in:.3f}x a chunk's input of {chunk_in / 1e6:.1f} MB (aim <= 1.2x; on one "
-          "machine the scheduler tends to run infer where the read ran)", flush=True)
-    print("[4] worker peak RSS: " + ", ".join(f"{v / 2**20:.0f} MB" for v in sorted(rss.values())), flush=True)
+    print(f"[3] moved to or between workers/client (workers' outgoing bytes): {(b1 - b0) / 1e6:.1f} MB ({c1 - c0} "
+          f"get-data replies, the client's gathers of chunk results included), {per_chunk / 1e6:.2f} MB per "
+          f"chunk = {per_chunk / chunk_in:.3f}x a chunk's mean input of {chunk_in / 1e6:.1f} MB (core boxes' pixels "
+          "/ chunks; aim <= 1.2x; on one machine the scheduler tends to run infer where the read ran)", flush=True)
+    print("[4] worker peak (VmHWM): " + ", ".join(f"{v / 2**20:.0f} MB" for v in hwm), flush=True)
     # the same job again: workers whose heaps already hold a window of this size. A fresh worker's first
     # windows fault its heap in: ~0.5 s per GiB on VMs that report free pages, 2-8.5 s under nested
     # virtualization (measured), most of the gap between the two jobs there
@@ -204,7 +212,7 @@ def segment(client, args, model: Path, image: Path, warm: Path, work: Path, ceil
     return {"mpx_s": mpx_s, "warm_mpx_s": warm_mpx_s, "warm_ratio": warm_mpx_s / ceil, "ratio": mpx_s / ceil, "segment_s": rec["timings"]["segment_s"], "parameters": p,
             "numerics": rec["numerics"], "chunks": n, "moved_bytes": b1 - b0, "transfers": c1 - c0,
             "moved_per_chunk": per_chunk, "chunk_input_bytes": chunk_in, "moved_ratio": per_chunk / chunk_in,
-            "worker_peak_rss_mb": sorted(round(v / 2**20, 1) for v in rss.values()),
+            "worker_peak_vmhwm_mb": [round(v / 2**20, 1) for v in hwm],
             "worker_system_s": {"first": [round(u1[w][0] - u0[w][0], 2) for w in sorted(u1)],
                                 "again": [round(u2[w][0] - u1[w][0], 2) for w in sorted(u2)]}}
 
@@ -281,7 +289,7 @@ def summary(fig: dict) -> None:
                  ("  same job again", f"{s['warm_mpx_s']:.3f} Mpx/s = {s['warm_ratio']:.2f}x ceiling ({rww:.2f}x rewritten)",
                   ""),
                  ("moved per chunk / chunk input", f"{s['moved_ratio']:.3f}x ({s['moved_bytes'] / 1e6:.1f} MB in all)", "<= 1.2"),
-                 ("worker peak RSS, max", f"{max(s['worker_peak_rss_mb']):.0f} MB", "")]
+                 ("worker peak (VmHWM), max", f"{max(s['worker_peak_vmhwm_mb']):.0f} MB", "")]
     if "cli" in fig:
         rw = fig["cli"]["mpx_s"] / fig["ceiling_rewritten"]["mpx_s"]
         rows.append(("geoseg predict, whole", f"{fig['cli']['mpx_s']:.3f} Mpx/s = {fig['cli']['ratio']:.2f}x ceiling ({rw:.2f}x rewritten)",
@@ -307,7 +315,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from geoseg.cluster import connect
-    from geoseg.model.store import init_model
     from geoseg.numerics import resolve_here
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="geoseg-bench-"))
@@ -322,10 +329,11 @@ def main() -> None:
 
     models: dict[str, Path] = {}
     if not args.skip_seams:
-        # the architecture of the trained two (U-Net-resnet18, depth 4), so the three differ only in training
-        models["random"] = work / "model-random-d4"
-        if not (models["random"] / "model.json").exists():
-            init_model(models["random"], n_bands=4, n_classes=5, encoder="resnet18", seed=0, encoder_depth=4)
+        # the architecture of the trained two (U-Net-resnet18, depth 4), but 4 inputs (the bands) where the
+        # trained ones take 6 (the bands and the index channels `geoseg train` adds where the band roles allow: 2 on
+        # this scene): `geoseg model init` makes no index channels; only the first convolution differs, not the receptive field or the plan. Made in a
+        # subprocess, so this process (the client of the clusters below) never imports torch.
+        models["random"] = init_model_cli(work / "model-random-d4", encoder_depth=4)
         models["60 steps"] = trained(work, "light", 3, 20, args.train_scale, env)
     if not args.skip_seams or not args.model:
         models["well trained"] = trained(work, "well", 20, 30, args.train_scale, env)

@@ -23,10 +23,12 @@ prints, in this order:
   4. whether the polygon counts agree, and the aims beside the figures: faster than GDAL; client peak
      < 0.5 GB at 32768^2; worker peak the same at every size (16384^2 and 32768^2).
 Then, unless --predict-size 0: `geoseg.pipeline.predict` (COG and polygons included) of a 4-band scene of
-that size with a random-weight U-Net (resnet18, depth 3) on a started cluster, with this (client)
-process's RSS sampled every 0.1 s and split by stage (segment, cog, vectorize, item: boundaries taken
-from geoseg's own Stage timers when they can be observed, else from the run record's timings anchored
-at the call's end, which is approximate), beside the record's memory_client_bytes.
+that size with a random-weight U-Net (resnet18, depth 3; made by `geoseg model init` in a subprocess, so
+this process never imports torch) on a started cluster, with this (client) process's RSS sampled every
+0.1 s and split by stage (segment, cog, vectorize, item: boundaries taken from geoseg's own Stage timers
+when they can be observed, else from the run record's timings anchored at the call's end, which is
+approximate): each stage's peak and its increase over the RSS before the call, beside the record's
+memory_client_bytes.
 Finally a summary table; --json writes every figure. Scenes are cached in --workdir (default: a
 temporary folder, removed at the end). Speeds are reported, never asserted.
 """
@@ -47,6 +49,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Self
+
+from bench_common import init_model_cli, own_peak, worker_peaks  # this folder's: peak figures (VmHWM), a model made apart
 
 MIB = 2**20
 AIM_CLIENT_BYTES = 0.5e9  # "client peak < 0.5 GB at 32768^2"
@@ -92,29 +96,6 @@ class RssSampler:
     def peak_between(self, t0: float, t1: float) -> int | None:
         inside = [r for t, r in self.samples if t0 <= t <= t1]
         return max(inside) if inside else None
-
-
-def own_peak() -> tuple[int, int]:
-    """(VmHWM, ru_maxrss) of the calling process, in bytes.
-
-    Linux carries ru_maxrss over fork and exec: a process spawned by a large one (a worker by the client
-    holding its nannies, a subprocess by this benchmark) reports at least its parent's peak at the spawn.
-    VmHWM (/proc/self/status) is the high-water mark of the process's own memory since its exec; it is
-    the figure reported (ru_maxrss where there is no /proc).
-    """
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    try:
-        with open("/proc/self/status") as f:
-            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration, ValueError):
-        hwm = maxrss
-    return hwm, maxrss
-
-
-def worker_peaks(client) -> tuple[list[int], list[int]]:
-    """Every worker's peak RSS in bytes since its start: (VmHWM, ru_maxrss), each sorted."""
-    got = client.run(own_peak).values()
-    return sorted(h for h, _ in got), sorted(m for _, m in got)
 
 
 def mib(b: float | None) -> str:
@@ -340,7 +321,6 @@ def stage_clock():
 
 def predict_stages(args, work: Path) -> dict:
     from geoseg.cluster import connect
-    from geoseg.model.store import init_model
     from geoseg.pipeline import PredictOptions, predict
     from geoseg.sample import make_sample
 
@@ -350,9 +330,9 @@ def predict_stages(args, work: Path) -> dict:
         t = time.perf_counter()
         make_sample(d, size=size, bands=4, seed=0)
         print(f"generated a {size}x{size}x4 scene in {time.perf_counter() - t:.1f} s", flush=True)
-    model = work / "model-random-r18-d3"
-    if not (model / "model.json").exists():
-        init_model(model, n_bands=4, n_classes=5, encoder="resnet18", encoder_depth=3, seed=0)
+    # made by `geoseg model init` in a subprocess: init_model here would import torch into this (client) process
+    # and raise the RSS every stage is measured against
+    model = init_model_cli(work / "model-random-r18-d3", encoder_depth=3)
     print(f"\n== geoseg predict, {size} x {size} x 4, random U-Net resnet18 depth 3 ==", flush=True)
     with connect() as client:
         with stage_clock() as seen, RssSampler() as s:
@@ -377,12 +357,17 @@ def predict_stages(args, work: Path) -> dict:
         a, b = bounds[k]
         stages[k[:-2]] = {"seconds": timings[k], "client_peak_bytes": s.peak_between(a, b)}
     mem = rec.get("memory_client_bytes", {})
-    print(f"  whole call {t1 - t0:.1f} s; client RSS {mib(s.before)} MiB before, peak {mib(s.peak)} MiB; polygons "
-          f"{rec.get('polygons')}; worker peak {', '.join(mib(w) for w in workers)} MiB", flush=True)
-    print(f"  client peak per stage ({how}; samples every {SAMPLE_S} s):", flush=True)
+    print(f"  whole call {t1 - t0:.1f} s; client RSS {mib(s.before)} MiB before (torch {'imported' if 'torch' in sys.modules else 'not imported'} here), peak "
+          f"{mib(s.peak)} MiB; polygons {rec.get('polygons')}; worker peak (VmHWM) {', '.join(mib(w) for w in workers)} MiB",
+          flush=True)
+    print(f"  client peak per stage ({how}; samples every {SAMPLE_S} s), and its increase over the RSS before the call:",
+          flush=True)
     for name, v in stages.items():
         recd = mem.get(f"{name}_peak_rss")
-        print(f"    {name:15} {v['seconds']:8.2f} s  peak {mib(v['client_peak_bytes']):>6} MiB"
+        pk = v["client_peak_bytes"]
+        v["client_increase_bytes"] = None if pk is None else pk - s.before
+        print(f"    {name:15} {v['seconds']:8.2f} s  peak {mib(pk):>6} MiB"
+              + ("" if pk is None else f" (+{mib(pk - s.before)})")
               + (f"  (run record: {mib(recd)} MiB)" if recd is not None else ""), flush=True)
     print(f"  run record memory_client_bytes: {json.dumps(mem)}", flush=True)
     return {"size": size, "seconds": t1 - t0, "stage_bounds": how, "stages": stages, "timings": timings,

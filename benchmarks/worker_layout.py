@@ -1,15 +1,18 @@
 """Worker layouts on this machine's cores: the same large windows in plain processes, side by side.
 
     python benchmarks/worker_layout.py [--model DIR] [--window 4240] [--windows-per-core 2] [--precision auto]
+        [--workdir DIR]
 
-Runs the network of DIR (default: a random U-Net-resnet18 depth 4, 4 bands) on WINDOW px windows
+Runs the network of DIR (default: a random U-Net-resnet18 depth 4, 4 bands, made by `geoseg model init` in a
+subprocess, in --workdir or a temporary folder removed at the end) on WINDOW px windows
 the way a geoseg worker does (``geoseg.infer.forward_classes``: stage by stage in strips, the
 workers' allocator settings) in plain spawned processes, in two layouts that use every core:
   - one process per core, one torch thread each, its share of the windows each, all at once
     (the embedded cluster's layout);
   - one process with one torch thread per core, all windows one after another.
 Prints the load time, every window's seconds (the first includes faulting in a fresh heap), the
-peak RSS of each process, the wall time of each layout and their ratio. Each layout runs twice,
+peak memory of each process (VmHWM: its own since its start; ru_maxrss would include this process's
+RSS at the spawn), the wall time of each layout and their ratio. Each layout runs twice,
 alternating, because a VM's memory history moves first-touch costs between runs. This measures
 the network alone: reading, writing, the COG and the polygons are left out (in a geoseg job they
 run beside the passes, and in one process they share its GIL).
@@ -20,10 +23,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import resource
+import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from bench_common import init_model_cli, own_peak  # this folder's: a model made apart, a process's own VmHWM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,7 +55,7 @@ def _job(args: tuple[int, int, str, int, str]) -> list[float]:
         t = time.perf_counter()
         forward_classes(bundle.net, x, bundle.card.stride, settings)
         out.append(time.perf_counter() - t)
-    out.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)  # kB -> GB
+    out.append(own_peak()[0] / 1e9)  # VmHWM, GB
     return out
 
 
@@ -61,7 +67,7 @@ def run_layout(procs: int, threads: int, windows: int, model: str, size: int, pr
     wall = time.perf_counter() - t
     for k, r in enumerate(results):
         print(f"  process {k}: load {r[0]:.1f} s, windows " + ", ".join(f"{v:.2f}" for v in r[1:-1])
-              + f" s, peak {r[-1]:.2f} GB", flush=True)  # fmt: skip
+              + f" s, peak (VmHWM) {r[-1]:.2f} GB", flush=True)  # fmt: skip
     print(f"  {procs} process(es) x {threads} thread(s), {procs * windows} windows: wall {wall:.1f} s", flush=True)
     return wall
 
@@ -72,17 +78,22 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4240, help="window side in px (a 4096 px chunk with its halo)")
     ap.add_argument("--windows-per-core", type=int, default=2)
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--workdir", default=None, help="keep the default model here (default: a temp dir, removed)")
     args = ap.parse_args()
+    work = None if args.model else Path(args.workdir or tempfile.mkdtemp(prefix="geoseg-layout-"))
+    try:
+        run(args, work)
+    finally:
+        if work is not None and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, work: Path | None) -> None:
     from geoseg.numerics import resolve_here
 
     cores = len(os.sched_getaffinity(0))
     precision = resolve_here(args.precision).precision
-    model = args.model
-    if model is None:
-        from geoseg.model.store import init_model
-
-        model = tempfile.mkdtemp(prefix="geoseg-layout-")
-        init_model(model, n_bands=4, n_classes=5, encoder="resnet18", seed=0, encoder_depth=4)
+    model = args.model or str(init_model_cli(work / "model-r18-d4", encoder_depth=4))
     n = args.windows_per_core * cores
     print(f"{cores} cores, {args.window} px windows, {precision}, {n} windows per layout", flush=True)
     walls: dict[str, list[float]] = {"single": [], "threaded": []}
