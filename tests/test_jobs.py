@@ -81,6 +81,24 @@ def test_unknown_and_bad_fields_are_all_reported(tmp_path):
     assert "chunking.batch_size" in msg and "greater than 0" in msg
 
 
+def test_inference_settings_reach_the_predict_options(tmp_path):
+    """A job's TTA and post-processing in place of the card's, as geoseg predict takes them; a bad mmu says what to give."""
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", inference={"tta": "none", "mmu": "2=40,3=12"})
+    opts = validate_spec(job, env=NO_ENV, config_files=[]).predict_options()
+    assert opts.tta == "none" and opts.postprocess.class_min_pixels == {2: 40, 3: 12} and opts.postprocess.majority_radius == 0
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", inference={"majority": 0})
+    opts = validate_spec(job, env=NO_ENV, config_files=[]).predict_options()
+    assert opts.postprocess is not None and not opts.postprocess.active  # none in place of the card's
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
+    opts = validate_spec(job, env=NO_ENV, config_files=[]).predict_options()
+    assert opts.tta is None and opts.postprocess is None  # the card's
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", inference={"mmu": "2=4,2=40"})
+    with pytest.raises(ConfigError, match=r"inference\.mmu: .*given more than once"):
+        validate_spec(job, env=NO_ENV, config_files=[])
+    with pytest.raises(ConfigError, match=r"inference\.mmu: .*\(set by DASK_GEOSEG__INFERENCE__MMU\)"):
+        validate_spec(job, env={"DASK_GEOSEG__INFERENCE__MMU": "lots"}, config_files=[])
+
+
 def test_bad_value_from_the_environment_names_the_variable(tmp_path):
     job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
     with pytest.raises(ConfigError, match=r"chunking\.chunk_size: .*\(set by DASK_GEOSEG__CHUNKING__CHUNK_SIZE\)"):

@@ -28,20 +28,13 @@ overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finish
 
 
 def parse_mmu(text: str | None) -> dict:
-    """``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id."""
-    if not text:
-        return {}
+    """``--mmu``: ``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id (geoseg.model.card.parse_mmu)."""
+    from geoseg.model.card import parse_mmu as parse
+
     try:
-        if "=" not in text:
-            return {"min_pixels": int(text.removesuffix("px"))}
-        pairs = [(int(c), int(v.removesuffix("px"))) for c, v in (p.split("=") for p in text.split(","))]
-    except ValueError:
-        raise click.BadParameter(f"{text!r}: give pixels (16) or class=pixels pairs (6=4,1=16)", param_hint="--mmu") from None
-    ids = [c for c, _ in pairs]
-    if len(set(ids)) != len(ids):
-        twice = sorted({c for c in ids if ids.count(c) > 1})
-        raise click.BadParameter(f"{text!r}: class id(s) {twice} given more than once", param_hint="--mmu")
-    return {"class_min_pixels": dict(pairs)}
+        return parse(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--mmu") from None
 
 
 def postprocess_of(majority: int | None, mmu: str | None):

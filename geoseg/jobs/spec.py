@@ -10,6 +10,7 @@
     model: models/landcover       # a model directory
     output: out                   # every scene gets out/<name>/; job.json goes in out/
     chunking: {chunk_size: 1024, halo: null, exact: false, tile_size: null, precision: auto, batch_size: 2}
+    inference: {tta: card, mmu: "1000"}   # optional: TTA and post-processing in place of the card's
     outputs: {cog: true, vectors: true}
     objects: {instance_model: models/buildings, max_object_size: 60m}   # optional: panoptic
     cluster:
@@ -52,6 +53,30 @@ class Chunking(Settings):
     tile_size: PositiveInt | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     batch_size: PositiveInt = 2
+
+
+class Inference(Settings):
+    """Test-time augmentation and post-processing in place of the card's (as ``geoseg predict`` takes them)."""
+
+    tta: Literal["card", "none", "d4"] = "card"
+    majority: Annotated[int, Field(ge=0, le=16)] | None = None  # with mmu: replaces the card's post-processing
+    mmu: str | int | None = None  # "16" or "6=4,1=16" (pixels): replaces the card's; majority 0 alone: none
+
+    @field_validator("mmu")
+    @classmethod
+    def _mmu(cls, v: str | int | None) -> str | int | None:
+        from geoseg.model.card import PostProcess, parse_mmu
+
+        PostProcess(**parse_mmu(v))  # a ValueError saying what to give
+        return v
+
+    def postprocess(self) -> Any:
+        """The PostProcess in place of the card's, or None (the card's)."""
+        from geoseg.model.card import PostProcess, parse_mmu
+
+        if self.majority is None and self.mmu is None:
+            return None
+        return PostProcess(majority_radius=self.majority or 0, **parse_mmu(self.mmu))
 
 
 class Outputs(Settings):
@@ -99,6 +124,7 @@ class JobSpec(Settings):
     output: Annotated[str, Field(min_length=1)]
     chunking: Chunking = Chunking()
     outputs: Outputs = Outputs()
+    inference: Inference = Inference()
     objects: Objects = Objects()
     cluster: ClusterSettings = ClusterSettings()
     scenes_in_flight: PositiveInt = 2
@@ -152,6 +178,7 @@ class JobSpec(Settings):
             chunk_size=c.chunk_size, halo=c.halo, exact=c.exact, tile_size=c.tile_size, precision=c.precision,
             batch_size=c.batch_size, device=p.device, overwrite=overwrite, resume=resume,
             cog=self.outputs.cog, vectors=self.outputs.vectors,
+            tta=None if self.inference.tta == "card" else self.inference.tta, postprocess=self.inference.postprocess(),
             model_resources=dict(p.model_resources) if p.model_resources else None,
             # how long the model tasks wait for a worker that can run them, at the start and mid-job
             worker_timeout=float(parse_timedelta(getattr(p, "timeout", None) or "30s", default="s")),

@@ -120,6 +120,23 @@ class PostProcess(_Frozen):
         return PostProcess(majority_radius=self.majority_radius, connectivity=self.connectivity)
 
 
+def parse_mmu(text: str | int | None) -> dict:
+    """``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id (a ValueError saying what to give otherwise)."""
+    if text is None or text == "":
+        return {}
+    text = str(text)
+    try:
+        if "=" not in text:
+            return {"min_pixels": int(text.removesuffix("px"))}
+        pairs = [(int(c), int(v.removesuffix("px"))) for c, v in (p.split("=") for p in text.split(","))]
+    except ValueError:
+        raise ValueError(f"{text!r}: give pixels (16) or class=pixels pairs (6=4,1=16)") from None
+    ids = [c for c, _ in pairs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{text!r}: class id(s) {sorted({c for c in ids if ids.count(c) > 1})} given more than once")
+    return {"class_min_pixels": dict(pairs)}
+
+
 class ModelCard(_Frozen):
     schema_version: Literal[1] = SCHEMA_VERSION
     arch: str = "unet"
