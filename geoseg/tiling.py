@@ -238,6 +238,12 @@ def plan_for(
         ring = card.postprocess.ring
         parts = f"the receptive field {card.receptive_field} px + post-processing {ring} px" if ring else "the receptive field"
         raise ConfigError(f"--exact needs a halo of at least {card.exact_halo} px ({parts}); drop --halo or raise it")
+    from geoseg.model.card import WINDOW_MMU
+
+    if card.postprocess.sieve_pixels > WINDOW_MMU:
+        raise ConfigError(f"an mmu of {card.postprocess.sieve_pixels} px is sieved here in windows grown by it, which "
+                          f"take at most {WINDOW_MMU} px: geoseg predict sieves any mmu across chunks (or give "
+                          "postprocess= / --mmu a smaller one here)")
     ring = card.postprocess.ring  # class map needed around a core by the post-processing
     if halo is not None:  # the user's halo: their chunk, else the default one
         chunk = chunk_size or DEFAULT_CHUNK

@@ -39,7 +39,7 @@ def test_missing_input(random_model, tmp_path):
 @pytest.mark.parametrize("command, flag, value", [("predict", "--batch-size", "0"), ("predict", "--chunk-size", "-64"),
                                                    ("predict", "--halo", "-1"), ("evaluate", "--tile-size", "0"),
                                                    ("train", "--threshold", "abc"), ("train", "--threshold", "nan"),
-                                                   ("train", "--mmu", "5000"), ("train", "--mmu", "1=5000")])
+                                                   ("train", "--mmu", "20000000"), ("train", "--mmu", "1=20000000")])
 def test_out_of_range_options_are_usage_errors_before_anything_runs(random_model, scene_path, tmp_path, command, flag, value):
     out = tmp_path / "out"
     args = {"predict": ["--model", random_model, "--out", out], "evaluate": ["--model", random_model, "--labels", scene_path],

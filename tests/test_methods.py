@@ -260,6 +260,16 @@ def test_predict_replaces_the_cards_post_processing(client, scene, pixel_model, 
         assert record["parameters"]["postprocess"] is None if not pp.active else record["parameters"]["postprocess"]["from"] == "options"
         lazy = api.predict(api.open_scene(img, chunks=64), carded, chunk_size=64, postprocess=pp.model_dump())
         assert np.array_equal(lazy["class_id"].values, want)
+    # beyond what a window can sieve: geoseg predict joins it across chunks; the lazy API says so
+    from geoseg.vector.sieve import sieve
+
+    huge = PostProcess(min_pixels=5000)
+    predict([img], carded, tmp_path / "huge", PredictOptions(chunk_size=64, cog=False, vectors=False, postprocess=huge),
+            client=client)
+    got = open_prediction(tmp_path / "huge" / "prediction.zarr")["class_id"].values
+    assert np.array_equal(got, sieve(raw, 255, 5000)) and np.count_nonzero(got != raw)
+    with pytest.raises(ConfigError, match="an mmu of 5000 px is sieved here in windows"):
+        api.predict(api.open_scene(img, chunks=64), carded, postprocess=huge.model_dump())
     keys = {plan_job([img], carded, tmp_path / "k", PredictOptions(postprocess=p)).key
             for p in (None, PostProcess(min_pixels=200), PostProcess(min_pixels=201))}
     assert len(keys) == 3

@@ -81,6 +81,10 @@ METHODS = ("smp", "threshold", "kmeans", "pixel", "instance", "sam")
 PIXEL_WEIGHTS_NAME = "model.lgb.txt"  # LightGBM's own text format: no pickle
 
 
+MAX_MMU = 10_000_000  # px: geoseg predict sieves any mmu across chunks (geoseg.pipeline.sieve)
+WINDOW_MMU = 4096  # px: the most a window grown by the mmu sieves (the Python API, geoseg evaluate)
+
+
 class PostProcess(_Frozen):
     """Clean-up of the class map, chunk by chunk with a halo, so tiles stay seamless.
 
@@ -90,16 +94,16 @@ class PostProcess(_Frozen):
     """
 
     majority_radius: int = Field(default=0, ge=0, le=16)
-    min_pixels: int = Field(default=0, ge=0, le=4096)
+    min_pixels: int = Field(default=0, ge=0, le=MAX_MMU)
     class_min_pixels: dict[int, int] = Field(default_factory=dict)
     connectivity: Literal[4, 8] = 4
 
     @field_validator("class_min_pixels")
     @classmethod
     def _per_class(cls, v: dict[int, int]) -> dict[int, int]:
-        bad = {c: n for c, n in v.items() if not (0 <= c <= 254 and 0 <= n <= 4096)}
+        bad = {c: n for c, n in v.items() if not (0 <= c <= 254 and 0 <= n <= MAX_MMU)}
         if bad:
-            raise ValueError(f"minimum mapping units need class ids 0-254 and 0-4096 pixels, got {bad}")
+            raise ValueError(f"minimum mapping units need class ids 0-254 and 0-{MAX_MMU} pixels, got {bad}")
         return v
 
     @property
