@@ -172,14 +172,6 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
 
     from geoseg.methods.fit import band_roles_for, train_method
     postprocess = opt.postprocess_of(majority, mmu)
-    if postprocess.class_min_pixels and classes_file:
-        from geoseg.training.labels import load_classes
-
-        known = {c.id for c in load_classes(classes_file)}
-        unknown = sorted(set(postprocess.class_min_pixels) - known)
-        if unknown:
-            raise click.BadParameter(f"class id(s) {unknown} are not in {classes_file} ({', '.join(map(str, sorted(known)))})",
-                                     param_hint="--mmu")
     if method != "smp":
         with geoseg_warnings():
             result = train_method(inputs, out_dir, method, config, band_roles=band_roles, index=index, threshold=threshold,

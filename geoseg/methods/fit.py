@@ -163,6 +163,9 @@ def train_method(
     # and any labelled pixel counts (min_labelled 0): per-pixel methods learn from pixels, so sparse point labels
     # (a few surveyed pixels per block) serve; only a network's chips need labelled areas
     prep = prepare(inputs, replace(config, block_size=block, chip_size=min(config.chip_size, block), min_labelled=0.0), 1)
+    from geoseg.model.card import check_mmu_classes
+
+    check_mmu_classes(postprocess, [c.id for c in prep.classes])
     roles = band_roles_for(prep.stack, band_roles)
     bands = _with_roles(band_infos(prep.stack), roles)
     classes: tuple[ClassInfo, ...] = prep.classes

@@ -124,6 +124,17 @@ class PostProcess(_Frozen):
         return PostProcess(majority_radius=self.majority_radius, connectivity=self.connectivity)
 
 
+def check_mmu_classes(pp: PostProcess, class_ids: Any, what: str = "--mmu") -> None:
+    """Refuse a minimum mapping unit for a class id that is not among ``class_ids`` (it would do nothing)."""
+    from geoseg.errors import ConfigError
+
+    ids = sorted(int(c) for c in class_ids)
+    unknown = sorted(set(pp.class_min_pixels) - set(ids))
+    if unknown:
+        raise ConfigError(f"{what} names class id(s) {unknown}, which the model does not have (its classes: "
+                          f"{', '.join(map(str, ids))})")
+
+
 def parse_mmu(text: str | int | None) -> dict:
     """``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id (a ValueError saying what to give otherwise)."""
     if text is None or text == "":
@@ -191,11 +202,26 @@ class ModelCard(_Frozen):
             raise ValueError(f"class ids must be unique, got {ids}")
         if len(ids) < 1:
             raise ValueError("a model needs at least one class")
-        unknown = sorted(set(self.postprocess.class_min_pixels) - set(ids))
-        if unknown:
-            raise ValueError(f"minimum mapping units for class id(s) {unknown}, which the model does not have "
-                             f"(its classes: {', '.join(map(str, ids))})")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_mmu_classes(cls, data: Any) -> Any:
+        """A minimum mapping unit for a class the model lacks did nothing (cards of geoseg before 2026-12-04 may
+        hold one): dropped, with a warning. Where a card is made, ``check_mmu_classes`` refuses it first."""
+        if not isinstance(data, dict) or not isinstance(data.get("postprocess"), dict):
+            return data
+        per_class = data["postprocess"].get("class_min_pixels") or {}
+        ids = {c.get("id") if isinstance(c, dict) else getattr(c, "id", None) for c in data.get("classes") or ()}
+        unknown = sorted(int(k) for k in per_class if int(k) not in ids)
+        if unknown:
+            import warnings
+
+            warnings.warn(f"the card's minimum mapping units for class id(s) {unknown} are dropped: the model has no "
+                          "such class (they never had an effect)", stacklevel=2)
+            kept = {k: v for k, v in per_class.items() if int(k) in ids}
+            data = {**data, "postprocess": {**data["postprocess"], "class_min_pixels": kept}}
+        return data
 
     @property
     def n_bands(self) -> int:
@@ -257,7 +283,10 @@ class ModelCard(_Frozen):
         return (CARD_NAME,) + ((self.weights_name,) if self.weights_name else ()) + extra
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+        data = self.model_dump(mode="json")
+        if not data["global_reach"]:
+            del data["global_reach"]  # written only where true: geoseg before 2026-12-04 still reads the card
+        return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()

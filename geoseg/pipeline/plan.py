@@ -55,6 +55,15 @@ class PredictOptions:
     score_threshold: float | None = None
     nms_iou: float | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.postprocess, dict):  # the Python API's options (geoseg.api.objects) as a dict
+            import pydantic
+
+            try:
+                object.__setattr__(self, "postprocess", PostProcess(**self.postprocess))
+            except pydantic.ValidationError as exc:
+                raise ConfigError(f"postprocess={self.postprocess!r}: " + "; ".join(e["msg"] for e in exc.errors())) from None
+
     def instance_params(self) -> dict[str, float]:
         return {k: v for k, v in (("score_threshold", self.score_threshold), ("nms_iou", self.nms_iou)) if v is not None}
 
@@ -111,7 +120,7 @@ def input_identity(path: str) -> list:
     return [*ident, *(storage.identity(f) for f in sorted(files))]
 
 
-def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: PredictOptions) -> str:
+def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: PredictOptions, sieve: bool = False) -> str:
     """What a finished output's reuse depends on: inputs, model, plan and the numerics asked for.
 
     Chunks are reused under ``chunk_key``, which adds the numerics the workers resolved.
@@ -126,14 +135,21 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "device": options.device,
             "batch_size": options.batch_size,
             "tta": options.tta,
-            "postprocess": None if options.postprocess is None else options.postprocess.model_dump(),
             "instance": options.instance_params(),
             "instance_model": options.instance_model and str(options.instance_model),
             "prompts": options.prompts and storage.identity(str(options.prompts)),
+            **_postprocess_key(options, sieve),
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _postprocess_key(options: PredictOptions, sieve: bool) -> dict:
+    """What post-processing adds to a job key: nothing for the card's without a sieve (keys of jobs made before
+    2026-12-04 stay the same); a sieve joined after the model never resumes a store sieved in windows."""
+    out: dict = {} if options.postprocess is None else {"postprocess": options.postprocess.model_dump()}
+    return {**out, "sieve": "joined"} if sieve else out
 
 
 def _ours(name: str) -> bool:
@@ -189,10 +205,9 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
     if options.postprocess is not None:
-        unknown = sorted(set(options.postprocess.class_min_pixels) - set(card.class_ids))
-        if unknown:
-            raise ConfigError(f"--mmu names class id(s) {unknown}, which {model_dir} does not have "
-                              f"(its classes: {', '.join(map(str, card.class_ids))})")
+        from geoseg.model.card import check_mmu_classes
+
+        check_mmu_classes(options.postprocess, card.class_ids, f"{model_dir}: --mmu (or a job's inference.mmu)")
         if card.method in ("instance", "sam") and options.postprocess.active:
             raise ConfigError(f"{model_dir}: --majority and --mmu post-process a class map, and this model finds objects")
     if options.tta == "d4" and card.method != "smp":
@@ -230,7 +245,9 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         raise ConfigError(f"{out_dir}: objects are written to a local directory for now; give a path "
                           "(or lay them over a semantic model's map with --instance-model)")
     # panoptic: the object model and its plan (halo = largest object) are part of what the output depends on
-    key = job_key(inputs, model.digest + (objects.digest + json.dumps(objects.plan.describe()) if objects else ""), plan, options)
+    pp = card.postprocess if options.postprocess is None else options.postprocess
+    key = job_key(inputs, model.digest + (objects.digest + json.dumps(objects.plan.describe()) if objects else ""), plan, options,
+                  sieve=card.method not in ("instance", "sam") and sieve_joined(pp))
     return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, key, objects)
 
 

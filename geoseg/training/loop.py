@@ -546,6 +546,10 @@ def train(
     net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # only to learn the stride
     stride = network_stride(net, config.encoder_depth)
     prep = prepare(inputs, config, stride, cache_bytes)
+    if (card_update or {}).get("postprocess"):  # before any epoch: an mmu for a class the labels lack does nothing
+        from geoseg.model.card import PostProcess, check_mmu_classes
+
+        check_mmu_classes(PostProcess(**card_update["postprocess"]), [c.id for c in prep.classes])
 
     from geoseg.methods.features import available_indices, band_units, guess_roles
 
