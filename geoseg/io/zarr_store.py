@@ -112,9 +112,9 @@ def _parse_marker(name: str) -> tuple[int, int] | None:
         return None
 
 
-def done_chunks(path: str | os.PathLike, job_key: str) -> set[tuple[int, int]]:
-    """Chunks whose marker holds ``job_key`` (a previous run of the same job finished them)."""
-    root = storage.join(path, MARKERS)
+def done_chunks(path: str | os.PathLike, job_key: str, markers: str = MARKERS) -> set[tuple[int, int]]:
+    """Chunks whose marker (under ``markers``) holds ``job_key`` (a previous run of the same job finished them)."""
+    root = storage.join(path, markers)
     contents: dict[str, bytes] = {}
     if storage.is_url(path):
         fs, prefix = storage.filesystem(str(root))

@@ -100,15 +100,9 @@ def _load(store: str, key: str) -> dict[tuple[int, int], tuple[np.ndarray, np.nd
 
 
 def _sieved(store: str, key: str) -> set[tuple[int, int]]:
-    from geoseg.io.zarr_store import _parse_marker
+    from geoseg.io.zarr_store import done_chunks
 
-    root = storage.join(store, SIEVED)
-    done = set()
-    for name in storage.list_names(root) if storage.exists(root) else []:
-        ij = _parse_marker(name)
-        if ij is not None and storage.read_bytes(storage.join(root, name)) == key.encode():
-            done.add(ij)
-    return done
+    return done_chunks(store, key, SIEVED)
 
 
 def forget(store: str) -> None:
