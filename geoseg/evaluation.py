@@ -60,6 +60,7 @@ class EvaluateOptions:
     batch_size: int = 2
     device: str = "auto"
     tta: str | None = None  # test-time augmentation: None = as each card says, "none" or "d4"
+    postprocess: Any = None  # a PostProcess in place of each card's (None: the card's), as geoseg predict takes it
     label_field: str | None = None
     label_layer: str | None = None  # vector labels: the layer of a file that holds several
     ignore: tuple[int, ...] = ()
@@ -122,6 +123,16 @@ class Evaluation:
             "miou_definition": "mean of the per-class IoU over classes present in the labels or the predictions",
             **self.metrics.to_dict(),
         }
+
+
+def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any) -> ModelCard:
+    """``card`` with the options' post-processing in place of its own (checked against its classes)."""
+    if options.postprocess is None:
+        return card
+    from geoseg.model.card import check_mmu_classes
+
+    check_mmu_classes(options.postprocess, card.class_ids, f"{model_dir}: --mmu")
+    return card.model_copy(update={"postprocess": options.postprocess})
 
 
 def labels_array(source: LabelSource, plan: TilingPlan) -> da.Array:
@@ -191,6 +202,7 @@ def plan_evaluation(
     )
     h, w = stack.shape
     region = region_box(stack.grid, options.bbox, options.window) or Box(0, h, 0, w)
+    card = _postprocessed(card, options, model_dir)
     plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                     tile_size=options.tile_size)
     digest = opened.digest
@@ -201,7 +213,8 @@ def plan_evaluation(
     resources = model_resources(card.method, None, current_client())  # the GPU workers of an embedded cluster
     precision = resolve_current(options.precision, options.device, options.exact, resources).precision if resolve else "fp32"
     options = replace(options, precision=precision)
-    settings = scene_settings(card, stack, plan, InferenceSettings(precision, options.batch_size, tta=options.tta)) if resolve else InferenceSettings(precision, options.batch_size, tta=options.tta)
+    base = InferenceSettings(precision, options.batch_size, tta=options.tta, postprocess=card.postprocess)
+    settings = scene_settings(card, stack, plan, base) if resolve else base
     seg = build_segmentation(stack, plan, ref, settings, resources)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     lab = labels_array(source, plan)[ys, xs]
@@ -540,6 +553,7 @@ def plan_comparison(
     )
     h, w = base.shape
     region = region_box(base.grid, options.bbox, options.window) or Box(0, h, 0, w)
+    cards = tuple(_postprocessed(card, options, m) for card, m in zip(cards, model_dirs))
     plans = tuple(plan_for(card, base.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                            tile_size=options.tile_size) for card in cards)  # fmt: skip
     from geoseg.cluster import model_resources
@@ -550,11 +564,11 @@ def plan_comparison(
     precision = resolve_current(options.precision, options.device, options.exact,
                                 next((r for r in resources if r), None)).precision if resolve else "fp32"
     options = replace(options, precision=precision)
-    settings = InferenceSettings(precision, options.batch_size, tta=options.tta)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
+    settings = [InferenceSettings(precision, options.batch_size, tta=options.tta, postprocess=card.postprocess) for card in cards]
     maps = [build_segmentation(stack, plan, ModelRef(o.location, o.digest, options.device),
-                               scene_settings(card, stack, plan, settings) if resolve else settings, res).class_id[ys, xs]
-            for stack, plan, o, card, res in zip(stacks, plans, opened, cards, resources)]  # fmt: skip
+                               scene_settings(card, stack, plan, s) if resolve else s, res).class_id[ys, xs]
+            for stack, plan, o, card, res, s in zip(stacks, plans, opened, cards, resources, settings)]  # fmt: skip
     confusions, coverage = common_confusions(maps, labels_array(source, plans[0])[ys, xs])
     return ComparisonJob(images, model_dirs, names, str(labels), cards, tuple(o.digest for o in opened), plans, source,
                          region, classes, confusions, coverage, options)  # fmt: skip

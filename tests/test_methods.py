@@ -291,6 +291,27 @@ def test_predict_replaces_the_cards_post_processing(client, scene, pixel_model, 
     assert r.exit_code == 2 and "--no-postprocess goes without" in r.output
 
 
+def test_evaluate_scores_the_post_processing_asked_for(client, scene, pixel_model, tmp_path):
+    """geoseg evaluate --majority / --mmu / --no-postprocess: the same post-processing as predict, in place of each
+    card's, for one model and side by side."""
+    from geoseg.evaluation import EvaluateOptions, compare, evaluate
+    from geoseg.model.card import PostProcess
+
+    img, lab, _, _ = scene
+    out, card = pixel_model
+    carded = with_postprocess(out, card, tmp_path / "pp", {"majority_radius": 2, "min_pixels": 60})
+    opts = EvaluateOptions(chunk_size=64)
+    raw = evaluate([img], out, lab, opts).metrics
+    cleaned = evaluate([img], carded, lab, opts).metrics
+    off = evaluate([img], carded, lab, EvaluateOptions(chunk_size=64, postprocess=PostProcess())).metrics
+    np.testing.assert_array_equal(off.confusion, raw.confusion)
+    assert not np.array_equal(cleaned.confusion, raw.confusion)
+    again = evaluate([img], out, lab, EvaluateOptions(chunk_size=64, postprocess=PostProcess(majority_radius=2, min_pixels=60)))
+    np.testing.assert_array_equal(again.metrics.confusion, cleaned.confusion)
+    side = compare([img], [out, carded], lab, EvaluateOptions(chunk_size=64, postprocess=PostProcess()), client=client)
+    np.testing.assert_array_equal(side.models[0].metrics.confusion, side.models[1].metrics.confusion)
+
+
 def test_band_roles_are_checked(scene, tmp_path):
     img, lab, classes, _ = scene
     r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,

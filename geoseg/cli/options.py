@@ -48,3 +48,21 @@ def postprocess_of(majority: int | None, mmu: str | None):
     except pydantic.ValidationError as exc:
         what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         raise click.BadParameter(what, param_hint="'--mmu' / '--majority'") from None
+
+
+def postprocess_opts(f):
+    """--majority, --mmu and --no-postprocess: post-processing in place of the card's (predict, evaluate)."""
+    f = click.option("--no-postprocess", is_flag=True, help="Skip the card's majority filter and sieve.")(f)
+    f = click.option("--mmu", "mmu", default=None, metavar="PX|CLASS=PX,...",
+                     help="Post-processing in place of the card's: minimum mapping unit in pixels (4-connected), one or per "
+                          "class id (6=4,1=16); predict sieves it over the whole map after the model.")(f)
+    return click.option("--majority", type=click.IntRange(0, 16), default=None, metavar="R",
+                        help="Post-processing in place of the card's: majority filter over (2R+1)² pixels (with --mmu: "
+                             "an option not given is off).")(f)
+
+
+def postprocess_in_place(majority: int | None, mmu: str | None, none: bool):
+    """The PostProcess of those options, or None (the card's)."""
+    if none and (majority is not None or mmu is not None):
+        raise click.UsageError("--no-postprocess goes without --majority and --mmu")
+    return None if majority is None and mmu is None and not none else postprocess_of(majority, mmu)

@@ -19,13 +19,7 @@ from geoseg.cli import options as opt
 @click.option("--tile-size", type=click.IntRange(1), default=None, metavar="PX", help="Side of one forward pass (default: the chunk; smaller bounds the memory of a pass, each tile gets its own halo).")
 @opt.precision_opt
 @opt.tta_opt
-@click.option("--majority", type=click.IntRange(0, 16), default=None, metavar="R",
-              help="Post-processing in place of the card's: majority filter over (2R+1)² pixels (with --mmu: an option "
-                   "not given is off).")
-@click.option("--mmu", "mmu", default=None, metavar="PX|CLASS=PX,...",
-              help="Post-processing in place of the card's: minimum mapping unit in pixels, one or per class id (6=4,1=16); "
-                   "sieved over the whole map after the model.")
-@click.option("--no-postprocess", is_flag=True, help="Skip the card's majority filter and sieve.")
+@opt.postprocess_opts
 @click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="Tiles per forward pass (tiles of one chunk only).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @opt.scheduler_opt
@@ -72,9 +66,7 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
     from geoseg.pipeline import DEFAULT_PRECISION, PredictOptions
     from geoseg.pipeline import predict as run
 
-    if no_postprocess and (majority is not None or mmu is not None):
-        raise click.UsageError("--no-postprocess goes without --majority and --mmu")
-    postprocess = None if majority is None and mmu is None and not no_postprocess else opt.postprocess_of(majority, mmu)
+    postprocess = opt.postprocess_in_place(majority, mmu, no_postprocess)
     options = PredictOptions(
         postprocess=postprocess, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size, precision=precision or DEFAULT_PRECISION,
         batch_size=batch_size, device=device, overwrite=overwrite, resume=resume, cog=not no_cog, vectors=not no_vectors,
