@@ -414,12 +414,7 @@ def predict(
     if tta == "d4" and card.method != "smp":
         raise ConfigError(f"{m.location}: tta='d4' augments a network's passes, and this is a {card.method} model")
     if postprocess is not None:
-        import pydantic
-
-        try:
-            card = ModelCard.model_validate({**card.model_dump(), "postprocess": postprocess})
-        except pydantic.ValidationError as exc:
-            raise ConfigError(f"postprocess={postprocess!r}: " + "; ".join(e["msg"] for e in exc.errors())) from None
+        card = card.with_postprocess(postprocess, f"{m.location}: postprocess")
     shape = (scene.sizes["y"], scene.sizes["x"])
     plan = plan_tiling(card, shape, chunk_size=chunk_size, halo=halo, exact=exact, tile_size=tile_size)
     from geoseg.cluster import model_resources

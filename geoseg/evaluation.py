@@ -127,12 +127,7 @@ class Evaluation:
 
 def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any) -> ModelCard:
     """``card`` with the options' post-processing in place of its own (checked against its classes)."""
-    if options.postprocess is None:
-        return card
-    from geoseg.model.card import check_mmu_classes
-
-    check_mmu_classes(options.postprocess, card.class_ids, f"{model_dir}: --mmu")
-    return card.model_copy(update={"postprocess": options.postprocess})
+    return card if options.postprocess is None else card.with_postprocess(options.postprocess, f"{model_dir}: --mmu")
 
 
 def labels_array(source: LabelSource, plan: TilingPlan) -> da.Array:

@@ -38,15 +38,15 @@ def parse_mmu(text: str | None) -> dict:
 
 
 def postprocess_of(majority: int | None, mmu: str | None):
-    """The PostProcess of ``--majority`` and ``--mmu`` (a usage error where out of range)."""
-    import pydantic
+    """The PostProcess of ``--majority`` and ``--mmu``, None where neither is given (a usage error where out of range)."""
+    from geoseg.model.card import postprocess_in_place
 
-    from geoseg.model.card import PostProcess
-
+    parse_mmu(mmu)  # its own message, naming --mmu
     try:
-        return PostProcess(majority_radius=majority or 0, **parse_mmu(mmu))
-    except pydantic.ValidationError as exc:
-        what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return postprocess_in_place(majority, mmu)
+    except ValueError as exc:
+        errors = getattr(exc, "errors", None)
+        what = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors()) if errors else str(exc)
         raise click.BadParameter(what, param_hint="'--mmu' / '--majority'") from None
 
 
@@ -65,4 +65,8 @@ def postprocess_in_place(majority: int | None, mmu: str | None, none: bool):
     """The PostProcess of those options, or None (the card's)."""
     if none and (majority is not None or mmu is not None):
         raise click.UsageError("--no-postprocess goes without --majority and --mmu")
-    return None if majority is None and mmu is None and not none else postprocess_of(majority, mmu)
+    if none:
+        from geoseg.model.card import PostProcess
+
+        return PostProcess()
+    return postprocess_of(majority, mmu)

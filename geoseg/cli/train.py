@@ -171,7 +171,9 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     )  # fmt: skip
 
     from geoseg.methods.fit import band_roles_for, train_method
-    postprocess = opt.postprocess_of(majority, mmu)
+    from geoseg.model.card import PostProcess
+
+    postprocess = opt.postprocess_of(majority, mmu) or PostProcess()
     if method != "smp":
         with geoseg_warnings():
             result = train_method(inputs, out_dir, method, config, band_roles=band_roles, index=index, threshold=threshold,

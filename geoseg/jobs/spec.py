@@ -72,11 +72,9 @@ class Inference(Settings):
 
     def postprocess(self) -> Any:
         """The PostProcess in place of the card's, or None (the card's)."""
-        from geoseg.model.card import PostProcess, parse_mmu
+        from geoseg.model.card import postprocess_in_place
 
-        if self.majority is None and self.mmu is None:
-            return None
-        return PostProcess(majority_radius=self.majority or 0, **parse_mmu(self.mmu))
+        return postprocess_in_place(self.majority, self.mmu)
 
 
 class Outputs(Settings):

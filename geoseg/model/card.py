@@ -119,6 +119,19 @@ class PostProcess(_Frozen):
     def active(self) -> bool:
         return self.ring > 0
 
+    @classmethod
+    def of(cls, value: "PostProcess | dict[str, Any]", what: str = "postprocess") -> "PostProcess":
+        """A PostProcess from itself or a dict of its fields (the Python API's), a ConfigError saying what is wrong."""
+        if isinstance(value, PostProcess):
+            return value
+        from geoseg.errors import ConfigError
+
+        try:
+            return cls(**value)
+        except (ValidationError, TypeError) as exc:
+            why = "; ".join(e["msg"] for e in exc.errors()) if isinstance(exc, ValidationError) else str(exc)
+            raise ConfigError(f"{what}={value!r}: {why}") from None
+
     def without_sieve(self) -> "PostProcess":
         """The majority filter alone: what a window runs where the sieve runs later over the whole map."""
         return PostProcess(majority_radius=self.majority_radius, connectivity=self.connectivity)
@@ -133,6 +146,14 @@ def check_mmu_classes(pp: PostProcess, class_ids: Any, what: str = "--mmu") -> N
     if unknown:
         raise ConfigError(f"{what} names class id(s) {unknown}, which the model does not have (its classes: "
                           f"{', '.join(map(str, ids))})")
+
+
+def postprocess_in_place(majority: int | None, mmu: str | int | None) -> PostProcess | None:
+    """``--majority`` / ``--mmu`` (or a job's ``inference``) in place of the card's post-processing: None where neither
+    is given (the card's); an option not given is off. A ValueError says what is wrong."""
+    if majority is None and mmu is None:
+        return None
+    return PostProcess(majority_radius=majority or 0, **parse_mmu(mmu))
 
 
 def parse_mmu(text: str | int | None) -> dict:
@@ -252,6 +273,12 @@ class ModelCard(_Frozen):
     @property
     def class_ids(self) -> tuple[int, ...]:
         return tuple(c.id for c in self.classes)
+
+    def with_postprocess(self, pp: "PostProcess | dict[str, Any]", what: str = "--mmu") -> "ModelCard":
+        """This card with ``pp`` in place of its post-processing (a dict: the Python API's), its mmu classes checked."""
+        pp = PostProcess.of(pp)
+        check_mmu_classes(pp, self.class_ids, what)
+        return self.model_copy(update={"postprocess": pp})
 
     @property
     def reach(self) -> str:

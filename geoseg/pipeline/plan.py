@@ -57,12 +57,7 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.postprocess, dict):  # the Python API's options (geoseg.api.objects) as a dict
-            import pydantic
-
-            try:
-                object.__setattr__(self, "postprocess", PostProcess(**self.postprocess))
-            except pydantic.ValidationError as exc:
-                raise ConfigError(f"postprocess={self.postprocess!r}: " + "; ".join(e["msg"] for e in exc.errors())) from None
+            object.__setattr__(self, "postprocess", PostProcess.of(self.postprocess))
 
     def instance_params(self) -> dict[str, float]:
         return {k: v for k, v in (("score_threshold", self.score_threshold), ("nms_iou", self.nms_iou)) if v is not None}
@@ -204,11 +199,11 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
+    # the post-processing the job runs: its options' (checked against the model's classes), else the card's
+    pp = card.postprocess
     if options.postprocess is not None:
-        from geoseg.model.card import check_mmu_classes
-
-        check_mmu_classes(options.postprocess, card.class_ids, f"{model_dir}: --mmu (or a job's inference.mmu)")
-        if card.method in ("instance", "sam") and options.postprocess.active:
+        pp = card.with_postprocess(options.postprocess, f"{model_dir}: --mmu (or a job's inference.mmu)").postprocess
+        if card.method in ("instance", "sam") and pp.active:
             raise ConfigError(f"{model_dir}: --majority and --mmu post-process a class map, and this model finds objects")
     if options.tta == "d4" and card.method != "smp":
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
@@ -218,7 +213,6 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
         chunk = options.chunk_size or (DEFAULT_CHUNK if options.instance_model is not None else None)
         # the sieve runs over the whole map after the model (geoseg.pipeline.sieve): the halo does not carry it
-        pp = card.postprocess if options.postprocess is None else options.postprocess
         windowed = card.model_copy(update={"postprocess": pp.without_sieve() if sieve_joined(pp) else pp})
         plan = plan_for(windowed, stack.shape, chunk_size=chunk, halo=options.halo, exact=options.exact,
                         tile_size=options.tile_size)
@@ -245,7 +239,6 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         raise ConfigError(f"{out_dir}: objects are written to a local directory for now; give a path "
                           "(or lay them over a semantic model's map with --instance-model)")
     # panoptic: the object model and its plan (halo = largest object) are part of what the output depends on
-    pp = card.postprocess if options.postprocess is None else options.postprocess
     key = job_key(inputs, model.digest + (objects.digest + json.dumps(objects.plan.describe()) if objects else ""), plan, options,
                   sieve=card.method not in ("instance", "sam") and sieve_joined(pp))
     return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, key, objects)
