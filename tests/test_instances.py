@@ -111,6 +111,24 @@ def test_merge_unions_an_object_larger_than_the_halo():
     assert (merge.paint([obj], meta, Box(0, 60, 0, 200)) == obj.id).sum() == 10 * 120
 
 
+def test_merge_drops_cut_pieces_seen_only_in_a_halo():
+    """An object x 118..138 (centre in B's core) B sees whole; A cuts it at its edge (x 130) and its mask
+    there (x 125..130) matches B's too poorly to join. A also finds a piece at its edge (rows 70..80)
+    that B, whose core holds it, does not. Neither piece is an object: B had the better view."""
+    shape = (100, 200)
+    a_core, b_core = Box(0, 100, 0, 100), Box(0, 100, 100, 200)
+    wa, wb = a_core.grow(30, shape), b_core.grow(30, shape)
+    a = _dets([(np.ones((10, 5), bool), (40, 125, 50, 130)), (np.ones((10, 6), bool), (70, 124, 80, 130))], [0.95, 0.6])
+    b = _dets([(np.ones((10, 20), bool), (40, 118, 50, 138))], [0.9])
+    meta = {(0, 0): {**a, "window": wa, "core": a_core}, (0, 1): {**b, "window": wb, "core": b_core}}
+    pairs = [(((0, 0), i), ((0, 1), j)) for i, j in merge.match(a, wa, b, wb, 0.5)]
+    assert pairs == []
+    (obj,) = merge.resolve(meta, pairs, shape)
+    assert obj.box == (40, 118, 50, 138) and obj.members == (((0, 1), 0),)
+    painted = merge.paint([obj], meta, Box(0, 100, 0, 200))
+    assert (painted == obj.id).sum() == 200 and set(np.unique(painted)) == {0, obj.id}
+
+
 def test_merge_keeps_an_object_whose_views_disagree_on_the_centre():
     """At a chunk line (x = 256) A's mask is x 248..265 (centre 256: B's core) and B's 246..265 (centre
     255: A's core): one object, not none."""
