@@ -404,7 +404,7 @@ def predict(
     scene = open_scene(scene)
     m = _model(model)
     card = m.card
-    if card.method in ("instance", "sam"):
+    if card.finds_objects:
         raise ConfigError(f"{m.location} finds objects, which are joined across the whole scene (not lazily per chunk): "
                           "use geoseg.api.objects(images, model, out_dir)")
     scene = _match_bands(scene, card, m.location)

@@ -164,6 +164,12 @@ def confusion_array(class_id: da.Array, labels: da.Array) -> da.Array:
     return parts.sum(axis=(0, 1), dtype=np.int64)
 
 
+def _check_semantic(card: ModelCard, model_dir: str) -> None:
+    if card.finds_objects:
+        raise ConfigError(f"{model_dir} finds objects ({card.method} model), which geoseg evaluate does not "
+                          "score; run geoseg predict with it, then geoseg evaluate-objects on its output")
+
+
 def plan_evaluation(
     images: Sequence[str | os.PathLike],
     model_dir: str | os.PathLike,
@@ -181,6 +187,7 @@ def plan_evaluation(
     stack = open_stack(images)
     opened = open_model(model_dir)
     card = opened.card
+    _check_semantic(card, str(model_dir))
     stack = match_bands(stack, card, str(model_dir))
     image_name = stack.paths[0] if len(stack.paths) == 1 else f"the image ({stack.paths[0]}, ...)"
     source = open_labels(
@@ -531,6 +538,8 @@ def plan_comparison(
     base = open_stack(images)
     opened = [open_model(m) for m in model_dirs]
     cards = tuple(o.card for o in opened)
+    for card, m in zip(cards, model_dirs):
+        _check_semantic(card, m)
     stacks = [match_bands(base, card, m) for card, m in zip(cards, model_dirs)]
     classes = _union_classes(cards, model_dirs)
     image_name = base.paths[0] if len(base.paths) == 1 else f"the image ({base.paths[0]}, ...)"

@@ -282,6 +282,10 @@ def test_instance_bad_inputs_exit_clearly(objects_data, tmp_path, trained_model,
     predict([scene_path], trained_model, semantic, client=client)
     res = run("evaluate-objects", semantic, "--labels", objects_data["labels"], code=2)
     assert "instance model" in res.output
+    # and the other way round: a class-map score of an instance model, alone or beside a semantic one
+    for models in (["--model", objects_data["model"]], ["--model", trained_model, "--model", objects_data["model"]]):
+        res = run("evaluate", objects_data["image"], *models, "--labels", objects_data["labels"], "--label-field", "kind", code=2)
+        assert "finds objects" in res.output and "evaluate-objects" in res.output
 
 
 def test_panoptic_objects_lie_in_their_class_area(objects_data, client, tmp_path):

@@ -78,7 +78,7 @@ def _interrupted(out_dir: Path | str) -> bool:
 
 
 def _wanted(spec: JobSpec, job: Job | None = None) -> list[str]:
-    if job is not None and job.card.method in ("instance", "sam"):
+    if job is not None and job.card.finds_objects:
         return [ZARR_NAME, COG_NAME, "instances.tif", "objects.gpkg"]
     return [ZARR_NAME] + [COG_NAME] * spec.outputs.cog + [VECTOR_NAME] * spec.outputs.vectors
 

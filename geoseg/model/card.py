@@ -249,6 +249,11 @@ class ModelCard(_Frozen):
         return len(self.bands)
 
     @property
+    def finds_objects(self) -> bool:
+        """An instance or SAM model: its objects are joined across the scene, and scored as objects."""
+        return self.method in ("instance", "sam")
+
+    @property
     def index_band_units(self) -> tuple[tuple[float, float], ...] | None:
         """Each band's (scale, offset) the indices take it to its physical value by (None: as stored)."""
         from geoseg.methods.features import band_units

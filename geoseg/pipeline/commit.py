@@ -107,7 +107,7 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     from geoseg.io.zarr_store import finalize_store
 
     job = placed(job, client)  # model tasks on the GPU workers of an embedded cluster that has some
-    if job.card.method in ("instance", "sam"):
+    if job.card.finds_objects:
         from geoseg.instances.outputs import run_instance_job
 
         return run_instance_job(job, client, cluster_info, job.options.instance_params())

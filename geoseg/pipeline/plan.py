@@ -203,11 +203,11 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     pp = card.postprocess
     if options.postprocess is not None:
         pp = card.with_postprocess(options.postprocess, f"{model_dir}: --mmu (or a job's inference.mmu)").postprocess
-        if card.method in ("instance", "sam") and pp.active:
+        if card.finds_objects and pp.active:
             raise ConfigError(f"{model_dir}: --majority and --mmu post-process a class map, and this model finds objects")
     if options.tta == "d4" and card.method != "smp":
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
-    if card.method in ("instance", "sam"):
+    if card.finds_objects:
         plan = instance_plan(card, stack, options)
     else:
         # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
@@ -218,7 +218,7 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
                         tile_size=options.tile_size)
     objects = None
     if options.instance_model is not None:
-        if card.method in ("instance", "sam"):
+        if card.finds_objects:
             raise ConfigError(f"{model_dir}: --instance-model goes with a semantic --model (a class map the objects are laid over)")
         inst = open_model(options.instance_model)
         if inst.card.method not in ("instance", "sam"):
@@ -235,7 +235,7 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         from geoseg.instances.sam import read_prompts
 
         read_prompts(str(options.prompts), stack.grid)  # a bad file stops here, before any cluster starts
-    if card.method in ("instance", "sam") and storage.is_url(out):
+    if card.finds_objects and storage.is_url(out):
         raise ConfigError(f"{out_dir}: objects are written to a local directory for now; give a path "
                           "(or lay them over a semantic model's map with --instance-model)")
     # panoptic: the object model and its plan (halo = largest object) are part of what the output depends on
