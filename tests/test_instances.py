@@ -584,7 +584,7 @@ def test_object_scores_match_classes_by_name(objects_data, client, tmp_path):
     assert building["true_objects"] == (len(gdf) + 1) // 2 and building["tp"] >= 0.8 * building["true_objects"]
 
 
-def test_instance_label_files_are_checked_before_training(objects_data, tmp_path):
+def test_instance_label_files_are_checked_before_training(objects_data, tmp_path, caplog):
     """Labels that cannot train or score say so in one line, before any training: objects only on nodata, a file
     that is neither raster nor vector, an id raster in another CRS; an id raster's nodata means no object and its ids
     may be large (hashed ids: renumbered, not tables sized by the largest)."""
@@ -617,6 +617,34 @@ def test_instance_label_files_are_checked_before_training(objects_data, tmp_path
     inst, lab, classes = instance_targets(str(labels), stack.grid, Box(0, SIZE, 0, SIZE))
     assert inst.max() == len(boxes) == len(lab) - 1 and (inst > 0).sum() == (ids > 0).sum()
     assert ((inst > 0) == (ids > 0)).all() and len(np.unique(inst[ids > 0])) == len(boxes)
+    # a float id raster whose nodata is NaN
+    nan_ids = write_raster(tmp_path / "ids_nan.tif", np.where(ids > 0, ids.astype(np.float32), np.nan), crs="EPSG:32633",
+                           transform=t, nodata=float("nan"))
+    inst, _, _ = instance_targets(str(nan_ids), stack.grid, Box(0, SIZE, 0, SIZE))
+    assert ((inst > 0) == (ids > 0)).all() and inst.max() == len(boxes)
+    # points are not objects to outline; objects under 6 px are refused when every one is, left out (said) when some are
+    centres = [shapely.Point(ORIGIN[0] + (x0 + x1) / 2, ORIGIN[1] - (y0 + y1) / 2) for y0, x0, y1, x1 in boxes]
+    gpd.GeoDataFrame(geometry=centres, crs="EPSG:32633").to_file(tmp_path / "points.gpkg")
+    res = run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "points.gpkg", "--out", tmp_path / "m4", code=2)
+    assert "Point" in res.output and "polygon" in res.output and not (tmp_path / "m4").exists()
+    tiny = [shapely.box(ORIGIN[0] + x0, ORIGIN[1] - y0 - 2, ORIGIN[0] + x0 + 2, ORIGIN[1] - y0) for y0, x0, _, _ in boxes]  # 2 x 2 px
+    gpd.GeoDataFrame(geometry=tiny, crs="EPSG:32633").to_file(tmp_path / "tiny.gpkg")
+    res = run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "tiny.gpkg", "--out", tmp_path / "m5", code=2)
+    assert "smaller than 6 pixels" in res.output and not (tmp_path / "m5").exists()
+    below = [g for g, b in zip(tiny, boxes) if b[2] >= 250][:3]  # apart from the top objects
+    gpd.GeoDataFrame(geometry=below + top, crs="EPSG:32633").to_file(tmp_path / "some_tiny.gpkg")
+    run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "some_tiny.gpkg", "--out", tmp_path / "m6",
+        "--epochs", 1, "--steps-per-epoch", 1, "--chip-size", 64, "--batch-size", 1)
+    assert f"3 of {3 + len(top)} objects are smaller than 6 pixels" in caplog.text
+    # generated class ids step over the background's; options the instance task does not take are refused
+    gpd.GeoDataFrame({"kind": ["a", "b", "c"]}, geometry=top[:3], crs="EPSG:32633").to_file(tmp_path / "named.gpkg")
+    run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "named.gpkg", "--label-field", "kind",
+        "--background", 1, "--out", tmp_path / "m7", "--epochs", 1, "--steps-per-epoch", 1, "--chip-size", 64, "--batch-size", 1)
+    card = json.loads((tmp_path / "m7" / "model.json").read_text())
+    assert [(c["id"], c["name"]) for c in card["classes"]] == [(1, "background"), (2, "a"), (3, "b"), (4, "c")]
+    res = run("train", objects_data["image"], "--task", "instance", "--labels", objects_data["labels"], "--out", tmp_path / "m8",
+              "--mmu", 40, "--members", 3, "--resume", code=2)
+    assert "--mmu, --members, --resume do not apply to --task instance" in res.output and not (tmp_path / "m8").exists()
 
 
 def test_metres_on_a_grid_in_degrees_are_refused_as_such(objects_data, tmp_path):

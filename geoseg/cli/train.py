@@ -155,6 +155,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
 
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     if task == "instance":
+        _refuse_unused(ctx, INSTANCE_OPTIONS, "--task instance (Mask R-CNN)")
         _train_instances(images, labels, out_dir, label_field, label_layer, background, encoder, epochs, chip_size, batch_size,
                          steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity, device)
         return
@@ -210,6 +211,22 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
                        "run the same command with --resume to continue", err=True)  # fmt: skip
         sys.exit(130)
     _report(result, verbosity)
+
+
+# what --task instance takes; every other option is refused, not ignored
+INSTANCE_OPTIONS = frozenset({"images", "labels", "label_field", "label_layer", "background", "out_dir", "task", "encoder", "epochs",
+                              "chip_size", "batch_size", "steps_per_epoch", "lr", "weight_decay", "seed", "bbox", "window",
+                              "overwrite", "device"})
+
+
+def _refuse_unused(ctx: click.Context, used: frozenset[str], what: str) -> None:
+    from click.core import ParameterSource
+
+    given = [p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in ctx.command.params
+             if p.name not in used and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        one = len(given) == 1
+        raise click.UsageError(f"{', '.join(given)} {'does' if one else 'do'} not apply to {what}; leave {'it' if one else 'them'} out")
 
 
 def _train_instances(images, labels, out_dir, label_field, label_layer, background, encoder, epochs, chip_size, batch_size,

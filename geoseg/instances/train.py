@@ -26,6 +26,8 @@ from geoseg.tiling import Box, round_up
 
 log = logging.getLogger(__name__)
 
+MIN_OBJECT_PX = 6  # objects smaller than this are no training targets (a mask of a few pixels teaches nothing)
+
 
 @dataclass(frozen=True)
 class InstanceConfig:
@@ -60,6 +62,10 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         if gdf.crs is None:
             raise InputError(f"{labels}: the polygons have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the image")
         gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
+        kinds = set(gdf.geom_type) - {"Polygon", "MultiPolygon"}
+        if kinds:
+            raise InputError(f"{labels}: instance labels are one polygon per object, and this file has {', '.join(sorted(kinds))} "
+                             "geometries; outline the objects (points or lines can be buffered to polygons first)")
         if field is not None and field not in gdf.columns:
             raise InputError(f"{labels}: no field {field!r}; fields are {', '.join(c for c in gdf.columns if c != 'geometry')}")
         if field is not None and gdf[field].isna().any():
@@ -71,7 +77,9 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
             gdf = gdf[gdf[field].notna()]
         values = sorted(gdf[field].unique().tolist()) if field else ["object"]
         numeric = field is not None and all(isinstance(v, (int, np.integer)) and 0 <= v <= 254 and v != background for v in values)
-        ids = [int(v) for v in values] if numeric else [i + 1 if i + 1 != background else i + 2 for i in range(len(values))]
+        if len(values) > 254:
+            raise InputError(f"{labels}: {len(values)} classes in {field!r}; at most 254 fit (ids 0-254 with a background)")
+        ids = [int(v) for v in values] if numeric else [v for v in range(1, 256) if v != background][:len(values)]
         names = [f"class_{v}" for v in values] if numeric else [str(v) for v in values]
         label_of = {v: k + 1 for k, v in enumerate(values)}
         t = grid.affine @ Affine.translation(box.x0, box.y0)
@@ -98,9 +106,13 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
                 raise InputError(f"{labels}: instance raster is not on the image's grid (its CRS {_crs_name(lcrs)}, shape {ds.shape}, "
                                  f"transform {tuple(ds.transform)[:6]}; the image's {_crs_name(grid.crs)}, {tuple(grid.shape)}, "
                                  f"{tuple(grid.affine)[:6]}); warp it to the image first (gdalwarp -t_srs -tr -te)")
-            inst = ds.read(1, window=box.window).astype(np.int64)
-            if ds.nodata is not None:
-                inst[inst == ds.nodata] = 0  # nodata: no object
+            raw = ds.read(1, window=box.window)
+            nodata = np.isnan(raw) if ds.nodata is not None and np.isnan(ds.nodata) else raw == ds.nodata if ds.nodata is not None \
+                else np.zeros(raw.shape, bool)
+            if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw[~nodata]).all():
+                raise InputError(f"{labels}: the instance raster holds NaN or infinite values that are not its nodata; "
+                                 "set its nodata (gdal_edit -a_nodata nan) or give whole-number ids")
+            inst = np.where(nodata, 0, raw).astype(np.int64)  # nodata: no object
         if inst.min() < 0:
             raise InputError(f"{labels}: instance ids must be >= 0 (0 = no object; or set the raster's nodata)")
         # ids renumbered 1..n in order (hashed or OSM ids run to 2**32: tables sized by the largest id would not fit)
@@ -124,7 +136,7 @@ def _object_boxes(inst: np.ndarray) -> dict[int, tuple[int, int, int, int]]:
     return out
 
 
-def _target(ids: np.ndarray, lab: np.ndarray, min_px: int = 6) -> dict[str, torch.Tensor]:
+def _target(ids: np.ndarray, lab: np.ndarray, min_px: int = MIN_OBJECT_PX) -> dict[str, torch.Tensor]:
     boxes, masks, labels = [], [], []
     for i in np.unique(ids[ids > 0]):
         m = ids == i
@@ -169,6 +181,16 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     if not objects:
         raise InputError(f"{labels}: no object falls inside the training area of {images[0]} where the image has data; "
                          "check the region, the CRS and the image's nodata")
+    sizes = np.bincount(inst.ravel(), minlength=max(objects) + 1)
+    small = [i for i in objects if sizes[i] < MIN_OBJECT_PX]
+    if len(small) == len(objects):
+        raise InputError(f"{labels}: every object is smaller than {MIN_OBJECT_PX} pixels of {images[0]} (largest "
+                         f"{int(sizes[1:].max())} px), too small to learn masks from; outline the objects as polygons at "
+                         "this resolution, or train on finer imagery")
+    if small:
+        log.warning("%s: %d of %d objects are smaller than %d pixels: left out as training targets",
+                    labels, len(small), len(objects), MIN_OBJECT_PX)
+        objects = {i: b for i, b in objects.items() if sizes[i] >= MIN_OBJECT_PX}
     vals = [data[b][ok] for b in range(stack.count)]
     norm = Normalization(mean=tuple(float(v.mean()) for v in vals), std=tuple(max(float(v.std()), 1e-6) for v in vals))
     card_probe = ModelCard(bands=tuple(band_infos(stack)), normalization=norm, classes=classes, stride=STRIDE, receptive_field=0,
