@@ -238,7 +238,10 @@ def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp
     out = tmp_path / "out"
     predict([objects_data["image"]], objects_data["model"], out, PredictOptions(chunk_size=256), client=client)
     record = json.loads((out / "run.json").read_text())
-    assert record["outputs"] == ["prediction.zarr", "instances.tif", "classes.tif", "objects.gpkg", "item.json"]
+    assert record["outputs"] == ["prediction.zarr", "classes.tif", "instances.tif", "objects.gpkg", "item.json"]
+    import pyogrio
+
+    assert pyogrio.read_info(out / "objects.gpkg")["geometry_type"] == "MultiPolygon"  # a declared type, as landuse.gpkg
     import pystac
 
     item = pystac.Item.from_file(str(out / "item.json"))
@@ -269,6 +272,14 @@ def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp
     scores = json.loads((tmp_path / "scores.json").read_text())["all"]
     assert scores["true_objects"] == len(objects_data["boxes"])
     assert scores["f1"] >= 0.85 and scores["pq"] >= 0.7, res.output
+    # --no-vectors / --no-cog leave out what they name, as for a class map
+    for flag, left_out in (("--no-vectors", {"objects.gpkg"}), ("--no-cog", {"classes.tif", "instances.tif"})):
+        o = tmp_path / flag
+        run("predict", objects_data["image"], "--model", objects_data["model"], "--out", o, "--chunk-size", 256, flag)
+        written = set(json.loads((o / "run.json").read_text())["outputs"])
+        assert not written & left_out and not any((o / n).exists() for n in left_out)
+        assert written == {"prediction.zarr", "classes.tif", "instances.tif", "objects.gpkg", "item.json"} - left_out
+        assert set(pystac.Item.from_file(str(o / "item.json")).assets) >= {"prediction", "run"}
 
 
 def test_instance_bad_inputs_exit_clearly(objects_data, tmp_path, trained_model, scene_path, client):

@@ -64,16 +64,24 @@ def objects_frame(records: list[dict[str, Any]], classes: Any, crs: Any) -> Any:
     return gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
 
 
-def write_object_files(store: str, staging: Path, grid: Any, digest: str, records: list[dict[str, Any]], classes: Any) -> None:
-    """instances.tif (from the store's ``instance_id``) and objects.gpkg (from the paint tasks' records) in ``staging``."""
+def write_object_files(store: str, staging: Path, grid: Any, digest: str, records: list[dict[str, Any]], classes: Any, *,
+                       cog: bool = True, vectors: bool = True) -> list[str]:
+    """instances.tif (from the store's ``instance_id``; unless not ``cog``) and objects.gpkg (from the paint
+    tasks' records; unless not ``vectors``) in ``staging``. Returns the names written."""
     import zarr
 
     from geoseg.io import storage
     from geoseg.io.cog import write_id_cog
 
-    group = zarr.open_group(store, mode="r", **storage.zarr_kwargs(store))
-    write_id_cog(group["instance_id"], staging / INSTANCE_COG, grid=grid, tags={"GEOSEG_MODEL": digest})
-    write_objects(objects_frame(records, classes, grid.crs.to_wkt()), staging / OBJECTS_NAME, classes)
+    written = []
+    if cog:
+        group = zarr.open_group(store, mode="r", **storage.zarr_kwargs(store))
+        write_id_cog(group["instance_id"], staging / INSTANCE_COG, grid=grid, tags={"GEOSEG_MODEL": digest})
+        written.append(INSTANCE_COG)
+    if vectors:
+        write_objects(objects_frame(records, classes, grid.crs.to_wkt()), staging / OBJECTS_NAME, classes)
+        written.append(OBJECTS_NAME)
+    return written
 
 
 def write_objects(frame: Any, path: Path, classes: Any) -> None:
@@ -84,7 +92,7 @@ def write_objects(frame: Any, path: Path, classes: Any) -> None:
 
     tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.tmp.gpkg")
     try:
-        pyogrio.write_dataframe(frame, tmp, layer=OBJECTS_LAYER, driver="GPKG", geometry_type="Unknown", promote_to_multi=True)
+        pyogrio.write_dataframe(frame, tmp, layer=OBJECTS_LAYER, driver="GPKG", geometry_type="MultiPolygon", promote_to_multi=True)
         add_gpkg_style(tmp, OBJECTS_LAYER, polygon_qml(classes))
         os.replace(tmp, path)
     finally:
@@ -124,10 +132,14 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
     group = zarr.open_group(str(store), mode="r")
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
+        outputs = [ZARR_NAME]
         with Stage("cog") as st:
-            write_cog(group["class_id"], staging / COG_NAME, grid=job.stack.grid, classes=job.card.classes,
-                      tags={"GEOSEG_MODEL": job.digest})
-            write_object_files(str(store), staging, job.stack.grid, job.digest, found["records"], job.card.classes)
+            if job.options.cog:
+                write_cog(group["class_id"], staging / COG_NAME, grid=job.stack.grid, classes=job.card.classes,
+                          tags={"GEOSEG_MODEL": job.digest})
+                outputs.append(COG_NAME)
+            outputs += write_object_files(str(store), staging, job.stack.grid, job.digest, found["records"], job.card.classes,
+                                          cog=job.options.cog, vectors=job.options.vectors)
         timings["cog_s"] = st.seconds
         from geoseg.io.stac import class_counts
 
@@ -150,12 +162,12 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "throughput_mpx_s": round(h * w / 1e6 / max(timings["instances_s"], 1e-9), 4),
             "class_pixels": {str(k): v for k, v in pixels.items()},
-            "outputs": [ZARR_NAME, INSTANCE_COG, COG_NAME, OBJECTS_NAME, ITEM_NAME],
+            "outputs": [*outputs, ITEM_NAME],
             "versions": _versions(),
         }
         _item(job, record, pixels, staging / ITEM_NAME)
         _publish(store, out / ZARR_NAME)
-        for name in (INSTANCE_COG, COG_NAME, OBJECTS_NAME, ITEM_NAME):
+        for name in (*outputs[1:], ITEM_NAME):
             _publish(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

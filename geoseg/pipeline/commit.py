@@ -198,8 +198,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
             from geoseg.instances.outputs import write_object_files
 
             # SAM's objects are labelled by the class map they lie in; an instance model's keep theirs
-            write_object_files(str(store), staging, job.stack.grid, job.objects.digest, found["records"], classes)
-            outputs += [INSTANCE_COG, OBJECTS_NAME]
+            outputs += write_object_files(str(store), staging, job.stack.grid, job.objects.digest, found["records"], classes,
+                                          cog=job.options.cog, vectors=job.options.vectors)
         with Stage("item") as st:
             from geoseg.io.stac import class_counts
 
