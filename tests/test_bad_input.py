@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import rasterio
 from click.testing import CliRunner
@@ -261,3 +262,55 @@ def test_a_scene_of_one_chip_trains_with_the_defaults(tmp_path):
 
     card = ModelCard.read(tmp_path / "m" / "model.json")
     assert card.training["config"]["chip_size"] <= 32 and card.training["metrics"]["pixels"] > 0
+
+
+def test_masks_gdal_does_not_apply_are_read_and_unreadable_bands_refused(tmp_path):
+    """An alpha band in a 5-band file (gdalwarp -dstalpha of RGBN: GDAL reports no mask) and a VRT band's own
+    mask band mask their pixels as GDAL's per-dataset masks do; complex bands and a VRT whose source is missing
+    are refused when opened, naming the file, not after the cluster started."""
+    from rasterio.crs import CRS
+    from rasterio.enums import ColorInterp
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window
+
+    from geoseg.errors import InputError, InputNotFoundError
+    from geoseg.io.sources import open_stack, read_window
+
+    t = from_origin(500000, 4000000, 10, 10)
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 200, (4, 32, 32)).astype(np.uint8)
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:, :10] = 0
+    rgbn = tmp_path / "rgbn_alpha.tif"
+    with rasterio.open(rgbn, "w", driver="GTiff", width=32, height=32, count=5, dtype="uint8", crs="EPSG:32633", transform=t,
+                       photometric="MINISBLACK") as ds:
+        ds.write(data, [1, 2, 3, 4])
+        ds.write(alpha, 5)
+        ds.colorinterp = [ColorInterp.gray] + [ColorInterp.undefined] * 3 + [ColorInterp.alpha]
+    stack = open_stack([str(rgbn)])
+    assert stack.count == 4
+    _, valid = read_window(stack, Window(0, 0, 32, 32))
+    assert (valid == (alpha > 0)).all()
+
+    write_raster(tmp_path / "values.tif", data[:1], crs="EPSG:32633", transform=t, block=16)
+    mask = np.full((1, 32, 32), 255, np.uint8)
+    mask[:, 20:] = 0
+    write_raster(tmp_path / "mask.tif", mask, crs="EPSG:32633", transform=t, block=16)
+
+    def vrt(name, source):
+        (tmp_path / name).write_text(f"""<VRTDataset rasterXSize="32" rasterYSize="32"><SRS>{CRS.from_epsg(32633).to_wkt()}</SRS>
+<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform><VRTRasterBand dataType="Byte" band="1">
+<SimpleSource><SourceFilename relativeToVRT="1">{source}</SourceFilename><SourceBand>1</SourceBand></SimpleSource>
+<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">mask.tif</SourceFilename>
+<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></MaskBand></VRTRasterBand></VRTDataset>""")
+        return str(tmp_path / name)
+
+    _, valid = read_window(open_stack([vrt("masked.vrt", "values.tif")]), Window(0, 0, 32, 32))
+    assert (valid == (mask[0] > 0)).all()
+    with pytest.raises(InputNotFoundError, match=r"gone\.vrt: refers to .*nothing\.tif, which does not exist"):
+        open_stack([vrt("gone.vrt", "nothing.tif")])
+    cplx = tmp_path / "complex.tif"
+    with rasterio.open(cplx, "w", driver="GTiff", width=8, height=8, count=1, dtype="complex64", crs="EPSG:32633", transform=t) as ds:
+        ds.write(np.ones((1, 8, 8), np.complex64))
+    with pytest.raises(InputError, match="complex.tif: complex bands .*amplitude"):
+        open_stack([str(cplx)])

@@ -34,11 +34,18 @@ class BandSource:
     description: str | None
     nodata: float | None
     dtype: str
-    use_mask: bool  # the file has a mask band or alpha: read GDAL's mask, not only nodata
+    # where a mask beside nodata says which pixels hold data: None (nodata only), ("gdal", k) GDAL's mask of
+    # band k (k = 1 for every band of a per-dataset mask or an alpha GDAL applies: read once), or ("alpha", k)
+    # band k's values (an alpha band GDAL does not apply itself: a 3-band or 5-band file's)
+    mask: tuple[str, int] | None
     # GDAL's scale and offset (value = stored x scale + offset): bands are read as stored, and a model
     # takes bands stored as those it was trained on (geoseg.bands.match_bands checks)
     scale: float = 1.0
     offset: float = 0.0
+
+    @property
+    def use_mask(self) -> bool:
+        return self.mask is not None
 
 
 @dataclass(frozen=True)
@@ -169,10 +176,29 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
                     f"{p}: grid differs from {first} (CRS, transform or shape); "
                     "band files must share one grid: warp them onto one first (gdalwarp -tap)"
                 )
-            per_dataset = MaskFlags.per_dataset in ds.mask_flag_enums[0] or MaskFlags.alpha in ds.mask_flag_enums[0]
+            if not _is_remote(p):
+                missing = [f for f in ds.files if not _is_remote(f) and not Path(f).exists()]
+                if missing:
+                    raise InputNotFoundError(f"{p}: refers to {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                                             + ", which does not exist; fix the paths it names (a VRT's sources are "
+                                             "relative to it where relativeToVRT=1)")
+            if any("complex" in d for d in ds.dtypes):
+                raise InputError(f"{p}: complex bands ({', '.join(sorted(set(d for d in ds.dtypes if 'complex' in d)))}) hold no "
+                                 "value a model reads; take the amplitude first (a VRT with PixelFunctionType=\"mod\", or "
+                                 "gdal_calc.py with numpy.abs)")
+            alphas = [i for i in range(1, ds.count + 1) if ds.colorinterp[i - 1].name == "alpha"]
             for i in range(1, ds.count + 1):
-                if ds.colorinterp[i - 1].name == "alpha":
-                    continue
+                if i in alphas:
+                    continue  # not a band of the image: the mask it holds is read below
+                flags = ds.mask_flag_enums[i - 1]
+                if MaskFlags.per_dataset in flags or MaskFlags.alpha in flags:
+                    mask: tuple[str, int] | None = ("gdal", 1)
+                elif MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags:
+                    mask = ("gdal", i)  # a mask band of its own
+                elif alphas:
+                    mask = ("alpha", alphas[0])  # GDAL applies an alpha to 2- and 4-band files only
+                else:
+                    mask = None
                 bands.append(
                     BandSource(
                         path=p,
@@ -180,7 +206,7 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
                         description=ds.descriptions[i - 1],
                         nodata=ds.nodatavals[i - 1],
                         dtype=ds.dtypes[i - 1],
-                        use_mask=per_dataset,
+                        mask=mask,
                         scale=float(ds.scales[i - 1]) if ds.scales[i - 1] is not None else 1.0,
                         offset=float(ds.offsets[i - 1]) if ds.offsets[i - 1] is not None else 0.0,
                     )
@@ -227,13 +253,19 @@ def read_bands(stack: RasterStack, window: Window, dtype: str = "float32") -> tu
                     data = ds.read(indexes, window=window)
                     for k, (pos, _) in enumerate(items):
                         out[pos] = data[k]
-                mask = ds.read_masks(items[0][1].band, window=window) > 0 if items[0][1].use_mask else None
+                masks: dict[tuple[str, int], np.ndarray] = {}  # a per-dataset mask or alpha read once for every band
                 for k, (pos, b) in enumerate(items):
                     _valid_into(data[k], b, valid[pos])  # on the values as stored, before any conversion
-                    if mask is not None:
-                        valid[pos] &= mask
+                    if b.mask is not None:
+                        if b.mask not in masks:
+                            kind, band = b.mask
+                            masks[b.mask] = (ds.read_masks(band, window=window) if kind == "gdal" else ds.read(band, window=window)) > 0
+                        valid[pos] &= masks[b.mask]
         except RasterioIOError as exc:
-            raise InputError(f"{path}: read failed at {window} ({exc}); the file may be truncated") from None
+            cause = exc.__cause__ or exc.__context__
+            detail = f"{exc}: {cause}" if cause is not None and str(cause) not in str(exc) else str(exc)
+            raise InputError(f"{path}: read failed at {window} ({detail}); check that the file and every file it "
+                             "refers to are whole and readable") from None
     return out, valid
 
 
