@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import xarray as xr
 
-from geoseg.errors import ConfigError, InputError
+from geoseg.errors import ConfigError, GridMismatchError, InputError
 from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS, ModelCard
 from geoseg.tiling import plan_for
@@ -144,11 +144,52 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         if missing:
             raise InputError(f"STAC item {source.id}: no asset {', '.join(missing)}; it has {', '.join(source.assets)}")
         paths = [source.assets[k].get_absolute_href() or source.assets[k].href for k in keys]
-        scene, counts = _open_files(paths, chunks)
+        relative = [k for k, p in zip(keys, paths) if not storage.is_url(p) and not p.startswith("/vsi") and not os.path.isabs(p)]
+        if relative:
+            raise InputError(f"STAC item {source.id}: asset {relative[0]}'s href {source.assets[relative[0]].href} is relative and "
+                             "the item has no self link to resolve it against; open the item from its file "
+                             "(pystac.Item.from_file) or give absolute hrefs")
+        try:
+            scene, counts = _open_files(paths, chunks)
+        except GridMismatchError as exc:
+            raise GridMismatchError(f"STAC item {source.id}: {exc}; or choose assets on one grid with "
+                                    f"open_scene(item, assets=[...]) (it has {', '.join(keys)})") from None
+        scene = _declared_bands(scene, [(k, source.assets[k]) for k in keys], counts, source.id)
         # a band per asset, named by its key; the bands of a multi-band asset (a "visual" RGB) key_1, key_2, ...
         names = [k if n == 1 else f"{k}_{i + 1}" for k, n in zip(keys, counts) for i in range(n)]
         return scene.assign_coords(band=names)
     return _open_files([str(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)], chunks)[0]
+
+
+def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], counts: Sequence[int], item: str) -> xr.DataArray:
+    """Each band's nodata, scale and offset from its asset's ``raster:bands`` where the file does not say
+    them (STAC items often declare what the COGs leave out, as odc-stac and stackstac read it); where
+    both say and disagree, the file's, with a warning."""
+    import warnings
+
+    declared: list[dict[str, Any]] = []
+    for (key, asset), n in zip(assets, counts):
+        rb = list(asset.extra_fields.get("raster:bands") or [])
+        declared += rb if len(rb) == n else [{}] * n  # a list not one per band describes something else
+    nodata, scales = band_nodata(scene), band_scales(scene) or [(1.0, 0.0)] * len(declared)
+    keys = [k for (k, _), n in zip(assets, counts) for _ in range(n)]
+    for i, d in enumerate(declared):
+        nd = d.get("nodata")
+        if nd is not None:
+            nd = float(nd)  # STAC writes "nan", "inf", "-inf" as strings
+            if nodata[i] is None:
+                nodata[i] = nd
+            elif not (nd == nodata[i] or (np.isnan(nd) and np.isnan(nodata[i]))):
+                warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says nodata {nd:g}, the file {nodata[i]:g}; "
+                              "the file's is used", stacklevel=3)
+        want = (float(d.get("scale", 1.0)), float(d.get("offset", 0.0)))
+        if want != (1.0, 0.0):
+            if scales[i] == (1.0, 0.0):
+                scales[i] = want
+            elif scales[i] != want:
+                warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says scale {want[0]:g} and offset {want[1]:g}, "
+                              f"the file {scales[i][0]:g} and {scales[i][1]:g}; the file's are used", stacklevel=3)
+    return _with_scales(_with_nodata(scene, nodata), scales)
 
 
 def _open_files(paths: list[str], chunks: int) -> tuple[xr.DataArray, list[int]]:

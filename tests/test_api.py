@@ -89,6 +89,8 @@ def test_open_scene_from_a_stac_item(scene_path, tmp_path, random_model):
     import pystac
     import rasterio
 
+    from geoseg.errors import InputError
+
     with rasterio.open(scene_path) as src:
         profile, data = src.profile, src.read()
     hrefs = {}
@@ -115,6 +117,25 @@ def test_open_scene_from_a_stac_item(scene_path, tmp_path, random_model):
     # a file given twice gives its bands twice, as the pipeline stacks it
     twice = geoseg.open_scene([hrefs["red"], hrefs["red"], hrefs["nir"]])
     np.testing.assert_array_equal(twice.values, data[[2, 2, 3]])
+    # raster:bands nodata, scale and offset where the files leave them out (as odc-stac and stackstac read them)
+    bare = pystac.Item("b", {"type": "Point", "coordinates": [0, 0]}, [0, 0, 0, 0], __import__("datetime").datetime(2024, 1, 1), {})
+    for i, name in enumerate(["blue", "green", "red", "nir"]):
+        p = tmp_path / f"bare_{name}.tif"
+        with rasterio.open(p, "w", **{**profile, "count": 1, "nodata": None}) as dst:
+            dst.write(data[i], 1)
+        bare.add_asset(name, pystac.Asset(str(p), media_type=pystac.MediaType.COG, extra_fields={
+            "raster:bands": [{"nodata": 0, "scale": 2.75e-5, "offset": -0.2}]}))
+    scene = geoseg.open_scene(bare)
+    assert list(scene.coords["nodata"].values) == [0.0] * 4 and list(scene.coords["scale"].values) == [2.75e-5] * 4
+    phys = geoseg.physical(scene).values
+    have = data != 0
+    np.testing.assert_allclose(phys[have], data[have] * 2.75e-5 - 0.2, rtol=1e-5)
+    assert np.isnan(phys[~have]).all()
+    # an item read without its file: relative hrefs have nothing to resolve against
+    loose = pystac.Item("l", {"type": "Point", "coordinates": [0, 0]}, [0, 0, 0, 0], __import__("datetime").datetime(2024, 1, 1), {})
+    loose.add_asset("red", pystac.Asset("./red.tif", media_type=pystac.MediaType.COG))
+    with pytest.raises(InputError, match="asset red's href ./red.tif is relative"):
+        geoseg.open_scene(loose)
 
 
 def test_threaded_scheduler_without_a_client(random_model, scene_path, monkeypatch):

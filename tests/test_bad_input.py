@@ -94,6 +94,35 @@ def test_mixed_grids(random_model, tmp_path):
     b = write_raster(tmp_path / "b.tif", blob_scene(64, 80, 2, seed=0)[0])
     code, out = run("predict", a, b, "--model", random_model, "--out", tmp_path / "out")
     assert_refused(code, out, b, tmp_path / "out")
+    assert "64 x 80 pixels against 64 x 64" in out
+
+
+def test_band_grids_differ_by_what_they_differ_by_not_by_rounding(tmp_path):
+    """Band files a rounding apart (origin 1e-7 m, pixel size 1e-11 relative) are one grid; a 0.3 px shift
+    or another pixel size is refused, naming which; a raster placed by RPCs only is told to orthorectify."""
+    from affine import Affine
+
+    from geoseg.errors import GridMismatchError, InputError
+    from geoseg.io.sources import open_stack
+
+    one = np.ones((1, 16, 16), np.uint8)
+    a = write_raster(tmp_path / "a.tif", one, transform=Affine(10, 0, 500000, 0, -10, 4000000), block=16)
+    for name, t in (("rounded", Affine(10, 0, 500000.0000001, 0, -10, 4000000)), ("res", Affine(10.0000000001, 0, 500000, 0, -10.0000000001, 4000000))):
+        assert open_stack([a, write_raster(tmp_path / f"{name}.tif", one, transform=t, block=16)]).count == 2
+    for name, t, said in (("shift", Affine(10, 0, 500003, 0, -10, 4000000), r"origin \+0\.3 px across, \+0 px down"),
+                          ("coarse", Affine(20, 0, 500000, 0, -20, 4000000), "pixel size 20 x 20 against 10 x 10")):
+        with pytest.raises(GridMismatchError, match=said):
+            open_stack([a, write_raster(tmp_path / f"{name}.tif", one, transform=t, block=16)])
+    from rasterio.rpc import RPC
+
+    rpc = RPC(height_off=0, height_scale=100, lat_off=35, lat_scale=0.1, line_den_coeff=[1] + [0] * 19, line_num_coeff=[0, 0, -1] + [0] * 17,
+              line_off=8, line_scale=8, long_off=15, long_scale=0.1, samp_den_coeff=[1] + [0] * 19, samp_num_coeff=[0, 1] + [0] * 18,
+              samp_off=8, samp_scale=8)
+    placed = tmp_path / "rpc.tif"
+    with rasterio.open(placed, "w", driver="GTiff", width=16, height=16, count=1, dtype="uint8", rpcs=rpc) as ds:
+        ds.write(one)
+    with pytest.raises(InputError, match="RPCs.*gdalwarp -rpc"):
+        open_stack([str(placed)])
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "garbage"])

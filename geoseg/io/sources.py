@@ -137,6 +137,9 @@ def grid_of(ds: rasterio.io.DatasetReader, path: str) -> GeoBox:
     if ds.crs is None and ds.gcps[0]:
         raise InputError(f"{path}: raster is georeferenced by ground control points only; warp it onto a grid first, "
                          f"for example 'gdalwarp -t_srs EPSG:XXXX {path} out.tif'")
+    if ds.crs is None and ds.rpcs:
+        raise InputError(f"{path}: raster is placed by rational polynomial coefficients (RPCs) only; orthorectify it onto "
+                         f"a grid first, for example 'gdalwarp -rpc -t_srs EPSG:XXXX {path} out.tif' (with -to RPC_DEM=dem.tif)")
     if ds.crs is None:
         raise InputError(
             f"{path}: raster has no CRS; assign one first, for example "
@@ -149,12 +152,24 @@ def grid_of(ds: rasterio.io.DatasetReader, path: str) -> GeoBox:
     return GeoBox((ds.height, ds.width), ds.transform, ds.crs)
 
 
+def grid_difference(a: GeoBox, b: GeoBox) -> str | None:
+    """How grid ``b`` differs from ``a`` (None: the same grid; origins within a millionth of a pixel,
+    pixel sizes within a billionth: float rounding of one grid)."""
+    ta, tb = a.affine, b.affine
+    if a.crs != b.crs:
+        return f"CRS {b.crs} against {a.crs}"
+    if abs(ta.a - tb.a) > 1e-9 * abs(ta.a) or abs(ta.e - tb.e) > 1e-9 * abs(ta.e):
+        return f"pixel size {abs(tb.a):g} x {abs(tb.e):g} against {abs(ta.a):g} x {abs(ta.e):g}"
+    dx, dy = (tb.c - ta.c) / ta.a + 0.0, (tb.f - ta.f) / ta.e + 0.0  # + 0.0: no "-0"
+    if abs(dx) > 1e-6 or abs(dy) > 1e-6:
+        return f"origin {dx:+.6g} px across, {dy:+.6g} px down from it"
+    if tuple(a.shape) != tuple(b.shape):
+        return f"{b.shape[0]} x {b.shape[1]} pixels against {a.shape[0]} x {a.shape[1]}"
+    return None
+
+
 def same_grid(a: GeoBox, b: GeoBox) -> bool:
-    return (
-        tuple(a.shape) == tuple(b.shape)
-        and a.affine.almost_equals(b.affine, precision=1e-9 * max(1.0, abs(a.affine.a)))
-        and a.crs == b.crs
-    )
+    return grid_difference(a, b) is None
 
 
 def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
@@ -171,9 +186,9 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
             if grid is None:
                 grid, first = g, p
                 block_shape = tuple(ds.block_shapes[0])  # type: ignore[assignment]
-            elif not same_grid(grid, g):
+            elif (diff := grid_difference(grid, g)) is not None:
                 raise GridMismatchError(
-                    f"{p}: grid differs from {first} (CRS, transform or shape); "
+                    f"{p}: grid differs from {first} ({diff}); "
                     "band files must share one grid: warp them onto one first (gdalwarp -tap)"
                 )
             if not _is_remote(p):
