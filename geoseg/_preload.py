@@ -6,6 +6,11 @@ through this module, a failure of any kind only leaves that module to the worker
 """
 
 import importlib
+import signal
+
+# Ctrl-C in the first seconds reaches the fork server too (one process group): the command closes
+# everything, so no KeyboardInterrupt traceback from an import here
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 MODULES = ("distributed", "torch", "segmentation_models_pytorch", "geoseg.workers", "geoseg.infer",
            "geoseg.model.store")

@@ -111,6 +111,13 @@ class GeosegWorkerPlugin(WorkerPlugin):  # type: ignore[misc]
             _ignore_interrupts()
             _quiet_failed_tasks()
 
+    def teardown(self, worker: Any) -> None:
+        """geoseg's own workers leave at once when closed (no 2-4 s interpreter shutdown with torch loaded, no nanny kill)."""
+        if os.environ.get(EMBEDDED_ENV) == "1":
+            import atexit
+
+            atexit.register(_exit_now)  # runs first at exit (atexit is last in, first out)
+
 
 def _quiet_failed_tasks() -> None:
     """geoseg's own workers do not log a failed task's traceback ("Compute Failed"): the command that submitted it
@@ -136,12 +143,6 @@ def _ignore_interrupts() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: this worker keeps the default
         pass
-
-    def teardown(self, worker: Any) -> None:
-        if os.environ.get(EMBEDDED_ENV) == "1":
-            import atexit
-
-            atexit.register(_exit_now)  # runs first at exit (atexit is last in, first out)
 
 
 def _exit_now() -> None:

@@ -131,6 +131,35 @@ def test_embedded_workers_are_marked_as_geoseg_s_own():
         assert os.environ.get("GEOSEG_EMBEDDED_WORKER") is None
 
 
+def _exit_hook(path: str) -> None:
+    import atexit
+
+    atexit.register(lambda: open(path, "w").write("finalized"))
+
+
+def test_embedded_workers_leave_at_once_when_closed(tmp_path):
+    """A closed embedded worker skips the interpreter's shutdown (its plugin's teardown makes the exit
+    immediate): an exit handler registered while it ran never runs. A worker of someone else's shuts down
+    as usual (control: the handler runs)."""
+    from distributed import Client, LocalCluster
+
+    from geoseg.cluster import connect
+    from geoseg.workers import register
+
+    with connect(n_workers=1) as client:
+        client.run(_exit_hook, str(tmp_path / "embedded"))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+        register(client)
+        client.run(_exit_hook, str(tmp_path / "other"))
+    import time
+
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "other").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "other").read_text() == "finalized"
+    assert not (tmp_path / "embedded").exists()
+
+
 _FORK_PROBE = """
 import json, os, sys
 
