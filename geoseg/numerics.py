@@ -40,10 +40,12 @@ class Numerics:
         return out
 
 
-def model_workers(client: Any, resources: dict[str, float] | None) -> list[str]:
-    """Addresses of the workers that can take model tasks (those offering ``resources``, or all)."""
+def model_workers(client: Any, resources: dict[str, float] | None, *, running: bool = False) -> list[str]:
+    """Addresses of the workers that can take model tasks (those offering ``resources``, or all); ``running``:
+    only those running tasks now (not paused: a worker above distributed's memory pause threshold takes none)."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return [a for a, w in workers.items() if all((w.get("resources") or {}).get(k, 0) >= v for k, v in (resources or {}).items())]
+    return [a for a, w in workers.items() if all((w.get("resources") or {}).get(k, 0) >= v for k, v in (resources or {}).items())
+            and (not running or w.get("status", "running") == "running")]
 
 
 def wait_for_model_workers(client: Any, resources: dict[str, float] | None, timeout: float = 30.0) -> list[str]:

@@ -89,6 +89,32 @@ def test_worker_killed_mid_job(dask_processes, client, random_model, big_scene, 
     assert not (out / "prediction.zarr" / ".geoseg").exists()
 
 
+def test_a_job_whose_workers_stay_paused_stops_with_a_clear_error(tmp_path, random_model, big_scene):
+    """A worker above distributed's memory pause threshold runs no task, and geoseg's workers keep their heap:
+    it may never come back. The job stops after its timeout saying so (it waited forever), publishing nothing."""
+    from distributed import Client
+
+    from geoseg.errors import ConfigError
+
+    def pause(dask_worker) -> str:  # nested: sent by value (the workers cannot import this module)
+        from distributed.core import Status
+
+        dask_worker.status = Status.paused  # what its memory monitor does above the pause threshold
+        return str(dask_worker.status)
+
+    out = tmp_path / "out"
+    # no memory limit: no monitor to resume it when its memory is fine (it is, here)
+    with dask_cluster(tmp_path, [["--memory-limit", "0"]]) as (address, _, _), Client(address, timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        assert set(client.run(pause).values()) == {"Status.paused"}
+        t0 = time.monotonic()
+        with pytest.raises(ConfigError, match=r"has been paused for 3 s: its memory is above.*--memory-limit.*--resume"):
+            predict([big_scene], random_model, out, PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False,
+                                                                   worker_timeout=3), scheduler=address)
+        assert time.monotonic() - t0 < 60
+    assert not (out / "run.json").exists()
+
+
 def test_a_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(tmp_path, random_model, big_scene):
     """The only worker offering the model tasks' resource dies mid-job, a CPU worker stays: the scheduler would keep
     the model tasks waiting forever; the job stops after its timeout with one clear error and publishes nothing."""

@@ -101,7 +101,8 @@ class WorkerWatch(threading.Thread):
         since = None
         while not self.stopped.wait(self.period):
             try:
-                found = model_workers(self.client, self.resources)
+                found = model_workers(self.client, self.resources, running=True)
+                paused = not found and bool(model_workers(self.client, self.resources))
             except Exception:  # noqa: BLE001 - the client is closing: nothing left to watch
                 return
             if found:
@@ -111,12 +112,21 @@ class WorkerWatch(threading.Thread):
             if time.monotonic() - since >= self.timeout:
                 want = ",".join(f"{k}={v:g}" for k, v in (self.resources or {}).items())
                 start = f"'dask worker ... --resources {want}'" if want else "workers"
-                self.error = ConfigError(
-                    f"the cluster at {self.client.scheduler.address} has had no worker "
-                    + (f"offering {want} " if want else "")
-                    + f"for {self.timeout:g} s, and the model tasks need one: the job stopped with its chunks not yet "
-                    f"written left to do; start {start} and run it again with --resume"
-                )
+                if paused:  # a worker above the pause threshold stays there: its heap holds its largest window
+                    self.error = ConfigError(
+                        f"every worker of the cluster at {self.client.scheduler.address} that can run the model tasks has "
+                        f"been paused for {self.timeout:g} s: its memory is above distributed's pause threshold "
+                        "(distributed.worker.memory.pause, a share of the worker's memory limit). Give the workers more "
+                        "memory (dask worker --memory-limit, the profile's memory_limit) or the job smaller chunks "
+                        "(--chunk-size), and run it again with --resume"
+                    )
+                else:
+                    self.error = ConfigError(
+                        f"the cluster at {self.client.scheduler.address} has had no worker "
+                        + (f"offering {want} " if want else "")
+                        + f"for {self.timeout:g} s, and the model tasks need one: the job stopped with its chunks not yet "
+                        f"written left to do; start {start} and run it again with --resume"
+                    )
                 self.client.cancel(self.futures)
                 return
 
