@@ -115,6 +115,42 @@ def test_a_job_whose_workers_stay_paused_stops_with_a_clear_error(tmp_path, rand
     assert not (out / "run.json").exists()
 
 
+def test_a_lost_scheduler_or_a_task_that_kills_its_workers_is_one_line_naming_resume(tmp_path, random_model, big_scene):
+    """The scheduler killed mid-job: `geoseg predict` exits 2 with one line (not distributed's traceback) saying
+    the written chunks are kept for --resume, and publishes nothing. A task that took down every worker that ran
+    it (distributed's KilledWorker: most often memory) is said the same way."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from distributed import Client
+    from distributed.scheduler import KilledWorker
+
+    from geoseg.cli.main import _cluster_failure
+
+    said = _cluster_failure(KilledWorker(("geoseg-infer-x", 0, 1), SimpleNamespace(address="tcp://127.0.0.1:1"), 3))
+    assert "geoseg-infer-x" in said and "memory" in said and "--chunk-size" in said and "--resume" in said
+    assert _cluster_failure(ValueError("x")) is None and _cluster_failure(KeyboardInterrupt()) is None
+
+    out = tmp_path / "out"
+    geoseg_cli = str(Path(sys.executable).with_name("geoseg"))
+    with dask_cluster(tmp_path, [[]]) as (address, _, _):
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(1, timeout=60)
+            pid = client.run_on_scheduler(os.getpid)
+        p = subprocess.Popen([geoseg_cli, "predict", str(big_scene), "--model", str(random_model), "--out", str(out), "--chunk-size",
+                              "64", "--halo", "16", "--no-cog", "--no-vectors", "--scheduler", address],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 120
+        while count_markers(out / "prediction.zarr.partial") < 2 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+        text = p.communicate(timeout=120)[0]
+    assert p.returncode == 2, text
+    assert "geoseg: error: the connection to the cluster's scheduler was lost" in text and "--resume" in text
+    assert "Traceback" not in text and not (out / "run.json").exists()
+
+
 def test_a_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(tmp_path, random_model, big_scene):
     """The only worker offering the model tasks' resource dies mid-job, a CPU worker stays: the scheduler would keep
     the model tasks waiting forever; the job stops after its timeout with one clear error and publishes nothing."""

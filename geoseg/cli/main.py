@@ -24,12 +24,33 @@ class GeosegGroup(click.Group):
                 raise
             click.echo(f"geoseg: error: {exc}", err=True)
             sys.exit(2)
-        except OSError as exc:  # the machine's, not geoseg's: a full disk, a read-only or forbidden place (from a worker too)
-            if exc.errno not in _STORAGE_ERRORS or (ctx.obj and ctx.obj.get("verbosity", 0) > 1):
+        except BaseException as exc:
+            # the machine's, not geoseg's: a full disk, a read-only or forbidden place (from a worker too); or the
+            # cluster's: a task that kept killing its workers, a scheduler lost
+            said = _cluster_failure(exc)
+            if said is None and isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
+                said = f"{exc.filename}: " if exc.filename else ""
+                said += f"{exc.strerror or exc}; {_STORAGE_ERRORS[exc.errno]}"
+            if said is None or (ctx.obj and ctx.obj.get("verbosity", 0) > 1):
                 raise
-            where = f"{exc.filename}: " if exc.filename else ""
-            click.echo(f"geoseg: error: {where}{exc.strerror or exc}; {_STORAGE_ERRORS[exc.errno]}", err=True)
+            click.echo(f"geoseg: error: {said}", err=True)
             sys.exit(2)
+
+
+def _cluster_failure(exc: BaseException) -> str | None:
+    """One line for what distributed raises when the cluster, not geoseg, failed; None for anything else."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    resume = "the chunks written are kept: run the same command again with --resume"
+    if isinstance(exc, KilledWorker):
+        return (f"a task ({exc.task}) took down every worker that ran it ({exc.last_worker.address if exc.last_worker else 'the last'}"
+                " among them): a worker killed mid-task is most often out of memory. Give the workers more memory "
+                f"(--memory-limit, the profile's memory_limit) or the job smaller chunks (--chunk-size); {resume}")
+    if isinstance(exc, CommClosedError) or isinstance(exc, FutureCancelledError) and "scheduler" in str(exc).lower():
+        return f"the connection to the cluster's scheduler was lost ({str(exc).splitlines()[0][:200]}); {resume} once it is back"
+    return None
 
 
 _STORAGE_ERRORS = {
@@ -72,7 +93,18 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
                           "/etc/dask and $DASK_CONFIG).") from None
 
     logging.getLogger("distributed").setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
+    if verbosity <= 1:  # dask's errors in one line each (its tracebacks with -vv): the command says what failed
+        for handler in logging.getLogger("distributed").handlers + logging.getLogger().handlers:
+            if not any(isinstance(f, _NoDaskTraceback) for f in handler.filters):
+                handler.addFilter(_NoDaskTraceback())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class _NoDaskTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.startswith("distributed"):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def _register() -> None:
