@@ -124,14 +124,18 @@ def _quiet_failed_tasks() -> None:
     gets the error and says it once, in one line (its traceback with -vv)."""
     import logging
 
-    worker_log = logging.getLogger("distributed.worker")
-    if not any(isinstance(f, _NotComputeFailed) for f in worker_log.filters):
-        worker_log.addFilter(_NotComputeFailed())
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        worker_log = logging.getLogger(name)
+        if not any(isinstance(f, _NotComputeFailed) for f in worker_log.filters):
+            worker_log.addFilter(_NotComputeFailed())
 
 
 class _NotComputeFailed:
+    """Also not each task cancelled mid-run when the command stops ("Async instruction ... ended with CancelledError")."""
+
     def filter(self, record: Any) -> bool:
-        return not str(record.msg).startswith("Compute Failed")
+        msg = str(record.msg)
+        return not (msg.startswith("Compute Failed") or msg.startswith("Async instruction") and "CancelledError" in str(record.getMessage()))
 
 
 def _ignore_interrupts() -> None:

@@ -173,21 +173,33 @@ def test_a_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(tmp_path, 
     assert not (out / "run.json").exists()
 
 
-def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_model, big_scene, tmp_path):
+@pytest.mark.parametrize("command", ["predict", "run"])
+def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_model, big_scene, tmp_path, command):
     """Ctrl-C reaches the whole process group of a terminal: the command stops (non-zero, nothing finished) and
-    geoseg's own workers leave the interrupt to it (each printed a KeyboardInterrupt traceback)."""
+    geoseg's own workers leave the interrupt to it (each printed a KeyboardInterrupt traceback). `geoseg run`
+    stops its scenes in flight too (they ran to their end, COG, polygons and run.json, before it exited), and
+    its job.json says so."""
+    import json
     import subprocess
     import sys
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "geoseg", "predict", str(big_scene), "--model", str(random_model), "--out", str(out),
-           "--chunk-size", "64", "--halo", "16", "--workers", "1"]
+    if command == "predict":
+        cmd = [sys.executable, "-m", "geoseg", "predict", str(big_scene), "--model", str(random_model), "--out", str(out),
+               "--chunk-size", "64", "--halo", "16", "--workers", "1"]
+        first = out
+    else:
+        (tmp_path / "job.yaml").write_text(
+            f"name: two\nscenes:\n  - name: a\n    path: {big_scene}\n  - name: b\n    path: {big_scene}\nmodel: {random_model}\n"
+            f"output: {out}\nchunking: {{chunk_size: 64, halo: 16}}\ncluster: {{profile: local, profiles: {{local: {{n_workers: 1}}}}}}\n")
+        cmd = [sys.executable, "-m", "geoseg", "run", str(tmp_path / "job.yaml")]
+        first = out / "a"
     log = tmp_path / "log.txt"
     with open(log, "wb") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
         try:
-            done = out / "prediction.zarr.partial" / ".geoseg" / "done"
+            done = first / "prediction.zarr.partial" / ".geoseg" / "done"
             deadline = time.monotonic() + 240
             while not (done.is_dir() and len(list(done.iterdir())) >= 2) and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -198,8 +210,13 @@ def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_mod
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     text = log.read_text()
-    assert rc != 0 and "Aborted" in text and not (out / "run.json").exists()
+    assert rc != 0 and "Aborted" in text and not (first / "run.json").exists()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
+    if command == "run":
+        assert not (out / "b" / "run.json").exists()
+        summary = json.loads((out / "job.json").read_text())
+        assert summary["status"] == "failed"
+        assert [(sc["status"], sc["error"]) for sc in summary["scenes"]] == [("failed", "KeyboardInterrupt: stopped before it finished")] * 2
 
 
 def test_a_full_disk_is_one_line_and_publishes_nothing(random_model, big_scene, tmp_path):

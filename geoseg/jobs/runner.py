@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -237,32 +238,50 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
             numerics = prepare_cluster(c, todo[0].job)  # waits the profile's timeout (its worker_timeout)
             info = {**info, "numerics": numerics.record()}
 
+            stopping = threading.Event()  # the job was stopped: what its scenes say after that is not theirs
+
             def one(i: int, sp: ScenePlan) -> None:
                 say(f"{sp.scene.name}: {sp.reason}")
                 s0 = time.perf_counter()
                 try:
                     record = run_job(sp.job, c, progress, info, numerics=numerics, priority=len(todo) - i)
                 except BaseException as exc:
-                    entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
-                                                          f"{type(exc).__name__}: {exc}")
+                    if not stopping.is_set():
+                        entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
+                                                              f"{type(exc).__name__}: {exc}")
                     raise
                 entries[sp.scene.name] = _scene_entry(sp, "computed", record, time.perf_counter() - s0)
                 say(f"{sp.scene.name}: finished in {time.perf_counter() - s0:.1f} s")
 
             queue = list(enumerate(todo))
-            with ThreadPoolExecutor(max_workers=min(spec.scenes_in_flight, len(todo)), thread_name_prefix="geoseg-scene") as pool:
-                running = set()
+            pool = ThreadPoolExecutor(max_workers=min(spec.scenes_in_flight, len(todo)), thread_name_prefix="geoseg-scene")
+            running: dict[Any, tuple[ScenePlan, float]] = {}
+            try:
                 while queue or running:
                     while queue and not errors and len(running) < spec.scenes_in_flight:
-                        running.add(pool.submit(one, *queue.pop(0)))
-                    finished, running = wait(running, return_when=FIRST_COMPLETED)
+                        i, sp = queue.pop(0)
+                        running[pool.submit(one, i, sp)] = (sp, time.perf_counter())
+                    finished, _ = wait(set(running), return_when=FIRST_COMPLETED)
                     for f in finished:
+                        running.pop(f)
                         if f.exception() is not None:
                             errors.append(f.exception())
                     if errors:
                         for _, rest in queue:
                             entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
                         queue = []
+            except BaseException as exc:
+                # Ctrl-C (or anything else here): the scenes in flight stop with the client, which closing the
+                # cluster next cancels; not run to their end first, as leaving the pool's block would wait for
+                stopping.set()
+                for sp, s0 in running.values():
+                    entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
+                                                          f"{type(exc).__name__}: stopped before it finished")
+                for _, rest in queue:
+                    entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
             if errors:
                 raise errors[0]
     except BaseException:
