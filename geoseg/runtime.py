@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from geoseg.errors import ModelError
 from geoseg.model.store import ModelBundle, load_model, local_model_dir
 
-_CACHE: dict["ModelRef", ModelBundle] = {}
+# Loaded models by (digest, device): one copy of a model whatever path it was given by. A long-lived worker
+# keeps the few used last (several models of one comparison run together) and drops a path's older versions.
+_CACHE: "OrderedDict[tuple[str, str], tuple[str, ModelBundle]]" = OrderedDict()
+CACHE_SIZE = 3
 _LOCK = threading.Lock()
 
 
@@ -46,29 +50,33 @@ def _worker_threads() -> int | None:
 
 
 def get_model(ref: ModelRef) -> ModelBundle:
-    """The model for ``ref``, loaded on first use in this process and kept."""
-    bundle = _CACHE.get(ref)
-    if bundle is not None:
-        return bundle
-    with _LOCK:
-        bundle = _CACHE.get(ref)
-        if bundle is None:
-            import torch
+    """The model for ``ref``, loaded on first use in this process and kept (the last few used)."""
+    import torch
 
-            threads = _worker_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
-            if threads:
-                # One torch thread per dask thread: workers never oversubscribe the cores.
-                torch.set_num_threads(threads)
-            device = pick_device(ref.device)
-            # a URL: the cached copy with this digest (fetched and verified on first use)
-            bundle = load_model(local_model_dir(ref.path, ref.digest), device=device)
-            if bundle.digest != ref.digest:
-                raise ModelError(
-                    f"{ref.path}: model changed while the job ran (digest {bundle.digest[:12]} != {ref.digest[:12]}); rerun the job"
-                )
-            if isinstance(bundle.net, torch.nn.Module):
-                bundle.net.to(memory_format=torch.channels_last)
-            _CACHE[ref] = bundle
+    key = (ref.digest, ref.device)
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit[1]
+        threads = _worker_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
+        if threads:
+            # One torch thread per dask thread: workers never oversubscribe the cores.
+            torch.set_num_threads(threads)
+        device = pick_device(ref.device)
+        # a URL: the cached copy with this digest (fetched and verified on first use)
+        bundle = load_model(local_model_dir(ref.path, ref.digest), device=device)
+        if bundle.digest != ref.digest:
+            raise ModelError(
+                f"{ref.path}: model changed while the job ran (digest {bundle.digest[:12]} != {ref.digest[:12]}); rerun the job"
+            )
+        if isinstance(bundle.net, torch.nn.Module):
+            bundle.net.to(memory_format=torch.channels_last)
+        for old in [k for k, (path, _) in _CACHE.items() if path == ref.path]:
+            del _CACHE[old]  # the same directory rewritten: its earlier model is no longer on disk
+        _CACHE[key] = (ref.path, bundle)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
     return bundle
 
 

@@ -212,3 +212,39 @@ def test_workers_that_disagree_get_fp32():
     assert precision == "fp32" and "disagree" in reason
     assert decide("auto", True, {"a": {"bf16_native": True}})[0] == "fp32"
     assert decide("bf16", False, {"a": {"bf16_native": False}})[0] == "bf16"
+
+
+def test_workers_keep_the_last_models_and_see_a_model_rewritten_in_place(tmp_path):
+    """The per-process model cache (what a long-lived worker keeps between jobs): a model rewritten in place with the
+    same size and its old mtime (cp -p) is a new model, not the one hashed before; the path's older model is
+    dropped, and at most CACHE_SIZE models stay loaded; one model given by two paths is loaded once."""
+    import os
+    import shutil
+
+    import torch
+
+    from geoseg import runtime
+    from geoseg.model.store import WEIGHTS_NAME, init_model, model_digest
+    from geoseg.runtime import ModelRef, get_model
+
+    runtime._CACHE.clear()
+    for seed in range(5):
+        init_model(tmp_path / f"m{seed}", n_bands=2, n_classes=2, encoder_depth=2, seed=seed)
+    path = tmp_path / "m0"
+    first = get_model(ModelRef(str(path), model_digest(path), "cpu"))
+    weights = path / WEIGHTS_NAME
+    st = os.stat(weights)
+    shutil.copyfile(tmp_path / "m1" / WEIGHTS_NAME, weights)  # same size, same inode
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(weights).st_size == st.st_size and os.stat(weights).st_mtime_ns == st.st_mtime_ns
+    digest = model_digest(path)
+    assert digest != first.digest
+    second = get_model(ModelRef(str(path), digest, "cpu"))
+    assert not torch.equal(next(first.net.parameters()), next(second.net.parameters()))
+    assert list(runtime._CACHE) == [(digest, "cpu")]  # the path's earlier model dropped
+    shutil.copytree(path, tmp_path / "copy")
+    assert get_model(ModelRef(str(tmp_path / "copy"), digest, "cpu")) is second  # the same model by another path
+    for seed in (2, 3, 4):
+        get_model(ModelRef(str(tmp_path / f"m{seed}"), model_digest(tmp_path / f"m{seed}"), "cpu"))
+    assert len(runtime._CACHE) == runtime.CACHE_SIZE and (digest, "cpu") not in runtime._CACHE
+    runtime._CACHE.clear()

@@ -51,13 +51,14 @@ class ModelBundle:
         return "cpu"
 
 
-_SHA256: dict[tuple[str, int, int, int], str] = {}
+_SHA256: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file, hashed once per file version (path, inode, size, mtime) in this process."""
+    """sha256 of a file, hashed once per file version (path, inode, size, mtime, ctime) in this process (the
+    ctime changes with every write, even one that puts the mtime back, as ``cp -p`` does)."""
     st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     known = _SHA256.get(key)
     if known is not None:
         return known
