@@ -171,10 +171,11 @@ def test_clients_the_ca_did_not_sign_are_refused(tls_cluster, how):
     else:
         p = profile(tls_cluster, tls_cluster["rogue"])
     t0 = time.monotonic()
-    with pytest.raises(ConfigError, match="cannot reach the dask scheduler"):
+    with pytest.raises(ConfigError, match="cannot reach the dask scheduler") as info:
         with connect_profile(p, "intruder"):
             pass
     assert time.monotonic() - t0 < 10
+    assert ("may want TLS: tls://" in str(info.value)) == (how == "plain tcp")  # the wrong scheme said as such
     # Refused by the scheduler, not only by the client. The scheduler is another process and
     # logs the refusal on its own time: wait for the line (bounded), do not race it.
     pattern = re.compile(r"TLS handshake failed .*(certificate verify failed|wrong version number)")
