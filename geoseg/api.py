@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import xarray as xr
@@ -144,7 +145,7 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         if missing:
             raise InputError(f"STAC item {source.id}: no asset {', '.join(missing)}; it has {', '.join(source.assets)}")
         paths = [source.assets[k].get_absolute_href() or source.assets[k].href for k in keys]
-        relative = [k for k, p in zip(keys, paths) if not storage.is_url(p) and not p.startswith("/vsi") and not os.path.isabs(p)]
+        relative = [k for k, p in zip(keys, paths) if not urlsplit(p).scheme and not p.startswith("/vsi") and not os.path.isabs(p)]
         if relative:
             raise InputError(f"STAC item {source.id}: asset {relative[0]}'s href {source.assets[relative[0]].href} is relative and "
                              "the item has no self link to resolve it against; open the item from its file "
@@ -162,9 +163,10 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
 
 
 def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], counts: Sequence[int], item: str) -> xr.DataArray:
-    """Each band's nodata, scale and offset from its asset's ``raster:bands`` where the file does not say
-    them (STAC items often declare what the COGs leave out, as odc-stac and stackstac read it); where
-    both say and disagree, the file's, with a warning."""
+    """Each band's nodata from its asset's ``raster:bands`` where the file does not say it (STAC items often
+    declare what the COGs leave out, as odc-stac and stackstac read it); where both say and disagree, the
+    file's, with a warning. A declared scale and offset are not taken: a model's card records those of the
+    files it was trained on, and the same files read through an item must match it (a warning says them)."""
     import warnings
 
     declared: list[dict[str, Any]] = []
@@ -172,24 +174,24 @@ def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], coun
         rb = list(asset.extra_fields.get("raster:bands") or [])
         declared += rb if len(rb) == n else [{}] * n  # a list not one per band describes something else
     nodata, scales = band_nodata(scene), band_scales(scene) or [(1.0, 0.0)] * len(declared)
+    floats = [np.issubdtype(np.dtype(t), np.floating) for t in ([scene.dtype] * len(declared))]
     keys = [k for (k, _), n in zip(assets, counts) for _ in range(n)]
     for i, d in enumerate(declared):
         nd = d.get("nodata")
         if nd is not None:
             nd = float(nd)  # STAC writes "nan", "inf", "-inf" as strings
-            if nodata[i] is None:
+            if nodata[i] is None and not (floats[i] and np.isnan(nd)):
                 nodata[i] = nd
             elif not (nd == nodata[i] or (np.isnan(nd) and np.isnan(nodata[i]))):
                 warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says nodata {nd:g}, the file {nodata[i]:g}; "
                               "the file's is used", stacklevel=3)
         want = (float(d.get("scale", 1.0)), float(d.get("offset", 0.0)))
-        if want != (1.0, 0.0):
-            if scales[i] == (1.0, 0.0):
-                scales[i] = want
-            elif scales[i] != want:
-                warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says scale {want[0]:g} and offset {want[1]:g}, "
-                              f"the file {scales[i][0]:g} and {scales[i][1]:g}; the file's are used", stacklevel=3)
-    return _with_scales(_with_nodata(scene, nodata), scales)
+        if want != scales[i]:
+            warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says scale {want[0]:g} and offset {want[1]:g}, "
+                          f"the file {scales[i][0]:g} and {scales[i][1]:g}; the values are read as the file says (as "
+                          "geoseg predict reads the file; geoseg.physical(scene.assign_coords(scale=..., offset=...)) "
+                          "applies the declared ones)", stacklevel=3)
+    return _with_nodata(scene, nodata)
 
 
 def _open_files(paths: list[str], chunks: int) -> tuple[xr.DataArray, list[int]]:

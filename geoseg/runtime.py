@@ -6,6 +6,7 @@ by its digest (``geoseg.model.store.fetch_model_dir``); the graph only carries t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -17,7 +18,7 @@ from geoseg.model.store import ModelBundle, load_model, local_model_dir
 # Loaded models by (digest, device): one copy of a model whatever path it was given by. A long-lived worker
 # keeps the few used last (several models of one comparison run together) and drops a path's older versions.
 _CACHE: "OrderedDict[tuple[str, str], tuple[str, ModelBundle]]" = OrderedDict()
-CACHE_SIZE = 3
+CACHE_SIZE = 8  # geoseg evaluate compares up to this many models without reloading
 _LOCK = threading.Lock()
 
 
@@ -54,10 +55,14 @@ def get_model(ref: ModelRef) -> ModelBundle:
     import torch
 
     key = (ref.digest, ref.device)
+    hit = _CACHE.get(key)  # no lock for a model loaded: it never waits for another's load
+    if hit is not None:
+        with contextlib.suppress(KeyError):  # evicted meanwhile: still the model asked for
+            _CACHE.move_to_end(key)
+        return hit[1]
     with _LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
-            _CACHE.move_to_end(key)
             return hit[1]
         threads = _worker_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
         if threads:
@@ -72,7 +77,7 @@ def get_model(ref: ModelRef) -> ModelBundle:
             )
         if isinstance(bundle.net, torch.nn.Module):
             bundle.net.to(memory_format=torch.channels_last)
-        for old in [k for k, (path, _) in _CACHE.items() if path == ref.path]:
+        for old in [k for k, (path, _) in list(_CACHE.items()) if path == ref.path and k[0] != ref.digest]:
             del _CACHE[old]  # the same directory rewritten: its earlier model is no longer on disk
         _CACHE[key] = (ref.path, bundle)
         while len(_CACHE) > CACHE_SIZE:

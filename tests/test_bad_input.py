@@ -110,7 +110,8 @@ def test_band_grids_differ_by_what_they_differ_by_not_by_rounding(tmp_path):
     for name, t in (("rounded", Affine(10, 0, 500000.0000001, 0, -10, 4000000)), ("res", Affine(10.0000000001, 0, 500000, 0, -10.0000000001, 4000000))):
         assert open_stack([a, write_raster(tmp_path / f"{name}.tif", one, transform=t, block=16)]).count == 2
     for name, t, said in (("shift", Affine(10, 0, 500003, 0, -10, 4000000), r"origin \+0\.3 px across, \+0 px down"),
-                          ("coarse", Affine(20, 0, 500000, 0, -20, 4000000), "pixel size 20 x 20 against 10 x 10")):
+                          ("coarse", Affine(20, 0, 500000, 0, -20, 4000000), "pixel size 20 x -20 against 10 x -10"),
+                          ("south-up", Affine(10, 0, 500000, 0, 10, 4000000 - 160), "pixel size 10 x 10 against 10 x -10")):
         with pytest.raises(GridMismatchError, match=said):
             open_stack([a, write_raster(tmp_path / f"{name}.tif", one, transform=t, block=16)])
     from rasterio.rpc import RPC
@@ -336,6 +337,7 @@ def test_masks_gdal_does_not_apply_are_read_and_unreadable_bands_refused(tmp_pat
 
     _, valid = read_window(open_stack([vrt("masked.vrt", "values.tif")]), Window(0, 0, 32, 32))
     assert (valid == (mask[0] > 0)).all()
+    assert open_stack([vrt("subdataset.vrt", f"GTIFF_DIR:1:{tmp_path / 'values.tif'}")]).count == 1  # a source GDAL names
     with pytest.raises(InputNotFoundError, match=r"gone\.vrt: refers to .*nothing\.tif, which does not exist"):
         open_stack([vrt("gone.vrt", "nothing.tif")])
     cplx = tmp_path / "complex.tif"

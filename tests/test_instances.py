@@ -129,6 +129,38 @@ def test_merge_drops_cut_pieces_seen_only_in_a_halo():
     assert (painted == obj.id).sum() == 200 and set(np.unique(painted)) == {0, obj.id}
 
 
+def test_merge_unions_a_large_non_convex_object_whose_box_centre_no_window_sees():
+    """An L larger than the halo on 3 x 3 chunks of 100 px (halo 30): the centre of its box lies in the middle
+    chunk, which never sees it; its pieces reach into their own windows' cores, so it is one object."""
+    shape = (300, 300)
+    truth = np.zeros(shape, bool)
+    truth[:, 0:20] = True
+    truth[280:300, :] = True
+    meta, n = {}, 0
+    for iy in range(3):
+        for ix in range(3):
+            core = Box(100 * iy, 100 * iy + 100, 100 * ix, 100 * ix + 100)
+            window = core.grow(30, shape)
+            piece = truth[window.y0:window.y1, window.x0:window.x1]
+            if piece.any():
+                rows, cols = np.flatnonzero(piece.any(1)), np.flatnonzero(piece.any(0))
+                box = (window.y0 + rows[0], window.x0 + cols[0], window.y0 + rows[-1] + 1, window.x0 + cols[-1] + 1)
+                mask = piece[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+                # one L-shaped piece where both arms meet, else a bar
+                meta[(iy, ix)] = {**_dets([(mask, box)], [0.9]), "window": window, "core": core}
+                n += 1
+            else:
+                meta[(iy, ix)] = {**_dets([], []), "window": window, "core": core}
+    pairs = []
+    for a in meta:
+        for b in meta:
+            if a < b:
+                pairs += [((a, i), (b, j)) for i, j in merge.match(meta[a], meta[a]["window"], meta[b], meta[b]["window"], 0.5)]
+    (obj,) = merge.resolve(meta, pairs, shape)
+    assert obj.box == (0, 0, 300, 300) and not obj.whole and len(obj.members) == n
+    assert ((merge.paint([obj], meta, Box(0, 300, 0, 300)) == obj.id) == truth).all()
+
+
 def test_merge_keeps_an_object_whose_views_disagree_on_the_centre():
     """At a chunk line (x = 256) A's mask is x 248..265 (centre 256: B's core) and B's 246..265 (centre
     255: A's core): one object, not none."""
@@ -280,6 +312,19 @@ def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp
         assert not written & left_out and not any((o / n).exists() for n in left_out)
         assert written == {"prediction.zarr", "classes.tif", "instances.tif", "objects.gpkg", "item.json"} - left_out
         assert set(pystac.Item.from_file(str(o / "item.json")).assets) >= {"prediction", "run"}
+
+
+def test_a_job_of_instance_scenes_without_cogs_is_reused_when_run_again(objects_data, tmp_path):
+    """geoseg run with outputs {cog: false}: the finished instance scene is what the job asks for, so running
+    the job again reuses it (it asked for the COGs it was told not to write, and refused or recomputed)."""
+    out = tmp_path / "jobout"
+    (tmp_path / "job.yaml").write_text(
+        f"name: objs\nscenes:\n  - name: a\n    path: {objects_data['image']}\nmodel: {objects_data['model']}\noutput: {out}\n"
+        "chunking: {chunk_size: 256}\noutputs: {cog: false, vectors: true}\ncluster: {profile: local, profiles: {local: {n_workers: 1}}}\n")
+    run("run", tmp_path / "job.yaml")
+    assert json.loads((out / "a" / "run.json").read_text())["outputs"] == ["prediction.zarr", "objects.gpkg", "item.json"]
+    run("run", tmp_path / "job.yaml")
+    assert json.loads((out / "job.json").read_text())["totals"]["reused"] == 1
 
 
 def test_instance_bad_inputs_exit_clearly(objects_data, tmp_path, trained_model, scene_path, client):

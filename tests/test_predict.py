@@ -214,7 +214,7 @@ def test_workers_that_disagree_get_fp32():
     assert decide("bf16", False, {"a": {"bf16_native": False}})[0] == "bf16"
 
 
-def test_workers_keep_the_last_models_and_see_a_model_rewritten_in_place(tmp_path):
+def test_workers_keep_the_last_models_and_see_a_model_rewritten_in_place(tmp_path, monkeypatch):
     """The per-process model cache (what a long-lived worker keeps between jobs): a model rewritten in place with the
     same size and its old mtime (cp -p) is a new model, not the one hashed before; the path's older model is
     dropped, and at most CACHE_SIZE models stay loaded; one model given by two paths is loaded once."""
@@ -228,6 +228,7 @@ def test_workers_keep_the_last_models_and_see_a_model_rewritten_in_place(tmp_pat
     from geoseg.runtime import ModelRef, get_model
 
     runtime._CACHE.clear()
+    monkeypatch.setattr(runtime, "CACHE_SIZE", 3)
     for seed in range(5):
         init_model(tmp_path / f"m{seed}", n_bands=2, n_classes=2, encoder_depth=2, seed=seed)
     path = tmp_path / "m0"

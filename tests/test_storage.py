@@ -105,6 +105,8 @@ def local_run(s3, random_model, scene_path, tmp_path_factory):
 def test_predict_from_and_to_s3(s3, uploaded, local_run, random_model, scene_path):
     scene_url, model_url = uploaded
     out_url = f"s3://{BUCKET}/runs/one"
+    # the worker loaded this very model (same digest) from its local path for local_run: it would not fetch it
+    s3.client.run(lambda: __import__("geoseg.runtime", fromlist=["_CACHE"])._CACHE.clear())
     record = predict([scene_url], model_url, out_url, PredictOptions(chunk_size=128), client=s3.client)
     assert record["chunks"] == {"chunks": 12, "computed": 12, "reused": 0}
     assert record["inputs"] == [scene_url] and record["model"]["path"] == model_url

@@ -7,8 +7,8 @@ object when their masks, restricted to the area both windows see, overlap with I
 the object is the whole view (not cut by a window edge) of the window whose core holds the group's
 centre (that of its best-scoring whole view): that window saw it with context on every side, as
 one pass would. A group whose every member is cut by a window edge (an object larger than the halo)
-becomes the union of its members, if one of their windows' cores holds the union's centre. A group
-seen only in halos, never by the window whose core holds its centre, is dropped: that window had the
+becomes the union of its members, if one of them reaches into its own window's core. A group seen
+only in halos, never by the window whose core holds its centre, is dropped: that window had the
 better view and found nothing (or found the object whole, and a cut piece matched it too poorly).
 """
 
@@ -161,9 +161,9 @@ def resolve(meta: Mapping[Key, Mapping[str, Any]], pairs: Iterable[tuple[tuple[K
         boxes = np.asarray([meta[k]["boxes"][i] for k, i in members])
         best = max(members, key=lambda ki: float(meta[ki[0]]["scores"][ki[1]]))
         box = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
-        if not any(centres_in(box, meta[k]["core"])[0] for k, _ in members):
-            # pieces only from halos (a poorly matching piece of an object another window saw whole,
-            # or something that window, whose core holds it, did not find): it had the better view
+        if not any(paste(meta[k]["masks"][i], meta[k]["boxes"][i], meta[k]["core"]).any() for k, i in members):
+            # pieces only in halos (a poorly matching piece of an object another window saw whole, or
+            # something the window whose core holds it did not find): that window had the better view
             continue
         found.append((box, int(meta[best[0]]["labels"][best[1]]), float(meta[best[0]]["scores"][best[1]]),
                       tuple(sorted(members)), False))

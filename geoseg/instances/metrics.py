@@ -64,6 +64,7 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     from geoseg.errors import InputError
     from geoseg.instances.outputs import OBJECTS_LAYER, OBJECTS_NAME
     from geoseg.instances.train import instance_targets
+    from geoseg.io.zarr_store import CLASSES_ATTR
     from geoseg.model.card import NODATA_CLASS
     from geoseg.tiling import Box
     from geoseg.training.chips import region_box
@@ -88,8 +89,19 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     pred = group["instance_id"][sl]
     valid = group["class_id"][sl] != NODATA_CLASS
     truth, lab, classes = instance_targets(labels, grid, box, field)
-    objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False,
-                                  columns=["instance_id", "class_id", "class_name"])
+    if (out / OBJECTS_NAME).is_file():
+        objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False,
+                                      columns=["instance_id", "class_id", "class_name"])
+    else:  # predicted with --no-vectors: each object's class is the class map's on its pixels
+        import pandas as pd
+
+        cls = group["class_id"][sl]
+        ids, first = np.unique(pred, return_index=True)
+        keep = ids > 0
+        names_of = {int(c["id"]): str(c["name"]) for c in group.attrs.get(CLASSES_ATTR, [])}
+        class_ids = cls.ravel()[first[keep]].astype(int)
+        objs = pd.DataFrame({"instance_id": ids[keep].astype(int), "class_id": class_ids,
+                             "class_name": [names_of.get(int(c), f"class_{c}") for c in class_ids]})
     report = {"region": [box.y0, box.y1, box.x0, box.x1], "all": object_scores(pred, truth, valid)}
     if field is None:  # the labels name no class (one "object" class): nothing to score per class
         return report

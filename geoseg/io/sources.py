@@ -159,17 +159,13 @@ def grid_difference(a: GeoBox, b: GeoBox) -> str | None:
     if a.crs != b.crs:
         return f"CRS {b.crs} against {a.crs}"
     if abs(ta.a - tb.a) > 1e-9 * abs(ta.a) or abs(ta.e - tb.e) > 1e-9 * abs(ta.e):
-        return f"pixel size {abs(tb.a):g} x {abs(tb.e):g} against {abs(ta.a):g} x {abs(ta.e):g}"
+        return f"pixel size {tb.a:g} x {tb.e:g} against {ta.a:g} x {ta.e:g} (x, y; a positive y is south-up)"
     dx, dy = (tb.c - ta.c) / ta.a + 0.0, (tb.f - ta.f) / ta.e + 0.0  # + 0.0: no "-0"
     if abs(dx) > 1e-6 or abs(dy) > 1e-6:
         return f"origin {dx:+.6g} px across, {dy:+.6g} px down from it"
     if tuple(a.shape) != tuple(b.shape):
         return f"{b.shape[0]} x {b.shape[1]} pixels against {a.shape[0]} x {a.shape[1]}"
     return None
-
-
-def same_grid(a: GeoBox, b: GeoBox) -> bool:
-    return grid_difference(a, b) is None
 
 
 def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
@@ -192,7 +188,8 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
                     "band files must share one grid: warp them onto one first (gdalwarp -tap)"
                 )
             if not _is_remote(p):
-                missing = [f for f in ds.files if not _is_remote(f) and not Path(f).exists()]
+                missing = [f for f in ds.files if not _is_remote(f) and not Path(f).exists()
+                           and not Path(_subdataset(f) or f).exists()]  # a source may be a subdataset name
                 if missing:
                     raise InputNotFoundError(f"{p}: refers to {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
                                              + ", which does not exist; fix the paths it names (a VRT's sources are "

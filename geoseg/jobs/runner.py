@@ -80,7 +80,9 @@ def _interrupted(out_dir: Path | str) -> bool:
 
 def _wanted(spec: JobSpec, job: Job | None = None) -> list[str]:
     if job is not None and job.card.finds_objects:
-        return [ZARR_NAME, COG_NAME, "instances.tif", "objects.gpkg"]
+        from geoseg.pipeline.plan import INSTANCE_COG, OBJECTS_NAME
+
+        return [ZARR_NAME] + [COG_NAME, INSTANCE_COG] * spec.outputs.cog + [OBJECTS_NAME] * spec.outputs.vectors
     return [ZARR_NAME] + [COG_NAME] * spec.outputs.cog + [VECTOR_NAME] * spec.outputs.vectors
 
 
