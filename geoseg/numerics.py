@@ -40,12 +40,12 @@ class Numerics:
         return out
 
 
-def model_workers(client: Any, resources: dict[str, float] | None, *, running: bool = False) -> list[str]:
-    """Addresses of the workers that can take model tasks (those offering ``resources``, or all); ``running``:
-    only those running tasks now (not paused: a worker above distributed's memory pause threshold takes none)."""
+def model_workers(client: Any, resources: dict[str, float] | None, *, paused: bool | None = None) -> list[str]:
+    """Addresses of the workers that can take model tasks (those offering ``resources``, or all); ``paused``:
+    only those paused (True: above distributed's memory pause threshold, they take no task) or not (False)."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return [a for a, w in workers.items() if all((w.get("resources") or {}).get(k, 0) >= v for k, v in (resources or {}).items())
-            and (not running or w.get("status", "running") == "running")]
+            and (paused is None or (w.get("status") == "paused") == paused)]
 
 
 def wait_for_model_workers(client: Any, resources: dict[str, float] | None, timeout: float = 30.0) -> list[str]:

@@ -27,7 +27,8 @@ class GeosegGroup(click.Group):
         except BaseException as exc:
             # the machine's, not geoseg's: a full disk, a read-only or forbidden place (from a worker too); or the
             # cluster's: a task that kept killing its workers, a scheduler lost
-            said = _cluster_failure(exc)
+            sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            said = _cluster_failure(exc, ctx.invoked_subcommand or "", {o for p in getattr(sub, "params", []) for o in p.opts})
             if said is None and isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
                 said = f"{exc.filename}: " if exc.filename else ""
                 said += f"{exc.strerror or exc}; {_STORAGE_ERRORS[exc.errno]}"
@@ -37,17 +38,21 @@ class GeosegGroup(click.Group):
             sys.exit(2)
 
 
-def _cluster_failure(exc: BaseException) -> str | None:
-    """One line for what distributed raises when the cluster, not geoseg, failed; None for anything else."""
+def _cluster_failure(exc: BaseException, command: str = "", options: set[str] = frozenset()) -> str | None:
+    """One line for what distributed raises when the cluster, not geoseg, failed; None for anything else.
+    ``command`` and its ``options`` say what to try (--resume, --chunk-size where it has them)."""
     from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
-    resume = "the chunks written are kept: run the same command again with --resume"
+    resume = ("the chunks written are kept: run the same command again with --resume" if "--resume" in options
+              else "run the command again")
+    chunks = (" or smaller chunks (--chunk-size)" if "--chunk-size" in options
+              else " or smaller chunks (the job file's chunking: chunk_size)" if command == "run" else "")
     if isinstance(exc, KilledWorker):
         return (f"a task ({exc.task}) took down every worker that ran it ({exc.last_worker.address if exc.last_worker else 'the last'}"
                 " among them): a worker killed mid-task is most often out of memory. Give the workers more memory "
-                f"(--memory-limit, the profile's memory_limit) or the job smaller chunks (--chunk-size); {resume}")
+                f"(dask worker --memory-limit, a profile's memory_limit){chunks}; {resume}")
     if isinstance(exc, CommClosedError) or isinstance(exc, FutureCancelledError) and "scheduler" in str(exc).lower():
         return f"the connection to the cluster's scheduler was lost ({str(exc).splitlines()[0][:200]}); {resume} once it is back"
     return None

@@ -127,7 +127,7 @@ def find_objects(job: Any, client: Any, store: str, params: dict[str, Any] | Non
     from geoseg.pipeline.execute import WorkerWatch
 
     # the detections wait for a worker that can run the model: a clear error once none has been there for the timeout
-    with WorkerWatch(client, list(dets.values()), res, job.options.worker_timeout):
+    with WorkerWatch(client, list(dets.values()), res, job.options.worker_timeout, pause_timeout=job.options.pause_timeout):
         return _finish(job, client, store, dets, token, p, params, by_chunk, panoptic, class_map)
 
 

@@ -91,9 +91,11 @@ class WorkerWatch(threading.Thread):
     turns what the wait then raises (their cancellation) into ``error``, which says what happened."""
 
     def __init__(self, client: Any, futures: list, resources: dict[str, float] | None, timeout: float,
-                 period: float = 1.0) -> None:
+                 period: float = 1.0, pause_timeout: float | None = None) -> None:
         super().__init__(name="geoseg-worker-watch", daemon=True)
         self.client, self.futures, self.resources, self.timeout, self.period = client, futures, resources, timeout, period
+        # workers that are there but paused get longer: a pause may pass (spilling to disk)
+        self.pause_timeout = max(timeout, pause_timeout if pause_timeout is not None else 300.0)
         self.stopped = threading.Event()
         self.error: ConfigError | None = None
 
@@ -101,21 +103,21 @@ class WorkerWatch(threading.Thread):
         since = None
         while not self.stopped.wait(self.period):
             try:
-                found = model_workers(self.client, self.resources, running=True)
-                paused = not found and bool(model_workers(self.client, self.resources))
+                found = model_workers(self.client, self.resources, paused=False)
+                paused = not found and bool(model_workers(self.client, self.resources, paused=True))
             except Exception:  # noqa: BLE001 - the client is closing: nothing left to watch
                 return
             if found:
                 since = None
                 continue
             since = since if since is not None else time.monotonic()
-            if time.monotonic() - since >= self.timeout:
+            if time.monotonic() - since >= (self.pause_timeout if paused else self.timeout):
                 want = ",".join(f"{k}={v:g}" for k, v in (self.resources or {}).items())
                 start = f"'dask worker ... --resources {want}'" if want else "workers"
                 if paused:  # a worker above the pause threshold stays there: its heap holds its largest window
                     self.error = ConfigError(
                         f"every worker of the cluster at {self.client.scheduler.address} that can run the model tasks has "
-                        f"been paused for {self.timeout:g} s: its memory is above distributed's pause threshold "
+                        f"been paused for {self.pause_timeout:g} s: its memory is above distributed's pause threshold "
                         "(distributed.worker.memory.pause, a share of the worker's memory limit). Give the workers more "
                         "memory (dask worker --memory-limit, the profile's memory_limit) or the job smaller chunks "
                         "(--chunk-size), and run it again with --resume"
@@ -180,7 +182,8 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     pending = {f.key: f for f in futures}
     sizes = {(ch.iy, ch.ix): ch.core.size for ch in todo}
     try:
-        with WorkerWatch(client, futures, job.options.model_resources, job.options.worker_timeout):
+        with WorkerWatch(client, futures, job.options.model_resources, job.options.worker_timeout,
+                         pause_timeout=job.options.pause_timeout):
             for fut in as_completed(futures):
                 res = fut.result()
                 # The chunk is on disk: let its result go, or the scheduler would recompute every

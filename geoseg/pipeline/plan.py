@@ -45,6 +45,7 @@ class PredictOptions:
     vectors: bool = True
     model_resources: dict[str, float] | None = None
     worker_timeout: float = 30.0  # s to wait for a worker that can run the model tasks
+    pause_timeout: float = 300.0  # s every such worker may stay paused (memory) before the job stops
     tta: str | None = None  # test-time augmentation: None = as the card says, "none" or "d4"
     postprocess: PostProcess | None = None  # majority filter and sieve: None = as the card says
     prompts: str | None = None  # SAM: points or boxes (a vector file in any CRS) to segment, one object each
