@@ -533,7 +533,7 @@ def objects(images: Sequence[str | os.PathLike], model: str | os.PathLike, out_d
     from geoseg.pipeline import PredictOptions
     from geoseg.pipeline import predict as run
 
-    if _model(model).card.method not in ("instance", "sam") and not options.get("instance_model"):
+    if not _model(model).card.finds_objects and not options.get("instance_model"):
         raise ConfigError(f"{model}: a class-map model finds no objects; give an instance or SAM model, or instance_model=")
 
     run([str(p) for p in images], str(model), out_dir, PredictOptions(**options), client=client or _current_client())

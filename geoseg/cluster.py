@@ -308,8 +308,10 @@ def _probe(scheduler: str, security: Any, seconds: float) -> None:
                           "and port (the scheduler's, 8786 by default; 8787 is its dashboard)")
     if isinstance(exc, OSError):
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        plain = "://" not in scheduler or scheduler.startswith("tcp://")  # no scheme: tcp
+        cut = "reset" in text.lower() or "closed" in text.lower()
         tls = ("; a scheduler that closes a plain connection at once may want TLS: tls://... with the profile's "
-               "certificates" if scheduler.startswith("tcp://") and ("reset" in text.lower() or "closed" in text.lower()) else "")
+               "certificates" if plain and cut else "")
         raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({text}); check the address and that it runs{tls}")
     text = "it speaks another protocol" if exc is None or isinstance(exc, MemoryError) else (str(exc).splitlines() or [type(exc).__name__])[0]
     raise ConfigError(f"{scheduler} did not answer as a dask scheduler ({text[:200]}); check the address and port "

@@ -692,6 +692,11 @@ def test_instance_label_files_are_checked_before_training(objects_data, tmp_path
     run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "some_tiny.gpkg", "--out", tmp_path / "m6",
         "--epochs", 1, "--steps-per-epoch", 1, "--chip-size", 64, "--batch-size", 1)
     assert f"3 of {3 + len(top)} objects are smaller than 6 pixels" in caplog.text
+    # a clip or an overlay leaves geometry collections: their polygon parts are the objects
+    mixed = [shapely.GeometryCollection([g, g.centroid]) for g in top[:4]]
+    gpd.GeoDataFrame(geometry=mixed, crs="EPSG:32633").to_file(tmp_path / "mixed.gpkg")
+    inst, _, _ = instance_targets(str(tmp_path / "mixed.gpkg"), stack.grid, Box(0, SIZE, 0, SIZE))
+    assert inst.max() == 4 and all((inst == k + 1).sum() == shapely.area(top[k]) for k in range(4))
     # generated class ids step over the background's; options the instance task does not take are refused
     gpd.GeoDataFrame({"kind": ["a", "b", "c"]}, geometry=top[:3], crs="EPSG:32633").to_file(tmp_path / "named.gpkg")
     run("train", objects_data["image"], "--task", "instance", "--labels", tmp_path / "named.gpkg", "--label-field", "kind",

@@ -21,7 +21,7 @@ import torch
 from geoseg.errors import InputError
 from geoseg.instances.net import DEFAULTS, STRIDE, build_maskrcnn
 from geoseg.io.sources import grid_of, open_stack, read_bands
-from geoseg.model.card import DEFAULT_COLORS, ClassInfo, ModelCard, Normalization
+from geoseg.model.card import DEFAULT_COLORS, NODATA_CLASS, ClassInfo, ModelCard, Normalization
 from geoseg.tiling import Box, round_up
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,14 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         if gdf.crs is None:
             raise InputError(f"{labels}: the polygons have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the image")
         gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
+        if (gdf.geom_type == "GeometryCollection").any():  # what a clip or an overlay leaves: its polygon parts
+            import shapely
+
+            def polygons(g: Any) -> Any:
+                parts = [p for p in getattr(g, "geoms", [g]) if p.geom_type in ("Polygon", "MultiPolygon")]
+                return shapely.union_all(parts) if parts else g
+
+            gdf = gdf.assign(geometry=gdf.geometry.map(polygons))
         kinds = set(gdf.geom_type) - {"Polygon", "MultiPolygon"}
         if kinds:
             raise InputError(f"{labels}: instance labels are one polygon per object, and this file has {', '.join(sorted(kinds))} "
@@ -77,9 +85,11 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
             gdf = gdf[gdf[field].notna()]
         values = sorted(gdf[field].unique().tolist()) if field else ["object"]
         numeric = field is not None and all(isinstance(v, (int, np.integer)) and 0 <= v <= 254 and v != background for v in values)
-        if len(values) > 254:
-            raise InputError(f"{labels}: {len(values)} classes in {field!r}; at most 254 fit (ids 0-254 with a background)")
-        ids = [int(v) for v in values] if numeric else [v for v in range(1, 256) if v != background][:len(values)]
+        free = [v for v in range(1, NODATA_CLASS) if v != background]  # 255 is the class map's nodata
+        if len(values) > len(free):
+            raise InputError(f"{labels}: {len(values)} classes in {field!r}; at most {len(free)} fit beside the background "
+                             f"(class ids 0-{NODATA_CLASS - 1}, {NODATA_CLASS} is nodata)")
+        ids = [int(v) for v in values] if numeric else free[:len(values)]
         names = [f"class_{v}" for v in values] if numeric else [str(v) for v in values]
         label_of = {v: k + 1 for k, v in enumerate(values)}
         t = grid.affine @ Affine.translation(box.x0, box.y0)

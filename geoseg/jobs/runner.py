@@ -252,7 +252,8 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                         entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
                                                               f"{type(exc).__name__}: {exc}")
                     raise
-                entries[sp.scene.name] = _scene_entry(sp, "computed", record, time.perf_counter() - s0)
+                if not stopping.is_set():
+                    entries[sp.scene.name] = _scene_entry(sp, "computed", record, time.perf_counter() - s0)
                 say(f"{sp.scene.name}: finished in {time.perf_counter() - s0:.1f} s")
 
             queue = list(enumerate(todo))
@@ -276,7 +277,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 # Ctrl-C (or anything else here): the scenes in flight stop with the client, which closing the
                 # cluster next cancels; not run to their end first, as leaving the pool's block would wait for
                 stopping.set()
-                for sp, s0 in running.values():
+                for sp, s0 in (v for f, v in running.items() if not f.done()):  # a scene done says itself
                     entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
                                                           f"{type(exc).__name__}: stopped before it finished")
                 for _, rest in queue:

@@ -222,7 +222,7 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         if card.finds_objects:
             raise ConfigError(f"{model_dir}: --instance-model goes with a semantic --model (a class map the objects are laid over)")
         inst = open_model(options.instance_model)
-        if inst.card.method not in ("instance", "sam"):
+        if not inst.card.finds_objects:
             raise ConfigError(f"{options.instance_model}: not an instance model (geoseg train --task instance makes one)")
         if plan.chunk_size % inst.card.stride:
             raise ConfigError(f"--chunk-size {plan.chunk_size}: with an instance model it must be a multiple of {inst.card.stride}")
@@ -241,7 +241,7 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
                           "(or lay them over a semantic model's map with --instance-model)")
     # panoptic: the object model and its plan (halo = largest object) are part of what the output depends on
     key = job_key(inputs, model.digest + (objects.digest + json.dumps(objects.plan.describe()) if objects else ""), plan, options,
-                  sieve=card.method not in ("instance", "sam") and sieve_joined(pp))
+                  sieve=not card.finds_objects and sieve_joined(pp))
     return Job(inputs, str(model_dir), out, stack, card, model.digest, plan, options, key, objects)
 
 
