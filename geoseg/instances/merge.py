@@ -7,9 +7,10 @@ object when their masks, restricted to the area both windows see, overlap with I
 the object is the whole view (not cut by a window edge) of the window whose core holds the group's
 centre (that of its best-scoring whole view): that window saw it with context on every side, as
 one pass would. A group whose every member is cut by a window edge (an object larger than the halo)
-becomes the union of its members, if one of them reaches into its own window's core. A group seen
-only in halos, never by the window whose core holds its centre, is dropped: that window had the
-better view and found nothing (or found the object whole, and a cut piece matched it too poorly).
+becomes the union of its members, if one of their boxes reaches into its own window's core (the
+client has the boxes; masks stay on the workers). A group seen only in halos, never by the window
+whose core holds its centre, is dropped: that window had the better view and found nothing (or
+found the object whole, and a cut piece matched it too poorly).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def centres_in(boxes: np.ndarray, core: Box) -> np.ndarray:
     b = np.asarray(boxes).reshape(-1, 4)
     cy, cx = (b[:, 0] + b[:, 2]) // 2, (b[:, 1] + b[:, 3]) // 2
     return (cy >= core.y0) & (cy < core.y1) & (cx >= core.x0) & (cx < core.x1)
+
+
+def _box_meets(box: Sequence[int], core: Box) -> bool:
+    y0, x0, y1, x1 = (int(v) for v in box)
+    return Box(y0, y1, x0, x1).intersect(core) is not None
 
 
 def match(a: Mapping[str, Any], wa: Box, b: Mapping[str, Any], wb: Box, min_iou: float) -> list[tuple[int, int]]:
@@ -161,7 +167,7 @@ def resolve(meta: Mapping[Key, Mapping[str, Any]], pairs: Iterable[tuple[tuple[K
         boxes = np.asarray([meta[k]["boxes"][i] for k, i in members])
         best = max(members, key=lambda ki: float(meta[ki[0]]["scores"][ki[1]]))
         box = (int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max()))
-        if not any(paste(meta[k]["masks"][i], meta[k]["boxes"][i], meta[k]["core"]).any() for k, i in members):
+        if not any(_box_meets(meta[k]["boxes"][i], meta[k]["core"]) for k, i in members):
             # pieces only in halos (a poorly matching piece of an object another window saw whole, or
             # something the window whose core holds it did not find): that window had the better view
             continue
