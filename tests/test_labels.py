@@ -39,6 +39,26 @@ def test_raster_labels_keep_their_ids_nodata_and_ignore_become_255(tmp_path, gri
     assert set(np.unique(ids)) == {3, 7, 255}
 
 
+def test_a_label_band_s_own_mask_band_masks_its_labels(tmp_path, grid):
+    """A VRT label band with its own <MaskBand> (GDAL's flags say neither per-dataset nor nodata): masked pixels
+    are no label, as for the image's bands."""
+    import rasterio
+
+    lab = write_tif(tmp_path / "lab.tif", np.full((H, W), 3, np.uint8))
+    mask = np.full((H, W), 255, np.uint8)
+    mask[:, :20] = 0
+    write_tif(tmp_path / "mask.tif", mask)
+    with rasterio.open(lab) as ds:
+        wkt, t = ds.crs.to_wkt(), ds.transform
+    (tmp_path / "lab.vrt").write_text(f"""<VRTDataset rasterXSize="{W}" rasterYSize="{H}"><SRS>{wkt}</SRS>
+<GeoTransform>{t.c}, {t.a}, 0, {t.f}, 0, {t.e}</GeoTransform><VRTRasterBand dataType="Byte" band="1">
+<SimpleSource><SourceFilename relativeToVRT="1">lab.tif</SourceFilename><SourceBand>1</SourceBand></SimpleSource>
+<MaskBand><VRTRasterBand dataType="Byte"><SimpleSource><SourceFilename relativeToVRT="1">mask.tif</SourceFilename>
+<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></MaskBand></VRTRasterBand></VRTDataset>""")
+    ids = read_labels(open_labels(str(tmp_path / "lab.vrt"), grid), ALL)
+    assert (ids[:, :20] == 255).all() and (ids[:, 20:] == 3).all()
+
+
 def test_float_label_raster_with_integer_values_is_fine(tmp_path, grid):
     lab = np.where(np.arange(W)[None] < 25, 1.0, 6.0).repeat(H, 0).astype(np.float32)
     lab[3, 3] = np.nan

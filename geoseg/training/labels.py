@@ -324,7 +324,9 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
             raise InputError(f"{path}: label raster has data type {ds.dtypes[0]}; give integer class ids")
         nodata = ds.nodata
         flags = ds.mask_flag_enums[0]
-        use_mask = MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+        # a per-dataset mask, an alpha GDAL applies, or the band's own mask band (a VRT's <MaskBand>):
+        # beside nodata (read by _to_ids), GDAL's mask of the band says where labels are
+        use_mask = MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags
     same_frame = tuple(lgrid.shape) == tuple(grid.shape) and lgrid.affine.almost_equals(
         grid.affine, precision=1e-9 * max(1.0, abs(grid.affine.a))
     )
