@@ -174,13 +174,13 @@ def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], coun
         rb = list(asset.extra_fields.get("raster:bands") or [])
         declared += rb if len(rb) == n else [{}] * n  # a list not one per band describes something else
     nodata, scales = band_nodata(scene), band_scales(scene) or [(1.0, 0.0)] * len(declared)
-    floats = [np.issubdtype(np.dtype(t), np.floating) for t in ([scene.dtype] * len(declared))]
+    floating = np.issubdtype(scene.dtype, np.floating)  # NaN is nodata already
     keys = [k for (k, _), n in zip(assets, counts) for _ in range(n)]
     for i, d in enumerate(declared):
         nd = d.get("nodata")
         if nd is not None:
             nd = float(nd)  # STAC writes "nan", "inf", "-inf" as strings
-            if nodata[i] is None and not (floats[i] and np.isnan(nd)):
+            if nodata[i] is None and not (floating and np.isnan(nd)):
                 nodata[i] = nd
             elif not (nd == nodata[i] or (np.isnan(nd) and np.isnan(nodata[i]))):
                 warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says nodata {nd:g}, the file {nodata[i]:g}; "

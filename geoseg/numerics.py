@@ -40,12 +40,12 @@ class Numerics:
         return out
 
 
-def model_workers(client: Any, resources: dict[str, float] | None, *, paused: bool | None = None) -> list[str]:
-    """Addresses of the workers that can take model tasks (those offering ``resources``, or all); ``paused``:
-    only those paused (True: above distributed's memory pause threshold, they take no task) or not (False)."""
+def model_workers(client: Any, resources: dict[str, float] | None) -> dict[str, str]:
+    """The workers that can take model tasks (those offering ``resources``, or all): address -> status
+    ("running"; "paused": above distributed's memory pause threshold, it takes no task; ...)."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
-    return [a for a, w in workers.items() if all((w.get("resources") or {}).get(k, 0) >= v for k, v in (resources or {}).items())
-            and (paused is None or (w.get("status") == "paused") == paused)]
+    return {a: str(w.get("status", "running")) for a, w in workers.items()
+            if all((w.get("resources") or {}).get(k, 0) >= v for k, v in (resources or {}).items())}
 
 
 def wait_for_model_workers(client: Any, resources: dict[str, float] | None, timeout: float = 30.0) -> list[str]:
@@ -54,7 +54,7 @@ def wait_for_model_workers(client: Any, resources: dict[str, float] | None, time
     while True:
         found = model_workers(client, resources)
         if found:
-            return found
+            return list(found)
         if time.monotonic() >= deadline:
             break
         time.sleep(0.25)

@@ -117,8 +117,10 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
                                  f"transform {tuple(ds.transform)[:6]}; the image's {_crs_name(grid.crs)}, {tuple(grid.shape)}, "
                                  f"{tuple(grid.affine)[:6]}); warp it to the image first (gdalwarp -t_srs -tr -te)")
             raw = ds.read(1, window=box.window)
-            nodata = np.isnan(raw) if ds.nodata is not None and np.isnan(ds.nodata) else raw == ds.nodata if ds.nodata is not None \
-                else np.zeros(raw.shape, bool)
+            if ds.nodata is None:
+                nodata = np.zeros(raw.shape, bool)
+            else:
+                nodata = np.isnan(raw) if np.isnan(ds.nodata) else raw == ds.nodata
             if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw[~nodata]).all():
                 raise InputError(f"{labels}: the instance raster holds NaN or infinite values that are not its nodata; "
                                  "set its nodata (gdal_edit -a_nodata nan) or give whole-number ids")

@@ -95,7 +95,7 @@ class WorkerWatch(threading.Thread):
         super().__init__(name="geoseg-worker-watch", daemon=True)
         self.client, self.futures, self.resources, self.timeout, self.period = client, futures, resources, timeout, period
         # workers that are there but paused get longer: a pause may pass (spilling to disk)
-        self.pause_timeout = max(timeout, pause_timeout if pause_timeout is not None else 300.0)
+        self.pause_timeout = max(timeout, pause_timeout or timeout)
         self.stopped = threading.Event()
         self.error: ConfigError | None = None
 
@@ -103,11 +103,11 @@ class WorkerWatch(threading.Thread):
         since = None
         while not self.stopped.wait(self.period):
             try:
-                found = model_workers(self.client, self.resources, paused=False)
-                paused = not found and bool(model_workers(self.client, self.resources, paused=True))
+                status = set(model_workers(self.client, self.resources).values())
             except Exception:  # noqa: BLE001 - the client is closing: nothing left to watch
                 return
-            if found:
+            paused = status == {"paused"}
+            if status and not paused:
                 since = None
                 continue
             since = since if since is not None else time.monotonic()
