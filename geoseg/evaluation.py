@@ -469,8 +469,14 @@ def _model_names(model_dirs: Sequence[str], names: Sequence[str] | None = None) 
 
 def _union_classes(cards: Sequence[ModelCard], model_dirs: Sequence[str]) -> tuple[ClassInfo, ...]:
     union: dict[int, tuple[ClassInfo, str]] = {}
+    by_name: dict[str, tuple[int, str]] = {}
     for card, m in zip(cards, model_dirs):
         for c in card.classes:
+            first = by_name.setdefault(c.name.casefold(), (c.id, m))
+            if first[0] != c.id:  # one class under two ids: the models' predictions are not on one id scale
+                raise ConfigError(
+                    f"class {c.name!r} is id {first[0]} in {first[1]} but id {c.id} in {m}: the models number their "
+                    "classes differently, so one table cannot score them; train them with one classes file (--classes)")
             if c.id not in union:
                 union[c.id] = (c, m)
             elif union[c.id][0].name.casefold() != c.name.casefold():

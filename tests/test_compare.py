@@ -210,3 +210,16 @@ def test_names_and_band_mismatch_are_clear_errors(setup):
         compare(bands, [models["A"], models["B"]], lpath, OPTS, names=["x"])
     with pytest.raises(InputError, match="model_B"):  # three bands fit A, not B
         compare(bands[:3], [models["A"], models["B"]], lpath, OPTS)
+
+
+def test_models_that_number_one_class_differently_are_refused(setup, tmp_path):
+    """Names numbered per label file (no --classes): 'forest' is 5 in A but 2 in C; one table would score C's
+    correct pixels as errors."""
+    from geoseg.errors import ConfigError
+
+    bands, lpath, models = setup
+    init_model(tmp_path / "model_C", n_bands=3, encoder_depth=3, seed=3, tile_size=64,
+               bands=[BandInfo(name=f"b{i + 1}", description=f"b{i + 1}") for i in range(3)],
+               classes=[ClassInfo(id=1, name="Water"), ClassInfo(id=2, name="forest")])
+    with pytest.raises(ConfigError, match=r"class 'Water' is id 2 in .*model_A but id 1 in .*model_C.*--classes"):
+        compare(bands, [models["A"], tmp_path / "model_C"], lpath, OPTS)

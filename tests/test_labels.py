@@ -290,3 +290,74 @@ def test_ignored_polygons_mask_their_pixels_over_the_background_and_earlier_poly
     expect[30:35, 30:35] = 255  # over the background
     expect[25:40, 40:50] = 255  # an ignored value that is no class id
     assert np.array_equal(ids, expect)
+
+
+def test_two_layers_of_one_file_are_two_label_sources_in_one_compute(tmp_path, grid):
+    """Dask names label blocks by their features: two layers with the same ids must not share keys."""
+    import dask
+    import geopandas as gpd
+    from dask.base import tokenize
+    from shapely.geometry import box
+
+    path = tmp_path / "two.gpkg"
+    x0, y0 = ORIGIN
+    gpd.GeoDataFrame({"class_id": [3]}, geometry=[box(x0, y0 - H * RES, x0 + W * RES, y0)], crs="EPSG:32617").to_file(
+        path, layer="train")
+    gpd.GeoDataFrame({"class_id": [3]}, geometry=[box(x0, y0 - 5 * RES, x0 + 5 * RES, y0)], crs="EPSG:32617").to_file(
+        path, layer="test")
+    a, b = (open_labels(str(path), grid, layer=n) for n in ("train", "test"))
+    assert tokenize(a) != tokenize(b)
+    assert tokenize(a) == tokenize(open_labels(str(path), grid, layer="train"))
+    counts = dask.compute(*(dask.delayed(lambda s: int((read_labels(s, ALL) != 255).sum()))(s) for s in (a, b)))
+    assert counts == (H * W, 25)
+
+
+def test_geoparquet_labels_are_read(tmp_path, grid):
+    import geopandas as gpd
+
+    src = write_polygons(tmp_path / "p.gpkg", POLYS)
+    gpd.read_file(src).to_parquet(tmp_path / "p.parquet")
+    classes = [ClassInfo(id=4, name="water"), ClassInfo(id=11, name="forest")]
+    assert np.array_equal(read_labels(open_labels(str(tmp_path / "p.parquet"), grid, classes=classes), ALL),
+                          read_labels(open_labels(src, grid, classes=classes), ALL))
+
+
+def test_names_differing_only_in_case_are_one_class_without_a_class_list(tmp_path, grid, caplog):
+    p = write_polygons(tmp_path / "case.gpkg", [((0, 5, 0, 5), "Water"), ((5, 10, 0, 5), "water"), ((10, 15, 0, 5), "WATER"),
+                                                ((15, 20, 0, 5), "Forest"), ((20, 25, 0, 5), "  ")])
+    with caplog.at_level("WARNING"):
+        src = open_labels(p, grid)
+    assert [(c.id, c.name) for c in src.classes] == [(1, "Forest"), (2, "WATER")]  # the first spelling sorted
+    ids = read_labels(src, ALL)
+    assert ids[2, 2] == ids[7, 2] == ids[12, 2] == 2 and ids[17, 2] == 1
+    assert ids[22, 2] == 255  # a blank name is no class: left out, with a warning
+    assert "differ only in case" in caplog.text and "have no value" in caplog.text
+
+
+def test_layers_without_geometries_are_not_labels(tmp_path, grid):
+    """A QGIS project GeoPackage: one polygon layer and the layer_styles table."""
+    import geopandas as gpd
+    import pandas as pd
+    import pyogrio
+
+    path = write_polygons(tmp_path / "styled.gpkg", POLYS)
+    pyogrio.write_dataframe(pd.DataFrame({"styleName": ["s"]}), path, layer="layer_styles", append=True)
+    assert len(pyogrio.list_layers(path)) == 2
+    src = open_labels(str(path), grid, classes=[ClassInfo(id=4, name="water"), ClassInfo(id=11, name="forest")])
+    assert read_labels(src, ALL)[3, 4] == 4
+    with pytest.raises(InputError, match="'layer_styles' is a table without geometries; the layers with geometries are styled"):
+        open_labels(str(path), grid, layer="layer_styles")
+    with pytest.raises(InputError, match="no layer 'zzz'; its layers are styled"):
+        open_labels(str(path), grid, layer="zzz")
+    del gpd
+
+
+def test_a_field_without_values_is_named(tmp_path, grid):
+    import geopandas as gpd
+
+    p = write_polygons(tmp_path / "nan.gpkg", [((0, 5, 0, 5), 1.0), ((5, 10, 0, 5), 2.0)], field="code")
+    gdf = gpd.read_file(p)
+    gdf["code"] = np.nan
+    gdf.to_file(p)
+    with pytest.raises(InputError, match="no feature with a geometry has a value in field 'code'"):
+        open_labels(str(p), grid, field="code")

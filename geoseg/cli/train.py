@@ -54,7 +54,7 @@ label_opts = [
     click.option("--labels", "labels", required=True, type=click.Path(dir_okay=False),
                  help="Class raster on the image grid, or polygons (GeoPackage, GeoJSON, Shapefile)."),
     click.option("--label-field", default=None, metavar="FIELD",
-                 help="Vector labels: the field with class ids or class names (default: class_id, class or label)."),
+                 help="Vector labels: the field with class ids or class names (default: class_id, class, label, ... or the only field)."),
     click.option("--label-layer", default=None, metavar="LAYER",
                  help="Vector labels: the layer of a file that holds several (a GeoPackage)."),
     click.option("--ignore-index", "ignore", type=int, multiple=True, metavar="ID",

@@ -224,8 +224,16 @@ class VectorLabels:
                 "background": self.background}
 
     def __dask_tokenize__(self) -> Any:
-        return ("geoseg-labels", _identity(self.path), self.field, _grid_token(self.grid), self.ids.tobytes(), self.all_touched,
-                self.background)
+        # the features themselves: two layers of one file, or a file edited in place, are other labels
+        import hashlib
+
+        import shapely
+
+        digest = hashlib.sha256()
+        for wkb in shapely.to_wkb(self.geoms):
+            digest.update(wkb)
+        return ("geoseg-labels", os.path.abspath(self.path), self.field, _grid_token(self.grid), digest.hexdigest(),
+                self.ids.tobytes(), self.all_touched, self.background)
 
     def read(self, box: Box) -> np.ndarray:
         from rasterio.features import rasterize
@@ -358,15 +366,33 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
 
 
 def _read_vector(path: str, layer: str | None, choose: str = "pass --label-layer NAME"):
-    """The features of ``path`` (its ``layer``); a file of several layers must say which (``choose``: how)."""
+    """The features of ``path`` (its ``layer``); a file of several layers must say which (``choose``: how).
+
+    Only layers with geometries count: a GeoPackage's attribute tables (QGIS's ``layer_styles``) are not labels.
+    GeoParquet is read with geopandas (GDAL builds often lack its driver).
+    """
     import geopandas as gpd
     import pyogrio
 
     try:
-        if not layer:
-            layers = [str(name) for name, _ in pyogrio.list_layers(path)]
-            if len(layers) > 1:
-                raise InputError(f"{path}: holds {len(layers)} layers ({', '.join(layers)}); {choose}")
+        if Path(path).suffix.lower() == ".parquet" and "://" not in path:
+            if layer:
+                raise InputError(f"{path}: --label-layer {layer!r} is for files of several layers; GeoParquet holds one, drop it")
+            return gpd.read_parquet(path)
+        listed = [(str(name), gtype) for name, gtype in pyogrio.list_layers(path)]
+        spatial = [name for name, gtype in listed if gtype is not None]
+        if layer:
+            if layer not in {name for name, _ in listed}:
+                raise InputError(f"{path}: no layer {layer!r}; its layers are {', '.join(spatial) or '(none with geometries)'}")
+            if layer not in spatial:
+                raise InputError(f"{path}: layer {layer!r} is a table without geometries; "
+                                 f"the layers with geometries are {', '.join(spatial) or '(none)'}")
+        elif len(spatial) > 1:
+            raise InputError(f"{path}: holds {len(spatial)} layers ({', '.join(spatial)}); {choose}")
+        elif not spatial:
+            raise InputError(f"{path}: holds no layer with geometries; give the file that holds the labels")
+        else:
+            layer = spatial[0] if len(listed) > 1 else None
         return gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
     except InputError:
         raise
@@ -408,15 +434,23 @@ def _open_vector(
 
     gdf = _read_vector(path, layer)
     where = f" (layer {layer!r})" if layer else ""
-    if gdf.geometry.isna().all() or gdf.geometry.is_empty.all():
+    with warnings.catch_warnings():  # geopandas warns that empty geometries are not missing ones: both are dropped
+        warnings.simplefilter("ignore", UserWarning)
+        present = gdf.geometry.notna().to_numpy() & ~gdf.geometry.is_empty.to_numpy()
+    if not present.any():
         raise InputError(f"{path}{where}: holds no features with a geometry; give the file that holds the labels")
     columns = [c for c in gdf.columns if c != gdf.geometry.name]
     field = _pick_field(path, columns, field)
     if gdf.crs is None:
         raise InputError(f"{path}: vector labels have no CRS; assign one first (ogr2ogr -a_srs EPSG:XXXX)")
-    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    gdf = gdf[present]
     values = gdf[field]
-    missing = values.isna()
+    missing = values.isna().to_numpy().copy()
+    if not pd.api.types.is_numeric_dtype(values):
+        missing |= values.astype(str).str.strip().eq("").to_numpy()  # a blank name is no class
+    if missing.all():
+        raise InputError(f"{path}{where}: no feature with a geometry has a value in field {field!r}; "
+                         f"give the field that holds the classes (--label-field; its fields are {', '.join(columns)})")
     if missing.any():
         log.warning("%s: %d feature(s) have no value in %r and are left out", path, int(missing.sum()), field)
         gdf, values = gdf[~missing], values[~missing]
@@ -446,6 +480,15 @@ def _open_vector(
             ids = np.array([exact.get(n, folded.get(n.casefold())) for n in names], np.int64)
         else:
             # No class list: names sorted alphabetically get ids 1, 2, ... (0 stays free for a background class).
+            # Names that differ only in case are one class (as a class list matches them), spelled as first sorted.
+            spelling: dict[str, str] = {}
+            for n in sorted(set(names)):
+                spelling.setdefault(n.casefold(), n)
+            merged = sorted({n for n in names if spelling[n.casefold()] != n})
+            if merged:
+                log.warning("%s: class names %s differ only in case from others and are read as those (%s)", path,
+                            ", ".join(map(repr, merged)), ", ".join(repr(spelling[n.casefold()]) for n in merged))
+            names = names.map(lambda n: spelling[n.casefold()])
             order = sorted(set(names))
             if len(order) > 254:
                 raise InputError(f"{path}: field {field!r} holds {len(order)} distinct names; at most 254 classes")
