@@ -104,6 +104,10 @@ def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact:
     """Ask the model workers what they compute in and decide the job's precision there."""
     addrs = wait_for_model_workers(client, resources, timeout)
     caps = client.run(capabilities, device, workers=addrs)
+    failed = {a: c["error"] for a, c in caps.items() if c.get("error")}
+    if failed:
+        raise ConfigError(f"{len(failed)} of {len(caps)} model worker(s) ({', '.join(sorted(failed))}): "
+                          + next(iter(failed.values())))
     precision, reason = decide(requested, exact, caps)
     slowdown = None
     if precision == "bf16":
@@ -118,6 +122,8 @@ def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact:
 def resolve_here(requested: str, device: str = "auto", exact: bool = False) -> Numerics:
     """The same decision for a process that runs the model itself (no distributed client)."""
     caps = {"local": capabilities(device)}
+    if caps["local"].get("error"):
+        raise ConfigError(caps["local"]["error"])
     precision, reason = decide(requested, exact, caps)
     slowdown = None
     if precision == "bf16" and not caps["local"]["bf16_native"]:

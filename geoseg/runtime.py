@@ -12,7 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from geoseg.errors import ModelError
+from geoseg.errors import ConfigError, ModelError
 from geoseg.model.store import ModelBundle, load_model, local_model_dir
 
 # Loaded models by (digest, device): one copy of a model whatever path it was given by. A long-lived worker
@@ -37,8 +37,17 @@ def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        return "cpu"
+        # asked for by name: running on the CPU instead would be many times slower, and silent
+        raise ConfigError(no_cuda_message(requested, "this process"))
     return requested
+
+
+def no_cuda_message(requested: str, where: str) -> str:
+    import torch
+
+    return (f"device {requested} was asked for, but torch sees no CUDA GPU on {where} (torch {torch.__version__}, built for "
+            f"CUDA {torch.version.cuda or 'none'}; check the GPU and that its driver supports that CUDA version with "
+            "nvidia-smi); use device auto (or cpu) to run on the CPU")
 
 
 def _worker_threads() -> int | None:

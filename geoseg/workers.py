@@ -170,8 +170,10 @@ def capabilities(device: str = "auto") -> dict[str, Any]:
     """What this process computes on and in: device, native bf16, CPU features, threads."""
     import torch
 
-    from geoseg.runtime import fast_bf16, pick_device
+    from geoseg.runtime import fast_bf16, no_cuda_message, pick_device
 
+    if device.startswith("cuda") and not torch.cuda.is_available():  # said to the client, which names the workers
+        return {"device": "cpu", "error": no_cuda_message(device, platform.node()), "host": platform.node()}
     dev = pick_device(device)
     info: dict[str, Any] = {
         "device": dev,

@@ -388,3 +388,23 @@ def test_geoseg_predict_makes_gpu_workers_unless_told_cpu(random_model, scene_pa
         rec = json.loads((out / "run.json").read_text())
         assert rec["cluster"]["workers"] == 1 + gpu_workers and rec["cluster"]["gpu_workers"] == gpu_workers
         assert len(rec["numerics"]["workers"]) == 1  # the GPU worker alone, or the one CPU worker
+
+
+def test_cuda_asked_for_on_workers_without_a_gpu_is_refused(gpu_and_cpu_workers, random_model, scene_path, tmp_path):
+    """A job that names cuda must not run on the CPU because the GPU's driver is missing (many times slower, silent)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    client = gpu_and_cpu_workers
+    gpu = _worker_with_gpu(client)
+    opts = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False, model_resources={"GPU": 1}, device="cuda")
+    with pytest.raises(ConfigError, match=r"1 of 1 model worker\(s\) \(" + gpu.replace(".", r"\.") + r"\).*device cuda was "
+                       r"asked for, but torch sees no CUDA GPU.*nvidia-smi.*device auto"):
+        predict([scene_path], random_model, tmp_path / "out", opts, client=client)
+    assert not (tmp_path / "out" / "run.json").exists()
+    from geoseg.runtime import pick_device
+
+    with pytest.raises(ConfigError, match="no CUDA GPU on this process"):  # training and one-process runs too
+        pick_device("cuda")
+    assert pick_device("auto") == "cpu"
