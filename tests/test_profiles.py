@@ -87,7 +87,7 @@ def test_slurm_job_script_renders_without_slurm():
     script = profile.job_script()
     assert script.startswith("#!/usr/bin/env bash")
     for line in ("#SBATCH -p gpu", "#SBATCH -A geo-segmentation", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64G",
-                 "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:1", "module load cuda/12.4"):
+                 "#SBATCH -t 04:00:00", "#SBATCH --gres=gpu:1", 'source "$HOME/geoseg/.venv/bin/activate"'):
         assert line in script.splitlines(), line
     (command,) = [ln for ln in script.splitlines() if "distributed.cli.dask_worker" in ln]
     assert "--nthreads 8" in command and "--memory-limit 64.00GiB" in command

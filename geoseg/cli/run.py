@@ -114,8 +114,13 @@ def _print_dry_run(spec, overwrite: bool, resume: bool) -> None:
             click.echo(f"# TLS: the pods take the cluster's certificates from the Secret {profile.secret} (ca.crt, tls.crt, tls.key):\n"
                        f"#   kubectl create secret generic {profile.secret} --from-file=ca.crt=CA --from-file=tls.crt=CERT "
                        "--from-file=tls.key=KEY")
-        click.echo("# DaskCluster manifest (kubectl apply -f -):")
-        click.echo(_yaml(profile.manifest()))
+        if profile.address and not profile.create:
+            # this profile's fields would describe some other cluster than the one it reaches
+            click.echo("# geoseg connects to the running cluster at this address and makes none (no manifest)")
+        else:
+            click.echo("# DaskCluster manifest " + ("(geoseg makes this cluster):" if profile.create else
+                                                    "(kubectl apply -f -, or a DaskJob's spec.cluster.spec):"))
+            click.echo(_yaml(profile.manifest()))
     jp = plan(spec, overwrite=overwrite, resume=resume)
     click.echo(f"\n# plan: {len(jp.todo)} of {len(jp.scenes)} scenes to compute")
     for sp in jp.scenes:
