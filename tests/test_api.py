@@ -422,6 +422,30 @@ def test_cog_and_polygons_of_a_strided_or_south_up_prediction_are_where_its_pixe
             np.testing.assert_array_equal(burnt, src.read(1), err_msg=name)
 
 
+def test_a_store_saved_from_a_strided_coarsened_or_south_up_prediction_is_read_where_its_pixels_are(random_model, tmp_path):
+    """xarray's to_zarr keeps rioxarray's stale GeoTransform beside the right coordinates: geoseg info and
+    vectorize of the store follow the coordinates (they placed the polygons 950 m south and mirrored)."""
+    import dask
+    from rasterio.features import rasterize
+
+    from geoseg.cli.info import store_summary
+
+    with dask.config.set(scheduler="synchronous"):
+        ds = geoseg.predict(_north_up(), random_model, chunk_size=64, precision="fp32").compute()
+    assert geoseg.vectorize(ds).geometry.notna().all()
+    for name, sub in (("strided", ds.isel(y=slice(0, None, 2), x=slice(1, None, 3))), ("south-up", ds.isel(y=slice(None, None, -1))),
+                      ("coarsened", ds[["class_id"]].coarsen(y=2, x=2).max())):
+        store = tmp_path / f"{name}.zarr"
+        sub.to_zarr(store)
+        assert store_summary(str(store))["transform"] == list(sub.rio.transform(recalc=True))[:6], name
+        cog = geoseg.to_cog(sub, tmp_path / f"{name}.tif", client=None)
+        gdf = geoseg.vectorize(str(store))
+        with rasterio.open(cog) as src:
+            burnt = rasterize(zip(gdf.geometry, gdf.class_id.astype(int)), out_shape=src.shape, transform=src.transform,
+                              fill=255, dtype="uint8")
+            np.testing.assert_array_equal(burnt, src.read(1), err_msg=name)
+
+
 def test_physical_converts_values_and_says_so(tmp_path, random_model, scene_path):
     """geoseg.physical: value x scale + offset per band, nodata as NaN, and scale/offset coordinates of 1 and 0, so a
     model trained on physical values takes it and refuses the stored values (converting by hand kept the stored

@@ -349,6 +349,18 @@ def iter_parts(parts: str) -> Iterator[Any]:
             yield gpd.read_parquet(path)
 
 
+def store_transform(ds: Any) -> Any:
+    """The transform of a store's rows and columns as stored. rioxarray's saved GeoTransform, unless the
+    coordinates say otherwise: a store written from a coarsened, strided or flipped Dataset keeps the
+    GeoTransform of the array it came from, and only its coordinates are right."""
+    saved = ds.rio.transform()
+    if ds.sizes.get("y", 0) < 2 or ds.sizes.get("x", 0) < 2:
+        return saved
+    coords = ds.rio.transform(recalc=True)
+    tol = 1e-6 * max(abs(coords.a), abs(coords.e))
+    return saved if saved.almost_equals(coords, precision=tol) else coords
+
+
 def open_class_raster(path: str | os.PathLike) -> ClassRaster:
     """A class map to vectorize: ``prediction.zarr`` (with confidence) or a single-band integer raster."""
     from geoseg.errors import InputError
@@ -366,7 +378,7 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
 
         ds = open_prediction(p)
         crs = ds.rio.crs
-        return ClassRaster(p, "zarr", tuple(arr.shape), ds.rio.transform(), None if crs is None else crs.to_wkt(),
+        return ClassRaster(p, "zarr", tuple(arr.shape), store_transform(ds), None if crs is None else crs.to_wkt(),
                            int(ds["class_id"].attrs.get("nodata", 255)), tuple(arr.chunks), "confidence" in g)
     import rasterio
     from rasterio.errors import RasterioIOError
