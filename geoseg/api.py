@@ -322,7 +322,13 @@ def band_nodata(scene: xr.DataArray) -> list[float | None]:
         return [None if np.isnan(v) else float(v) for v in np.asarray(scene.coords[NODATA].values, np.float64)]
     nd = scene.attrs.get("nodata")
     if nd is None:
-        nd = scene.attrs.get("_FillValue", scene.encoding.get("_FillValue"))
+        nd = scene.attrs.get("_FillValue")
+    if nd is None and scene.encoding.get("_FillValue") is not None:
+        stored = scene.encoding.get("dtype")
+        decoded = any(k in scene.encoding for k in ("scale_factor", "add_offset")) or (
+            stored is not None and np.dtype(stored) != scene.dtype)
+        # masked (and scaled) on reading: the stored fill value is NaN now, and a valid value may equal it
+        nd = float("nan") if decoded else scene.encoding["_FillValue"]
     if nd is not None and np.ndim(nd):
         values = list(np.asarray(nd, dtype=object).ravel())
         if len(values) != scene.sizes["band"]:
@@ -392,11 +398,13 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
 
 
 def _north_up(obj: Any) -> Any:
-    """A DataArray or Dataset with rows north-up (y descending), as rasters are, and its transform from its
+    """A DataArray or Dataset with rows north-up (y descending) and columns west to east, as rasters are, and its transform from its
     coordinates: a strided selection, coarsen or flip keeps rioxarray's cached transform, which no longer fits."""
     if obj.sizes.get("y", 0) > 1 and obj.sizes.get("x", 0) > 1:
         if float(obj["y"][1]) > float(obj["y"][0]):  # south-up rows (y ascending)
             obj = obj.isel(y=slice(None, None, -1))
+        if float(obj["x"][1]) < float(obj["x"][0]):  # columns east to west: the model saw a mirror image
+            obj = obj.isel(x=slice(None, None, -1))
         obj = obj.rio.write_transform(obj.rio.transform(recalc=True))
     return obj
 

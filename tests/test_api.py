@@ -275,6 +275,10 @@ def test_strided_coarsened_and_south_up_scenes_keep_their_grid(random_model):
         ds = geoseg.predict(flipped, random_model, chunk_size=64, precision="fp32")
         assert ds.rio.transform() == ref.rio.transform() and float(ds["y"][0]) > float(ds["y"][-1])
         np.testing.assert_array_equal(ds.class_id.values, ref.class_id.values)  # the model saw it north-up
+        mirrored = scene.isel(x=slice(None, None, -1))  # x descending: columns east to west
+        ds = geoseg.predict(mirrored, random_model, chunk_size=64, precision="fp32")
+        assert ds.rio.transform() == ref.rio.transform()
+        np.testing.assert_array_equal(ds.class_id.values, ref.class_id.values)  # ... and not mirrored
 
 
 def test_per_band_nodata_follows_band_selections_and_rioxarray_reads_the_scene(tmp_path, random_model):
@@ -444,6 +448,30 @@ def test_a_store_saved_from_a_strided_coarsened_or_south_up_prediction_is_read_w
             burnt = rasterize(zip(gdf.geometry, gdf.class_id.astype(int)), out_shape=src.shape, transform=src.transform,
                               fill=255, dtype="uint8")
             np.testing.assert_array_equal(burnt, src.read(1), err_msg=name)
+
+
+def test_a_scene_masked_and_scaled_by_rioxarray_keeps_valid_pixels_equal_to_the_stored_nodata(tmp_path, random_model,
+                                                                                               scene_path):
+    """open_rasterio(mask_and_scale=True) turns the stored nodata into NaN; its _FillValue (stored units) stays in
+    the encoding and must not mask a valid physical value equal to it (a model trained on physical values)."""
+    import shutil
+
+    import dask
+    import rioxarray
+
+    scaled = tmp_path / "scaled.tif"
+    shutil.copy(scene_path, scaled)
+    with rasterio.open(scaled, "r+") as ds:
+        block = ds.read(window=((150, 151), (200, 201)))
+        block[:] = 1000  # 1000 x 0.5 - 500 = 0.0: the stored nodata's value, but a valid pixel
+        ds.write(block, window=((150, 151), (200, 201)))
+        ds.scales, ds.offsets = (0.5,) * 4, (-500.0,) * 4
+    scene = rioxarray.open_rasterio(scaled, mask_and_scale=True)
+    assert scene.encoding["_FillValue"] == 0 and float(scene[0, 150, 200]) == 0.0
+    with dask.config.set(scheduler="synchronous"):
+        ids = geoseg.predict(scene, random_model, chunk_size=128, precision="fp32").class_id.values
+    assert ids[150, 200] != 255
+    assert (ids[:20, :20] == 255).all() and (ids[100:, 100:] != 255).all()  # the nodata wedge, and valid pixels
 
 
 def test_physical_converts_values_and_says_so(tmp_path, random_model, scene_path):
