@@ -192,6 +192,34 @@ def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp
         assert store["crs"] == f"EPSG:{src.crs.to_epsg()}" and store["shape"] == [src.height, src.width]
         assert store["transform"] == list(src.transform)[:6]
     assert store["layers"] == ["class_id", "confidence"] and store["class_nodata"] == 255
+    # its STAC item: the assets, not a raster without a CRS
+    res = CliRunner().invoke(cli, ["info", str(out / "item.json"), "--json"])
+    assert res.exit_code == 0, res.output
+    (item,) = json.loads(res.output)
+    assert item["stac_item"] == str(out / "item.json") and item["proj:code"] == f"EPSG:{src.crs.to_epsg()}"
+    assert item["assets"]["classes"]["href"] == "classes.tif" and item["assets"]["prediction"]["href"] == "prediction.zarr"
+
+
+def test_info_of_a_job_root_and_of_a_nan_nodata_scaled_raster_in_strict_json(tmp_path):
+    import math
+
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "job.json").write_text(json.dumps({"geoseg_job": 1, "job": "j", "status": "finished", "scenes": [
+        {"name": "a", "status": "computed", "reason": "not run yet", "out_dir": str(tmp_path / "job" / "a")}]}))
+    res = CliRunner().invoke(cli, ["info", str(tmp_path / "job"), "--json"])
+    assert res.exit_code == 0, res.output
+    (job,) = json.loads(res.output)
+    assert job["status"] == "finished" and job["scenes"] == {"a": "computed (not run yet)"}
+    path = tmp_path / "nan.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=2, dtype="float32", nodata=float("nan"),
+                       crs="EPSG:32617", transform=rasterio.transform.from_origin(500000, 4000000, 10, 10)) as ds:
+        ds.write(np.ones((2, 8, 8), np.float32))
+        ds.scales, ds.offsets = (0.01, 1.0), (-1.0, 0.0)
+    res = CliRunner().invoke(cli, ["info", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    (raster,) = json.loads(res.output, parse_constant=lambda c: math.nan if False else pytest.fail(f"not JSON: {c}"))
+    b1, b2 = raster["bands"]
+    assert b1["nodata"] is None and (b1["scale"], b1["offset"]) == (0.01, -1.0) and "scale" not in b2
 
 
 def test_stac_footprint_and_bbox_of_a_scene_across_the_antimeridian():

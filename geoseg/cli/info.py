@@ -24,6 +24,14 @@ def info(paths, as_json):
         if Path(p).is_dir() and (Path(p) / "run.json").exists():
             out.append(output_summary(Path(p)))
             continue
+        if Path(p).is_dir() and (Path(p) / "job.json").exists():
+            out.append(job_summary(Path(p)))
+            continue
+        if Path(p).is_file() and Path(p).suffix.lower() == ".json":
+            item = _stac_item(Path(p))
+            if item is not None:
+                out.append(item)
+                continue
         if Path(p).is_dir() and (Path(p) / "model.json").exists():
             card = check_model_dir(p)
             ens = card.method_params.get("ensemble")
@@ -48,10 +56,11 @@ def info(paths, as_json):
         g = stack.grid
         out.append({"raster": p, "crs": g.crs.to_wkt() if g.crs.epsg is None else f"EPSG:{g.crs.epsg}",
                     "shape": list(g.shape), "transform": list(g.affine)[:6], "block_shape": list(stack.block_shape),
-                    "bands": [{"band": b.band, "description": b.description, "dtype": b.dtype, "nodata": b.nodata}
+                    "bands": [{"band": b.band, "description": b.description, "dtype": b.dtype, "nodata": b.nodata,
+                               **({"scale": b.scale, "offset": b.offset} if (b.scale, b.offset) != (1.0, 0.0) else {})}
                               for b in stack.bands]})
     if as_json:
-        click.echo(json.dumps(out, indent=2, default=str))
+        click.echo(json.dumps(_json_safe(out), indent=2, default=str, allow_nan=False))
         return
     for item in out:
         classes = item.pop("classes_table", None)
@@ -115,3 +124,46 @@ def store_summary(path: str) -> dict:
     return {"store": path, "crs": f"EPSG:{epsg}" if epsg else (crs.to_wkt() if crs else None), "shape": list(src.shape),
             "transform": list(src.affine)[:6], "chunks": list(src.chunks or ()), "class_nodata": src.nodata,
             "layers": ["class_id"] + (["confidence"] if src.has_confidence else [])}
+
+
+def _json_safe(obj):
+    """NaN and infinities as JSON can hold them (null, "inf"): a NaN nodata is no number JSON knows."""
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def job_summary(root: Path) -> dict:
+    """A job's output root (job.json): its status and each scene's."""
+    try:
+        job = json.loads((root / "job.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{root / 'job.json'}: cannot be read ({exc}); run the job again") from None
+    scenes = job.get("scenes") or []
+    return {"job": job.get("job"), "root": str(root), "status": job.get("status"), "job_file": job.get("job_file"),
+            "finished": job.get("finished"), "wall_s": job.get("wall_s"),
+            "scenes": {s.get("name"): f"{s.get('status')} ({s.get('reason')})" if s.get("reason") else s.get("status")
+                       for s in scenes},
+            "outputs": "geoseg info " + " ".join(str(s.get("out_dir")) for s in scenes[:3]) + (" ..." if len(scenes) > 3 else "")}
+
+
+def _stac_item(path: Path) -> dict | None:
+    """A STAC item (geoseg's item.json, or any): its assets, which are what rasters there are to read."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or "stac_version" not in doc or doc.get("type") != "Feature":
+        return None
+    props = doc.get("properties") or {}
+    assets = {k: {"href": a.get("href"), "type": a.get("type"), "roles": a.get("roles")}
+              for k, a in (doc.get("assets") or {}).items() if isinstance(a, dict)}
+    return {"stac_item": str(path), "id": doc.get("id"), "datetime": props.get("datetime"), "bbox": doc.get("bbox"),
+            "proj:code": props.get("proj:code", props.get("proj:epsg")), "assets": assets,
+            "read": "geoseg info ASSET_HREF for a raster; geoseg.open_scene(ITEM) in Python stacks its bands to segment them"}
