@@ -47,6 +47,12 @@ class PredictionAccessor:
     def __init__(self, obj: xr.Dataset) -> None:
         self._obj = obj
 
+    def predict(self, model: Any, **options: Any) -> xr.Dataset:
+        """A Dataset of one variable per band (odc-stac's load) segmented, as geoseg.predict(ds, model)."""
+        from geoseg.api import predict
+
+        return predict(self._obj, model, **options)
+
     def plot(self, **options: Any) -> Any:
         from geoseg.plot import plot_classes
 

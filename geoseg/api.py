@@ -624,6 +624,11 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
     from geoseg.io.cog_cluster import write_cog_cluster
 
     var = _north_up(ds["class_id"] if isinstance(ds, xr.Dataset) else ds)
+    if var.ndim != 2 or not np.issubdtype(var.dtype, np.integer):
+        raise InputError(f"to_cog writes a class map (2-D integer class ids, a prediction's class_id); this is "
+                         f"{var.ndim}-D {var.dtype} with dims {tuple(var.dims)}: predict it first (geoseg.predict(scene, model))")
+    if var.rio.crs is None:
+        raise InputError("the class map has no CRS; set one with .rio.write_crs(...)")
     from odc.geo.geobox import GeoBox
 
     grid = GeoBox(var.shape, var.rio.transform(), var.rio.crs.to_wkt())

@@ -52,8 +52,12 @@ def _extent(da_: xr.DataArray, step: int = 1) -> list[float]:
     """Left, right, bottom, top of an image of ``da_`` (taken every ``step`` pixels of its source): each shown
     cell spans ``step`` source pixels from the source's own edge, not a cell centred on the pixel sampled."""
     x, y = da_["x"].values, da_["y"].values
-    dx = (x[1] - x[0]) if len(x) > 1 else float(step)
-    dy = (y[1] - y[0]) if len(y) > 1 else -float(step)
+    try:  # one row or column: the pixel size of the grid (rioxarray's transform), shown every ``step`` pixels
+        res_x, res_y = da_.rio.resolution()
+    except Exception:  # noqa: BLE001  (no grid at all: one unit per pixel)
+        res_x, res_y = 1.0, -1.0
+    dx = (x[1] - x[0]) if len(x) > 1 else float(res_x) * step
+    dy = (y[1] - y[0]) if len(y) > 1 else float(res_y) * step
     left, top = x[0] - dx / step / 2, y[0] - dy / step / 2
     return [left, left + len(x) * dx, top + len(y) * dy, top]
 
@@ -123,11 +127,17 @@ def plot_classes(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_siz
 
     from geoseg.api import classes_of
 
+    from geoseg.api import _north_up
+
     plt = _pyplot()
-    var = _class_var(ds)
+    var = _north_up(_class_var(ds))  # drawn north-up, as plot_scene draws
     classes = classes_of(var)
     small = _decimate(var, max_size)
     ids = np.asarray(small.values)
+    nodata = var.rio.nodata
+    if nodata is not None and np.isfinite(nodata) and float(nodata) != 255:  # a class map with a nodata of its own
+        ids = np.where(ids == nodata, 255, ids)
+        classes = [c for c in classes if c.id != int(nodata)] if classes else classes
     if not classes:
         classes = [__import__("geoseg.model.card", fromlist=["ClassInfo"]).ClassInfo(id=int(i), name=f"class_{int(i)}")
                    for i in np.unique(ids) if i != 255]
@@ -146,7 +156,8 @@ def plot_classes(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_siz
     if legend:
         present = set(np.unique(ids).tolist())
         handles = [Patch(facecolor=c.color, edgecolor="black", label=c.name) for c in classes if c.id in present]
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="classes")
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="classes",
+                  ncol=max(1, -(-len(handles) // 25)))  # columns of at most 25 names: many classes stay in the figure
     ax.set_title("classes")
     return ax
 

@@ -192,6 +192,15 @@ def test_vectorize_a_dataset_and_cog_from_the_accessor(client, random_model, sce
     with rasterio.open(path) as src:
         np.testing.assert_array_equal(src.read(1), ds.class_id.values)
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    from geoseg.errors import InputError
+
+    scene = geoseg.open_scene(scene_path)
+    with pytest.raises(InputError, match=r"to_cog writes a class map .* 3-D uint16 .*predict it first"):
+        scene.geoseg.to_cog(tmp_path / "scene.tif")  # a scene, not its class map
+    assert not (tmp_path / "scene.tif").exists()
+    per_band = scene.to_dataset(dim="band")  # odc-stac's layout: one variable per band
+    np.testing.assert_array_equal(per_band.geoseg.predict(random_model, chunk_size=128).class_id.values,
+                                  geoseg.predict(per_band, random_model, chunk_size=128).class_id.values)
 
 
 def test_a_scalar_nodata_attribute_masks_every_band(random_model):

@@ -105,3 +105,41 @@ def test_a_raw_rioxarray_array_plots_as_its_scene(scene_path):
     assert left == x0 and top == y1 and right >= x1 and bottom <= y0  # 300 x 437 px taken every 5th: 88 x 60 cells
     assert right - x1 < 5 * 30 and y0 - bottom < 5 * 30
     plt.close(ax.figure)
+
+
+def test_class_maps_south_up_with_their_own_nodata_one_column_and_many_classes(prediction):
+    """Drawn north-up like plot_scene; a class map's own nodata (rio.nodata 0) is transparent, not a class; one
+    column spans its pixel's width; 200 classes' legend takes columns."""
+    import xarray as xr
+
+    var = prediction.class_id
+    fig, (a, b) = plt.subplots(1, 2)
+    plot_classes(prediction, ax=a)
+    plot_classes(prediction.isel(y=slice(None, None, -1)), ax=b)
+    assert a.get_ylim() == b.get_ylim() and a.images[0].get_extent() == b.images[0].get_extent()
+    np.testing.assert_array_equal(a.images[0].get_array(), b.images[0].get_array())
+    plt.close(fig)
+
+    zero = xr.DataArray(np.where(var.values == 255, 0, var.values + 1).astype(np.uint8), dims=("y", "x"),
+                        coords={"y": var.y, "x": var.x}).rio.write_nodata(0)
+    fig, ax = plt.subplots()
+    plot_classes(zero, ax=ax)
+    shown = ax.images[0].get_array()
+    assert np.array_equal(np.ma.getmaskarray(shown), zero.values == 0)
+    assert "class_0" not in [t.get_text() for t in ax.get_legend().get_texts()]
+    plt.close(fig)
+
+    one = var.isel(x=slice(10, 11))
+    fig, ax = plt.subplots()
+    plot_classes(one, ax=ax)
+    left, right = ax.images[0].get_extent()[:2]
+    res = float(var.x[1] - var.x[0])
+    assert (left, right) == pytest.approx((float(one.x[0]) - res / 2, float(one.x[0]) + res / 2))
+    plt.close(fig)
+
+    many = xr.DataArray(np.arange(200, dtype=np.uint8).reshape(10, 20), dims=("y", "x"),
+                        coords={"y": np.arange(10)[::-1] * 10.0, "x": np.arange(20) * 10.0})
+    fig, ax = plt.subplots()
+    plot_classes(many, ax=ax)
+    assert len(ax.get_legend().get_texts()) == 200 and ax.get_legend()._ncols == 8
+    plt.close(fig)
