@@ -56,7 +56,8 @@ def cli(*args):
 
 def train(scene, out, *extra):
     img, lab, classes, _ = scene
-    r = cli("-q", "train", img, "--labels", lab, "--classes", classes, "--out", out, "--band-roles", ROLES, "--members", 1, *extra)
+    networks = () if "--method" in extra else ("--members", 1)  # the other methods refuse the networks' options
+    r = cli("-q", "train", img, "--labels", lab, "--classes", classes, "--out", out, "--band-roles", ROLES, *networks, *extra)
     assert r.exit_code == 0, r.output
     return ModelCard.read(Path(out) / "model.json")
 
@@ -152,6 +153,18 @@ def test_a_minimum_mapping_unit_names_classes_the_model_has(scene, pixel_model, 
         old = ModelCard.model_validate({**card.model_dump(), "postprocess": {"class_min_pixels": {9: 4, 2: 20}}})
     assert old.postprocess.class_min_pixels == {2: 20}
     assert "global_reach" not in json.loads(card.to_json())  # older geoseg still reads a card that is not global
+
+
+def test_options_of_another_method_are_refused_before_training(scene, tmp_path):
+    """--tta d4 on a threshold model was dropped (and predict refuses TTA there); --index on the networks too."""
+    img, lab, classes, _ = scene
+    for method, extra, says in ((["--method", "threshold"], ["--tta", "d4", "--epochs", "3"],
+                                 "--tta, --epochs do not apply to --method threshold"),
+                                (["--method", "pixel"], ["--clusters", "6"], "--clusters does not apply to --method pixel"),
+                                ([], ["--index", "ndwi", "--members", "1"], "--index does not apply to --method smp")):
+        r = cli("train", img, "--labels", lab, "--classes", classes, "--out", tmp_path / "m", *method, *extra)
+        assert r.exit_code == 2 and says in r.output, r.output
+        assert not (tmp_path / "m").exists()
 
 
 def test_threshold_needs_roles_or_index(scene, tmp_path):

@@ -174,6 +174,11 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.methods.fit import band_roles_for, train_method
     from geoseg.model.card import PostProcess
 
+    if method == "smp":
+        _refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"index", "threshold", "clusters"},
+                       "--method smp (the networks)")
+    else:
+        _refuse_unused(ctx, METHOD_OPTIONS | METHOD_ONLY[method], f"--method {method}")
     postprocess = opt.postprocess_of(majority, mmu) or PostProcess()
     if method != "smp":
         with geoseg_warnings():
@@ -217,6 +222,13 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
 INSTANCE_OPTIONS = frozenset({"images", "labels", "label_field", "label_layer", "background", "out_dir", "task", "encoder", "epochs",
                               "chip_size", "batch_size", "steps_per_epoch", "lr", "weight_decay", "seed", "bbox", "window",
                               "overwrite", "device"})
+
+
+# what --method threshold|kmeans|pixel take (labels, split, post-processing); the networks' options are refused
+METHOD_OPTIONS = frozenset({"images", "labels", "label_field", "label_layer", "ignore", "background", "reproject_labels", "out_dir",
+                            "classes_file", "task", "method", "band_roles", "majority", "mmu", "seed", "block_size",
+                            "val_fraction", "chip_size", "bbox", "window", "overwrite"})
+METHOD_ONLY = {"threshold": frozenset({"index", "threshold"}), "kmeans": frozenset({"clusters"}), "pixel": frozenset()}
 
 
 def _refuse_unused(ctx: click.Context, used: frozenset[str], what: str) -> None:
