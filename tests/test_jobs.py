@@ -105,6 +105,25 @@ def test_bad_value_from_the_environment_names_the_variable(tmp_path):
         validate_spec(job, env={"DASK_GEOSEG__CHUNKING__CHUNK_SIZE": "-5"}, config_files=[])
 
 
+def test_words_and_names_from_the_environment_keep_their_text(tmp_path):
+    """dask's parser read TTA none as None (refused as "should be 'card', 'none' or 'd4'") and a job named 2024 as a number."""
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o")
+    spec = validate_spec(job, env={"DASK_GEOSEG__INFERENCE__TTA": "none", "DASK_GEOSEG__NAME": "2024",
+                                   "DASK_GEOSEG__CHUNKING__CHUNK_SIZE": "512"}, config_files=[])
+    assert spec.predict_options().tta == "none" and spec.name == "2024" and spec.chunking.chunk_size == 512
+    from geoseg.jobs.config import cli_layer
+
+    assert cli_layer(settings=["name=2024", "inference.tta=none"]).data == {"name": "2024", "inference": {"tta": "none"}}
+
+
+def test_typos_in_every_section_get_a_hint(tmp_path):
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", inference={"majorty": 1},
+                    objects={"score_treshold": 0.5})
+    with pytest.raises(ConfigError) as exc:
+        validate_spec(job, env=NO_ENV, config_files=[])
+    assert "did you mean majority?" in str(exc.value) and "did you mean score_threshold?" in str(exc.value)
+
+
 def test_unknown_profile_lists_the_known_ones(tmp_path):
     job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o", cluster={"profile": "gpus"})
     with pytest.raises(ConfigError) as exc:

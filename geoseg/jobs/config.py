@@ -78,10 +78,38 @@ def files_layer(paths: Iterable[str] | None = None) -> Layer:
     return Layer("files", "dask config files", data if isinstance(data, dict) else {}, Path.cwd())
 
 
+_TEXT_KEYS = frozenset({"name", "job_name", "queue", "account", "namespace", "image"})  # text even when it reads as a number
+
+
+def parse_value(key: str, raw: str) -> Any:
+    """A setting's value from text, as YAML reads it (``none`` stays the word; dask's parser made it None), except
+    for names, which stay text (a job named 2024)."""
+    if key.replace("-", "_") in _TEXT_KEYS:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def env_layer(env: Mapping[str, str] | None = None) -> Layer:
-    """``DASK_GEOSEG__A__B=value`` variables, read now (dask's own copy was read at import)."""
-    data = dask.config.collect_env(dict(os.environ if env is None else env)).get(NAMESPACE) or {}
-    return Layer("env", "environment", data if isinstance(data, dict) else {}, Path.cwd())
+    """``DASK_GEOSEG__A__B=value`` variables, read now (dask's own copy was read at import), values parsed as
+    ``--set`` parses them."""
+    prefix = f"DASK_{NAMESPACE.upper()}__"
+    data: dict[str, Any] = {}
+    for var, raw in sorted((os.environ if env is None else env).items()):
+        if not var.startswith(prefix):
+            continue
+        parts = [p.lower() for p in var[len(prefix):].split("__") if p]
+        if not parts:
+            continue
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{var}: {part} is set to a value by another variable; set the nested keys only")
+        node[parts[-1]] = parse_value(parts[-1], raw)
+    return Layer("env", "environment", data, Path.cwd())
 
 
 def cli_layer(profile: str | None = None, settings: Iterable[str] = ()) -> Layer:
@@ -91,12 +119,9 @@ def cli_layer(profile: str | None = None, settings: Iterable[str] = ()) -> Layer
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set chunking.chunk_size=1024")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        node = data
         parts = key.strip().split(".")
+        value = parse_value(parts[-1], raw)
+        node = data
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

@@ -435,7 +435,7 @@ _HINTS = {
     "chunking.precision": "use auto, fp32 or bf16",
     "version": "this geoseg reads version: 1 job files",
 }
-_FIELDS = sorted({f for m in (JobSpec, Chunking, Outputs, SceneEntry, ClusterSettings, TLSFiles, *PROFILE_CLASSES)
+_FIELDS = sorted({f for m in (JobSpec, Chunking, Outputs, Inference, Objects, SceneEntry, ClusterSettings, TLSFiles, *PROFILE_CLASSES)
                   for f in m.model_fields})
 
 
