@@ -338,3 +338,25 @@ def test_open_scene_reads_an_object_behind_the_endpoint_on_the_workers(s3, uploa
     assert remote.rio.crs == local.rio.crs and remote.rio.transform() == local.rio.transform()
     np.testing.assert_array_equal(remote["x"].values, local["x"].values)
     np.testing.assert_array_equal(s3.client.compute(remote.data).result(), local.values)
+
+
+def test_an_unreachable_object_store_is_one_line(tmp_path, scene_path, random_model, monkeypatch):
+    """botocore's EndpointConnectionError came out as a 40-line traceback with exit 1."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for k in ("AWS_ENDPOINT_URL_S3", "AWS_S3_ENDPOINT", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+                 "AWS_MAX_ATTEMPTS": "1", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    res = CliRunner().invoke(cli, ["predict", str(scene_path), "--model", "s3://bucket/model", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert f"the object store http://127.0.0.1:{port} could not be reached" in res.output
+    assert "EndpointConnectionError" in res.output and "Traceback" not in res.output and not (tmp_path / "o").exists()

@@ -29,6 +29,8 @@ class GeosegGroup(click.Group):
             # cluster's: a task that kept killing its workers, a scheduler lost
             sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
             said = _cluster_failure(exc, ctx.invoked_subcommand or "", {o for p in getattr(sub, "params", []) for o in p.opts})
+            if said is None:
+                said = _object_store_failure(exc)
             if said is None and isinstance(exc, OSError) and exc.errno in _STORAGE_ERRORS:
                 said = f"{exc.filename}: " if exc.filename else ""
                 said += f"{exc.strerror or exc}; {_STORAGE_ERRORS[exc.errno]}"
@@ -56,6 +58,25 @@ def _cluster_failure(exc: BaseException, command: str = "", options: set[str] = 
     if isinstance(exc, CommClosedError) or isinstance(exc, FutureCancelledError) and "scheduler" in str(exc).lower():
         return f"the connection to the cluster's scheduler was lost ({str(exc).splitlines()[0][:200]}); {resume} once it is back"
     return None
+
+
+def _object_store_failure(exc: BaseException) -> str | None:
+    """One line for an object store (S3) that could not be reached or refused the request; None for anything else."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the error itself, or what it was raised from (s3fs wraps botocore's)
+        if seen is None:
+            return None
+        module = type(seen).__module__ or ""
+        if module.startswith(("botocore", "aiobotocore")):
+            break
+        seen = seen.__cause__ or seen.__context__
+    else:
+        return None
+    from geoseg.io.storage import s3_endpoint
+
+    return (f"the object store {s3_endpoint() or '(AWS S3)'} could not be reached or refused the request "
+            f"({type(seen).__name__}: {str(seen).splitlines()[0][:200]}); check the URL, AWS_ENDPOINT_URL and the "
+            "credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE)")
 
 
 _STORAGE_ERRORS = {
