@@ -50,6 +50,27 @@ def test_out_of_range_options_are_usage_errors_before_anything_runs(random_model
     assert "Traceback" not in output and not out.exists()
 
 
+def test_options_that_would_be_dropped_are_refused(random_model, scene_path, tmp_path):
+    """--workers beside --scheduler, --overwrite with --resume, instance options on a semantic model and a bad
+    --min-area were accepted and dropped (or checked after a cluster started)."""
+    out = tmp_path / "out"
+    nowhere = "tcp://127.0.0.1:1"  # a cluster that is never reached: every refusal comes first
+    for args, says in (
+            (["predict", scene_path, "--model", random_model, "--out", out, "--scheduler", nowhere, "--workers", 2],
+             "--workers sizes the embedded local cluster"),
+            (["evaluate", scene_path, "--model", random_model, "--labels", scene_path, "--scheduler", nowhere, "--workers", 2],
+             "--workers sizes the embedded local cluster"),
+            (["predict", scene_path, "--model", random_model, "--out", out, "--overwrite", "--resume"], "give one of them"),
+            (["train", scene_path, "--labels", scene_path, "--out", out, "--overwrite", "--resume"], "give one of them"),
+            (["predict", scene_path, "--model", random_model, "--out", out, "--score-threshold", 0.5, "--nms-iou", 0.3,
+              "--scheduler", nowhere], "--score-threshold, --nms-iou (objects: in a job file) are for models that find objects"),
+            (["vectorize", write_raster(tmp_path / "classes.tif", np.ones((1, 32, 32), np.uint8)), "--out", tmp_path / "p.gpkg",
+              "--min-area", "5furlongs", "--scheduler", nowhere], "5furlongs")):
+        code, output = run(*args)
+        assert code == 2 and says in output, output
+        assert "Traceback" not in output and not out.exists() and "127.0.0.1:1" not in output.replace(nowhere, "", 1)
+
+
 def test_an_output_that_cannot_be_created_is_refused_before_any_work(random_model, scene_path, tmp_path):
     """An output under a file (a typo'd path): one line naming it, before a cluster starts or a model runs."""
     blocker = tmp_path / "notes.txt"

@@ -60,6 +60,7 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
     predicts a class for. Classes are the union of the models' (by id); a class missing from a
     model's card scores IoU 0 for it where the labels hold it. --json and --csv write the table.
     """
+    opt.check_cluster_options(scheduler, n_workers)
     if not scheduler:  # the workers' imports start now, while this process imports and plans (geoseg.forkserver)
         from geoseg import forkserver
 

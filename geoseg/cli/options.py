@@ -27,6 +27,18 @@ tta_opt = click.option("--tta", type=click.Choice(["card", "none", "d4"]), defau
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finished output.")
 
 
+def check_cluster_options(scheduler: str | None, n_workers: int | None) -> None:
+    """--workers sizes the embedded cluster only: beside --scheduler it would be dropped."""
+    if scheduler and n_workers:
+        raise click.UsageError("--workers sizes the embedded local cluster; with --scheduler the cluster's own workers run: "
+                               "leave --workers out (or --scheduler, for an embedded cluster)")
+
+
+def check_overwrite_resume(overwrite: bool, resume: bool) -> None:
+    if overwrite and resume:
+        raise click.UsageError("--overwrite starts again from nothing and --resume continues what was done: give one of them")
+
+
 def parse_mmu(text: str | None) -> dict:
     """``--mmu``: ``16`` -> min_pixels 16; ``6=4,1=16`` -> per class id (geoseg.model.card.parse_mmu)."""
     from geoseg.model.card import parse_mmu as parse

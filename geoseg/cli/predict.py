@@ -59,6 +59,8 @@ def predict(ctx, images, model_dir, out_dir, chunk_size, halo, exact, tile_size,
 
     Inputs, model and output directory are checked before any cluster starts.
     """
+    opt.check_cluster_options(scheduler, n_workers)
+    opt.check_overwrite_resume(overwrite, resume)
     if not scheduler:  # the workers' imports start now, while this process imports and plans (geoseg.forkserver)
         from geoseg import forkserver
 

@@ -32,6 +32,7 @@ def run(ctx, job_file, overwrite, resume, scheduler, profile, settings, dry_run)
     Every scene is checked before any cluster starts. Finished scenes (same inputs,
     model and parameters) are reused; job.json in the output root records the run.
     """
+    opt.check_overwrite_resume(overwrite, resume)
     verbosity = ctx.obj["verbosity"] if ctx.obj else 0
     with _quiet_dask(verbosity < 2):
         _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity)

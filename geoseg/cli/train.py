@@ -153,6 +153,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.training.loop import TrainConfig, TrainInputs
     from geoseg.training.loop import train as run
 
+    opt.check_overwrite_resume(overwrite, resume)
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     if task == "instance":
         _refuse_unused(ctx, INSTANCE_OPTIONS, "--task instance (Mask R-CNN)")

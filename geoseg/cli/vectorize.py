@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from geoseg.cli.options import scheduler_opt, workers_opt
+from geoseg.cli.options import check_cluster_options, scheduler_opt, workers_opt
 
 
 @click.command(short_help="Polygons of a class map (chunk-parallel, exact).")
@@ -53,7 +53,11 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplif
         ids = None if keep is None else [int(v) for v in keep.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--classes must be class ids separated by commas, not {keep!r}") from None
+    check_cluster_options(scheduler, n_workers)
     src = open_class_raster(source)  # checked before any cluster starts
+    from geoseg.vector.api import min_area_limit
+
+    min_area_limit(min_area, src)  # as is --min-area
     with connect(scheduler, n_workers, gpus=()) as client:  # no model tasks: no GPU workers
         result = run(src, list(outputs), client=client, chunk_size=chunk_size, connectivity=int(connectivity), keep_classes=ids,
                      min_area=min_area, simplify=simplify)

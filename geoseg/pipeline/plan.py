@@ -230,6 +230,11 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         iplan = instance_plan(inst.card, istack, replace(options, chunk_size=plan.chunk_size, halo=None))
         objects = Job(inputs, str(options.instance_model), out, istack, inst.card, inst.digest, iplan, options,
                       job_key(inputs, inst.digest, iplan, options))
+    given = [n for n, v in (("--max-object-size", options.max_object_size), ("--score-threshold", options.score_threshold),
+                            ("--nms-iou", options.nms_iou)) if v is not None]
+    if given and not card.finds_objects and objects is None:
+        raise ConfigError(f"{', '.join(given)} (objects: in a job file) {'is' if len(given) == 1 else 'are'} for models that find "
+                          f"objects (geoseg train --task instance, SAM) or --instance-model; {model_dir} is a {card.method} model")
     if options.prompts is not None and "sam" not in (card.method, objects and objects.card.method):
         raise ConfigError(f"--prompts needs a SAM model (geoseg model init --method sam); {model_dir} is a {card.method} model")
     if options.prompts is not None:
