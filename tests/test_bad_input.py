@@ -366,3 +366,14 @@ def test_masks_gdal_does_not_apply_are_read_and_unreadable_bands_refused(tmp_pat
         ds.write(np.ones((1, 8, 8), np.complex64))
     with pytest.raises(InputError, match="complex.tif: complex bands .*amplitude"):
         open_stack([str(cplx)])
+
+
+def test_model_init_refuses_numbers_out_of_range_and_options_of_the_other_method(tmp_path):
+    for args, says in ((["--bands", "4", "--classes", "300"], "Invalid value for '--classes'"),
+                       (["--bands", "-3", "--classes", "2"], "Invalid value for '--bands'"),
+                       (["--bands", "4", "--classes", "5", "--classes-file", __file__], "not both"),
+                       (["--bands", "4", "--classes", "5", "--sam-type", "tiny"], "--sam-type does not apply to --method smp"),
+                       (["--method", "sam", "--classes", "5"], "--classes does not apply to --method sam")):
+        code, output = run("model", "init", tmp_path / "m", *args)
+        assert code == 2 and says in output, output
+        assert "Traceback" not in output and not (tmp_path / "m").exists()

@@ -15,7 +15,7 @@ def model() -> None:
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder name (no pretrained weights are downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(3, 5), default=5, show_default=True)
-@click.option("--bands", "n_bands", type=int, default=None, help="Input bands (required, except for SAM: 3).")
+@click.option("--bands", "n_bands", type=click.IntRange(1), default=None, help="Input bands (required, except for SAM: 3).")
 @click.option("--method", type=click.Choice(["smp", "sam"]), default="smp", show_default=True,
               help="sam: Segment Anything with --checkpoint (segment-anything package; nothing is downloaded).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -25,21 +25,33 @@ def model() -> None:
               help="SAM: the checkpoint's architecture (tiny: a small random SAM for tests).")
 @click.option("--max-object-size", "max_object_px", type=click.IntRange(1), default=128, show_default=True, metavar="PX",
               help="SAM: the largest object expected, in pixels (the chunks' halo).")
-@click.option("--classes", "n_classes", type=int, default=None, help="Number of classes (ids 0..N-1).")
+@click.option("--classes", "n_classes", type=click.IntRange(1, 255), default=None, help="Number of classes (ids 0..N-1).")
 @click.option("--classes-file", type=click.Path(dir_okay=False, exists=True), default=None, help="classes.yaml with id, name, color.")
 @click.option("--tile-size", type=click.IntRange(1), default=1024, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
-def init(out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam_type, max_object_px, n_classes, classes_file,
+@click.pass_context
+def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam_type, max_object_px, n_classes, classes_file,
          tile_size, seed, overwrite):
     """Make a model with seeded random weights in OUT_DIR, so the pipeline runs before training.
 
     The receptive field is measured from the network's impulse response and stored in the card.
     With --method sam: Segment Anything from your --checkpoint, converted to safetensors.
     """
+    from click.core import ParameterSource
+
     from geoseg.errors import ConfigError
     from geoseg.model.store import init_model
 
+    given = {p.name: p.opts[0] for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)}
+    other = [given[n] for n in (("arch", "encoder", "encoder_depth", "n_classes", "classes_file", "tile_size") if method == "sam"
+                                else ("checkpoint", "sam_type", "max_object_px")) if n in given]
+    if other:
+        raise click.UsageError(f"{', '.join(other)} {'does' if len(other) == 1 else 'do'} not apply to --method {method}; "
+                               f"leave {'it' if len(other) == 1 else 'them'} out")
+    if n_classes and classes_file:
+        raise click.UsageError("give --classes N or --classes-file, not both (the file's classes decide the number)")
     if method == "sam":
         from geoseg.instances.sam import init_sam_model
 
@@ -49,8 +61,6 @@ def init(out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam
                    + (f"checkpoint sha256 {card.method_params['checkpoint_sha256'][:16]}..." if checkpoint else "random weights")
                    + f", halo {card.default_halo} px")
         return
-    if checkpoint:
-        raise ConfigError("--checkpoint goes with --method sam")
     if not n_bands:
         raise ConfigError("give --bands N (the model's input bands)")
 
