@@ -62,6 +62,7 @@ class SampleScene:
     labels_path: Path
     classes_path: Path
     classes: tuple[ClassInfo, ...]
+    unchanged: bool = False  # the folder already held this very scene: its files were left as they were
 
 
 @dataclass(frozen=True, eq=False)
@@ -300,11 +301,14 @@ def make_sample(
     crs: str = "EPSG:32617",
     resolution: float | None = None,
     width: int | None = None,
+    overwrite: bool = True,
 ) -> SampleScene:
     """Write image.tif, labels.tif and classes.yaml for a ``size`` x ``width`` scene into ``out_dir``.
 
     ``resolution`` is in CRS units: None means 10 m, or 1e-4 degrees for a geographic CRS.
-    Existing files of those names are replaced (each appears complete or not at all).
+    Files already holding this very scene are left untouched (their mtime stays, so outputs made from them
+    stay current); other files of those names are replaced (each appears complete or not at all), or, with
+    ``overwrite=False``, refused.
     """
     height, width = int(size), int(size if width is None else width)
     spec = scene_spec(height, width, bands=bands, seed=seed, n_classes=n_classes)
@@ -346,12 +350,22 @@ def make_sample(
         tmp_classes.write_text(
             yaml.safe_dump([{"id": c.id, "name": c.name, "color": c.color} for c in classes], sort_keys=False)
         )
-        os.replace(tmp_image, image_path)
-        os.replace(tmp_labels, labels_path)
-        os.replace(tmp_classes, classes_path)
+        import filecmp
+
+        pairs = ((tmp_image, image_path), (tmp_labels, labels_path), (tmp_classes, classes_path))
+        same = [final.is_file() and filecmp.cmp(tmp, final, shallow=False) for tmp, final in pairs]
+        differ = [final.name for (_, final), s in zip(pairs, same) if final.exists() and not s]
+        if differ and not overwrite:
+            from geoseg.errors import OutputExistsError
+
+            raise OutputExistsError(f"{out}: holds {', '.join(differ)} of another scene; choose another folder or pass "
+                                    "--overwrite to replace them")
+        for (tmp, final), s in zip(pairs, same):
+            if not s:
+                os.replace(tmp, final)
     finally:
         for tmp in (tmp_image, tmp_labels, tmp_classes):
             tmp.unlink(missing_ok=True)
-    return SampleScene(image_path, labels_path, classes_path, classes)
+    return SampleScene(image_path, labels_path, classes_path, classes, unchanged=all(same))
 
 

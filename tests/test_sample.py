@@ -181,3 +181,27 @@ def test_load_classes_accepts_a_classes_key_and_sorts_by_id(tmp_path):
     path.write_text("- {id: yes, name: a}\n")
     with pytest.raises(InputError, match="integers"):
         load_classes(path)
+
+
+def test_writing_the_same_scene_again_keeps_the_files_and_another_scene_needs_overwrite(tmp_path):
+    """sample-data replaced the files of another scene without a word, and rewrote identical ones (a new mtime made
+    outputs predicted from them look stale)."""
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    args = ["sample-data", str(tmp_path), "--size", "64", "--bands", "2", "--classes", "3", "--seed", "1"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0 and "wrote" in first.output
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "unchanged" in again.output, again.output
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    other = CliRunner().invoke(cli, [*args[:-1], "2"])
+    assert other.exit_code == 2 and "image.tif, labels.tif of another scene" in other.output and "--overwrite" in other.output
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    replaced = CliRunner().invoke(cli, [*args[:-1], "2", "--overwrite"])
+    assert replaced.exit_code == 0 and "wrote" in replaced.output
+    assert {p.name for p in tmp_path.iterdir()} == set(stamps)  # no temporary file left
+    with rasterio.open(tmp_path / "image.tif") as ds:
+        assert ds.tags()["GEOSEG_SAMPLE_SEED"] == "2"
