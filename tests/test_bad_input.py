@@ -377,3 +377,22 @@ def test_model_init_refuses_numbers_out_of_range_and_options_of_the_other_method
         code, output = run("model", "init", tmp_path / "m", *args)
         assert code == 2 and says in output, output
         assert "Traceback" not in output and not (tmp_path / "m").exists()
+
+
+def test_verbosity_flags_reach_every_command(tmp_path):
+    """-v alone changed nothing; -q left model init's and vectorize's lines."""
+    import logging
+
+    code, output = run("-q", "model", "init", tmp_path / "m", "--bands", 2, "--classes", 2, "--encoder-depth", 3)
+    assert code == 0 and output == ""
+    code, output = run("-q", "sample-data", tmp_path / "d", "--size", 64, "--bands", 2)
+    assert code == 0 and output == ""
+    code, output = run("-q", "vectorize", tmp_path / "d" / "labels.tif", "--out", tmp_path / "p.gpkg", "--workers", 1)
+    assert code == 0 and output == "" and (tmp_path / "p.gpkg").exists()
+    before = logging.getLogger("geoseg").level
+    try:
+        assert run("-v", "info", tmp_path / "m")[0] == 0
+        assert logging.getLogger("geoseg").level == logging.DEBUG and logging.getLogger("distributed").level == logging.INFO
+    finally:
+        logging.getLogger("geoseg").setLevel(before)
+        logging.getLogger("distributed").setLevel(logging.WARNING)

@@ -88,7 +88,7 @@ _STORAGE_ERRORS = {
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("-v", "--verbose", count=True, help="More output (repeat for debug and tracebacks).")
+@click.option("-v", "--verbose", count=True, help="More output: -v geoseg's debug messages and dask's; -vv everything, with tracebacks.")
 @click.option("-q", "--quiet", count=True, help="Less output: no progress bar, warnings only.")
 @click.version_option(__version__, prog_name="geoseg")
 @click.pass_context
@@ -104,7 +104,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """
     verbosity = verbose - quiet
     ctx.obj = {"verbosity": verbosity}
-    level = logging.DEBUG if verbosity > 1 else logging.INFO if verbosity >= 0 else logging.WARNING
+    level = logging.DEBUG if verbosity >= 1 else logging.INFO if verbosity >= 0 else logging.WARNING
     # geoseg speaks at the chosen level; dask and the rest only when something is wrong (or -vv).
     logging.basicConfig(level=logging.DEBUG if verbosity > 1 else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("geoseg").setLevel(level)
@@ -118,7 +118,7 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
         raise ConfigError(f"{exc}\nFix or remove that file (dask reads every YAML file in ~/.config/dask, "
                           "/etc/dask and $DASK_CONFIG).") from None
 
-    logging.getLogger("distributed").setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)
+    logging.getLogger("distributed").setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity == 1 else logging.WARNING)
     if verbosity <= 1:  # dask's errors in one line each (its tracebacks with -vv): the command says what failed
         for handler in logging.getLogger("distributed").handlers + logging.getLogger().handlers:
             if not any(isinstance(f, _NoDaskTraceback) for f in handler.filters):

@@ -57,6 +57,8 @@ def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint
 
         card = init_sam_model(out_dir, model_type=sam_type, checkpoint=checkpoint, n_bands=n_bands or 3, seed=seed,
                               params={"max_object_px": max_object_px}, overwrite=overwrite)
+        if (ctx.obj or {}).get("verbosity", 0) < 0:
+            return
         click.echo(f"model written to {out_dir}: SAM {sam_type}, {card.n_bands} bands, "
                    + (f"checkpoint sha256 {card.method_params['checkpoint_sha256'][:16]}..." if checkpoint else "random weights")
                    + f", halo {card.default_halo} px")
@@ -73,6 +75,8 @@ def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint
         raise ConfigError("give --classes N or --classes-file classes.yaml")
     card = init_model(out_dir, arch=arch, encoder=encoder, n_bands=n_bands, n_classes=n_classes or len(classes),
                       classes=classes, seed=seed, encoder_depth=encoder_depth, tile_size=tile_size, overwrite=overwrite)
+    if (ctx.obj or {}).get("verbosity", 0) < 0:
+        return
     click.echo(f"model written to {out_dir}: {card.network}, {card.n_bands} bands, "
                f"{card.n_classes} classes, receptive field {card.reach}"
                + ("" if card.global_reach else f" (exact halo {card.exact_halo})"))

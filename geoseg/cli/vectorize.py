@@ -27,7 +27,8 @@ from geoseg.cli.options import check_cluster_options, scheduler_opt, workers_opt
 @scheduler_opt
 @workers_opt
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
-def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplify, scheduler, n_workers, overwrite):
+@click.pass_context
+def vectorize(ctx, source, outputs, chunk_size, connectivity, keep, min_area, simplify, scheduler, n_workers, overwrite):
     """Polygonize SOURCE (a prediction.zarr or a single-band class raster such as classes.tif).
 
     One polygon per connected region of one class, the same as GDAL's polygonize of the whole
@@ -61,5 +62,5 @@ def vectorize(source, outputs, chunk_size, connectivity, keep, min_area, simplif
     with connect(scheduler, n_workers, gpus=()) as client:  # no model tasks: no GPU workers
         result = run(src, list(outputs), client=client, chunk_size=chunk_size, connectivity=int(connectivity), keep_classes=ids,
                      min_area=min_area, simplify=simplify)
-    for w in result["outputs"]:
+    for w in result["outputs"] if (ctx.obj or {}).get("verbosity", 0) >= 0 else ():
         click.echo(f"{w['path']}: {w['polygons']} polygons ({w['format']})")
