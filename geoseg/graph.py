@@ -20,7 +20,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 
 from geoseg.errors import detached
-from geoseg.infer import InferenceSettings, segment_chunk
+from geoseg.infer import InferenceSettings, segment_chunk, segment_chunk_north_up
 from geoseg.io.sources import RasterStack, read_bands
 from geoseg.runtime import ModelRef, get_model
 from geoseg.tiling import Box, Chunk, TilingPlan
@@ -51,12 +51,19 @@ def infer_chunk(
     chunk: Chunk,
     settings: InferenceSettings,
     block: tuple[np.ndarray, np.ndarray],
+    flip: tuple[bool, bool] = (False, False),
 ) -> tuple[np.ndarray, np.ndarray]:
     bundle = get_model(ref)
     data, packed = block
     valid = unpack_valid(packed, (data.shape[0], *chunk.input.shape))
-    return segment_chunk(bundle.net, bundle.card, plan, chunk, data, valid, on_device(settings, bundle.device),
-                         bundle.companion)
+    return segment_chunk_north_up(bundle.net, bundle.card, plan, chunk, data, valid, on_device(settings, bundle.device),
+                                  bundle.companion, flip)
+
+
+def grid_flip(stack: RasterStack) -> tuple[bool, bool]:
+    """(rows run south to north, columns east to west) of a raster's grid: the model sees it turned."""
+    a = stack.grid.affine
+    return (a.e > 0, a.a < 0)
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,8 @@ def build_segmentation(
     token = tokenize(stack, plan, ref, settings)
     read_name, infer_name = f"geoseg-read-{token}", f"geoseg-infer-{token}"
     reads = {(read_name, ch.iy, ch.ix): (read_block, stack, ch.input) for ch in plan}
-    infers = {(infer_name, ch.iy, ch.ix): (infer_chunk, ref, plan, ch, settings, (read_name, ch.iy, ch.ix)) for ch in plan}
+    flip = grid_flip(stack)
+    infers = {(infer_name, ch.iy, ch.ix): (infer_chunk, ref, plan, ch, settings, (read_name, ch.iy, ch.ix), flip) for ch in plan}
     annotations = {"resources": dict(model_resources)} if model_resources else None
     layers: dict[str, Any] = {
         read_name: MaterializedLayer(reads),

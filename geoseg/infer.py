@@ -433,8 +433,12 @@ def segment_chunk(
     valid: np.ndarray,
     settings: InferenceSettings,
     companion: Any = None,
+    align: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Segment one chunk; ``data``/``valid`` cover ``chunk.input``.
+
+    ``align``: tiles read from the multiple of the stride at or before their input's start (``data`` must cover
+    that): the network's stride grid then falls where one pass over the whole raster puts it.
 
     ``valid`` is the pixels' mask (h, w) or each band's (bands, h, w), so a model that classifies
     from the bands a pixel has (``missing_bands: fill``) can. ``net`` is the network of an ``smp``
@@ -452,6 +456,10 @@ def segment_chunk(
     if card.method == "smp":
         x = InputWindow(data, pix, card, band_valid)
         tiles = plan.tiles(chunk)
+        if align:
+            st = card.stride
+            tiles = [Tile(t.core, Box(t.input.y0 - t.input.y0 % st, t.input.y1, t.input.x0 - t.input.x0 % st, t.input.x1))
+                     for t in tiles]
         if pp.active:
             tiles = [Tile(t.core.grow(pp.ring, plan.shape).intersect(t.input) or t.core, t.input) for t in tiles]
         mix = ensemble_mixer(companion, card, data, band_valid, pix, chunk.input)
@@ -465,6 +473,35 @@ def segment_chunk(
         sl = chunk.core.relative_to(box)
         class_id, confidence = class_id[sl], confidence[sl]
     return class_id, confidence
+
+
+def segment_chunk_north_up(net: Any, card: ModelCard, plan: TilingPlan, chunk: Chunk, data: np.ndarray, valid: np.ndarray,
+                           settings: InferenceSettings, companion: Any = None,
+                           flip: tuple[bool, bool] = (False, False)) -> tuple[np.ndarray, np.ndarray]:
+    """``segment_chunk`` of a raster whose rows run south to north (``flip[0]``) or columns east to west (``flip[1]``):
+    the model sees the window as it saw its training imagery, north-up and west to east (a mirror image is another
+    image to a network), and the results go back onto the raster's own grid."""
+    fy, fx = flip
+    if not (fy or fx):
+        return segment_chunk(net, card, plan, chunk, data, valid, settings, companion)
+    h, w = plan.shape
+
+    def mirror(b: Box) -> Box:
+        return Box(h - b.y1 if fy else b.y0, h - b.y0 if fy else b.y1, w - b.x1 if fx else b.x0, w - b.x0 if fx else b.x1)
+
+    sl = (slice(None, None, -1) if fy else slice(None), slice(None, None, -1) if fx else slice(None))
+    seen = Chunk(chunk.iy, chunk.ix, mirror(chunk.core), mirror(chunk.input))
+    # Mirrored windows start off the stride grid of a pass over the turned raster. Where that grid has its first
+    # row (the turned raster's top) they start on it; elsewhere they are widened back to it with pixels of no
+    # value, beyond the halo, so the network's stride grid and its padding at the far edges are one pass's.
+    st = card.stride if card.method == "smp" else 1
+    ry, rx = seen.input.y0 % st, seen.input.x0 % st
+    pad = ((0, 0),) * (data.ndim - 2) + ((ry, 0), (rx, 0))
+    turned = np.pad(data[(..., *sl)], pad)
+    ok = np.pad(valid[(..., *sl)], ((0, 0),) * (valid.ndim - 2) + ((ry, 0), (rx, 0)))
+    seen = Chunk(seen.iy, seen.ix, seen.core, Box(seen.input.y0 - ry, seen.input.y1, seen.input.x0 - rx, seen.input.x1))
+    class_id, confidence = segment_chunk(net, card, plan, seen, turned, ok, settings, companion, align=st > 1)
+    return np.ascontiguousarray(class_id[sl]), np.ascontiguousarray(confidence[sl])
 
 
 def classify_pixels(predictor: Any, card: ModelCard, data: np.ndarray, band_valid: np.ndarray | None, valid: np.ndarray,

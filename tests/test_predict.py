@@ -46,6 +46,29 @@ def test_exact_tiling_equals_one_pass(request, client, scene_path, tmp_path, mod
     assert len(np.unique(ref_class[valid])) > 1
 
 
+def test_a_raster_stored_south_up_or_east_to_west_is_segmented_as_the_model_saw_its_imagery(client, random_model, scene_path,
+                                                                                            tmp_path):
+    """The same ground stored with rows south to north (positive pixel height) or columns east to west: the model
+    sees it north-up (a mirror image is another image to a network), and the map lands on the file's own grid."""
+    from affine import Affine
+
+    with rasterio.open(scene_path) as src:
+        data, t, nodata = src.read(), src.transform, src.nodata
+    h, w = data.shape[1:]
+    north = one_pass(random_model, scene_path)[0]
+    for name, flipped, transform, back in (
+            ("south-up", data[:, ::-1], Affine(t.a, 0, t.c, 0, -t.e, t.f + h * t.e), (slice(None, None, -1), slice(None))),
+            ("east-west", data[:, :, ::-1], Affine(-t.a, 0, t.c + w * t.a, 0, t.e, t.f), (slice(None), slice(None, None, -1)))):
+        path = write_raster(tmp_path / f"{name}.tif", np.ascontiguousarray(flipped), transform=transform, nodata=nodata)
+        out = tmp_path / name
+        predict([path], random_model, out, PredictOptions(chunk_size=128, exact=True, precision="fp32", vectors=False),
+                client=client)
+        got = open_prediction(out / "prediction.zarr")["class_id"].values
+        np.testing.assert_array_equal(got[back], north, err_msg=name)
+        with rasterio.open(out / "classes.tif") as cog:
+            assert cog.transform == transform and np.array_equal(cog.read(1), got)
+
+
 def test_small_halo_differs_from_exact(client, random_model, scene_path, tmp_path):
     """With a halo below the receptive field, chunk borders show: the exact halo is what removes them."""
     predict([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=64, halo=0, tile_size=64, cog=False, vectors=False), client=client)
