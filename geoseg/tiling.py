@@ -221,10 +221,11 @@ def plan_for(
     142 px): 2300² to 3900² scenes are one 4096 px chunk (2048 px chunks would cost more than
     1.15; one busy worker), a 4096² scene four 2048 px chunks (1.146), larger scenes 4096 px
     chunks (1.07-1.15). Where no candidate is exact within the overhead: the largest candidate and
-    a halo of the larger of the card's default_halo and chunk / 32. A ``halo`` given keeps
-    ``chunk_size`` or 2048. Chunks are segmented in one forward pass each (tile = chunk);
-    ``tile_size`` smaller than the chunk bounds the memory of one pass (each tile gets its own
-    halo). The card's ``tile_size`` is not a default: it records what the model was trained and
+    a halo of the larger of the card's default_halo and chunk / 32. A ``chunk_size`` given keeps
+    the exact halo whatever it costs (more tasks at the price of halo pixels, never seams); a
+    ``halo`` given keeps ``chunk_size`` or 2048. Chunks are segmented in one forward pass each
+    (tile = chunk); ``tile_size`` smaller than the chunk bounds the memory of one pass (each tile
+    gets its own exact halo; the chunk is chosen as without it). The card's ``tile_size`` is not a default: it records what the model was trained and
     checked with.
     """
     from geoseg.errors import ConfigError
@@ -250,13 +251,15 @@ def plan_for(
         return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=halo + (0 if exact else ring),
                                tile_size=tile_size or chunk)
     candidates = [chunk_size] if chunk_size else [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
-    plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo, tile_size=tile_size or c)
-             for c in candidates]
-    for plan in plans:
-        if plan.overhead <= SEAM_FREE_OVERHEAD:
-            return plan
-    if exact:
-        return plans[-1]
+    # the chunk is chosen on its own overhead: tiles only bound a pass's memory, and each keeps the exact halo
+    plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo) for c in candidates]
+    chosen = next((p for p in plans if p.overhead <= SEAM_FREE_OVERHEAD), None)
+    if chosen is None and (exact or chunk_size):
+        # a chunk size given keeps the exact halo: more tasks at the price of halo pixels, never seams
+        chosen = plans[-1]
+    if chosen is not None:
+        return TilingPlan.make(shape, stride=card.stride, chunk_size=chosen.chunk_size, halo=card.exact_halo,
+                               tile_size=tile_size or chosen.chunk_size)
     chunk = candidates[-1]
     model_exact = card.exact_halo - ring if ring else card.exact_halo
     chosen = max(card.default_halo, min(chunk // HALO_PER_CHUNK, max(model_exact, 0))) + ring

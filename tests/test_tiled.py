@@ -105,6 +105,13 @@ def test_default_plans_are_exact_within_the_overhead():
     assert plan_for(card, (8192, 8192), chunk_size=1024, halo=48).halo == 48
     assert plan_for(card, (8192, 8192), halo=64).chunk_size == DEFAULT_CHUNK
     assert plan_for(card, (8192, 8192), chunk_size=1024).chunk_size == 1024
+    # a chunk or tile size given never trades the exact halo for seams (it fell to 32 or 128 px, silently)
+    for side, chunk in ((3000, 1024), (3000, 2048), (600, 200)):
+        assert plan_for(card, (side, side), chunk_size=chunk).halo == card.exact_halo
+    for tile in (512, 1024):
+        plan = plan_for(card, (8192, 8192), tile_size=tile)
+        assert plan.halo == card.exact_halo and plan.tile_size == tile
+        assert plan.chunk_size == plan_for(card, (8192, 8192)).chunk_size  # the chunk is chosen as without tiles
 
 
 def test_large_window_runs_stagewise_in_forward():
