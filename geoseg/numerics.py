@@ -76,6 +76,8 @@ def decide(requested: str, exact: bool, caps: dict[str, dict[str, Any]]) -> tupl
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {requested!r}")
     native = [c.get("bf16_native", False) for c in caps.values()]
     if requested != "auto":
+        if exact and requested == "bf16":  # said in run.json: --exact is then exact to a bf16 pass only
+            return requested, "asked for; with --exact the tiles equal one bf16 pass, which differs from an fp32 pass"
         return requested, "asked for"
     if exact:
         return "fp32", "--exact compares with one fp32 pass"

@@ -235,6 +235,7 @@ def test_workers_that_disagree_get_fp32():
     assert precision == "fp32" and "disagree" in reason
     assert decide("auto", True, {"a": {"bf16_native": True}})[0] == "fp32"
     assert decide("bf16", False, {"a": {"bf16_native": False}})[0] == "bf16"
+    assert "equal one bf16 pass" in decide("bf16", True, {"a": {"bf16_native": True}})[1]  # run.json says what --exact meant
 
 
 def test_workers_keep_the_last_models_and_see_a_model_rewritten_in_place(tmp_path, monkeypatch):
