@@ -162,6 +162,59 @@ def test_broken_weights(random_model, scene_path, tmp_path, damage):
     assert_refused(code, out, weights, tmp_path / "out")
 
 
+@pytest.mark.parametrize("damage", ["nan", "int", "other-network"])
+def test_weights_that_would_give_a_wrong_map_are_refused_naming_the_tensor(random_model, scene_path, tmp_path, damage):
+    """NaN weights labelled every pixel class 0 (exit 0); integer weights were cast silently; weights of another
+    network said only 'Error(s) in loading state_dict'."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    weights = model / "weights.safetensors"
+    state = load_file(str(weights))
+    name = next(k for k in state if k.endswith("segmentation_head.0.weight"))
+    if damage == "nan":
+        state[name][0, 0, 0, 0] = float("nan")
+    elif damage == "int":
+        state[name] = (state[name] * 100).to(torch.int32)
+    else:
+        state[name] = torch.zeros((state[name].shape[0] + 1, *state[name].shape[1:]))
+    save_file(state, str(weights))
+    from geoseg.errors import ModelError
+    from geoseg.model.store import load_model
+
+    with pytest.raises(ModelError, match={"nan": rf"tensor {name} holds NaN", "int": rf"tensor {name} holds int32",
+                                          "other-network": rf"size mismatch for {name}"}[damage]):
+        load_model(model)
+
+
+def test_a_nan_normalisation_and_a_card_from_a_newer_geoseg_are_refused(random_model, tmp_path):
+    import json
+
+    from geoseg.errors import ModelError
+    from geoseg.model.store import check_model_dir
+
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    card = json.loads((model / "model.json").read_text())
+    card["normalization"]["std"][0] = float("nan")
+    (model / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="must be finite"):
+        check_model_dir(model)
+    card["normalization"]["std"][0] = 1.0
+    card["schema_version"] = 2
+    (model / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match="newer geoseg"):
+        check_model_dir(model)
+    (model / "model.json").write_bytes(b"\xff\xfe not utf-8")
+    code, out = run("model", "show", model)
+    assert code == 2 and "cannot be read as a model card" in out and "Traceback" not in out
+    (model / "model.json").unlink()
+    code, out = run("info", model)
+    assert code == 2 and "model card not found" in out
+
+
 def test_corrupt_card(random_model, scene_path, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(random_model, model)

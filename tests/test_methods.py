@@ -81,6 +81,20 @@ def pixel_model(scene, tmp_path_factory):
     return out, train(scene, out, "--method", "pixel", "--val-fraction", "0.25", "--block-size", "48")
 
 
+def test_a_truncated_lightgbm_file_is_refused_before_it_can_crash_a_worker(pixel_model, scene, tmp_path):
+    """LightGBM read a truncated text model until the process died (exit 139; predict then blamed memory)."""
+    import shutil
+
+    out, _ = pixel_model
+    broken = tmp_path / "model"
+    shutil.copytree(out, broken)
+    text = (broken / "model.lgb.txt").read_bytes()
+    (broken / "model.lgb.txt").write_bytes(text[: len(text) // 2])
+    r = cli("predict", scene[0], "--model", broken, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "model.lgb.txt: LightGBM model is truncated" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_pixel_method_card_and_safe_format(pixel_model):
     out, card = pixel_model
     assert card.method == "pixel" and card.missing_bands == "fill"

@@ -32,6 +32,8 @@ def info(paths, as_json):
             if item is not None:
                 out.append(item)
                 continue
+        if Path(p).is_dir() and not (Path(p) / "model.json").exists() and any(Path(p).glob("*.safetensors")):
+            check_model_dir(p)  # weights without their card: says so
         if Path(p).is_dir() and (Path(p) / "model.json").exists():
             card = check_model_dir(p)
             ens = card.method_params.get("ensemble")

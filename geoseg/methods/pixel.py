@@ -51,9 +51,9 @@ class PixelPredictor:
 
     @classmethod
     def load(cls, model_dir: Path, card: ModelCard) -> "PixelPredictor":
-        import lightgbm as lgb
+        from geoseg.model.store import lightgbm_booster
 
-        return cls(card, lgb.Booster(model_file=str(model_dir / PIXEL_WEIGHTS_NAME)))
+        return cls(card, lightgbm_booster(model_dir / PIXEL_WEIGHTS_NAME))
 
     def probabilities(self, data: np.ndarray, valid: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         return predict_pixels(self.booster, self.card, self.features, data, valid)

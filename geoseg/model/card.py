@@ -5,6 +5,8 @@ Network output index ``i`` is class ``classes[i].id``; ids are 0-254 and 255 is 
 
 from __future__ import annotations
 
+import math
+
 import hashlib
 import json
 import re
@@ -72,6 +74,8 @@ class Normalization(_Frozen):
     def _same_length(self) -> "Normalization":
         if len(self.mean) != len(self.std):
             raise ValueError("normalization mean and std must have one value per band")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise ValueError("normalization mean and std must be finite numbers (a NaN would label every pixel alike)")
         if any(s <= 0 for s in self.std):
             raise ValueError("normalization std values must be > 0")
         return self
@@ -326,15 +330,20 @@ class ModelCard(_Frozen):
     @classmethod
     def read(cls, path: Path) -> "ModelCard":
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ModelError(
                 f"{path}: model card not found; a model directory holds {CARD_NAME} and "
                 f"{WEIGHTS_NAME} (make one with 'geoseg model init' or 'geoseg train')"
             ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{path}: cannot be read as a model card ({type(exc).__name__}: {exc}); re-export the model") from None
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "card"
-            raise ModelError(f"{path}: invalid model card at {where}: {first['msg']}") from None
+            newer = ""
+            if first["loc"][:1] == ("schema_version",) or first["type"] == "extra_forbidden":
+                newer = " (a card written by a newer geoseg? upgrade geoseg to read it)"
+            raise ModelError(f"{path}: invalid model card at {where}: {first['msg']}{newer}") from None

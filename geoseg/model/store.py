@@ -96,6 +96,8 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     for name in card.files[1:]:
         if not (Path(model_dir) / name).is_file():
             raise ModelError(f"{Path(model_dir) / name}: file missing; the model directory is incomplete, re-export it")
+        if name.endswith(".lgb.txt"):
+            check_lightgbm_text(Path(model_dir) / name)
     if card.weights_name != WEIGHTS_NAME:
         return card
     weights = Path(model_dir) / WEIGHTS_NAME
@@ -109,6 +111,31 @@ def check_model_dir(model_dir: str | os.PathLike) -> ModelCard:
     except (SafetensorError, OSError, Exception) as exc:  # safetensors raises several types
         raise ModelError(f"{weights}: weights file is corrupt or truncated ({exc}); re-export the model") from None
     return card
+
+
+def check_lightgbm_text(path: Path) -> None:
+    """A LightGBM text model that is whole: LightGBM reads a truncated one until it crashes the process (a worker
+    lost is then taken for memory), so its two closing sections are checked first."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot be read ({exc}); re-export the model") from None
+    lines = data.rstrip().splitlines()
+    if b"end of trees" not in data or not lines or not lines[-1].startswith(b"pandas_categorical:"):
+        raise ModelError(f"{path}: LightGBM model is truncated or corrupt (its closing sections are missing); "
+                         "re-export the model")
+
+
+def lightgbm_booster(path: Path) -> Any:
+    """The LightGBM model of a text file, checked whole first; its own errors as a ModelError."""
+    import lightgbm as lgb
+
+    check_lightgbm_text(path)
+    try:
+        return lgb.Booster(model_file=str(path))
+    except lgb.basic.LightGBMError as exc:
+        raise ModelError(f"{path}: not a LightGBM model LightGBM can read ({str(exc).splitlines()[0][:200]}); "
+                         "re-export the model") from None
 
 
 def fetch_model_dir(url: str, digest: str | None = None) -> Path:
@@ -210,7 +237,12 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     if card.method != "smp":
         from geoseg.methods import load_predictor
 
-        return ModelBundle(card=card, net=load_predictor(model_dir, card), digest=model_digest(model_dir), path=model_dir)
+        try:
+            predictor = load_predictor(model_dir, card)
+        except (KeyError, ValueError, OSError) as exc:  # a file that does not hold what the card's method reads
+            raise ModelError(f"{model_dir}: its {card.method} model cannot be read ({type(exc).__name__}: {exc}); "
+                             "the card and its files come from different models: re-export it") from None
+        return ModelBundle(card=card, net=predictor, digest=model_digest(model_dir), path=model_dir)
     net = _load_weights(build_card_network(card), model_dir)
     net = net.eval().to(device)
     if optimize:
@@ -222,9 +254,7 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     companion = None
     ens = card.method_params.get("ensemble")
     if ens:
-        import lightgbm as lgb
-
-        companion = lgb.Booster(model_file=str(model_dir / ens["file"]))
+        companion = lightgbm_booster(model_dir / ens["file"])
     return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
 
 
@@ -245,16 +275,27 @@ def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
     weights = model_dir / WEIGHTS_NAME
     from safetensors.torch import load_file
 
+    import torch
+
     try:
         state = load_file(str(weights), device="cpu")
     except Exception as exc:
         raise ModelError(f"{weights}: weights file is corrupt or truncated ({exc}); re-export the model") from None
+    for name, t in state.items():
+        if not t.is_floating_point() and not name.endswith("num_batches_tracked"):
+            raise ModelError(f"{weights}: tensor {name} holds {str(t.dtype).removeprefix('torch.')}, not floats; "
+                             "the weights were converted: re-export the model")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{weights}: tensor {name} holds NaN or infinite values (a training that diverged?); "
+                             "it would label every pixel alike: retrain or re-export the model")
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else str(exc)
         raise ModelError(
             f"{weights}: weights do not fit the network in {model_dir / CARD_NAME} "
-            f"({str(exc).splitlines()[0]}); the card and weights come from different models"
+            f"({detail[:300]}); the card and weights come from different models"
         ) from None
     return net
 
