@@ -9,15 +9,18 @@ padded to the same lattice point as one pass over the whole scene: tiled equals 
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 if TYPE_CHECKING:
     from geoseg.model.card import ModelCard
 
 from rasterio.windows import Window
+
+log = logging.getLogger(__name__)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -182,6 +185,7 @@ class TilingPlan:
 
 DEFAULT_CHUNK = 2048
 STAGEWISE_CHUNK = 4096  # chunks of a network run stage by stage in strips (geoseg.model.tiled)
+COSTLY_OVERHEAD = 2.0  # a chunk size given whose exact halo reads more than this many times the pixels: said
 HALO_PER_CHUNK = 32  # default halo where the receptive field is too costly: chunk / 32 (64 px at 2048), overhead about 1.13
 SEAM_FREE_OVERHEAD = 1.15  # the default halo is the whole receptive field while the plan's overhead stays within this
 
@@ -211,8 +215,12 @@ def plan_for(
     halo: int | None = None,
     exact: bool = False,
     tile_size: int | None = None,
+    own_chunks: Sequence[int] | None = None,
 ) -> TilingPlan:
     """The tiling a model gets on a scene; ``exact``: halo = receptive field.
+
+    ``own_chunks``: the chunk sizes geoseg may choose from where the user gave none (default: 2048, and 4096
+    for a network run stage by stage); they are planned as the defaults are, not as a user's chunk size.
 
     Default halo: the whole receptive field (and post-processing ring), so tiled output equals one
     pass, wherever that costs a pixel overhead of at most 1.15 on this scene. Default chunks: 2048
@@ -250,13 +258,17 @@ def plan_for(
         chunk = chunk_size or DEFAULT_CHUNK
         return TilingPlan.make(shape, stride=card.stride, chunk_size=chunk, halo=halo + (0 if exact else ring),
                                tile_size=tile_size or chunk)
-    candidates = [chunk_size] if chunk_size else [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
+    own = list(own_chunks) if own_chunks else [DEFAULT_CHUNK] + ([STAGEWISE_CHUNK] if runs_stagewise(card) else [])
+    candidates = [chunk_size] if chunk_size else own
     # the chunk is chosen on its own overhead: tiles only bound a pass's memory, and each keeps the exact halo
     plans = [TilingPlan.make(shape, stride=card.stride, chunk_size=c, halo=card.exact_halo) for c in candidates]
     chosen = next((p for p in plans if p.overhead <= SEAM_FREE_OVERHEAD), None)
     if chosen is None and (exact or chunk_size):
         # a chunk size given keeps the exact halo: more tasks at the price of halo pixels, never seams
         chosen = plans[-1]
+        if chunk_size and not exact and chosen.overhead > COSTLY_OVERHEAD:
+            log.warning("--chunk-size %d with the halo that keeps it seam-free (%d px) reads %.1f times the scene's "
+                        "pixels; a larger chunk size costs less", chunk_size, card.exact_halo, chosen.overhead)
     if chosen is not None:
         return TilingPlan.make(shape, stride=card.stride, chunk_size=chosen.chunk_size, halo=card.exact_halo,
                                tile_size=tile_size or chosen.chunk_size)

@@ -114,6 +114,15 @@ def test_words_and_names_from_the_environment_keep_their_text(tmp_path):
     from geoseg.jobs.config import cli_layer
 
     assert cli_layer(settings=["name=2024", "inference.tta=none"]).data == {"name": "2024", "inference": {"tta": "none"}}
+    # YAML 1.2 scalars: a walltime is no base-60 number (PyYAML's 1.1 read 12:00:00 as 43200), yes is a word
+    from geoseg.jobs.config import parse_value
+
+    assert [parse_value("v", r) for r in ("12:00:00", "yes", "1e3", "0755", "null", "[a, b]", "{GPU: 1}", "tcp://h:8786")] == [
+        "12:00:00", "yes", 1000.0, 755, None, ["a", "b"], {"GPU": 1}, "tcp://h:8786"]
+    job = write_job(tmp_path / "slurm.yaml", scenes=["a.tif"], model="m", output="o",
+                    cluster={"profile": "hpc", "profiles": {"hpc": {"kind": "slurm"}}})
+    spec = validate_spec(job, env={"DASK_GEOSEG__CLUSTER__PROFILES__HPC__WALLTIME": "12:00:00"}, config_files=[])
+    assert spec.profile.walltime == "12:00:00"
 
 
 def test_typos_in_every_section_get_a_hint(tmp_path):

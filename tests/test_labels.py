@@ -176,6 +176,7 @@ def test_a_file_of_several_layers_needs_the_layer_named(tmp_path, grid):
     assert str(path) in str(exc.value)
     ids = read_labels(open_labels(str(path), grid, layer="labels"), ALL)
     assert (ids[:10, :10] == 3).all() and (ids[10:] == 255).all()
+    assert np.array_equal(read_labels(open_labels(str(path), grid, layer="Labels"), ALL), ids)  # as GDAL: case aside
 
 
 def test_ids_written_as_decimal_text_are_ids_and_an_empty_file_says_so(tmp_path, grid):

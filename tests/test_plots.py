@@ -143,3 +143,15 @@ def test_class_maps_south_up_with_their_own_nodata_one_column_and_many_classes(p
     plot_classes(many, ax=ax)
     assert len(ax.get_legend().get_texts()) == 200 and ax.get_legend()._ncols == 8
     plt.close(fig)
+
+
+def test_a_class_map_without_coordinates_is_drawn_as_it_is():
+    import xarray as xr
+
+    ids = np.zeros((20, 30), np.uint8)
+    ids[:5] = 1  # the first rows: drawn at the top, not turned
+    fig, ax = plt.subplots()
+    plot_classes(xr.DataArray(ids, dims=("y", "x")), ax=ax)
+    shown = ax.images[0].get_array()
+    assert np.array_equal(np.asarray(shown), ids)
+    plt.close(fig)

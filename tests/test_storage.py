@@ -360,3 +360,27 @@ def test_an_unreachable_object_store_is_one_line(tmp_path, scene_path, random_mo
     assert res.exit_code == 2, res.output
     assert f"the object store http://127.0.0.1:{port} could not be reached" in res.output
     assert "EndpointConnectionError" in res.output and "Traceback" not in res.output and not (tmp_path / "o").exists()
+
+
+def test_only_errors_raised_from_the_object_store_are_said_to_be_its():
+    """A bug or a Ctrl-C while a botocore error was being handled was reported as an unreachable object store."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from geoseg.cli.main import _object_store_failure
+
+    def raised(inner, outer, chain):
+        try:
+            try:
+                raise inner
+            except Exception as exc:
+                if chain:
+                    raise outer from exc
+                raise outer
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+
+    lost = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
+    assert "could not be reached" in _object_store_failure(lost)
+    assert "could not be reached" in _object_store_failure(raised(lost, OSError("s3fs"), chain=True))
+    assert _object_store_failure(raised(lost, KeyError("bug"), chain=False)) is None
+    assert _object_store_failure(raised(lost, KeyboardInterrupt(), chain=False)) is None

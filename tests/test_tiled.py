@@ -112,6 +112,9 @@ def test_default_plans_are_exact_within_the_overhead():
         plan = plan_for(card, (8192, 8192), tile_size=tile)
         assert plan.halo == card.exact_halo and plan.tile_size == tile
         assert plan.chunk_size == plan_for(card, (8192, 8192)).chunk_size  # the chunk is chosen as without tiles
+    # geoseg's own choice of chunks (2048 px beside an instance model) is planned as a default, not as the user's
+    plan = plan_for(card, (10980, 10980), own_chunks=(DEFAULT_CHUNK,))
+    assert plan.chunk_size == DEFAULT_CHUNK and plan.halo == DEFAULT_CHUNK // 32 and plan.overhead <= SEAM_FREE_OVERHEAD
 
 
 def test_large_window_runs_stagewise_in_forward():

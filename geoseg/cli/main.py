@@ -63,13 +63,13 @@ def _cluster_failure(exc: BaseException, command: str = "", options: set[str] = 
 def _object_store_failure(exc: BaseException) -> str | None:
     """One line for an object store (S3) that could not be reached or refused the request; None for anything else."""
     seen: BaseException | None = exc
-    for _ in range(8):  # the error itself, or what it was raised from (s3fs wraps botocore's)
-        if seen is None:
+    for _ in range(8):  # the error itself, or what it was raised from (s3fs wraps botocore's): never what it interrupted
+        if seen is None or not isinstance(seen, Exception):
             return None
         module = type(seen).__module__ or ""
         if module.startswith(("botocore", "aiobotocore")):
             break
-        seen = seen.__cause__ or seen.__context__
+        seen = seen.__cause__
     else:
         return None
     from geoseg.io.storage import s3_endpoint

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -81,15 +82,36 @@ def files_layer(paths: Iterable[str] | None = None) -> Layer:
 _TEXT_KEYS = frozenset({"name", "job_name", "queue", "account", "namespace", "image"})  # text even when it reads as a number
 
 
+class _Yaml12(yaml.SafeLoader):
+    """YAML with YAML 1.2's plain scalars: true/false only for booleans (not yes/no/on/off), and no base-60
+    numbers (PyYAML's 1.1 reads a walltime 12:00:00 as 43200)."""
+
+
+_Yaml12.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_Yaml12.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+_Yaml12.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))  # 0755 is 755
+
+
 def parse_value(key: str, raw: str) -> Any:
-    """A setting's value from text, as YAML reads it (``none`` stays the word; dask's parser made it None), except
-    for names, which stay text (a job named 2024)."""
+    """A setting's value from text (``--set``, ``DASK_GEOSEG__...``): YAML 1.2 plain scalars and flow lists and maps
+    (``none`` stays the word: dask's parser made it None; ``null`` is no value), names kept as text (a job named
+    2024)."""
     if key.replace("-", "_") in _TEXT_KEYS:
         return raw
     try:
-        return yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_Yaml12)  # noqa: S506  (a safe loader)
     except yaml.YAMLError:
         return raw
+    return raw if value is None and raw.strip() not in ("null", "Null", "NULL", "~") else value
 
 
 def env_layer(env: Mapping[str, str] | None = None) -> Layer:

@@ -212,11 +212,11 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
         plan = instance_plan(card, stack, options)
     else:
         # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
-        chunk = options.chunk_size or (DEFAULT_CHUNK if options.instance_model is not None else None)
+        own = (DEFAULT_CHUNK,) if options.instance_model is not None else None
         # the sieve runs over the whole map after the model (geoseg.pipeline.sieve): the halo does not carry it
         windowed = card.model_copy(update={"postprocess": pp.without_sieve() if sieve_joined(pp) else pp})
-        plan = plan_for(windowed, stack.shape, chunk_size=chunk, halo=options.halo, exact=options.exact,
-                        tile_size=options.tile_size)
+        plan = plan_for(windowed, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
+                        tile_size=options.tile_size, own_chunks=own)
     objects = None
     if options.instance_model is not None:
         if card.finds_objects:

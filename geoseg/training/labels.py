@@ -382,6 +382,8 @@ def _read_vector(path: str, layer: str | None, choose: str = "pass --label-layer
         listed = [(str(name), gtype) for name, gtype in pyogrio.list_layers(path)]
         spatial = [name for name, gtype in listed if gtype is not None]
         if layer:
+            if layer not in {name for name, _ in listed}:  # GDAL matches layer names ignoring case
+                layer = next((name for name, _ in listed if name.casefold() == layer.casefold()), layer)
             if layer not in {name for name, _ in listed}:
                 raise InputError(f"{path}: no layer {layer!r}; its layers are {', '.join(spatial) or '(none with geometries)'}")
             if layer not in spatial:
