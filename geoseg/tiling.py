@@ -226,7 +226,7 @@ def plan_for(
     pass, wherever that costs a pixel overhead of at most 1.15 on this scene. Default chunks: 2048
     px, or 4096 px where 2048 px chunks cannot be exact within that overhead and the network runs
     stage by stage in strips (``runs_stagewise``). A U-Net-resnet18 of depth 4 (receptive field
-    142 px): 2300² to 3900² scenes are one 4096 px chunk (2048 px chunks would cost more than
+    142 px): about 2053² to 3978² scenes are one 4096 px chunk (2048 px chunks would cost more than
     1.15; one busy worker), a 4096² scene four 2048 px chunks (1.146), larger scenes 4096 px
     chunks (1.07-1.15). Where no candidate is exact within the overhead: the largest candidate and
     a halo of the larger of the card's default_halo and chunk / 32. A ``chunk_size`` given keeps
