@@ -400,7 +400,7 @@ def _as_scene(da_: xr.DataArray) -> xr.DataArray:
 def _north_up(obj: Any) -> Any:
     """A DataArray or Dataset with rows north-up (y descending) and columns west to east, as rasters are, and its transform from its
     coordinates: a strided selection, coarsen or flip keeps rioxarray's cached transform, which no longer fits."""
-    if obj.sizes.get("y", 0) > 1 and obj.sizes.get("x", 0) > 1:
+    if {"x", "y"} <= set(obj.coords) and obj.sizes.get("y", 0) > 1 and obj.sizes.get("x", 0) > 1:  # else no orientation
         if float(obj["y"][1]) > float(obj["y"][0]):  # south-up rows (y ascending)
             obj = obj.isel(y=slice(None, None, -1))
         if float(obj["x"][1]) < float(obj["x"][0]):  # columns east to west: the model saw a mirror image

@@ -490,17 +490,19 @@ def segment_chunk_north_up(net: Any, card: ModelCard, plan: TilingPlan, chunk: C
         return Box(h - b.y1 if fy else b.y0, h - b.y0 if fy else b.y1, w - b.x1 if fx else b.x0, w - b.x0 if fx else b.x1)
 
     sl = (slice(None, None, -1) if fy else slice(None), slice(None, None, -1) if fx else slice(None))
-    seen = Chunk(chunk.iy, chunk.ix, mirror(chunk.core), mirror(chunk.input))
     # Mirrored windows start off the stride grid of a pass over the turned raster. Where that grid has its first
     # row (the turned raster's top) they start on it; elsewhere they are widened back to it with pixels of no
     # value, beyond the halo, so the network's stride grid and its padding at the far edges are one pass's.
     st = card.stride if card.method == "smp" else 1
-    ry, rx = seen.input.y0 % st, seen.input.x0 % st
-    pad = ((0, 0),) * (data.ndim - 2) + ((ry, 0), (rx, 0))
-    turned = np.pad(data[(..., *sl)], pad)
-    ok = np.pad(valid[(..., *sl)], ((0, 0),) * (valid.ndim - 2) + ((ry, 0), (rx, 0)))
-    seen = Chunk(seen.iy, seen.ix, seen.core, Box(seen.input.y0 - ry, seen.input.y1, seen.input.x0 - rx, seen.input.x1))
-    class_id, confidence = segment_chunk(net, card, plan, seen, turned, ok, settings, companion, align=st > 1)
+    inp = mirror(chunk.input)
+    ry, rx = inp.y0 % st, inp.x0 % st
+    seen = Chunk(chunk.iy, chunk.ix, mirror(chunk.core), Box(inp.y0 - ry, inp.y1, inp.x0 - rx, inp.x1))
+
+    def turned(a: np.ndarray) -> np.ndarray:
+        return np.pad(a[(..., *sl)], ((0, 0),) * (a.ndim - 2) + ((ry, 0), (rx, 0)))
+
+    class_id, confidence = segment_chunk(net, card, plan, seen, turned(data), turned(valid), settings, companion,
+                                         align=st > 1)
     return np.ascontiguousarray(class_id[sl]), np.ascontiguousarray(confidence[sl])
 
 

@@ -125,20 +125,14 @@ def plot_classes(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_siz
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from geoseg.api import classes_of
-
-    from geoseg.api import _north_up
+    from geoseg.api import _north_up, classes_of
 
     plt = _pyplot()
-    var = _class_var(ds)
-    if {"x", "y"} <= set(var.coords) and var.sizes.get("y", 0) > 1 and var.sizes.get("x", 0) > 1:
-        import rioxarray  # noqa: F401  (the .rio accessor)
-
-        var = _north_up(var)  # drawn north-up, as plot_scene draws (a map without coordinates: as it is)
+    var = _north_up(_class_var(ds))  # drawn north-up, as plot_scene draws (a map without coordinates: as it is)
     classes = classes_of(var)
     small = _decimate(var, max_size)
     ids = np.asarray(small.values)
-    nodata = var.rio.nodata if hasattr(var, "rio") else None
+    nodata = var.rio.nodata
     if nodata is not None and np.isfinite(nodata) and float(nodata) != 255:  # a class map with a nodata of its own
         ids = np.where(ids == nodata, 255, ids)
         classes = [c for c in classes if c.id != int(nodata)] if classes else classes

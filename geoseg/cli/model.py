@@ -38,18 +38,13 @@ def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint
     The receptive field is measured from the network's impulse response and stored in the card.
     With --method sam: Segment Anything from your --checkpoint, converted to safetensors.
     """
-    from click.core import ParameterSource
-
+    from geoseg.cli.options import refuse_unused
     from geoseg.errors import ConfigError
     from geoseg.model.store import init_model
 
-    given = {p.name: p.opts[0] for p in ctx.command.params
-             if ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)}
-    other = [given[n] for n in (("arch", "encoder", "encoder_depth", "n_classes", "classes_file", "tile_size") if method == "sam"
-                                else ("checkpoint", "sam_type", "max_object_px")) if n in given]
-    if other:
-        raise click.UsageError(f"{', '.join(other)} {'does' if len(other) == 1 else 'do'} not apply to --method {method}; "
-                               f"leave {'it' if len(other) == 1 else 'them'} out")
+    other = (("arch", "encoder", "encoder_depth", "n_classes", "classes_file", "tile_size") if method == "sam"
+             else ("checkpoint", "sam_type", "max_object_px"))
+    refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - set(other), f"--method {method}")
     if n_classes and classes_file:
         raise click.UsageError("give --classes N or --classes-file, not both (the file's classes decide the number)")
     if method == "sam":

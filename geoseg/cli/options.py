@@ -27,6 +27,17 @@ tta_opt = click.option("--tta", type=click.Choice(["card", "none", "d4"]), defau
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Replace a finished output.")
 
 
+def refuse_unused(ctx: click.Context, used: frozenset[str], what: str) -> None:
+    """Options given on the command line that ``what`` does not take: refused, not dropped."""
+    from click.core import ParameterSource
+
+    given = [p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in ctx.command.params
+             if p.name not in used and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
+    if given:
+        one = len(given) == 1
+        raise click.UsageError(f"{', '.join(given)} {'does' if one else 'do'} not apply to {what}; leave {'it' if one else 'them'} out")
+
+
 def check_cluster_options(scheduler: str | None, n_workers: int | None) -> None:
     """--workers sizes the embedded cluster only: beside --scheduler it would be dropped."""
     if scheduler and n_workers:

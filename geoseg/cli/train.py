@@ -156,7 +156,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     opt.check_overwrite_resume(overwrite, resume)
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     if task == "instance":
-        _refuse_unused(ctx, INSTANCE_OPTIONS, "--task instance (Mask R-CNN)")
+        opt.refuse_unused(ctx, INSTANCE_OPTIONS, "--task instance (Mask R-CNN)")
         _train_instances(images, labels, out_dir, label_field, label_layer, background, encoder, epochs, chip_size, batch_size,
                          steps_per_epoch, lr, weight_decay, seed, bbox, window, overwrite, verbosity, device)
         return
@@ -176,10 +176,10 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.model.card import PostProcess
 
     if method == "smp":
-        _refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"index", "threshold", "clusters"},
+        opt.refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"index", "threshold", "clusters"},
                        "--method smp (the networks)")
     else:
-        _refuse_unused(ctx, METHOD_OPTIONS | METHOD_ONLY[method], f"--method {method}")
+        opt.refuse_unused(ctx, METHOD_OPTIONS | METHOD_ONLY[method], f"--method {method}")
     postprocess = opt.postprocess_of(majority, mmu) or PostProcess()
     if method != "smp":
         with geoseg_warnings():
@@ -230,16 +230,6 @@ METHOD_OPTIONS = frozenset({"images", "labels", "label_field", "label_layer", "i
                             "classes_file", "task", "method", "band_roles", "majority", "mmu", "seed", "block_size",
                             "val_fraction", "chip_size", "bbox", "window", "overwrite"})
 METHOD_ONLY = {"threshold": frozenset({"index", "threshold"}), "kmeans": frozenset({"clusters"}), "pixel": frozenset()}
-
-
-def _refuse_unused(ctx: click.Context, used: frozenset[str], what: str) -> None:
-    from click.core import ParameterSource
-
-    given = [p.opts[-1] if p.opts[-1].startswith("--") else p.opts[0] for p in ctx.command.params
-             if p.name not in used and ctx.get_parameter_source(p.name) not in (ParameterSource.DEFAULT, None)]
-    if given:
-        one = len(given) == 1
-        raise click.UsageError(f"{', '.join(given)} {'does' if one else 'do'} not apply to {what}; leave {'it' if one else 'them'} out")
 
 
 def _train_instances(images, labels, out_dir, label_field, label_layer, background, encoder, epochs, chip_size, batch_size,

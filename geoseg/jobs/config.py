@@ -114,6 +114,16 @@ def parse_value(key: str, raw: str) -> Any:
     return raw if value is None and raw.strip() not in ("null", "Null", "NULL", "~") else value
 
 
+def _put(data: dict[str, Any], parts: Sequence[str], value: Any, source: str) -> None:
+    """``value`` at the nested key ``parts`` of ``data``; ``source`` (the variable or --set) names a clash."""
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{source}: {part} is set to a value elsewhere; set the nested keys only")
+    node[parts[-1]] = value
+
+
 def env_layer(env: Mapping[str, str] | None = None) -> Layer:
     """``DASK_GEOSEG__A__B=value`` variables, read now (dask's own copy was read at import), values parsed as
     ``--set`` parses them."""
@@ -125,12 +135,7 @@ def env_layer(env: Mapping[str, str] | None = None) -> Layer:
         parts = [p.lower() for p in var[len(prefix):].split("__") if p]
         if not parts:
             continue
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{var}: {part} is set to a value by another variable; set the nested keys only")
-        node[parts[-1]] = parse_value(parts[-1], raw)
+        _put(data, parts, parse_value(parts[-1], raw), var)
     return Layer("env", "environment", data, Path.cwd())
 
 
@@ -142,13 +147,7 @@ def cli_layer(profile: str | None = None, settings: Iterable[str] = ()) -> Layer
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set chunking.chunk_size=1024")
         parts = key.strip().split(".")
-        value = parse_value(parts[-1], raw)
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part} was set to a value above; set the nested keys only")
-        node[parts[-1]] = value
+        _put(data, parts, parse_value(parts[-1], raw), f"--set {item!r}")
     if profile:
         data.setdefault("cluster", {})["profile"] = profile
     return Layer("cli", "the command line", data, Path.cwd())

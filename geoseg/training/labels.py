@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -223,8 +224,9 @@ class VectorLabels:
         return {"file": Path(self.path).name, "kind": "vector", "field": self.field, "features": int(len(self.ids)),
                 "background": self.background}
 
-    def __dask_tokenize__(self) -> Any:
-        # the features themselves: two layers of one file, or a file edited in place, are other labels
+    @cached_property
+    def features_digest(self) -> str:
+        """sha256 of the features' geometries: two layers of one file, or a file edited in place, are other labels."""
         import hashlib
 
         import shapely
@@ -232,7 +234,10 @@ class VectorLabels:
         digest = hashlib.sha256()
         for wkb in shapely.to_wkb(self.geoms):
             digest.update(wkb)
-        return ("geoseg-labels", os.path.abspath(self.path), self.field, _grid_token(self.grid), digest.hexdigest(),
+        return digest.hexdigest()
+
+    def __dask_tokenize__(self) -> Any:
+        return ("geoseg-labels", os.path.abspath(self.path), self.field, _grid_token(self.grid), self.features_digest,
                 self.ids.tobytes(), self.all_touched, self.background)
 
     def read(self, box: Box) -> np.ndarray:
@@ -382,9 +387,9 @@ def _read_vector(path: str, layer: str | None, choose: str = "pass --label-layer
         listed = [(str(name), gtype) for name, gtype in pyogrio.list_layers(path)]
         spatial = [name for name, gtype in listed if gtype is not None]
         if layer:
-            if layer not in {name for name, _ in listed}:  # GDAL matches layer names ignoring case
-                layer = next((name for name, _ in listed if name.casefold() == layer.casefold()), layer)
-            if layer not in {name for name, _ in listed}:
+            names = [name for name, _ in listed]  # matched as GDAL matches them: exactly, else ignoring case
+            layer = layer if layer in names else next((n for n in names if n.casefold() == layer.casefold()), layer)
+            if layer not in names:
                 raise InputError(f"{path}: no layer {layer!r}; its layers are {', '.join(spatial) or '(none with geometries)'}")
             if layer not in spatial:
                 raise InputError(f"{path}: layer {layer!r} is a table without geometries; "
