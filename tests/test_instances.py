@@ -643,6 +643,36 @@ def test_object_scores_match_classes_by_name(objects_data, client, tmp_path):
     annex, building = classes["annex"], classes["building"]
     assert annex["true_objects"] == len(gdf) // 2 - 1 and annex["predicted_objects"] == 0 and annex["tp"] == 0  # row 3: none
     assert building["true_objects"] == (len(gdf) + 1) // 2 and building["tp"] >= 0.8 * building["true_objects"]
+    # names meet ignoring case, as in geoseg evaluate ("Building" made two rows: its objects all missed, the model's all
+    # false); a class name holding "NaN" is written as it is (the JSON's NaN scores were replaced as text)
+    gdf["kind"] = ["Building" if i % 2 else "NaNshed" for i in range(len(gdf))]
+    gdf.to_file(tmp_path / "caps.gpkg")
+    run("evaluate-objects", out, "--labels", tmp_path / "caps.gpkg", "--label-field", "kind", "--json", tmp_path / "s.json", code=2)
+    run("-q", "evaluate-objects", out, "--labels", tmp_path / "caps.gpkg", "--label-field", "kind", "--json", tmp_path / "s.json",
+        "--overwrite")
+    classes = json.loads((tmp_path / "s.json").read_text())["classes"]
+    assert set(classes) == {"building", "NaNshed"}, classes
+    assert classes["building"]["true_objects"] == len(gdf) // 2 and classes["building"]["tp"] >= 0.8 * (len(gdf) // 2)
+    assert classes["NaNshed"]["precision"] is None  # no predicted object of it: no precision
+    # an id raster: whole-number ids only (a cast made 1.0 and 1.5 one object), one class (--label-field refused), and
+    # labels that hold no object where the prediction is (another CRS, a wrong extent) are an error, not a score of 0
+    with rasterio.open(objects_data["image"]) as src:
+        profile = {**src.profile, "count": 1, "dtype": "float32", "nodata": float("nan")}
+    ids = objects_data["ids"].astype(np.float32)
+    ids[ids == 2] = 1.5
+    for name, values in (("frac.tif", ids), ("none.tif", np.zeros_like(ids))):
+        with rasterio.open(tmp_path / name, "w", **profile) as dst:
+            dst.write(values, 1)
+    res = run("evaluate-objects", out, "--labels", tmp_path / "frac.tif", code=2)
+    assert "whole numbers" in res.output and "1.5" in res.output
+    res = run("evaluate-objects", out, "--labels", tmp_path / "none.tif", code=2)
+    assert "no true object" in res.output and "CRS" in res.output
+    ids[ids == 1.5] = 2
+    with rasterio.open(tmp_path / "whole.tif", "w", **profile) as dst:
+        dst.write(ids, 1)
+    res = run("evaluate-objects", out, "--labels", tmp_path / "whole.tif", "--label-field", "kind", code=2)
+    assert "--label-field is for polygon labels" in res.output
+    assert "true" in run("evaluate-objects", out, "--labels", tmp_path / "whole.tif").output
 
 
 def test_instance_label_files_are_checked_before_training(objects_data, tmp_path, caplog):

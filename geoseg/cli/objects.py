@@ -7,6 +7,8 @@ import math
 
 import click
 
+from geoseg.cli import options as opt
+
 
 @click.command("evaluate-objects", short_help="Score the objects of an instance prediction.")
 @click.argument("out_dir", type=click.Path(file_okay=False, exists=True))
@@ -16,13 +18,22 @@ import click
 @click.option("--bbox", nargs=4, type=float, default=None, metavar="XMIN YMIN XMAX YMAX", help="Score only this area (the grid's CRS).")
 @click.option("--window", nargs=4, type=int, default=None, metavar="COL ROW WIDTH HEIGHT", help="Score only this pixel window.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="REPORT.json", help="Write the scores as JSON.")
+@opt.overwrite_opt
 @click.pass_context
-def evaluate_objects(ctx, out_dir, labels, label_field, bbox, window, json_path):
+def evaluate_objects(ctx, out_dir, labels, label_field, bbox, window, json_path, overwrite):
     """Match the objects of OUT_DIR (geoseg predict with an instance model) with the true objects:
     a pair matches at mask IoU > 0.5; prints precision, recall, F1, segmentation quality (mean IoU
     of matches) and panoptic quality (PQ = SQ x F1), overall and per class."""
-    from geoseg.instances.metrics import score_prediction
+    from pathlib import Path
 
+    from geoseg.errors import OutputExistsError
+    from geoseg.instances.metrics import score_prediction
+    from geoseg.io.storage import check_creatable
+
+    if json_path:
+        if Path(json_path).exists() and not overwrite:
+            raise OutputExistsError(f"{json_path}: already exists; choose another --json path or pass --overwrite")
+        check_creatable(json_path, "--json path")
     report = score_prediction(out_dir, labels, bbox=bbox, window=window, field=label_field)
     rows = {"all": report["all"], **report.get("classes", {})}
     if (ctx.obj or {}).get("verbosity", 0) >= 0:
@@ -32,9 +43,17 @@ def evaluate_objects(ctx, out_dir, labels, label_field, bbox, window, json_path)
             click.echo(f"{name[:13]:<14}{r['true_objects']:>6}{r['predicted_objects']:>6}{r['tp']:>6}{r['fp']:>6}{r['fn']:>6}"
                        + "".join(f"{v:>8}" for v in f))
     if json_path:
-        from pathlib import Path
-
         from geoseg.cli.evaluate import _write_atomic
 
-        clean = json.loads(json.dumps(report, default=float).replace("NaN", "null"))
-        _write_atomic(Path(json_path), json.dumps(clean, indent=2) + "\n")
+        _write_atomic(Path(json_path), json.dumps(_no_nan(report), indent=2, allow_nan=False) + "\n")
+
+
+def _no_nan(obj):
+    """``obj`` with NaN scores (no object to divide by) as JSON null."""
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj

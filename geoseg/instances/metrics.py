@@ -52,6 +52,17 @@ def per_class(pred: np.ndarray, pred_class: Mapping[int, int], truth: np.ndarray
     return out
 
 
+def _is_vector(path: str) -> bool:
+    """Whether ``path`` is a vector file (OGR opens it), not a raster."""
+    import pyogrio
+
+    try:
+        pyogrio.read_info(path)
+        return True
+    except Exception:  # noqa: BLE001  (any OGR error: not vector data)
+        return False
+
+
 def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any = None, field: str | None = None
                      ) -> dict[str, Any]:
     """Object scores of a finished instance prediction (OUT of ``geoseg predict``) against polygons
@@ -88,7 +99,15 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     sl = (slice(box.y0, box.y1), slice(box.x0, box.x1))
     pred = group["instance_id"][sl]
     valid = group["class_id"][sl] != NODATA_CLASS
+    vector = _is_vector(labels)
+    if field is not None and not vector:
+        raise InputError(f"{labels}: --label-field is for polygon labels; an instance-id raster holds one class of objects: "
+                         "drop --label-field")
     truth, lab, classes = instance_targets(labels, grid, box, field)
+    if not (truth > 0).any():
+        raise InputError(f"{labels}: no true object in the region scored (rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1} of the "
+                         f"prediction, CRS {grid.crs}, bounds {tuple(round(b, 3) for b in grid.boundingbox)}); check the labels' "
+                         "CRS and extent, or score a region that holds objects")
     if (out / OBJECTS_NAME).is_file():
         objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False,
                                       columns=["instance_id", "class_id", "class_name"])
@@ -112,10 +131,19 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
         pred_class = dict(zip(objs["instance_id"].astype(int), objs["class_id"].astype(int)))
         truth_class = {i: classes[int(lab[i])].id for i in range(1, len(lab))}
         names = {**dict(zip(objs["class_id"].astype(int), objs["class_name"].astype(str))), **{c.id: c.name for c in classes}}
-    else:
-        pred_class = dict(zip(objs["instance_id"].astype(int), objs["class_name"].astype(str)))
-        truth_class = {i: classes[int(lab[i])].name for i in range(1, len(lab))}
-        names = {}
+    else:  # names matched ignoring case, as geoseg evaluate matches label names with the model's
+        model_names = {str(c["name"]).casefold(): str(c["name"]) for c in group.attrs.get(CLASSES_ATTR, [])}
+        model_names.update({str(n).casefold(): str(n) for n in objs["class_name"]})
+        unknown = sorted({c.name for c in classes[1:] if c.name.casefold() not in model_names})
+        if unknown:  # scored (every such object a miss), and said
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "%s: field %r holds %s, which the model has no class for (its classes: %s); those objects count as missed",
+                labels, field, ", ".join(map(repr, unknown)), ", ".join(sorted(set(model_names.values()))))
+        pred_class = {int(i): str(n).casefold() for i, n in zip(objs["instance_id"], objs["class_name"])}
+        truth_class = {i: classes[int(lab[i])].name.casefold() for i in range(1, len(lab))}
+        names = {**{c.name.casefold(): c.name for c in classes[1:]}, **model_names}
     if len(set(truth_class.values()) | set(pred_class.values())) > 1:
         report["classes"] = {str(names.get(c, c)): s for c, s in per_class(pred, pred_class, truth, truth_class, valid).items()}
     return report

@@ -124,6 +124,12 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
             if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw[~nodata]).all():
                 raise InputError(f"{labels}: the instance raster holds NaN or infinite values that are not its nodata; "
                                  "set its nodata (gdal_edit -a_nodata nan) or give whole-number ids")
+            if np.issubdtype(raw.dtype, np.floating):
+                v = raw[~nodata]
+                frac = v[v != np.floor(v)]
+                if frac.size:  # a cast would make ids 1.0 and 1.5 one object
+                    raise InputError(f"{labels}: instance ids must be whole numbers (it holds {float(frac[0])!r}); "
+                                     "give one integer id per object (e.g. gdal_calc.py --calc 'round(A)' --type UInt32)")
             inst = np.where(nodata, 0, raw).astype(np.int64)  # nodata: no object
         if inst.min() < 0:
             raise InputError(f"{labels}: instance ids must be >= 0 (0 = no object; or set the raster's nodata)")
