@@ -245,6 +245,75 @@ def test_resume_refuses_other_options_and_nothing_to_resume(scene, tmp_path):
         train(inputs, tmp_path / "other", TrainConfig(**TINY), resume=True)
 
 
+def test_resume_checks_the_files_and_may_replace_what_the_run_would(scene, tmp_path, monkeypatch):
+    """A label file edited at the same path (classes swapped) resumed silently: the fingerprint held its path only.
+    A run begun with --overwrite over a model could never be resumed (--resume alone: "--out not empty"). A run cut
+    while writing its first epoch (tensors, no state.json) was refused both with and without --resume."""
+    import shutil
+
+    import rasterio
+
+    labels = tmp_path / "labels.tif"
+    shutil.copy(scene.labels, labels)
+    inputs = TrainInputs(scene.bands, str(labels))
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "model.json").write_text("{}")  # an earlier model, replaced with --overwrite
+    with pytest.raises(Stop):
+        train(inputs, out, TrainConfig(**TINY), overwrite=True, progress=stop_after(1))
+    with rasterio.open(labels, "r+") as ds:  # classes 1 and 2 swapped, same size
+        a = ds.read(1)
+        ds.write(np.where(a == 1, 2, np.where(a == 2, 1, a)), 1)
+    with pytest.raises(ConfigError, match="files"):
+        train(inputs, out, TrainConfig(**TINY), resume=True)
+    shutil.copy(scene.labels, labels)
+    inputs = TrainInputs(scene.bands, str(labels))
+    with pytest.raises(Stop):  # a new run over the same folder (the edited labels' checkpoints go)
+        train(inputs, out, TrainConfig(**TINY), overwrite=True, progress=stop_after(1))
+    result = train(inputs, out, TrainConfig(**TINY), resume=True)  # into the folder the run was told to replace
+    assert [h["epoch"] for h in result.card.training["history"]] == [1, 2, 3]
+    assert load_model(out).card.n_classes == result.card.n_classes
+    # tensors without their state.json: nothing to resume, so the same command starts again
+    work = working_dir(tmp_path / "h")
+    work.mkdir()
+    (work / "epoch-0001.safetensors").write_bytes(b"cut short")
+    train(inputs, tmp_path / "h", TrainConfig(**dict(TINY, epochs=1)))
+    assert (tmp_path / "h" / "model.json").is_file() and not work.exists()
+    monkeypatch.chdir(tmp_path / "h")
+    assert working_dir(".") == tmp_path / "h.training"  # "." has a name ("has an empty name" was a traceback)
+
+
+def test_sigterm_saves_and_says_how_to_resume(scene, tmp_path):
+    """A batch scheduler's SIGTERM (time limit, preemption) killed the run without a word; it is now taken as Ctrl-C:
+    the finished epoch is kept and the message says how to go on (--resume in place of --overwrite, which it refuses
+    beside --resume)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "m"
+    args = [sys.executable, "-m", "geoseg", "train", *scene.bands, "--labels", scene.labels, "--out", out, "--encoder-depth", 3,
+            "--epochs", 50, "--chip-size", 32, "--batch-size", 2, "--steps-per-epoch", 2, "--members", 1, "--no-ensemble",
+            "--tta", "none", "--val-fraction", "0.3"]
+    proc = subprocess.Popen([str(a) for a in [*args, "--overwrite"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout:
+        if "epoch   1/50" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume in place of --overwrite" in err and "Traceback" not in err
+    assert saved_states(working_dir(out))[0] is not None and not out.exists()
+
+
+def test_no_validation_blocks_refuses_what_only_they_serve(scene, tmp_path):
+    r = cli("train", *scene.bands, "--labels", scene.labels, "--out", tmp_path / "m", "--val-fraction", 0, "--patience", 2)
+    assert r.exit_code == 2 and "--patience does not apply to --val-fraction 0" in r.output, r.output
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_run_begun_with_indices_on_stored_values_does_not_resume_on_physical_ones(tmp_path):
     """Bands stored with a GDAL scale and offset and index channels: a run interrupted under the code that computed
     the indices on stored values (its saved fingerprint has no index_units) is refused, not mixed."""

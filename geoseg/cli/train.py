@@ -178,6 +178,13 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     if method == "smp":
         opt.refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"index", "threshold", "clusters"},
                        "--method smp (the networks)")
+        if val_fraction == 0:
+            # early stopping, the companion and the choice of test-time augmentation are made on the validation blocks
+            opt.refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"patience", "block_size"},
+                           "--val-fraction 0 (no validation blocks: no early stopping, no split)")
+            if verbosity >= 0:
+                click.echo("--val-fraction 0: no validation blocks, so every epoch runs, the last one is kept, and no LightGBM "
+                           "companion or test-time augmentation is chosen", err=True)
     else:
         opt.refuse_unused(ctx, METHOD_OPTIONS | METHOD_ONLY[method], f"--method {method}")
     postprocess = opt.postprocess_of(majority, mmu) or PostProcess()
@@ -201,6 +208,12 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
         who = f"network {r['member'] + 1}/{r['members']}  " if r.get("members", 1) > 1 else ""
         click.echo(f"{who}epoch {r['epoch']:>3}/{r['epochs']}  loss {r['loss']:.4f}{val}  lr {r['lr']:.2e}  {r['seconds']:.1f} s{stop}")
 
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    # a batch scheduler's SIGTERM (a job's time limit, a preempted node): said as Ctrl-C is, with how to resume
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
     try:
         with geoseg_warnings():
             result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
@@ -214,8 +227,12 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
                        "to start again", err=True)
         else:
             click.echo(f"geoseg: interrupted; the last finished epoch is saved in {work}: "
-                       "run the same command with --resume to continue", err=True)  # fmt: skip
+                       f"run the same command with --resume{' in place of --overwrite' if overwrite else ''} to continue",
+                       err=True)  # fmt: skip
         sys.exit(130)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, before)
     _report(result, verbosity)
 
 

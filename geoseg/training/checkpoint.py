@@ -21,7 +21,7 @@ CHECKPOINT_FORMAT = "geoseg-train-checkpoint/1"
 
 def working_dir(out_dir: str | os.PathLike) -> Path:
     """Where checkpoints of a training run into ``out_dir`` live: a sibling, ``<out_dir>.training``."""
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." has no name of its own
     return out.with_name(out.name + WORK_SUFFIX)
 
 
@@ -157,13 +157,18 @@ def check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> No
 
 
 def check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    interrupted = saved_states(work) != (None, [])
+    # a run that was started could replace --out (it was empty, or --overwrite was given): its resumption may too
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite and not (resume and interrupted):
         raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     if resume:
-        if saved_states(work) == (None, []):
+        if not interrupted:
             raise ConfigError(f"{work}: no interrupted training run to resume there; start without --resume")
-    elif work.exists() and saved_states(work) == (None, []) and not any(work.rglob("*.safetensors")):
-        shutil.rmtree(work)  # a run stopped before its first epoch finished: nothing in it to resume
+        for tmp in work.rglob(".*.tmp"):  # a write the interruption cut short
+            tmp.unlink(missing_ok=True)
+    elif work.exists() and not interrupted:
+        # stopped before its first epoch finished, or while writing it (tensors without their state.json): nothing to resume
+        shutil.rmtree(work)
     elif work.exists() and not overwrite:
         raise OutputExistsError(
             f"{work}: holds an interrupted training run for {out}; pass --resume to continue it or --overwrite to start again"

@@ -394,10 +394,21 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     d["images"] = [os.path.abspath(p) for p in inputs.images]
     d["labels"] = os.path.abspath(inputs.labels)
     d["classes_file"] = os.path.abspath(inputs.classes_file) if inputs.classes_file else None
+    # the files as they are (size, modification time): a label file edited at the same path must not resume
+    files = [*inputs.images, inputs.labels, *([inputs.classes_file] if inputs.classes_file else [])]
+    d["files"] = [list(_file_identity(p)) for p in files]
     c = asdict(config)
     if c["members"] == 1:
         del c["members"]  # runs of one network resume as they did before members existed
     return json.loads(json.dumps({"inputs": d, "config": c}))
+
+
+def _file_identity(path: str) -> tuple[Any, ...]:
+    try:
+        st = os.stat(path)
+        return (st.st_size, st.st_mtime_ns)
+    except OSError:  # an object-store URL: its path is all that is known here
+        return ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -556,7 +567,8 @@ def train(
     roles = tuple((card_update or {}).get("band_roles") or guess_roles([b.description for b in prep.stack.bands]))
     indices = available_indices(roles) if config.index_channels else ()
     n_inputs = prep.stack.count + len(indices)
-    fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices))
+    fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices),
+                       classes=[[c.id, c.name] for c in prep.classes])
     if indices and band_units(prep.stack.bands) is not None:
         # on scaled bands: a run begun when index channels were computed on stored values does not resume on physical ones
         fingerprint["index_units"] = "physical"
