@@ -441,7 +441,8 @@ def predict(
 ) -> xr.Dataset:
     """A lazy Dataset (``class_id`` uint8, 255 = nodata; ``confidence``) on the scene's grid.
 
-    Nothing is computed until asked; a selection computes only the chunks it touches. The model
+    Nothing is computed until asked; a selection computes only the chunks it touches (a threshold model
+    with Otsu's threshold reads the whole scene once first, for the threshold: ``attrs["geoseg_threshold"]``). The model
     tasks run where the current distributed client puts them, else on dask's threaded scheduler.
     ``tta``: "none" or "d4" in place of the card's; ``postprocess``: a majority filter and sieve in place
     of the card's (``{"majority_radius": 1, "min_pixels": 16}``; ``{}``: none), run in each chunk's window
@@ -487,6 +488,8 @@ def predict(
     ds["confidence"].attrs.update(long_name="probability of the model's winning class (before the card's post-processing)", units="1")
     ds.attrs.update(geoseg_model=m.location, geoseg_model_digest=m.digest, geoseg_precision=numerics.precision,
                     geoseg_chunk_size=plan.chunk_size, geoseg_halo=plan.halo)
+    if settings.params:  # computed over the scene first (Otsu's threshold): the value the map was made with
+        ds.attrs.update({f"geoseg_{k}": v for k, v in settings.params})
     # rioxarray records the grid mapping in each variable's encoding: to_zarr/to_netcdf write it
     return ds.rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
 

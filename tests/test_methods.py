@@ -147,6 +147,10 @@ def test_threshold_otsu_on_the_cluster_equals_skimage(client, scene, tmp_path):
 
     with pytest.raises(ConfigError, match="--tta d4 augments a network's passes, and this is a threshold model"):
         plan_job([img], tmp_path / "th", tmp_path / "tta", PredictOptions(tta="d4"))
+    from geoseg import api
+
+    ds = api.predict(api.open_scene(img, chunks=64), tmp_path / "th")  # the scene's threshold, said where the map is
+    assert ds.attrs["geoseg_threshold"] == pytest.approx(float(expected), rel=1e-7)
 
 
 def test_a_minimum_mapping_unit_names_classes_the_model_has(scene, pixel_model, tmp_path):
@@ -175,7 +179,14 @@ def test_options_of_another_method_are_refused_before_training(scene, tmp_path):
     for method, extra, says in ((["--method", "threshold"], ["--tta", "d4", "--epochs", "3"],
                                  "--tta, --epochs do not apply to --method threshold"),
                                 (["--method", "pixel"], ["--clusters", "6"], "--clusters does not apply to --method pixel"),
-                                ([], ["--index", "ndwi", "--members", "1"], "--index does not apply to --method smp")):
+                                ([], ["--index", "ndwi", "--members", "1"], "--index does not apply to --method smp"),
+                                # the methods sample pixels in 64 px blocks: a chip size changed nothing
+                                (["--method", "kmeans"], ["--chip-size", "32"], "--chip-size does not apply to --method kmeans"),
+                                # a fixed value means something for one index: the first the roles allowed was taken silently
+                                (["--method", "threshold", "--band-roles", ROLES], ["--threshold", "0.3"],
+                                 "--threshold 0.3: a fixed value means something for one index only"),
+                                (["--method", "threshold", "--band-roles", ROLES], ["--index", "expr:" + "-" * 3000 + "nir"],
+                                 "at most 500")):
         r = cli("train", img, "--labels", lab, "--classes", classes, "--out", tmp_path / "m", *method, *extra)
         assert r.exit_code == 2 and says in r.output, r.output
         assert not (tmp_path / "m").exists()
@@ -486,6 +497,14 @@ def test_labels_of_one_class(scene, tmp_path):
                            ["train", str(img), "--labels", str(one), "--out", str(tmp_path / "px"), "--method", "pixel"])
     assert r.exit_code != 0 and "one class only" in r.output and "--background" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "px").exists()
+    for method in ("kmeans", "threshold"):  # they wrote a model of one class everywhere, validated at mIoU 1.0
+        r = cli("train", img, "--labels", one, "--out", tmp_path / method, "--method", method, "--band-roles", ROLES)
+        assert r.exit_code == 2 and "one class only" in r.output, r.output
+        assert not (tmp_path / method).exists()
+    # an image with no valid pixel blamed the labels
+    blank = write_raster(tmp_path / "blank.tif", np.zeros((4, *labels.shape), np.uint16), nodata=0)
+    r = cli("train", blank, "--labels", lab, "--out", tmp_path / "b", "--method", "kmeans")
+    assert r.exit_code == 2 and "blank.tif: no valid pixel" in r.output, r.output
     r = cli("-q", "train", img, "--labels", one, "--out", tmp_path / "net", "--members", 1, "--epochs", 1, "--chip-size", 32,
             "--steps-per-epoch", 2, "--batch-size", 2, "--encoder-depth", 3)
     assert r.exit_code == 0, r.output

@@ -92,7 +92,7 @@ def apply(options):
               help="Role of each band, in order, e.g. blue,green,red,nir,swir1,swir2 (- for none): indices are computed "
                    "by role. Default: read from band descriptions that name one.")
 @click.option("--index", "index", default=None, metavar="NAME",
-              help="threshold: ndvi, ndwi, mndwi, ndbi, nbr or expr:<arithmetic of roles> (default: the first of mndwi, ndwi, ndvi the roles allow).")
+              help="threshold: ndvi, ndwi, mndwi, ndbi, nbr or expr:<arithmetic of roles> (default with --threshold otsu: the first of mndwi, ndwi, ndvi, ndbi the roles allow).")
 @click.option("--threshold", "threshold", default="otsu", show_default=True, metavar="otsu|VALUE", callback=_threshold,
               help="threshold: a fixed value, or otsu: Otsu's threshold over each predicted scene, computed on the cluster.")
 @click.option("--clusters", type=click.IntRange(2, 254), default=None, help="kmeans: number of clusters (default: twice the classes, at least 8).")
@@ -122,7 +122,8 @@ def apply(options):
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.2, show_default=True,
               help="Share of the labelled spatial blocks held out for validation.")
 @click.option("--block-size", type=click.IntRange(8), default=None, metavar="PX",
-              help="Side of the spatial blocks of the train/validation split (default: twice the chip size).")
+              help="Side of the spatial blocks of the train/validation split (default: twice the chip size; 64 for "
+                   "--method threshold|kmeans|pixel).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--members", type=click.IntRange(1, 16), default=3, show_default=True,
               help="Networks trained with seeds SEED, SEED+1, ...; the model is the mean of their logits (steadier and "
@@ -245,7 +246,7 @@ INSTANCE_OPTIONS = frozenset({"images", "labels", "label_field", "label_layer", 
 # what --method threshold|kmeans|pixel take (labels, split, post-processing); the networks' options are refused
 METHOD_OPTIONS = frozenset({"images", "labels", "label_field", "label_layer", "ignore", "background", "reproject_labels", "out_dir",
                             "classes_file", "task", "method", "band_roles", "majority", "mmu", "seed", "block_size",
-                            "val_fraction", "chip_size", "bbox", "window", "overwrite"})
+                            "val_fraction", "bbox", "window", "overwrite"})
 METHOD_ONLY = {"threshold": frozenset({"index", "threshold"}), "kmeans": frozenset({"clusters"}), "pixel": frozenset()}
 
 
@@ -283,6 +284,13 @@ def _report(result, verbosity: int) -> None:
             if tr.get("metrics"):
                 click.echo(f"\nvalidation ({tr['split']['val']['blocks']} held-out blocks{raw}):")
                 click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
+            mp = result.card.method_params
+            if result.card.method == "threshold":
+                names = {c.id: c.name for c in result.card.classes}
+                t = mp["threshold"] if mp["threshold"] == "otsu" else f"{mp['threshold']:g}"
+                trained = (tr.get("fit") or {}).get("training_otsu")
+                t += f" (on the training blocks: {trained:.4g}; each scene gets its own)" if trained is not None else ""
+                click.echo(f"index {mp['index']}, threshold {t}: above {names[mp['above']]}, below {names[mp['below']]}")
             click.echo(f"model written to {result.model_dir}: method {result.card.method}, {result.card.n_bands} bands, "
                        f"{result.card.n_classes} classes, in {tr.get('seconds', 0):.0f} s")
             return

@@ -108,12 +108,19 @@ _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, as
         ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}  # fmt: skip
 
 
+MAX_EXPRESSION = 500  # characters: evaluated recursively, one frame per operator, on workers whose stack is shared with dask's
+
+
 def check_expression(expr: str, roles: Sequence[str | None] | None = None) -> None:
     """Refuse anything but arithmetic on numbers and role names (no calls, no attributes)."""
+    if len(expr) > MAX_EXPRESSION:
+        raise ConfigError(f"index expression of {len(expr)} characters: at most {MAX_EXPRESSION}")
     try:
         tree = ast.parse(expr, mode="eval")
     except SyntaxError as exc:
         raise ConfigError(f"index expression {expr!r}: {exc.msg}") from None
+    except (RecursionError, MemoryError):  # nested deeper than Python's parser goes
+        raise ConfigError(f"index expression {expr[:40]!r}...: nested too deeply") from None
     for node in ast.walk(tree):
         if isinstance(node, ast.Name):
             if canonical_role(node.id) is None:

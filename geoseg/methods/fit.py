@@ -186,12 +186,12 @@ def train_method(
     record: dict[str, Any] = {}
     files: dict[str, Callable[[Path], None]]
 
+    if len(prep.classes) < 2:  # a model that gives one class everywhere, validated at mIoU 1.0
+        raise InputError(f"{inputs.labels}: the labels hold one class only ({prep.classes[0].name}); --method {method} needs two: "
+                         "label the rest with --background ID (vector labels) or give labels of another class")
     if method == "pixel":
         from geoseg.methods import pixel
 
-        if len(prep.classes) < 2:
-            raise InputError(f"{inputs.labels}: the labels hold one class only ({prep.classes[0].name}); a classifier needs two: "
-                             "label the rest with --background ID (vector labels) or give labels of another class")
         features = default_features(roles, prep.stack.count)
         fitted = fit_pixel_on_split(prep, roles, features, config.seed)
         if fitted is None:
@@ -233,6 +233,9 @@ def train_method(
         from geoseg.methods import threshold as th
         from geoseg.methods.features import spectral_index
 
+        if index is None and str(threshold).lower() != "otsu":
+            raise ConfigError(f"--threshold {threshold}: a fixed value means something for one index only; name it with --index "
+                              "(ndvi, ndwi, mndwi, ndbi, expr:...)")
         idx = index or next((i for i in INDEX_PREFERENCE if i in available_indices(roles)), None)
         if idx is None:
             raise ConfigError(
@@ -262,6 +265,9 @@ def train_method(
             raise InputError(f"{inputs.labels}: no labelled pixel with a value of {idx} in the training blocks")
         means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)
         above, below = _threshold_classes(classes, idx, means, counts)
+        if above == below or not counts[below]:
+            raise InputError(f"{inputs.labels}: only {classes[above].name} has pixels with a value of {idx} in the training "
+                             "blocks; a threshold needs a class on each side")
         t_value: Any = "otsu" if str(threshold).lower() == "otsu" else float(threshold)
         params = {"index": idx, "threshold": t_value, "above": classes[above].id, "below": classes[below].id}
         if t_value == "otsu":

@@ -238,6 +238,9 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
         raise ConfigError(f"--block-size {block} is smaller than the chip size {chip}; blocks must hold whole chips: give a smaller --chip-size too")
     sv = survey(stack, labels, region, block, cache_bytes)
     counts = sv.id_counts
+    if sv.valid_pixels.sum() == 0:
+        raise InputError(f"{inputs.images[0]}: no valid pixel in the training region (every band is nodata there); check the "
+                         "image's nodata value (gdalinfo) and the region (--window, --bbox)")
     if counts.sum() == 0:
         raise InputError(
             f"{inputs.labels}: no labelled pixel on valid imagery in the training region; the labels are all "
