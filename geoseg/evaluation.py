@@ -119,14 +119,28 @@ class Evaluation:
             "region": {"rows": [j.region.y0, j.region.y1], "cols": [j.region.x0, j.region.x1]},
             "plan": j.plan.describe(),
             "precision": j.options.precision,
+            # how the class map was made: a report from --mmu 40 read as one without
+            "tta": (j.options.tta or j.card.tta) if j.card.method == "smp" else "none",
+            "postprocess": j.card.postprocess.model_dump(),
             "seconds": round(self.seconds, 3),
             "miou_definition": "mean of the per-class IoU over classes present in the labels or the predictions",
+            # the labelled pixels the model gives no class (image nodata, an index with no value) are not scored
+            "labelled_pixels": self.labelled_pixels,
+            "coverage": self.coverage,
             **self.metrics.to_dict(),
         }
 
+    @property
+    def coverage(self) -> float | None:
+        """The share of the labelled pixels the model gives a class (the scored ones)."""
+        return self.metrics.pixels / self.labelled_pixels if self.labelled_pixels else None
+
 
 def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any) -> ModelCard:
-    """``card`` with the options' post-processing in place of its own (checked against its classes)."""
+    """``card`` with the options' post-processing in place of its own (checked against its classes); test-time
+    augmentation asked of a model that has none refused, as predict refuses it (it was scored without, silently)."""
+    if options.tta == "d4" and card.method != "smp":
+        raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     return card if options.postprocess is None else card.with_postprocess(options.postprocess, f"{model_dir}: --mmu")
 
 

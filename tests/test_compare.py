@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import dask
 import numpy as np
@@ -166,10 +167,18 @@ def test_cli_one_model_keeps_the_single_model_report(setup, tmp_path, client):
     assert r.exit_code == 0, r.output
     with dask.config.set(scheduler="threads"):
         ev = evaluate(bands[:3], models["A"], lpath, one)
-    assert r.output == (f"{models['A']} on rows 0-{H}, cols 0-{W} ({ev.metrics.pixels} labelled valid pixels):\n"
+    assert r.output == (f"{models['A']} on rows 0-{H}, cols 0-{W} ({ev.metrics.pixels} labelled pixels the model gives a class, "
+                        f"{100 * ev.coverage:.1f}% of the labelled ones):\n"
                         f"{ev.metrics.table()}\nreport written to {report}\n")  # fmt: skip
     d, old = json.loads(report.read_text()), ev.to_dict()
     assert d.keys() == old.keys() and "models" not in d
+    # the report says what it scored: the labelled pixels the model left out, how the map was made
+    assert d["labelled_pixels"] > d["pixels"] and d["coverage"] == pytest.approx(d["pixels"] / d["labelled_pixels"])
+    assert d["tta"] in ("none", "d4") and set(d["postprocess"]) >= {"majority_radius", "min_pixels"}
+    # --overwrite with --json on an input deleted it before anything ran
+    r = CliRunner().invoke(cli, ["evaluate", *map(str, bands[:3]), "--model", str(models["A"]), "--labels", str(lpath),
+                                 "--json", str(lpath), "--overwrite"], catch_exceptions=False)
+    assert r.exit_code == 2 and "would replace an input" in r.output and os.path.isfile(lpath), r.output
     assert {k: v for k, v in d.items() if k != "seconds"} == {k: v for k, v in old.items() if k != "seconds"}
     # --csv with one model: the same one-row table as a comparison of that model alone
     r = CliRunner().invoke(cli, [*args, "--overwrite", "--csv", str(table)], catch_exceptions=False)

@@ -767,3 +767,14 @@ def test_prompts_off_the_scene_are_left_out_with_a_warning(tmp_path, caplog):
         prompts = read_prompts(str(tmp_path / "p.gpkg"), grid)
     assert [p["number"] for p in prompts] == [0, 2] and [p["centre"] for p in prompts] == [(10, 10), (60, 50)]
     assert "1 of 3 prompts lie off the scene" in caplog.text and "rows 1" in caplog.text
+
+
+def test_an_unreadable_prediction_folder_is_one_line(tmp_path):
+    """An emptied prediction.zarr beside a run.json (or a run.json without its grid) was a zarr or KeyError traceback."""
+    out = tmp_path / "out"
+    (out / "prediction.zarr").mkdir(parents=True)
+    (out / "run.json").write_text("{}")
+    labels = tmp_path / "l.geojson"
+    labels.write_text('{"type": "FeatureCollection", "features": []}')
+    res = run("evaluate-objects", out, "--labels", labels, code=2)
+    assert "is unreadable" in res.output and "Traceback" not in res.output

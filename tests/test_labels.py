@@ -66,7 +66,9 @@ def test_float_label_raster_with_integer_values_is_fine(tmp_path, grid):
     assert ids[0, 0] == 1 and ids[0, 40] == 6 and ids[3, 3] == 255
 
 
-@pytest.mark.parametrize("value, hint", [(300, "--ignore-index 300"), (255, "--ignore-index 255"), (2.5, "integer")])
+# 1.9999999 was said as "label value 2 is not an integer"
+@pytest.mark.parametrize("value, hint", [(300, "--ignore-index 300"), (255, "--ignore-index 255"), (2.5, "integer"),
+                                         (np.float32(1.9999999).item(), r"value 1\.99999\d+ .*round them")])
 def test_values_that_are_no_class_id_are_a_clear_error(tmp_path, grid, value, hint):
     dtype = np.float32 if isinstance(value, float) else np.int16
     lab = np.ones((H, W), dtype)

@@ -147,6 +147,10 @@ def test_threshold_otsu_on_the_cluster_equals_skimage(client, scene, tmp_path):
 
     with pytest.raises(ConfigError, match="--tta d4 augments a network's passes, and this is a threshold model"):
         plan_job([img], tmp_path / "th", tmp_path / "tta", PredictOptions(tta="d4"))
+    from geoseg.evaluation import EvaluateOptions, plan_evaluation
+
+    with pytest.raises(ConfigError, match="--tta d4 augments a network's passes"):  # evaluate scored it without, silently
+        plan_evaluation([img], tmp_path / "th", scene[1], EvaluateOptions(tta="d4"), resolve=False)
     from geoseg import api
 
     ds = api.predict(api.open_scene(img, chunks=64), tmp_path / "th")  # the scene's threshold, said where the map is

@@ -86,6 +86,11 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
             check_creatable(p, f"{flag} path")
     if json_path and csv_path and Path(json_path).resolve() == Path(csv_path).resolve():
         raise ConfigError(f"{json_path}: given as both --json and --csv; give two paths")
+    inputs = [Path(p).resolve() for p in (*images, labels) if "://" not in str(p)]
+    models = [Path(m).resolve() for m in model_dirs if "://" not in str(m)]
+    for flag, p in (("--json", json_path), ("--csv", csv_path)):  # --overwrite deleted the labels it was pointed at
+        if p and (Path(p).resolve() in inputs or any(Path(p).resolve().is_relative_to(m) for m in models)):
+            raise ConfigError(f"{p}: {flag} would replace an input of this evaluation; give another path")
     for p in (json_path, csv_path):  # --overwrite: a run that fails leaves no earlier report that looks like its own
         if p:
             Path(p).unlink(missing_ok=True)
@@ -126,7 +131,9 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
         Comparison.from_evaluation(result, names[0] if names else None).to_csv(csv_path)
     if not quiet:
         r = job.region
-        click.echo(f"{model_dir} on rows {r.y0}-{r.y1}, cols {r.x0}-{r.x1} ({result.metrics.pixels} labelled valid pixels):")
+        cov = f", {100 * result.coverage:.1f}% of the labelled ones" if result.coverage is not None else ""
+        click.echo(f"{model_dir} on rows {r.y0}-{r.y1}, cols {r.x0}-{r.x1} ({result.metrics.pixels} labelled pixels the model "
+                   f"gives a class{cov}):")
         click.echo(result.metrics.table())
         if json_path:
             click.echo(f"report written to {json_path}")

@@ -67,6 +67,7 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
                      ) -> dict[str, Any]:
     """Object scores of a finished instance prediction (OUT of ``geoseg predict``) against polygons
     or an instance-id raster, over a region (default: the whole scene), overall and per class."""
+    import json
     from pathlib import Path
 
     import pyogrio
@@ -84,15 +85,17 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     store = out / "prediction.zarr"
     if not (out / "run.json").is_file() or not store.is_dir():
         raise InputError(f"{out_dir}: not a finished prediction (no run.json); run geoseg predict with an instance model first")
-    group = zarr.open_group(str(store), mode="r")
+    try:
+        group = zarr.open_group(str(store), mode="r")
+        g = json.loads((out / "run.json").read_text())["grid"]
+    except Exception as exc:  # noqa: BLE001  (an emptied store, a run.json of another tool)
+        raise InputError(f"{out_dir}: prediction.zarr or run.json is unreadable ({type(exc).__name__}: {exc}); run geoseg predict "
+                         "again into a new --out") from None
     if "instance_id" not in group:
         raise InputError(f"{out_dir}: holds a class map, not objects; predict with an instance model (geoseg train --task instance)")
-    import json
-
     from affine import Affine
     from odc.geo.geobox import GeoBox
 
-    g = json.loads((out / "run.json").read_text())["grid"]
     grid = GeoBox(tuple(g["shape"]), Affine(*g["transform"]), g["crs"])
     h, w = grid.shape
     box = region_box(grid, bbox, window) or Box(0, h, 0, w)

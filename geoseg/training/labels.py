@@ -138,8 +138,9 @@ def _to_ids(data: np.ndarray, valid: np.ndarray, nodata: float | None, ignore: S
         frac = values != np.floor(values)
         if frac.any():
             raise InputError(
-                f"{path}: label value {float(values[frac][0]):g} (window rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}) "
-                "is not an integer class id; labels must hold integer ids 0-254"
+                f"{path}: label value {float(values[frac][0])!r} (window rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}) "
+                "is not an integer class id; labels must hold integer ids 0-254 (round them first, e.g. "
+                "gdal_calc.py --calc 'round(A)' --type Byte)"
             )
     lo, hi = values.min(), values.max()
     if lo < 0 or hi > 254:
