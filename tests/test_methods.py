@@ -528,7 +528,7 @@ def test_a_run_stopped_before_its_first_epoch_does_not_block_the_next(scene, tmp
     assert (out / "model.json").is_file() and not (tmp_path / "net.training").exists()
 
 
-def test_per_pixel_methods_train_from_sparse_point_labels(scene, tmp_path):
+def test_per_pixel_methods_train_from_sparse_point_labels(scene, tmp_path, caplog):
     """Labels as scattered single pixels (field survey points, a few per 64 px block): the per-pixel methods
     learn from the pixels, so they train (the network's chips need labelled areas, and said so for them too);
     the trees classify the scene well from 300 points."""
@@ -551,6 +551,12 @@ def test_per_pixel_methods_train_from_sparse_point_labels(scene, tmp_path):
             "--method", "kmeans", "--clusters", "6", "--seed", "3")  # clusters named by the points under them
     assert r.exit_code == 0, r.output
     assert set(ModelCard.read(tmp_path / "km" / "model.json").method_params["cluster_class"]) <= {1, 2, 3}
+    # clusters no point falls in were named after the most frequent class without a word
+    r = cli("train", img, "--labels", pts, "--classes", classes, "--out", tmp_path / "km60", "--band-roles", ROLES,
+            "--method", "kmeans", "--clusters", "120", "--seed", "3")
+    assert r.exit_code == 0, r.output
+    n = ModelCard.read(tmp_path / "km60" / "model.json").training["fit"]["unlabelled_clusters"]
+    assert n > 0 and f"{n} of 120 clusters hold no labelled pixel" in caplog.text
 
 
 def test_threshold_picks_its_class_by_whole_names_and_the_pixels(scene, tmp_path):

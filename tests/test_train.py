@@ -270,7 +270,8 @@ def test_resume_checks_the_files_and_may_replace_what_the_run_would(scene, tmp_p
     inputs = TrainInputs(scene.bands, str(labels))
     with pytest.raises(Stop):  # a new run over the same folder (the edited labels' checkpoints go)
         train(inputs, out, TrainConfig(**TINY), overwrite=True, progress=stop_after(1))
-    result = train(inputs, out, TrainConfig(**TINY), resume=True)  # into the folder the run was told to replace
+    # into the folder the run was told to replace; without the companion, chosen after training (it was refused)
+    result = train(inputs, out, TrainConfig(**dict(TINY, ensemble=False)), resume=True)
     assert [h["epoch"] for h in result.card.training["history"]] == [1, 2, 3]
     assert load_model(out).card.n_classes == result.card.n_classes
     # tensors without their state.json: nothing to resume, so the same command starts again
@@ -309,6 +310,8 @@ def test_sigterm_saves_and_says_how_to_resume(scene, tmp_path):
 
 
 def test_no_validation_blocks_refuses_what_only_they_serve(scene, tmp_path):
+    r = cli("train", *scene.bands, "--labels", scene.labels, "--out", tmp_path / "m", "--background", 0, "--ignore-index", 0)
+    assert r.exit_code == 2 and "give one of them" in r.output, r.output  # the background trained as a class it ignored
     r = cli("train", *scene.bands, "--labels", scene.labels, "--out", tmp_path / "m", "--val-fraction", 0, "--patience", 2)
     assert r.exit_code == 2 and "--patience does not apply to --val-fraction 0" in r.output, r.output
     assert not (tmp_path / "m").exists()

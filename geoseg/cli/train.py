@@ -155,6 +155,9 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.training.loop import train as run
 
     opt.check_overwrite_resume(overwrite, resume)
+    if background is not None and background in ignore:
+        raise click.UsageError(f"--background {background} labels the valid pixels no feature covers, and --ignore-index "
+                               f"{background} leaves that class out: give one of them")
     verbosity = (ctx.obj or {}).get("verbosity", 0)
     if task == "instance":
         opt.refuse_unused(ctx, INSTANCE_OPTIONS, "--task instance (Mask R-CNN)")

@@ -221,6 +221,12 @@ def train_method(
         probe.features = features
         cl, _ = probe.clusters(Xl) if len(Xl) else (np.zeros(0, np.int64), None)
         cluster_class = kmeans.map_clusters(cl, yl.astype(np.int64), k, len(classes))
+        unlabelled = int(k - len(np.unique(cl))) if len(cl) else k
+        if unlabelled:  # land cover the labels never touch, named after the most frequent class
+            log.warning("%d of %d clusters hold no labelled pixel of the training blocks; they are given the most frequent "
+                        "class, %s (label some of what they cover, or fewer --clusters)", unlabelled, k,
+                        classes[int(np.bincount(yl, minlength=len(classes)).argmax())].name if len(yl) else classes[0].name)
+        record["unlabelled_clusters"] = unlabelled
         params = {"features": list(features), "k": k, "cluster_class": [classes[i].id for i in cluster_class]}
         missing = "fill"
 

@@ -403,6 +403,8 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     c = asdict(config)
     if c["members"] == 1:
         del c["members"]  # runs of one network resume as they did before members existed
+    for after_training in ("tile_size", "ensemble"):  # what is chosen once the networks are trained: may change on resume
+        c.pop(after_training, None)
     return json.loads(json.dumps({"inputs": d, "config": c}))
 
 
