@@ -136,10 +136,10 @@ class Evaluation:
         return self.metrics.pixels / self.labelled_pixels if self.labelled_pixels else None
 
 
-def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any) -> ModelCard:
+def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any, side_by_side: bool = False) -> ModelCard:
     """``card`` with the options' post-processing in place of its own (checked against its classes); test-time
     augmentation asked of a model that has none refused, as predict refuses it (it was scored without, silently)."""
-    if options.tta == "d4" and card.method != "smp":
+    if options.tta == "d4" and card.method != "smp" and not side_by_side:
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     return card if options.postprocess is None else card.with_postprocess(options.postprocess, f"{model_dir}: --mmu")
 
@@ -577,7 +577,10 @@ def plan_comparison(
     )
     h, w = base.shape
     region = region_box(base.grid, options.bbox, options.window) or Box(0, h, 0, w)
-    cards = tuple(_postprocessed(card, options, m) for card, m in zip(cards, model_dirs))
+    if options.tta == "d4" and all(card.method != "smp" for card in cards):
+        raise ConfigError("--tta d4 augments a network's passes, and none of these models is a network; drop --tta")
+    # side by side: d4 for the networks among them (as each runs in geoseg predict --tta d4), the others as they are
+    cards = tuple(_postprocessed(card, options, m, side_by_side=True) for card, m in zip(cards, model_dirs))
     plans = tuple(plan_for(card, base.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                            tile_size=options.tile_size) for card in cards)  # fmt: skip
     from geoseg.cluster import model_resources

@@ -672,7 +672,13 @@ def test_object_scores_match_classes_by_name(objects_data, client, tmp_path):
         dst.write(ids, 1)
     res = run("evaluate-objects", out, "--labels", tmp_path / "whole.tif", "--label-field", "kind", code=2)
     assert "--label-field is for polygon labels" in res.output
-    assert "true" in run("evaluate-objects", out, "--labels", tmp_path / "whole.tif").output
+    (row,) = [line.split() for line in run("evaluate-objects", out, "--labels", tmp_path / "whole.tif").output.splitlines()
+              if line.startswith("all")]
+    assert int(row[1]) == len(np.unique(objects_data["ids"])) - 1 and int(row[3]) >= 0.8 * int(row[1])  # true objects, TP
+    # a report path on the labels or in the prediction folder: refused (--overwrite replaced them)
+    for target in (tmp_path / "whole.tif", out / "run.json"):
+        res = run("evaluate-objects", out, "--labels", tmp_path / "whole.tif", "--json", target, "--overwrite", code=2)
+        assert "would replace" in res.output
 
 
 def test_instance_label_files_are_checked_before_training(objects_data, tmp_path, caplog):

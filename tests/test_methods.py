@@ -151,6 +151,10 @@ def test_threshold_otsu_on_the_cluster_equals_skimage(client, scene, tmp_path):
 
     with pytest.raises(ConfigError, match="--tta d4 augments a network's passes"):  # evaluate scored it without, silently
         plan_evaluation([img], tmp_path / "th", scene[1], EvaluateOptions(tta="d4"), resolve=False)
+    from geoseg.evaluation import plan_comparison
+
+    with pytest.raises(ConfigError, match="none of these models is a network"):  # beside a network, d4 is the network's
+        plan_comparison([img], [tmp_path / "th", tmp_path / "th"], scene[1], EvaluateOptions(tta="d4"), resolve=False)
     from geoseg import api
 
     ds = api.predict(api.open_scene(img, chunks=64), tmp_path / "th")  # the scene's threshold, said where the map is
@@ -188,7 +192,7 @@ def test_options_of_another_method_are_refused_before_training(scene, tmp_path):
                                 (["--method", "kmeans"], ["--chip-size", "32"], "--chip-size does not apply to --method kmeans"),
                                 # a fixed value means something for one index: the first the roles allowed was taken silently
                                 (["--method", "threshold", "--band-roles", ROLES], ["--threshold", "0.3"],
-                                 "--threshold 0.3: a fixed value means something for one index only"),
+                                 "threshold 0.3: a fixed value means something for one index only; name the index (--index"),
                                 (["--method", "threshold", "--band-roles", ROLES], ["--index", "expr:" + "-" * 3000 + "nir"],
                                  "at most 500")):
         r = cli("train", img, "--labels", lab, "--classes", classes, "--out", tmp_path / "m", *method, *extra)
@@ -495,14 +499,16 @@ def test_a_band_missing_where_training_never_saw_it_missing_alone(method, tmp_pa
 def test_labels_of_one_class(scene, tmp_path):
     """Labels that hold one class (building polygons without --background): the network trains without
     a companion (LightGBM cannot fit one class), and --method pixel says what to do."""
-    img, lab, _, labels = scene
+    img, lab, classes, labels = scene
     one = write_raster(tmp_path / "one.tif", np.where(labels == 2, 3, 0).astype(np.uint8), nodata=0)
     r = CliRunner().invoke(__import__("geoseg.cli.main", fromlist=["cli"]).cli,
                            ["train", str(img), "--labels", str(one), "--out", str(tmp_path / "px"), "--method", "pixel"])
     assert r.exit_code != 0 and "one class only" in r.output and "--background" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "px").exists()
-    for method in ("kmeans", "threshold"):  # they wrote a model of one class everywhere, validated at mIoU 1.0
-        r = cli("train", img, "--labels", one, "--out", tmp_path / method, "--method", method, "--band-roles", ROLES)
+    for method in ("kmeans", "threshold", "pixel"):  # they wrote a model of one class everywhere, validated at mIoU 1.0
+        # (a classes file lists more classes than the labels hold)
+        r = cli("train", img, "--labels", one, "--out", tmp_path / method, "--method", method, "--band-roles", ROLES,
+                "--classes", classes)
         assert r.exit_code == 2 and "one class only" in r.output, r.output
         assert not (tmp_path / method).exists()
     # an image with no valid pixel blamed the labels

@@ -274,6 +274,12 @@ def test_resume_checks_the_files_and_may_replace_what_the_run_would(scene, tmp_p
     result = train(inputs, out, TrainConfig(**dict(TINY, ensemble=False)), resume=True)
     assert [h["epoch"] for h in result.card.training["history"]] == [1, 2, 3]
     assert load_model(out).card.n_classes == result.card.n_classes
+    # a model put into --out after the interruption is not replaced by the resumption
+    with pytest.raises(Stop):
+        train(inputs, out, TrainConfig(**TINY), overwrite=True, progress=stop_after(1))
+    (out / "model.json").write_text((out / "model.json").read_text() + " ")
+    with pytest.raises(ConfigError, match="replaces"):
+        train(inputs, out, TrainConfig(**TINY), resume=True)
     # tensors without their state.json: nothing to resume, so the same command starts again
     work = working_dir(tmp_path / "h")
     work.mkdir()
@@ -282,6 +288,13 @@ def test_resume_checks_the_files_and_may_replace_what_the_run_would(scene, tmp_p
     assert (tmp_path / "h" / "model.json").is_file() and not work.exists()
     monkeypatch.chdir(tmp_path / "h")
     assert working_dir(".") == tmp_path / "h.training"  # "." has a name ("has an empty name" was a traceback)
+    # --out . (or above the current directory): the model directory is replaced as a whole, so it was emptied
+    (tmp_path / "h" / "keep.txt").write_text("mine")
+    r = cli("train", *scene.bands, "--labels", scene.labels, "--out", ".", "--overwrite", "--epochs", 1)
+    assert r.exit_code == 2 and "is the current directory or above it" in r.output, r.output
+    with pytest.raises(ConfigError, match="current directory"):
+        train(inputs, ".", TrainConfig(**dict(TINY, epochs=1)), overwrite=True)
+    assert (tmp_path / "h" / "keep.txt").read_text() == "mine"
 
 
 def test_sigterm_saves_and_says_how_to_resume(scene, tmp_path):
@@ -297,14 +310,16 @@ def test_sigterm_saves_and_says_how_to_resume(scene, tmp_path):
     args = [sys.executable, "-m", "geoseg", "train", *scene.bands, "--labels", scene.labels, "--out", out, "--encoder-depth", 3,
             "--epochs", 50, "--chip-size", 32, "--batch-size", 2, "--steps-per-epoch", 2, "--members", 1, "--no-ensemble",
             "--tta", "none", "--val-fraction", "0.3"]
-    proc = subprocess.Popen([str(a) for a in [*args, "--overwrite"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    for line in proc.stdout:
-        if "epoch   1/50" in line:
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    with open(tmp_path / "err.txt", "w") as errfile:  # a file, not a pipe no one reads while waiting for the epoch
+        proc = subprocess.Popen([str(a) for a in [*args, "--overwrite"]], stdout=subprocess.PIPE, stderr=errfile, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        for line in proc.stdout:
+            if "epoch   1/50" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    err = (tmp_path / "err.txt").read_text()
+    assert proc.returncode == 143, err  # SIGTERM's status, as a shell reports a process it ended
     assert "--resume in place of --overwrite" in err and "Traceback" not in err
     assert saved_states(working_dir(out))[0] is not None and not out.exists()
 

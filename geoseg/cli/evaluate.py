@@ -12,6 +12,18 @@ from geoseg.cli import options as opt
 from geoseg.cli.train import apply, geoseg_warnings, label_opts, region_opts
 
 
+def check_not_input(path: str, flag: str, inputs: list, folders: list) -> None:
+    """``path`` (a report to write) is none of ``inputs`` and no file already in one of ``folders`` (a model
+    directory, a prediction): --overwrite would replace it."""
+    from geoseg.errors import ConfigError
+
+    p = Path(path).resolve()
+    same = [i for i in inputs if "://" not in str(i) and Path(i).resolve() == p]
+    inside = [f for f in folders if "://" not in str(f) and p.is_relative_to(Path(f).resolve()) and p.exists()]
+    if same or inside:
+        raise ConfigError(f"{path}: {flag} would replace {'an input' if same else 'a file of ' + str(inside[0])}; give another path")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -86,11 +98,9 @@ def evaluate(ctx, images, model_dirs, names, labels, label_field, label_layer, i
             check_creatable(p, f"{flag} path")
     if json_path and csv_path and Path(json_path).resolve() == Path(csv_path).resolve():
         raise ConfigError(f"{json_path}: given as both --json and --csv; give two paths")
-    inputs = [Path(p).resolve() for p in (*images, labels) if "://" not in str(p)]
-    models = [Path(m).resolve() for m in model_dirs if "://" not in str(m)]
     for flag, p in (("--json", json_path), ("--csv", csv_path)):  # --overwrite deleted the labels it was pointed at
-        if p and (Path(p).resolve() in inputs or any(Path(p).resolve().is_relative_to(m) for m in models)):
-            raise ConfigError(f"{p}: {flag} would replace an input of this evaluation; give another path")
+        if p:
+            check_not_input(p, flag, [*images, labels], model_dirs)
     for p in (json_path, csv_path):  # --overwrite: a run that fails leaves no earlier report that looks like its own
         if p:
             Path(p).unlink(missing_ok=True)

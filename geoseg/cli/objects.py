@@ -31,6 +31,9 @@ def evaluate_objects(ctx, out_dir, labels, label_field, bbox, window, json_path,
     from geoseg.io.storage import check_creatable
 
     if json_path:
+        from geoseg.cli.evaluate import check_not_input
+
+        check_not_input(json_path, "--json", [labels], [out_dir])
         if Path(json_path).exists() and not overwrite:
             raise OutputExistsError(f"{json_path}: already exists; choose another --json path or pass --overwrite")
         check_creatable(json_path, "--json path")

@@ -155,6 +155,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.training.loop import train as run
 
     opt.check_overwrite_resume(overwrite, resume)
+    _check_out(out_dir, [*images, labels, *([classes_file] if classes_file else [])])
     if background is not None and background in ignore:
         raise click.UsageError(f"--background {background} labels the valid pixels no feature covers, and --ignore-index "
                                f"{background} leaves that class out: give one of them")
@@ -184,8 +185,8 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
                        "--method smp (the networks)")
         if val_fraction == 0:
             # early stopping, the companion and the choice of test-time augmentation are made on the validation blocks
-            opt.refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"patience", "block_size"},
-                           "--val-fraction 0 (no validation blocks: no early stopping, no split)")
+            opt.refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - {"patience"},
+                           "--val-fraction 0 (no validation blocks: no early stopping)")
             if verbosity >= 0:
                 click.echo("--val-fraction 0: no validation blocks, so every epoch runs, the last one is kept, and no LightGBM "
                            "companion or test-time augmentation is chosen", err=True)
@@ -217,7 +218,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
 
     main = threading.current_thread() is threading.main_thread()
     # a batch scheduler's SIGTERM (a job's time limit, a preempted node): said as Ctrl-C is, with how to resume
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler) if main else None
+    before = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
         with geoseg_warnings():
             result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
@@ -233,11 +234,33 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
             click.echo(f"geoseg: interrupted; the last finished epoch is saved in {work}: "
                        f"run the same command with --resume{' in place of --overwrite' if overwrite else ''} to continue",
                        err=True)  # fmt: skip
-        sys.exit(130)
+        sys.exit(143 if _TERMINATED else 130)
     finally:
-        if main:
+        if main and before is not None:
             signal.signal(signal.SIGTERM, before)
     _report(result, verbosity)
+
+
+_TERMINATED = False
+
+
+def _terminated(signum, frame):  # noqa: ANN001
+    """SIGTERM taken as Ctrl-C (the epoch saved, how to resume said), the exit status still SIGTERM's (143)."""
+    global _TERMINATED
+    _TERMINATED = True
+    raise KeyboardInterrupt
+
+
+def _check_out(out_dir: str, inputs: list) -> None:
+    """--out must be a directory of its own: it is replaced as a whole when the model is written."""
+    import os
+
+    out = os.path.realpath(out_dir)
+    here = os.path.realpath(os.getcwd())
+    holds = [p for p in inputs if "://" not in str(p) and os.path.realpath(p).startswith(out + os.sep)]
+    if here == out or here.startswith(out + os.sep) or holds:
+        what = f"holds {holds[0]}" if holds else "is the current directory or above it"
+        raise click.UsageError(f"--out {out_dir} {what}; the model directory is replaced as a whole: give a new directory")
 
 
 # what --task instance takes; every other option is refused, not ignored

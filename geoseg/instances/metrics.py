@@ -52,17 +52,6 @@ def per_class(pred: np.ndarray, pred_class: Mapping[int, int], truth: np.ndarray
     return out
 
 
-def _is_vector(path: str) -> bool:
-    """Whether ``path`` is a vector file (OGR opens it), not a raster."""
-    import pyogrio
-
-    try:
-        pyogrio.read_info(path)
-        return True
-    except Exception:  # noqa: BLE001  (any OGR error: not vector data)
-        return False
-
-
 def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any = None, field: str | None = None
                      ) -> dict[str, Any]:
     """Object scores of a finished instance prediction (OUT of ``geoseg predict``) against polygons
@@ -102,15 +91,20 @@ def score_prediction(out_dir: str, labels: str, *, bbox: Any = None, window: Any
     sl = (slice(box.y0, box.y1), slice(box.x0, box.x1))
     pred = group["instance_id"][sl]
     valid = group["class_id"][sl] != NODATA_CLASS
-    vector = _is_vector(labels)
-    if field is not None and not vector:
+    from geoseg.training.labels import is_vector
+
+    if field is not None and not is_vector(labels):
         raise InputError(f"{labels}: --label-field is for polygon labels; an instance-id raster holds one class of objects: "
                          "drop --label-field")
     truth, lab, classes = instance_targets(labels, grid, box, field)
     if not (truth > 0).any():
-        raise InputError(f"{labels}: no true object in the region scored (rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1} of the "
-                         f"prediction, CRS {grid.crs}, bounds {tuple(round(b, 3) for b in grid.boundingbox)}); check the labels' "
-                         "CRS and extent, or score a region that holds objects")
+        where = (f"no true object in the region scored (rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1} of the prediction, CRS "
+                 f"{grid.crs}, bounds {tuple(round(b, 3) for b in grid.boundingbox)})")
+        if bbox is None and window is None:  # the whole scene: the labels' CRS or extent is wrong, not a score of 0
+            raise InputError(f"{labels}: {where}; check the labels' CRS and extent")
+        import logging
+
+        logging.getLogger(__name__).warning("%s: %s; every predicted object there counts as false", labels, where)
     if (out / OBJECTS_NAME).is_file():
         objs = pyogrio.read_dataframe(out / OBJECTS_NAME, layer=OBJECTS_LAYER, read_geometry=False,
                                       columns=["instance_id", "class_id", "class_name"])

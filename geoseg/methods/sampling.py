@@ -14,17 +14,13 @@ from geoseg.tiling import Box
 
 
 def window_features(
-    stack: RasterStack, box: Box, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float],
-    drop: int | None = None,
+    stack: RasterStack, box: Box, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(F, h, w)`` of ``box`` (computed with their context around it) and its any-band valid mask;
-    ``drop``: a band taken as missing over the whole window."""
+    """Features ``(F, h, w)`` of ``box`` (computed with their context around it) and its any-band valid mask."""
     r = feature_radius(features)
     h, w = stack.shape
     outer = box.grow(r, (h, w))
     data, bv = read_bands(stack, outer.window)
-    if drop is not None:
-        bv[drop] = False
     f = feature_stack(nan_bands(data, bv), roles, features, scale, band_units(stack.bands))
     sl = box.relative_to(outer)
     return f[(slice(None), *sl)], bv.any(axis=0)[sl]
@@ -41,11 +37,11 @@ def sample_blocks(
     rng: np.random.Generator,
     band_dropout: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``X`` (n, F) float32 and ``y`` (n,) uint8 over the boxes; at most ``max_pixels`` pixels, drawn
-    uniformly (seeded) when there are more. ``band_dropout``: the share of pixels also given once more
-    with one band missing (drawn at random per box, the box's features made again without it), so that
-    a classifier learns where a pixel with that band missing goes (a band can be missing alone: a
-    sensor's stripes, one band file's smaller footprint)."""
+    """``X`` (n, F) float32 and ``y`` (n,) uint8 over the boxes; at most ``max_pixels`` pixels (and
+    ``band_dropout`` times that more), drawn uniformly (seeded) when there are more. ``band_dropout``: the
+    share of pixels also given once more with one band missing (drawn at random per box, the box's
+    features made again without it), so that a classifier learns where a pixel with that band missing
+    goes (a band can be missing alone: a sensor's stripes, one band file's smaller footprint)."""
     xs, ys = [], []
     total = sum(b.size for b in boxes)
     keep = min(1.0, max_pixels / max(1, total))
@@ -58,12 +54,21 @@ def sample_blocks(
             xs.append(f[:, m].T)
             ys.append(y[m])
 
+    r = feature_radius(features)
+    h, w = stack.shape
+    units = band_units(stack.bands)
     for box in boxes:
-        f, valid = window_features(stack, box, roles, features, scale)
+        outer = box.grow(r, (h, w))
+        data, bv = read_bands(stack, outer.window)
+        sl = (slice(None), *box.relative_to(outer))
+        x = nan_bands(data, bv)
         y = targets(box) if targets is not None else np.zeros(box.shape, np.uint8)
-        take(f, valid, y)
+        take(feature_stack(x, roles, features, scale, units)[sl], bv.any(axis=0)[sl[1:]], y)
         if band_dropout > 0 and stack.count > 1:
-            take(*window_features(stack, box, roles, features, scale, drop=int(rng.integers(stack.count))), y, band_dropout)
+            drop = int(rng.integers(stack.count))
+            x[drop] = np.nan
+            bv[drop] = False
+            take(feature_stack(x, roles, features, scale, units)[sl], bv.any(axis=0)[sl[1:]], y, band_dropout)
     if not xs:
         return np.zeros((0, len(features)), np.float32), np.zeros(0, np.uint8)
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)

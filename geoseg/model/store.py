@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from geoseg.errors import ModelError, OutputExistsError
+from geoseg.errors import ConfigError, ModelError, OutputExistsError
 from geoseg.model.card import (
     CARD_NAME,
     DEFAULT_COLORS,
@@ -303,7 +303,10 @@ def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
 def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
     """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
     temporary sibling that is renamed into place when complete."""
-    model_dir = Path(model_dir)
+    model_dir = Path(os.path.abspath(model_dir))  # "." names no sibling: it was emptied, then could not be replaced
+    if Path(os.path.realpath(os.getcwd())).is_relative_to(os.path.realpath(model_dir)):
+        raise ConfigError(f"{model_dir}: is the current directory or above it; a model directory is replaced as a whole: "
+                          "give a new directory")
     if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{model_dir}: already exists and is not empty; choose another directory or pass --overwrite")
     model_dir.parent.mkdir(parents=True, exist_ok=True)

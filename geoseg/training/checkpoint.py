@@ -144,6 +144,8 @@ def check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> No
             before = json.loads(path.read_text()).get("fingerprint")
         except (OSError, json.JSONDecodeError) as exc:
             raise ConfigError(f"{path}: checkpoint state is unreadable ({exc}); start again with --overwrite") from None
+        for after_training in ("tile_size", "ensemble"):  # in fingerprints of runs begun before they could change
+            (before or {}).get("config", {}).pop(after_training, None)
         if before != fingerprint:
             diff = differences(before or {}, fingerprint)
             raise ConfigError(
@@ -158,7 +160,8 @@ def check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> No
 
 def check_outputs(out: Path, work: Path, resume: bool, overwrite: bool) -> None:
     interrupted = saved_states(work) != (None, [])
-    # a run that was started could replace --out (it was empty, or --overwrite was given): its resumption may too
+    # a run that was started could replace --out (it was empty, or --overwrite was given): its resumption may too, if
+    # --out still holds what it held then (the fingerprint's "replaces", checked with the rest before anything trains)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite and not (resume and interrupted):
         raise OutputExistsError(f"{out}: already exists and is not empty; choose another --out or pass --overwrite")
     if resume:

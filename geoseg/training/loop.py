@@ -399,7 +399,7 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     d["classes_file"] = os.path.abspath(inputs.classes_file) if inputs.classes_file else None
     # the files as they are (size, modification time): a label file edited at the same path must not resume
     files = [*inputs.images, inputs.labels, *([inputs.classes_file] if inputs.classes_file else [])]
-    d["files"] = [list(_file_identity(p)) for p in files]
+    d["files"] = {name: list(ident) for p in files for name, ident in _file_identities(p)}
     c = asdict(config)
     if c["members"] == 1:
         del c["members"]  # runs of one network resume as they did before members existed
@@ -408,12 +408,23 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps({"inputs": d, "config": c}))
 
 
-def _file_identity(path: str) -> tuple[Any, ...]:
-    try:
-        st = os.stat(path)
-        return (st.st_size, st.st_mtime_ns)
-    except OSError:  # an object-store URL: its path is all that is known here
-        return ()
+SIDECARS = (".dbf", ".shx", ".prj", ".cpg")  # a Shapefile's attributes (its classes) live in the .dbf
+
+
+def _file_identities(path: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(path, (size, mtime)) of ``path``, its Shapefile sidecars and the files of a directory (a FileGDB); an
+    object-store URL has none here (its path is all that is known)."""
+    p = Path(path)
+    if "://" in str(path) or not p.exists():
+        return []
+    found = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    if p.suffix.lower() == ".shp":
+        found += [q for q in (p.with_suffix(x) for x in SIDECARS) if q.is_file()]
+    out = []
+    for q in found:
+        st = q.stat()
+        out.append((os.path.abspath(q), (st.st_size, st.st_mtime_ns)))
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -554,7 +565,7 @@ def train(
     it raises interrupts the run; ``resume=True`` continues it). Bad inputs fail before anything
     is written.
     """
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
     work = working_dir(out)
     check_outputs(out, work, resume, overwrite)
     num = _numerics(device, amp)
@@ -573,7 +584,9 @@ def train(
     indices = available_indices(roles) if config.index_channels else ()
     n_inputs = prep.stack.count + len(indices)
     fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices),
-                       classes=[[c.id, c.name] for c in prep.classes])
+                       classes=[[c.id, c.name] for c in prep.classes],
+                       # what --out held when the run began: its resumption replaces that, and nothing put there since
+                       replaces={os.path.relpath(n, out): list(ident) for n, ident in _file_identities(str(out))})
     if indices and band_units(prep.stack.bands) is not None:
         # on scaled bands: a run begun when index channels were computed on stored values does not resume on physical ones
         fingerprint["index_units"] = "physical"
