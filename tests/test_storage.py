@@ -384,3 +384,80 @@ def test_only_errors_raised_from_the_object_store_are_said_to_be_its():
     assert "could not be reached" in _object_store_failure(raised(lost, OSError("s3fs"), chain=True))
     assert _object_store_failure(raised(lost, KeyError("bug"), chain=False)) is None
     assert _object_store_failure(raised(lost, KeyboardInterrupt(), chain=False)) is None
+
+
+def test_a_vrt_on_the_store_is_a_new_input_when_its_source_object_changes(s3, tmp_path, monkeypatch):
+    """A VRT on the object store (or a local one naming /vsis3/ sources) whose source object was replaced: the job
+    key did not change (the files behind a URL were never looked at), so --resume reused the old map's chunks."""
+    from rasterio.transform import from_origin
+
+    from geoseg.pipeline.plan import input_identity
+
+    def put_source(value: int) -> None:
+        src = tmp_path / f"src{value}.tif"
+        with rasterio.open(src, "w", driver="GTiff", width=16, height=16, count=1, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(500000, 4000000, 10, 10)) as dst:
+            dst.write(np.full((1, 16, 16), value, np.uint8))
+        s3.boto.upload_file(str(src), BUCKET, "vrt/src.tif")
+
+    put_source(1)
+    vrt = ('<VRTDataset rasterXSize="16" rasterYSize="16"><SRS>EPSG:32633</SRS>'
+           '<GeoTransform>500000, 10, 0, 4000000, 0, -10</GeoTransform><VRTRasterBand dataType="Byte" band="1">'
+           f'<SimpleSource><SourceFilename relativeToVRT="0">/vsis3/{BUCKET}/vrt/src.tif</SourceFilename>'
+           '<SourceBand>1</SourceBand></SimpleSource></VRTRasterBand></VRTDataset>')
+    s3.boto.put_object(Bucket=BUCKET, Key="vrt/mosaic.vrt", Body=vrt.encode())
+    (tmp_path / "local.vrt").write_text(vrt)
+    url, local = f"s3://{BUCKET}/vrt/mosaic.vrt", str(tmp_path / "local.vrt")
+    before = input_identity(url), input_identity(local)
+    assert f"s3://{BUCKET}/vrt/src.tif" in json.dumps(before[0]) and f"s3://{BUCKET}/vrt/src.tif" in json.dumps(before[1])
+    put_source(2)
+    after = input_identity(url), input_identity(local)
+    assert after[0] != before[0] and after[1] != before[1]
+
+
+def test_an_unfinished_store_is_not_read_as_a_prediction(local_run, tmp_path):
+    """Under a URL an interrupted run's store has its final name (object stores cannot rename): vectorize made
+    polygons of the chunks it had (70,667 of 262,144 px) and exited 0."""
+    import shutil
+
+    import zarr
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+    from geoseg.io.zarr_store import COMPLETE_ATTR
+
+    store = tmp_path / "prediction.zarr"
+    shutil.copytree(local_run / "prediction.zarr", store)
+    g = zarr.open_group(str(store), mode="r+")
+    attrs = dict(g.attrs)
+    del attrs[COMPLETE_ATTR]
+    g.attrs.clear()
+    g.attrs.update(attrs)
+    r = CliRunner().invoke(cli, ["vectorize", str(store), "--out", str(tmp_path / "p.gpkg")], catch_exceptions=False)
+    assert r.exit_code == 2 and "an unfinished prediction" in r.output and not (tmp_path / "p.gpkg").exists(), r.output
+    open_prediction(local_run / "prediction.zarr")  # a finished one still opens
+
+
+def test_local_outputs_given_an_object_store_url_are_refused(tmp_path, scene_path, random_model, monkeypatch):
+    """A report, a model directory or a polygon file given as s3://b/k was written to a local folder s3:/b/k and said
+    to be in the bucket; they are written locally only, so a URL is refused."""
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    monkeypatch.chdir(tmp_path)
+    for args in (["evaluate", str(scene_path), "--model", str(random_model), "--labels", str(scene_path), "--json",
+                  "s3://bkt/eval/scores.json"],
+                 ["model", "init", "s3://bkt/models/m", "--bands", "4", "--classes", "3"],
+                 ["train", str(scene_path), "--labels", str(scene_path), "--out", "s3://bkt/models/m"],
+                 ["vectorize", str(scene_path), "--out", "s3://bkt/vec/p.gpkg"]):
+        r = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert r.exit_code == 2 and "locally" in r.output, (args, r.output)
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_public_buckets_are_read_without_signing(monkeypatch):
+    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+    assert storage.storage_options("s3://public/scene.tif")["anon"] is True
+    monkeypatch.delenv("AWS_NO_SIGN_REQUEST")
+    assert "anon" not in storage.storage_options("s3://private/scene.tif")

@@ -17,6 +17,10 @@ def check_not_input(path: str, flag: str, inputs: list, folders: list) -> None:
     directory, a prediction): --overwrite would replace it."""
     from geoseg.errors import ConfigError
 
+    from geoseg.io import storage
+
+    if storage.is_url(path):  # Path() made s3://b/k a local file s3:/b/k, said to be written to the bucket
+        raise ConfigError(f"{path}: {flag} writes a local file; write it locally and upload it")
     p = Path(path).resolve()
     same = [i for i in inputs if "://" not in str(i) and Path(i).resolve() == p]
     inside = [f for f in folders if "://" not in str(f) and p.is_relative_to(Path(f).resolve()) and p.exists()]

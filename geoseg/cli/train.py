@@ -255,6 +255,11 @@ def _check_out(out_dir: str, inputs: list) -> None:
     """--out must be a directory of its own: it is replaced as a whole when the model is written."""
     import os
 
+    from geoseg.io import storage
+
+    if storage.is_url(out_dir):
+        raise click.UsageError(f"--out {out_dir}: a model directory is written locally; write it to a local folder and "
+                               "upload it (geoseg predict --model takes the URL)")
     out = os.path.realpath(out_dir)
     here = os.path.realpath(os.getcwd())
     holds = [p for p in inputs if "://" not in str(p) and os.path.realpath(p).startswith(out + os.sep)]

@@ -276,6 +276,9 @@ def read_bands(stack: RasterStack, window: Window, dtype: str = "float32") -> tu
         except RasterioIOError as exc:
             cause = exc.__cause__ or exc.__context__
             detail = f"{exc}: {cause}" if cause is not None and str(cause) not in str(exc) else str(exc)
+            if storage.is_url(path) and any(w in detail for w in ("AWS_", "credentials", "resolve host", "403", "Access Denied")):
+                raise InputError(f"{path}: read failed at {window} ({detail}); the process that read it (a worker) cannot reach "
+                                 "the object store: set the same AWS_* variables on every worker as on the client") from None
             raise InputError(f"{path}: read failed at {window} ({detail}); check that the file and every file it "
                              "refers to are whole and readable") from None
     return out, valid

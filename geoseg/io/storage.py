@@ -118,7 +118,9 @@ def gdal_env(location: str | os.PathLike | None = None, **extra: Any) -> context
     For a local file with nothing extra to set, no Env at all: a rasterio.Env builds a boto3
     session whenever AWS variables are set, which would cost more than reading a window.
     """
-    if not _is_remote_raster(location) and not extra:
+    # a local VRT may name /vsis3/ sources: they need the endpoint as much as a URL does
+    local_vrt = str(location or "").lower().endswith(".vrt") and s3_endpoint() is not None
+    if not _is_remote_raster(location) and not local_vrt and not extra:
         return contextlib.nullcontext()
     import rasterio
 
@@ -135,6 +137,8 @@ def storage_options(location: str | os.PathLike) -> dict[str, Any]:
             # processes write them.
             "use_listings_cache": False,
         }
+        if os.environ.get("AWS_NO_SIGN_REQUEST", "").lower() in ("yes", "true", "1"):
+            opts["anon"] = True  # a public bucket, as GDAL reads it with the same variable
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
             if not _virtual_hosting(endpoint):

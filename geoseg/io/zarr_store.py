@@ -194,7 +194,14 @@ def finalize_store(path: str | os.PathLike) -> None:
 
 
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:
-    """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8."""
+    """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8. A store a run
+    is still writing, or one an interrupted run left (under a URL it has its final name), is refused."""
     import rioxarray  # noqa: F401  (the .rio accessor its callers read the CRS and transform through)
 
-    return xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))
+    ds = xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))
+    if ds.attrs.get(JOB_ATTR) and not ds.attrs.get(COMPLETE_ATTR):
+        from geoseg.errors import InputError
+
+        raise InputError(f"{path}: an unfinished prediction (its run was interrupted or is still running; the folder has no "
+                         "run.json); finish it with the same geoseg predict command and --resume")
+    return ds

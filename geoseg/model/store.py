@@ -303,6 +303,11 @@ def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
 def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
     """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
     temporary sibling that is renamed into place when complete."""
+    from geoseg.io import storage
+
+    if storage.is_url(model_dir):  # Path() made s3://b/k a local folder s3:/b/k, said to be written to the bucket
+        raise ConfigError(f"{model_dir}: a model directory is written locally; write it to a local folder and upload it "
+                          "(geoseg predict --model takes the URL)")
     model_dir = Path(os.path.abspath(model_dir))  # "." names no sibling: it was emptied, then could not be replaced
     if Path(os.path.realpath(os.getcwd())).is_relative_to(os.path.realpath(model_dir)):
         raise ConfigError(f"{model_dir}: is the current directory or above it; a model directory is replaced as a whole: "

@@ -104,13 +104,21 @@ def input_identity(path: str) -> list:
     behind a VRT, a sidecar .ovr or .aux.xml): a band file rewritten behind an unchanged VRT is a
     new input, and a resumed job does not reuse chunks of the old one."""
     ident = storage.identity(path)
-    if storage.is_url(path) or not os.path.isfile(path):
+    if not storage.is_url(path) and not os.path.isfile(path):
         return ident
     import rasterio
 
+    def location(f: str) -> str:  # GDAL's name of a file as geoseg names it (an object's ETag is then known)
+        for vsi, sch in (("/vsis3/", "s3://"), ("/vsigs/", "gs://"), ("/vsicurl/", "")):
+            if f.startswith(vsi):
+                return sch + f[len(vsi):]
+        return f if storage.is_url(f) else os.path.abspath(f)
+
+    me = location(str(path)) if storage.is_url(path) else os.path.abspath(path)
     try:
-        with rasterio.open(path) as ds:
-            files = [f for f in ds.files if os.path.abspath(f) != os.path.abspath(path)]
+        with storage.gdal_env(path), rasterio.open(path) as ds:
+            # under a URL too: a VRT on an object store whose source object was replaced is a new input
+            files = [f for f in map(location, ds.files) if f != me]
     except Exception:  # unreadable here: open_stack has already said so, or the workers will
         return ident
     return [*ident, *(storage.identity(f) for f in sorted(files))]

@@ -26,6 +26,7 @@ from rasterio.vrt import WarpedVRT
 from affine import Affine
 
 from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
+from geoseg.io import storage
 from geoseg.io.sources import grid_of
 from geoseg.io.classes import load_classes  # noqa: F401  (part of the labels API)
 from geoseg.model.card import DEFAULT_COLORS, NODATA_CLASS, ClassInfo
@@ -178,7 +179,7 @@ class RasterLabels:
 
     def read(self, box: Box) -> np.ndarray:
         try:
-            with rasterio.open(self.path) as ds:
+            with storage.gdal_env(self.path), rasterio.open(self.path) as ds:
                 if self.warp:
                     g = self.grid
                     kwargs: dict[str, Any] = {
@@ -324,7 +325,8 @@ def open_labels(
 
 def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bool, image: str) -> RasterLabels:
     try:
-        ds = rasterio.open(path)
+        with storage.gdal_env(path):
+            ds = rasterio.open(path)
     except RasterioIOError as exc:
         raise InputError(
             f"{path}: neither a raster GDAL can read nor a vector file ({str(exc).splitlines()[0]}); "

@@ -32,6 +32,11 @@ COLUMNS = {"class_id": "uint8", "class_name": "object", "area_m2": "float64", "p
 
 
 def check_vector_path(path: str | os.PathLike) -> str:
+    from geoseg.io import storage
+
+    if storage.is_url(path):  # Path() made s3://b/k a local folder s3:/b/k
+        raise ConfigError(f"{path}: geoseg vectorize writes a local file; write it locally and upload it (geoseg predict "
+                          "--out URL uploads its own landuse.gpkg)")
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
         raise ConfigError(f"{path}: vector output must end in .gpkg (GeoPackage), .parquet (GeoParquet) or .fgb (FlatGeobuf)")
