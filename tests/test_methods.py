@@ -471,7 +471,7 @@ def test_a_band_missing_where_training_never_saw_it_missing_alone(method, tmp_pa
     bands it has."""
     from geoseg.sample import make_sample
 
-    make_sample(tmp_path / "scene", size=256, bands=4, n_classes=5, seed=0)
+    make_sample(tmp_path / "scene", size=192, bands=4, n_classes=5, seed=0)
     img, lab, classes = (tmp_path / "scene" / n for n in ("image.tif", "labels.tif", "classes.yaml"))
     with rasterio.open(lab) as src:
         labels = src.read(1)
@@ -559,10 +559,10 @@ def test_per_pixel_methods_train_from_sparse_point_labels(scene, tmp_path, caplo
     assert set(ModelCard.read(tmp_path / "km" / "model.json").method_params["cluster_class"]) <= {1, 2, 3}
     # clusters no point falls in were named after the most frequent class without a word
     r = cli("train", img, "--labels", pts, "--classes", classes, "--out", tmp_path / "km60", "--band-roles", ROLES,
-            "--method", "kmeans", "--clusters", "120", "--seed", "3")
+            "--method", "kmeans", "--clusters", "40", "--seed", "3")
     assert r.exit_code == 0, r.output
     n = ModelCard.read(tmp_path / "km60" / "model.json").training["fit"]["unlabelled_clusters"]
-    assert n > 0 and f"{n} of 120 clusters hold no labelled pixel" in caplog.text
+    assert n > 0 and f"{n} of 40 clusters hold no labelled pixel" in caplog.text
 
 
 def test_threshold_picks_its_class_by_whole_names_and_the_pixels(scene, tmp_path):
