@@ -560,10 +560,10 @@ def _current_client() -> Any:
 
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:
     """A prediction store (``prediction.zarr``) as a Dataset, CRS and transform decoded, classes in the attributes."""
-    from geoseg.io.zarr_store import CLASSES_ATTR
+    from geoseg.io.zarr_store import CLASSES_ATTR, check_finished
     from geoseg.io.zarr_store import open_prediction as _open
 
-    ds = _open(path)
+    ds = check_finished(_open(path), path)
     classes = ds.attrs.get(CLASSES_ATTR)
     if classes:
         ds["class_id"].attrs.update(

@@ -435,7 +435,12 @@ def test_an_unfinished_store_is_not_read_as_a_prediction(local_run, tmp_path):
     g.attrs.update(attrs)
     r = CliRunner().invoke(cli, ["vectorize", str(store), "--out", str(tmp_path / "p.gpkg")], catch_exceptions=False)
     assert r.exit_code == 2 and "an unfinished prediction" in r.output and not (tmp_path / "p.gpkg").exists(), r.output
-    open_prediction(local_run / "prediction.zarr")  # a finished one still opens
+    from geoseg import api
+    from geoseg.errors import InputError
+
+    with pytest.raises(InputError, match="an unfinished prediction"):
+        api.open_prediction(store)
+    api.open_prediction(local_run / "prediction.zarr")  # a finished one still opens
 
 
 def test_local_outputs_given_an_object_store_url_are_refused(tmp_path, scene_path, random_model, monkeypatch):

@@ -194,11 +194,15 @@ def finalize_store(path: str | os.PathLike) -> None:
 
 
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:
-    """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8. A store a run
-    is still writing, or one an interrupted run left (under a URL it has its final name), is refused."""
+    """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8."""
     import rioxarray  # noqa: F401  (the .rio accessor its callers read the CRS and transform through)
 
-    ds = xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))
+    return xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))
+
+
+def check_finished(ds: xr.Dataset, path: str | os.PathLike) -> xr.Dataset:
+    """``ds`` (a store opened for a user) unless a run is still writing it, or an interrupted run left it (under a
+    URL it has its final name: vectorize made polygons of the chunks it had, exit 0)."""
     if ds.attrs.get(JOB_ATTR) and not ds.attrs.get(COMPLETE_ATTR):
         from geoseg.errors import InputError
 

@@ -374,9 +374,9 @@ def open_class_raster(path: str | os.PathLike) -> ClassRaster:
             arr = g["class_id"]
         except Exception as exc:  # zarr raises several types for a missing or foreign store
             raise InputError(f"{p}: not a geoseg prediction store ({exc}); give prediction.zarr or a class raster") from None
-        from geoseg.io.zarr_store import open_prediction
+        from geoseg.io.zarr_store import check_finished, open_prediction
 
-        ds = open_prediction(p)
+        ds = check_finished(open_prediction(p), p)
         crs = ds.rio.crs
         return ClassRaster(p, "zarr", tuple(arr.shape), store_transform(ds), None if crs is None else crs.to_wkt(),
                            int(ds["class_id"].attrs.get("nodata", 255)), tuple(arr.chunks), "confidence" in g)
