@@ -136,11 +136,8 @@ class Evaluation:
         return self.metrics.pixels / self.labelled_pixels if self.labelled_pixels else None
 
 
-def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any, side_by_side: bool = False) -> ModelCard:
-    """``card`` with the options' post-processing in place of its own (checked against its classes); test-time
-    augmentation asked of a model that has none refused, as predict refuses it (it was scored without, silently)."""
-    if options.tta == "d4" and card.method != "smp" and not side_by_side:
-        raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
+def _postprocessed(card: ModelCard, options: "EvaluateOptions", model_dir: Any) -> ModelCard:
+    """``card`` with the options' post-processing in place of its own (checked against its classes)."""
     return card if options.postprocess is None else card.with_postprocess(options.postprocess, f"{model_dir}: --mmu")
 
 
@@ -218,6 +215,8 @@ def plan_evaluation(
     )
     h, w = stack.shape
     region = region_box(stack.grid, options.bbox, options.window) or Box(0, h, 0, w)
+    if options.tta == "d4" and card.method != "smp":  # as predict refuses it (it was scored without, silently)
+        raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     card = _postprocessed(card, options, model_dir)
     plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                     tile_size=options.tile_size)
@@ -580,7 +579,7 @@ def plan_comparison(
     if options.tta == "d4" and all(card.method != "smp" for card in cards):
         raise ConfigError("--tta d4 augments a network's passes, and none of these models is a network; drop --tta")
     # side by side: d4 for the networks among them (as each runs in geoseg predict --tta d4), the others as they are
-    cards = tuple(_postprocessed(card, options, m, side_by_side=True) for card, m in zip(cards, model_dirs))
+    cards = tuple(_postprocessed(card, options, m) for card, m in zip(cards, model_dirs))
     plans = tuple(plan_for(card, base.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                            tile_size=options.tile_size) for card in cards)  # fmt: skip
     from geoseg.cluster import model_resources

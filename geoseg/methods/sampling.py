@@ -17,13 +17,16 @@ def window_features(
     stack: RasterStack, box: Box, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features ``(F, h, w)`` of ``box`` (computed with their context around it) and its any-band valid mask."""
-    r = feature_radius(features)
-    h, w = stack.shape
-    outer = box.grow(r, (h, w))
+    x, bv, sl = _window(stack, box, features)
+    return feature_stack(x, roles, features, scale, band_units(stack.bands))[(slice(None), *sl)], bv.any(axis=0)[sl]
+
+
+def _window(stack: RasterStack, box: Box, features: Sequence[str]) -> tuple[np.ndarray, np.ndarray, tuple[slice, slice]]:
+    """``box`` grown by the features' reach, read: its bands (NaN where missing), their valid masks, and where
+    ``box`` lies in it."""
+    outer = box.grow(feature_radius(features), stack.shape)
     data, bv = read_bands(stack, outer.window)
-    f = feature_stack(nan_bands(data, bv), roles, features, scale, band_units(stack.bands))
-    sl = box.relative_to(outer)
-    return f[(slice(None), *sl)], bv.any(axis=0)[sl]
+    return nan_bands(data, bv), bv, box.relative_to(outer)
 
 
 def sample_blocks(
@@ -54,21 +57,16 @@ def sample_blocks(
             xs.append(f[:, m].T)
             ys.append(y[m])
 
-    r = feature_radius(features)
-    h, w = stack.shape
     units = band_units(stack.bands)
     for box in boxes:
-        outer = box.grow(r, (h, w))
-        data, bv = read_bands(stack, outer.window)
-        sl = (slice(None), *box.relative_to(outer))
-        x = nan_bands(data, bv)
+        x, bv, sl = _window(stack, box, features)
         y = targets(box) if targets is not None else np.zeros(box.shape, np.uint8)
-        take(feature_stack(x, roles, features, scale, units)[sl], bv.any(axis=0)[sl[1:]], y)
-        if band_dropout > 0 and stack.count > 1:
+        take(feature_stack(x, roles, features, scale, units)[(slice(None), *sl)], bv.any(axis=0)[sl], y)
+        if band_dropout > 0 and stack.count > 1:  # the same read, one band taken away
             drop = int(rng.integers(stack.count))
             x[drop] = np.nan
             bv[drop] = False
-            take(feature_stack(x, roles, features, scale, units)[sl], bv.any(axis=0)[sl[1:]], y, band_dropout)
+            take(feature_stack(x, roles, features, scale, units)[(slice(None), *sl)], bv.any(axis=0)[sl], y, band_dropout)
     if not xs:
         return np.zeros((0, len(features)), np.float32), np.zeros(0, np.uint8)
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from geoseg.errors import ConfigError, InputError
+from geoseg.io import storage
 from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import NODATA_CLASS, BandInfo, ClassInfo, ModelCard, Normalization
 from geoseg.model.network import build_network, network_stride
@@ -420,11 +421,7 @@ def _file_identities(path: str) -> list[tuple[str, tuple[int, ...]]]:
     found = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
     if p.suffix.lower() == ".shp":
         found += [q for q in (p.with_suffix(x) for x in SIDECARS) if q.is_file()]
-    out = []
-    for q in found:
-        st = q.stat()
-        out.append((os.path.abspath(q), (st.st_size, st.st_mtime_ns)))
-    return out
+    return [(i[0], tuple(i[1:])) for i in map(storage.identity, found)]  # [path, size, mtime]
 
 
 @dataclass(frozen=True, eq=False)
