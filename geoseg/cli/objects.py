@@ -48,15 +48,7 @@ def evaluate_objects(ctx, out_dir, labels, label_field, bbox, window, json_path,
     if json_path:
         from geoseg.cli.evaluate import _write_atomic
 
-        _write_atomic(Path(json_path), json.dumps(_no_nan(report), indent=2, allow_nan=False) + "\n")
+        from geoseg.cli.info import _json_safe
 
+        _write_atomic(Path(json_path), json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
 
-def _no_nan(obj):
-    """``obj`` with NaN scores (no object to divide by) as JSON null."""
-    if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_no_nan(v) for v in obj]
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    return obj

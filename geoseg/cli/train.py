@@ -155,7 +155,9 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     from geoseg.training.loop import train as run
 
     opt.check_overwrite_resume(overwrite, resume)
-    _check_out(out_dir, [*images, labels, *([classes_file] if classes_file else [])])
+    from geoseg.model.store import check_model_out
+
+    check_model_out(out_dir, [*images, labels, *([classes_file] if classes_file else [])])  # before any training
     if background is not None and background in ignore:
         raise click.UsageError(f"--background {background} labels the valid pixels no feature covers, and --ignore-index "
                                f"{background} leaves that class out: give one of them")
@@ -249,23 +251,6 @@ def _terminated(signum, frame):  # noqa: ANN001
     global _TERMINATED
     _TERMINATED = True
     raise KeyboardInterrupt
-
-
-def _check_out(out_dir: str, inputs: list) -> None:
-    """--out must be a directory of its own: it is replaced as a whole when the model is written."""
-    import os
-
-    from geoseg.io import storage
-
-    if storage.is_url(out_dir):
-        raise click.UsageError(f"--out {out_dir}: a model directory is written locally; write it to a local folder and "
-                               "upload it (geoseg predict --model takes the URL)")
-    out = os.path.realpath(out_dir)
-    here = os.path.realpath(os.getcwd())
-    holds = [p for p in inputs if "://" not in str(p) and os.path.realpath(p).startswith(out + os.sep)]
-    if here == out or here.startswith(out + os.sep) or holds:
-        what = f"holds {holds[0]}" if holds else "is the current directory or above it"
-        raise click.UsageError(f"--out {out_dir} {what}; the model directory is replaced as a whole: give a new directory")
 
 
 # what --task instance takes; every other option is refused, not ignored

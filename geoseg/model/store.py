@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from safetensors import SafetensorError
 
@@ -300,18 +300,26 @@ def _load_weights(net: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
     return net
 
 
-def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
-    temporary sibling that is renamed into place when complete."""
+def check_model_out(model_dir: str | os.PathLike, inputs: Sequence[Any] = ()) -> None:
+    """A model directory is local and of its own: it is replaced as a whole, so it may not be the current directory,
+    above it, or hold one of ``inputs``."""
     from geoseg.io import storage
 
     if storage.is_url(model_dir):  # Path() made s3://b/k a local folder s3:/b/k, said to be written to the bucket
         raise ConfigError(f"{model_dir}: a model directory is written locally; write it to a local folder and upload it "
                           "(geoseg predict --model takes the URL)")
+    out = Path(os.path.realpath(model_dir))
+    holds = [p for p in inputs if not storage.is_url(p) and Path(os.path.realpath(p)).is_relative_to(out)]
+    if Path(os.path.realpath(os.getcwd())).is_relative_to(out) or holds:
+        what = f"holds {holds[0]}" if holds else "is the current directory or above it"
+        raise ConfigError(f"{model_dir} {what}; a model directory is replaced as a whole: give a new directory")
+
+
+def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
+    temporary sibling that is renamed into place when complete."""
+    check_model_out(model_dir)
     model_dir = Path(os.path.abspath(model_dir))  # "." names no sibling: it was emptied, then could not be replaced
-    if Path(os.path.realpath(os.getcwd())).is_relative_to(os.path.realpath(model_dir)):
-        raise ConfigError(f"{model_dir}: is the current directory or above it; a model directory is replaced as a whole: "
-                          "give a new directory")
     if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{model_dir}: already exists and is not empty; choose another directory or pass --overwrite")
     model_dir.parent.mkdir(parents=True, exist_ok=True)
