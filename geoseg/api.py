@@ -15,6 +15,7 @@ scheduler runs the model with one torch thread per dask thread.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import xarray as xr
 
-from geoseg.errors import ConfigError, GridMismatchError, InputError
+from geoseg.errors import ConfigError, GridMismatchError, InputError, InputNotFoundError
 from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS, ModelCard
 from geoseg.tiling import plan_for
@@ -124,8 +125,9 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
     """A lazy ``(band, y, x)`` DataArray of a scene, on its grid, band names and nodata kept.
 
     ``source``: a raster path, a list of single-band (or multi-band) rasters stacked in order,
-    a pystac Item (its ``assets``, or every GeoTIFF asset, in order), or a DataArray (checked
-    and passed through).
+    a STAC Item (pystac, its dict or its JSON file: its ``assets``, or every GeoTIFF asset with the role
+    "data", in order; bands named by asset key, with the files' descriptions and the items' common names
+    as coordinates, so a model finds its bands by any of them), or a DataArray (checked and passed through).
     """
     if isinstance(source, xr.DataArray):
         return _as_scene(source)
@@ -136,9 +138,9 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         nodata = [_scalar_nodata(source[v]) for v in names]
         scene = source.to_array("band").assign_coords(band=[str(v) for v in names])
         return _as_scene(_with_nodata(scene, nodata))
-    if type(source).__name__ == "Item" and hasattr(source, "assets"):
-        keys = list(assets) if assets else [k for k, a in source.assets.items()
-                                            if (a.media_type or "").startswith("image/tiff") or a.href.endswith((".tif", ".tiff"))]
+    source = _stac_item(source)
+    if _is_item(source):
+        keys = list(assets) if assets else _band_assets(source)
         if not keys:
             raise InputError(f"STAC item {source.id}: no GeoTIFF asset; pass assets=[...] to name the bands")
         missing = [k for k in keys if k not in source.assets]
@@ -158,8 +160,70 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         scene = _declared_bands(scene, [(k, source.assets[k]) for k in keys], counts, source.id)
         # a band per asset, named by its key; the bands of a multi-band asset (a "visual" RGB) key_1, key_2, ...
         names = [k if n == 1 else f"{k}_{i + 1}" for k, n in zip(keys, counts) for i in range(n)]
-        return scene.assign_coords(band=names)
+        # what else names each band, for matching a model's bands (its card records the files' descriptions or
+        # names, not the keys of an item): the file's description (else its name), and the item's common name
+        common = [d.get("common_name") or d.get("eo:common_name") or ""
+                  for k, n in zip(keys, counts) for d in _asset_bands(source.assets[k], ("eo:bands", "bands"), n)]
+        return scene.assign_coords(band=names, description=("band", [str(b) for b in scene["band"].values]),
+                                   common_name=("band", common))
     return _open_files([str(p) for p in ([source] if isinstance(source, (str, os.PathLike)) else source)], chunks)[0]
+
+
+def _is_item(source: Any) -> bool:
+    try:
+        import pystac
+    except ImportError:
+        return False
+    return isinstance(source, pystac.Item)
+
+
+def _stac_item(source: Any) -> Any:
+    """A STAC Item from an Item, its dict or its JSON file; a Collection or ItemCollection refused with what to pass."""
+    try:
+        import pystac
+    except ImportError:
+        return source
+    if isinstance(source, (str, os.PathLike)) and str(source).lower().endswith(".json") and not storage.is_url(str(source)):
+        if not Path(source).is_file():
+            raise InputNotFoundError(f"{source}: no such file; check the path")
+        try:
+            d = json.loads(Path(source).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{source}: not a STAC item (not JSON: {exc})") from None
+        if not isinstance(d, dict) or d.get("type") not in ("Feature", "FeatureCollection", "Collection"):
+            raise InputError(f"{source}: not a STAC item (a JSON Feature); give a raster or an item's JSON file")
+        source = pystac.read_file(str(source)) if d.get("type") != "FeatureCollection" else pystac.ItemCollection.from_file(str(source))
+    elif isinstance(source, dict) and source.get("type") in ("Feature", "FeatureCollection", "Collection"):
+        source = (pystac.ItemCollection.from_dict(source) if source["type"] == "FeatureCollection"
+                  else pystac.read_dict(source))
+    if isinstance(source, pystac.ItemCollection) or (isinstance(source, (list, tuple)) and source
+                                                     and all(isinstance(s, pystac.Item) for s in source)):
+        ids = [i.id for i in source]
+        raise InputError(f"open_scene takes one STAC item, not {len(ids)} ({', '.join(ids[:5])}"
+                         f"{', ...' if len(ids) > 5 else ''}): pick one, open_scene(items[i]) (items on several grids are "
+                         "not one scene)")
+    if isinstance(source, pystac.Collection):
+        raise InputError(f"STAC collection {source.id}: open_scene takes one of its items, "
+                         "open_scene(next(collection.get_items()))")
+    return source
+
+
+def _band_assets(item: Any) -> list[str]:
+    """An item's GeoTIFF assets that hold bands: those with the role "data" where any has it, else all but
+    thumbnails and overviews."""
+    tifs = {k: set(a.roles or ()) for k, a in item.assets.items()
+            if (a.media_type or "").startswith("image/tiff") or a.href.lower().endswith((".tif", ".tiff"))}
+    data = [k for k, roles in tifs.items() if "data" in roles]
+    return data or [k for k, roles in tifs.items() if not roles & {"thumbnail", "overview"}]
+
+
+def _asset_bands(asset: Any, fields: Sequence[str], n: int) -> list[dict[str, Any]]:
+    """The per-band dicts an asset declares under the first of ``fields`` that lists one per band (``{}`` each else)."""
+    for field in fields:
+        bands = asset.extra_fields.get(field)
+        if isinstance(bands, list) and len(bands) == n and all(isinstance(b, dict) for b in bands):
+            return bands
+    return [{}] * n
 
 
 def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], counts: Sequence[int], item: str) -> xr.DataArray:
@@ -171,8 +235,13 @@ def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], coun
 
     declared: list[dict[str, Any]] = []
     for (key, asset), n in zip(assets, counts):
-        rb = list(asset.extra_fields.get("raster:bands") or [])
-        declared += rb if len(rb) == n else [{}] * n  # a list not one per band describes something else
+        # STAC 1.0's raster:bands, else 1.1's bands (nodata, raster:scale, raster:offset); a list not one per band
+        # describes something else. 1.1's nodata may sit on the asset, for all its bands
+        for d in _asset_bands(asset, ("raster:bands", "bands"), n):
+            d = {k.removeprefix("raster:"): v for k, v in d.items()}
+            if d.get("nodata") is None and asset.extra_fields.get("nodata") is not None:
+                d["nodata"] = asset.extra_fields["nodata"]
+            declared.append(d)
     nodata, scales = band_nodata(scene), band_scales(scene) or [(1.0, 0.0)] * len(declared)
     floating = np.issubdtype(scene.dtype, np.floating)  # NaN is nodata already
     keys = [k for (k, _), n in zip(assets, counts) for _ in range(n)]
@@ -498,16 +567,26 @@ def _match_bands(scene: xr.DataArray, card: ModelCard, location: str) -> xr.Data
     """The scene's bands as the card lists them, by name, as ``geoseg.bands.match_bands`` does for files: the card's
     band descriptions (or file names) found among more bands are selected; the same bands in another order are
     refused (a model fed its bands swapped gives a wrong map without a word)."""
-    names = [str(b) for b in scene["band"].values]
+    keys = [str(b) for b in scene["band"].values]
+    # the band names, and for a STAC item's scene the files' descriptions and the common names; compared ignoring case
+    named = [keys] + [[str(v) for v in scene[c].values] for c in ("description", "common_name")
+                      if c in scene.coords and scene[c].dims == ("band",)]
     for want in ([b.description for b in card.bands], [Path(b.file).stem if b.file else None for b in card.bands]):
         if not all(want):
             continue
-        if len(names) != card.n_bands:
-            if len(set(names)) == len(names) and all(w in names for w in want):
-                return scene.sel(band=list(want))
-        elif sorted(want) == sorted(names) and want != names:
+        wanted = [w.casefold() for w in want]
+        for names in named:
+            folded = [n.casefold() for n in names]
+            if not all(folded) or len(set(folded)) != len(folded) or not set(wanted) <= set(folded):
+                continue
+            if folded == wanted:
+                return scene
+            at = [folded.index(w) for w in wanted]
+            picked = [keys[i] for i in at]
+            if len(folded) != card.n_bands:
+                return scene.isel(band=at)
             raise InputError(f"the scene's bands ({', '.join(names)}) are those of the model in {location} in another "
-                             f"order; it expects ({', '.join(want)}): pass scene.sel(band={list(want)!r})")
+                             f"order; it expects ({', '.join(want)}): pass scene.sel(band={picked!r})")
     if scene.sizes["band"] != card.n_bands:
         raise ConfigError(f"the scene has {scene.sizes['band']} bands, the model in {location} takes {card.n_bands} "
                           f"({', '.join(b.name for b in card.bands)})")

@@ -356,6 +356,90 @@ def test_the_api_refuses_bands_in_another_order_as_the_cli_does(tmp_path, random
 
 
 
+def test_a_stac_items_bands_are_matched_by_description_or_common_name(tmp_path, random_model, scene_path):
+    """An item keys its assets by band id (B02..B08) or common name; the card records the files' descriptions
+    or names. The item's bands out of the model's order were fed as they came (named by key, nothing to match);
+    now they are matched by the files' descriptions and the items' common names (eo:bands, STAC 1.1 bands), and
+    refused in another order as files are. STAC 1.1's nodata (on the asset or its bands) is read; an item's JSON
+    file or dict opens; a collection of items is refused with what to pass; the CLI says what to do with one."""
+    import json
+    import shutil
+
+    import pystac
+    import xarray as xr
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+    from geoseg.errors import InputError
+    from geoseg.io.sources import open_stack
+
+    with rasterio.open(scene_path) as src:
+        profile, data = src.profile, src.read()
+    roles = {"B02": "blue", "B03": "green", "B04": "red", "B08": "nir"}
+    model = tmp_path / "model"
+    shutil.copytree(random_model, model)
+    card = json.loads((model / "model.json").read_text())
+    for b, name in zip(card["bands"], roles.values()):
+        b["description"] = name
+    (model / "model.json").write_text(json.dumps(card))
+
+    def item(key_by, described, band_field, order=("B08", "B04", "B03", "B02")):
+        folder = tmp_path / f"{key_by}-{described}-{band_field}"
+        folder.mkdir()
+        it = pystac.Item("s", {"type": "Point", "coordinates": [0, 0]}, [0, 0, 0, 0], __import__("datetime").datetime(2024, 1, 1), {})
+        for k in order:
+            i = list(roles).index(k)
+            with rasterio.open(folder / f"{k}.tif", "w", **{**profile, "count": 1, "nodata": None}) as dst:
+                dst.write(data[i], 1)
+                if described:
+                    dst.set_band_description(1, roles[k])
+            band = {"name": k, "common_name": roles[k]} if band_field == "eo:bands" else {"name": k, "eo:common_name": roles[k]}
+            it.add_asset(k if key_by == "id" else roles[k], pystac.Asset(
+                f"./{k}.tif", media_type=pystac.MediaType.COG, roles=["data"],
+                extra_fields={band_field: [band], **({"nodata": 0} if band_field == "bands" else {})}))
+        it.add_asset("thumbnail", pystac.Asset("./B02.tif", media_type=pystac.MediaType.COG, roles=["thumbnail"]))
+        it.set_self_href(str(folder / "item.json"))
+        it.save_object(include_self_link=False)
+        return folder / "item.json"
+
+    for key_by, described, field in (("id", True, "eo:bands"), ("id", False, "eo:bands"), ("id", False, "bands")):
+        path = item(key_by, described, field)
+        scene = geoseg.open_scene(pystac.Item.from_file(str(path)))  # the thumbnail is no band
+        assert list(scene["band"].values) == ["B08", "B04", "B03", "B02"]
+        with pytest.raises(InputError, match=r"in another order.*scene.sel\(band=\['B02', 'B03', 'B04', 'B08'\]\)"):
+            geoseg.predict(scene, model, chunk_size=64)
+        opened = geoseg.open_scene(str(path))  # a JSON path opens
+        extra = opened.isel(band=[0]).assign_coords(band=["extra"], description=("band", ["x"]), common_name=("band", ["x"]))
+        ds = geoseg.predict(xr.concat([opened, extra], "band"), model, chunk_size=64)  # the named four picked out
+        assert ds.sizes["y"] == data.shape[1] and ds.attrs["geoseg_model"] == str(model)
+        if field == "bands":  # STAC 1.1: nodata declared on the asset, the files say none
+            assert list(scene.coords["nodata"].values) == [0.0] * 4
+    # keyed by common name, a card of file names (B02.tif...): matched by the files' names
+    path = item("common", False, "eo:bands")
+    by_file = tmp_path / "by-file"
+    shutil.copytree(model, by_file)
+    card = json.loads((by_file / "model.json").read_text())
+    for b, k in zip(card["bands"], roles):
+        b["description"], b["file"] = None, f"{k}.tif"
+    (by_file / "model.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match="in another order"):
+        geoseg.predict(json.loads(path.read_text()) | {"links": [{"rel": "self", "href": str(path)}]}, by_file)
+    # many items: one scene is one item
+    items = pystac.ItemCollection([pystac.Item.from_file(str(path))])
+    for many in (items, list(items), items.to_dict()):
+        with pytest.raises(InputError, match=r"one STAC item, not 1 \(s\).*open_scene\(items\[i\]\)"):
+            geoseg.open_scene(many)
+    r = CliRunner().invoke(cli, ["predict", str(path), "--model", str(model), "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "a STAC item, not a raster" in r.output and "(it has blue, red" not in r.output
+    assert "geoseg.open_scene('ITEM.json')" in r.output, r.output
+    # the acquisition time GDAL's IMAGERY domain gives (the STAC item of the output takes it)
+    dated = tmp_path / "dated.tif"
+    with rasterio.open(dated, "w", **profile) as dst:
+        dst.write(data)
+        dst.update_tags(ns="IMAGERY", ACQUISITIONDATETIME="2020-06-15T10:30:00Z")
+    assert open_stack([dated]).acquired == "2020-06-15T10:30:00+00:00" and open_stack([scene_path]).acquired is None
+
+
 def test_geoseg_cluster_stays_the_api_function_once_its_submodule_is_imported():
     """``geoseg.cluster`` is also a submodule's name: importing the submodule (every cluster start does) must not
     turn the API's function into the module (a second ``with geoseg.cluster():`` in a notebook failed)."""

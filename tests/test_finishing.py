@@ -277,3 +277,62 @@ def test_stac_footprint_of_a_polar_scene_and_of_a_geographic_grid_past_180():
 
     south_up = footprint(GeoBox((10, 10), Affine(1, 0, 150, 0, 1, 10), "EPSG:4326"))
     assert south_up["type"] == "Polygon" and bbox_of(south_up) == pytest.approx([150, 10, 160, 20])
+
+
+def test_stac_footprints_of_global_grids_are_valid_and_on_the_globe():
+    """A lon/lat grid round the globe in the 0..360 convention made a self-crossing MultiPolygon with a bbox
+    0 degrees wide; an ERA5-like grid (721 rows centred on the poles) gave latitudes past 90; a MODIS polar
+    tile (its top edge is the pole) an invalid outline of 24 parts."""
+    import shapely
+    import shapely.geometry
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from geoseg.io.stac import bbox_of, footprint
+
+    sinu = "+proj=sinu +lon_0=0 +x_0=0 +y_0=0 +R=6371007.181 +units=m +no_defs"
+    t = 1111950.5197665554
+    for grid, want in ((GeoBox((180, 360), Affine(1, 0, 0, 0, -1, 90), "EPSG:4326"), [-180, -90, 180, 90]),
+                       (GeoBox((721, 1440), Affine(0.25, 0, -0.125, 0, -0.25, 90.125), "EPSG:4326"), [-180, -90, 180, 90]),
+                       (GeoBox((160, 360), Affine(1, 0, -10, 0, -1, 80), "EPSG:4326"), [-180, -80, 180, 80]),
+                       (GeoBox((60, 160), Affine(1, 0, 100, 0, -1, 30), "EPSG:4326"), [100, -30, -100, 30]),
+                       (GeoBox((240, 240), Affine(t / 240, 0, 0, 0, -t / 240, 9 * t), sinu), None)):
+        geom = footprint(grid)
+        shape = shapely.geometry.shape(geom)
+        lats = shapely.get_coordinates(shape)[:, 1]
+        assert shape.is_valid and -90 <= lats.min() and lats.max() <= 90, (grid, geom["type"])
+        if want:
+            assert bbox_of(geom) == pytest.approx(want)
+        else:  # the polar tile reaches the pole
+            assert bbox_of(geom)[3] == pytest.approx(90) and bbox_of(geom)[1] == pytest.approx(80)
+
+
+def test_stac_item_names_dates_and_the_store_asset(tmp_path):
+    """classification names pass the extension's pattern (ASCII letters, digits, - and _; they were written
+    with accents and CJK letters); datetime is the imagery's acquisition where the input says it (it was the
+    run's end), with the run's end as created; the Zarr asset is described, not given one uint8 band."""
+    import re
+    from datetime import datetime, timezone
+
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from geoseg.io.stac import make_item
+
+    grid = GeoBox((10, 10), Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32617")
+    classes = [ClassInfo(id=1, name="Forêt", color="#00ff00"), ClassInfo(id=2, name="Foret", color="#00aa00"),
+               ClassInfo(id=3, name="水田", color="#0000ff"), ClassInfo(id=4, name="Area_km²", color="#ff0000")]
+    made = datetime(2026, 12, 5, 10, 0, tzinfo=timezone.utc)
+    item = make_item("x", grid, classes, {"classes": "classes.tif", "prediction": "prediction.zarr"}, when=made,
+                     acquired=datetime(2020, 6, 15, 10, 30, tzinfo=timezone.utc))
+    d = item.to_dict(include_self_link=False)
+    names = [c["name"] for c in d["assets"]["classes"]["classification:classes"]]
+    assert all(re.fullmatch(r"[0-9A-Za-z\-_]+", n) for n in names), names
+    assert names[:4] == ["Foret", "Foret_2", "class_3", "Area_km2"] and len(set(names)) == len(names)
+    assert d["properties"]["datetime"] == "2020-06-15T10:30:00Z" and d["properties"]["created"] == "2026-12-05T10:00:00Z"
+    assert d["properties"]["geoseg:datetime"] == "acquired"
+    assert "raster:bands" not in d["assets"]["prediction"] and "classification:classes" not in d["assets"]["prediction"]
+    assert "class_id" in d["assets"]["prediction"]["description"]
+    plain = make_item("y", grid, classes, {"classes": "classes.tif"}, when=made).to_dict()
+    assert plain["properties"]["datetime"] == plain["properties"]["created"] == "2026-12-05T10:00:00Z"
+    assert plain["properties"]["geoseg:datetime"] == "created"

@@ -55,6 +55,8 @@ class RasterStack:
     bands: tuple[BandSource, ...]
     grid: GeoBox
     block_shape: tuple[int, int]
+    # when the imagery was acquired, as the files say it (GDAL's IMAGERY/ACQUISITIONDATETIME, ISO 8601), else None
+    acquired: str | None = None
 
     @property
     def count(self) -> int:
@@ -74,7 +76,7 @@ class RasterStack:
         return str(np.result_type(*[np.dtype(b.dtype) for b in self.bands]))
 
     def select(self, positions: Sequence[int]) -> "RasterStack":
-        return RasterStack(tuple(self.bands[i] for i in positions), self.grid, self.block_shape)
+        return RasterStack(tuple(self.bands[i] for i in positions), self.grid, self.block_shape, self.acquired)
 
 
 def _is_remote(path: str) -> bool:
@@ -127,10 +129,32 @@ def _open(path: str) -> rasterio.io.DatasetReader:
     try:
         return rasterio.open(path)
     except RasterioIOError as exc:
+        stac = _stac_hint(path)
+        if stac:
+            raise InputError(f"{path}: {stac}") from None
         raise InputError(
             f"{path}: not a raster GDAL can read ({str(exc).splitlines()[0]}); "
             "give a GeoTIFF, COG or VRT"
         ) from None
+
+
+def _stac_hint(path: str) -> str | None:
+    """What to give in place of a local STAC item's JSON (None: not one)."""
+    import json
+
+    if storage.is_url(path) or not path.lower().endswith(".json"):
+        return None
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or d.get("type") != "Feature" or "stac_version" not in d:
+        return None
+    tifs = [k for k, a in (d.get("assets") or {}).items()
+            if isinstance(a, dict) and str(a.get("href", "")).lower().endswith((".tif", ".tiff"))]
+    return ("a STAC item, not a raster: give its band assets' files in the model's band order"
+            + (f" (it has {', '.join(tifs)})" if tifs else "")
+            + ", or open it in Python: geoseg.open_scene('ITEM.json') matches the bands by name")
 
 
 def grid_of(ds: rasterio.io.DatasetReader, path: str) -> GeoBox:
@@ -152,12 +176,18 @@ def grid_of(ds: rasterio.io.DatasetReader, path: str) -> GeoBox:
     return GeoBox((ds.height, ds.width), ds.transform, ds.crs)
 
 
+def _crs_label(crs) -> str:
+    """A CRS as a reader names it: EPSG:n, else its name (never a page of WKT)."""
+    epsg = crs.epsg
+    return f"EPSG:{epsg}" if epsg else (getattr(crs.proj, "name", None) or str(crs)[:80])
+
+
 def grid_difference(a: GeoBox, b: GeoBox) -> str | None:
     """How grid ``b`` differs from ``a`` (None: the same grid; origins within a millionth of a pixel,
     pixel sizes within a billionth: float rounding of one grid)."""
     ta, tb = a.affine, b.affine
     if a.crs != b.crs:
-        return f"CRS {b.crs} against {a.crs}"
+        return f"CRS {_crs_label(b.crs)} against {_crs_label(a.crs)}"
     if abs(ta.a - tb.a) > 1e-9 * abs(ta.a) or abs(ta.e - tb.e) > 1e-9 * abs(ta.e):
         return f"pixel size {tb.a:g} x {tb.e:g} against {ta.a:g} x {ta.e:g} (x, y; a positive y is south-up)"
     dx, dy = (tb.c - ta.c) / ta.a + 0.0, (tb.f - ta.f) / ta.e + 0.0  # + 0.0: no "-0"
@@ -176,9 +206,12 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
     grid: GeoBox | None = None
     first = ""
     block_shape = (512, 512)
+    acquired: set[str] = set()
     for p in map(str, paths):
         with storage.gdal_env(p), _open(p) as ds:
             g = grid_of(ds, p)
+            if when := _acquired(ds):
+                acquired.add(when)
             if grid is None:
                 grid, first = g, p
                 block_shape = tuple(ds.block_shapes[0])  # type: ignore[assignment]
@@ -224,7 +257,22 @@ def open_stack(paths: Sequence[str | os.PathLike]) -> RasterStack:
                     )
                 )
     assert grid is not None
-    return RasterStack(tuple(bands), grid, block_shape)
+    # the files' acquisition time where they agree on one (band files of one scene); else none said
+    return RasterStack(tuple(bands), grid, block_shape, acquired.pop() if len(acquired) == 1 else None)
+
+
+def _acquired(ds: rasterio.io.DatasetReader) -> str | None:
+    """GDAL's IMAGERY/ACQUISITIONDATETIME of ``ds`` (ISO 8601, UTC where no zone is given), else None."""
+    from datetime import datetime, timezone
+
+    text = (ds.tags(ns="IMAGERY") or {}).get("ACQUISITIONDATETIME")
+    if not text:
+        return None
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).isoformat()
 
 
 def _valid_into(data: np.ndarray, band: BandSource, out: np.ndarray) -> None:

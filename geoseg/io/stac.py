@@ -30,13 +30,18 @@ ROLES = {".tif": ["data"], ".zarr": ["data"], ".gpkg": ["data"], ".parquet": ["d
          ".json": ["metadata"], ".qml": ["style"]}
 
 
+ZARR_ARRAYS = ("class_id (uint8, 255 = nodata; the class ids of the classes asset), confidence (float32, the "
+               "probability of the winning class)")
+INSTANCE_ARRAY = ", instance_id (uint32, 0 = none)"
 EDGE_POINTS = 64  # points per edge of the grid's outline: its edges are curves in longitude/latitude
 
 
 def footprint(grid: GeoBox) -> dict[str, Any]:
     """The grid's outline in longitude/latitude (edges densified in the grid's CRS), as GeoJSON (RFC 7946):
     split into a MultiPolygon where it crosses the antimeridian, closed over the pole it encloses, longitudes
-    within [-180, 180]. The splitting and the pole are antimeridian's (the library stactools uses)."""
+    within [-180, 180], latitudes within [-90, 90]. The splitting and the pole are antimeridian's (the library
+    stactools uses). A lon/lat grid 360 degrees wide (0..360 or -180..180) is the whole band of latitudes it
+    spans. An outline that still crosses itself (a MODIS polar tile, whose top edge is the pole) is made valid."""
     import antimeridian
     import pyproj
     import shapely
@@ -45,9 +50,32 @@ def footprint(grid: GeoBox) -> dict[str, Any]:
     outline = shapely.geometry.polygon.orient(grid.extent.geom)  # counter-clockwise, also for a south-up grid
     west, south, east, north = outline.bounds
     dense = shapely.segmentize(outline, max(east - west, north - south) / EDGE_POINTS)
+    ring = np.asarray(dense.exterior.coords)
     to_lonlat = pyproj.Transformer.from_crs(grid.crs.proj, "EPSG:4326", always_xy=True)
-    lonlat = shapely.transform(dense, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
-    return json.loads(json.dumps(shapely.geometry.mapping(antimeridian.fix_polygon(lonlat, fix_winding=True, great_circle=False))))
+    lon, lat = (np.asarray(v, np.float64) for v in to_lonlat.transform(ring[:, 0], ring[:, 1]))
+    if grid.crs.geographic:
+        if east - west >= 360 - 1e-9 * abs(grid.affine.a):  # round the globe: no antimeridian to split at
+            lat = np.clip(lat[np.isfinite(lat)], -90, 90)
+            return _geojson(shapely.box(-180.0, float(lat.min()), 180.0, float(lat.max())))
+        lon = (lon + 180.0) % 360.0 - 180.0  # a 0..360 grid's longitudes; the dense ring's jumps are the crossings
+    points = np.column_stack([lon, np.clip(lat, -90.0, 90.0)])
+    fixed = antimeridian.fix_polygon(shapely.Polygon(points), fix_winding=True, great_circle=False)
+    if not fixed.is_valid:
+        fixed = _polygonal(shapely.make_valid(fixed))
+    return _geojson(fixed)
+
+
+def _polygonal(geom: Any) -> Any:
+    import shapely
+
+    parts = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon") and not g.is_empty]
+    return shapely.union_all(parts) if parts else geom
+
+
+def _geojson(geom: Any) -> dict[str, Any]:
+    import shapely.geometry
+
+    return json.loads(json.dumps(shapely.geometry.mapping(geom)))
 
 
 def bbox_of(geom: dict[str, Any]) -> list[float]:
@@ -62,19 +90,26 @@ def class_items(classes: Iterable[ClassInfo], counts: Mapping[int, int] | None) 
     from pystac.extensions.classification import Classification
 
     total = sum((counts or {}).values())
-    out = []
+    out, used = [], {"nodata"}
     for c in classes:
         n = None if counts is None else int(counts.get(c.id, 0))
-        out.append(Classification.create(value=c.id, name=_slug(c.name), title=c.name, color_hint=c.color.lstrip("#").upper(),
+        name = _slug(c.name, c.id)
+        name = name if name not in used else f"{name}_{c.id}"  # "Forêt" and "Foret": two classes, two names
+        used.add(name)
+        out.append(Classification.create(value=c.id, name=name, title=c.name, color_hint=c.color.lstrip("#").upper(),
                                          count=n, percentage=None if not total or n is None else round(100.0 * n / total, 4)))
     out.append(Classification.create(value=NODATA_CLASS, name="nodata", title="no data", nodata=True))
     return out
 
 
-def _slug(name: str) -> str:
-    """classification:classes names are machine-readable (letters, digits, - and _)."""
-    s = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.strip())
-    return s or "class"
+def _slug(name: str, value: int | None = None) -> str:
+    """classification:classes names are machine-readable: ASCII letters, digits, - and _ (the extension's schema);
+    accents are dropped ("Forêt" -> "Foret"), other letters replaced; a name left with none is class_ID."""
+    import unicodedata
+
+    folded = unicodedata.normalize("NFKD", name.strip()).encode("ascii", "ignore").decode()
+    s = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_") else "_" for ch in folded)
+    return s if s.strip("_") else (f"class_{value}" if value is not None else "class")
 
 
 def make_item(
@@ -87,8 +122,12 @@ def make_item(
     model: Mapping[str, Any] | None = None,
     run: Mapping[str, Any] | None = None,
     when: datetime | None = None,
+    acquired: datetime | None = None,
 ) -> Any:
-    """A pystac Item; ``assets`` maps asset keys to hrefs relative to the item (class rasters get the class list)."""
+    """A pystac Item; ``assets`` maps asset keys to hrefs relative to the item (class rasters get the class list).
+
+    ``datetime`` is when the imagery was acquired (``acquired``: what the input files say) where known, else when
+    the map was made; ``created`` is when the map was made (``when``), and ``geoseg:datetime`` says which."""
     import pystac
     from pystac.extensions.classification import ClassificationExtension
     from pystac.extensions.projection import ProjectionExtension
@@ -101,7 +140,10 @@ def make_item(
         props["geoseg:model"] = dict(model)
     if run:
         props["geoseg:run"] = dict(run)
-    item = pystac.Item(item_id, geom, bbox_of(geom), when or datetime.now(timezone.utc), props)
+    made = when or datetime.now(timezone.utc)
+    props["created"] = made.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    props["geoseg:datetime"] = "acquired" if acquired else "created"
+    item = pystac.Item(item_id, geom, bbox_of(geom), acquired or made, props)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     epsg = grid.crs.epsg
     proj.apply(code=f"EPSG:{epsg}" if epsg else None, wkt2=None if epsg else grid.crs.to_wkt(),
@@ -110,10 +152,12 @@ def make_item(
         suffix = "." + href.rsplit(".", 1)[-1] if "." in href else ""
         asset = pystac.Asset(href, title=key, media_type=MEDIA.get(suffix), roles=ROLES.get(suffix, ["data"]))
         item.add_asset(key, asset)
-        if key in ("classes", "prediction"):
+        if key == "classes":
             RasterExtension.ext(asset, add_if_missing=True).apply(
                 bands=[RasterBand.create(nodata=NODATA_CLASS, data_type=DataType.UINT8)])
             ClassificationExtension.ext(asset, add_if_missing=True).apply(classes=class_items(classes, counts))
+        if key == "prediction":  # a Zarr store of several arrays: described, not given one band's fields
+            asset.description = ZARR_ARRAYS + (INSTANCE_ARRAY if "instances" in assets else "")
         if key == "instances":  # object ids: 0 = none
             RasterExtension.ext(asset, add_if_missing=True).apply(bands=[RasterBand.create(nodata=0, data_type=DataType.UINT32)])
     return item

@@ -281,7 +281,8 @@ def _item(job: Job, record: dict[str, Any], pixels: dict[int, int], path: Path) 
     run["precision"] = record["numerics"]["precision"]
     item = make_item(Path(str(job.out_dir)).name or "prediction", job.stack.grid, panoptic_classes(job),
                      {k: v for k, v in hrefs.items() if v in present}, counts=pixels, model=model, run=run,
-                     when=datetime.fromisoformat(record["finished"]))
+                     when=datetime.fromisoformat(record["finished"]),
+                     acquired=datetime.fromisoformat(job.stack.acquired) if job.stack.acquired else None)
     write_item(item, path)
 
 
