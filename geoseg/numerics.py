@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from geoseg.errors import ConfigError
@@ -67,7 +67,8 @@ def wait_for_model_workers(client: Any, resources: dict[str, float] | None, time
             f"'dask worker ... --resources {want}' or drop model_resources"
         )
     raise ConfigError(f"the cluster at {client.scheduler.address} has no worker after {timeout:g} s; start workers "
-                      "or raise the profile's timeout")
+                      "('dask worker ADDRESS'), or give a job's cluster profile a longer 'timeout:' (geoseg run) for "
+                      "workers a batch scheduler starts later")
 
 
 def decide(requested: str, exact: bool, caps: dict[str, dict[str, Any]]) -> tuple[str, str]:
@@ -94,22 +95,38 @@ def _device_kind(caps: dict[str, dict[str, Any]]) -> str:
 
 
 def _warn_emulated(where: str, ratio: float | None) -> None:
+    """One warning (the command line shows geoseg's warnings as one line: geoseg.cli.main)."""
     msg = (f"--precision bf16 on {where}, which has no native bf16: "
-           + (f"measured {ratio:.1f}x slower than fp32 there" if ratio else "expect it to run slower than fp32")
+           + (f"bf16 took {ratio:.1f}x the fp32 time there" if ratio else "expect it to run slower than fp32")
            + "; use --precision auto or fp32")
     warnings.warn(msg, SlowPrecisionWarning, stacklevel=3)
-    log.warning(msg)
+
+
+def check_versions(caps: dict[str, dict[str, Any]]) -> None:
+    """Model workers must run the client's geoseg, torch, smp and LightGBM: another version normalises, pads or
+    blends otherwise, and its chunks would differ from the others' without a word."""
+    from geoseg.workers import versions
+
+    here = versions()
+    for addr, c in sorted(caps.items()):
+        theirs = c.get("versions") or {}
+        differ = [f"{pkg} {theirs.get(pkg, 'none')} (here {v})" for pkg, v in here.items() if theirs.get(pkg, v) != v]
+        if differ and theirs:
+            raise ConfigError(f"model worker {addr} ({c.get('host')}) runs {', '.join(differ)}; install the client's "
+                              "versions on every worker (one environment or container image for client and workers)")
 
 
 def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact: bool = False,
                        resources: dict[str, float] | None = None, timeout: float = 30.0) -> Numerics:
     """Ask the model workers what they compute in and decide the job's precision there."""
     addrs = wait_for_model_workers(client, resources, timeout)
-    caps = client.run(capabilities, device, workers=addrs)
+    caps = client.run(capabilities, device, resources, workers=addrs, on_error="return")
+    caps = {a: c if isinstance(c, dict) else {"error": f"{type(c).__name__}: {c}"} for a, c in caps.items()}
     failed = {a: c["error"] for a, c in caps.items() if c.get("error")}
     if failed:
         raise ConfigError(f"{len(failed)} of {len(caps)} model worker(s) ({', '.join(sorted(failed))}): "
                           + next(iter(failed.values())))
+    check_versions(caps)
     precision, reason = decide(requested, exact, caps)
     slowdown = None
     if precision == "bf16":
@@ -119,6 +136,34 @@ def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact:
             slowdown = client.run(bf16_slowdown, c.get("device", "cpu"), workers=[emulated[0]])[emulated[0]]
             _warn_emulated(f"{len(emulated)} model worker(s) ({c.get('cpu') or c.get('gpu') or c.get('device')})", slowdown)
     return Numerics(precision, _device_kind(caps), reason, caps, slowdown)
+
+
+def with_joined(client: Any, numerics: Numerics, digest: str, device: str = "auto",
+                resources: dict[str, float] | None = None) -> Numerics:
+    """``numerics`` with the workers that joined while the job ran and took its model tasks (they hold its
+    model): recorded beside those asked at the start, and said where they emulate the bf16 the job computes in."""
+    from geoseg.runtime import loaded_digests
+
+    try:
+        held = client.run(loaded_digests, on_error="return")
+    except Exception:  # the cluster is going away: the record keeps the workers asked at the start
+        return numerics
+    able = model_workers(client, resources)  # a worker without the model tasks' resources took none of them
+    joined = [a for a, d in held.items() if isinstance(d, list) and digest in d and a in able and a not in numerics.workers]
+    if not joined:
+        return numerics
+    caps = client.run(capabilities, device, resources, workers=joined, on_error="return")
+    caps = {a: {**c, "joined": True} for a, c in caps.items() if isinstance(c, dict)}
+    emulated = [a for a, c in caps.items() if numerics.precision == "bf16" and not c.get("bf16_native")]
+    if emulated:
+        _warn_emulated(f"{len(emulated)} model worker(s) that joined while the job ran "
+                       f"({caps[emulated[0]].get('cpu') or caps[emulated[0]].get('device')})", None)
+    mismatch = {a: c for a, c in caps.items() if c.get("versions")}
+    try:
+        check_versions(mismatch)
+    except ConfigError as exc:
+        warnings.warn(f"{exc} (it took model tasks of this job)", stacklevel=2)
+    return replace(numerics, workers={**numerics.workers, **caps})
 
 
 def resolve_here(requested: str, device: str = "auto", exact: bool = False) -> Numerics:

@@ -59,10 +59,42 @@ def _worker_threads() -> int | None:
         return None
 
 
+def task_threads() -> int | None:
+    """torch threads for the model task running in this thread of a distributed worker (None: not in one):
+    the worker's threads shared by the model tasks it can run at once. A CPU worker of N threads runs N model
+    tasks, one torch thread each (N each was N² threads on N cores); a GPU worker (a model task needs its one
+    GPU) runs one, with all N."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    nthreads = worker.state.nthreads
+    concurrent = nthreads
+    try:
+        ts = worker.state.tasks.get(worker.get_current_task())
+        needs = dict(ts.resource_restrictions or {}) if ts is not None else {}
+    except Exception:  # no current task (client.run): every thread may run one
+        needs = {}
+    for name, need in needs.items():
+        if need > 0:
+            concurrent = min(concurrent, int(worker.state.total_resources.get(name, 0) // need))
+    return model_threads(nthreads, concurrent)
+
+
+def model_threads(nthreads: int, concurrent: int) -> int:
+    return max(1, nthreads // max(1, concurrent))
+
+
 def get_model(ref: ModelRef) -> ModelBundle:
-    """The model for ``ref``, loaded on first use in this process and kept (the last few used)."""
+    """The model for ``ref``, loaded on first use in this process and kept (the last few used); the calling
+    thread's torch threads set for a model task (``task_threads``)."""
     import torch
 
+    threads = task_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
+    if threads and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     key = (ref.digest, ref.device)
     hit = _CACHE.get(key)  # no lock for a model loaded: it never waits for another's load
     if hit is not None:
@@ -73,10 +105,6 @@ def get_model(ref: ModelRef) -> ModelBundle:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit[1]
-        threads = _worker_threads() or int(os.environ.get("GEOSEG_TORCH_THREADS", "0") or 0)
-        if threads:
-            # One torch thread per dask thread: workers never oversubscribe the cores.
-            torch.set_num_threads(threads)
         device = pick_device(ref.device)
         # a URL: the cached copy with this digest (fetched and verified on first use)
         bundle = load_model(local_model_dir(ref.path, ref.digest), device=device)
@@ -92,6 +120,11 @@ def get_model(ref: ModelRef) -> ModelBundle:
         while len(_CACHE) > CACHE_SIZE:
             _CACHE.popitem(last=False)
     return bundle
+
+
+def loaded_digests() -> list[str]:
+    """The digests of the models this process holds (it ran their model tasks)."""
+    return sorted({digest for digest, _ in _CACHE})
 
 
 def fast_bf16(device: str) -> bool:

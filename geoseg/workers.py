@@ -72,10 +72,10 @@ def tune_allocator() -> dict[str, Any]:
 
 
 def set_threads(n: int | None) -> int | None:
-    """torch intra-op threads = the worker's threads (one stream per core, no oversubscription).
+    """torch intra-op threads of the calling thread = ``n``.
 
-    Only where torch is loaded already: I/O-only workers never import it (model loading sets the
-    same count, geoseg.runtime.get_model).
+    Only where torch is loaded already: I/O-only workers never import it. Each model task sets its own
+    thread's count (geoseg.runtime.task_threads: the worker's threads shared by the model tasks it runs at once).
     """
     if "torch" not in sys.modules:
         return None
@@ -166,20 +166,50 @@ def register(client: Any) -> None:
     client.register_plugin(GeosegWorkerPlugin(), name=PLUGIN_NAME)
 
 
-def capabilities(device: str = "auto") -> dict[str, Any]:
-    """What this process computes on and in: device, native bf16, CPU features, threads."""
-    import torch
+VERSIONED = ("geoseg", "torch", "segmentation-models-pytorch", "lightgbm")  # what a model task's result depends on
 
-    from geoseg.runtime import fast_bf16, no_cuda_message, pick_device
 
+def versions() -> dict[str, str]:
+    """This process's versions of the packages a model task's result depends on."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def capabilities(device: str = "auto", resources: dict[str, float] | None = None, dask_worker: Any = None) -> dict[str, Any]:
+    """What this process computes on and in: device, native bf16, CPU, the torch threads of a model task
+    (``dask_worker``: the worker running it, whose model tasks need ``resources``), package versions; an
+    ``error`` where torch cannot be used here."""
+    try:
+        import torch
+
+        from geoseg.runtime import fast_bf16, model_threads, no_cuda_message, pick_device
+    except Exception as exc:  # a broken install on one worker: said to the client, which names the worker
+        return {"device": "cpu", "error": f"torch cannot be imported there ({type(exc).__name__}: {exc}); "
+                "install the client's torch on every worker", "host": platform.node()}
     if device.startswith("cuda") and not torch.cuda.is_available():  # said to the client, which names the workers
         return {"device": "cpu", "error": no_cuda_message(device, platform.node()), "host": platform.node()}
     dev = pick_device(device)
+    threads = torch.get_num_threads()
+    if dask_worker is not None:
+        state = dask_worker.state
+        concurrent = state.nthreads
+        for name, need in (resources or {}).items():
+            if need > 0:
+                concurrent = min(concurrent, int(state.total_resources.get(name, 0) // need))
+        threads = model_threads(state.nthreads, concurrent)
     info: dict[str, Any] = {
         "device": dev,
         "bf16_native": fast_bf16(dev),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "host": platform.node(),
+        "versions": versions(),
     }
     if dev.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -95,6 +95,50 @@ def test_workers_started_elsewhere_get_the_allocator_fix(gpu_and_cpu_workers):
         assert s["allocator"] == {"mmap_max": 0, "trim_threshold": -1, "arena_max": 1}
 
 
+def test_model_task_threads_versions_and_workers_that_join(random_model, scene_path, tmp_path):
+    """`dask worker --nthreads 2` (one started by someone else): each of its two concurrent model tasks ran with
+    2 torch threads (4 on 2 cores); now one each, and a GPU worker's single model task takes both. run.json
+    records what model tasks compute with, each worker's versions, and workers that joined while the job ran
+    and took model tasks (they were missing, and their bf16 was never checked); a worker on other versions of
+    geoseg or torch is refused."""
+    from geoseg.model.store import model_digest
+    from geoseg.numerics import check_versions, with_joined
+    from geoseg.runtime import ModelRef
+    from geoseg.workers import versions
+
+    def threads_in_a_model_task(path, digest):
+        import torch
+
+        from geoseg.runtime import get_model
+
+        get_model(ModelRef(path, digest))
+        return torch.get_num_threads()
+
+    digest = model_digest(random_model)
+    with dask_cluster(tmp_path, [["--nthreads", "2", "--resources", "GPU=1"], ["--nthreads", "2"]]) as (address, procs, client):
+        client.wait_for_workers(2, timeout=60)
+        gpu = _worker_with_gpu(client)
+        (cpu,) = [a for a in client.scheduler_info(n_workers=-1)["workers"] if a != gpu]
+        on_cpu = [client.submit(threads_in_a_model_task, str(random_model), digest, workers=[cpu], pure=False) for _ in range(4)]
+        on_gpu = [client.submit(threads_in_a_model_task, str(random_model), digest, resources={"GPU": 1}, pure=False)
+                  for _ in range(2)]
+        assert client.gather(on_cpu) == [1] * 4 and client.gather(on_gpu) == [2] * 2
+        opts = PredictOptions(chunk_size=128, cog=False, vectors=False, model_resources={"GPU": 1})
+        record = predict([scene_path], random_model, tmp_path / "out", opts, client=client)
+        (asked,) = record["numerics"]["workers"].values()
+        assert asked["torch_threads"] == 2 and asked["versions"] == versions()
+        # a worker that held no model when the job began and took its model tasks (the cpu one, above)
+        from geoseg.numerics import resolve_on_cluster
+
+        numerics = resolve_on_cluster(client, "auto", resources={"GPU": 1})
+        assert with_joined(client, numerics, digest, resources={"GPU": 1}) == numerics  # it cannot take them
+        joined = with_joined(client, numerics, digest)
+        assert set(joined.workers) == {gpu, cpu} and joined.workers[cpu]["joined"] and "joined" not in joined.workers[gpu]
+        assert joined.workers[cpu]["torch_threads"] == 1  # its two threads each run a model task
+    with pytest.raises(ConfigError, match=r"model worker tcp://w \(h\) runs torch 0.1 \(here .*\); install the client's"):
+        check_versions({"tcp://w": {"host": "h", "versions": {**versions(), "torch": "0.1"}}})
+
+
 @pytest.mark.gpu
 def test_model_tasks_run_on_a_cuda_worker(random_model, scene_path, tmp_path):
     """Where a CUDA device exists: the model workers say cuda, compute bf16 natively, and the job runs there."""

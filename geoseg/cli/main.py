@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import warnings
 import os
 import sys
 
@@ -124,6 +125,17 @@ def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
             if not any(isinstance(f, _NoDaskTraceback) for f in handler.filters):
                 handler.addFilter(_NoDaskTraceback())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # geoseg's own warnings (SlowPrecisionWarning, ...) as one plain line, not Python's two with a source line
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if category.__module__.startswith("geoseg"):
+            click.echo(f"geoseg: warning: {message}", err=True)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    ctx.call_on_close(lambda: setattr(warnings, "showwarning", original))
 
 
 class _NoDaskTraceback(logging.Filter):

@@ -109,6 +109,7 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
     from geoseg.io.zarr_store import create_store, finalize_store
     from geoseg.monitor import Stage
     from geoseg.pipeline.commit import _item, _publish, _sweep, _versions
+    from geoseg.numerics import with_joined
     from geoseg.pipeline.execute import prepare_cluster
     from geoseg.pipeline.plan import COG_NAME, ITEM_NAME, OUTPUTS, PARTIAL, RUN_NAME, STAGING, ZARR_NAME
 
@@ -128,6 +129,7 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
     with Stage("instances") as st:
         found = find_objects(job, client, str(store), params)
     timings["instances_s"] = st.seconds
+    numerics = with_joined(client, numerics, job.digest, job.options.device, job.options.model_resources)
     finalize_store(store)
     group = zarr.open_group(str(store), mode="r")
     staging = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))

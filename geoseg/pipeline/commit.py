@@ -45,7 +45,7 @@ from typing import Any, Iterator
 
 from geoseg.io import storage
 from geoseg.monitor import Stage
-from geoseg.numerics import Numerics
+from geoseg.numerics import Numerics, with_joined
 from geoseg.pipeline.execute import placed, prepare_cluster, run_segmentation
 from geoseg.pipeline.sieve import sieve_joined
 from geoseg.pipeline.plan import (
@@ -140,6 +140,8 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     with Stage("segment") as st:
         counts = run_segmentation(job, client, store, numerics, progress, priority)
     timings["segment_s"] = st.seconds
+    if counts["computed"]:  # workers that joined meanwhile and took model tasks: recorded (and said if they emulate bf16)
+        numerics = with_joined(client, numerics, job.digest, job.options.device, job.options.model_resources)
     sieved = None
     if sieve_joined(job.postprocess):  # the --mmu over the whole map, joined across chunks
         from geoseg.io.zarr_store import COMPLETE_ATTR, store_attrs
