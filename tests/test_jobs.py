@@ -451,3 +451,40 @@ def test_scenes_run_concurrently(client, scenes, random_model, tmp_path):
         got = open_prediction(tmp_path / "out" / name / "prediction.zarr")["class_id"].values
         np.testing.assert_array_equal(got, ref)
     assert summary["cluster"]["numerics"]["precision"] == alone["numerics"]["precision"]
+
+
+RACE = '''
+import sys, threading
+from affine import Affine
+from odc.geo.geobox import GeoBox
+from geoseg.io.zarr_store import create_store, store_attrs
+from geoseg.tiling import TilingPlan
+grid = GeoBox((64, 64), Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32617")
+plan = TilingPlan.make((64, 64), stride=8, chunk_size=32, halo=0)
+errors, start = [], threading.Barrier(3)
+def run(f, *args):
+    start.wait()
+    try:
+        f(*args)
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=run, args=a) for a in ((create_store, sys.argv[1] + "/a.zarr", grid, plan, {}),
+           (create_store, sys.argv[1] + "/b.zarr", grid, plan, {}), (store_attrs, sys.argv[1] + "/none.zarr"))]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+sys.exit(1 if errors else 0)
+'''
+
+
+def test_scenes_opening_their_stores_at_once_in_a_fresh_process(tmp_path):
+    """geoseg run --resume with two scenes in flight, one with an interrupted store: each scene's thread imported
+    zarr first at the same moment and one met a partially initialised module (ImportError, then KeyError 'zarr'),
+    on every retry. A fresh process each time, as the race needs one."""
+    import subprocess
+    import sys
+
+    for i in range(2):
+        (tmp_path / str(i)).mkdir()
+        r = subprocess.run([sys.executable, "-c", RACE, str(tmp_path / str(i))], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr

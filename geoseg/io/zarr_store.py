@@ -20,8 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+# zarr imported here, before any thread of geoseg's: its modules import each other, and two threads importing
+# it first at once (geoseg run's scenes, each opening its store) met a partially initialised module
+import numcodecs  # noqa: F401
 import numpy as np
 import xarray as xr
+import zarr
+import zarr.codecs  # noqa: F401
 from odc.geo.geobox import GeoBox
 
 from geoseg.errors import detached
