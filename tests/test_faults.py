@@ -179,17 +179,21 @@ def test_a_job_whose_only_gpu_worker_is_lost_stops_with_a_clear_error(tmp_path, 
     assert not (out / "run.json").exists()
 
 
-@pytest.mark.parametrize("command", ["predict", "run"])
+@pytest.mark.parametrize("command", ["predict", "run", "run-sigterm"])
 def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_model, big_scene, tmp_path, command):
     """Ctrl-C reaches the whole process group of a terminal: the command stops (non-zero, nothing finished) and
     geoseg's own workers leave the interrupt to it (each printed a KeyboardInterrupt traceback). `geoseg run`
     stops its scenes in flight too (they ran to their end, COG, polygons and run.json, before it exited), and
-    its job.json says so."""
+    its job.json says so, and how to resume. A batch scheduler's SIGTERM to `geoseg run` is taken alike (it
+    exited 143 without a word, job.json still saying an earlier run "finished"), exit 143."""
     import json
     import subprocess
     import sys
 
     out = tmp_path / "out"
+    if command == "run-sigterm":  # an earlier run's summary, which must not stand
+        out.mkdir()
+        (out / "job.json").write_text(json.dumps({"status": "finished", "scenes": []}))
     if command == "predict":
         cmd = [sys.executable, "-m", "geoseg", "predict", str(big_scene), "--model", str(random_model), "--out", str(out),
                "--chunk-size", "64", "--halo", "16", "--workers", "1"]
@@ -210,17 +214,23 @@ def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_mod
             while not (done.is_dir() and len(list(done.iterdir())) >= 2) and p.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert p.poll() is None, log.read_text()[-2000:]  # still segmenting
-            os.killpg(p.pid, signal.SIGINT)  # as a terminal sends it: to every process of the group
+            if command == "run-sigterm":
+                os.kill(p.pid, signal.SIGTERM)  # as a scheduler's time limit (or `kill PID`)
+            else:
+                os.killpg(p.pid, signal.SIGINT)  # as a terminal sends it: to every process of the group
             rc = p.wait(120)
         finally:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     text = log.read_text()
-    assert rc != 0 and "Aborted" in text and not (first / "run.json").exists()
+    assert rc != 0 and not (first / "run.json").exists()
     assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
-    if command == "run":
+    if command == "predict":
+        assert "Aborted" in text
+    else:
+        assert rc == (143 if command == "run-sigterm" else 130) and "with --resume" in text and "job.json" in text, text[-2000:]
         assert not (out / "b" / "run.json").exists()
-        summary = json.loads((out / "job.json").read_text())
+        summary = json.loads((out / "job.json").read_text())  # this run's
         assert summary["status"] == "failed"
         assert [(sc["status"], sc["error"]) for sc in summary["scenes"]] == [("failed", "KeyboardInterrupt: stopped before it finished")] * 2
 

@@ -199,7 +199,8 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     client) run, the next scene's chunks are already on the cluster, earlier scenes first
     (dask priorities). At most ``scenes_in_flight`` scenes hold memory at once. Nothing to
     compute: no cluster starts, no file is touched. Otherwise ``job.json`` is written to the
-    output root, also when a scene fails (scenes not started then are skipped).
+    output root before the cluster starts (status "running", so an earlier run's "finished" never stands for
+    this one) and at the end, also when a scene fails or the job is stopped (scenes not started then are skipped).
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -233,6 +234,10 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
         return summary("nothing to do", None)
     info: dict[str, Any] | None = None
     errors: list[BaseException] = []
+    # an earlier run's "finished" must not stand while this one runs, nor after it is killed (SIGKILL)
+    running = summary("running", None)
+    running["scenes"] = [{**e, "status": "running" if e["status"] == "skipped" else e["status"]} for e in running["scenes"]]
+    write_summary(spec.output_root, running)
     try:
         with _client(spec, client) as (c, info):
             say(f"cluster: {info['workers']} workers, {info['threads']} threads at {info['scheduler']}"
@@ -288,11 +293,10 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
             if errors:
                 raise errors[0]
     except BaseException:
-        if any(e["status"] == "failed" for e in entries.values()):
-            try:
-                write_summary(spec.output_root, summary("failed", info))
-            except OSError as exc:  # the error being raised says more than this one would
-                log.warning("%s: cannot write the job summary: %s", spec.output_root, exc)
+        try:  # also when it stopped before any scene began (Ctrl-C while the cluster started)
+            write_summary(spec.output_root, summary("failed", info))
+        except OSError as exc:  # the error being raised says more than this one would
+            log.warning("%s: cannot write the job summary: %s", spec.output_root, exc)
         raise
     result = summary("finished", info)
     write_summary(spec.output_root, result)
