@@ -123,6 +123,11 @@ def test_words_and_names_from_the_environment_keep_their_text(tmp_path):
                     cluster={"profile": "hpc", "profiles": {"hpc": {"kind": "slurm"}}})
     spec = validate_spec(job, env={"DASK_GEOSEG__CLUSTER__PROFILES__HPC__WALLTIME": "12:00:00"}, config_files=[])
     assert spec.profile.walltime == "12:00:00"
+    # the job file itself reads alike (it was YAML 1.1: the walltime 43200, refused, and a job named 2024 too)
+    (tmp_path / "written.yaml").write_text("name: 2024\nscenes: [{name: 007, path: a.tif}]\nmodel: m\noutput: o\n"
+                                           "cluster: {profile: hpc, profiles: {hpc: {kind: slurm, walltime: 12:00:00}}}\n")
+    spec = validate_spec(tmp_path / "written.yaml", env={}, config_files=[])
+    assert spec.profile.walltime == "12:00:00" and spec.name == "2024" and spec.scenes[0].name == "007"
 
 
 def test_typos_in_every_section_get_a_hint(tmp_path):
@@ -281,7 +286,7 @@ def test_earlier_outputs_are_never_inputs(scenes, random_model, tmp_path):
         load_job(job, env=NO_ENV, config_files=[]).expand_scenes()
 
 
-def test_every_scene_is_checked_before_anything_runs(scenes, random_model, tmp_path):
+def test_every_scene_is_checked_before_anything_runs(scenes, random_model, tmp_path, monkeypatch):
     three = tmp_path / "three.tif"
     write_raster(three, blob_scene(64, 64, 3, seed=1)[0])
     job = write_job(scenes / "bad.yaml", **job_settings(random_model, scenes=["data/field.tif", str(three), "missing.tif"]))
@@ -289,6 +294,14 @@ def test_every_scene_is_checked_before_anything_runs(scenes, random_model, tmp_p
         load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
     msg = str(exc.value)
     assert msg.startswith(str(job)) and "missing.tif: no such file" in msg
+    # a path out of the job's folder, run from elsewhere: said whole (it was shown relative to the current folder,
+    # beside a hint that relative paths start at the job file's folder)
+    (scenes / "sub").mkdir(exist_ok=True)
+    job = write_job(scenes / "sub" / "up.yaml", **job_settings(random_model, scenes=["../data/gone.tif"]))
+    monkeypatch.chdir(scenes)
+    with pytest.raises(InputError, match=f"{scenes / 'data' / 'gone.tif'}: no such file"):
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+    monkeypatch.undo()
     job = write_job(scenes / "bad.yaml", **job_settings(random_model, scenes=["data/field.tif", str(three)]))
     with pytest.raises(InputError, match=r"scene three: .*3 band\(s\) given but .* expects 4"):
         load_job(job, check_inputs=True, env=NO_ENV, config_files=[])

@@ -274,8 +274,9 @@ def _expand(pattern: str, where: str, output_root: Path | None, base: Path) -> l
         return [pattern]
     if not glob.has_magic(pattern):
         if not os.path.isfile(pattern):
-            raise InputNotFoundError(f"{where}: {_short(pattern, base)}: no such file; check the path "
-                                     "(relative paths in a job file start at its folder)")
+            # the whole path: shown relative to the current folder, it read as relative to the job file's
+            raise InputNotFoundError(f"{where}: {os.path.normpath(os.path.abspath(pattern))}: no such file; check the "
+                                     "path (relative paths in a job file start at its folder)")
         return [pattern]
     # Earlier results are never inputs: a pattern such as data/**/*.tif must not pick them up on a re-run.
     files = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
@@ -291,13 +292,19 @@ def _expand(pattern: str, where: str, output_root: Path | None, base: Path) -> l
 
 # -- reading and resolving ---------------------------------------------------------------------
 
-class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last without a word)."""
+class UniqueKeyLoader(config._Yaml12):
+    """YAML's safe loader with YAML 1.2's plain scalars, as ``--set`` and the environment read them (a walltime
+    12:00:00 stays text, not PyYAML's base-60 43200; yes/no are words), names as text (a scene named 2024), and
+    a key given twice in one mapping refused (plain YAML keeps the last without a word)."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
         seen: dict[Any, Any] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if (isinstance(key, str) and key.replace("-", "_") in config._TEXT_KEYS
+                    and isinstance(value_node, yaml.ScalarNode) and value_node.style is None
+                    and value_node.tag != "tag:yaml.org,2002:null"):
+                value_node.tag = "tag:yaml.org,2002:str"
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice in one mapping (lines {seen[key].line + 1} and "
