@@ -126,8 +126,10 @@ class Measurer:
             t = self.transformer
             geoms = shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
         else:
-            if not math.isclose(self.to_degrees, 1.0, rel_tol=1e-12):
-                geoms = shapely.transform(geoms, lambda xy: xy * self.to_degrees)
+            # degrees; latitudes held to the poles (a global grid's pixels centred on ±90 reach 0.125° past them,
+            # where GeographicLib gives NaN: the part past a pole holds no ground)
+            k = self.to_degrees
+            geoms = shapely.transform(geoms, lambda xy: np.column_stack([xy[:, 0] * k, np.clip(xy[:, 1] * k, -90.0, 90.0)]))
             geoms = shapely.segmentize(geoms, DENSIFY_DEG)
         # every ring as lon/lat arrays, measured by GeographicLib: exterior areas minus holes' areas;
         # the perimeter counts every ring, holes too (as GIS packages do)
