@@ -714,7 +714,20 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
     from odc.geo.geobox import GeoBox
 
     grid = GeoBox(var.shape, var.rio.transform(), var.rio.crs.to_wkt())
+    nodata = var.rio.nodata if var.rio.nodata is not None else var.rio.encoded_nodata
+    if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)) and int(nodata) != NODATA_CLASS:
+        # the COG's nodata is 255: a map whose own nodata is another value (a class raster opened with rioxarray)
+        # had its nodata pixels written as that class, valid
+        var = xr.where(var == nodata, NODATA_CLASS, var).astype(var.dtype).rio.write_crs(var.rio.crs)
     classes = classes_of(var)
+    if not classes:  # no class attributes: the ids present, in the default colours (a table of zeros was all black)
+        from geoseg.model.card import DEFAULT_COLORS, ClassInfo
+
+        import dask.array as da
+
+        ids = da.unique(var.data).compute() if isinstance(var.data, da.Array) else np.unique(np.asarray(var.data))
+        classes = [ClassInfo(id=int(i), name=f"class_{int(i)}", color=DEFAULT_COLORS[int(i) % len(DEFAULT_COLORS)])
+                   for i in ids if 0 <= int(i) < NODATA_CLASS]
     if client is None:
         try:
             from distributed import default_client

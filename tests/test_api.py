@@ -203,6 +203,27 @@ def test_vectorize_a_dataset_and_cog_from_the_accessor(client, random_model, sce
                                   geoseg.predict(per_band, random_model, chunk_size=128).class_id.values)
 
 
+def test_to_cog_of_a_class_raster_with_its_own_nodata_and_no_class_attributes(tmp_path):
+    """A class raster opened with rioxarray (nodata 0, no class attributes): its nodata pixels were written as
+    class 0, valid, under the COG's nodata 255; and its colour table was all black (every class (0, 0, 0))."""
+    import rioxarray
+
+    a = np.zeros((60, 70), np.uint8)
+    a[10:30, 10:40] = 1
+    a[35:50, 20:60] = 2
+    src = tmp_path / "analyst.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=70, height=60, count=1, dtype="uint8", crs="EPSG:32632",
+                       transform=rasterio.transform.from_origin(600000, 5000000, 10, 10), nodata=0) as dst:
+        dst.write(a, 1)
+    var = rioxarray.open_rasterio(src).squeeze("band", drop=True)
+    out = geoseg.to_cog(var, tmp_path / "classes.tif", client=None)
+    with rasterio.open(out) as ds:
+        got, cmap = ds.read(1), ds.colormap(1)
+        assert ds.nodata == 255
+    np.testing.assert_array_equal(got, np.where(a == 0, 255, a))
+    assert cmap[1][:3] != cmap[2][:3] and all(cmap[i][:3] != (0, 0, 0) for i in (1, 2)) and cmap[255][3] == 0
+
+
 def test_a_scalar_nodata_attribute_masks_every_band(random_model):
     """odc-geo and rioxarray write ``attrs["nodata"]`` as one number: it holds for every band."""
     import dask
