@@ -489,6 +489,11 @@ def test_a_mask_band_hides_pixels_as_gdal_polygonize_has_it_and_255_is_none(clie
     got = gpd.read_file(tmp_path / "plain.gpkg", layer="landuse")
     assert result["polygons"] == len(got) and int(got["pixels"].sum()) == int((b != 255).sum())
     assert canonical(zip(got["class_id"], got.geometry)) == canonical(gdal(b))
+    # the same map stored as uint16 without nodata: 255 is none there too (it was refused as an id out of 0-254)
+    wide = write_raster(tmp_path / "no-nodata-u16.tif", b.astype(np.uint16), nodata=None)
+    vectorize(wide, [tmp_path / "wide.gpkg"], client=client, chunk_size=100)
+    got = gpd.read_file(tmp_path / "wide.gpkg", layer="landuse")
+    assert canonical(zip(got["class_id"], got.geometry)) == canonical(gdal(b))
 
 
 def test_min_area_on_the_ground_where_pixels_shrink_with_latitude(client, tmp_path):

@@ -71,13 +71,15 @@ class ClassRaster:
             if hidden.any():  # none: the map's nodata (255 where the file names none)
                 a = np.where(hidden, np.uint8(255 if self.nodata is None else self.nodata), a)
             return a, None
-        # wider integer types: class ids 0-254, the file's nodata (and what its mask hides) becomes 255
-        missing = hidden if nodata is None else hidden | (a == nodata)
+        # wider integer types: class ids 0-254, the file's nodata (and what its mask hides) becomes 255; 255 is none
+        # where the file names no nodata, as in a uint8 map
+        missing = hidden | (a == 255) if nodata is None else hidden | (a == nodata)
         ids = a[~missing]
         if ids.size and (ids.min() < 0 or ids.max() > 254):
             from geoseg.errors import InputError
 
-            raise InputError(f"{self.path}: class ids must be 0-254 (255 and the file's nodata mean none); found "
+            raise InputError(f"{self.path}: class ids must be 0-254 (255 where the file names no nodata, and the "
+                             "file's nodata, mean none); found "
                              f"{int(ids.min())}..{int(ids.max())} in rows {box.y0}-{box.y1}, cols {box.x0}-{box.x1}")
         out = a.astype(np.uint8)
         out[missing] = 255
