@@ -2,7 +2,8 @@
 gives its core exactly what the whole map would, so chunks stay seamless.
 
 Majority (mode) filter over a (2r+1)² window, then a sieve with a minimum mapping unit (one for
-all classes, or one per class): regions below it take the class they share the longest border with.
+all classes, or one per class): regions below it take the class of the neighbouring regions at or above it
+they share the longest border with (geoseg.vector.sieve).
 """
 
 from __future__ import annotations

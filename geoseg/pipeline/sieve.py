@@ -59,7 +59,7 @@ def border_task(store: str, plan: TilingPlan, iy: int, ix: int, pp: PostProcess)
 
 
 @detached
-def sieve_task(store: str, plan: TilingPlan, iy: int, ix: int, pp: PostProcess, decided: tuple[np.ndarray, np.ndarray],
+def sieve_task(store: str, plan: TilingPlan, iy: int, ix: int, pp: PostProcess, decided: tuple[np.ndarray, ...],
                key: str) -> int:
     """Pass 2 of a chunk: its raw core sieved into ``class_id``, then its marker; returns the pixels changed."""
     import zarr
@@ -76,27 +76,37 @@ def sieve_task(store: str, plan: TilingPlan, iy: int, ix: int, pp: PostProcess, 
     return int(np.count_nonzero(out != raw))
 
 
-def _save(store: str, decided: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]], key: str) -> None:
+Decided = tuple[np.ndarray, np.ndarray, np.ndarray]  # border labels that change, their new classes, border labels small joined
+
+
+def _save(store: str, decided: dict[tuple[int, int], Decided], key: str) -> None:
     keys = sorted(decided)
     counts = [len(decided[k][0]) for k in keys]
+    small_counts = [len(decided[k][2]) for k in keys]
     buf = io.BytesIO()
     np.savez(buf, key=np.array(key), chunks=np.array(keys, np.int64).reshape(-1, 2), counts=np.array(counts, np.int64),
              labels=np.concatenate([decided[k][0] for k in keys] or [np.zeros(0)]).astype(np.int64),
-             classes=np.concatenate([decided[k][1] for k in keys] or [np.zeros(0)]).astype(np.int64))
+             classes=np.concatenate([decided[k][1] for k in keys] or [np.zeros(0)]).astype(np.int64),
+             small_counts=np.array(small_counts, np.int64),
+             small=np.concatenate([decided[k][2] for k in keys] or [np.zeros(0)]).astype(np.int64))
     storage.write_atomic(storage.join(store, DECISIONS), buf.getvalue())
 
 
-def _load(store: str, key: str) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] | None:
-    """The decisions saved for ``key``, or None (none saved, or for another job)."""
+def _load(store: str, key: str) -> dict[tuple[int, int], Decided] | None:
+    """The decisions saved for ``key``, or None (none saved, for another job, or by a geoseg whose sieve let small
+    neighbours vote alike: decided again)."""
     try:
         f = np.load(io.BytesIO(storage.read_bytes(storage.join(store, DECISIONS))), allow_pickle=False)
     except (FileNotFoundError, OSError, ValueError):
         return None
-    if str(f["key"]) != key:
+    if str(f["key"]) != key or "small" not in f.files:
         return None
     ends = np.cumsum(f["counts"])
     starts = ends - f["counts"]
-    return {(int(iy), int(ix)): (f["labels"][a:b], f["classes"][a:b]) for (iy, ix), a, b in zip(f["chunks"], starts, ends)}
+    small_ends = np.cumsum(f["small_counts"])
+    small_starts = small_ends - f["small_counts"]
+    return {(int(iy), int(ix)): (f["labels"][a:b], f["classes"][a:b], f["small"][c:d])
+            for (iy, ix), a, b, c, d in zip(f["chunks"], starts, ends, small_starts, small_ends)}
 
 
 def _sieved(store: str, key: str) -> set[tuple[int, int]]:
@@ -112,7 +122,7 @@ def forget(store: str) -> None:
 
 
 def decide_store(client: Any, store: str, plan: TilingPlan, pp: PostProcess, key: str, priority: int = 0
-                 ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+                 ) -> dict[tuple[int, int], Decided]:
     """Pass 1 over a store whose raw class map is complete (or the decisions it saved for ``key``): each chunk's
     border labels that change class, and to which."""
     from geoseg.vector.regions import join_borders
@@ -132,9 +142,9 @@ def decide_store(client: Any, store: str, plan: TilingPlan, pp: PostProcess, key
     join = join_borders((ny, nx), {k: f["edges"] for k, f in facts.items()},
                         {k: f["classes"] for k, f in facts.items()}, pp.connectivity)
     decisions = joined_decisions(join, {iy * nx + ix: f for (iy, ix), f in facts.items()},
-                                 class_limits(pp.min_pixels, pp.class_min_pixels))
+                                 class_limits(pp.min_pixels, pp.class_min_pixels), nx)
     del facts
-    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
     decided = {(ch.iy, ch.ix): decisions.get(ch.iy * nx + ch.ix, empty) for ch in plan}
     _save(store, decided, key)
     return decided

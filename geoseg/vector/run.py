@@ -148,7 +148,7 @@ def sieve_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
 
 @detached
 def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: VectorizeOptions, parts: str,
-                decided: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[dict, dict]:
+                decided: tuple[np.ndarray, ...] | None = None) -> tuple[dict, dict]:
     """Phase 1 of one chunk: (summary for the client, border pieces kept on the worker). ``decided``: the classes its
     border regions take in a joined sieve (``sieve_phase``)."""
     ch = plan.chunk(iy, ix)
@@ -286,7 +286,7 @@ def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOp
         del found
         sieve_join = join_borders((ny, nx), {k: f["edges"] for k, f in facts.items()},
                                   {k: f["classes"] for k, f in facts.items()}, opts.connectivity)
-        decisions = joined_decisions(sieve_join, {iy * nx + ix: f for (iy, ix), f in facts.items()}, opts.sieve_limit)
+        decisions = joined_decisions(sieve_join, {iy * nx + ix: f for (iy, ix), f in facts.items()}, opts.sieve_limit, nx)
         decided = {(c // nx, c % nx): d for c, d in decisions.items()}
         del facts
     first = {(ch.iy, ch.ix): client.submit(chunk_phase, src, plan, ch.iy, ch.ix, opts, parts, decided.get((ch.iy, ch.ix)),

@@ -1,5 +1,11 @@
-"""The sieve (``--min-area``, ``--mmu``): regions smaller than a limit take the class they share the most
-pixel edges with, decided in one pass on the map as given.
+"""The sieve (``--min-area``, ``--mmu``): regions smaller than a limit take the class of the neighbouring
+regions at or above the limit that they share the most pixel edges with; a small region whose neighbours are
+all small keeps its class (they take their large neighbours' classes, and often its own). One pass on the map
+as given.
+
+Small neighbours do not vote: a speck voted by its edges to neighbours that changed class themselves, and a
+map with 20% speckle kept 346 of its 409 polygons under a 5 px limit (now 6 of 69; GDAL's sieve, which merges
+into the largest neighbour again and again, keeps none; 5% speckle: none here either).
 
 ``sieve`` sieves one window. A region smaller than the limit spans at most as many pixels as the limit
 holds, so a chunk that sieves a window grown by that many pixels judges it as the whole map would: fine
@@ -50,15 +56,29 @@ def ground_weights(row_area: np.ndarray) -> np.ndarray:
     return np.round(np.asarray(row_area, np.float64) / AREA_QUANTUM) * AREA_QUANTUM
 
 
+RING_SIDES = ("top", "bottom", "left", "right")
+
+
 @dataclass(frozen=True)
 class Regions:
     """A core's regions: labels (0 = nodata), the class of each label, each label's size (pixels or ground
-    area) and its pixel edges to other classes as (label, class, count) rows."""
+    area) and its pixel edges to other classes as (label, class, count, neighbour) rows: the neighbour is the
+    label of the core region across the edges, or for a pixel of the ring around the core -(1 + side << 32 | pos)
+    (``ring_code``: side 0-3 top, bottom, left, right; pos along it, from the core's first row or column)."""
 
     labels: np.ndarray
     classes: np.ndarray
     sizes: np.ndarray
-    votes: np.ndarray  # (n, 3) int64
+    votes: np.ndarray  # (n, 4) int64
+
+
+def ring_code(side: np.ndarray | int, pos: np.ndarray | int) -> np.ndarray:
+    return -(1 + ((np.asarray(side, np.int64) << 32) | np.asarray(pos, np.int64)))
+
+
+def ring_side_pos(code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = -np.asarray(code, np.int64) - 1
+    return c >> 32, c & 0xFFFFFFFF
 
 
 def core_regions(window: np.ndarray, core: Box, window_box: Box, nodata: int | None, connectivity: int,
@@ -77,26 +97,44 @@ def core_regions(window: np.ndarray, core: Box, window_box: Box, nodata: int | N
     full = np.zeros(window.shape, np.int64)  # the core's labels on the window (0 in the ring)
     full[ys, xs] = labels
     valid = np.ones(window.shape, bool) if nodata is None else window != nodata
-    rows = []
-    for a, b in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
-                 ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                 ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
-                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
-        la, va, vb, ok = full[a], window[a], window[b], valid[b]
+    rr, cc = np.indices(window.shape, dtype=np.int64)
+    inner, ring = [], []
+    # b is the pixel across the edge from a: right of it, left of it, below it, above it
+    for a, b, side in (((slice(None), slice(None, -1)), (slice(None), slice(1, None)), 3),
+                       ((slice(None), slice(1, None)), (slice(None), slice(None, -1)), 2),
+                       ((slice(None, -1), slice(None)), (slice(1, None), slice(None)), 1),
+                       ((slice(1, None), slice(None)), (slice(None, -1), slice(None)), 0)):
+        la, lb, va, vb, ok = full[a], full[b], window[a], window[b], valid[b]
         m = (la > 0) & ok & (vb != va)  # 4-adjacent pixels of another value are of another region
-        rows.append((la[m] << 8) | vb[m].astype(np.int64))
-    codes, counts = np.unique(np.concatenate(rows), return_counts=True)
-    votes = np.stack([codes >> 8, codes & 0xFF, counts], axis=1).astype(np.int64)
+        core_m = m & (lb > 0)
+        inner.append((la[core_m], lb[core_m]))
+        ring_m = m & (lb == 0)  # the ring's pixel straight across the core's side
+        pos = (rr[b][ring_m] - ys.start) if side >= 2 else (cc[b][ring_m] - xs.start)
+        ring.append((la[ring_m], vb[ring_m].astype(np.int64), ring_code(side, pos)))
+    n = max(len(classes), 1)
+    la = np.concatenate([p[0] for p in inner])
+    codes, counts = np.unique(la * n + np.concatenate([p[1] for p in inner]), return_counts=True)
+    lab, nbr = codes // n, codes % n
+    core_rows = np.stack([lab, classes[nbr], counts, nbr], axis=1)
+    ring_rows = np.stack([np.concatenate([p[0] for p in ring]), np.concatenate([p[1] for p in ring]),
+                          np.ones(sum(len(p[0]) for p in ring), np.int64), np.concatenate([p[2] for p in ring])], axis=1)
+    votes = np.concatenate([core_rows, ring_rows]).astype(np.int64)
     return Regions(labels, classes, sizes, votes)
 
 
-def decide(small: np.ndarray, votes: np.ndarray) -> np.ndarray:
+def decide(small: np.ndarray, votes: np.ndarray, large: np.ndarray | None = None) -> np.ndarray:
     """The class each region takes (-1: it stays): a ``small`` one takes the class it shares the most pixel edges
-    with (ties: the lowest class id); one with no valid neighbour stays. Memory in proportion to the vote rows."""
+    with (ties: the lowest class id), among the rows whose neighbour is ``large`` (one flag per row) where flags
+    are given; one with no such neighbour stays. Memory in proportion to the vote rows."""
     out = np.full(len(small), -1, np.int64)
-    rows = votes[small[votes[:, 0]]]
+    pick = small[votes[:, 0]]
+    rows = votes[pick]
     if not len(rows):
         return out
+    if large is not None:
+        rows = rows[np.asarray(large, bool)[pick]]
+        if not len(rows):
+            return out
     codes, at = np.unique((rows[:, 0] << 8) | rows[:, 1], return_inverse=True)
     counts = np.bincount(at, weights=rows[:, 2]).astype(np.int64)
     region, cls = codes >> 8, codes & 0xFF
@@ -147,8 +185,10 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
     e = Edges.of(regions.labels)
     for edge, is_open in zip((e.top, e.bottom, e.left, e.right), open_edges):
         if is_open:
+            # not judged here; and a neighbour of a core region that reaches a side the window was grown by the
+            # limit on spans the limit: large, as in the whole map
             small[edge] = False
-    return _apply(values, regions, decide(small, regions.votes))
+    return _apply(values, regions, decide(small, regions.votes, ~small[regions.votes[:, 3]]))
 
 
 def border_labels(labels: np.ndarray, facing: tuple[bool, bool, bool, bool]) -> np.ndarray:
@@ -159,22 +199,36 @@ def border_labels(labels: np.ndarray, facing: tuple[bool, bool, bool, bool]) -> 
     return found[found > 0].astype(np.int64)
 
 
+# what a border candidate's vote row says of the neighbour across its edges (the votes' 5th column)
+SMALL, LARGE, BORDER, RING = 0, 1, 2, 3
+
+
 def border_facts(regions: Regions, facing: tuple[bool, bool, bool, bool], limit: float | np.ndarray) -> dict:
     """What the client needs of a chunk to sieve across chunks: its edges and their labels' classes (to join
     regions), its border labels with their sizes and classes, and the edges to other classes of those small
-    enough here to be small joined. ``limit``: one, or one per class id (``class_limits``)."""
+    enough here to be small joined, each with what its neighbour is: a region of the core wholly here (SMALL or
+    LARGE), a border region (BORDER: joined by the client) or a pixel of the ring (RING: the neighbouring
+    chunk's region there). ``limit``: one, or one per class id (``class_limits``)."""
     border = border_labels(regions.labels, facing)
     classes = regions.classes[border]
     candidates = border[_below(regions.sizes[border], classes, limit)]
     edges = Edges.of(regions.labels)
+    votes = regions.votes[np.isin(regions.votes[:, 0], candidates)]
+    nbr = votes[:, 3]
+    state = np.full(len(votes), RING, np.int64)
+    in_core = nbr > 0
+    small_here = _below(regions.sizes, regions.classes, limit)
+    state[in_core] = np.where(small_here[nbr[in_core]], SMALL, LARGE)
+    state[in_core & np.isin(nbr, border)] = BORDER
     return {"edges": edges, "classes": LabelClasses.of(regions.classes, edges.labels()), "labels": border,
-            "sizes": regions.sizes[border], "label_classes": classes,
-            "votes": regions.votes[np.isin(regions.votes[:, 0], candidates)]}
+            "sizes": regions.sizes[border], "label_classes": classes, "votes": np.column_stack([votes, state])}
 
 
-def joined_decisions(join: Join, facts: dict[int, dict], limit: float | np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Each chunk's border labels that change class, and to which: ``facts[chunk]`` is its ``border_facts``;
-    joined regions add their sizes and edges up."""
+def joined_decisions(join: Join, facts: dict[int, dict], limit: float | np.ndarray, n_cols: int
+                     ) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each chunk's border labels that change class, and to which, and its border labels whose joined region is
+    small (its inner regions' neighbours): ``facts[chunk]`` is its ``border_facts``, chunk = row * ``n_cols`` +
+    column; joined regions add their sizes and edges up."""
     n_regions = int(join.region.max()) + 1 if len(join.region) else 0
     size = np.zeros(n_regions, np.float64)
     region_class = np.zeros(n_regions, np.intp)
@@ -184,29 +238,51 @@ def joined_decisions(join: Join, facts: dict[int, dict], limit: float | np.ndarr
         region_of[c] = rid
         np.add.at(size, rid, f["sizes"])
         region_class[rid] = f["label_classes"]
-    rows = []
+    small = _below(size, region_class, limit)
+    # the chunk across each side (top, bottom, left, right) and the edge of it that faces this one
+    step = {0: (-n_cols, "bottom"), 1: (n_cols, "top"), 2: (-1, "right"), 3: (1, "left")}
+    rows, large = [], []
     for c, f in facts.items():
         votes = f["votes"]
-        if len(votes):
-            rid = region_of[c][np.searchsorted(f["labels"], votes[:, 0])]
-            rows.append(np.stack([rid, votes[:, 1], votes[:, 2]], axis=1))
-    new = decide(_below(size, region_class, limit), np.concatenate(rows) if rows else np.zeros((0, 3), np.int64))
+        if not len(votes):
+            continue
+        rows.append(np.stack([region_of[c][np.searchsorted(f["labels"], votes[:, 0])], votes[:, 1], votes[:, 2]], axis=1))
+        state, nbr = votes[:, 4], votes[:, 3]
+        big = state == LARGE
+        at = state == BORDER
+        big[at] = ~small[region_of[c][np.searchsorted(f["labels"], nbr[at])]]
+        for side, (delta, facing_edge) in step.items():
+            sel = np.flatnonzero(state == RING)
+            sel = sel[ring_side_pos(nbr[sel])[0] == side]
+            if len(sel):
+                d = c + delta
+                there = getattr(facts[d]["edges"], facing_edge)[ring_side_pos(nbr[sel])[1]]
+                big[sel] = ~small[region_of[d][np.searchsorted(facts[d]["labels"], there)]]
+        large.append(big)
+    new = decide(small, np.concatenate(rows) if rows else np.zeros((0, 3), np.int64),
+                 np.concatenate(large) if large else np.zeros(0, bool))
     out = {}
     for c, f in facts.items():
         cls = new[region_of[c]]
         changed = cls >= 0
-        out[c] = (f["labels"][changed], cls[changed])
+        out[c] = (f["labels"][changed], cls[changed], f["labels"][small[region_of[c]]])
     return out
 
 
 def sieve_core(regions: Regions, facing: tuple[bool, bool, bool, bool], limit: float | np.ndarray, values: np.ndarray,
-               decided: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """The core's class map sieved: inner regions decided here, border regions as ``decided`` (labels, classes).
-    Only border regions' votes reach outside the core: ``regions`` may be those of the core alone."""
+               decided: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The core's class map sieved: inner regions decided here, border regions as ``decided`` (labels, classes,
+    and the border labels whose joined region is small: inner regions prefer their other neighbours). Only
+    border regions' votes reach outside the core: ``regions`` may be those of the core alone."""
+    labels, classes = decided[0], decided[1]
     small = _below(regions.sizes, regions.classes, limit)
     small[0] = False
-    small[border_labels(regions.labels, facing)] = False
-    new = decide(small, regions.votes)
-    labels, classes = decided
+    border = border_labels(regions.labels, facing)
+    small[border] = False
+    small_nbr = small.copy()  # inner regions' neighbours: small here, or border regions small joined
+    if len(decided) > 2:
+        small_nbr[np.asarray(decided[2], np.int64)] = True
+    votes = regions.votes[regions.votes[:, 3] > 0] if len(regions.votes) else regions.votes  # inner regions see no ring
+    new = decide(small, votes, ~small_nbr[votes[:, 3]])
     new[np.asarray(labels, np.int64)] = classes
     return _apply(values, regions, new)
