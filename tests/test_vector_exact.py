@@ -187,6 +187,22 @@ def test_min_area_in_hectares_on_a_grid_past_the_poles(tmp_path):
     assert metres == 1e4 and pixels >= 1
 
 
+def test_a_class_raster_s_own_colour_table_styles_its_polygons(client, tmp_path):
+    """A class raster that is not geoseg's, with its own palette (what QGIS shows it with): its polygons were styled
+    in geoseg's default colours, so layer and raster looked different."""
+    a = np.zeros((40, 50), np.uint8)
+    a[5:20, 5:30], a[25:35, 10:45] = 1, 2
+    path = write_raster(tmp_path / "palette.tif", a, nodata=255)
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, {0: (10, 20, 30, 255), 1: (200, 0, 0, 255), 2: (0, 150, 250, 255)})
+    vectorize(path, [tmp_path / "p.gpkg"], client=client, chunk_size=32)
+    con = sqlite3.connect(tmp_path / "p.gpkg")
+    (qml,) = con.execute("SELECT styleQML FROM layer_styles").fetchone()
+    con.close()
+    for rgb in ("10,20,30", "200,0,0", "0,150,250"):
+        assert f'value="{rgb},255"' in qml, rgb
+
+
 def test_geopackage_carries_its_style_and_other_formats_a_qml(client, class_tif, tmp_path):
     outs = [tmp_path / "l.gpkg", tmp_path / "l.parquet", tmp_path / "l.fgb"]
     result = vectorize(class_tif, outs, client=client, chunk_size=128, classes=CLASSES)

@@ -173,7 +173,7 @@ def vectorize(
         parts = stack.enter_context(_parts_dir(near))
         stats = vectorize_parts(client, src, parts, opts, priority)
         if not classes:
-            classes = _classes_from_parts(parts)
+            classes = _classes_from_parts(parts, palette_of(src))
         tolerance = simplify_tolerance(simplify, src)
         layer = (lambda: [_simplified(iter_parts(parts), tolerance, src)]) if tolerance else (lambda: iter_parts(parts))
         written = [write_layer(layer(), out, crs=to_pyproj(src.crs_wkt), classes=classes,
@@ -244,11 +244,29 @@ def min_area_limit(value: str | float | None, src: ClassRaster) -> tuple[int, fl
     return int(np.ceil(metres / areas.min())), metres
 
 
-def _classes_from_parts(parts: str) -> list[ClassInfo]:
+def palette_of(src: ClassRaster) -> dict[int, str]:
+    """A class raster's own colour table (GDAL's palette of band 1: what QGIS shows it with), as #rrggbb by id."""
+    if src.kind != "raster":
+        return {}
+    import rasterio
+
+    try:
+        with storage.gdal_env(src.path), rasterio.open(src.path) as ds:
+            table = ds.colormap(1)
+    except ValueError:  # no colour table
+        return {}
+    return {int(i): "#{:02x}{:02x}{:02x}".format(*rgba[:3]) for i, rgba in table.items() if i <= 254}
+
+
+def _classes_from_parts(parts: str, palette: dict[int, str] | None = None) -> list[ClassInfo]:
+    """Classes for the ids the polygons hold: the raster's own colours where it has a table (the layer then looks
+    like the raster), else geoseg's defaults."""
     from geoseg.model.card import DEFAULT_COLORS
 
     ids: set[int] = set()
     for gdf in iter_parts(parts):
         ids |= set(int(i) for i in gdf["class_id"].unique())
     # a map whose nodata is another value may hold 255 as a class: polygons, but no class to style (ids 0-254)
-    return [ClassInfo(id=i, name=f"class_{i}", color=DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i in sorted(ids) if i <= 254]
+    palette = palette or {}
+    return [ClassInfo(id=i, name=f"class_{i}", color=palette.get(i, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))
+            for i in sorted(ids) if i <= 254]
