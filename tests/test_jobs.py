@@ -443,6 +443,33 @@ def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random
     assert "a.tif" in summary["scenes"][0]["error"] and not (tmp_path / "out" / "a" / "run.json").exists()
 
 
+def test_keep_going_runs_the_other_scenes_and_still_fails(client, scenes, random_model, tmp_path):
+    """--keep-going: a scene that cannot run (a half-copied tile) is left out when planned, one that fails while
+    running does not stop the queue; the others finish, job.json records each, and the job fails naming both
+    (without it one bad tile held back every scene after it, on every nightly retry)."""
+    from geoseg.jobs import execute
+    from geoseg.jobs.runner import ScenesFailed
+
+    for name in ("a", "b", "c"):
+        shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
+    (tmp_path / "d.tif").write_bytes((tmp_path / "c.tif").read_bytes()[:300])  # not a raster GDAL can read
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif", "c.tif", "d.tif"], model=str(random_model),
+                    output="out", chunking={"chunk_size": 256}, outputs={"cog": False, "vectors": False}, scenes_in_flight=1)
+    spec = load_job(job, env=NO_ENV, config_files=[])
+    with pytest.raises(InputError, match="scene d"):
+        plan(spec)  # without it: refused before anything runs
+    jp = plan(spec, keep_going=True)
+    assert [s.name for s, _ in jp.refused] == ["d"] and [sp.scene.name for sp in jp.scenes] == ["a", "b", "c"]
+    (tmp_path / "a.tif").unlink()  # gone after the checks: the workers cannot read it
+    with pytest.raises(ScenesFailed, match=r"2 of 4 scenes failed .*job\.json says which\):\n  - a: .*a\.tif.*\n  - d: "):
+        execute(jp, client=client, keep_going=True)
+    summary = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert summary["status"] == "failed"
+    assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("a", "failed"), ("b", "computed"), ("c", "computed"),
+                                                                      ("d", "failed")]
+    assert (tmp_path / "out" / "b" / "run.json").exists() and (tmp_path / "out" / "c" / "run.json").exists()
+
+
 def test_scenes_run_concurrently(client, scenes, random_model, tmp_path):
     """Two scenes in flight: the job takes less than its scenes' wall times added up, and each equals a lone run."""
     from geoseg.jobs import execute

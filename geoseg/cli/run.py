@@ -20,9 +20,12 @@ from geoseg.cli import options as opt
 @click.option("--profile", default=None, metavar="NAME", help="Cluster profile to use (cluster.profiles in the job file, dask config or defaults).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override one setting, for example --set chunking.chunk_size=1024 (repeatable).")
+@click.option("--keep-going", is_flag=True,
+              help="A scene that fails, or cannot run, does not stop the others; the job still exits non-zero naming "
+                   "every failed scene (a nightly job's one bad tile no longer holds back the rest).")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings, the cluster and what each scene would do; run nothing.")
 @click.pass_context
-def run(ctx, job_file, overwrite, resume, scheduler, profile, settings, dry_run):
+def run(ctx, job_file, overwrite, resume, scheduler, profile, settings, keep_going, dry_run):
     """Segment every scene of JOB_FILE into its own folder under the job's output root.
 
     \b
@@ -35,7 +38,7 @@ def run(ctx, job_file, overwrite, resume, scheduler, profile, settings, dry_run)
     opt.check_overwrite_resume(overwrite, resume)
     verbosity = ctx.obj["verbosity"] if ctx.obj else 0
     with _quiet_dask(verbosity < 2):
-        _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity)
+        _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity, keep_going)
 
 
 @contextlib.contextmanager
@@ -56,7 +59,7 @@ def _quiet_dask(quiet: bool):
         logger.setLevel(old)
 
 
-def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity) -> None:
+def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, verbosity, keep_going=False) -> None:
     from geoseg.io import storage
     from geoseg.jobs.runner import execute, format_summary, plan
     from geoseg.jobs.spec import resolve
@@ -69,8 +72,11 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
         from geoseg import forkserver
 
         forkserver.start()
-    jp = plan(spec, overwrite=overwrite, resume=resume)
+    jp = plan(spec, overwrite=overwrite, resume=resume, keep_going=keep_going)
     say = click.echo if verbosity >= 0 else None
+    if say and jp.refused:
+        for scene, error in jp.refused:
+            say(f"{scene.name}: cannot run ({error}); the others go on (--keep-going)")
     if say and jp.todo:
         say(f"job {spec.job_name}: {len(jp.scenes)} scenes, {len(jp.todo)} to compute, "
             f"{len(jp.scenes) - len(jp.todo)} finished; cluster profile {spec.cluster.profile} ({spec.profile.kind})")
@@ -81,7 +87,7 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
     # a batch scheduler's SIGTERM (a job's time limit, a preempted node): stopped as Ctrl-C stops it, said alike
     before = signal.signal(signal.SIGTERM, _terminated) if main else None
     try:
-        summary = execute(jp, progress=verbosity >= 0 and sys.stderr.isatty(), report=say)
+        summary = execute(jp, progress=verbosity >= 0 and sys.stderr.isatty(), report=say, keep_going=keep_going)
     except KeyboardInterrupt:
         click.echo(f"geoseg: stopped; {storage.join(spec.output_root, 'job.json')} says which scenes finished. Run the "
                    "same command with --resume (in place of --overwrite) to reuse the chunks done", err=True)

@@ -45,6 +45,7 @@ class ScenePlan:
 class JobPlan:
     spec: JobSpec
     scenes: tuple[ScenePlan, ...]
+    refused: tuple[tuple[Scene, str], ...] = ()  # scenes that cannot run, left out by keep_going (with why)
 
     @property
     def todo(self) -> tuple[ScenePlan, ...]:
@@ -120,8 +121,9 @@ def _combine(spec: JobSpec, n: int, errors: list[tuple[str, GeosegError]]) -> Ge
     return cls(f"{spec.source}: {len(errors)} of {n} scenes cannot run:\n{lines}")
 
 
-def plan(spec: JobSpec, *, overwrite: bool = False, resume: bool = False) -> JobPlan:
-    """Check and plan every scene (nothing runs); raises one error naming every scene that cannot run."""
+def plan(spec: JobSpec, *, overwrite: bool = False, resume: bool = False, keep_going: bool = False) -> JobPlan:
+    """Check and plan every scene (nothing runs); raises one error naming every scene that cannot run, or with
+    ``keep_going`` leaves them out (``JobPlan.refused``) unless none can run."""
     from geoseg.model.store import check_model_dir, local_model_dir
 
     scenes = spec.expand_scenes()
@@ -147,9 +149,10 @@ def plan(spec: JobSpec, *, overwrite: bool = False, resume: bool = False) -> Job
             continue
         job = replace(job, options=replace(job.options, overwrite=replace_outputs))
         planned.append(ScenePlan(scene, job, action, reason, previous))
-    if errors:
+    if errors and (not keep_going or not planned):
         raise _combine(spec, len(scenes), errors)
-    return JobPlan(spec, tuple(planned))
+    by_name = {s.name: s for s in scenes}
+    return JobPlan(spec, tuple(planned), tuple((by_name[name], str(exc)) for name, exc in errors))
 
 
 def _now() -> str:
@@ -192,7 +195,17 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
         yield c, {**cluster_info(c), "profile": name, "kind": profile.kind, "start_s": round(time.perf_counter() - t0, 3)}
 
 
-def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: Report | None = None) -> dict[str, Any]:
+def _refused_entry(scene: Scene, error: str) -> dict[str, Any]:
+    return {"name": scene.name, "status": "failed", "reason": "cannot run", "inputs": list(scene.inputs),
+            "out_dir": str(scene.out_dir), "job_key": None, "chunks": None, "timings": {}, "wall_s": None, "error": error}
+
+
+class ScenesFailed(GeosegError):
+    """Scenes of a job run with keep_going failed; the others ran (job.json says which)."""
+
+
+def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: Report | None = None,
+            keep_going: bool = False) -> dict[str, Any]:
     """Run the scenes a plan computes on one client, ``scenes_in_flight`` at a time; returns the job summary.
 
     Scenes overlap: while one scene's last chunks and its finishing (COG, polygons, on the
@@ -201,6 +214,8 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     compute: no cluster starts, no file is touched. Otherwise ``job.json`` is written to the
     output root before the cluster starts (status "running", so an earlier run's "finished" never stands for
     this one) and at the end, also when a scene fails or the job is stopped (scenes not started then are skipped).
+    ``keep_going``: a scene that fails (or was refused when planned: ``plan(keep_going=True)``) does not stop the
+    others; the job then ends with ``ScenesFailed`` naming every failed scene.
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -214,6 +229,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
 
     def summary(status: str, cluster: dict[str, Any] | None) -> dict[str, Any]:
         scenes = [entries.get(sp.scene.name) or _scene_entry(sp, "skipped", None, None) for sp in jp.scenes]
+        scenes += [_refused_entry(scene, error) for scene, error in jp.refused]
         totals = {k: sum(e["status"] == k for e in scenes) for k in ("computed", "reused", "skipped", "failed")}
         return {
             "geoseg_job": 1,
@@ -231,6 +247,10 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
 
     todo = jp.todo
     if not todo:
+        if jp.refused:  # every scene that can run is finished: the refused ones are still failures
+            result = summary("failed", None)
+            write_summary(spec.output_root, result)
+            raise _failed(spec, result)
         return summary("nothing to do", None)
     info: dict[str, Any] | None = None
     errors: list[BaseException] = []
@@ -266,7 +286,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
             running: dict[Any, tuple[ScenePlan, float]] = {}
             try:
                 while queue or running:
-                    while queue and not errors and len(running) < spec.scenes_in_flight:
+                    while queue and (keep_going or not errors) and len(running) < spec.scenes_in_flight:
                         i, sp = queue.pop(0)
                         running[pool.submit(one, i, sp)] = (sp, time.perf_counter())
                     finished, _ = wait(set(running), return_when=FIRST_COMPLETED)
@@ -274,7 +294,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                         running.pop(f)
                         if f.exception() is not None:
                             errors.append(f.exception())
-                    if errors:
+                    if errors and not keep_going:
                         for _, rest in queue:
                             entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
                         queue = []
@@ -290,7 +310,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
             pool.shutdown(wait=True)
-            if errors:
+            if errors and not (keep_going and all(isinstance(e, Exception) for e in errors)):
                 raise errors[0]
     except BaseException:
         try:  # also when it stopped before any scene began (Ctrl-C while the cluster started)
@@ -298,9 +318,18 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
         except OSError as exc:  # the error being raised says more than this one would
             log.warning("%s: cannot write the job summary: %s", spec.output_root, exc)
         raise
-    result = summary("finished", info)
+    result = summary("failed" if errors or jp.refused else "finished", info)
     write_summary(spec.output_root, result)
+    if errors or jp.refused:
+        raise _failed(spec, result)
     return result
+
+
+def _failed(spec: JobSpec, result: dict[str, Any]) -> ScenesFailed:
+    failed = [s for s in result["scenes"] if s["status"] == "failed"]
+    lines = "\n".join(f"  - {s['name']}: {s.get('error')}" for s in failed)
+    return ScenesFailed(f"{spec.source}: {len(failed)} of {len(result['scenes'])} scenes failed (the others "
+                        f"finished or were reused: {storage.join(spec.output_root, JOB_NAME)} says which):\n{lines}")
 
 
 def write_summary(root: Path | str, summary: dict[str, Any]) -> Path | str:
@@ -313,10 +342,11 @@ def write_summary(root: Path | str, summary: dict[str, Any]) -> Path | str:
 
 
 def run(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, client: Any = None,
-        progress: bool = False, report: Report | None = None, **layers: Any) -> dict[str, Any]:
+        progress: bool = False, report: Report | None = None, keep_going: bool = False, **layers: Any) -> dict[str, Any]:
     """Load, check and plan a job file, then run it (see ``execute``)."""
     spec = resolve(path, **layers)
-    return execute(plan(spec, overwrite=overwrite, resume=resume), client=client, progress=progress, report=report)
+    return execute(plan(spec, overwrite=overwrite, resume=resume, keep_going=keep_going), client=client,
+                   progress=progress, report=report, keep_going=keep_going)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
