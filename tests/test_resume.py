@@ -238,3 +238,34 @@ def test_an_unfinished_output_is_said_so_and_a_cut_short_store_is_recomputed(cli
     record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, cog=False, vectors=False, resume=True),
                      client=client)
     assert record["chunks"]["computed"] == record["chunks"]["chunks"] > 0 and (out / "run.json").is_file()
+
+
+def test_two_runs_on_one_output_folder(client, random_model, scene_path, tmp_path):
+    """A second run on an OUT another is writing (a job resubmitted while the first still runs) deleted the
+    first's store under it: a FileNotFoundError traceback. It is refused in one line now, and a run killed
+    outright (SIGKILL, no clean-up) holds nothing: the kernel drops its lock."""
+    import signal
+    import subprocess
+    import sys
+
+    from geoseg.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    # a run in another process, as far as OUT can tell: it holds the lock on OUT/.geoseg.lock (flock)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True)\ntime.sleep(120)\n", str(out / ".geoseg.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        opts = PredictOptions(chunk_size=128, cog=False, vectors=False)
+        with pytest.raises(OutputExistsError, match="another geoseg run is writing it now"):
+            predict([scene_path], random_model, out, opts, client=client)
+        assert not (out / "prediction.zarr.partial").exists() and not (out / "run.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    assert (out / ".geoseg.lock").exists()  # left by the killed run, held by no one
+    record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    assert record["chunks"]["computed"] == 12 and not (out / ".geoseg.lock").exists()

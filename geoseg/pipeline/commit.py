@@ -90,11 +90,51 @@ def _sweep(out: str | os.PathLike) -> None:
     """Temporaries a killed run left in OUT, a directory or an object-store prefix (staging, polygon part files;
     never read: every run stages anew)."""
     for name in storage.list_names(out):
-        if name.startswith(".") and _ours(name) and name != ".geoseg":
+        if name.startswith(".") and _ours(name) and name not in (".geoseg", LOCK_NAME):
             try:
                 storage.remove(storage.join(out, name), recursive=True)
             except OSError:  # one that cannot go stays; it is never read
                 pass
+
+
+LOCK_NAME = ".geoseg.lock"
+
+
+@contextlib.contextmanager
+def out_lock(out: str | os.PathLike) -> Iterator[None]:
+    """One run at a time in a local OUT: an advisory lock (flock: released by the kernel when a run dies, so a
+    killed run never leaves it held; NFS emulates it with byte-range locks). Two runs on one OUT deleted each
+    other's store (a FileNotFoundError traceback). Object stores have no lock: one run per prefix is yours to keep."""
+    if storage.is_url(out):
+        yield
+        return
+    import fcntl
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    path = Path(out) / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            from geoseg.errors import OutputExistsError
+
+            raise OutputExistsError(f"{out}: another geoseg run is writing it now; wait for it to finish (or stop it), "
+                                    "then run again (--resume reuses what it finished)") from None
+        try:  # the file we locked is still the one at the path (a run that just ended removes it)
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
 
 
 def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | None = None,
@@ -102,8 +142,15 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     """Run a planned job on ``client`` and publish its outputs (commit protocol above); returns the run record.
 
     ``numerics``: decided already for this cluster (``prepare_cluster``); decided here otherwise.
-    ``priority``: the dask priority of its tasks (a job runs earlier scenes first).
+    ``priority``: the dask priority of its tasks (a job runs earlier scenes first). One run at a time in a
+    local OUT (``out_lock``).
     """
+    with out_lock(job.out_dir):
+        return _run_job(job, client, progress, cluster_info, numerics, priority)
+
+
+def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, numerics: Numerics | None,
+             priority: int) -> dict[str, Any]:
     from geoseg.io.zarr_store import finalize_store
 
     job = placed(job, client)  # model tasks on the GPU workers of an embedded cluster that has some
