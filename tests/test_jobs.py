@@ -157,6 +157,17 @@ def test_profile_kind_and_tls_are_checked(tmp_path):
                     cluster={"profile": "x", "profiles": {"x": {"kind": "address", "address": "tls://h:8786"}}})
     with pytest.raises(ConfigError, match=r"cluster\.profiles\.x: .*TLS address; add tls:"):
         validate_spec(job, env=NO_ENV, config_files=[])
+    # the packaged profile "local" given another kind is replaced whole: its local settings were merged in and
+    # refused ("n_workers: unknown setting; did you mean n_workers?")
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
+                    cluster={"profile": "local", "profiles": {"local": {"kind": "slurm", "cores": 4, "memory": "8GiB"}}})
+    spec = validate_spec(job, env=NO_ENV, config_files=[])
+    assert spec.profile.kind == "slurm" and spec.profile.cores == 4
+    # the same kind still merges key by key
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model="m", output="o",
+                    cluster={"profile": "local", "profiles": {"local": {"kind": "local", "n_workers": 3}}})
+    spec = validate_spec(job, env=NO_ENV, config_files=[])
+    assert spec.profile.n_workers == 3 and spec.profile.threads_per_worker is not None
 
 
 def test_not_yaml_and_not_a_mapping(tmp_path):

@@ -155,10 +155,25 @@ def cli_layer(profile: str | None = None, settings: Iterable[str] = ()) -> Layer
 
 def merge(layers: Sequence[Layer]) -> dict[str, Any]:
     """The layers merged, later wins, nested mappings merged key by key (``a-b`` matches ``a_b``; one layer
-    giving both is refused: which one would win is not what it says)."""
+    giving both is refused: which one would win is not what it says). A cluster profile that a later layer gives
+    another ``kind`` is replaced whole: a local profile's n_workers under a slurm one was said to be "unknown;
+    did you mean n_workers?"."""
     for layer in layers:
         _one_spelling(layer, layer.data, ())
-    return dask.config.merge(*(copy.deepcopy(dict(layer.data)) for layer in layers))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        data = copy.deepcopy(dict(layer.data))
+        before = (merged.get("cluster") or {}).get("profiles") if isinstance(merged.get("cluster"), Mapping) else None
+        cluster = data.get("cluster")
+        later = cluster.get("profiles") if isinstance(cluster, Mapping) else None
+        if isinstance(before, dict) and isinstance(later, Mapping):
+            for name, profile in later.items():
+                old = before.get(name)
+                if (isinstance(profile, Mapping) and isinstance(old, Mapping) and "kind" in profile
+                        and old.get("kind", profile["kind"]) != profile["kind"]):
+                    del before[name]
+        merged = dask.config.merge(merged, data)
+    return merged
 
 
 def _one_spelling(layer: Layer, node: Any, loc: tuple[str, ...]) -> None:
