@@ -51,7 +51,7 @@ def cli_predict(model: Path, image: Path, out: Path, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
-    ap.add_argument("--mmu", type=int, default=1000, help="minimum mapping unit in pixels (at most 4096)")
+    ap.add_argument("--mmu", type=int, default=1000, help="minimum mapping unit in pixels (at most 2048: the windowed side)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()

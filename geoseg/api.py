@@ -714,12 +714,12 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
     from odc.geo.geobox import GeoBox
 
     grid = GeoBox(var.shape, var.rio.transform(), var.rio.crs.to_wkt())
+    classes = classes_of(var)
     nodata = var.rio.nodata if var.rio.nodata is not None else var.rio.encoded_nodata
     if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)) and int(nodata) != NODATA_CLASS:
         # the COG's nodata is 255: a map whose own nodata is another value (a class raster opened with rioxarray)
-        # had its nodata pixels written as that class, valid
-        var = xr.where(var == nodata, NODATA_CLASS, var).astype(var.dtype).rio.write_crs(var.rio.crs)
-    classes = classes_of(var)
+        # had its nodata pixels written as that class, valid. (The dtype may widen: ids out of 0-254 are refused.)
+        var = xr.where(var == nodata, NODATA_CLASS, var, keep_attrs=True)
     if not classes:  # no class attributes: the ids present, in the default colours (a table of zeros was all black)
         from geoseg.model.card import DEFAULT_COLORS, ClassInfo
 

@@ -24,6 +24,10 @@ class SlowPrecisionWarning(UserWarning):
     """bf16 was asked for on hardware that emulates it."""
 
 
+class WorkerVersionWarning(UserWarning):
+    """A worker that joined while a job ran, and took its model tasks, runs other versions than the client."""
+
+
 @dataclass(frozen=True)
 class Numerics:
     precision: str  # fp32 | bf16
@@ -146,13 +150,13 @@ def with_joined(client: Any, numerics: Numerics, digest: str, device: str = "aut
 
     try:
         held = client.run(loaded_digests, on_error="return")
-    except Exception:  # the cluster is going away: the record keeps the workers asked at the start
+        able = model_workers(client, resources)  # a worker without the model tasks' resources took none of them
+        joined = [a for a, d in held.items() if isinstance(d, list) and digest in d and a in able and a not in numerics.workers]
+        if not joined:
+            return numerics
+        caps = client.run(capabilities, device, resources, workers=joined, on_error="return")
+    except Exception:  # the cluster is going away, a worker left: the record keeps the workers asked at the start
         return numerics
-    able = model_workers(client, resources)  # a worker without the model tasks' resources took none of them
-    joined = [a for a, d in held.items() if isinstance(d, list) and digest in d and a in able and a not in numerics.workers]
-    if not joined:
-        return numerics
-    caps = client.run(capabilities, device, resources, workers=joined, on_error="return")
     caps = {a: {**c, "joined": True} for a, c in caps.items() if isinstance(c, dict)}
     emulated = [a for a, c in caps.items() if numerics.precision == "bf16" and not c.get("bf16_native")]
     if emulated:
@@ -162,7 +166,7 @@ def with_joined(client: Any, numerics: Numerics, digest: str, device: str = "aut
     try:
         check_versions(mismatch)
     except ConfigError as exc:
-        warnings.warn(f"{exc} (it took model tasks of this job)", stacklevel=2)
+        warnings.warn(f"{exc} (it took model tasks of this job)", WorkerVersionWarning, stacklevel=2)
     return replace(numerics, workers={**numerics.workers, **caps})
 
 

@@ -250,8 +250,8 @@ def plan_for(
     from geoseg.model.card import WINDOW_MMU
 
     if card.postprocess.sieve_pixels > WINDOW_MMU:
-        raise ConfigError(f"an mmu of {card.postprocess.sieve_pixels} px is sieved here in windows grown by it, which "
-                          f"take at most {WINDOW_MMU} px: geoseg predict sieves any mmu across chunks (or give "
+        raise ConfigError(f"an mmu of {card.postprocess.sieve_pixels} px is sieved here in windows grown by twice it, "
+                          f"which take an mmu of at most {WINDOW_MMU} px: geoseg predict sieves any mmu across chunks (or give "
                           "postprocess= / --mmu a smaller one here)")
     ring = card.postprocess.ring  # class map needed around a core by the post-processing
     if halo is not None:  # the user's halo: their chunk, else the default one

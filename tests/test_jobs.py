@@ -117,8 +117,9 @@ def test_words_and_names_from_the_environment_keep_their_text(tmp_path):
     # YAML 1.2 scalars: a walltime is no base-60 number (PyYAML's 1.1 read 12:00:00 as 43200), yes is a word
     from geoseg.jobs.config import parse_value
 
-    assert [parse_value("v", r) for r in ("12:00:00", "yes", "1e3", "0755", "null", "[a, b]", "{GPU: 1}", "tcp://h:8786")] == [
-        "12:00:00", "yes", 1000.0, 755, None, ["a", "b"], {"GPU": 1}, "tcp://h:8786"]
+    assert [parse_value("v", r) for r in ("12:00:00", "yes", "1e3", "0755", "null", "[a, b]", "{GPU: 1}", "tcp://h:8786",
+                                          "2024-01-01")] == [
+        "12:00:00", "yes", 1000.0, 755, None, ["a", "b"], {"GPU": 1}, "tcp://h:8786", "2024-01-01"]
     job = write_job(tmp_path / "slurm.yaml", scenes=["a.tif"], model="m", output="o",
                     cluster={"profile": "hpc", "profiles": {"hpc": {"kind": "slurm"}}})
     spec = validate_spec(job, env={"DASK_GEOSEG__CLUSTER__PROFILES__HPC__WALLTIME": "12:00:00"}, config_files=[])
@@ -505,22 +506,21 @@ def test_scenes_run_concurrently(client, scenes, random_model, tmp_path):
 
 
 RACE = '''
-import sys, threading
+import importlib, sys, threading
 from affine import Affine
 from odc.geo.geobox import GeoBox
-from geoseg.io.zarr_store import create_store, store_attrs
 from geoseg.tiling import TilingPlan
 grid = GeoBox((64, 64), Affine(10, 0, 500000, 0, -10, 4000000), "EPSG:32617")
 plan = TilingPlan.make((64, 64), stride=8, chunk_size=32, halo=0)
 errors, start = [], threading.Barrier(3)
-def run(f, *args):
+def run(name, *args):
     start.wait()
-    try:
-        f(*args)
+    try:  # the store module imported first here, in each thread, as a scene thread of geoseg run does
+        getattr(importlib.import_module("geoseg.io.zarr_store"), name)(*args)
     except Exception as exc:
         errors.append(repr(exc))
-threads = [threading.Thread(target=run, args=a) for a in ((create_store, sys.argv[1] + "/a.zarr", grid, plan, {}),
-           (create_store, sys.argv[1] + "/b.zarr", grid, plan, {}), (store_attrs, sys.argv[1] + "/none.zarr"))]
+threads = [threading.Thread(target=run, args=a) for a in (("create_store", sys.argv[1] + "/a.zarr", grid, plan, {}),
+           ("create_store", sys.argv[1] + "/b.zarr", grid, plan, {}), ("store_attrs", sys.argv[1] + "/none.zarr"))]
 [t.start() for t in threads]
 [t.join() for t in threads]
 print(errors)

@@ -313,12 +313,12 @@ def test_predict_replaces_the_cards_post_processing(client, scene, pixel_model, 
     # beyond what a window can sieve: geoseg predict joins it across chunks; the lazy API says so
     from geoseg.vector.sieve import sieve
 
-    huge = PostProcess(min_pixels=5000)
+    huge = PostProcess(min_pixels=3000)  # past the windows' 2048; regions as large remain (the largest: 3328 px)
     predict([img], carded, tmp_path / "huge", PredictOptions(chunk_size=64, cog=False, vectors=False, postprocess=huge),
             client=client)
     got = open_prediction(tmp_path / "huge" / "prediction.zarr")["class_id"].values
-    assert np.array_equal(got, sieve(raw, 255, 5000)) and np.count_nonzero(got != raw)
-    with pytest.raises(ConfigError, match="an mmu of 5000 px is sieved here in windows"):
+    assert np.array_equal(got, sieve(raw, 255, 3000)) and np.count_nonzero(got != raw)
+    with pytest.raises(ConfigError, match="an mmu of 3000 px is sieved here in windows"):
         api.predict(api.open_scene(img, chunks=64), carded, postprocess=huge.model_dump())
     keys = {plan_job([img], carded, tmp_path / "k", PredictOptions(postprocess=p)).key
             for p in (None, PostProcess(min_pixels=200), PostProcess(min_pixels=201))}
@@ -327,7 +327,8 @@ def test_predict_replaces_the_cards_post_processing(client, scene, pixel_model, 
     from geoseg.pipeline.plan import _postprocess_key
 
     assert _postprocess_key(PredictOptions(), sieve=False) == {}
-    assert _postprocess_key(PredictOptions(), sieve=True) == {"sieve": "joined"}  # never a store sieved in windows
+    # never a store sieved in windows, nor by the rule before 2026-12-05 (small neighbours voted: {"sieve": "joined"})
+    assert _postprocess_key(PredictOptions(), sieve=True) == {"sieve": "joined, large neighbours"}
     assert PredictOptions(postprocess={"min_pixels": 9}).postprocess == PostProcess(min_pixels=9)  # the API's dicts
     with pytest.raises(ConfigError, match=r"--mmu \(or a job's inference.mmu\) names class id\(s\) \[9\]"):
         plan_job([img], carded, tmp_path / "k", PredictOptions(postprocess=PostProcess(class_min_pixels={9: 4})))

@@ -322,6 +322,7 @@ def test_small_regions_prefer_neighbours_at_or_above_the_limit():
     class-1 specks and one with the background, took class 1, and the specks went to the background: a new 1 px
     region of class 1. Small neighbours count only where there is no other; with 5% speckle no region stays
     under the limit (5 did), as with GDAL's sieve; a speck among specks keeps its class."""
+    from geoseg.tiling import Box
     from geoseg.vector.regions import label_regions
     from geoseg.vector.sieve import sieve
 
@@ -342,6 +343,28 @@ def test_small_regions_prefer_neighbours_at_or_above_the_limit():
         labels, _ = label_regions(out, 255, connectivity)
         assert np.bincount(labels.ravel())[1:].min() >= 5
         np.testing.assert_array_equal(_joined_sieve(noisy, 64, 5, connectivity), out)
+    # in windows: a small region reaches L - 1 px out of the core, so its neighbour seen reaching the window's side
+    # spans L px only in a window grown by 2 L - 1 (grown by L, a 6 px line across a chunk line was split there)
+    line = np.zeros((8, 192), np.uint8)
+    line[2, 124:130] = 2  # 6 px across x = 128
+    line[1, 123:131], line[3, 123:131], line[2, 123] = 3, 4, 5  # its other neighbours: all small
+    line[2, 130:149] = 1  # 19 px, reaching x = 147: the last column of the core [64, 128) grown by 20
+    rng = np.random.default_rng(1)
+    for a, limit, chunk in [(line, 20, 64)] + [(noisy[:60, :70], int(rng.integers(2, 12)), int(c)) for c in (1, 3, 8)]:
+        whole = sieve(a, 255, limit)
+        for grow, equal in ((2 * limit - 1, True),) + (((limit, False),) if a is line else ()):
+            out = np.empty_like(a)
+            for y in range(0, a.shape[0], chunk):
+                for x in range(0, a.shape[1], chunk):
+                    core = Box(y, min(a.shape[0], y + chunk), x, min(a.shape[1], x + chunk))
+                    win = core.grow(grow, a.shape)
+                    opened = (win.y0 > 0, win.y1 < a.shape[0], win.x0 > 0, win.x1 < a.shape[1])
+                    ys, xs = core.relative_to(win)
+                    out[core.y0:core.y1, core.x0:core.x1] = sieve(a[win.y0:win.y1, win.x0:win.x1], 255, limit, 4, opened)[ys, xs]
+            if equal:
+                np.testing.assert_array_equal(out, whole, err_msg=f"grown by {grow}, chunk {chunk}")
+            else:
+                assert (out != whole).any()  # the case above: a window grown by L is not enough
 
 
 @pytest.mark.parametrize("chunk", [64, 256])

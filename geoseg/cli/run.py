@@ -95,6 +95,7 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
     finally:
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)
+        _untermed()  # a later Ctrl-C in this process (the Python API, a notebook) is no SIGTERM
     if verbosity < 0:
         return
     if summary["status"] == "nothing to do":
@@ -106,6 +107,11 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
 
 
 _TERMINATED = False
+
+
+def _untermed() -> None:
+    global _TERMINATED
+    _TERMINATED = False
 
 
 def _terminated(signum, frame):  # noqa: ANN001

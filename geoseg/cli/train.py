@@ -240,10 +240,16 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
     finally:
         if main and before is not None:
             signal.signal(signal.SIGTERM, before)
+        _untermed()  # a later Ctrl-C in this process (the Python API, a notebook) is no SIGTERM
     _report(result, verbosity)
 
 
 _TERMINATED = False
+
+
+def _untermed() -> None:
+    global _TERMINATED
+    _TERMINATED = False
 
 
 def _terminated(signum, frame):  # noqa: ANN001

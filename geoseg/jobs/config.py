@@ -87,8 +87,8 @@ class _Yaml12(yaml.SafeLoader):
     numbers (PyYAML's 1.1 reads a walltime 12:00:00 as 43200)."""
 
 
-_Yaml12.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float")]
+_Yaml12.yaml_implicit_resolvers = {  # 1.2's core schema has no timestamps either: 2024-01-01 stays text
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float", "timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _Yaml12.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))

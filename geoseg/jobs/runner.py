@@ -219,6 +219,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     """
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
+    import geoseg.io.zarr_store  # noqa: F401  (zarr, imported here before the scene threads: geoseg.io.zarr_store)
     from geoseg.pipeline import prepare_cluster, run_job
 
     say = report or (lambda _msg: None)
@@ -257,6 +258,9 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     # an earlier run's "finished" must not stand while this one runs, nor after it is killed (SIGKILL)
     running = summary("running", None)
     running["scenes"] = [{**e, "status": "running" if e["status"] == "skipped" else e["status"]} for e in running["scenes"]]
+    running["finished"] = None
+    running["totals"] = {"scenes": len(running["scenes"]),
+                         **{k: sum(e["status"] == k for e in running["scenes"]) for k in ("running", "reused", "failed")}}
     write_summary(spec.output_root, running)
     try:
         with _client(spec, client) as (c, info):

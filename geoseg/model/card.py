@@ -86,7 +86,7 @@ PIXEL_WEIGHTS_NAME = "model.lgb.txt"  # LightGBM's own text format: no pickle
 
 
 MAX_MMU = 10_000_000  # px: geoseg predict sieves any mmu across chunks (geoseg.pipeline.sieve)
-WINDOW_MMU = 4096  # px: the most a window grown by the mmu sieves (the Python API, geoseg evaluate)
+WINDOW_MMU = 2048  # px: the most a window grown by the mmu sieves (the Python API, geoseg evaluate): rings of 4095 px
 
 
 class PostProcess(_Frozen):
@@ -115,9 +115,16 @@ class PostProcess(_Frozen):
         return max([self.min_pixels, *self.class_min_pixels.values()])
 
     @property
+    def sieve_ring(self) -> int:
+        """Pixels of class map a sieve in a window needs around its core to equal the whole map's: a small region
+        (under L px) reaches up to L - 1 px out of the core, and a neighbour of it that reaches the window's side
+        then spans at least L px, so it is large as in the whole map: 2 L - 1 (geoseg.vector.sieve)."""
+        return 2 * self.sieve_pixels - 1 if self.sieve_pixels > 1 else 0
+
+    @property
     def ring(self) -> int:
         """Pixels of class map needed around a core for its post-processing to equal the whole map's."""
-        return self.majority_radius + self.sieve_pixels
+        return self.majority_radius + self.sieve_ring
 
     @property
     def active(self) -> bool:

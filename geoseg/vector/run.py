@@ -101,8 +101,13 @@ class VectorizeOptions:
         return self.min_area_m2 if self.min_area_m2 > 0 else float(self.min_pixels)
 
     @property
+    def sieve_halo(self) -> int:
+        """The halo a chunk's window needs for the sieve to equal the whole map's (``PostProcess.sieve_ring``)."""
+        return 2 * self.min_pixels - 1 if self.min_pixels > 1 else 0
+
+    @property
     def sieve_joined(self) -> bool:
-        return self.min_pixels > max(1, self.sieve_window_max)
+        return self.sieve_halo > max(1, self.sieve_window_max)
 
 
 def _code(chunk_index: int, labels: np.ndarray) -> np.ndarray:
@@ -191,11 +196,12 @@ def chunk_phase(src: ClassRaster, plan: TilingPlan, iy: int, ix: int, opts: Vect
 
 
 def _read_sieved(src: ClassRaster, plan: TilingPlan, box: Box, opts: VectorizeOptions) -> tuple[np.ndarray, np.ndarray | None]:
-    """The chunk's class map, sieved with a halo of ``min_pixels``: any region that small and touching
-    the core lies wholly in the window, so chunks agree with a sieve of the whole map."""
+    """The chunk's class map, sieved with a halo of 2 ``min_pixels`` - 1: any region that small and touching the
+    core lies wholly in the window, and so does all a neighbour of it needs to be seen at the limit, so chunks
+    agree with a sieve of the whole map."""
     if opts.min_pixels <= 1:
         return src.read(box)
-    window = box.grow(opts.min_pixels, plan.shape)
+    window = box.grow(opts.sieve_halo, plan.shape)
     values, conf = src.read(window)
     opened = (window.y0 > 0, window.y1 < plan.shape[0], window.x0 > 0, window.x1 < plan.shape[1])
     rows = row_pixel_areas(src, window.y0, window.y1) if opts.min_area_m2 > 0 else None

@@ -7,11 +7,12 @@ Small neighbours do not vote: a speck voted by its edges to neighbours that chan
 map with 20% speckle kept 346 of its 409 polygons under a 5 px limit (now 6 of 69; GDAL's sieve, which merges
 into the largest neighbour again and again, keeps none; 5% speckle: none here either).
 
-``sieve`` sieves one window. A region smaller than the limit spans at most as many pixels as the limit
-holds, so a chunk that sieves a window grown by that many pixels judges it as the whole map would: fine
-for small limits, but half a hectare of 0.25 m pixels is 80 000 pixels, and every task would read the
-whole scene. Beyond ``VectorizeOptions.sieve_window_max`` vectorize joins the sieve instead, as it joins
-the polygons:
+``sieve`` sieves one window. A region smaller than the limit L reaches at most L - 1 px out of the core,
+and a neighbour of it that reaches the window's side spans at least L px (large, as in the whole map), so a
+chunk that sieves a window grown by 2 L - 1 px judges its core's regions as the whole map would: fine for
+small limits, but half a hectare of 0.25 m pixels is 80 000 pixels, and every task would read the whole
+scene. Beyond ``VectorizeOptions.sieve_window_max`` vectorize joins the sieve instead, as it joins the
+polygons:
 
 1. each chunk labels its regions and counts, for those that touch its border, their size and their
    pixel edges to each other class (over a one-pixel ring of its neighbours' pixels);
@@ -94,32 +95,36 @@ def core_regions(window: np.ndarray, core: Box, window_box: Box, nodata: int | N
     else:
         weights = np.broadcast_to(ground_weights(row_area)[:, None], labels.shape)
         sizes = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n)
-    full = np.zeros(window.shape, np.int64)  # the core's labels on the window (0 in the ring)
-    full[ys, xs] = labels
-    valid = np.ones(window.shape, bool) if nodata is None else window != nodata
-    rr, cc = np.indices(window.shape, dtype=np.int64)
-    inner, ring = [], []
-    # b is the pixel across the edge from a: right of it, left of it, below it, above it
-    for a, b, side in (((slice(None), slice(None, -1)), (slice(None), slice(1, None)), 3),
-                       ((slice(None), slice(1, None)), (slice(None), slice(None, -1)), 2),
-                       ((slice(None, -1), slice(None)), (slice(1, None), slice(None)), 1),
-                       ((slice(1, None), slice(None)), (slice(None, -1), slice(None)), 0)):
-        la, lb, va, vb, ok = full[a], full[b], window[a], window[b], valid[b]
-        m = (la > 0) & ok & (vb != va)  # 4-adjacent pixels of another value are of another region
-        core_m = m & (lb > 0)
-        inner.append((la[core_m], lb[core_m]))
-        ring_m = m & (lb == 0)  # the ring's pixel straight across the core's side
-        pos = (rr[b][ring_m] - ys.start) if side >= 2 else (cc[b][ring_m] - xs.start)
-        ring.append((la[ring_m], vb[ring_m].astype(np.int64), ring_code(side, pos)))
+    inner = []
+    # pairs of 4-adjacent core pixels of different regions (labels differ where values do), both ways
+    for a, b in (((slice(None), slice(None, -1)), (slice(None), slice(1, None))),
+                 ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                 ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+                 ((slice(1, None), slice(None)), (slice(None, -1), slice(None)))):
+        la, lb = labels[a], labels[b]
+        m = (la > 0) & (lb > 0) & (values[a] != values[b])
+        inner.append((la[m].astype(np.int64), lb[m].astype(np.int64)))
     n = max(len(classes), 1)
-    la = np.concatenate([p[0] for p in inner])
-    codes, counts = np.unique(la * n + np.concatenate([p[1] for p in inner]), return_counts=True)
+    codes, counts = np.unique(np.concatenate([p[0] for p in inner]) * n + np.concatenate([p[1] for p in inner]),
+                              return_counts=True)
     lab, nbr = codes // n, codes % n
-    core_rows = np.stack([lab, classes[nbr], counts, nbr], axis=1)
-    ring_rows = np.stack([np.concatenate([p[0] for p in ring]), np.concatenate([p[1] for p in ring]),
-                          np.ones(sum(len(p[0]) for p in ring), np.int64), np.concatenate([p[2] for p in ring])], axis=1)
-    votes = np.concatenate([core_rows, ring_rows]).astype(np.int64)
-    return Regions(labels, classes, sizes, votes)
+    rows = [np.stack([lab, classes[nbr], counts, nbr], axis=1)]
+    # the ring: each side's line of the window just outside the core, against the core's line along it
+    for side, (edge, outside) in enumerate(((ys.start, ys.start - 1), (ys.stop - 1, ys.stop),
+                                            (xs.start, xs.start - 1), (xs.stop - 1, xs.stop))):
+        if not 0 <= outside < window.shape[0 if side < 2 else 1]:
+            continue  # no ring on this side (the scene's edge, or a window that is the core)
+        if side < 2:
+            la, va, vb = labels[edge - ys.start], window[edge, xs], window[outside, xs]
+        else:
+            la, va, vb = labels[:, edge - xs.start], window[ys, edge], window[ys, outside]
+        m = (la > 0) & (vb != va)
+        if nodata is not None:
+            m &= vb != nodata
+        pos = np.flatnonzero(m)
+        rows.append(np.stack([la[m].astype(np.int64), vb[m].astype(np.int64), np.ones(len(pos), np.int64),
+                              ring_code(side, pos)], axis=1))
+    return Regions(labels, classes, sizes, np.concatenate(rows).astype(np.int64))
 
 
 def decide(small: np.ndarray, votes: np.ndarray, large: np.ndarray | None = None) -> np.ndarray:
@@ -161,17 +166,18 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
           open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
           class_min: dict[int, int] | None = None, row_area: np.ndarray | None = None,
           min_area: float = 0.0) -> np.ndarray:
-    """Regions of fewer than ``min_pixels`` pixels take the class they share the most pixel edges with.
+    """Regions of fewer than ``min_pixels`` pixels take the class of the neighbouring regions at or above it they
+    share the most pixel edges with; one whose neighbours are all small stays.
 
     One pass on the map as given (every small region decides from the original map, so the
     result does not depend on any order); nodata is never sieved nor given; a small region with
     no valid neighbour stays. ``open_edges`` (top, bottom, left, right): edges of a window that
-    the scene continues beyond; regions touching them are not judged here. A window grown by
-    ``min_pixels`` on those sides judges every small region of its core exactly as the whole
-    map would, so sieving chunk by chunk equals sieving the whole scene. ``class_min``: a minimum
-    per class id (a minimum mapping unit per class) in place of ``min_pixels`` for those classes.
-    ``row_area``: each row's pixel area on the ground; regions then are small below ``min_area`` of
-    it (the window must be grown by that area over the scene's smallest pixel, in pixels).
+    the scene continues beyond; regions touching them are not judged here, and count as large. A
+    window grown by 2 ``min_pixels`` - 1 on those sides judges every small region of its core exactly
+    as the whole map would, so sieving chunk by chunk equals sieving the whole scene. ``class_min``: a
+    minimum per class id (a minimum mapping unit per class) in place of ``min_pixels`` for those classes
+    (the window grown by the largest). ``row_area``: each row's pixel area on the ground; regions then
+    are small below ``min_area`` of it (L: that area over the scene's smallest pixel, in pixels).
     """
     limits = class_limits(min_pixels, class_min)
     if row_area is not None:
@@ -185,10 +191,11 @@ def sieve(values: np.ndarray, nodata: int | None, min_pixels: int, connectivity:
     e = Edges.of(regions.labels)
     for edge, is_open in zip((e.top, e.bottom, e.left, e.right), open_edges):
         if is_open:
-            # not judged here; and a neighbour of a core region that reaches a side the window was grown by the
-            # limit on spans the limit: large, as in the whole map
+            # not judged here; and a neighbour of a small core region that reaches a side the window was grown
+            # by 2 L - 1 on spans L px: large, as in the whole map
             small[edge] = False
-    return _apply(values, regions, decide(small, regions.votes, ~small[regions.votes[:, 3]]))
+    votes = regions.votes[regions.votes[:, 3] > 0]  # the window is the core: no ring row
+    return _apply(values, regions, decide(small, votes, ~small[votes[:, 3]]))
 
 
 def border_labels(labels: np.ndarray, facing: tuple[bool, bool, bool, bool]) -> np.ndarray:
