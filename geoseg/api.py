@@ -718,8 +718,10 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
     nodata = var.rio.nodata if var.rio.nodata is not None else var.rio.encoded_nodata
     if nodata is not None and not (isinstance(nodata, float) and np.isnan(nodata)) and int(nodata) != NODATA_CLASS:
         # the COG's nodata is 255: a map whose own nodata is another value (a class raster opened with rioxarray)
-        # had its nodata pixels written as that class, valid. (The dtype may widen: ids out of 0-254 are refused.)
-        var = xr.where(var == nodata, NODATA_CLASS, var, keep_attrs=True)
+        # had its nodata pixels written as that class, valid. Widened first, so 255 fits (an int8 map's would wrap
+        # to -1); ids out of 0-254 are refused by the writer
+        var = var.astype(np.promote_types(var.dtype, np.uint8))
+        var = xr.where(var == nodata, NODATA_CLASS, var)
     if not classes:  # no class attributes: the ids present, in the default colours (a table of zeros was all black)
         from geoseg.model.card import DEFAULT_COLORS, ClassInfo
 

@@ -241,7 +241,7 @@ def test_postprocessing_is_seamless_across_chunks(client, scene, pixel_model, tm
     for chunk in (48, 96):
         got = tiled(client, noisy, img, tmp_path / f"out{chunk}", chunk=chunk)
         assert np.array_equal(got, ref), f"chunk {chunk}: {np.count_nonzero(got != ref)} pixels differ"
-    # the lazy Python API sieves in each chunk's window grown by the mmu, and agrees
+    # the lazy Python API sieves in each chunk's window grown by 2 x mmu - 1, and agrees
     lazy = api.predict(api.open_scene(img, chunks=48), noisy, chunk_size=48)["class_id"].values
     assert np.array_equal(lazy, ref), f"API: {np.count_nonzero(lazy != ref)} pixels differ"
     raw, _ = one_pass(out, img)

@@ -21,7 +21,7 @@ from geoseg.cli.options import check_cluster_options, scheduler_opt, workers_opt
               help="Sieve first: regions smaller than AREA (25px, 500m2, 0.5ha; a bare number is pixels) take the "
                    "class of the neighbouring regions at or above AREA they share the longest border with (one "
                    "pass; a region whose neighbours are all smaller keeps its class). The result does not depend "
-                   "on the chunking (a halo of that many pixels, or beyond 256 px joined across chunks).")
+                   "on the chunking (a halo of 2 x AREA - 1 pixels, joined across chunks once that passes 256 px).")
 @click.option("--simplify", default=None, metavar="TOL",
               help="Simplify borders by TOL (1.5px, or CRS units) with GEOS's coverage simplification: shared "
                    "borders stay shared (no gaps, no overlaps). Runs over the whole layer in this process.")

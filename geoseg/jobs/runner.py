@@ -259,8 +259,8 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     running = summary("running", None)
     running["scenes"] = [{**e, "status": "running" if e["status"] == "skipped" else e["status"]} for e in running["scenes"]]
     running["finished"] = None
-    running["totals"] = {"scenes": len(running["scenes"]),
-                         **{k: sum(e["status"] == k for e in running["scenes"]) for k in ("running", "reused", "failed")}}
+    running["totals"] = {"scenes": len(running["scenes"]), **{k: sum(e["status"] == k for e in running["scenes"])
+                                                              for k in ("computed", "reused", "skipped", "failed", "running")}}
     write_summary(spec.output_root, running)
     try:
         with _client(spec, client) as (c, info):

@@ -116,10 +116,11 @@ class PostProcess(_Frozen):
 
     @property
     def sieve_ring(self) -> int:
-        """Pixels of class map a sieve in a window needs around its core to equal the whole map's: a small region
-        (under L px) reaches up to L - 1 px out of the core, and a neighbour of it that reaches the window's side
-        then spans at least L px, so it is large as in the whole map: 2 L - 1 (geoseg.vector.sieve)."""
-        return 2 * self.sieve_pixels - 1 if self.sieve_pixels > 1 else 0
+        """Pixels of class map a sieve in a window needs around its core to equal the whole map's: 2 L - 1
+        (geoseg.vector.sieve.window_ring)."""
+        from geoseg.vector.sieve import window_ring
+
+        return window_ring(self.sieve_pixels)
 
     @property
     def ring(self) -> int:

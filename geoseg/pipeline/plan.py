@@ -152,7 +152,7 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
 def _postprocess_key(options: PredictOptions, sieve: bool) -> dict:
     """What post-processing adds to a job key: nothing for the card's without a sieve (keys of jobs made before
     2026-12-04 stay the same); a sieve joined after the model never resumes a store sieved in windows, nor one
-    sieved by the rule before 2026-12-05 (small neighbours voted too: "joined")."""
+    sieved by the rule before 2026-12-05 (small neighbours voted too: "joined")."""  # (nor, needlessly, one of 3d69ec1)
     out: dict = {} if options.postprocess is None else {"postprocess": options.postprocess.model_dump()}
     return {**out, "sieve": "joined, large neighbours"} if sieve else out
 

@@ -1,7 +1,8 @@
 """The card's sieve (``--mmu``) over a whole prediction, joined across chunks after the segment stage.
 
-Sieved inside each chunk's window, a minimum mapping unit of N pixels needs N pixels of class map
-around the core, and the model computed them: 4x the forward passes for 1000 px on 2048 px chunks.
+Sieved inside each chunk's window, a minimum mapping unit of N pixels needs 2 N - 1 pixels of class map
+around the core (geoseg.vector.sieve), and the model computes them: 4x the forward passes for 1000 px on 2048
+px chunks with the N a window needed before small neighbours stopped voting, more now.
 Here the model's halo is its receptive field only (and the majority filter's radius, run in the
 window), the segment stage writes the raw class map into ``class_id_raw``, and this stage sieves
 it as ``geoseg.vector.sieve`` does for vectorize, in two passes of chunk tasks:

@@ -34,7 +34,7 @@ from geoseg.tiling import Box, TilingPlan
 from geoseg.vector.measure import Measurer
 from geoseg.vector.polygons import attributes, label_polygons, merge_pieces, region_stats, to_map
 from geoseg.vector.regions import Edges, LabelClasses, check_connectivity, join_borders, label_regions
-from geoseg.vector.sieve import Regions, border_facts, core_regions, joined_decisions, sieve, sieve_core
+from geoseg.vector.sieve import Regions, border_facts, core_regions, joined_decisions, sieve, sieve_core, window_ring
 
 DEFAULT_CHUNK = 2048
 
@@ -102,8 +102,8 @@ class VectorizeOptions:
 
     @property
     def sieve_halo(self) -> int:
-        """The halo a chunk's window needs for the sieve to equal the whole map's (``PostProcess.sieve_ring``)."""
-        return 2 * self.min_pixels - 1 if self.min_pixels > 1 else 0
+        """The halo a chunk's window needs for the sieve to equal the whole map's (2 L - 1: ``window_ring``)."""
+        return window_ring(self.min_pixels)
 
     @property
     def sieve_joined(self) -> bool:
