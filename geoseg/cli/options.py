@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 images_arg = click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
@@ -93,3 +95,27 @@ def postprocess_in_place(majority: int | None, mmu: str | None, none: bool):
 
         return PostProcess()
     return postprocess_of(majority, mmu)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """A batch scheduler's SIGTERM (a job's time limit, a preempted node) raised as Ctrl-C's KeyboardInterrupt in
+    the main thread, so a command stops as it does on Ctrl-C and says how to resume; the state yielded says
+    whether it was one (``.terminated``: exit 143, SIGTERM's status, rather than 130)."""
+    import signal
+    import threading
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(terminated=False)
+
+    def handler(signum, frame):  # noqa: ANN001
+        state.terminated = True
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, handler) if main else None
+    try:
+        yield state
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGTERM, before)

@@ -80,22 +80,13 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
     if say and jp.todo:
         say(f"job {spec.job_name}: {len(jp.scenes)} scenes, {len(jp.todo)} to compute, "
             f"{len(jp.scenes) - len(jp.todo)} finished; cluster profile {spec.cluster.profile} ({spec.profile.kind})")
-    import signal
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    # a batch scheduler's SIGTERM (a job's time limit, a preempted node): stopped as Ctrl-C stops it, said alike
-    before = signal.signal(signal.SIGTERM, _terminated) if main else None
-    try:
-        summary = execute(jp, progress=verbosity >= 0 and sys.stderr.isatty(), report=say, keep_going=keep_going)
-    except KeyboardInterrupt:
-        click.echo(f"geoseg: stopped; {storage.join(spec.output_root, 'job.json')} says which scenes finished. Run the "
-                   "same command with --resume (in place of --overwrite) to reuse the chunks done", err=True)
-        sys.exit(143 if _TERMINATED else 130)
-    finally:
-        if main and before is not None:
-            signal.signal(signal.SIGTERM, before)
-        _untermed()  # a later Ctrl-C in this process (the Python API, a notebook) is no SIGTERM
+    with opt.sigterm_as_ctrl_c() as stop:
+        try:
+            summary = execute(jp, progress=verbosity >= 0 and sys.stderr.isatty(), report=say, keep_going=keep_going)
+        except KeyboardInterrupt:
+            click.echo(f"geoseg: stopped; {storage.join(spec.output_root, 'job.json')} says which scenes finished. Run "
+                       "the same command with --resume (in place of --overwrite) to reuse the chunks done", err=True)
+            sys.exit(143 if stop.terminated else 130)
     if verbosity < 0:
         return
     if summary["status"] == "nothing to do":
@@ -104,21 +95,6 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
     click.echo(format_summary(summary))
     if summary["status"] != "nothing to do":
         click.echo(f"summary written to {storage.join(spec.output_root, 'job.json')}")
-
-
-_TERMINATED = False
-
-
-def _untermed() -> None:
-    global _TERMINATED
-    _TERMINATED = False
-
-
-def _terminated(signum, frame):  # noqa: ANN001
-    """SIGTERM taken as Ctrl-C (job.json written, how to resume said), the exit status still SIGTERM's (143)."""
-    global _TERMINATED
-    _TERMINATED = True
-    raise KeyboardInterrupt
 
 
 class _Dumper(yaml.SafeDumper):

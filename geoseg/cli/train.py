@@ -215,48 +215,29 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
         who = f"network {r['member'] + 1}/{r['members']}  " if r.get("members", 1) > 1 else ""
         click.echo(f"{who}epoch {r['epoch']:>3}/{r['epochs']}  loss {r['loss']:.4f}{val}  lr {r['lr']:.2e}  {r['seconds']:.1f} s{stop}")
 
-    import signal
-    import threading
-
-    main = threading.current_thread() is threading.main_thread()
-    # a batch scheduler's SIGTERM (a job's time limit, a preempted node): said as Ctrl-C is, with how to resume
-    before = signal.signal(signal.SIGTERM, _terminated) if main else None
-    try:
-        with geoseg_warnings():
-            result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
-                         progress=progress, card_update=update)  # fmt: skip
-    except KeyboardInterrupt:
-        from geoseg.training.checkpoint import saved_states
-
-        work = working_dir(out_dir)
-        if saved_states(work) == (None, []):
-            click.echo("geoseg: interrupted before the first epoch finished; nothing was saved: run the same command "
-                       "to start again", err=True)
-        else:
-            click.echo(f"geoseg: interrupted; the last finished epoch is saved in {work}: "
-                       f"run the same command with --resume{' in place of --overwrite' if overwrite else ''} to continue",
-                       err=True)  # fmt: skip
-        sys.exit(143 if _TERMINATED else 130)
-    finally:
-        if main and before is not None:
-            signal.signal(signal.SIGTERM, before)
-        _untermed()  # a later Ctrl-C in this process (the Python API, a notebook) is no SIGTERM
+    with opt.sigterm_as_ctrl_c() as stop:  # a scheduler's SIGTERM: said as Ctrl-C is, with how to resume
+        try:
+            with geoseg_warnings():
+                result = run(inputs, out_dir, config, device=device, amp=not no_amp, resume=resume, overwrite=overwrite,
+                             progress=progress, card_update=update)  # fmt: skip
+        except KeyboardInterrupt:
+            _interrupted(out_dir, overwrite, stop.terminated)
     _report(result, verbosity)
 
 
-_TERMINATED = False
+def _interrupted(out_dir, overwrite: bool, terminated: bool) -> None:  # noqa: ANN001
+    """What a stopped training saved and how to go on; exit 130 (Ctrl-C) or 143 (SIGTERM)."""
+    from geoseg.training.checkpoint import saved_states, working_dir
 
-
-def _untermed() -> None:
-    global _TERMINATED
-    _TERMINATED = False
-
-
-def _terminated(signum, frame):  # noqa: ANN001
-    """SIGTERM taken as Ctrl-C (the epoch saved, how to resume said), the exit status still SIGTERM's (143)."""
-    global _TERMINATED
-    _TERMINATED = True
-    raise KeyboardInterrupt
+    work = working_dir(out_dir)
+    if saved_states(work) == (None, []):
+        click.echo("geoseg: interrupted before the first epoch finished; nothing was saved: run the same command "
+                   "to start again", err=True)
+    else:
+        click.echo(f"geoseg: interrupted; the last finished epoch is saved in {work}: "
+                   f"run the same command with --resume{' in place of --overwrite' if overwrite else ''} to continue",
+                   err=True)  # fmt: skip
+    sys.exit(143 if terminated else 130)
 
 
 # what --task instance takes; every other option is refused, not ignored
