@@ -741,10 +741,20 @@ def to_cog(ds: xr.Dataset | xr.DataArray, path: str | os.PathLike, *, client: An
         import dask.array as da
 
         data = var.data if isinstance(var.data, da.Array) else da.from_array(var.values, chunks=2048)
+        if data.dtype != np.uint8:  # ids 0-254 of a wider type, checked block by block as write_cog checks them
+            data = data.map_blocks(_class_ids_block, dtype=np.uint8)
         write_cog_cluster(client, data, path, grid=grid, classes=classes)
     else:
         write_cog(var.data, path, grid=grid, classes=classes)
     return Path(path)
+
+
+def _class_ids_block(block: np.ndarray, block_info: Any = None) -> np.ndarray:
+    """A block of class ids as uint8 (an InputError for ids out of 0-255, naming where)."""
+    from geoseg.io.cog import _as_class_ids
+
+    where = tuple(int(r[0]) for r in block_info[0]["array-location"]) if block_info else (0, 0)
+    return _as_class_ids(block, block.shape, where)
 
 
 # ---------------------------------------------------------------------------------------------- train / evaluate

@@ -203,7 +203,7 @@ def test_vectorize_a_dataset_and_cog_from_the_accessor(client, random_model, sce
                                   geoseg.predict(per_band, random_model, chunk_size=128).class_id.values)
 
 
-def test_to_cog_of_a_class_raster_with_its_own_nodata_and_no_class_attributes(tmp_path):
+def test_to_cog_of_a_class_raster_with_its_own_nodata_and_no_class_attributes(tmp_path, client):
     """A class raster opened with rioxarray (nodata 0, no class attributes): its nodata pixels were written as
     class 0, valid, under the COG's nodata 255; and its colour table was all black (every class (0, 0, 0))."""
     import rioxarray
@@ -223,8 +223,10 @@ def test_to_cog_of_a_class_raster_with_its_own_nodata_and_no_class_attributes(tm
     np.testing.assert_array_equal(got, np.where(a == 0, 255, a))
     assert cmap[1][:3] != cmap[2][:3] and all(cmap[i][:3] != (0, 0, 0) for i in (1, 2)) and cmap[255][3] == 0
     signed = var.astype(np.int8).rio.write_nodata(0)  # 255 fits once widened (in int8 it wrapped to -1, refused)
-    with rasterio.open(geoseg.to_cog(signed, tmp_path / "signed.tif", client=None)) as ds:
-        np.testing.assert_array_equal(ds.read(1), got)
+    for where in (None, client):  # built here (no default client), and on the cluster (which took uint8 only)
+        with rasterio.open(geoseg.to_cog(signed, tmp_path / "signed.tif", client=where)) as ds:
+            np.testing.assert_array_equal(ds.read(1), got)
+        (tmp_path / "signed.tif").unlink()
     # a map that carries its classes keeps their names and colours through the nodata change
     named = var.assign_attrs(flag_values=[1, 2], class_names=["water", "forest"], class_colors=["#0000ff", "#00aa00"])
     with rasterio.open(geoseg.to_cog(named, tmp_path / "named.tif", client=None)) as ds:
