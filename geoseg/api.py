@@ -192,7 +192,9 @@ def _stac_item(source: Any) -> Any:
             raise InputError(f"{source}: not a STAC item (not JSON: {exc})") from None
         if not isinstance(d, dict) or d.get("type") not in ("Feature", "FeatureCollection", "Collection"):
             raise InputError(f"{source}: not a STAC item (a JSON Feature); give a raster or an item's JSON file")
-        source = pystac.read_file(str(source)) if d.get("type") != "FeatureCollection" else pystac.ItemCollection.from_file(str(source))
+        # from the dict read (not the file again); its path resolves relative asset hrefs
+        source = (pystac.ItemCollection.from_dict(d) if d["type"] == "FeatureCollection"
+                  else pystac.read_dict(d, href=str(Path(source).resolve())))
     elif isinstance(source, dict) and source.get("type") in ("Feature", "FeatureCollection", "Collection"):
         source = (pystac.ItemCollection.from_dict(source) if source["type"] == "FeatureCollection"
                   else pystac.read_dict(source))

@@ -162,9 +162,8 @@ def with_joined(client: Any, numerics: Numerics, digest: str, device: str = "aut
     if emulated:
         _warn_emulated(f"{len(emulated)} model worker(s) that joined while the job ran "
                        f"({caps[emulated[0]].get('cpu') or caps[emulated[0]].get('device')})", None)
-    mismatch = {a: c for a, c in caps.items() if c.get("versions")}
     try:
-        check_versions(mismatch)
+        check_versions(caps)
     except ConfigError as exc:
         warnings.warn(f"{exc} (it took model tasks of this job)", WorkerVersionWarning, stacklevel=2)
     return replace(numerics, workers={**numerics.workers, **caps})

@@ -11,6 +11,7 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from geoseg.errors import ConfigError, ModelError
 from geoseg.model.store import ModelBundle, load_model, local_model_dir
@@ -70,20 +71,21 @@ def task_threads() -> int | None:
         worker = get_worker()
     except (ImportError, ValueError):
         return None
-    nthreads = worker.state.nthreads
-    concurrent = nthreads
     try:
         ts = worker.state.tasks.get(worker.get_current_task())
         needs = dict(ts.resource_restrictions or {}) if ts is not None else {}
     except Exception:  # no current task (client.run): every thread may run one
         needs = {}
-    for name, need in needs.items():
+    return model_threads(worker, needs)
+
+
+def model_threads(worker: Any, needs: dict[str, float] | None) -> int:
+    """torch threads of one model task on ``worker`` whose model tasks need ``needs`` (resources): its threads over
+    the model tasks it can run at once (as many as its threads, fewer where the resources they need run out)."""
+    nthreads = concurrent = worker.state.nthreads
+    for name, need in (needs or {}).items():
         if need > 0:
             concurrent = min(concurrent, int(worker.state.total_resources.get(name, 0) // need))
-    return model_threads(nthreads, concurrent)
-
-
-def model_threads(nthreads: int, concurrent: int) -> int:
     return max(1, nthreads // max(1, concurrent))
 
 

@@ -196,14 +196,7 @@ def capabilities(device: str = "auto", resources: dict[str, float] | None = None
     if device.startswith("cuda") and not torch.cuda.is_available():  # said to the client, which names the workers
         return {"device": "cpu", "error": no_cuda_message(device, platform.node()), "host": platform.node()}
     dev = pick_device(device)
-    threads = torch.get_num_threads()
-    if dask_worker is not None:
-        state = dask_worker.state
-        concurrent = state.nthreads
-        for name, need in (resources or {}).items():
-            if need > 0:
-                concurrent = min(concurrent, int(state.total_resources.get(name, 0) // need))
-        threads = model_threads(state.nthreads, concurrent)
+    threads = torch.get_num_threads() if dask_worker is None else model_threads(dask_worker, resources)
     info: dict[str, Any] = {
         "device": dev,
         "bf16_native": fast_bf16(dev),

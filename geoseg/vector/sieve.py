@@ -265,13 +265,14 @@ def joined_decisions(join: Join, facts: dict[int, dict], limit: float | np.ndarr
         big = state == LARGE
         at = state == BORDER
         big[at] = ~small[region_of[c][np.searchsorted(f["labels"], nbr[at])]]
+        ring = np.flatnonzero(state == RING)
+        sides, positions = ring_side_pos(nbr[ring])
         for side, (delta, facing_edge) in step.items():
-            sel = np.flatnonzero(state == RING)
-            sel = sel[ring_side_pos(nbr[sel])[0] == side]
-            if len(sel):
+            at_side = sides == side
+            if at_side.any():
                 d = c + delta
-                there = getattr(facts[d]["edges"], facing_edge)[ring_side_pos(nbr[sel])[1]]
-                big[sel] = ~small[region_of[d][np.searchsorted(facts[d]["labels"], there)]]
+                there = getattr(facts[d]["edges"], facing_edge)[positions[at_side]]
+                big[ring[at_side]] = ~small[region_of[d][np.searchsorted(facts[d]["labels"], there)]]
         large.append(big)
     new = decide(small, np.concatenate(rows) if rows else np.zeros((0, 3), np.int64),
                  np.concatenate(large) if large else np.zeros(0, bool))
