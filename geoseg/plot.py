@@ -239,7 +239,7 @@ def plot_history(history: Sequence[dict[str, Any]] | Any, *, ax: Any = None) -> 
 
 def explore(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_size: int = 1024, opacity: float = 0.7) -> Any:
     """An interactive folium map of the class map (and polygons), from local data only: no basemap
-    tiles are fetched, the class map is embedded as an image in longitude/latitude."""
+    tiles are fetched, the class map is embedded as an image in Web Mercator, as Leaflet draws it."""
     import base64
     import io
 
@@ -251,8 +251,10 @@ def explore(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_size: in
     var = _class_var(ds)
     classes = classes_of(var)
     small = _decimate(var, max_size)
-    geo = small.rio.reproject("EPSG:4326", nodata=255, resampling=0)
-    ids = np.asarray(geo.values)
+    # Leaflet stretches an image overlay linearly in Web Mercator between its corners: warped to EPSG:3857 it
+    # lies where the polygons are (warped to lon/lat, a scene 1 degree tall was ~180 m off in its middle)
+    merc = small.rio.reproject("EPSG:3857", nodata=255, resampling=0)
+    ids = np.asarray(merc.values)
     rgba = np.zeros((*ids.shape, 4), np.uint8)
     for c in classes:
         rgba[ids == c.id] = (np.array(to_rgba(c.color)) * 255).astype(np.uint8)
@@ -260,7 +262,10 @@ def explore(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_size: in
 
     buf = io.BytesIO()
     Image.fromarray(rgba).save(buf, format="PNG")
-    west, south, east, north = geo.rio.bounds()
+    from pyproj import Transformer
+
+    x0, y0, x1, y1 = merc.rio.bounds()
+    (west, east), (south, north) = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform([x0, x1], [y0, y1])
     m = folium.Map(location=[(south + north) / 2, (west + east) / 2], tiles=None, control_scale=True)
     folium.raster_layers.ImageOverlay(
         image="data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(),

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import xarray as xr  # noqa: E402
 
 import geoseg  # noqa: E402
 from geoseg.plot import composite_bands, explore, plot_classes, plot_confusion, plot_history, plot_iou, plot_scene  # noqa: E402
@@ -81,6 +82,38 @@ def test_interactive_map_is_offline(prediction, tmp_path):
     assert "data:image/png;base64," in html  # the class map travels inside the page
     assert "tile.openstreetmap" not in html  # no basemap fetched
     assert "class_name" in html
+
+
+def test_interactive_map_places_the_class_map_where_it_is(prediction):
+    """A scene 40 degrees tall in lon/lat: each row of the embedded image, placed as Leaflet places an overlay
+    (linearly in Web Mercator between its corners), shows the class of its latitude."""
+    import base64
+    import io
+    import re
+
+    from matplotlib.colors import to_rgba
+    from PIL import Image
+
+    attrs = prediction["class_id"].attrs
+    a, b = [c.id for c in geoseg.api.classes_of(prediction)][:2]
+    lat = 60.0 - (np.arange(400) + 0.5) * 0.1  # 60N to 20N, stripes 4 degrees tall
+    ids = np.where((np.floor((60.0 - lat) / 4.0) % 2) == 0, a, b).astype(np.uint8)
+    da_ = xr.DataArray(np.repeat(ids[:, None], 20, axis=1), dims=("y", "x"), coords={"y": lat, "x": 0.05 + np.arange(20) * 0.1},
+                       attrs=attrs).rio.write_crs("EPSG:4326").rio.write_nodata(255)
+    html = explore(da_).get_root().render()
+    png = re.search(r'"data:image/png;base64,([^"]+)"', html).group(1)
+    rgba = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))))
+    (south, west), (north, east) = (tuple(map(float, p)) for p in
+                                    re.findall(r"\[(-?[\d.]+), (-?[\d.]+)\]", html.split(png)[1])[:2])
+    merc = lambda d: np.log(np.tan(np.pi / 4 + np.radians(d) / 2))  # noqa: E731
+    rows = np.arange(rgba.shape[0]) + 0.5
+    y = merc(north) - rows / rgba.shape[0] * (merc(north) - merc(south))
+    shown_lat = np.degrees(2 * np.arctan(np.exp(y)) - np.pi / 2)
+    want = np.where((np.floor((60.0 - shown_lat) / 4.0) % 2) == 0, a, b)
+    colour = {c.id: tuple((np.array(to_rgba(c.color)) * 255).astype(np.uint8)[:3]) for c in geoseg.api.classes_of(prediction)}
+    got = rgba[:, rgba.shape[1] // 2, :3]
+    right = [tuple(got[i]) == colour[want[i]] for i in range(len(rows))]
+    assert np.mean(right) > 0.97, f"{np.mean(right):.3f} of the rows show their latitude's class"
 
 
 def test_a_raw_rioxarray_array_plots_as_its_scene(scene_path):
