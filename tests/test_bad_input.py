@@ -449,3 +449,36 @@ def test_verbosity_flags_reach_every_command(tmp_path):
     finally:
         logging.getLogger("geoseg").setLevel(before)
         logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def test_a_web_server_without_range_requests_is_named_and_not_downloaded_to_check_it(scene_path, tmp_path):
+    """Python's http.server answers no Range: GDAL cannot read a raster in place there, and the message says so
+    (it said "give a GeoTIFF" of a GeoTIFF). Checking that the file exists asks its headers, not the file."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    shutil.copy(scene_path, tmp_path / "scene.tif")
+    asked: list[tuple[str, str | None]] = []
+
+    class Handler(SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # quiet
+            pass
+
+        def do_GET(self):
+            asked.append(("GET", self.headers.get("Range")))
+            super().do_GET()
+
+        def do_HEAD(self):
+            asked.append(("HEAD", None))
+            super().do_HEAD()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code, out = run("info", f"http://127.0.0.1:{server.server_port}/scene.tif")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code != 0 and "range requests" in out and "scene.tif" in out and "give a GeoTIFF" not in out, out
+    assert asked[0] == ("HEAD", None)  # the existence check: fsspec's exists() GETs the whole file

@@ -198,6 +198,18 @@ def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp
     (item,) = json.loads(res.output)
     assert item["stac_item"] == str(out / "item.json") and item["proj:code"] == f"EPSG:{src.crs.to_epsg()}"
     assert item["assets"]["classes"]["href"] == "classes.tif" and item["assets"]["prediction"]["href"] == "prediction.zarr"
+    # the COG's layout and classes, its polygons as OGR reads them; a card or a plain folder points to what to give
+    res = CliRunner().invoke(cli, ["info", str(out / "classes.tif"), str(out / "landuse.gpkg"), "--json"])
+    assert res.exit_code == 0, res.output
+    cog, gpkg = json.loads(res.output)
+    assert cog["layout"]["cog"] and cog["layout"]["tiled"] and cog["layout"]["compression"] == "DEFLATE"
+    assert {str(c["id"]): c["name"] for c in table} == {str(k): v for k, v in cog["classes"].items() if int(k) in
+                                                        {c["id"] for c in table}}
+    assert gpkg["layers"]["landuse"]["features"] == rec["polygons"] and "class_name" in gpkg["layers"]["landuse"]["fields"]
+    for path, hint in ((out / "run.json", f"geoseg info {out}"), (random_model / "model.json", f"geoseg info {random_model}"),
+                       (tmp_path, "a model directory (model.json)")):
+        res = CliRunner().invoke(cli, ["info", str(path)])
+        assert res.exit_code != 0 and hint in res.output and "not a raster" not in res.output, res.output
 
 
 def test_info_of_a_job_root_and_of_a_nan_nodata_scaled_raster_in_strict_json(tmp_path):

@@ -151,6 +151,35 @@ def test_predict_from_and_to_s3(s3, uploaded, local_run, random_model, scene_pat
         predict([scene_url], model_url, out_url, PredictOptions(chunk_size=128), client=s3.client)
 
 
+def test_info_reads_models_outputs_stores_and_items_on_the_store(s3, uploaded, local_run):
+    """geoseg info on URLs: each kind is found by the files geoseg writes, as for local paths (every URL was
+    read as a raster: "not a raster GDAL can read" for a model, advice to assign a CRS for a store)."""
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    for f in local_run.rglob("*"):
+        if f.is_file():
+            s3.boto.upload_file(str(f), BUCKET, f"info/out/{f.relative_to(local_run).as_posix()}")
+    _, model_url = uploaded
+    out_url = f"s3://{BUCKET}/info/out"
+    res = CliRunner().invoke(cli, ["info", model_url, out_url, f"{out_url}/prediction.zarr", f"{out_url}/item.json",
+                                   f"{out_url}/classes.tif", "--json"])
+    assert res.exit_code == 0, res.output
+    model, output, store, item, cog = json.loads(res.output)
+    assert model["model"] == model_url and model["classes"]
+    local = json.loads((local_run / "run.json").read_text())
+    assert output["output"] == out_url and output["shape"] == local["grid"]["shape"]
+    assert sum(c["pixels"] for c in output["classes_table"]) == sum(local["class_pixels"].values())
+    with rasterio.open(local_run / "classes.tif") as src:
+        assert store["crs"] == f"EPSG:{src.crs.to_epsg()}" and cog["crs"] == store["crs"]
+        assert store["transform"] == list(src.transform)[:6]
+    assert item["stac_item"] == f"{out_url}/item.json" and "classes" in item["assets"]
+    assert cog["layout"]["cog"] and set(cog["classes"].values()) <= set(model["classes"].values())
+    res = CliRunner().invoke(cli, ["info", f"{out_url}/run.json"])
+    assert res.exit_code != 0 and f"geoseg info {out_url}" in res.output
+
+
 def test_failed_run_publishes_no_run_json(s3, uploaded, local_run, monkeypatch):
     """A run that fails after its store is written leaves no run.json; --resume then finishes it."""
     import geoseg.io.cog_cluster

@@ -10,57 +10,31 @@ import click
 from geoseg.errors import InputError
 
 
-@click.command(short_help="Summarise rasters or a model directory.")
+@click.command(short_help="Summarise rasters, models, outputs, stores, STAC items or vector files.")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(paths, as_json):
-    """Summarise PATHS: rasters (grid, bands, nodata), a model directory (card), or a finished output
-    folder (classes with their area shares, polygon count, run figures)."""
-    from geoseg.io.sources import open_stack
-    from geoseg.model.store import check_model_dir
+    """Summarise PATHS, local paths or URLs: rasters (grid, bands, nodata, layout, a class raster's classes), a
+    model directory (card), a finished output folder (classes with their area shares, polygon count, run figures),
+    a job's root, a prediction store, a STAC item, or a local vector file (layers, features, fields)."""
 
     out = []
     for p in paths:
-        if Path(p).is_dir() and (Path(p) / "run.json").exists():
-            out.append(output_summary(Path(p)))
-            continue
-        if Path(p).is_dir() and (Path(p) / "job.json").exists():
-            out.append(job_summary(Path(p)))
-            continue
-        if Path(p).is_file() and Path(p).suffix.lower() == ".json":
-            item = _stac_item(Path(p))
-            if item is not None:
-                out.append(item)
-                continue
-        if Path(p).is_dir() and not (Path(p) / "model.json").exists() and any(Path(p).glob("*.safetensors")):
-            check_model_dir(p)  # weights without their card: says so
-        if Path(p).is_dir() and (Path(p) / "model.json").exists():
-            card = check_model_dir(p)
-            ens = card.method_params.get("ensemble")
-            out.append({"model": p, "method": card.method, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
-                        "members": card.members,
-                        "method_params": {k: v for k, v in card.method_params.items() if k not in ("ensemble", "files")},
-                        "ensemble": {"with": ens["method"], "network_weight": ens["weight"]} if ens else None,
-                        "bands": [b.description or b.name for b in card.bands],
-                        "band_roles": list(card.band_roles), "missing_bands": card.missing_bands,
-                        "postprocess": card.postprocess.model_dump() if card.postprocess.active else None, "tta": card.tta,
-                        "classes": {c.id: c.name for c in card.classes}, "stride": card.stride,
-                        "receptive_field": card.receptive_field, "default_halo": card.default_halo,
-                        "tile_size": card.tile_size, "metrics": (card.training or {}).get("metrics")})
-            continue
-        if Path(p).is_dir() and ((Path(p) / "zarr.json").exists() or (Path(p) / ".zgroup").exists()):
+        kind = _kind(p)
+        if kind == "output":
+            out.append(output_summary(p))
+        elif kind == "job":
+            out.append(job_summary(p))
+        elif kind == "item":
+            out.append(_stac_item(p))
+        elif kind == "model":
+            out.append(model_summary(p))
+        elif kind == "store":
             out.append(store_summary(p))  # a prediction store (prediction.zarr): GDAL does not read its CRS
-            continue
-        if Path(p).is_dir() and any(c.name.startswith(("prediction.zarr", ".geoseg")) for c in Path(p).iterdir()):
-            raise InputError(f"{p}: an output of geoseg predict that is not finished (no run.json); run the same "
-                             "command with --resume to finish it")
-        stack = open_stack([p])
-        g = stack.grid
-        out.append({"raster": p, "crs": g.crs.to_wkt() if g.crs.epsg is None else f"EPSG:{g.crs.epsg}",
-                    "shape": list(g.shape), "transform": list(g.affine)[:6], "block_shape": list(stack.block_shape),
-                    "bands": [{"band": b.band, "description": b.description, "dtype": b.dtype, "nodata": b.nodata,
-                               **({"scale": b.scale, "offset": b.offset} if (b.scale, b.offset) != (1.0, 0.0) else {})}
-                              for b in stack.bands]})
+        elif kind == "vector":
+            out.append(vector_summary(p))
+        else:
+            out.append(raster_summary(p))
     if as_json:
         click.echo(json.dumps(_json_safe(out), indent=2, default=str, allow_nan=False))
         return
@@ -77,18 +51,157 @@ def info(paths, as_json):
         click.echo("")
 
 
-def output_summary(folder: Path) -> dict:
-    """What a finished output folder holds: classes and their shares (true areas from the polygons), run figures."""
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc", ".hdf", ".h5", ".png", ".jpg", ".jpeg", ".asc", ".dem")
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".parquet", ".geoparquet", ".fgb", ".gml", ".kml", ".gdb")
+FOLDER_HINT = "give a raster file, a model directory (model.json), an output folder of geoseg predict (run.json) or a job's root"
+
+
+def _is_stac_item(doc: object) -> bool:
+    return isinstance(doc, dict) and "stac_version" in doc and doc.get("type") == "Feature"
+
+
+def _json_doc(path: str) -> object:
+    from geoseg.io import storage
 
     try:
-        run = json.loads((folder / "run.json").read_text())
+        return json.loads(storage.read_bytes(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _kind(p: str) -> str:
+    """What PATH (a local path or a URL) holds, by the files geoseg writes: an output, a job's root, a model, a
+    prediction store, a STAC item, a vector file, else a raster (GDAL says whether it is one)."""
+    from geoseg.io import storage
+    from geoseg.model.store import check_model_dir
+
+    remote = storage.is_url(p)
+    name = p.rstrip("/").rsplit("/", 1)[-1] if remote else Path(p).name
+    suffix = Path(name).suffix.lower()
+    if suffix in RASTER_SUFFIXES:
+        return "raster"
+    if suffix in VECTOR_SUFFIXES and not remote:
+        return "vector"
+    if suffix == ".json":
+        if name in ("model.json", "run.json", "job.json"):
+            what = {"model.json": "model directory", "run.json": "output folder", "job.json": "job's root"}[name]
+            parent = p.rstrip("/").rsplit("/", 1)[0] if remote else str(Path(p).parent)
+            raise InputError(f"{p}: the card of a {what}; give the folder: geoseg info {parent}")
+        doc = _json_doc(p)
+        if _is_stac_item(doc):
+            return "item"
+        if isinstance(doc, dict) and doc.get("type") in ("FeatureCollection", "Feature") and not remote:
+            return "vector"  # GeoJSON
+        if not remote and Path(p).is_file():
+            raise InputError(f"{p}: a JSON file that is no STAC item; {FOLDER_HINT}")
+    if remote:
+        if suffix in VECTOR_SUFFIXES:
+            raise InputError(f"{p}: a vector file; geoseg info reads vector files on this machine only, download it first")
+        for marker, kind in (("run.json", "output"), ("job.json", "job"), ("model.json", "model"), ("zarr.json", "store"),
+                             (".zgroup", "store")):
+            try:
+                if storage.exists(storage.join(p.rstrip("/"), marker)):
+                    return kind
+            except (ImportError, OSError, ValueError):
+                break  # no such scheme here, or unreachable: the raster reader says what is wrong
+        return "raster"
+    path = Path(p)
+    if not path.is_dir():
+        return "raster"  # a missing path is named as such by the raster reader
+    for marker, kind in (("run.json", "output"), ("job.json", "job"), ("model.json", "model"), ("zarr.json", "store"),
+                         (".zgroup", "store")):
+        if (path / marker).exists():
+            return kind
+    if any(path.glob("*.safetensors")):
+        check_model_dir(p)  # weights without their card: says so
+    if any(c.name.startswith(("prediction.zarr", ".geoseg")) for c in path.iterdir()):
+        raise InputError(f"{p}: an output of geoseg predict that is not finished (no run.json); run the same "
+                         "command with --resume to finish it")
+    raise InputError(f"{p}: a folder that is no model, output or store of geoseg; {FOLDER_HINT}")
+
+
+def model_summary(p: str) -> dict:
+    """A model directory's card, local or at a URL (fetched once into the cache, as predict does)."""
+    from geoseg.model.store import open_model
+
+    card = open_model(p).card
+    ens = card.method_params.get("ensemble")
+    return {"model": p, "method": card.method, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
+            "members": card.members,
+            "method_params": {k: v for k, v in card.method_params.items() if k not in ("ensemble", "files")},
+            "ensemble": {"with": ens["method"], "network_weight": ens["weight"]} if ens else None,
+            "bands": [b.description or b.name for b in card.bands],
+            "band_roles": list(card.band_roles), "missing_bands": card.missing_bands,
+            "postprocess": card.postprocess.model_dump() if card.postprocess.active else None, "tta": card.tta,
+            "classes": {c.id: c.name for c in card.classes}, "stride": card.stride,
+            "receptive_field": card.receptive_field, "default_halo": card.default_halo,
+            "tile_size": card.tile_size, "metrics": (card.training or {}).get("metrics")}
+
+
+def raster_summary(p: str) -> dict:
+    """Grid and bands of a raster as geoseg stacks it; a class raster's classes and a file's layout (tiles,
+    overviews, compression, COG) as GDAL reads them."""
+    import rasterio
+
+    from geoseg.io import storage
+    from geoseg.io.sources import open_stack
+
+    stack = open_stack([p])
+    g = stack.grid
+    out = {"raster": p, "crs": g.crs.to_wkt() if g.crs.epsg is None else f"EPSG:{g.crs.epsg}",
+           "shape": list(g.shape), "transform": list(g.affine)[:6], "block_shape": list(stack.block_shape),
+           "bands": [{"band": b.band, "description": b.description, "dtype": b.dtype, "nodata": b.nodata,
+                      **({"scale": b.scale, "offset": b.offset} if (b.scale, b.offset) != (1.0, 0.0) else {})}
+                     for b in stack.bands]}
+    try:
+        with storage.gdal_env(p), rasterio.open(stack.bands[0].path) as ds:
+            structure = ds.tags(ns="IMAGE_STRUCTURE")
+            bh, bw = ds.block_shapes[0]
+            out["layout"] = {"driver": ds.driver, "tiled": bw != ds.width or (bh == bw and bh > 1),
+                             "compression": ds.compression.name.upper() if ds.compression else None,
+                             "overviews": len(ds.overviews(1)), "cog": structure.get("LAYOUT") == "COG"}
+            names = ds.tags().get("CLASS_NAMES")
+            if names and ds.count == 1:
+                out["classes"] = {int(k): v for k, v in json.loads(names).items()}
+    except (rasterio.errors.RasterioError, ValueError, OSError):
+        pass  # the grid and bands above were read: the layout is extra
+    return out
+
+
+def vector_summary(p: str) -> dict:
+    """Layers, CRS, feature counts, geometry types and fields of a vector file (a landuse.gpkg, labels)."""
+    import pyogrio
+
+    try:
+        layers = pyogrio.list_layers(p)
+    except Exception as exc:  # noqa: BLE001  (pyogrio raises DataSourceError and others)
+        raise InputError(f"{p}: not a vector file OGR can read ({str(exc).splitlines()[0]}); give a GeoPackage, "
+                         "Shapefile, GeoJSON or GeoParquet") from None
+    out: dict = {"vector": p, "layers": {}}
+    for name, _ in layers:
+        info = pyogrio.read_info(p, layer=name)
+        crs = info.get("crs")
+        out["layers"][name] = {"features": int(info.get("features", -1)), "geometry": info.get("geometry_type"),
+                               "crs": crs, "fields": list(info.get("fields", []))}
+    return out
+
+
+def output_summary(folder: str | Path) -> dict:
+    """What a finished output folder (local or at a URL) holds: classes and their shares (true areas from the
+    polygons of a local folder), run figures."""
+    from geoseg.io import storage
+
+    folder = str(folder).rstrip("/") if storage.is_url(folder) else Path(folder)
+    run_path = storage.join(folder, "run.json")
+    try:
+        run = json.loads(storage.read_bytes(run_path))
     except (OSError, ValueError) as exc:
-        raise InputError(f"{folder / 'run.json'}: unreadable ({exc}); the output is not finished") from None
+        raise InputError(f"{run_path}: unreadable ({exc}); the output is not finished") from None
     names: dict[int, str] = {}
-    item_path = folder / "item.json"
-    if item_path.exists():
+    item_path = storage.join(folder, "item.json")
+    if storage.exists(item_path):
         try:
-            item = json.loads(item_path.read_text())
+            item = json.loads(storage.read_bytes(item_path))
         except (OSError, ValueError) as exc:
             raise InputError(f"{item_path}: unreadable ({exc}); the output folder is damaged") from None
         for c in item.get("assets", {}).get("classes", item.get("assets", {}).get("prediction", {})).get("classification:classes", []):
@@ -97,8 +210,8 @@ def output_summary(folder: Path) -> dict:
     pixels = {int(k): int(v) for k, v in (run.get("class_pixels") or {}).items()}
     total = sum(pixels.values()) or 1
     areas: dict[int, tuple[float, int]] = {}
-    gpkg = folder / "landuse.gpkg"
-    if gpkg.exists():
+    gpkg = storage.join(folder, "landuse.gpkg")
+    if not storage.is_url(gpkg) and Path(gpkg).exists():  # a remote one is not downloaded for its areas
         import pyogrio
 
         df = pyogrio.read_dataframe(gpkg, sql="SELECT class_id, SUM(area_m2) AS area, COUNT(*) AS n FROM landuse GROUP BY class_id",
@@ -141,12 +254,15 @@ def _json_safe(obj):
     return obj
 
 
-def job_summary(root: Path) -> dict:
-    """A job's output root (job.json): its status and each scene's."""
+def job_summary(root: str | Path) -> dict:
+    """A job's output root (job.json, local or at a URL): its status and each scene's."""
+    from geoseg.io import storage
+
+    path = storage.join(str(root).rstrip("/") if storage.is_url(root) else root, "job.json")
     try:
-        job = json.loads((root / "job.json").read_text())
+        job = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as exc:
-        raise InputError(f"{root / 'job.json'}: cannot be read ({exc}); run the job again") from None
+        raise InputError(f"{path}: cannot be read ({exc}); run the job again") from None
     scenes = job.get("scenes") or []
     return {"job": job.get("job"), "root": str(root), "status": job.get("status"), "job_file": job.get("job_file"),
             "finished": job.get("finished"), "wall_s": job.get("wall_s"),
@@ -155,13 +271,10 @@ def job_summary(root: Path) -> dict:
             "outputs": "geoseg info " + " ".join(str(s.get("out_dir")) for s in scenes[:3]) + (" ..." if len(scenes) > 3 else "")}
 
 
-def _stac_item(path: Path) -> dict | None:
-    """A STAC item (geoseg's item.json, or any): its assets, which are what rasters there are to read."""
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(doc, dict) or "stac_version" not in doc or doc.get("type") != "Feature":
+def _stac_item(path: str) -> dict | None:
+    """A STAC item (geoseg's item.json, or any; local or at a URL): its assets, which are what rasters there are to read."""
+    doc = _json_doc(path)
+    if not _is_stac_item(doc):
         return None
     props = doc.get("properties") or {}
     assets = {k: {"href": a.get("href"), "type": a.get("type"), "roles": a.get("roles")}

@@ -132,6 +132,10 @@ def _open(path: str) -> rasterio.io.DatasetReader:
         stac = _stac_hint(path)
         if stac:
             raise InputError(f"{path}: {stac}") from None
+        if "Range downloading not supported" in str(exc):
+            raise InputError(f"{path}: the server does not answer HTTP range requests, which GDAL needs to read a "
+                             "raster in place; serve it from one that does (a web server or object store; Python's "
+                             "http.server does not) or download the file first") from None
         raise InputError(
             f"{path}: not a raster GDAL can read ({str(exc).splitlines()[0]}); "
             "give a GeoTIFF, COG or VRT"

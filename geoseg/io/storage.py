@@ -178,9 +178,18 @@ def missing_bucket(url: str) -> str | None:
 
 
 def exists(location: str | os.PathLike) -> bool:
+    """Whether a file or object exists; an OSError where its server cannot be reached."""
     if not is_url(location):
         return os.path.exists(location)
     fs, path = filesystem(str(location))
+    if scheme(location) in ("http", "https"):  # fsspec's exists() GETs the whole file: info() asks with HEAD first
+        try:
+            fs.info(path)
+        except FileNotFoundError as exc:
+            if isinstance(exc.__cause__, OSError):  # connection refused, no such host: not an answer
+                raise ConnectionError(str(exc.__cause__)) from None
+            return False
+        return True
     return fs.exists(path)
 
 
