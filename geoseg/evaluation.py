@@ -102,11 +102,22 @@ class Evaluation:
     seconds: float
     labelled_pixels: int | None = None  # pixels where the labels hold a class, image valid or not (coverage)
 
+    def _scored(self) -> str:
+        cov = self.coverage
+        of = "" if cov is None else (f" of {self.labelled_pixels} labelled ({100 * cov:.1f}%; the model gives "
+                                     "the rest no class: image nodata)")
+        return f"{os.path.basename(os.path.normpath(self.job.model_dir))} scored on {self.metrics.pixels} pixels{of}"
+
     def _repr_html_(self) -> str:
-        return self.metrics._repr_html_()
+        from html import escape
+
+        return f"<div><small>{escape(self._scored())}</small>{self.metrics._repr_html_()}</div>"
 
     def __str__(self) -> str:
         return self.metrics.table(confusion=False)
+
+    def __repr__(self) -> str:
+        return f"geoseg Evaluation: {self._scored()}\n{self}"
 
     def to_dict(self) -> dict[str, Any]:
         j = self.job

@@ -82,6 +82,9 @@ def test_evaluate_equals_an_independent_numpy_computation(trained, reference):
     d = result.to_dict()
     assert d["miou"] == pytest.approx(result.metrics.miou, abs=1e-6) and len(d["classes"]) == 3
     assert d["confusion"]["class_ids"] == [2, 5, 9]
+    # a notebook shows how many labelled pixels were scored, not only the scored count
+    assert f"{result.labelled_pixels} labelled" in result._repr_html_() and f"{result.labelled_pixels} labelled" in repr(result)
+    assert repr(result).endswith(str(result))
 
 
 def test_evaluate_a_region_and_ignore_a_class(trained, reference):

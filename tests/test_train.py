@@ -429,6 +429,9 @@ def test_members_model_is_the_mean_of_networks_of_consecutive_seeds(scene, tmp_p
     assert [h["member"] for h in two.history] == [0, 0, 0, 1, 1, 1]
     assert two.card.training["metrics"]["pixels"] > 0  # validation of the members' mean
     assert not working_dir(tmp_path / "two").exists()
+    text = repr(two)  # what a notebook or a console shows: a summary, not the dataclass's pages
+    assert len(text) < 600 and "2 networks" in text and f"{two.card.training['metrics']['miou']:.3f}" in text
+    assert str(tmp_path / "two") in two._repr_html_()
 
     plain = load_model(tmp_path / "one", optimize=False).net
     both = load_model(tmp_path / "two", optimize=False).net

@@ -151,11 +151,38 @@ class Prepared:
                           tuple(index_channels), tuple(roles))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrainResult:
     card: ModelCard
     model_dir: Path
     history: tuple[dict[str, Any], ...]
+
+    def _summary(self) -> tuple[str, list[str]]:
+        c, t = self.card, self.card.training or {}
+        lines = []
+        if t.get("epochs_run") is not None:
+            members = f" over {c.members} networks" if c.members > 1 else ""
+            stopped = ", stopped early" if t.get("stopped_early") else ""
+            lines.append(f"{t['epochs_run']} epochs{members}{stopped}")
+        miou = (t.get("metrics") or {}).get("miou")
+        if miou is not None:
+            lines.append(f"validation mIoU {miou:.3f}")
+        ens = c.method_params.get("ensemble")
+        if ens:
+            lines.append(f"mixed with a {ens['method']} model (network weight {ens['weight']})")
+        if self.history:
+            lines.append(f"{len(self.history)} history rows: geoseg.plot.plot_history(result)")
+        return f"geoseg TrainResult: {c.network} at {self.model_dir}", lines
+
+    def __repr__(self) -> str:
+        head, lines = self._summary()
+        return "\n".join([head, *(f"  {line}" for line in lines)])
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        head, lines = self._summary()
+        return f"<div><b>{escape(head)}</b><ul>" + "".join(f"<li>{escape(line)}</li>" for line in lines) + "</ul></div>"
 
 
 def band_infos(stack: RasterStack) -> list[BandInfo]:
