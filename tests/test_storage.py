@@ -245,6 +245,8 @@ def test_missing_remote_input(s3, uploaded, tmp_path):
     with pytest.raises(InputNotFoundError, match=f"s3://{BUCKET}/in/nope.tif"):
         predict([f"s3://{BUCKET}/in/nope.tif"], model_url, tmp_path / "out", client=s3.client)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(InputNotFoundError, match="no bucket 'no-such-bucket'"):
+        predict(["s3://no-such-bucket/in/scene.tif"], model_url, tmp_path / "out", client=s3.client)
 
 
 @pytest.mark.parametrize(

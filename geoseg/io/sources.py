@@ -120,6 +120,12 @@ def _check_exists(path: str) -> None:
             f"{path}: cannot reach it ({detail}); check the URL, the endpoint and the credentials (AWS_* variables)"
         ) from None
     if not found:
+        try:
+            bucket = storage.missing_bucket(path)
+        except (ImportError, OSError, ValueError):
+            bucket = None
+        if bucket:
+            raise InputNotFoundError(f"{path}: no bucket {bucket!r} at this endpoint; check the URL and AWS_ENDPOINT_URL")
         raise InputNotFoundError(f"{path}: no such object; check the URL and that your credentials can read it")
 
 
