@@ -239,7 +239,8 @@ def plot_history(history: Sequence[dict[str, Any]] | Any, *, ax: Any = None) -> 
 
 def explore(ds: xr.Dataset | xr.DataArray, *, polygons: Any = None, max_size: int = 1024, opacity: float = 0.7) -> Any:
     """An interactive folium map of the class map (and polygons), from local data only: no basemap
-    tiles are fetched, the class map is embedded as an image in Web Mercator, as Leaflet draws it."""
+    tiles are fetched, the class map is embedded as an image in Web Mercator, as Leaflet draws it. The page
+    loads Leaflet itself from its CDN, as folium's maps do: offline it stays blank."""
     import base64
     import io
 
