@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from affine import Affine
 from click.testing import CliRunner
@@ -171,6 +172,48 @@ def test_region_restricts_training(trained):
     bbox = (ORIGIN[0] + 96 * RES, ORIGIN[1] - 192 * RES, ORIGIN[0] + 192 * RES, ORIGIN[1])
     prep = prepare(TrainInputs(scene.bands, scene.labels, bbox=bbox), TrainConfig(encoder_depth=3, chip_size=32), 8)
     assert (prep.region.y0, prep.region.y1, prep.region.x0, prep.region.x1) == (0, 192, 96, 192)
+
+
+def test_labels_on_a_part_of_a_large_scene_train_as_on_that_part_alone(tmp_path):
+    """Labels on 192 px of a 1024 px scene whose other imagery is unlike it: region, split, normalisation and
+    chips are those of the labelled part with a chip's context (the whole scene was surveyed, and normalised
+    over: the same labels made another model in a larger scene). A window of the big scene without labels is
+    not read: its file is corrupt here."""
+    from conftest import blob_scene, write_raster
+
+    image, labels = blob_scene(192, 192, 3, seed=1)
+    m, (y, x) = TINY["chip_size"], (320, 448)
+    big = np.full((3, 1024, 1024), 60000, np.uint16)
+    big[:, y : y + 192, x : x + 192] = image
+    big_labels = np.full((1024, 1024), 255, np.uint8)
+    big_labels[y : y + 192, x : x + 192] = labels
+    write_raster(tmp_path / "big.tif", big)
+    write_raster(tmp_path / "big_labels.tif", big_labels, nodata=255)
+    crop = Box(y - m, y + 192 + m, x - m, x + 192 + m)
+    sl = (slice(crop.y0, crop.y1), slice(crop.x0, crop.x1))
+    shifted = Affine.translation(500000.0 + crop.x0 * 10.0, 4000000.0 - crop.y0 * 10.0) * Affine.scale(10.0, -10.0)
+    write_raster(tmp_path / "small.tif", big[(slice(None), *sl)], transform=shifted)
+    write_raster(tmp_path / "small_labels.tif", big_labels[sl], nodata=255, transform=shifted)
+    config = TrainConfig(**TINY)
+    a = prepare(TrainInputs([str(tmp_path / "small.tif")], str(tmp_path / "small_labels.tif")), config, 8)
+    b = prepare(TrainInputs([str(tmp_path / "big.tif")], str(tmp_path / "big_labels.tif")), config, 8)
+    assert (b.region.y0, b.region.x0, b.region.shape) == (crop.y0, crop.x0, a.region.shape)
+    assert a.normalization == b.normalization and a.normalization_pixels == b.normalization_pixels
+    assert np.array_equal(a.split.val, b.split.val)
+    assert np.array_equal(a.candidates + [crop.y0, crop.x0], b.candidates)
+    # a far window's imagery unreadable (its tiles zeroed in the file): the survey never reads it
+    far = Box(0, 256, 0, 256)
+    with rasterio.open(tmp_path / "big.tif") as ds:
+        offset, size = (int(ds.get_tag_item(f"BLOCK_{k}_0_0", "TIFF", bidx=1)) for k in ("OFFSET", "SIZE"))
+    with open(tmp_path / "big.tif", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\0" * size)
+    with pytest.raises(Exception):
+        from geoseg.io.sources import open_stack, read_window
+
+        read_window(open_stack([str(tmp_path / "big.tif")]), far.window)
+    c = prepare(TrainInputs([str(tmp_path / "big.tif")], str(tmp_path / "big_labels.tif")), config, 8, cache_bytes=0)
+    assert c.normalization == b.normalization
 
 
 # -- checkpoints and resume ------------------------------------------------------------------

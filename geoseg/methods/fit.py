@@ -174,7 +174,7 @@ def train_method(
     # and chips of the smallest size: the methods take no chips, so none of prepare's chip checks may refuse them
     from geoseg.training.chips import CELL
 
-    prep = prepare(inputs, replace(config, block_size=block, chip_size=CELL, min_labelled=0.0), 1)
+    prep = prepare(inputs, replace(config, block_size=block, chip_size=CELL, min_labelled=0.0), 1, cache_bytes=0)  # no chips
     from geoseg.model.card import check_mmu_classes
 
     check_mmu_classes(postprocess, [c.id for c in prep.classes])

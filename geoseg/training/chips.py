@@ -1,10 +1,12 @@
 """Training data: one windowed survey of imagery and labels, the spatial block split, the
 normalisation statistics and the chips sampled from them.
 
-The region used for training is cut into square blocks; every block goes to the training or
-the validation split as a whole, and a training chip lies entirely in training blocks, so no
-chip of one split overlaps the other. Everything is computed window by window: no array of the
-whole scene is ever held in float64, and the scene is kept in memory only if it is small.
+The region used for training is the labels' extent (grown by a margin) within the scene, window or
+bbox; it is cut into square blocks; every block goes to the training or the validation split as a
+whole, and a training chip lies entirely in training blocks, so no chip of one split overlaps the
+other. Everything is computed window by window: no array of the whole scene is ever held in
+float64, the imagery of a window without labels is not read, and the region is kept in memory only
+if it is small.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from geoseg.io.sources import RasterStack, read_window
 from geoseg.methods.features import band_units
 from geoseg.model.card import NODATA_CLASS, ClassInfo, Normalization
 from geoseg.tiling import Box
-from geoseg.training.labels import LabelSource, read_labels
+from geoseg.training.labels import LabelSource, VectorLabels, read_labels
 from geoseg.training.metrics import ID_SPACE
 
 CELL = 8  # chips start on this lattice; labelled pixels are counted per CELL x CELL cell
@@ -60,6 +62,33 @@ def region_box(
     if box is None:
         raise ConfigError(f"{what} does not overlap the scene ({h} x {w} px); check the coordinates and the CRS")
     return box
+
+
+def labelled_extent(labels: LabelSource, region: Box) -> Box | None:
+    """The smallest box of ``region`` that holds every labelled pixel (None: none there). Vector labels from
+    their features' bounds (the whole region with a background class); a label raster read window by window."""
+    if isinstance(labels, VectorLabels):
+        if labels.background is not None:
+            return region
+        b = labels.bounds
+        if not len(b):
+            return None
+        inv = ~labels.grid.affine
+        cols, rows = zip(*(inv @ (x, y) for x in (b[:, 0].min(), b[:, 2].max()) for y in (b[:, 1].min(), b[:, 3].max())))
+        box = Box(math.floor(min(rows)) - 1, math.ceil(max(rows)) + 1, math.floor(min(cols)) - 1, math.ceil(max(cols)) + 1)
+        return box.intersect(region)
+    rows, cols = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool)
+    for wy in range(region.y0, region.y1, SURVEY_WINDOW):
+        for wx in range(region.x0, region.x1, SURVEY_WINDOW):
+            win = Box(wy, min(region.y1, wy + SURVEY_WINDOW), wx, min(region.x1, wx + SURVEY_WINDOW))
+            has = read_labels(labels, win) != NODATA_CLASS
+            if has.any():
+                rows[win.y0 - region.y0 : win.y1 - region.y0] |= has.any(axis=1)
+                cols[win.x0 - region.x0 : win.x1 - region.x0] |= has.any(axis=0)
+    if not rows.any():
+        return None
+    (ys,), (xs,) = np.nonzero(rows), np.nonzero(cols)
+    return Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1)
 
 
 # -- survey ----------------------------------------------------------------------------------
@@ -126,14 +155,16 @@ def survey(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
 ) -> Survey:
     """Read the region once, window by window: per-block class counts and band moments, per-cell
-    labelled counts, and the pixels themselves if they fit in ``cache_bytes``."""
+    labelled counts, and the pixels themselves if they fit in ``cache_bytes``. A window without labels
+    has its imagery left unread (no valid pixels, no moments): no chip, validation box or normalisation
+    uses a block without labels."""
     h, w = stack.shape
     region = region or Box(0, h, 0, w)
     if block_size % CELL:
         raise ConfigError(f"block size {block_size} must be a multiple of {CELL}")
     nby, nbx = -(-region.shape[0] // block_size), -(-region.shape[1] // block_size)
     bands = stack.count
-    counts = np.zeros((nby, nbx, ID_SPACE), np.int64)
+    counts = np.zeros((nby, nbx, ID_SPACE), np.int32)  # a block holds < 2**31 pixels
     valid_px = np.zeros((nby, nbx), np.int64)
     mean = np.zeros((nby, nbx, bands))
     m2 = np.zeros((nby, nbx, bands))
@@ -152,8 +183,15 @@ def survey(
     for wy in range(region.y0, region.y1, step):
         for wx in range(region.x0, region.x1, step):
             win = Box(wy, min(region.y1, wy + step), wx, min(region.x1, wx + step))
-            data, valid = read_window(stack, win.window)
             ids = read_labels(labels, win)
+            if not (ids != NODATA_CLASS).any():
+                if cache is not None:  # never read: chips lie in labelled blocks only
+                    sl = win.relative_to(region)
+                    cache.data[(slice(None), *sl)] = 0
+                    cache.valid[sl] = False
+                    cache.labels[sl] = NODATA_CLASS
+                continue
+            data, valid = read_window(stack, win.window)
             ids = np.where(valid, ids, NODATA_CLASS).astype(np.uint8)
             if cache is not None:
                 sl = win.relative_to(region)
@@ -270,9 +308,9 @@ def split_blocks(survey: Survey, val_fraction: float, seed: int, tries: int = 25
 
 
 def train_normalization(survey: Survey, split: BlockSplit) -> tuple[Normalization, int]:
-    """Per-band mean and std of the valid image pixels outside validation blocks (Chan's merge of
-    the per-block moments), and how many pixels they come from."""
-    mask = ~split.val & (survey.valid_pixels > 0)
+    """Per-band mean and std of the valid image pixels of the training blocks (labelled, not validation;
+    Chan's merge of the per-block moments), and how many pixels they come from."""
+    mask = split.train & (survey.valid_pixels > 0)
     n = survey.valid_pixels[mask].astype(np.float64)
     if n.sum() == 0:
         raise InputError("no valid image pixel in the training blocks; the imagery is nodata there")

@@ -35,6 +35,7 @@ from geoseg.training.chips import (
     CELL,
     DEFAULT_CACHE_BYTES,
     BlockSplit,
+    labelled_extent,
     ChipReader,
     Survey,
     augment,
@@ -230,6 +231,10 @@ def _resolve_classes(inputs: TrainInputs, labels: LabelSource, id_counts: np.nda
     return default_classes(present), "label values"
 
 
+def _grown(box: Box, by: int, within: Box) -> Box:
+    return Box(max(within.y0, box.y0 - by), min(within.y1, box.y1 + by), max(within.x0, box.x0 - by), min(within.x1, box.x1 + by))
+
+
 def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Prepared:
     """Open and check inputs, survey imagery and labels, split, compute normalisation. Writes nothing."""
     stack = open_stack(inputs.images)
@@ -248,7 +253,10 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
         image=image_name,
     )
     h, w = stack.shape
-    region = region_box(stack.grid, inputs.bbox, inputs.window) or Box(0, h, 0, w)
+    asked = region_box(stack.grid, inputs.bbox, inputs.window) or Box(0, h, 0, w)
+    # the labels' extent with a chip's context around it: time and memory follow the labelled area, not the scene
+    extent = labelled_extent(labels, asked)
+    region = asked if extent is None else _grown(extent, config.chip_size, asked)
     unit = math.lcm(stride, CELL)
     chip = min(_round_to(config.chip_size, unit), _round_to(min(region.shape), unit))
     if chip > min(region.shape):
@@ -266,7 +274,7 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
         raise ConfigError(f"--block-size {block} is smaller than the chip size {chip}; blocks must hold whole chips: give a smaller --chip-size too")
     sv = survey(stack, labels, region, block, cache_bytes)
     counts = sv.id_counts
-    if sv.valid_pixels.sum() == 0:
+    if extent is not None and sv.valid_pixels.sum() == 0:
         raise InputError(f"{inputs.images[0]}: no valid pixel in the training region (every band is nodata there); check the "
                          "image's nodata value (gdalinfo) and the region (--window, --bbox)")
     if counts.sum() == 0:
