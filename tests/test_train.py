@@ -214,6 +214,22 @@ def test_labels_on_a_part_of_a_large_scene_train_as_on_that_part_alone(tmp_path)
         read_window(open_stack([str(tmp_path / "big.tif")]), far.window)
     c = prepare(TrainInputs([str(tmp_path / "big.tif")], str(tmp_path / "big_labels.tif")), config, 8, cache_bytes=0)
     assert c.normalization == b.normalization
+    # many small blocks read with the files kept open (GDAL keeps its decoded tiles): the same values; closed after
+    from geoseg.io import sources
+
+    stack = sources.open_stack([str(tmp_path / "small.tif")])
+    blocks = [Box(y, y + 32, x, x + 32) for y in range(0, 128, 32) for x in range(0, 128, 32)]
+    alone = [sources.read_bands(stack, b.window) for b in blocks]
+    with sources.files_kept_open():
+        held = sources._HELD.get()
+        kept = [sources.read_bands(stack, b.window) for b in blocks]
+        assert len(held) == 1
+    assert all(ds.closed for ds in held.values()) and sources._HELD.get() is None
+    for (d0, v0), (d1, v1) in zip(alone, kept):
+        assert np.array_equal(d0, d1) and np.array_equal(v0, v1)
+    with pytest.warns(UserWarning, match="reaches past the scene"):  # a window cut to the scene says so
+        prepare(TrainInputs([str(tmp_path / "small.tif")], str(tmp_path / "small_labels.tif"), window=(-10, 0, 100, 100)),
+                config, 8)
 
 
 # -- checkpoints and resume ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from geoseg.errors import ConfigError, InputError, OutputExistsError
+from geoseg.io.sources import keeping_files_open
 from geoseg.model.store import write_model_dir
 from geoseg.methods.features import (
     available_indices,
@@ -142,6 +143,7 @@ def _threshold_classes(classes: Sequence[Any], idx: str, means: np.ndarray, coun
     return above, most_frequent_besides(above)
 
 
+@keeping_files_open
 def train_method(
     inputs: TrainInputs,
     out_dir: str | os.PathLike,
@@ -262,7 +264,9 @@ def train_method(
 
         sums = np.zeros(len(classes))
         counts = np.zeros(len(classes))
-        values = []
+        values = []  # for the training blocks' Otsu (a record): at most MAX_TRAIN_PIXELS values, drawn uniformly
+        keep = min(1.0, MAX_TRAIN_PIXELS / max(1, sum(b.size for b in train_boxes)))
+        rng = np.random.default_rng([config.seed, 0x07505])
         from geoseg.io.sources import read_bands
 
         for box in train_boxes:
@@ -272,7 +276,7 @@ def train_method(
             m = np.isfinite(v) & (t != NODATA_CLASS)
             np.add.at(sums, t[m], v[m])
             np.add.at(counts, t[m], 1)
-            values.append(v)
+            values.append(v if keep >= 1.0 else v[rng.random(v.shape) < keep])
         if counts.sum() == 0:
             raise InputError(f"{inputs.labels}: no labelled pixel with a value of {idx} in the training blocks")
         means = np.where(counts > 0, sums / np.maximum(counts, 1), -np.inf)

@@ -61,6 +61,11 @@ def region_box(
     box = Box(y0, y1, x0, x1).intersect(Box(0, h, 0, w))
     if box is None:
         raise ConfigError(f"{what} does not overlap the scene ({h} x {w} px); check the coordinates and the CRS")
+    if box != Box(y0, y1, x0, x1):
+        import warnings
+
+        warnings.warn(f"{what} reaches past the scene ({h} x {w} px): training on its part inside, columns {box.x0}-{box.x1} "
+                      f"and rows {box.y0}-{box.y1}", UserWarning, stacklevel=3)
     return box
 
 

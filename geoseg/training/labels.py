@@ -27,7 +27,7 @@ from affine import Affine
 
 from geoseg.errors import GridMismatchError, InputError, InputNotFoundError
 from geoseg.io import storage
-from geoseg.io.sources import grid_of
+from geoseg.io.sources import dataset, grid_of
 from geoseg.io.classes import load_classes  # noqa: F401  (part of the labels API)
 from geoseg.model.card import DEFAULT_COLORS, NODATA_CLASS, ClassInfo
 from geoseg.tiling import Box
@@ -179,7 +179,7 @@ class RasterLabels:
 
     def read(self, box: Box) -> np.ndarray:
         try:
-            with storage.gdal_env(self.path), rasterio.open(self.path) as ds:
+            with dataset(self.path) as ds:
                 if self.warp:
                     g = self.grid
                     kwargs: dict[str, Any] = {
