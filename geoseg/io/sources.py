@@ -299,6 +299,7 @@ def _valid_into(data: np.ndarray, band: BandSource, out: np.ndarray) -> None:
         out &= np.isfinite(data)
 
 
+KEPT_CACHE_BYTES = 128 * 2**20
 _HELD: contextvars.ContextVar[dict[str, rasterio.io.DatasetReader] | None] = contextvars.ContextVar("geoseg_held", default=None)
 
 
@@ -310,7 +311,8 @@ def files_kept_open():
     held: dict[str, rasterio.io.DatasetReader] = {}
     token = _HELD.set(held)
     try:
-        yield
+        with rasterio.Env(GDAL_CACHEMAX=KEPT_CACHE_BYTES):  # bytes: the tiles kept, not 5% of the machine's memory
+            yield
     finally:
         _HELD.reset(token)
         for ds in held.values():
