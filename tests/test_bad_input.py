@@ -482,3 +482,18 @@ def test_a_web_server_without_range_requests_is_named_and_not_downloaded_to_chec
         server.server_close()
     assert code != 0 and "range requests" in out and "scene.tif" in out and "give a GeoTIFF" not in out, out
     assert asked[0] == ("HEAD", None)  # the existence check: fsspec's exists() GETs the whole file
+
+
+def test_info_tells_a_presigned_url_a_stac_collection_and_a_plain_folder_apart(tmp_path):
+    import json
+
+    from geoseg.cli.info import _kind
+
+    # the suffix of the URL's path, not of its query: no probe for run.json under "scene.tif?X-Amz-Signature=..."
+    assert _kind("https://example.invalid/scene.tif?X-Amz-Signature=abc&X-Amz-Expires=60") == "raster"
+    (tmp_path / "items.json").write_text(json.dumps({"type": "FeatureCollection", "stac_version": "1.0.0", "features": []}))
+    code, out = run("info", tmp_path / "items.json")
+    assert code != 0 and "STAC FeatureCollection, not an item" in out
+    (tmp_path / "folder").mkdir()
+    code, out = run("info", tmp_path / "folder")
+    assert code != 0 and "a model directory (model.json)" in out and "Traceback" not in out

@@ -75,8 +75,10 @@ def _kind(p: str) -> str:
     from geoseg.io import storage
     from geoseg.model.store import check_model_dir
 
+    from urllib.parse import urlsplit
+
     remote = storage.is_url(p)
-    name = p.rstrip("/").rsplit("/", 1)[-1] if remote else Path(p).name
+    name = urlsplit(p).path.rstrip("/").rsplit("/", 1)[-1] if remote else Path(p).name  # no ?query
     suffix = Path(name).suffix.lower()
     if suffix in RASTER_SUFFIXES:
         return "raster"
@@ -90,6 +92,8 @@ def _kind(p: str) -> str:
         doc = _json_doc(p)
         if _is_stac_item(doc):
             return "item"
+        if isinstance(doc, dict) and "stac_version" in doc:
+            raise InputError(f"{p}: a STAC {doc.get('type')}, not an item; give one item's JSON (or its assets' files)")
         if isinstance(doc, dict) and doc.get("type") in ("FeatureCollection", "Feature") and not remote:
             return "vector"  # GeoJSON
         if not remote and Path(p).is_file():
@@ -102,6 +106,8 @@ def _kind(p: str) -> str:
             try:
                 if storage.exists(storage.join(p.rstrip("/"), marker)):
                     return kind
+            except PermissionError:
+                continue  # a bucket that may be read but not listed answers 403 for a missing key
             except (ImportError, OSError, ValueError):
                 break  # no such scheme here, or unreachable: the raster reader says what is wrong
         return "raster"
@@ -117,7 +123,13 @@ def _kind(p: str) -> str:
     if any(c.name.startswith(("prediction.zarr", ".geoseg")) for c in path.iterdir()):
         raise InputError(f"{p}: an output of geoseg predict that is not finished (no run.json); run the same "
                          "command with --resume to finish it")
-    raise InputError(f"{p}: a folder that is no model, output or store of geoseg; {FOLDER_HINT}")
+    import rasterio
+
+    try:  # a folder GDAL reads as one raster (an Arc/Info grid)
+        with rasterio.open(p):
+            return "raster"
+    except rasterio.errors.RasterioError:
+        raise InputError(f"{p}: a folder that is no model, output or store of geoseg; {FOLDER_HINT}") from None
 
 
 def model_summary(p: str) -> dict:

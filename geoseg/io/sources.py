@@ -335,8 +335,9 @@ def keeping_files_open(fn):
 def dataset(path: str):
     """``path`` opened for reading (in its GDAL settings), or the one ``files_kept_open`` holds."""
     held = _HELD.get()
-    if held is None or storage.is_url(path) or not isinstance(storage.gdal_env(path), contextlib.nullcontext):
-        with storage.gdal_env(path), rasterio.open(path) as ds:
+    env = storage.gdal_env(path)
+    if held is None or storage.is_url(path) or not isinstance(env, contextlib.nullcontext):
+        with env, rasterio.open(path) as ds:
             yield ds
         return
     if path not in held:

@@ -1,8 +1,8 @@
 """Training data: one windowed survey of imagery and labels, the spatial block split, the
 normalisation statistics and the chips sampled from them.
 
-The region used for training is the labels' extent (grown by a margin) within the scene, window or
-bbox; it is cut into square blocks; every block goes to the training or the validation split as a
+The region used for training is the labels' extent within the scene, window or bbox; it is cut
+into square blocks; every block goes to the training or the validation split as a
 whole, and a training chip lies entirely in training blocks, so no chip of one split overlaps the
 other. Everything is computed window by window: no array of the whole scene is ever held in
 float64, the imagery of a window without labels is not read, and the region is kept in memory only
@@ -64,7 +64,7 @@ def region_box(
     if box != Box(y0, y1, x0, x1):
         import warnings
 
-        warnings.warn(f"{what} reaches past the scene ({h} x {w} px): training on its part inside, columns {box.x0}-{box.x1} "
+        warnings.warn(f"{what} reaches past the scene ({h} x {w} px): using its part inside, columns {box.x0}-{box.x1} "
                       f"and rows {box.y0}-{box.y1}", UserWarning, stacklevel=3)
     return box
 
@@ -132,7 +132,7 @@ class Survey:
     @property
     def id_counts(self) -> np.ndarray:
         """Labelled pixels per class id over the whole region (256,)."""
-        return self.class_counts.sum(axis=(0, 1))
+        return self.class_counts.sum(axis=(0, 1), dtype=np.int64)
 
 
 def _moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -291,7 +291,7 @@ def split_blocks(survey: Survey, val_fraction: float, seed: int, tries: int = 25
             "validation; use a smaller --chip-size and --block-size, or more labels"
         )
     n_val = min(idx.size - 1, max(1, round(val_fraction * idx.size)))
-    per_block = survey.class_counts.reshape(-1, ID_SPACE)[idx]
+    per_block = survey.class_counts.reshape(-1, ID_SPACE)[idx].astype(np.int64)
     total = per_block.sum()
     rng = np.random.default_rng([seed, 0x5B117])
     best: tuple | None = None

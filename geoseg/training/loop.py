@@ -162,9 +162,8 @@ class TrainResult:
         c, t = self.card, self.card.training or {}
         lines = []
         if t.get("epochs_run") is not None:
-            members = f" over {c.members} networks" if c.members > 1 else ""
             stopped = ", stopped early" if t.get("stopped_early") else ""
-            lines.append(f"{t['epochs_run']} epochs{members}{stopped}")
+            lines.append(f"{t['epochs_run']} epochs{stopped}")
         miou = (t.get("metrics") or {}).get("miou")
         if miou is not None:
             lines.append(f"validation mIoU {miou:.3f}")
@@ -173,7 +172,8 @@ class TrainResult:
             lines.append(f"mixed with a {ens['method']} model (network weight {ens['weight']})")
         if self.history:
             lines.append(f"{len(self.history)} history rows: geoseg.plot.plot_history(result)")
-        return f"geoseg TrainResult: {c.network} at {self.model_dir}", lines
+        what = c.network if c.method == "smp" else f"{c.method} model"
+        return f"geoseg TrainResult: {what} at {self.model_dir}", lines
 
     def __repr__(self) -> str:
         head, lines = self._summary()
@@ -231,10 +231,6 @@ def _resolve_classes(inputs: TrainInputs, labels: LabelSource, id_counts: np.nda
     return default_classes(present), "label values"
 
 
-def _grown(box: Box, by: int, within: Box) -> Box:
-    return Box(max(within.y0, box.y0 - by), min(within.y1, box.y1 + by), max(within.x0, box.x0 - by), min(within.x1, box.x1 + by))
-
-
 def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Prepared:
     """Open and check inputs, survey imagery and labels, split, compute normalisation. Writes nothing."""
     stack = open_stack(inputs.images)
@@ -254,9 +250,11 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
     )
     h, w = stack.shape
     asked = region_box(stack.grid, inputs.bbox, inputs.window) or Box(0, h, 0, w)
-    # the labels' extent with a chip's context around it: time and memory follow the labelled area, not the scene
+    # the labels' extent, as if the scene had been cut to it: time and memory follow the labelled area, not the
+    # scene, and a small labelled patch gets the small-region chips below (chips lie in labelled blocks: context
+    # around the extent would never be read)
     extent = labelled_extent(labels, asked)
-    region = asked if extent is None else _grown(extent, config.chip_size, asked)
+    region = asked if extent is None else extent
     unit = math.lcm(stride, CELL)
     chip = min(_round_to(config.chip_size, unit), _round_to(min(region.shape), unit))
     if chip > min(region.shape):
@@ -618,6 +616,9 @@ def train(
     n_inputs = prep.stack.count + len(indices)
     fingerprint = dict(_fingerprint(inputs, config), band_roles=list(roles), index_channels=list(indices),
                        classes=[[c.id, c.name] for c in prep.classes],
+                       # what the survey made of them (a run begun when the region was the whole scene does not resume)
+                       region=[prep.region.y0, prep.region.y1, prep.region.x0, prep.region.x1],
+                       normalization=[list(prep.normalization.mean), list(prep.normalization.std)],
                        # what --out held when the run began: its resumption replaces that, and nothing put there since
                        replaces={os.path.relpath(n, out): list(ident) for n, ident in _file_identities(str(out))})
     if indices and band_units(prep.stack.bands) is not None:
