@@ -193,6 +193,12 @@ def vector_summary(p: str) -> dict:
     for name, _ in layers:
         info = pyogrio.read_info(p, layer=name)
         crs = info.get("crs")
+        if crs and not str(crs).upper().startswith("EPSG:"):  # a page of WKT: its EPSG code or name where it has one
+            from pyproj import CRS
+
+            parsed = CRS.from_user_input(crs)
+            epsg = parsed.to_epsg()
+            crs = f"EPSG:{epsg}" if epsg else (parsed.name if parsed.name and parsed.name != "unnamed" else crs)
         out["layers"][name] = {"features": int(info.get("features", -1)), "geometry": info.get("geometry_type"),
                                "crs": crs, "fields": list(info.get("fields", []))}
     return out
