@@ -72,10 +72,10 @@ def _json_doc(path: str) -> object:
 def _kind(p: str) -> str:
     """What PATH (a local path or a URL) holds, by the files geoseg writes: an output, a job's root, a model, a
     prediction store, a STAC item, a vector file, else a raster (GDAL says whether it is one)."""
+    from urllib.parse import urlsplit
+
     from geoseg.io import storage
     from geoseg.model.store import check_model_dir
-
-    from urllib.parse import urlsplit
 
     remote = storage.is_url(p)
     name = urlsplit(p).path.rstrip("/").rsplit("/", 1)[-1] if remote else Path(p).name  # no ?query

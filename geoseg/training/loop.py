@@ -251,8 +251,7 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
     h, w = stack.shape
     asked = region_box(stack.grid, inputs.bbox, inputs.window) or Box(0, h, 0, w)
     # the labels' extent, as if the scene had been cut to it: time and memory follow the labelled area, not the
-    # scene, and a small labelled patch gets the small-region chips below (chips lie in labelled blocks: context
-    # around the extent would never be read)
+    # scene, and a labelled patch smaller than a chip gets the small-region chips below, as a small scene does
     extent = labelled_extent(labels, asked)
     region = asked if extent is None else extent
     unit = math.lcm(stride, CELL)
