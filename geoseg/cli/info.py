@@ -53,6 +53,8 @@ def info(paths, as_json):
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".nc", ".hdf", ".h5", ".png", ".jpg", ".jpeg", ".asc", ".dem")
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".parquet", ".geoparquet", ".fgb", ".gml", ".kml", ".gdb")
+# the file that says what a folder (or prefix) is, in the order asked
+MARKERS = (("run.json", "output"), ("job.json", "job"), ("model.json", "model"), ("zarr.json", "store"), (".zgroup", "store"))
 FOLDER_HINT = "give a raster file, a model directory (model.json), an output folder of geoseg predict (run.json) or a job's root"
 
 
@@ -85,8 +87,8 @@ def _kind(p: str) -> str:
     if suffix in VECTOR_SUFFIXES and not remote:
         return "vector"
     if suffix == ".json":
-        if name in ("model.json", "run.json", "job.json"):
-            what = {"model.json": "model directory", "run.json": "output folder", "job.json": "job's root"}[name]
+        what = {"model.json": "model directory", "run.json": "output folder", "job.json": "job's root"}.get(name)
+        if what:
             parent = p.rstrip("/").rsplit("/", 1)[0] if remote else str(Path(p).parent)
             raise InputError(f"{p}: the card of a {what}; give the folder: geoseg info {parent}")
         doc = _json_doc(p)
@@ -98,26 +100,21 @@ def _kind(p: str) -> str:
             return "vector"  # GeoJSON
         if not remote and Path(p).is_file():
             raise InputError(f"{p}: a JSON file that is no STAC item; {FOLDER_HINT}")
+    if remote and suffix in VECTOR_SUFFIXES:
+        raise InputError(f"{p}: a vector file; geoseg info reads vector files on this machine only, download it first")
+    if not remote and not Path(p).is_dir():
+        return "raster"  # a missing path is named as such by the raster reader
+    for marker, kind in MARKERS:
+        try:
+            if storage.exists(storage.join(p, marker)):
+                return kind
+        except PermissionError:
+            continue  # a bucket that may be read but not listed answers 403 for a missing key
+        except (ImportError, OSError, ValueError):
+            break  # no such scheme here, or unreachable: the raster reader says what is wrong
     if remote:
-        if suffix in VECTOR_SUFFIXES:
-            raise InputError(f"{p}: a vector file; geoseg info reads vector files on this machine only, download it first")
-        for marker, kind in (("run.json", "output"), ("job.json", "job"), ("model.json", "model"), ("zarr.json", "store"),
-                             (".zgroup", "store")):
-            try:
-                if storage.exists(storage.join(p.rstrip("/"), marker)):
-                    return kind
-            except PermissionError:
-                continue  # a bucket that may be read but not listed answers 403 for a missing key
-            except (ImportError, OSError, ValueError):
-                break  # no such scheme here, or unreachable: the raster reader says what is wrong
         return "raster"
     path = Path(p)
-    if not path.is_dir():
-        return "raster"  # a missing path is named as such by the raster reader
-    for marker, kind in (("run.json", "output"), ("job.json", "job"), ("model.json", "model"), ("zarr.json", "store"),
-                         (".zgroup", "store")):
-        if (path / marker).exists():
-            return kind
     if any(path.glob("*.safetensors")):
         check_model_dir(p)  # weights without their card: says so
     if any(c.name.startswith(("prediction.zarr", ".geoseg")) for c in path.iterdir()):
@@ -155,8 +152,7 @@ def raster_summary(p: str) -> dict:
     overviews, compression, COG) as GDAL reads them."""
     import rasterio
 
-    from geoseg.io import storage
-    from geoseg.io.sources import open_stack
+    from geoseg.io.sources import dataset, open_stack
 
     stack = open_stack([p])
     g = stack.grid
@@ -166,7 +162,7 @@ def raster_summary(p: str) -> dict:
                       **({"scale": b.scale, "offset": b.offset} if (b.scale, b.offset) != (1.0, 0.0) else {})}
                      for b in stack.bands]}
     try:
-        with storage.gdal_env(p), rasterio.open(stack.bands[0].path) as ds:
+        with dataset(stack.bands[0].path) as ds:
             structure = ds.tags(ns="IMAGE_STRUCTURE")
             bh, bw = ds.block_shapes[0]
             out["layout"] = {"driver": ds.driver, "tiled": bw != ds.width or (bh == bw and bh > 1),
@@ -209,7 +205,6 @@ def output_summary(folder: str | Path) -> dict:
     polygons of a local folder), run figures."""
     from geoseg.io import storage
 
-    folder = str(folder).rstrip("/") if storage.is_url(folder) else Path(folder)
     run_path = storage.join(folder, "run.json")
     try:
         run = json.loads(storage.read_bytes(run_path))
@@ -276,7 +271,7 @@ def job_summary(root: str | Path) -> dict:
     """A job's output root (job.json, local or at a URL): its status and each scene's."""
     from geoseg.io import storage
 
-    path = storage.join(str(root).rstrip("/") if storage.is_url(root) else root, "job.json")
+    path = storage.join(root, "job.json")
     try:
         job = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as exc:

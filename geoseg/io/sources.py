@@ -305,9 +305,10 @@ _HELD: contextvars.ContextVar[dict[str, rasterio.io.DatasetReader] | None] = con
 
 @contextlib.contextmanager
 def files_kept_open():
-    """Within it, ``read_bands`` in this thread keeps each local file it opens open until the end, so GDAL keeps
-    the tiles it decoded: training reads many small blocks of one file (64 px blocks of 512 px tiles read one at
-    a time decoded each tile 64 times, ~30x the time of one window). Other threads (the workers) are unaffected."""
+    """Within it (or a function it decorates), ``read_bands`` in this thread keeps each local file it opens open
+    until the end, so GDAL keeps the tiles it decoded: training reads many small blocks of one file (64 px blocks
+    of 512 px tiles read one at a time decoded each tile 64 times, ~30x the time of one window). Other threads
+    (the workers) are unaffected."""
     held: dict[str, rasterio.io.DatasetReader] = {}
     token = _HELD.set(held)
     try:
@@ -319,24 +320,12 @@ def files_kept_open():
             ds.close()
 
 
-def keeping_files_open(fn):
-    """``fn`` run within ``files_kept_open()``."""
-    import functools
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with files_kept_open():
-            return fn(*args, **kwargs)
-
-    return run
-
-
 @contextlib.contextmanager
 def dataset(path: str):
     """``path`` opened for reading (in its GDAL settings), or the one ``files_kept_open`` holds."""
     held = _HELD.get()
     env = storage.gdal_env(path)
-    if held is None or storage.is_url(path) or not isinstance(env, contextlib.nullcontext):
+    if held is None or not isinstance(env, contextlib.nullcontext):  # remote files (and VRTs naming them): as before
         with env, rasterio.open(path) as ds:
             yield ds
         return

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from geoseg.errors import ConfigError, InputError, OutputExistsError
-from geoseg.io.sources import keeping_files_open
+from geoseg.io.sources import files_kept_open
 from geoseg.model.store import write_model_dir
 from geoseg.methods.features import (
     available_indices,
@@ -143,7 +143,7 @@ def _threshold_classes(classes: Sequence[Any], idx: str, means: np.ndarray, coun
     return above, most_frequent_besides(above)
 
 
-@keeping_files_open
+@files_kept_open()
 def train_method(
     inputs: TrainInputs,
     out_dir: str | os.PathLike,

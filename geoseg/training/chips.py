@@ -32,6 +32,15 @@ SURVEY_WINDOW = 1024  # pixels per side read at once by the survey (rounded to w
 DEFAULT_CACHE_BYTES = 2 * 2**30
 
 
+def bbox_pixels(grid: GeoBox, bbox: Sequence[float]) -> Box:
+    """The pixel box of ``bbox`` (xmin, ymin, xmax, ymax in the grid's CRS), snapped outward to whole pixels
+    (not cut to the scene); the tolerance keeps a bbox on pixel edges from growing by one."""
+    xmin, ymin, xmax, ymax = (float(v) for v in bbox)
+    cols, rows = zip(*(~grid.affine @ (x, y) for x in (xmin, xmax) for y in (ymin, ymax)))
+    return Box(math.floor(min(rows) + 1e-6), math.ceil(max(rows) - 1e-6), math.floor(min(cols) + 1e-6),
+               math.ceil(max(cols) - 1e-6))
+
+
 def region_box(
     grid: GeoBox, bbox: Sequence[float] | None = None, window: Sequence[int] | None = None
 ) -> Box | None:
@@ -44,11 +53,8 @@ def region_box(
         xmin, ymin, xmax, ymax = (float(v) for v in bbox)
         if not (xmin < xmax and ymin < ymax):
             raise ConfigError(f"bbox {tuple(bbox)}: expected xmin ymin xmax ymax with xmin < xmax and ymin < ymax")
-        inv = ~grid.affine
-        cols, rows = zip(*(inv @ (x, y) for x in (xmin, xmax) for y in (ymin, ymax)))
-        # Outward to whole pixels; the tolerance keeps a bbox on pixel edges from growing by one.
-        x0, y0 = math.floor(min(cols) + 1e-6), math.floor(min(rows) + 1e-6)
-        x1, y1 = math.ceil(max(cols) - 1e-6), math.ceil(max(rows) - 1e-6)
+        b = bbox_pixels(grid, bbox)
+        y0, y1, x0, x1 = b.y0, b.y1, b.x0, b.x1
         what = f"bbox {tuple(bbox)}"
     elif window is not None:
         x0, y0, ww, wh = (int(v) for v in window)
@@ -78,10 +84,8 @@ def labelled_extent(labels: LabelSource, region: Box) -> Box | None:
         b = labels.bounds
         if not len(b):
             return None
-        inv = ~labels.grid.affine
-        cols, rows = zip(*(inv @ (x, y) for x in (b[:, 0].min(), b[:, 2].max()) for y in (b[:, 1].min(), b[:, 3].max())))
-        box = Box(math.floor(min(rows)) - 1, math.ceil(max(rows)) + 1, math.floor(min(cols)) - 1, math.ceil(max(cols)) + 1)
-        return box.intersect(region)
+        box = bbox_pixels(labels.grid, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()))
+        return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)  # a pixel's centre decides
     rows, cols = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool)
     for wy in range(region.y0, region.y1, SURVEY_WINDOW):
         for wx in range(region.x0, region.x1, SURVEY_WINDOW):

@@ -25,7 +25,7 @@ import torch
 
 from geoseg.errors import ConfigError, InputError
 from geoseg.io import storage
-from geoseg.io.sources import RasterStack, keeping_files_open, open_stack
+from geoseg.io.sources import RasterStack, files_kept_open, open_stack
 from geoseg.model.card import NODATA_CLASS, BandInfo, ClassInfo, ModelCard, Normalization
 from geoseg.model.network import build_network, network_stride
 from geoseg.model.store import make_card, save_model
@@ -575,7 +575,7 @@ class _MemberFit:
 # -- the loop --------------------------------------------------------------------------------
 
 
-@keeping_files_open
+@files_kept_open()
 def train(
     inputs: TrainInputs,
     out_dir: str | os.PathLike,
