@@ -784,3 +784,54 @@ def test_an_unreadable_prediction_folder_is_one_line(tmp_path):
     labels.write_text('{"type": "FeatureCollection", "features": []}')
     res = run("evaluate-objects", out, "--labels", labels, code=2)
     assert "is unreadable" in res.output and "Traceback" not in res.output
+
+
+def test_instance_training_reads_the_objects_extent_not_the_scene(tmp_path):
+    """Objects on a 512 px part of a 2048 px scene: the training area is their extent (polygons' bounds, or an id
+    raster read window by window), so imagery far from them is never read (its tile is corrupt here) and random
+    chips fall where someone labelled. An id raster 20 px off the image's grid is refused (a tolerance on the
+    coordinates themselves, 1e-5 of a northing of 4.1e6 m, let 41 m through)."""
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.instances.train import objects_extent, training_box
+    from geoseg.io.sources import open_stack
+
+    img, ids, boxes = object_scene()
+    y, x = 1024, 1280
+    big = np.full((3, 2048, 2048), 300, np.uint16)
+    big[:, y:y + SIZE, x:x + SIZE] = img
+    big_ids = np.zeros((2048, 2048), np.uint32)
+    big_ids[y:y + SIZE, x:x + SIZE] = ids
+    t = from_origin(*ORIGIN, RES, RES)
+    image = write_raster(tmp_path / "big.tif", big, crs="EPSG:32633", transform=t)
+    id_raster = write_raster(tmp_path / "ids.tif", big_ids, crs="EPSG:32633", transform=t)
+    polys = [shapely.box(ORIGIN[0] + x + x0, ORIGIN[1] - y - y1, ORIGIN[0] + x + x1, ORIGIN[1] - y - y0) for y0, x0, y1, x1 in boxes]
+    gpd.GeoDataFrame(geometry=polys, crs="EPSG:32633").to_file(tmp_path / "objects.gpkg")
+    ys, xs = np.nonzero(big_ids)
+    tight = Box(int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)
+    grid, scene = open_stack([str(image)]).grid, Box(0, 2048, 0, 2048)
+    assert objects_extent(str(id_raster), grid, scene) == tight
+    assert objects_extent(str(tmp_path / "objects.gpkg"), grid, scene) == Box(tight.y0 - 1, tight.y1 + 1, tight.x0 - 1, tight.x1 + 1)
+    assert objects_extent(str(id_raster), grid, Box(0, 1000, 0, 2048)) is None
+    # a small extent grows to a chip, kept in the region
+    assert training_box(Box(10, 20, 2040, 2046), scene, 64) == Box(0, 64, 1984, 2048)
+    with rasterio.open(image) as ds:
+        offset, size = (int(ds.get_tag_item(f"BLOCK_{k}_0_0", "TIFF", bidx=1)) for k in ("OFFSET", "SIZE"))
+    with open(image, "r+b") as f:  # the far top-left tile of band 1: unreadable
+        f.seek(offset)
+        f.write(b"\0" * size)
+    for labels, name in ((tmp_path / "objects.gpkg", "mv"), (id_raster, "mr")):
+        run("train", image, "--task", "instance", "--labels", labels, "--out", tmp_path / name, "--epochs", 1,
+            "--steps-per-epoch", 1, "--chip-size", 64, "--batch-size", 1)
+        card = json.loads((tmp_path / name / "model.json").read_text())
+        r = card["training"]["region"]
+        assert tight.y0 - 1 <= r[0] <= tight.y0 and tight.y1 <= r[1] <= tight.y1 + 1, r
+        assert tight.x0 - 1 <= r[2] <= tight.x0 and tight.x1 <= r[3] <= tight.x1 + 1, r
+        assert card["training"]["objects"] == len(boxes)
+    res = run("train", image, "--task", "instance", "--labels", id_raster, "--out", tmp_path / "m2", "--window", 0, 0, 1000, 1000,
+              code=2)
+    assert "no object falls inside the training area" in res.output and not (tmp_path / "m2").exists()
+    off = write_raster(tmp_path / "ids_off.tif", big_ids, crs="EPSG:32633", transform=from_origin(ORIGIN[0] + 20, ORIGIN[1], RES, RES))
+    res = run("train", image, "--task", "instance", "--labels", off, "--out", tmp_path / "m3", code=2)
+    assert "not on the image's grid" in res.output and not (tmp_path / "m3").exists()

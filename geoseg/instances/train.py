@@ -43,12 +43,110 @@ class InstanceConfig:
     device: str = "auto"  # auto: a CUDA GPU where there is one, else the CPU
 
 
+def _objects_frame(labels: str, grid: Any, layer: str | None) -> Any:
+    """The polygons of ``labels`` in the image's CRS, one per object (a clip's geometry collections: their polygon parts)."""
+    from geoseg.training.labels import _read_vector
+
+    gdf = _read_vector(labels, layer)
+    if gdf.crs is None:
+        raise InputError(f"{labels}: the polygons have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the image")
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
+    if (gdf.geom_type == "GeometryCollection").any():  # what a clip or an overlay leaves: its polygon parts
+        import shapely
+
+        def polygons(g: Any) -> Any:
+            parts = [p for p in getattr(g, "geoms", [g]) if p.geom_type in ("Polygon", "MultiPolygon")]
+            return shapely.union_all(parts) if parts else g
+
+        gdf = gdf.assign(geometry=gdf.geometry.map(polygons))
+    kinds = set(gdf.geom_type) - {"Polygon", "MultiPolygon"}
+    if kinds:
+        raise InputError(f"{labels}: instance labels are one polygon per object, and this file has {', '.join(sorted(kinds))} "
+                         "geometries; outline the objects (points or lines can be buffered to polygons first)")
+    return gdf
+
+
+def _open_ids(labels: str, grid: Any) -> Any:
+    """An instance-id raster on the image's grid, opened (the caller closes it); a clear error for anything else."""
+    import rasterio
+    from odc.geo.geobox import GeoBox
+    from rasterio.errors import RasterioIOError
+
+    from geoseg.io.sources import grid_difference
+    from geoseg.training.labels import _crs_name, crs_equivalent
+
+    try:
+        ds = rasterio.open(labels)
+    except RasterioIOError as exc:
+        raise InputError(
+            f"{labels}: neither a raster GDAL can read nor a vector file ({str(exc).splitlines()[0]}); "
+            "give an instance-id raster (GeoTIFF, 0 = no object) or polygons (GeoPackage, GeoJSON, Shapefile)"
+        ) from None
+    try:
+        lcrs = grid_of(ds, labels).crs
+        same_crs = lcrs == grid.crs or crs_equivalent(lcrs, grid.crs)
+        # origins within a millionth of a pixel (a tolerance on the coordinates themselves passed tens of metres)
+        if not same_crs or grid_difference(grid, GeoBox(ds.shape, ds.transform, grid.crs)) is not None:
+            raise InputError(f"{labels}: instance raster is not on the image's grid (its CRS {_crs_name(lcrs)}, shape {ds.shape}, "
+                             f"transform {tuple(ds.transform)[:6]}; the image's {_crs_name(grid.crs)}, {tuple(grid.shape)}, "
+                             f"{tuple(grid.affine)[:6]}); warp it to the image first (gdalwarp -t_srs -tr -te)")
+    except BaseException:
+        ds.close()
+        raise
+    return ds
+
+
+def _id_nodata(ds: Any, raw: np.ndarray) -> np.ndarray:
+    if ds.nodata is None:
+        return np.zeros(raw.shape, bool)
+    return np.isnan(raw) if np.isnan(ds.nodata) else raw == ds.nodata
+
+
+def objects_extent(labels: str, grid: Any, region: Box, layer: str | None = None) -> Box | None:
+    """The smallest box of ``region`` that holds every object of ``labels`` (None: none there): the polygons'
+    bounds, or an instance-id raster read window by window (never the whole scene at once)."""
+    from geoseg.training.chips import SURVEY_WINDOW, bbox_pixels
+    from geoseg.training.labels import is_vector
+
+    if is_vector(labels):
+        gdf = _objects_frame(labels, grid, layer)
+        if not len(gdf):
+            return None
+        box = bbox_pixels(grid, gdf.total_bounds)
+        return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)  # a pixel's centre decides
+    rows, cols = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool)
+    with _open_ids(labels, grid) as ds:
+        for wy in range(region.y0, region.y1, SURVEY_WINDOW):
+            for wx in range(region.x0, region.x1, SURVEY_WINDOW):
+                win = Box(wy, min(region.y1, wy + SURVEY_WINDOW), wx, min(region.x1, wx + SURVEY_WINDOW))
+                raw = ds.read(1, window=win.window)
+                has = (raw != 0) & ~_id_nodata(ds, raw)
+                if has.any():
+                    rows[win.y0 - region.y0 : win.y1 - region.y0] |= has.any(axis=1)
+                    cols[win.x0 - region.x0 : win.x1 - region.x0] |= has.any(axis=0)
+    if not rows.any():
+        return None
+    (ys,), (xs,) = np.nonzero(rows), np.nonzero(cols)
+    return Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1)
+
+
+def training_box(extent: Box, region: Box, side: int) -> Box:
+    """``extent`` grown about its centre to at least ``side`` px a side where ``region`` has room, kept in ``region``."""
+
+    def grow(a0: int, a1: int, r0: int, r1: int) -> tuple[int, int]:
+        n = min(max(a1 - a0, side), r1 - r0)
+        lo = min(max(r0, (a0 + a1 - n) // 2), r1 - n)
+        return lo, lo + n
+
+    (y0, y1), (x0, x1) = grow(extent.y0, extent.y1, region.y0, region.y1), grow(extent.x0, extent.x1, region.x0, region.x1)
+    return Box(y0, y1, x0, x1)
+
+
 def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None, background: int = 0, layer: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray, tuple[ClassInfo, ...]]:
     """Object ids (uint32, 0 = none) over ``box``, the network label of each id, and the classes
     (background first). ``labels``: polygons (one per object; classes from ``field``, else one
     class) or an instance-id raster on the image's grid (one class)."""
-    import rasterio
     from affine import Affine
 
     from geoseg.training.labels import is_vector
@@ -56,24 +154,7 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
     if is_vector(labels):
         from rasterio.features import rasterize
 
-        from geoseg.training.labels import _read_vector
-
-        gdf = _read_vector(labels, layer)
-        if gdf.crs is None:
-            raise InputError(f"{labels}: the polygons have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the image")
-        gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
-        if (gdf.geom_type == "GeometryCollection").any():  # what a clip or an overlay leaves: its polygon parts
-            import shapely
-
-            def polygons(g: Any) -> Any:
-                parts = [p for p in getattr(g, "geoms", [g]) if p.geom_type in ("Polygon", "MultiPolygon")]
-                return shapely.union_all(parts) if parts else g
-
-            gdf = gdf.assign(geometry=gdf.geometry.map(polygons))
-        kinds = set(gdf.geom_type) - {"Polygon", "MultiPolygon"}
-        if kinds:
-            raise InputError(f"{labels}: instance labels are one polygon per object, and this file has {', '.join(sorted(kinds))} "
-                             "geometries; outline the objects (points or lines can be buffered to polygons first)")
+        gdf = _objects_frame(labels, grid, layer)
         if field is not None and field not in gdf.columns:
             raise InputError(f"{labels}: no field {field!r}; fields are {', '.join(c for c in gdf.columns if c != 'geometry')}")
         if field is not None and gdf[field].isna().any():
@@ -98,44 +179,27 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         lab = np.zeros(len(gdf) + 1, np.int64)
         lab[1:] = [label_of[v] for v in (gdf[field] if field else ["object"] * len(gdf))]
     else:
-        from rasterio.errors import RasterioIOError
-
-        try:
-            ds = rasterio.open(labels)
-        except RasterioIOError as exc:
-            raise InputError(
-                f"{labels}: neither a raster GDAL can read nor a vector file ({str(exc).splitlines()[0]}); "
-                "give an instance-id raster (GeoTIFF, 0 = no object) or polygons (GeoPackage, GeoJSON, Shapefile)"
-            ) from None
-        with ds:
-            from geoseg.training.labels import _crs_name, crs_equivalent
-
-            lcrs = grid_of(ds, labels).crs
-            same_crs = lcrs == grid.crs or crs_equivalent(lcrs, grid.crs)
-            if not same_crs or ds.shape != tuple(grid.shape) or not np.allclose(tuple(ds.transform)[:6], tuple(grid.affine)[:6]):
-                raise InputError(f"{labels}: instance raster is not on the image's grid (its CRS {_crs_name(lcrs)}, shape {ds.shape}, "
-                                 f"transform {tuple(ds.transform)[:6]}; the image's {_crs_name(grid.crs)}, {tuple(grid.shape)}, "
-                                 f"{tuple(grid.affine)[:6]}); warp it to the image first (gdalwarp -t_srs -tr -te)")
+        with _open_ids(labels, grid) as ds:
             raw = ds.read(1, window=box.window)
-            if ds.nodata is None:
-                nodata = np.zeros(raw.shape, bool)
-            else:
-                nodata = np.isnan(raw) if np.isnan(ds.nodata) else raw == ds.nodata
-            if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw[~nodata]).all():
-                raise InputError(f"{labels}: the instance raster holds NaN or infinite values that are not its nodata; "
-                                 "set its nodata (gdal_edit -a_nodata nan) or give whole-number ids")
-            if np.issubdtype(raw.dtype, np.floating):
-                v = raw[~nodata]
-                frac = v[v != np.floor(v)]
-                if frac.size:  # a cast would make ids 1.0 and 1.5 one object
-                    raise InputError(f"{labels}: instance ids must be whole numbers (it holds {float(frac[0])!r}); "
-                                     "give one integer id per object (e.g. gdal_calc.py --calc 'round(A)' --type UInt32)")
-            inst = np.where(nodata, 0, raw).astype(np.int64)  # nodata: no object
-        if inst.min() < 0:
+            nodata = _id_nodata(ds, raw)
+        if np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw[~nodata]).all():
+            raise InputError(f"{labels}: the instance raster holds NaN or infinite values that are not its nodata; "
+                             "set its nodata (gdal_edit -a_nodata nan) or give whole-number ids")
+        some = (raw != 0) & ~nodata  # nodata: no object
+        ids_ = raw[some]
+        if np.issubdtype(raw.dtype, np.floating):
+            frac = ids_[ids_ != np.floor(ids_)]
+            if frac.size:  # a cast would make ids 1.0 and 1.5 one object
+                raise InputError(f"{labels}: instance ids must be whole numbers (it holds {float(frac[0])!r}); "
+                                 "give one integer id per object (e.g. gdal_calc.py --calc 'round(A)' --type UInt32)")
+        if ids_.size and ids_.min() < 0:
             raise InputError(f"{labels}: instance ids must be >= 0 (0 = no object; or set the raster's nodata)")
-        # ids renumbered 1..n in order (hashed or OSM ids run to 2**32: tables sized by the largest id would not fit)
-        uniq, inv = np.unique(inst, return_inverse=True)
-        inst = (inv.reshape(inst.shape) + (0 if uniq[0] == 0 else 1)).astype(np.uint32)
+        # ids renumbered 1..n in order (hashed or OSM ids run to 2**32: tables sized by the largest id would not fit);
+        # only the objects' pixels are sorted, not the whole box
+        _, inv = np.unique(ids_, return_inverse=True)
+        inst = np.zeros(raw.shape, np.uint32)
+        inst[some] = inv.ravel() + 1
+        del raw, nodata, some, ids_, inv
         lab = np.zeros(int(inst.max()) + 1, np.int64)
         lab[1:] = 1
         ids, names = [1 if background != 1 else 2], ["object"]
@@ -187,10 +251,18 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
         raise OutputExistsError(f"{out}: already exists and is not empty; choose another directory or pass --overwrite")
     stack = open_stack(images)
     h, w = stack.shape
-    box = region or Box(0, h, 0, w)
+    region = region or Box(0, h, 0, w)
+    if min(region.shape) < STRIDE:
+        raise InputError(f"the training area {region.shape} is smaller than one {STRIDE} px chip; give a larger area")
+    # The training area is the objects' extent (grown to a chip), not the scene: memory and reads follow the
+    # labels, and chips drawn "anywhere" fall where someone labelled, not where unlabelled objects would teach
+    # the network to miss them.
+    extent = objects_extent(labels, stack.grid, region, layer)
+    if extent is None:
+        raise InputError(f"{labels}: no object falls inside the training area of {images[0]} (rows {region.y0}-{region.y1}, "
+                         f"cols {region.x0}-{region.x1}); check the labels' CRS and extent, and the region")
+    box = training_box(extent, region, config.chip_size)
     cs = min(config.chip_size, box.shape[0], box.shape[1]) // STRIDE * STRIDE
-    if cs < STRIDE:
-        raise InputError(f"the training area {box.shape} is smaller than one {STRIDE} px chip; give a larger area")
     inst, lab, classes = instance_targets(labels, stack.grid, box, field, background, layer)
     data, valid = read_bands(stack, box.window)
     ok = valid.all(axis=0)
@@ -209,11 +281,17 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
         log.warning("%s: %d of %d objects are smaller than %d pixels: left out as training targets",
                     labels, len(small), len(objects), MIN_OBJECT_PX)
         objects = {i: b for i, b in objects.items() if sizes[i] >= MIN_OBJECT_PX}
-    vals = [data[b][ok] for b in range(stack.count)]
-    norm = Normalization(mean=tuple(float(v.mean()) for v in vals), std=tuple(max(float(v.std()), 1e-6) for v in vals))
+    mean, std = [], []
+    for b in range(stack.count):  # one band's valid pixels at a time
+        v = data[b][ok]
+        mean.append(float(v.mean()))
+        std.append(max(float(v.std()), 1e-6))
+        del v
+    norm = Normalization(mean=tuple(mean), std=tuple(std))
     card_probe = ModelCard(bands=tuple(band_infos(stack)), normalization=norm, classes=classes, stride=STRIDE, receptive_field=0,
                            default_halo=0)
     x = normalize(data, ok, card_probe, valid)
+    del data, valid
     largest = max(max(b[2] - b[0], b[3] - b[1]) for b in objects.values())
     max_px = config.max_object_px or max(STRIDE, round_up(math.ceil(largest * 1.25), STRIDE))
 
