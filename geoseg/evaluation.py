@@ -40,7 +40,7 @@ from geoseg.model.store import open_model
 from geoseg.numerics import resolve_current
 from geoseg.runtime import ModelRef
 from geoseg.tiling import Box, TilingPlan, plan_for
-from geoseg.training.chips import region_box
+from geoseg.training.chips import labelled_extent, region_box
 from geoseg.training.labels import LabelSource, open_labels, read_labels
 from geoseg.training.metrics import ID_SPACE, NO_CLASS, Metrics, confusion_ids, restrict_confusion
 
@@ -192,6 +192,15 @@ def _check_semantic(card: ModelCard, model_dir: str) -> None:
                           "score; run geoseg predict with it, then geoseg evaluate-objects on its output")
 
 
+def scored_region(source: LabelSource, grid: Any, options: EvaluateOptions) -> Box:
+    """The region scored: the labels' extent within the scene, ``--bbox`` or ``--window`` (the whole of it with
+    a background class, or where no label lies: the error then says so). Only the chunks there are read and
+    run: labels on a small part of a large scene cost that part, not the scene."""
+    h, w = (int(v) for v in grid.shape)
+    region = region_box(grid, options.bbox, options.window) or Box(0, h, 0, w)
+    return labelled_extent(source, region) or region
+
+
 def plan_evaluation(
     images: Sequence[str | os.PathLike],
     model_dir: str | os.PathLike,
@@ -224,8 +233,7 @@ def plan_evaluation(
         background=options.background,
         image=image_name,
     )
-    h, w = stack.shape
-    region = region_box(stack.grid, options.bbox, options.window) or Box(0, h, 0, w)
+    region = scored_region(source, stack.grid, options)
     if options.tta == "d4" and card.method != "smp":  # as predict refuses it (it was scored without, silently)
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     card = _postprocessed(card, options, model_dir)
@@ -585,8 +593,7 @@ def plan_comparison(
         background=options.background,
         image=image_name,
     )
-    h, w = base.shape
-    region = region_box(base.grid, options.bbox, options.window) or Box(0, h, 0, w)
+    region = scored_region(source, base.grid, options)
     if options.tta == "d4" and all(card.method != "smp" for card in cards):
         raise ConfigError("--tta d4 augments a network's passes, and none of these models is a network; drop --tta")
     # side by side: d4 for the networks among them (as each runs in geoseg predict --tta d4), the others as they are

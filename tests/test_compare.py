@@ -167,7 +167,9 @@ def test_cli_one_model_keeps_the_single_model_report(setup, tmp_path, client):
     assert r.exit_code == 0, r.output
     with dask.config.set(scheduler="threads"):
         ev = evaluate(bands[:3], models["A"], lpath, one)
-    assert r.output == (f"{models['A']} on rows 0-{H}, cols 0-{W} ({ev.metrics.pixels} labelled pixels the model gives a class, "
+    g = ev.job.region  # the labels' extent (class 11 ignored: not the last columns)
+    assert (g.y0, g.y1, g.x0) == (0, H, 0) and g.x1 < W
+    assert r.output == (f"{models['A']} on rows {g.y0}-{g.y1}, cols {g.x0}-{g.x1} ({ev.metrics.pixels} labelled pixels the model gives a class, "
                         f"{100 * ev.coverage:.1f}% of the labelled ones):\n"
                         f"{ev.metrics.table()}\nreport written to {report}\n")  # fmt: skip
     d, old = json.loads(report.read_text()), ev.to_dict()

@@ -98,7 +98,10 @@ def test_evaluate_a_region_and_ignore_a_class(trained, reference):
     expect = numpy_scores(sub_pred, sub_lab, card.class_ids)
     np.testing.assert_array_equal(result.metrics.confusion, expect["confusion"])
     assert result.metrics.label_pixels[1] == 0  # class 5 left out of the labels
-    assert result.to_dict()["region"] == {"rows": [30, 150], "cols": [100, 192]}
+    # the region scored is the labels' extent within the window (its last columns hold only nodata and class 5)
+    (rows,), (cols,) = np.nonzero((sub_lab != LABEL_NODATA).any(1)), np.nonzero((sub_lab != LABEL_NODATA).any(0))
+    assert result.to_dict()["region"] == {"rows": [30 + rows[0], 30 + rows[-1] + 1], "cols": [100 + cols[0], 100 + cols[-1] + 1]}
+    assert result.to_dict()["region"]["cols"] != [100, 192]
 
 
 def test_an_ignored_class_is_out_of_the_scores(trained, reference, tmp_path):
@@ -222,3 +225,34 @@ def test_cli_bad_input_writes_no_report(trained, tmp_path):
                                  str(tmp_path / "missing.gpkg"), "--json", str(report)], catch_exceptions=False)  # fmt: skip
     assert r.exit_code != 0 and "missing.gpkg" in r.output
     assert not report.exists()
+
+
+def test_labels_on_a_part_of_the_scene_score_only_the_chunks_there(trained, reference, tmp_path):
+    """The scored region is the labels' extent: a label raster holding classes on rows 70-120, cols 130-180 only
+    makes the model run on the chunks there (counted where they ran), and scores the same as the whole scene would."""
+    from dask.callbacks import Callback
+
+    scene, model_dir, _, _ = trained
+    pred, labels, card = reference
+    part = np.full(labels.shape, LABEL_NODATA, labels.dtype)
+    part[70:120, 130:180] = labels[70:120, 130:180]
+    with rasterio.open(scene.labels) as ds:
+        profile = ds.profile
+    with rasterio.open(tmp_path / "part.tif", "w", **profile) as ds:
+        ds.write(part, 1)
+
+    class Infers(Callback):
+        def __init__(self):
+            super().__init__()
+            self.ran = set()
+
+        def _posttask(self, key, result, dsk, state, id):
+            if isinstance(key, tuple) and "geoseg-infer-" in str(key[0]):  # fused with its read and slice, or not
+                self.ran.add(key)
+
+    counted = Infers()
+    with dask.config.set(scheduler="threads"), counted:
+        result = evaluate(scene.bands, model_dir, str(tmp_path / "part.tif"), EvaluateOptions(exact=True, chunk_size=64))
+    assert result.to_dict()["region"] == {"rows": [70, 120], "cols": [130, 180]}
+    assert len(counted.ran) == 1  # of 9 chunks (64 px): only the one holding rows 64-128, cols 128-192
+    _check(result.metrics, numpy_scores(pred, part, card.class_ids))
