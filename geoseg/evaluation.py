@@ -40,8 +40,8 @@ from geoseg.model.store import open_model
 from geoseg.numerics import resolve_current
 from geoseg.runtime import ModelRef
 from geoseg.tiling import Box, TilingPlan, plan_for
-from geoseg.training.chips import labelled_extent, region_box
-from geoseg.training.labels import LabelSource, open_labels, read_labels
+from geoseg.training.chips import SURVEY_WINDOW, labelled_extent, region_box
+from geoseg.training.labels import LabelSource, VectorLabels, open_labels, read_labels
 from geoseg.training.metrics import ID_SPACE, NO_CLASS, Metrics, confusion_ids, restrict_confusion
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,17 @@ def _block_confusion(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return confusion_ids(labels, pred)[None, None]
 
 
-def confusion_array(class_id: da.Array, labels: da.Array) -> da.Array:
-    """Lazy 256 x 256 pixel counts of (label id, predicted id): one per chunk pair, summed.
+def _summed(parts: da.Array, blocks: Sequence[tuple[int, int]] | None) -> da.Array:
+    """The sum over the first two (block) axes of per-block ``parts``, of the ``blocks`` listed only (None: all);
+    the others are culled from the graph, their chunks never read or run."""
+    if blocks is not None:
+        parts = da.concatenate([parts.blocks[i, j] for i, j in blocks], axis=0)
+    return parts.sum(axis=(0, 1), dtype=np.int64)
+
+
+def confusion_array(class_id: da.Array, labels: da.Array, blocks: Sequence[tuple[int, int]] | None = None) -> da.Array:
+    """Lazy 256 x 256 pixel counts of (label id, predicted id): one per chunk pair, summed (over ``blocks``
+    only, where given: those that hold labels).
 
     Pixels where either is 255 (image nodata, no label) are left out.
     """
@@ -183,7 +192,18 @@ def confusion_array(class_id: da.Array, labels: da.Array) -> da.Array:
         new_axes={"k": ID_SPACE, "l": ID_SPACE}, adjust_chunks={"i": 1, "j": 1}, dtype=np.int64,
         meta=np.empty((0, 0, 0, 0), np.int64),
     )  # fmt: skip
-    return parts.sum(axis=(0, 1), dtype=np.int64)
+    return _summed(parts, blocks)
+
+
+def _block_labelled(labels: np.ndarray) -> np.ndarray:
+    return np.asarray([[(labels != NO_CLASS).sum(dtype=np.int64)]])
+
+
+def labelled_count(labels: da.Array, blocks: Sequence[tuple[int, int]] | None = None) -> da.Array:
+    """Lazy count of the pixels where ``labels`` hold a class (over ``blocks`` only, where given)."""
+    parts = labels.map_blocks(_block_labelled, chunks=((1,) * labels.numblocks[0], (1,) * labels.numblocks[1]),
+                              dtype=np.int64)
+    return _summed(parts, blocks)
 
 
 def _check_semantic(card: ModelCard, model_dir: str) -> None:
@@ -192,13 +212,44 @@ def _check_semantic(card: ModelCard, model_dir: str) -> None:
                           "score; run geoseg predict with it, then geoseg evaluate-objects on its output")
 
 
-def scored_region(source: LabelSource, grid: Any, options: EvaluateOptions) -> Box:
-    """The region scored: the labels' extent within the scene, ``--bbox`` or ``--window`` (the whole of it with
-    a background class, or where no label lies: the error then says so). Only the chunks there are read and
-    run: labels on a small part of a large scene cost that part, not the scene."""
+def scored_region(source: LabelSource, grid: Any, plan: TilingPlan, options: EvaluateOptions
+                  ) -> tuple[Box, list[tuple[int, int]]]:
+    """The region scored and the blocks of it to score. The region: the labels' extent within the scene,
+    ``--bbox`` or ``--window`` (the whole of it with a background class, or where no label lies: the error
+    then says so). The blocks (of the region's slice of ``plan``'s chunks): those whose chunk holds a label
+    (for polygons, a feature's bounds). Only those chunks are read and run: labels on a small part of a large
+    scene, or scattered over it, cost the chunks they lie on. Found in one pass; a label raster is read window
+    by window, never whole."""
     h, w = (int(v) for v in grid.shape)
     region = region_box(grid, options.bbox, options.window) or Box(0, h, 0, w)
-    return labelled_extent(source, region) or region
+    cores = [(ch, b) for ch in plan if (b := ch.core.intersect(region)) is not None]
+    if isinstance(source, VectorLabels):
+        extent = labelled_extent(source, region)
+        keep = [ch for ch, b in cores if extent is not None and (cut := b.intersect(extent)) is not None
+                and (source.background is not None or source.hits(cut).any())]
+    else:
+        rows, cols, keep = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool), []
+        for ch, b in cores:
+            held = False
+            for wy in range(b.y0, b.y1, SURVEY_WINDOW):
+                for wx in range(b.x0, b.x1, SURVEY_WINDOW):
+                    win = Box(wy, min(b.y1, wy + SURVEY_WINDOW), wx, min(b.x1, wx + SURVEY_WINDOW))
+                    has = read_labels(source, win) != NO_CLASS
+                    if has.any():
+                        held = True
+                        rows[win.y0 - region.y0 : win.y1 - region.y0] |= has.any(axis=1)
+                        cols[win.x0 - region.x0 : win.x1 - region.x0] |= has.any(axis=0)
+            if held:
+                keep.append(ch)
+        extent = None
+        if rows.any():
+            (ys,), (xs,) = np.nonzero(rows), np.nonzero(cols)
+            extent = Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1)
+    if extent is None:  # no label: every chunk, and the error says there is nothing to score
+        extent, keep = region, [ch for ch, _ in cores]
+    first = (extent.y0 // plan.chunk_size, extent.x0 // plan.chunk_size)  # the slice's block (0, 0)
+    blocks = [(ch.iy - first[0], ch.ix - first[1]) for ch in keep if ch.core.intersect(extent) is not None]
+    return extent, blocks
 
 
 def plan_evaluation(
@@ -233,12 +284,12 @@ def plan_evaluation(
         background=options.background,
         image=image_name,
     )
-    region = scored_region(source, stack.grid, options)
     if options.tta == "d4" and card.method != "smp":  # as predict refuses it (it was scored without, silently)
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     card = _postprocessed(card, options, model_dir)
     plan = plan_for(card, stack.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                     tile_size=options.tile_size)
+    region, blocks = scored_region(source, stack.grid, plan, options)
     digest = opened.digest
     ref = ModelRef(opened.location, digest, options.device)
     from geoseg.cluster import model_resources
@@ -252,8 +303,8 @@ def plan_evaluation(
     seg = build_segmentation(stack, plan, ref, settings, resources)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     lab = labels_array(source, plan)[ys, xs]
-    confusion = confusion_array(seg.class_id[ys, xs], lab)
-    labelled = (lab != NO_CLASS).sum(dtype=np.int64)
+    confusion = confusion_array(seg.class_id[ys, xs], lab, blocks)
+    labelled = labelled_count(lab, blocks)
     return EvaluationJob(images, str(model_dir), str(labels), stack, card, digest, source, plan, region, confusion, options,
                          labelled)  # fmt: skip
 
@@ -533,11 +584,12 @@ def _block_coverage(labels: np.ndarray, *preds: np.ndarray) -> np.ndarray:
     return np.asarray(counts, np.int64)[None, None]
 
 
-def common_confusions(class_ids: Sequence[da.Array], labels: da.Array) -> tuple[da.Array, da.Array]:
+def common_confusions(class_ids: Sequence[da.Array], labels: da.Array, blocks: Sequence[tuple[int, int]] | None = None
+                      ) -> tuple[da.Array, da.Array]:
     """Lazy ((models, 256, 256) confusions on the common pixels, (1 + models,) coverage counts).
 
     The class maps are rechunked to the labels' chunks where they differ; each chunk gives one
-    confusion per model and the chunks' results are summed by a tree reduction.
+    confusion per model and the chunks' results (of ``blocks`` only, where given) are summed by a tree reduction.
     """
     maps = [c if c.chunks == labels.chunks else c.rechunk(labels.chunks) for c in class_ids]
     n = len(maps)
@@ -551,7 +603,7 @@ def common_confusions(class_ids: Sequence[da.Array], labels: da.Array) -> tuple[
         _block_coverage, "ijm", labels, "ij", *args,
         new_axes={"m": n + 1}, adjust_chunks={"i": 1, "j": 1}, dtype=np.int64, meta=np.empty((0, 0, 0), np.int64),
     )  # fmt: skip
-    return parts.sum(axis=(0, 1), dtype=np.int64), cover.sum(axis=(0, 1), dtype=np.int64)
+    return _summed(parts, blocks), _summed(cover, blocks)
 
 
 def plan_comparison(
@@ -593,13 +645,13 @@ def plan_comparison(
         background=options.background,
         image=image_name,
     )
-    region = scored_region(source, base.grid, options)
     if options.tta == "d4" and all(card.method != "smp" for card in cards):
         raise ConfigError("--tta d4 augments a network's passes, and none of these models is a network; drop --tta")
     # side by side: d4 for the networks among them (as each runs in geoseg predict --tta d4), the others as they are
     cards = tuple(_postprocessed(card, options, m) for card, m in zip(cards, model_dirs))
     plans = tuple(plan_for(card, base.shape, chunk_size=options.chunk_size, halo=options.halo, exact=options.exact,
                            tile_size=options.tile_size) for card in cards)  # fmt: skip
+    region, blocks = scored_region(source, base.grid, plans[0], options)  # the labels' chunks: the first plan's
     from geoseg.cluster import model_resources
     from geoseg.methods import current_client, scene_settings
 
@@ -613,7 +665,7 @@ def plan_comparison(
     maps = [build_segmentation(stack, plan, ModelRef(o.location, o.digest, options.device),
                                scene_settings(card, stack, plan, s) if resolve else s, res).class_id[ys, xs]
             for stack, plan, o, card, res, s in zip(stacks, plans, opened, cards, resources, settings)]  # fmt: skip
-    confusions, coverage = common_confusions(maps, labels_array(source, plans[0])[ys, xs])
+    confusions, coverage = common_confusions(maps, labels_array(source, plans[0])[ys, xs], blocks)
     return ComparisonJob(images, model_dirs, names, str(labels), cards, tuple(o.digest for o in opened), plans, source,
                          region, classes, confusions, coverage, options)  # fmt: skip
 

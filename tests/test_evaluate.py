@@ -228,18 +228,16 @@ def test_cli_bad_input_writes_no_report(trained, tmp_path):
 
 
 def test_labels_on_a_part_of_the_scene_score_only_the_chunks_there(trained, reference, tmp_path):
-    """The scored region is the labels' extent: a label raster holding classes on rows 70-120, cols 130-180 only
-    makes the model run on the chunks there (counted where they ran), and scores the same as the whole scene would."""
+    """The scored region is the labels' extent, and of its chunks only those holding labels run: a label raster
+    with classes on rows 70-120, cols 130-180 runs 1 of 9 chunks (counted where they ran); patches in two far
+    corners run 2 (the region is then the whole scene); polygons in those corners as well. Each scores the same as
+    the whole scene would."""
     from dask.callbacks import Callback
 
     scene, model_dir, _, _ = trained
     pred, labels, card = reference
-    part = np.full(labels.shape, LABEL_NODATA, labels.dtype)
-    part[70:120, 130:180] = labels[70:120, 130:180]
     with rasterio.open(scene.labels) as ds:
         profile = ds.profile
-    with rasterio.open(tmp_path / "part.tif", "w", **profile) as ds:
-        ds.write(part, 1)
 
     class Infers(Callback):
         def __init__(self):
@@ -250,9 +248,32 @@ def test_labels_on_a_part_of_the_scene_score_only_the_chunks_there(trained, refe
             if isinstance(key, tuple) and "geoseg-infer-" in str(key[0]):  # fused with its read and slice, or not
                 self.ran.add(key)
 
-    counted = Infers()
-    with dask.config.set(scheduler="threads"), counted:
-        result = evaluate(scene.bands, model_dir, str(tmp_path / "part.tif"), EvaluateOptions(exact=True, chunk_size=64))
+    def scored(part, name):
+        if isinstance(part, np.ndarray):
+            with rasterio.open(tmp_path / name, "w", **profile) as ds:
+                ds.write(part, 1)
+        counted = Infers()
+        with dask.config.set(scheduler="threads"), counted:
+            result = evaluate(scene.bands, model_dir, str(tmp_path / name), EvaluateOptions(exact=True, chunk_size=64))
+        return result, len(counted.ran)
+
+    part = np.full(labels.shape, LABEL_NODATA, labels.dtype)
+    part[70:120, 130:180] = labels[70:120, 130:180]
+    result, ran = scored(part, "part.tif")
     assert result.to_dict()["region"] == {"rows": [70, 120], "cols": [130, 180]}
-    assert len(counted.ran) == 1  # of 9 chunks (64 px): only the one holding rows 64-128, cols 128-192
+    assert ran == 1  # of 9 chunks (64 px): only the one holding rows 64-128, cols 128-192
     _check(result.metrics, numpy_scores(pred, part, card.class_ids))
+    corners = np.full(labels.shape, LABEL_NODATA, labels.dtype)
+    corners[5:30, 10:40], corners[150:190, 140:185] = labels[5:30, 10:40], labels[150:190, 140:185]
+    result, ran = scored(corners, "corners.tif")
+    (rows,), (cols,) = np.nonzero((corners != LABEL_NODATA).any(1)), np.nonzero((corners != LABEL_NODATA).any(0))
+    assert result.to_dict()["region"] == {"rows": [rows[0], rows[-1] + 1], "cols": [cols[0], cols[-1] + 1]}
+    assert rows[-1] - rows[0] > 150 and cols[-1] - cols[0] > 150 and ran == 2  # corner to corner, 2 of 9 chunks run
+    _check(result.metrics, numpy_scores(pred, corners, card.class_ids))
+    assert result.labelled_pixels == (corners != LABEL_NODATA).sum()
+    write_polygons(tmp_path / "corners.gpkg", [((5, 30, 10, 40), "Urban"), ((150, 190, 140, 185), "water")])
+    result, ran = scored(None, "corners.gpkg")
+    lab = np.full(labels.shape, LABEL_NODATA, labels.dtype)
+    lab[5:30, 10:40], lab[150:190, 140:185] = 9, 2
+    assert ran == 2 and result.labelled_pixels == (lab != LABEL_NODATA).sum()
+    np.testing.assert_array_equal(result.metrics.confusion, numpy_scores(pred, lab, card.class_ids)["confusion"])

@@ -242,15 +242,19 @@ class VectorLabels:
         return ("geoseg-labels", os.path.abspath(self.path), self.field, _grid_token(self.grid), self.features_digest,
                 self.ids.tobytes(), self.all_touched, self.background)
 
-    def read(self, box: Box) -> np.ndarray:
-        from rasterio.features import rasterize
-
+    def hits(self, box: Box) -> np.ndarray:
+        """Which features' bounds meet pixel box ``box`` (the others put no label there)."""
         a = self.grid.affine
         left, top = a @ (box.x0, box.y0)
         right, bottom = a @ (box.x1, box.y1)
         left, right, bottom, top = min(left, right), max(left, right), min(bottom, top), max(bottom, top)
         b = self.bounds
-        hit = (b[:, 0] <= right) & (b[:, 2] >= left) & (b[:, 1] <= top) & (b[:, 3] >= bottom)
+        return (b[:, 0] <= right) & (b[:, 2] >= left) & (b[:, 1] <= top) & (b[:, 3] >= bottom)
+
+    def read(self, box: Box) -> np.ndarray:
+        from rasterio.features import rasterize
+
+        hit = self.hits(box)
         fill = NODATA_CLASS if self.background is None else self.background
         if not hit.any():
             return np.full(box.shape, fill, np.uint8)
