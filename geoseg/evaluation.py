@@ -40,7 +40,7 @@ from geoseg.model.store import open_model
 from geoseg.numerics import resolve_current
 from geoseg.runtime import ModelRef
 from geoseg.tiling import Box, TilingPlan, plan_for
-from geoseg.training.chips import SURVEY_WINDOW, labelled_extent, region_box
+from geoseg.training.chips import labelled_extent, region_box, scan_extent
 from geoseg.training.labels import LabelSource, VectorLabels, open_labels, read_labels
 from geoseg.training.metrics import ID_SPACE, NO_CLASS, Metrics, confusion_ids, restrict_confusion
 
@@ -228,23 +228,8 @@ def scored_region(source: LabelSource, grid: Any, plan: TilingPlan, options: Eva
         keep = [ch for ch, b in cores if extent is not None and (cut := b.intersect(extent)) is not None
                 and (source.background is not None or source.hits(cut).any())]
     else:
-        rows, cols, keep = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool), []
-        for ch, b in cores:
-            held = False
-            for wy in range(b.y0, b.y1, SURVEY_WINDOW):
-                for wx in range(b.x0, b.x1, SURVEY_WINDOW):
-                    win = Box(wy, min(b.y1, wy + SURVEY_WINDOW), wx, min(b.x1, wx + SURVEY_WINDOW))
-                    has = read_labels(source, win) != NO_CLASS
-                    if has.any():
-                        held = True
-                        rows[win.y0 - region.y0 : win.y1 - region.y0] |= has.any(axis=1)
-                        cols[win.x0 - region.x0 : win.x1 - region.x0] |= has.any(axis=0)
-            if held:
-                keep.append(ch)
-        extent = None
-        if rows.any():
-            (ys,), (xs,) = np.nonzero(rows), np.nonzero(cols)
-            extent = Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1)
+        extent, held = scan_extent(lambda win: read_labels(source, win) != NO_CLASS, region, [b for _, b in cores])
+        keep = [ch for (ch, _), labelled in zip(cores, held) if labelled]
     if extent is None:  # no label: every chunk, and the error says there is nothing to score
         extent, keep = region, [ch for ch, _ in cores]
     first = (extent.y0 // plan.chunk_size, extent.x0 // plan.chunk_size)  # the slice's block (0, 0)

@@ -105,7 +105,7 @@ def _id_nodata(ds: Any, raw: np.ndarray) -> np.ndarray:
 def objects_extent(labels: str, grid: Any, region: Box, layer: str | None = None) -> Box | None:
     """The smallest box of ``region`` that holds every object of ``labels`` (None: none there): the polygons'
     bounds, or an instance-id raster read window by window (never the whole scene at once)."""
-    from geoseg.training.chips import SURVEY_WINDOW, bbox_pixels
+    from geoseg.training.chips import bbox_pixels, scan_extent
     from geoseg.training.labels import is_vector
 
     if is_vector(labels):
@@ -114,20 +114,13 @@ def objects_extent(labels: str, grid: Any, region: Box, layer: str | None = None
             return None
         box = bbox_pixels(grid, gdf.total_bounds)
         return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)  # a pixel's centre decides
-    rows, cols = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool)
     with _open_ids(labels, grid) as ds:
-        for wy in range(region.y0, region.y1, SURVEY_WINDOW):
-            for wx in range(region.x0, region.x1, SURVEY_WINDOW):
-                win = Box(wy, min(region.y1, wy + SURVEY_WINDOW), wx, min(region.x1, wx + SURVEY_WINDOW))
-                raw = ds.read(1, window=win.window)
-                has = (raw != 0) & ~_id_nodata(ds, raw)
-                if has.any():
-                    rows[win.y0 - region.y0 : win.y1 - region.y0] |= has.any(axis=1)
-                    cols[win.x0 - region.x0 : win.x1 - region.x0] |= has.any(axis=0)
-    if not rows.any():
-        return None
-    (ys,), (xs,) = np.nonzero(rows), np.nonzero(cols)
-    return Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1)
+
+        def objects(win: Box) -> np.ndarray:
+            raw = ds.read(1, window=win.window)
+            return (raw != 0) & ~_id_nodata(ds, raw)
+
+        return scan_extent(objects, region)[0]
 
 
 def training_box(extent: Box, region: Box, side: int) -> Box:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from odc.geo.geobox import GeoBox
@@ -86,18 +86,30 @@ def labelled_extent(labels: LabelSource, region: Box) -> Box | None:
             return None
         box = bbox_pixels(labels.grid, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()))
         return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)  # a pixel's centre decides
+    return scan_extent(lambda win: read_labels(labels, win) != NODATA_CLASS, region)[0]
+
+
+def scan_extent(has: Callable[[Box], np.ndarray], region: Box, boxes: Sequence[Box] | None = None
+                ) -> tuple[Box | None, list[bool]]:
+    """The smallest box of ``region`` where ``has`` (a window's boolean mask) holds (None: nowhere), and which
+    of ``boxes`` (parts of the region; default the region itself) held any: read window by window, never whole."""
     rows, cols = np.zeros(region.shape[0], bool), np.zeros(region.shape[1], bool)
-    for wy in range(region.y0, region.y1, SURVEY_WINDOW):
-        for wx in range(region.x0, region.x1, SURVEY_WINDOW):
-            win = Box(wy, min(region.y1, wy + SURVEY_WINDOW), wx, min(region.x1, wx + SURVEY_WINDOW))
-            has = read_labels(labels, win) != NODATA_CLASS
-            if has.any():
-                rows[win.y0 - region.y0 : win.y1 - region.y0] |= has.any(axis=1)
-                cols[win.x0 - region.x0 : win.x1 - region.x0] |= has.any(axis=0)
+    held = []
+    for b in [region] if boxes is None else boxes:
+        any_ = False
+        for wy in range(b.y0, b.y1, SURVEY_WINDOW):
+            for wx in range(b.x0, b.x1, SURVEY_WINDOW):
+                win = Box(wy, min(b.y1, wy + SURVEY_WINDOW), wx, min(b.x1, wx + SURVEY_WINDOW))
+                m = has(win)
+                if m.any():
+                    any_ = True
+                    rows[win.y0 - region.y0 : win.y1 - region.y0] |= m.any(axis=1)
+                    cols[win.x0 - region.x0 : win.x1 - region.x0] |= m.any(axis=0)
+        held.append(any_)
     if not rows.any():
-        return None
+        return None, held
     (ys,), (xs,) = np.nonzero(rows), np.nonzero(cols)
-    return Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1)
+    return Box(region.y0 + int(ys[0]), region.y0 + int(ys[-1]) + 1, region.x0 + int(xs[0]), region.x0 + int(xs[-1]) + 1), held
 
 
 # -- survey ----------------------------------------------------------------------------------
