@@ -271,8 +271,13 @@ def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
     assert window._array is None and len(made) > 2 and max(made) < h / 2  # strips, never the whole window
     ref = segment_window(net, card, normalize(data, valid, card, band_valid, channels_last=True), valid, box,
                          [Tile(box, box)], box, InferenceSettings())
-    np.testing.assert_array_equal(got[0], ref[0])
-    np.testing.assert_array_equal(got[1], ref[1])
+    # The same arithmetic on tensors of other shapes (strips of a window off the stride): some CPUs' convolution
+    # kernels round differently by shape (an AMD EPYC, with oneDNN or without: 194 of 46487 confidences differ
+    # by up to 1e-4, the classes not at all). Classes may differ only at a near-tie of the top two (3 classes: a
+    # confidence of at most one half), confidences by rounding.
+    near_tie = ref[1] <= 0.5 + 1e-3
+    assert ((got[0] == ref[0]) | near_tie).all() and (got[0] != ref[0]).mean() < 1e-3
+    np.testing.assert_allclose(got[1], ref[1], rtol=0, atol=1e-3)
     assert (got[0] != 255).sum() == valid.sum()
 
 
