@@ -832,6 +832,15 @@ def test_instance_training_reads_the_objects_extent_not_the_scene(tmp_path):
     res = run("train", image, "--task", "instance", "--labels", id_raster, "--out", tmp_path / "m2", "--window", 0, 0, 1000, 1000,
               code=2)
     assert "no object falls inside the training area" in res.output and not (tmp_path / "m2").exists()
+    # a region's objects, most far from the scene: only the scene's are read, the classes are the whole file's
+    from geoseg.instances.train import instance_targets
+
+    far = [shapely.box(ORIGIN[0] + k * 10, ORIGIN[1] - 90000 - 8, ORIGIN[0] + k * 10 + 8, ORIGIN[1] - 90000) for k in range(200)]
+    gpd.GeoDataFrame({"kind": ["house"] * len(polys) + ["shed"] * len(far)}, geometry=polys + far,
+                     crs="EPSG:32633").to_crs(4326).to_file(tmp_path / "region.gpkg")
+    inst, lab, classes = instance_targets(str(tmp_path / "region.gpkg"), grid, tight, field="kind")
+    assert [c.name for c in classes] == ["background", "house", "shed"] and len(lab) == len(polys) + 1
+    assert inst.max() == len(polys)
     off = write_raster(tmp_path / "ids_off.tif", big_ids, crs="EPSG:32633", transform=from_origin(ORIGIN[0] + 20, ORIGIN[1], RES, RES))
     res = run("train", image, "--task", "instance", "--labels", off, "--out", tmp_path / "m3", code=2)
     assert "not on the image's grid" in res.output and not (tmp_path / "m3").exists()

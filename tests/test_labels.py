@@ -364,3 +364,25 @@ def test_a_field_without_values_is_named(tmp_path, grid):
     gdf.to_file(p)
     with pytest.raises(InputError, match="no feature with a geometry has a value in field 'code'"):
         open_labels(str(p), grid, field="code")
+
+
+def test_only_the_features_that_can_meet_the_image_are_read(tmp_path, grid):
+    """A file whose features lie mostly far from the image (a region's footprints, one scene): only those that can
+    meet the image are read (scene_bbox, in the file's CRS), and class ids from names are still the whole file's: a
+    class found only far away keeps its place, so every scene of one file gets the same ids."""
+    from geoseg.training.labels import _read_vector, scene_bbox
+
+    near = [((0, 10, 0, 10), "forest"), ((10, 20, 0, 10), "water")]
+    far = [((5000 + 3 * k, 5002 + 3 * k, 0, 2), "crops" if k % 2 else "forest") for k in range(300)]  # 50 km south
+    path = str(write_polygons(tmp_path / "region.gpkg", near + far, crs="EPSG:4326"))
+    bbox = scene_bbox(path, None, grid)
+    assert len(_read_vector(path, None, bbox=bbox)) == 2 and len(_read_vector(path, None)) == 302
+    src = open_labels(path, grid)
+    assert len(src.geoms) == 2
+    assert [(c.id, c.name) for c in src.classes] == [(1, "crops"), (2, "forest"), (3, "water")]
+    ids = read_labels(src, ALL)
+    assert ids[5, 5] == 2 and ids[15, 5] == 3
+    # none near: every feature is read, and the error says none overlaps
+    only_far = str(write_polygons(tmp_path / "far.gpkg", far))
+    with pytest.raises(InputError, match="overlaps"):
+        open_labels(only_far, grid)

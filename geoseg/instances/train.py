@@ -43,11 +43,14 @@ class InstanceConfig:
     device: str = "auto"  # auto: a CUDA GPU where there is one, else the CPU
 
 
-def _objects_frame(labels: str, grid: Any, layer: str | None) -> Any:
-    """The polygons of ``labels`` in the image's CRS, one per object (a clip's geometry collections: their polygon parts)."""
-    from geoseg.training.labels import _read_vector
+def _objects_frame(labels: str, grid: Any, layer: str | None) -> tuple[Any, bool]:
+    """The polygons of ``labels`` that can meet the image (``scene_bbox``: the others are not read), in the
+    image's CRS, one per object (a clip's geometry collections: their polygon parts); and whether the file was
+    read in part."""
+    from geoseg.training.labels import _read_vector, scene_bbox
 
-    gdf = _read_vector(labels, layer)
+    bbox = scene_bbox(labels, layer, grid)
+    gdf = _read_vector(labels, layer, bbox=bbox)
     if gdf.crs is None:
         raise InputError(f"{labels}: the polygons have no CRS; set one (ogr2ogr -a_srs) so they can be placed on the image")
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs.to_wkt())
@@ -63,7 +66,7 @@ def _objects_frame(labels: str, grid: Any, layer: str | None) -> Any:
     if kinds:
         raise InputError(f"{labels}: instance labels are one polygon per object, and this file has {', '.join(sorted(kinds))} "
                          "geometries; outline the objects (points or lines can be buffered to polygons first)")
-    return gdf
+    return gdf, bbox is not None
 
 
 def _open_ids(labels: str, grid: Any) -> Any:
@@ -109,7 +112,7 @@ def objects_extent(labels: str, grid: Any, region: Box, layer: str | None = None
     from geoseg.training.labels import is_vector
 
     if is_vector(labels):
-        gdf = _objects_frame(labels, grid, layer)
+        gdf, _ = _objects_frame(labels, grid, layer)
         if not len(gdf):
             return None
         box = bbox_pixels(grid, gdf.total_bounds)
@@ -142,12 +145,12 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
     class) or an instance-id raster on the image's grid (one class)."""
     from affine import Affine
 
-    from geoseg.training.labels import is_vector
+    from geoseg.training.labels import file_values, is_vector
 
     if is_vector(labels):
         from rasterio.features import rasterize
 
-        gdf = _objects_frame(labels, grid, layer)
+        gdf, part = _objects_frame(labels, grid, layer)
         if field is not None and field not in gdf.columns:
             raise InputError(f"{labels}: no field {field!r}; fields are {', '.join(c for c in gdf.columns if c != 'geometry')}")
         if field is not None and gdf[field].isna().any():
@@ -157,7 +160,9 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
             log.warning("%s: %d of %d polygons have no value in %r: left out (neither objects nor background)",
                         labels, missing, len(gdf), field)
             gdf = gdf[gdf[field].notna()]
-        values = sorted(gdf[field].unique().tolist()) if field else ["object"]
+        # classes over the whole file, as if it had been read whole: one file gives every scene the same ids
+        every = (file_values(labels, layer, field) if part else gdf[field]) if field else None
+        values = sorted(set(every.tolist()) | set(gdf[field].tolist())) if field else ["object"]
         numeric = field is not None and all(isinstance(v, (int, np.integer)) and 0 <= v <= 254 and v != background for v in values)
         free = [v for v in range(1, NODATA_CLASS) if v != background]  # 255 is the class map's nodata
         if len(values) > len(free):

@@ -377,43 +377,88 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
     return RasterLabels(path, grid, nodata, ignore, use_mask, warp=True, source_crs_wkt=src_crs)
 
 
-def _read_vector(path: str, layer: str | None, choose: str = "pass --label-layer NAME"):
+def scene_bbox(path: str, layer: str | None, grid: GeoBox) -> tuple[float, float, float, float] | None:
+    """``grid``'s bounds in the CRS of ``path`` (its ``layer``), edges densified and grown by a hundredth: the
+    box outside which no feature can meet the image. None where it cannot be said (no CRS, a box across the
+    antimeridian, an unreadable file: those read every feature, and say what is wrong as before)."""
+    import pyogrio
+
+    try:
+        crs = None if Path(path).suffix.lower() == ".parquet" else pyogrio.read_info(path, layer=_spatial_layer(path, layer))["crs"]
+        if not crs:
+            return None
+        x0, y0, x1, y1 = grid.extent.to_crs(crs, resolution="auto").boundingbox
+    except Exception:  # noqa: BLE001 - the full read that follows reports it
+        return None
+    if not all(map(math.isfinite, (x0, y0, x1, y1))) or x0 >= x1 or y0 >= y1:
+        return None
+    if pyproj.CRS.from_user_input(crs).is_geographic and x1 - x0 > 180:  # wrapped: every feature
+        return None
+    mx, my = (x1 - x0) / 100, (y1 - y0) / 100
+    return (x0 - mx, y0 - my, x1 + mx, y1 + my)
+
+
+def _read_vector(path: str, layer: str | None, choose: str = "pass --label-layer NAME",
+                 bbox: tuple[float, float, float, float] | None = None):
     """The features of ``path`` (its ``layer``); a file of several layers must say which (``choose``: how).
+    With ``bbox`` (in the file's CRS; ``scene_bbox``) only the features that meet it are read: a country's
+    building footprints for one scene read that scene's.
 
     Only layers with geometries count: a GeoPackage's attribute tables (QGIS's ``layer_styles``) are not labels.
     GeoParquet is read with geopandas (GDAL builds often lack its driver).
     """
     import geopandas as gpd
-    import pyogrio
 
     try:
         if Path(path).suffix.lower() == ".parquet" and "://" not in path:
             if layer:
                 raise InputError(f"{path}: --label-layer {layer!r} is for files of several layers; GeoParquet holds one, drop it")
             return gpd.read_parquet(path)
-        listed = [(str(name), gtype) for name, gtype in pyogrio.list_layers(path)]
-        spatial = [name for name, gtype in listed if gtype is not None]
-        if layer:
-            names = [name for name, _ in listed]  # matched as GDAL matches them: exactly, else ignoring case
-            layer = layer if layer in names else next((n for n in names if n.casefold() == layer.casefold()), layer)
-            if layer not in names:
-                raise InputError(f"{path}: no layer {layer!r}; its layers are {', '.join(spatial) or '(none with geometries)'}")
-            if layer not in spatial:
-                raise InputError(f"{path}: layer {layer!r} is a table without geometries; "
-                                 f"the layers with geometries are {', '.join(spatial) or '(none)'}")
-        elif len(spatial) > 1:
-            raise InputError(f"{path}: holds {len(spatial)} layers ({', '.join(spatial)}); {choose}")
-        elif not spatial:
-            raise InputError(f"{path}: holds no layer with geometries; give the file that holds the labels")
-        else:
-            layer = spatial[0] if len(listed) > 1 else None
-        return gpd.read_file(path, layer=layer) if layer else gpd.read_file(path)
+        layer = _spatial_layer(path, layer, choose)
+        where = {} if bbox is None else {"bbox": bbox}
+        return gpd.read_file(path, layer=layer, **where) if layer else gpd.read_file(path, **where)
     except InputError:
         raise
     except Exception as exc:  # pyogrio raises DataSourceError, DataLayerError, ...
         raise InputError(
             f"{path}: cannot read vector labels ({str(exc).splitlines()[0]}); give a GeoPackage, GeoJSON or Shapefile"
         ) from None
+
+
+def _spatial_layer(path: str, layer: str | None, choose: str = "pass --label-layer NAME") -> str | None:
+    """The layer of ``path`` that holds the labels (None: the file's only one); a clear error where none does."""
+    import pyogrio
+
+    listed = [(str(name), gtype) for name, gtype in pyogrio.list_layers(path)]
+    spatial = [name for name, gtype in listed if gtype is not None]
+    if layer:
+        names = [name for name, _ in listed]  # matched as GDAL matches them: exactly, else ignoring case
+        layer = layer if layer in names else next((n for n in names if n.casefold() == layer.casefold()), layer)
+        if layer not in names:
+            raise InputError(f"{path}: no layer {layer!r}; its layers are {', '.join(spatial) or '(none with geometries)'}")
+        if layer not in spatial:
+            raise InputError(f"{path}: layer {layer!r} is a table without geometries; "
+                             f"the layers with geometries are {', '.join(spatial) or '(none)'}")
+        return layer
+    if len(spatial) > 1:
+        raise InputError(f"{path}: holds {len(spatial)} layers ({', '.join(spatial)}); {choose}")
+    if not spatial:
+        raise InputError(f"{path}: holds no layer with geometries; give the file that holds the labels")
+    return spatial[0] if len(listed) > 1 else None
+
+
+def file_values(path: str, layer: str | None, field: str) -> Any:
+    """The values ``field`` holds over the whole file (missing ones left out), read without the geometries:
+    what class ids are given over when only a scene's features were read."""
+    import pyogrio
+
+    return pyogrio.read_dataframe(path, layer=_spatial_layer(path, layer), columns=[field], read_geometry=False)[field].dropna()
+
+
+def _names(values: Any) -> Any:
+    """Class names as the labels give them: text, stripped, blanks left out."""
+    text = values.astype(str).str.strip()
+    return text[text != ""]
 
 
 def _pick_field(path: str, columns: Sequence[str], field: str | None) -> str:
@@ -446,7 +491,13 @@ def _open_vector(
 ) -> VectorLabels:
     import pandas as pd
 
-    gdf = _read_vector(path, layer)
+    # Only the features that can meet the image are read; where none does, every feature is (the errors below
+    # say what the file holds). Class ids from names come from the whole file's names (file_values): a class
+    # outside this scene keeps its place, so one file gives every scene the same ids.
+    bbox = scene_bbox(path, layer, grid)
+    gdf = _read_vector(path, layer, bbox=bbox)
+    if bbox is not None and not len(gdf):
+        gdf, bbox = _read_vector(path, layer), None
     where = f" (layer {layer!r})" if layer else ""
     with warnings.catch_warnings():  # geopandas warns that empty geometries are not missing ones: both are dropped
         warnings.simplefilter("ignore", UserWarning)
@@ -496,14 +547,15 @@ def _open_vector(
             # No class list: names sorted alphabetically get ids 1, 2, ... (0 stays free for a background class).
             # Names that differ only in case are one class (as a class list matches them), spelled as first sorted.
             spelling: dict[str, str] = {}
-            for n in sorted(set(names)):
+            every = names if bbox is None else _names(file_values(path, layer, field))
+            for n in sorted(set(every) | set(names)):
                 spelling.setdefault(n.casefold(), n)
             merged = sorted({n for n in names if spelling[n.casefold()] != n})
             if merged:
                 log.warning("%s: class names %s differ only in case from others and are read as those (%s)", path,
                             ", ".join(map(repr, merged)), ", ".join(repr(spelling[n.casefold()]) for n in merged))
             names = names.map(lambda n: spelling[n.casefold()])
-            order = sorted(set(names))
+            order = sorted({spelling[n.casefold()] for n in every} | set(names))
             if len(order) > 254:
                 raise InputError(f"{path}: field {field!r} holds {len(order)} distinct names; at most 254 classes")
             lookup = {n: i + 1 for i, n in enumerate(order)}
