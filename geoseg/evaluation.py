@@ -213,10 +213,10 @@ def _check_semantic(card: ModelCard, model_dir: str) -> None:
 
 
 def scored_region(source: LabelSource, grid: Any, plan: TilingPlan, options: EvaluateOptions
-                  ) -> tuple[Box, list[tuple[int, int]]]:
+                  ) -> tuple[Box, list[tuple[int, int]] | None]:
     """The region scored and the blocks of it to score. The region: the labels' extent within the scene,
     ``--bbox`` or ``--window`` (the whole of it with a background class, or where no label lies: the error
-    then says so). The blocks (of the region's slice of ``plan``'s chunks): those whose chunk holds a label
+    then says so). The blocks (of the region's slice of ``plan``'s chunks): those whose chunk holds a label (None: all)
     (for polygons, a feature's bounds). Only those chunks are read and run: labels on a small part of a large
     scene, or scattered over it, cost the chunks they lie on. Found in one pass; a label raster is read window
     by window, never whole."""
@@ -234,7 +234,8 @@ def scored_region(source: LabelSource, grid: Any, plan: TilingPlan, options: Eva
         extent, keep = region, [ch for ch, _ in cores]
     first = (extent.y0 // plan.chunk_size, extent.x0 // plan.chunk_size)  # the slice's block (0, 0)
     blocks = [(ch.iy - first[0], ch.ix - first[1]) for ch in keep if ch.core.intersect(extent) is not None]
-    return extent, blocks
+    every = sum(ch.core.intersect(extent) is not None for ch, _ in cores)
+    return extent, (None if len(blocks) == every else blocks)  # None: all of them (labels everywhere)
 
 
 def plan_evaluation(
