@@ -230,7 +230,7 @@ def scored_region(source: LabelSource, grid: Any, plan: TilingPlan, options: Eva
     else:
         extent, held = scan_extent(lambda win: read_labels(source, win) != NO_CLASS, region, [b for _, b in cores])
         keep = [ch for (ch, _), labelled in zip(cores, held) if labelled]
-    if extent is None:  # no label: every chunk, and the error says there is nothing to score
+    if extent is None or not keep:  # no label: every chunk, and the error says there is nothing to score
         extent, keep = region, [ch for ch, _ in cores]
     first = (extent.y0 // plan.chunk_size, extent.x0 // plan.chunk_size)  # the slice's block (0, 0)
     blocks = [(ch.iy - first[0], ch.ix - first[1]) for ch in keep if ch.core.intersect(extent) is not None]

@@ -276,4 +276,8 @@ def test_labels_on_a_part_of_the_scene_score_only_the_chunks_there(trained, refe
     lab = np.full(labels.shape, LABEL_NODATA, labels.dtype)
     lab[5:30, 10:40], lab[150:190, 140:185] = 9, 2
     assert ran == 2 and result.labelled_pixels == (lab != LABEL_NODATA).sum()
+    # a polygon half a pixel past a window: nothing to score there, said as such
+    write_polygons(tmp_path / "past.gpkg", [((10, 20, 100.5, 110), "water")])
+    with pytest.raises(InputError, match="no pixel where both"), dask.config.set(scheduler="threads"):
+        evaluate(scene.bands, model_dir, str(tmp_path / "past.gpkg"), EvaluateOptions(chunk_size=64, window=(0, 0, 100, 100)))
     np.testing.assert_array_equal(result.metrics.confusion, numpy_scores(pred, lab, card.class_ids)["confusion"])

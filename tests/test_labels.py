@@ -382,6 +382,16 @@ def test_only_the_features_that_can_meet_the_image_are_read(tmp_path, grid):
     assert [(c.id, c.name) for c in src.classes] == [(1, "crops"), (2, "forest"), (3, "water")]
     ids = read_labels(src, ALL)
     assert ids[5, 5] == 2 and ids[15, 5] == 3
+    # a feature without a geometry names no class (as in a whole read), and text ids are decided over the whole file
+    import geopandas as gpd
+
+    gdf = gpd.read_file(path)
+    gpd.GeoDataFrame({"label": ["aaa"]}, geometry=[None], crs=gdf.crs).pipe(lambda g: gpd.pd.concat([gdf, g])).to_file(
+        tmp_path / "nogeom.gpkg")
+    assert [c.name for c in open_labels(str(tmp_path / "nogeom.gpkg"), grid).classes] == ["crops", "forest", "water"]
+    digits = str(write_polygons(tmp_path / "digits.gpkg", [((0, 10, 0, 10), "10"), ((10, 20, 0, 10), "5")]
+                                + [((5000, 5002, 0, 2), "water")]))
+    assert [(c.id, c.name) for c in open_labels(digits, grid).classes] == [(1, "10"), (2, "5"), (3, "water")]
     # none near: every feature is read, and the error says none overlaps
     only_far = str(write_polygons(tmp_path / "far.gpkg", far))
     with pytest.raises(InputError, match="overlaps"):

@@ -7,6 +7,7 @@ be integers 0-254. Nodata, values passed as ``ignore`` and pixels outside the la
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -377,23 +378,35 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
     return RasterLabels(path, grid, nodata, ignore, use_mask, warp=True, source_crs_wkt=src_crs)
 
 
+INDEXED_REMOTE = (".gpkg", ".fgb")  # remote vector formats a bbox reads in part (a spatial index, ranged reads)
+
+
 def scene_bbox(path: str, layer: str | None, grid: GeoBox) -> tuple[float, float, float, float] | None:
     """``grid``'s bounds in the CRS of ``path`` (its ``layer``), edges densified and grown by a hundredth: the
     box outside which no feature can meet the image. None where it cannot be said (no CRS, a box across the
     antimeridian, an unreadable file: those read every feature, and say what is wrong as before)."""
     import pyogrio
 
+    suffix = Path(path.split("?")[0]).suffix.lower()
+    if suffix == ".parquet" or ("://" in path and suffix not in INDEXED_REMOTE):  # a remote file without an index: each
+        return None  # open would fetch it whole again
     try:
-        crs = None if Path(path).suffix.lower() == ".parquet" else pyogrio.read_info(path, layer=_spatial_layer(path, layer))["crs"]
+        info = pyogrio.read_info(path, layer=_spatial_layer(path, layer))
+        crs = info["crs"]
         if not crs:
             return None
         x0, y0, x1, y1 = grid.extent.to_crs(crs, resolution="auto").boundingbox
+        geographic = pyproj.CRS.from_user_input(crs).is_geographic
     except Exception:  # noqa: BLE001 - the full read that follows reports it
         return None
     if not all(map(math.isfinite, (x0, y0, x1, y1))) or x0 >= x1 or y0 >= y1:
         return None
-    if pyproj.CRS.from_user_input(crs).is_geographic and x1 - x0 > 180:  # wrapped: every feature
-        return None
+    if geographic:
+        # near a pole or the antimeridian a box of the corners can miss what the image covers, and a file may
+        # give longitudes 0-360: every feature
+        total = info.get("total_bounds")
+        if x0 < -179 or x1 > 179 or y0 < -89 or y1 > 89 or (total is not None and total[2] > 180):
+            return None
     mx, my = (x1 - x0) / 100, (y1 - y0) / 100
     return (x0 - mx, y0 - my, x1 + mx, y1 + my)
 
@@ -448,11 +461,19 @@ def _spatial_layer(path: str, layer: str | None, choose: str = "pass --label-lay
 
 
 def file_values(path: str, layer: str | None, field: str) -> Any:
-    """The values ``field`` holds over the whole file (missing ones left out), read without the geometries:
-    what class ids are given over when only a scene's features were read."""
+    """The values ``field`` holds over the whole file's features with a geometry (missing values left out), as a
+    whole read would give them, without making the geometries: what class ids are given over when only a
+    scene's features were read."""
+    import pandas as pd
     import pyogrio
+    import shapely
 
-    return pyogrio.read_dataframe(path, layer=_spatial_layer(path, layer), columns=[field], read_geometry=False)[field].dropna()
+    meta, table = pyogrio.read_arrow(path, layer=_spatial_layer(path, layer), columns=[field])
+    wkb = table.column(meta["geometry_name"] or "wkb_geometry").to_numpy(zero_copy_only=False)
+    present = np.array([g is not None for g in wkb], bool)
+    present[present] = ~shapely.is_empty(shapely.from_wkb(wkb[present]))
+    values = pd.Series(table.column(field).to_pandas().to_numpy()[present])
+    return values.dropna()
 
 
 def _names(values: Any) -> Any:
@@ -506,6 +527,10 @@ def _open_vector(
         raise InputError(f"{path}{where}: holds no features with a geometry; give the file that holds the labels")
     columns = [c for c in gdf.columns if c != gdf.geometry.name]
     field = _pick_field(path, columns, field)
+
+    @functools.cache
+    def whole_names() -> Any:  # the names of the whole file, where only the scene's features were read
+        return _names(file_values(path, layer, field))
     if gdf.crs is None:
         raise InputError(f"{path}: vector labels have no CRS; assign one first (ogr2ogr -a_srs EPSG:XXXX)")
     gdf = gdf[present]
@@ -524,7 +549,8 @@ def _open_vector(
         # ids written as text ("0", "3": CSV and some exports): ids, unless the class list names them so
         text = values.astype(str).str.strip()
         known = {c.name for c in classes} if classes else set()
-        if len(text) and text.str.fullmatch(r"\d{1,3}(?:\.0*)?").all() and not set(text) <= known:
+        every = text if bbox is None else whole_names()  # decided for the file, not per scene
+        if len(text) and every.str.fullmatch(r"\d{1,3}(?:\.0*)?").all() and not set(every) <= known:
             values = text.astype(np.float64).astype(np.int64)  # "3" and "3.0" alike
     if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
         v = values.to_numpy(np.float64)
@@ -547,7 +573,7 @@ def _open_vector(
             # No class list: names sorted alphabetically get ids 1, 2, ... (0 stays free for a background class).
             # Names that differ only in case are one class (as a class list matches them), spelled as first sorted.
             spelling: dict[str, str] = {}
-            every = names if bbox is None else _names(file_values(path, layer, field))
+            every = names if bbox is None else whole_names()
             for n in sorted(set(every) | set(names)):
                 spelling.setdefault(n.casefold(), n)
             merged = sorted({n for n in names if spelling[n.casefold()] != n})
