@@ -105,18 +105,17 @@ def _id_nodata(ds: Any, raw: np.ndarray) -> np.ndarray:
     return np.isnan(raw) if np.isnan(ds.nodata) else raw == ds.nodata
 
 
-def objects_extent(labels: str, grid: Any, region: Box, layer: str | None = None) -> Box | None:
+def objects_extent(labels: str, grid: Any, region: Box, layer: str | None = None, frame: tuple[Any, bool] | None = None
+                   ) -> Box | None:
     """The smallest box of ``region`` that holds every object of ``labels`` (None: none there): the polygons'
-    bounds, or an instance-id raster read window by window (never the whole scene at once)."""
-    from geoseg.training.chips import bbox_pixels, scan_extent
+    bounds (``frame``: them as ``_objects_frame`` read them), or an instance-id raster read window by window
+    (never the whole scene at once)."""
+    from geoseg.training.chips import bounds_box, scan_extent
     from geoseg.training.labels import is_vector
 
     if is_vector(labels):
-        gdf, _ = _objects_frame(labels, grid, layer)
-        if not len(gdf):
-            return None
-        box = bbox_pixels(grid, gdf.total_bounds)
-        return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)  # a pixel's centre decides
+        gdf, _ = frame or _objects_frame(labels, grid, layer)
+        return bounds_box(grid, gdf.total_bounds, region) if len(gdf) else None
     with _open_ids(labels, grid) as ds:
 
         def objects(win: Box) -> np.ndarray:
@@ -138,11 +137,11 @@ def training_box(extent: Box, region: Box, side: int) -> Box:
     return Box(y0, y1, x0, x1)
 
 
-def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None, background: int = 0, layer: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, tuple[ClassInfo, ...]]:
+def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None, background: int = 0, layer: str | None = None,
+                     frame: tuple[Any, bool] | None = None) -> tuple[np.ndarray, np.ndarray, tuple[ClassInfo, ...]]:
     """Object ids (uint32, 0 = none) over ``box``, the network label of each id, and the classes
     (background first). ``labels``: polygons (one per object; classes from ``field``, else one
-    class) or an instance-id raster on the image's grid (one class)."""
+    class; ``frame``: them as ``_objects_frame`` read them) or an instance-id raster on the image's grid (one class)."""
     from affine import Affine
 
     from geoseg.training.labels import file_values, is_vector
@@ -150,7 +149,7 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
     if is_vector(labels):
         from rasterio.features import rasterize
 
-        gdf, part = _objects_frame(labels, grid, layer)
+        gdf, part = frame or _objects_frame(labels, grid, layer)
         if field is not None and field not in gdf.columns:
             raise InputError(f"{labels}: no field {field!r}; fields are {', '.join(c for c in gdf.columns if c != 'geometry')}")
         if field is not None and gdf[field].isna().any():
@@ -197,7 +196,6 @@ def instance_targets(labels: str, grid: Any, box: Box, field: str | None = None,
         _, inv = np.unique(ids_, return_inverse=True)
         inst = np.zeros(raw.shape, np.uint32)
         inst[some] = inv.ravel() + 1
-        del raw, nodata, some, ids_, inv
         lab = np.zeros(int(inst.max()) + 1, np.int64)
         lab[1:] = 1
         ids, names = [1 if background != 1 else 2], ["object"]
@@ -255,13 +253,16 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
     # The training area is the objects' extent (grown to a chip), not the scene: memory and reads follow the
     # labels, and chips drawn "anywhere" fall where someone labelled, not where unlabelled objects would teach
     # the network to miss them.
-    extent = objects_extent(labels, stack.grid, region, layer)
+    from geoseg.training.labels import is_vector
+
+    frame = _objects_frame(labels, stack.grid, layer) if is_vector(labels) else None  # read once, for both below
+    extent = objects_extent(labels, stack.grid, region, layer, frame)
     if extent is None:
         raise InputError(f"{labels}: no object falls inside the training area of {images[0]} (rows {region.y0}-{region.y1}, "
                          f"cols {region.x0}-{region.x1}); check the labels' CRS and extent, and the region")
     box = training_box(extent, region, config.chip_size)
     cs = min(config.chip_size, box.shape[0], box.shape[1]) // STRIDE * STRIDE
-    inst, lab, classes = instance_targets(labels, stack.grid, box, field, background, layer)
+    inst, lab, classes = instance_targets(labels, stack.grid, box, field, background, layer, frame)
     data, valid = read_bands(stack, box.window)
     ok = valid.all(axis=0)
     inst = np.where(ok, inst, 0)  # objects on nodata are none: checked now, not after training
@@ -279,13 +280,8 @@ def train_instances(images: Sequence[str], labels: str, out_dir: str | Path, con
         log.warning("%s: %d of %d objects are smaller than %d pixels: left out as training targets",
                     labels, len(small), len(objects), MIN_OBJECT_PX)
         objects = {i: b for i, b in objects.items() if sizes[i] >= MIN_OBJECT_PX}
-    mean, std = [], []
-    for b in range(stack.count):  # one band's valid pixels at a time
-        v = data[b][ok]
-        mean.append(float(v.mean()))
-        std.append(max(float(v.std()), 1e-6))
-        del v
-    norm = Normalization(mean=tuple(mean), std=tuple(std))
+    stats = [(float(v.mean()), max(float(v.std()), 1e-6)) for v in (data[b][ok] for b in range(stack.count))]  # a band at a time
+    norm = Normalization(mean=tuple(m for m, _ in stats), std=tuple(s for _, s in stats))
     card_probe = ModelCard(bands=tuple(band_infos(stack)), normalization=norm, classes=classes, stride=STRIDE, receptive_field=0,
                            default_halo=0)
     x = normalize(data, ok, card_probe, valid)

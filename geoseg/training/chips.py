@@ -41,6 +41,13 @@ def bbox_pixels(grid: GeoBox, bbox: Sequence[float]) -> Box:
                math.ceil(max(cols) - 1e-6))
 
 
+def bounds_box(grid: GeoBox, bounds: Sequence[float], region: Box) -> Box | None:
+    """The pixel box of ``region`` that every pixel whose centre lies within features' ``bounds`` (xmin, ymin,
+    xmax, ymax in the grid's CRS) falls in, a pixel to spare (None: none in the region)."""
+    box = bbox_pixels(grid, bounds)
+    return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)
+
+
 def region_box(
     grid: GeoBox, bbox: Sequence[float] | None = None, window: Sequence[int] | None = None
 ) -> Box | None:
@@ -84,8 +91,7 @@ def labelled_extent(labels: LabelSource, region: Box) -> Box | None:
         b = labels.bounds
         if not len(b):
             return None
-        box = bbox_pixels(labels.grid, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()))
-        return Box(box.y0 - 1, box.y1 + 1, box.x0 - 1, box.x1 + 1).intersect(region)  # a pixel's centre decides
+        return bounds_box(labels.grid, (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max()), region)
     return scan_extent(lambda win: read_labels(labels, win) != NODATA_CLASS, region)[0]
 
 
