@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from geoseg.model.fold import _interleave, _phase_weights, optimize_for_inference
-from geoseg.model.network import build_network
+from geoseg.model.network import build_network, has_input_skip
 
 
 def _batchnorm_calls(net: torch.nn.Module, x: torch.Tensor) -> int:
@@ -44,11 +44,12 @@ def _random_statistics(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return net.eval()
 
 
-@pytest.mark.parametrize("arch,depth", [("unet", 5), ("unet", 3), ("fpn", 5)])
+@pytest.mark.parametrize("arch,depth,params", [("unet", 5, {}), ("unet", 3, {}), ("fpn", 5, {}), ("unet", 4, {"input_skip": True})])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_rewritten_network_computes_the_same(arch, depth, channels_last):
+def test_rewritten_network_computes_the_same(arch, depth, params, channels_last):
     torch.manual_seed(0)
-    net = _random_statistics(build_network(arch, "resnet18", 4, 5, depth, {}))
+    net = _random_statistics(build_network(arch, "resnet18", 4, 5, depth, params))
+    assert has_input_skip(net) is bool(params)  # the last decoder block reads the input: its rewrite takes a skip
     plain = copy.deepcopy(net)
     fast = optimize_for_inference(net)
     assert _batchnorm_calls(plain, torch.zeros(1, 4, 64, 64)) > 0

@@ -10,7 +10,7 @@ import torch
 
 from geoseg.model.card import BandInfo, Normalization
 from geoseg.model.fold import optimize_for_inference
-from geoseg.model.network import build_network
+from geoseg.model.network import build_network, has_input_skip
 from geoseg.model.store import default_classes, make_card
 from geoseg.model.tiled import TiledUnet, tiled_forward
 from geoseg.tiling import DEFAULT_CHUNK, SEAM_FREE_OVERHEAD, STAGEWISE_CHUNK, plan_for, runs_stagewise
@@ -34,11 +34,16 @@ def _card(arch="unet", encoder="resnet18", depth=3, arch_params=None, rf=None):
     return _BASE.model_copy(update=update)
 
 
-@pytest.mark.parametrize("encoder,depth,fold", [("resnet18", 4, True), ("resnet18", 4, False), ("resnet34", 5, True),
-                                                ("resnet50", 3, True), ("resnet18", 2, False)])
-def test_tiled_execution_equals_one_pass(encoder, depth, fold):
+@pytest.mark.parametrize("encoder,depth,fold,skip", [("resnet18", 4, True, False), ("resnet18", 4, False, False),
+                                                     ("resnet34", 5, True, False), ("resnet50", 3, True, False),
+                                                     ("resnet18", 2, False, False), ("resnet18", 4, True, True),
+                                                     ("resnet18", 3, False, True)])
+def test_tiled_execution_equals_one_pass(encoder, depth, fold, skip):
+    """Stage by stage in strips equals one pass, the U-Net given the input skip too (its last stage reads the input
+    again, strip by strip)."""
     torch.manual_seed(0)
-    net = _random_statistics(build_network("unet", encoder, 4, 5, depth, {}))
+    net = _random_statistics(build_network("unet", encoder, 4, 5, depth, {"input_skip": True} if skip else {}))
+    assert has_input_skip(net) is skip and net.decoder.blocks[-1].conv1[0].in_channels == 32 + (4 if skip else 0)
     if fold:
         optimize_for_inference(net)
     runner = TiledUnet.plan(net, strip_bytes=1 << 20)  # strips of 16-32 rows: many per stage
@@ -66,6 +71,7 @@ def test_small_windows_run_as_one_pass():
 
 @pytest.mark.parametrize("arch,encoder,params,depth,expected", [
     ("unet", "resnet18", {}, 3, True),
+    ("unet", "resnet18", {"input_skip": True}, 4, True),
     ("unet", "resnet34", {}, 3, True),
     ("unet", "resnet50", {}, 3, True),
     ("unet", "resnet18", {"output_stride": 8}, 3, True),  # no stage of a depth-3 encoder is dilated
@@ -238,11 +244,12 @@ def test_the_device_normalisation_equals_numpys(dtype):
     assert normalized_on_device(data, valid, indexed, None, "cpu") is None
 
 
-@pytest.mark.parametrize("shape", [(200, 232), (203, 229)])  # on the stride, and padded to it
-def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
+@pytest.mark.parametrize("shape,skip", [((200, 232), False), ((203, 229), False), ((203, 229), True)])  # on the stride,
+# and padded to it; with the input skip the last stage reads the input again
+def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape, skip):
     """The default path (tile = chunk) gives the network an InputWindow's rows as its first stage reads
-    them: the window's whole input is never made, and classes and confidences equal those from the
-    whole normalised array."""
+    them (and, with the input skip, as its last stage does): the window's whole input is never made, and
+    classes and confidences equal those from the whole normalised array."""
     import geoseg.infer
     from geoseg.infer import InferenceSettings, InputWindow, normalize, segment_window
     from geoseg.model import tiled
@@ -253,7 +260,7 @@ def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
                                       "normalization": Normalization(mean=(300.0, 400.0, 500.0, 900.0),
                                                                      std=(50.0, 60.0, 70.0, 200.0))})
     torch.manual_seed(2)
-    net = _random_statistics(build_network("unet", "resnet18", 6, 3, 3, {}))
+    net = _random_statistics(build_network("unet", "resnet18", 6, 3, 3, {"input_skip": True} if skip else {}))
     optimize_for_inference(net)
     net.__dict__["_geoseg_tiled"] = TiledUnet.plan(net, strip_bytes=1 << 18)  # strips of a few rows
     monkeypatch.setattr(tiled, "MIN_WINDOW", 64 * 64)
@@ -269,6 +276,7 @@ def test_a_stagewise_pass_makes_its_input_a_strip_at_a_time(monkeypatch, shape):
     window = InputWindow(data, valid, card, band_valid)
     got = segment_window(net, card, window, valid, box, [Tile(box, box)], box, InferenceSettings())
     assert window._array is None and len(made) > 2 and max(made) < h / 2  # strips, never the whole window
+    assert (sum(made) > 3 * h) is skip  # the input skip's rows are made again (the stem's overlap: under 2 h)
     ref = segment_window(net, card, normalize(data, valid, card, band_valid, channels_last=True), valid, box,
                          [Tile(box, box)], box, InferenceSettings())
     # The same arithmetic on tensors of other shapes (strips of a window off the stride): some CPUs' convolution

@@ -65,6 +65,10 @@ def test_card_keeps_class_ids_names_and_bands(trained):
     assert card.bands[0].description == "blue" and card.bands[1].description is None
     assert all(b.resolution_m == RES for b in card.bands)
     assert card.encoder_depth == 3 and card.stride == 8 and card.tile_size == 128
+    # the default U-Net's last decoder block reads the input pixels too (geoseg.model.network.add_input_skip)
+    assert card.arch_params == {"input_skip": True} and "input skip" in card.network
+    last = bundle.net.decoder.blocks[-1]
+    assert last.conv1[0].in_channels == bundle.net.decoder.blocks[-2].conv2[0].out_channels + card.n_inputs
     assert card.training["labels"]["file"] == "labels.tif" and card.training["classes_from"] == "classes.yaml"
 
 
@@ -472,6 +476,12 @@ def test_bad_options_are_refused():
         TrainConfig(epochs=0)
     with pytest.raises(ConfigError, match="val_fraction"):
         TrainConfig(val_fraction=1.5)
+    with pytest.raises(ConfigError, match="input_skip is for arch 'unet'"):
+        TrainConfig(arch="fpn", input_skip=True)
+    # the input skip by default where the arch is a U-Net; asked off, the card's arch_params stay smp's
+    assert TrainConfig().resolved().arch_params() == {"input_skip": True}
+    assert TrainConfig(arch="fpn").resolved().input_skip is False
+    assert TrainConfig(input_skip=False).resolved().arch_params() == {}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

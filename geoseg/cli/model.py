@@ -15,6 +15,8 @@ def model() -> None:
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder name (no pretrained weights are downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(3, 5), default=5, show_default=True)
+@click.option("--input-skip", "input_skip", is_flag=True,
+              help="U-Net: the last decoder block reads the input pixels too, as geoseg train's do by default.")
 @click.option("--bands", "n_bands", type=click.IntRange(1), default=None, help="Input bands (required, except for SAM: 3).")
 @click.option("--method", type=click.Choice(["smp", "sam"]), default="smp", show_default=True,
               help="sam: Segment Anything with --checkpoint (segment-anything package; nothing is downloaded).")
@@ -31,7 +33,7 @@ def model() -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.pass_context
-def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint, sam_type, max_object_px, n_classes, classes_file,
+def init(ctx, out_dir, arch, encoder, encoder_depth, input_skip, n_bands, method, checkpoint, sam_type, max_object_px, n_classes, classes_file,
          tile_size, seed, overwrite):
     """Make a model with seeded random weights in OUT_DIR, so the pipeline runs before training.
 
@@ -42,7 +44,7 @@ def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint
     from geoseg.errors import ConfigError
     from geoseg.model.store import init_model
 
-    other = (("arch", "encoder", "encoder_depth", "n_classes", "classes_file", "tile_size") if method == "sam"
+    other = (("arch", "encoder", "encoder_depth", "input_skip", "n_classes", "classes_file", "tile_size") if method == "sam"
              else ("checkpoint", "sam_type", "max_object_px"))
     refuse_unused(ctx, frozenset(p.name for p in ctx.command.params) - set(other), f"--method {method}")
     if n_classes and classes_file:
@@ -69,7 +71,8 @@ def init(ctx, out_dir, arch, encoder, encoder_depth, n_bands, method, checkpoint
     elif not n_classes:
         raise ConfigError("give --classes N or --classes-file classes.yaml")
     card = init_model(out_dir, arch=arch, encoder=encoder, n_bands=n_bands, n_classes=n_classes or len(classes),
-                      classes=classes, seed=seed, encoder_depth=encoder_depth, tile_size=tile_size, overwrite=overwrite)
+                      classes=classes, seed=seed, encoder_depth=encoder_depth, tile_size=tile_size, overwrite=overwrite,
+                      input_skip=input_skip)
     if (ctx.obj or {}).get("verbosity", 0) < 0:
         return
     click.echo(f"model written to {out_dir}: {card.network}, {card.n_bands} bands, "

@@ -110,6 +110,9 @@ def apply(options):
 @click.option("--arch", default="unet", show_default=True, help="segmentation-models-pytorch architecture.")
 @click.option("--encoder", default="resnet18", show_default=True, help="Encoder (randomly initialised, nothing downloaded).")
 @click.option("--encoder-depth", type=click.IntRange(1, 5), default=4, show_default=True)
+@click.option("--input-skip/--no-input-skip", "input_skip", default=None,
+              help="U-Net: the last decoder block reads the input pixels too, not only stride-2 features "
+                   "(default: on for --arch unet where the encoder hands the input on).")
 @click.option("--epochs", type=click.IntRange(1), default=30, show_default=True)
 @click.option("--chip-size", type=click.IntRange(8), default=None, metavar="PX",
               help="Side of the training chips (rounded to the network stride; default 128, 256 for --task instance).")
@@ -137,7 +140,7 @@ def apply(options):
 @opt.overwrite_opt
 @click.pass_context
 def train(ctx, images, labels, label_field, label_layer, ignore, background, reproject_labels, out_dir, classes_file, task, method, band_roles, index,
-          threshold, clusters, majority, mmu, tta, ensemble, arch, encoder, encoder_depth,
+          threshold, clusters, majority, mmu, tta, ensemble, arch, encoder, encoder_depth, input_skip,
           epochs, chip_size, batch_size, steps_per_epoch, lr, weight_decay, patience, val_fraction, block_size, seed, members,
           device, no_amp, tile_size, bbox, window, resume, overwrite):
     """Train a network on IMAGE (one multi-band raster, or several single-band rasters on one
@@ -172,6 +175,7 @@ def train(ctx, images, labels, label_field, label_layer, ignore, background, rep
         arch=arch, encoder=encoder, encoder_depth=encoder_depth, epochs=epochs, chip_size=chip_size,
         batch_size=batch_size, steps_per_epoch=steps_per_epoch, lr=lr, weight_decay=weight_decay, patience=patience,
         val_fraction=val_fraction, block_size=block_size, seed=seed, members=members, tile_size=tile_size, ensemble=ensemble,
+        input_skip=input_skip,
     )  # fmt: skip
     inputs = TrainInputs(
         images=tuple(images), labels=labels, label_field=label_field, label_layer=label_layer, classes_file=classes_file, ignore=tuple(ignore),

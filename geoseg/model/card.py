@@ -283,9 +283,10 @@ class ModelCard(_Frozen):
 
     @property
     def network(self) -> str:
-        """``unet/resnet18 depth 4``, with `` x 3 networks`` for a model of several."""
+        """``unet/resnet18 depth 4``, with `` + input skip`` and `` x 3 networks`` where they apply."""
+        skip = " + input skip" if self.arch_params.get("input_skip") else ""
         nets = f" x {self.members} networks" if self.members > 1 else ""
-        return f"{self.arch}/{self.encoder} depth {self.encoder_depth}{nets}"
+        return f"{self.arch}/{self.encoder} depth {self.encoder_depth}{skip}{nets}"
 
     @property
     def class_ids(self) -> tuple[int, ...]:

@@ -421,18 +421,27 @@ def init_model(
     normalization: Normalization | None = None,
     tile_size: int = 1024,
     overwrite: bool = False,
+    input_skip: bool = False,
 ) -> ModelCard:
-    """Make a model directory with seeded random weights, so the pipeline runs before training."""
+    """Make a model directory with seeded random weights, so the pipeline runs before training.
+
+    ``input_skip``: a U-Net's last decoder block reads the input too, as ``geoseg train``'s do by default. Off here:
+    with the card's identity normalisation a random network would carry raw band values (thousands) straight into
+    its logits."""
     import torch
+
+    from geoseg.model.network import INPUT_SKIP
 
     torch.manual_seed(seed)
     classes = classes or default_classes(n_classes)
-    net = build_network(arch, encoder, n_bands, len(classes), encoder_depth)
+    params = {INPUT_SKIP: True} if input_skip else {}
+    net = build_network(arch, encoder, n_bands, len(classes), encoder_depth, params)
     card = make_card(
         net,
         arch=arch,
         encoder=encoder,
         encoder_depth=encoder_depth,
+        arch_params=params,
         bands=bands or [BandInfo(name=f"band_{i + 1}") for i in range(n_bands)],
         classes=classes,
         normalization=normalization or Normalization(mean=(0.0,) * n_bands, std=(1.0,) * n_bands),

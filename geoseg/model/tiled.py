@@ -22,8 +22,8 @@ Same logits to the bit, and a 4240 px window's heap 0.9 GB against 1.65 GB, but 
 back): the heap it saves is faulted in once per worker, the time it loses is paid on every window.
 
 Only networks whose every stage is known to be local are run this way (segmentation-models-pytorch
-U-Nets on ResNet encoders, no attention, the rewritten or the plain decoder blocks); any other
-network runs as one pass.
+U-Nets on ResNet encoders, no attention, the rewritten or the plain decoder blocks, with or without
+geoseg's input skip); any other network runs as one pass.
 """
 
 from __future__ import annotations
@@ -135,15 +135,16 @@ def _channels(module: nn.Module) -> int:
 class TiledUnet:
     """An smp U-Net (ResNet encoder) run stage by stage in strips; ``plan(net)`` makes one or returns None."""
 
-    def __init__(self, net: nn.Module, encoder_stages: list[Stage], blocks: list[Stage]):
-        """``blocks``: the decoder's, the last one followed by the segmentation head (it gives the logits)."""
-        self.net, self.encoder_stages, self.blocks = net, encoder_stages, blocks
+    def __init__(self, net: nn.Module, encoder_stages: list[Stage], blocks: list[Stage], input_skip: bool = False):
+        """``blocks``: the decoder's, the last one followed by the segmentation head (it gives the logits);
+        ``input_skip``: the last block reads the network's input too (``geoseg.model.network.add_input_skip``)."""
+        self.net, self.encoder_stages, self.blocks, self.input_skip = net, encoder_stages, blocks, input_skip
 
     @classmethod
     def plan(cls, net: nn.Module, strip_bytes: int = STRIP_BYTES) -> "TiledUnet | None":
         try:
             from segmentation_models_pytorch import Unet
-            from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoderBlock
+            from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder, UnetDecoderBlock
             from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
         except ImportError:
             return None
@@ -154,6 +155,11 @@ class TiledUnet:
         if enc.output_stride != 2 ** depth:  # dilated stages do not halve the map
             return None
         if depth < 2 or not isinstance(dec.center, nn.Identity) or len(dec.blocks) != depth:
+            return None
+        from geoseg.model.network import has_input_skip
+
+        input_skip = has_input_skip(net)
+        if not input_skip and type(dec) is not UnetDecoder:
             return None
         parts = [nn.Sequential(enc.conv1, enc.bn1, enc.relu), nn.Sequential(enc.maxpool, enc.layer1)]
         parts += [getattr(enc, f"layer{i}") for i in range(2, depth)]
@@ -178,30 +184,34 @@ class TiledUnet:
 
                 blocks.append(Stage(run, (0.5, 1), reach, _channels(b), strip_bytes))
                 continue
-            # the last block (no skip) and the head in one stage: its full-resolution feature map only
-            # ever exists a strip at a time (measured, AMX bf16, a 4240 px window: the map was 0.58 GB
-            # a fresh worker had to fault in; see the #7 note)
+            # the last block (its skip: none, or the network's input) and the head in one stage: its
+            # full-resolution feature map only ever exists a strip at a time (measured, AMX bf16, a 4240 px
+            # window: the map was 0.58 GB a fresh worker had to fault in; see the #7 note)
             head = net.segmentation_head
             head_reach = _reach(head)
             if head_reach is None:
                 return None
 
-            def last(x, b=b, head=head):  # noqa: ANN001
-                return head(b(x, 2 * x.shape[-2], 2 * x.shape[-1], None))
+            def last(x, s=None, b=b, head=head):  # noqa: ANN001
+                return head(b(x, 2 * x.shape[-2], 2 * x.shape[-1], s))
 
-            blocks.append(Stage(last, (0.5,), reach + head_reach, _channels(b), strip_bytes))
-        return cls(net, stages, blocks)
+            scales = (0.5, 1) if input_skip else (0.5,)
+            blocks.append(Stage(last, scales, reach + head_reach, _channels(b), strip_bytes))
+        return cls(net, stages, blocks, input_skip)
 
     def __call__(self, x: "torch.Tensor | RowSource") -> torch.Tensor:
         h, w = x.shape[-2:]
         if h % (1 << len(self.encoder_stages)) or w % (1 << len(self.encoder_stages)):
             return self.net(_whole(x))  # a window off the network's own stride: one pass
         feats = []
+        inp = x
         for i, stage in enumerate(self.encoder_stages):
             x = stage(x, out_hw=(h >> (i + 1), w >> (i + 1)))
             feats.append(x)
         skips = feats[-2::-1]  # deepest first; each dropped once its block has used it
-        del feats
+        if self.input_skip:  # read again by the last block, a strip at a time where it is a RowSource
+            skips.append(inp)
+        del feats, inp
         depth = len(self.encoder_stages)
         for i, block in enumerate(self.blocks):
             size = (h >> (depth - 1 - i), w >> (depth - 1 - i))

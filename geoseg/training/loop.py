@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,7 +27,7 @@ from geoseg.errors import ConfigError, InputError
 from geoseg.io import storage
 from geoseg.io.sources import RasterStack, files_kept_open, open_stack
 from geoseg.model.card import NODATA_CLASS, BandInfo, ClassInfo, ModelCard, Normalization
-from geoseg.model.network import build_network, network_stride
+from geoseg.model.network import INPUT_SKIP, build_network, gives_input_skip, network_stride
 from geoseg.model.store import make_card, save_model
 from geoseg.runtime import pick_device
 from geoseg.tiling import Box
@@ -88,6 +88,9 @@ class TrainConfig:
     seed: int = 0
     members: int = 3  # networks trained with seeds seed, seed+1, ...; the model is the mean of their logits
     tile_size: int = 1024  # the card's forward-pass tile for predict
+    # a U-Net's last decoder block reads the input too (geoseg.model.network.add_input_skip); None: wherever the
+    # arch is a U-Net whose encoder hands the input on
+    input_skip: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -106,6 +109,19 @@ class TrainConfig:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"invalid training option(s): {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.input_skip and self.arch.lower() != "unet":
+            raise ConfigError(f"input_skip is for arch 'unet' (its decoder), not {self.arch!r}")
+
+    def arch_params(self) -> dict[str, Any]:
+        """The card's arch_params for this config (``input_skip`` resolved: ``resolved``)."""
+        return {INPUT_SKIP: True} if self.input_skip else {}
+
+    def resolved(self) -> "TrainConfig":
+        """This config with ``input_skip`` decided: a U-Net gets it where its encoder hands the input on."""
+        if self.input_skip is not None:
+            return self
+        net = build_network(self.arch, self.encoder, 1, 1, self.encoder_depth)
+        return replace(self, input_skip=gives_input_skip(net))
 
 
 @dataclass(frozen=True)
@@ -436,6 +452,8 @@ def _fingerprint(inputs: TrainInputs, config: TrainConfig) -> dict[str, Any]:
     c = asdict(config)
     if c["members"] == 1:
         del c["members"]  # runs of one network resume as they did before members existed
+    if not c["input_skip"]:
+        del c["input_skip"]  # nor do runs of a plain U-Net (--no-input-skip) before the input skip existed
     for after_training in ("tile_size", "ensemble"):  # what is chosen once the networks are trained: may change on resume
         c.pop(after_training, None)
     return json.loads(json.dumps({"inputs": d, "config": c}))
@@ -479,7 +497,8 @@ class _MemberFit:
         seed = config.seed + k
         n_classes = len(prep.classes)
         torch.manual_seed(seed)
-        net = build_network(config.arch, config.encoder, self.n_inputs, n_classes, config.encoder_depth).to(num.device)
+        net = build_network(config.arch, config.encoder, self.n_inputs, n_classes, config.encoder_depth,
+                            config.arch_params()).to(num.device)
         optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if num.amp_dtype == torch.float16 else None
         best_state: dict[str, torch.Tensor] | None = None  # weights of the epoch with the best validation mIoU
@@ -599,6 +618,7 @@ def train(
     work = working_dir(out)
     check_outputs(out, work, resume, overwrite)
     num = _numerics(device, amp)
+    config = config.resolved()
     torch.manual_seed(config.seed)
     net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # only to learn the stride
     stride = network_stride(net, config.encoder_depth)
@@ -649,6 +669,7 @@ def train(
         arch=config.arch,
         encoder=config.encoder,
         encoder_depth=config.encoder_depth,
+        arch_params=config.arch_params(),
         bands=band_infos(prep.stack),
         classes=list(prep.classes),
         normalization=prep.normalization,
