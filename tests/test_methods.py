@@ -241,8 +241,9 @@ def test_postprocessing_is_seamless_across_chunks(client, scene, pixel_model, tm
     for chunk in (48, 96):
         got = tiled(client, noisy, img, tmp_path / f"out{chunk}", chunk=chunk)
         assert np.array_equal(got, ref), f"chunk {chunk}: {np.count_nonzero(got != ref)} pixels differ"
-    # the lazy Python API sieves in each chunk's window grown by 2 x mmu - 1, and agrees
-    lazy = api.predict(api.open_scene(img, chunks=48), noisy, chunk_size=48)["class_id"].values
+    # the lazy Python API sieves in each chunk's window grown by 2 x mmu - 1 (here nearly the whole scene: 9 chunks'
+    # windows, not the 30 of 48 px chunks, keep the test quick), and agrees
+    lazy = api.predict(api.open_scene(img, chunks=96), noisy, chunk_size=96)["class_id"].values
     assert np.array_equal(lazy, ref), f"API: {np.count_nonzero(lazy != ref)} pixels differ"
     raw, _ = one_pass(out, img)
     assert np.count_nonzero(raw != ref) > 0  # the post-processing changed the map
@@ -308,7 +309,8 @@ def test_predict_replaces_the_cards_post_processing(client, scene, pixel_model, 
         got = open_prediction(o / "prediction.zarr")["class_id"].values
         assert np.array_equal(got, want), f"{pp}: {np.count_nonzero(got != want)} px differ"
         assert record["parameters"]["postprocess"] is None if not pp.active else record["parameters"]["postprocess"]["from"] == "options"
-        lazy = api.predict(api.open_scene(img, chunks=64), carded, chunk_size=64, postprocess=pp.model_dump())
+        # 128 px chunks: a window grown by 2 x 200 - 1 px is the whole scene, 6 times (20 times with 64 px chunks)
+        lazy = api.predict(api.open_scene(img, chunks=128), carded, chunk_size=128, postprocess=pp.model_dump())
         assert np.array_equal(lazy["class_id"].values, want)
     # beyond what a window can sieve: geoseg predict joins it across chunks; the lazy API says so
     from geoseg.vector.sieve import sieve
@@ -347,15 +349,15 @@ def test_evaluate_scores_the_post_processing_asked_for(client, scene, pixel_mode
     img, lab, _, _ = scene
     out, card = pixel_model
     carded = with_postprocess(out, card, tmp_path / "pp", {"majority_radius": 2, "min_pixels": 60})
-    opts = EvaluateOptions(chunk_size=64)
+    opts = EvaluateOptions(chunk_size=128)  # 6 chunks: each window grown by 2 x mmu - 1 px is about the whole scene
     raw = evaluate([img], out, lab, opts).metrics
     cleaned = evaluate([img], carded, lab, opts).metrics
-    off = evaluate([img], carded, lab, EvaluateOptions(chunk_size=64, postprocess=PostProcess())).metrics
+    off = evaluate([img], carded, lab, EvaluateOptions(chunk_size=128, postprocess=PostProcess())).metrics
     np.testing.assert_array_equal(off.confusion, raw.confusion)
     assert not np.array_equal(cleaned.confusion, raw.confusion)
-    again = evaluate([img], out, lab, EvaluateOptions(chunk_size=64, postprocess=PostProcess(majority_radius=2, min_pixels=60)))
+    again = evaluate([img], out, lab, EvaluateOptions(chunk_size=128, postprocess=PostProcess(majority_radius=2, min_pixels=60)))
     np.testing.assert_array_equal(again.metrics.confusion, cleaned.confusion)
-    side = compare([img], [out, carded], lab, EvaluateOptions(chunk_size=64, postprocess=PostProcess()), client=client)
+    side = compare([img], [out, carded], lab, EvaluateOptions(chunk_size=128, postprocess=PostProcess()), client=client)
     np.testing.assert_array_equal(side.models[0].metrics.confusion, side.models[1].metrics.confusion)
 
 
