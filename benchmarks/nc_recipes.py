@@ -27,10 +27,11 @@ def recipes():
     from geoseg.training.loop import TrainConfig
 
     base = TrainConfig()
-    old = replace(base, class_balance=False, band_dropout=0.0, photometric=0.0, ensemble=False, members=1)
+    old = replace(base, class_balance=False, band_dropout=0.0, photometric=0.0, ensemble=False, members=1, input_skip=False)
     return {
         "previous-defaults": (old, {}),
         "defaults": (base, {}),
+        "defaults-no-input-skip": (replace(base, input_skip=False), {}),  # smp's own U-Net (the defaults before 2026-12-06)
         "defaults-network-only": ("defaults", {"method_params": {}}),
         "defaults+d4": ("defaults", {"tta": "d4"}),
         "small-area": (replace(base, encoder_depth=3, chip_size=64, block_size=64, lr=3e-3, epochs=40, patience=10), {}),

@@ -53,14 +53,15 @@ class Model:
 
     @classmethod
     def init(cls, path: str | os.PathLike, *, bands: int = 4, classes: Any = 5, encoder: str = "resnet18",
-             encoder_depth: int = 4, seed: int = 0, overwrite: bool = False) -> "Model":
+             encoder_depth: int = 4, seed: int = 0, overwrite: bool = False, input_skip: bool = False) -> "Model":
         """A model directory with seeded random weights (``classes``: a count or ClassInfo list), to try
-        the pipeline before training; nothing is downloaded."""
+        the pipeline before training; nothing is downloaded. ``input_skip``: as ``geoseg model init --input-skip``."""
         from geoseg.model.store import init_model
 
         listed = None if isinstance(classes, int) else list(classes)
         init_model(path, n_bands=bands, n_classes=classes if isinstance(classes, int) else len(listed),
-                   classes=listed, encoder=encoder, encoder_depth=encoder_depth, seed=seed, overwrite=overwrite)
+                   classes=listed, encoder=encoder, encoder_depth=encoder_depth, seed=seed, overwrite=overwrite,
+                   input_skip=input_skip)
         return cls.open(path)
 
     @property

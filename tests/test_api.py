@@ -627,3 +627,16 @@ def test_physical_converts_values_and_says_so(tmp_path, random_model, scene_path
     assert geoseg.predict(values, model, chunk_size=64).class_id.shape == (300, 437)
     with pytest.raises(InputError, match=r"geoseg.physical\(scene\)"):
         geoseg.predict(scene, model, chunk_size=64)
+
+
+def test_model_init_makes_a_plain_u_net_or_one_with_the_input_skip(tmp_path):
+    """geoseg.Model.init, as `geoseg model init [--input-skip]`: the card says which network the weights are for."""
+    import geoseg
+    from geoseg.model.network import has_input_skip
+    from geoseg.model.store import load_model
+
+    plain = geoseg.Model.init(tmp_path / "plain", bands=3, classes=2, encoder_depth=3)
+    skip = geoseg.Model.init(tmp_path / "skip", bands=3, classes=2, encoder_depth=3, input_skip=True)
+    assert plain.card.arch_params == {} and skip.card.arch_params == {"input_skip": True}
+    assert "input skip" in skip.card.network and "input skip" not in plain.card.network
+    assert not has_input_skip(load_model(tmp_path / "plain").net) and has_input_skip(load_model(tmp_path / "skip").net)
