@@ -316,6 +316,15 @@ def test_resume_refuses_other_options_and_nothing_to_resume(scene, tmp_path):
         train(inputs, tmp_path / "m", TrainConfig(**TINY))
     with pytest.raises(ConfigError, match="nothing|no interrupted"):
         train(inputs, tmp_path / "other", TrainConfig(**TINY), resume=True)
+    # a run of smp's plain U-Net (--no-input-skip, or begun before the input skip was the default: its fingerprint
+    # has no input_skip either) resumed with the defaults says how to resume it
+    with pytest.raises(Stop):
+        train(inputs, tmp_path / "plain", TrainConfig(**dict(TINY, input_skip=False)), progress=stop_after(1))
+    with pytest.raises(ConfigError, match="add --no-input-skip"):
+        train(inputs, tmp_path / "plain", TrainConfig(**TINY), resume=True)
+    with pytest.raises(ConfigError, match="lr") as err:
+        train(inputs, tmp_path / "plain", TrainConfig(**dict(TINY, lr=0.5, input_skip=False)), resume=True)
+    assert "input-skip" not in str(err.value)
 
 
 def test_resume_checks_the_files_and_may_replace_what_the_run_would(scene, tmp_path, monkeypatch):

@@ -148,9 +148,12 @@ def check_resumable(work: Path, fingerprint: dict[str, Any], members: int) -> No
             (before or {}).get("config", {}).pop(after_training, None)
         if before != fingerprint:
             diff = differences(before or {}, fingerprint)
+            # a fingerprint without it: a plain U-Net (--no-input-skip, or a run begun before the skip was the default)
+            plain = "input_skip" not in (before or {}).get("config", {}) and fingerprint.get("config", {}).get("input_skip")
             raise ConfigError(
                 f"{work}: the interrupted run used other inputs or options ({'; '.join(diff)}); resume with the same "
-                "ones, or start again with --overwrite"
+                "ones" + (" (it trained smp's plain U-Net: add --no-input-skip)" if plain else "")
+                + ", or start again with --overwrite"
             )
     if not layout_ok:
         was = "one network" if top else f"{len(parts)} network(s) of several"
