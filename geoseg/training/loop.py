@@ -116,11 +116,13 @@ class TrainConfig:
         """The card's arch_params for this config (``input_skip`` resolved: ``resolved``)."""
         return {INPUT_SKIP: True} if self.input_skip else {}
 
-    def resolved(self) -> "TrainConfig":
-        """This config with ``input_skip`` decided: a U-Net gets it where its encoder hands the input on."""
+    def resolved(self, net: Any = None) -> "TrainConfig":
+        """This config with ``input_skip`` decided: a U-Net gets it where its encoder hands the input on (``net``:
+        one already built for this config, else one is)."""
         if self.input_skip is not None:
             return self
-        net = build_network(self.arch, self.encoder, 1, 1, self.encoder_depth)
+        if net is None:
+            net = build_network(self.arch, self.encoder, 1, 1, self.encoder_depth)
         return replace(self, input_skip=gives_input_skip(net))
 
 
@@ -618,9 +620,9 @@ def train(
     work = working_dir(out)
     check_outputs(out, work, resume, overwrite)
     num = _numerics(device, amp)
-    config = config.resolved()
     torch.manual_seed(config.seed)
-    net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # only to learn the stride
+    net = build_network(config.arch, config.encoder, 1, 1, config.encoder_depth)  # the stride, and whether the input skip fits
+    config = config.resolved(net)
     stride = network_stride(net, config.encoder_depth)
     prep = prepare(inputs, config, stride, cache_bytes)
     if (card_update or {}).get("postprocess"):  # before any epoch: an mmu for a class the labels lack does nothing
