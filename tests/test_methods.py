@@ -392,6 +392,11 @@ def test_network_with_index_channels_and_companion_through_the_cluster(client, s
     assert np.count_nonzero(got != ref) <= 1e-4 * got.size
     assert (got[150:170, 30:] != 255).all()  # nir missing: classified (band at its mean, trees route it)
     assert record["model"]["method"] == "smp"
+    # how the network is built, as the card says it: in run.json, the STAC item and `geoseg info`
+    assert record["model"]["arch_params"] == card.arch_params == {"input_skip": True}
+    item = json.loads((tmp_path / "o" / "item.json").read_text())
+    assert item["properties"]["geoseg:model"]["arch_params"] == {"input_skip": True}
+    assert json.loads(cli("info", out, "--json").output)[0]["arch_params"] == {"input_skip": True}
 
 
 def test_the_companion_is_kept_unless_the_mix_clearly_loses_on_validation():

@@ -136,7 +136,7 @@ def model_summary(p: str) -> dict:
     card = open_model(p).card
     ens = card.method_params.get("ensemble")
     return {"model": p, "method": card.method, "arch": card.arch, "encoder": card.encoder, "depth": card.encoder_depth,
-            "members": card.members,
+            "arch_params": dict(card.arch_params), "members": card.members,
             "method_params": {k: v for k, v in card.method_params.items() if k not in ("ensemble", "files")},
             "ensemble": {"with": ens["method"], "network_weight": ens["weight"]} if ens else None,
             "bands": [b.description or b.name for b in card.bands],
