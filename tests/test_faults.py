@@ -206,8 +206,11 @@ def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_mod
         first = out / "a"
     log = tmp_path / "log.txt"
     with open(log, "wb") as f:
+        # SIGINT as a terminal's foreground job has it: a job a non-interactive shell put in the background
+        # (`nohup pytest ... &`) starts with SIGINT ignored, and Python then keeps ignoring it
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             done = first / "prediction.zarr.partial" / ".geoseg" / "done"
             deadline = time.monotonic() + 240
