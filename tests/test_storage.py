@@ -492,6 +492,25 @@ def test_local_outputs_given_an_object_store_url_are_refused(tmp_path, scene_pat
     assert not (tmp_path / "s3:").exists()
 
 
+def test_model_init_refuses_its_output_before_making_the_model(tmp_path):
+    """The output is checked first: a URL or a folder with files in it was refused only after the network was built
+    and its receptive field measured (~15 s), and a bad --encoder or --checkpoint was reported instead."""
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    for out, says in (("s3://bkt/models/m", "locally"), (str(full), "already exists")):
+        for extra in (["--encoder", "no-such-encoder"], ["--method", "sam", "--checkpoint", str(tmp_path / "bad.pth")]):
+            args = ["model", "init", out, "--bands", "3", *([] if "sam" in extra else ["--classes", "3"]), *extra]
+            r = CliRunner().invoke(cli, args, catch_exceptions=False)
+            assert r.exit_code == 2 and says in r.output, (args, r.output)
+    assert (full / "notes.txt").read_text() == "mine" and sorted(p.name for p in full.iterdir()) == ["notes.txt"]
+
+
 def test_public_buckets_are_read_without_signing(monkeypatch):
     monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
     assert storage.storage_options("s3://public/scene.tif")["anon"] is True

@@ -95,8 +95,9 @@ def init_sam_model(out_dir: str | Path, *, model_type: str = "vit_b", checkpoint
 
     from geoseg.instances.net import DEFAULTS
     from geoseg.model.card import BandInfo, ClassInfo, ModelCard, Normalization
-    from geoseg.model.store import file_sha256, write_model_dir
+    from geoseg.model.store import check_new_model_dir, file_sha256, write_model_dir
 
+    check_new_model_dir(out_dir, overwrite)  # before a checkpoint is read and converted
     if checkpoint is not None:
         state, digest, source = read_checkpoint(checkpoint, model_type), file_sha256(Path(checkpoint)), Path(checkpoint).name
     else:

@@ -315,13 +315,20 @@ def check_model_out(model_dir: str | os.PathLike, inputs: Sequence[Any] = ()) ->
         raise ConfigError(f"{model_dir} {what}; a model directory is replaced as a whole: give a new directory")
 
 
-def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
-    """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
-    temporary sibling that is renamed into place when complete."""
+def check_new_model_dir(model_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``model_dir`` as an absolute path, if a model directory may be written there (``check_model_out``; not a
+    directory with files in it unless ``overwrite``): checked before the work that makes the model, too."""
     check_model_out(model_dir)
     model_dir = Path(os.path.abspath(model_dir))  # "." names no sibling: it was emptied, then could not be replaced
     if model_dir.exists() and any(model_dir.iterdir()) and not overwrite:
         raise OutputExistsError(f"{model_dir}: already exists and is not empty; choose another directory or pass --overwrite")
+    return model_dir
+
+
+def write_model_dir(model_dir: str | os.PathLike, card: ModelCard, files: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write a model directory atomically: ``files`` (name -> ``write(path)``) and the card go to a
+    temporary sibling that is renamed into place when complete."""
+    model_dir = check_new_model_dir(model_dir, overwrite)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.", dir=model_dir.parent))
     try:
@@ -432,6 +439,7 @@ def init_model(
 
     from geoseg.model.network import INPUT_SKIP
 
+    check_new_model_dir(model_dir, overwrite)  # before the network is built and its receptive field measured (~15 s)
     torch.manual_seed(seed)
     classes = classes or default_classes(n_classes)
     params = {INPUT_SKIP: True} if input_skip else {}
