@@ -95,6 +95,20 @@ def test_a_truncated_lightgbm_file_is_refused_before_it_can_crash_a_worker(pixel
     assert not (tmp_path / "out").exists()
 
 
+def test_brightness_of_a_pixel_with_no_band_is_nan_without_a_warning():
+    """A pixel where every band is missing (nodata as NaN) has no brightness; numpy's "Mean of empty slice"
+    reached the user's console from feature_stack (pyproject turns geoseg's RuntimeWarnings into errors)."""
+    import warnings
+
+    from geoseg.methods.features import brightness
+
+    x = np.array([[[1.0, np.nan]], [[3.0, np.nan]]], np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = brightness(x)
+    assert b[0, 0] == 2.0 and np.isnan(b[0, 1])
+
+
 def test_pixel_method_card_and_safe_format(pixel_model):
     out, card = pixel_model
     assert card.method == "pixel" and card.missing_bands == "fill"

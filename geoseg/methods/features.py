@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -206,8 +207,11 @@ def brightness(data: np.ndarray, scale: Sequence[float] | None = None) -> np.nda
     x = data.astype(np.float32)
     if scale is not None:
         x = x / np.asarray(scale, np.float32)[:, None, None]
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(x, axis=0) if x.shape[0] > 1 else x[0]
+    if x.shape[0] == 1:
+        return x[0]
+    with warnings.catch_warnings():  # a pixel with no band is NaN, without "Mean of empty slice"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(x, axis=0)
 
 
 def feature_stack(

@@ -220,7 +220,7 @@ def row_pixel_areas(src: ClassRaster, y0: int, y1: int) -> np.ndarray:
 
     rows = np.arange(y0, y1, dtype=np.float64)
     cols = np.full_like(rows, src.shape[1] // 2)
-    corners = [src.affine * (cols + dx, rows + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))]
+    corners = [src.affine @ (cols + dx, rows + dy) for dx, dy in ((0, 0), (1, 0), (1, 1), (0, 1), (0, 0))]
     rings = np.stack([np.stack(xy, axis=-1) for xy in corners], axis=1)  # (rows, 5 corners, x/y)
     area, _ = Measurer(to_pyproj(src.crs_wkt))(shapely.polygons(rings))
     return np.asarray(area, np.float64)
