@@ -285,6 +285,11 @@ def test_instance_outputs_are_georeferenced_and_scored(objects_data, client, tmp
     assert {"prediction", "classes", "instances", "objects", "run"} <= set(item.assets)
     assert item.properties["proj:code"] == "EPSG:32633" and item.properties["geoseg:run"]["objects"] == record["objects"]
     assert item.assets["instances"].extra_fields["raster:bands"][0]["data_type"] == "uint32"
+    # run.json and the item name the network as a class map's do (arch_params and depth were missing for objects)
+    card = json.loads((objects_data["model"] / "model.json").read_text())
+    for said in (record["model"], item.properties["geoseg:model"]):
+        assert {k: said[k] for k in ("method", "arch", "encoder", "encoder_depth", "arch_params", "receptive_field")} == \
+            {k: card[k] for k in ("method", "arch", "encoder", "encoder_depth", "arch_params", "receptive_field")}
     with rasterio.open(objects_data["image"]) as src, rasterio.open(out / "instances.tif") as inst, \
             rasterio.open(out / "classes.tif") as cls:
         assert inst.crs == src.crs and inst.transform == src.transform and inst.dtypes[0] == "uint32"

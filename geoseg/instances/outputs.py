@@ -153,8 +153,7 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "inputs": list(job.inputs),
             "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
-            "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(), "method": job.card.method,
-                      "arch": job.card.arch, "encoder": job.card.encoder},
+            "model": {"path": job.model_location, "digest": job.digest, **job.card.identity()},
             "parameters": {**job.plan.describe(), "score_threshold": p["score_threshold"], "nms_iou": p["nms_iou"],
                            "match_iou": p["match_iou"], "max_object_px": job.plan.halo, "precision": "fp32"},  # detection runs in fp32
             "numerics": numerics.record(),

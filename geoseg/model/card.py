@@ -336,6 +336,12 @@ class ModelCard(_Frozen):
     def digest(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
+    def identity(self) -> dict[str, Any]:
+        """What a run's records (run.json, the STAC item) say about the model they ran: one place for all."""
+        return {"card_sha256": self.digest(), "method": self.method, "arch": self.arch, "encoder": self.encoder,
+                "encoder_depth": self.encoder_depth, "arch_params": dict(self.arch_params),
+                "receptive_field": self.receptive_field}
+
     @classmethod
     def read(cls, path: Path) -> "ModelCard":
         try:

@@ -264,10 +264,8 @@ def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, n
             "inputs": list(job.inputs),
             "bands": [{"file": b.path, "band": b.band, "description": b.description} for b in job.stack.bands],
             "grid": {"crs": job.stack.grid.crs.to_wkt(), "transform": list(job.stack.grid.affine)[:6], "shape": [h, w]},
-            "model": {"path": job.model_location, "digest": job.digest, "card_sha256": job.card.digest(),
-                      "arch": job.card.arch, "encoder": job.card.encoder, "arch_params": dict(job.card.arch_params),
-                      "receptive_field": job.card.receptive_field,
-                      "method": job.card.method, "scene_parameters": counts.pop("scene_parameters", {})},
+            "model": {"path": job.model_location, "digest": job.digest, **job.card.identity(),
+                      "scene_parameters": counts.pop("scene_parameters", {})},
             "parameters": {**job.plan.describe(), "exact": job.options.exact, "precision": numerics.precision,
                            "precision_requested": job.options.precision,
                            "batch_size": job.options.batch_size, "device": job.options.device,
@@ -323,8 +321,7 @@ def _item(job: Job, record: dict[str, Any], pixels: dict[int, int], path: Path) 
              "instances": INSTANCE_COG, "objects": OBJECTS_NAME, "run": RUN_NAME}
     present = set(record["outputs"]) | {RUN_NAME}
     card = job.card
-    model = {"digest": job.digest, "card_sha256": card.digest(), "arch": card.arch, "encoder": card.encoder,
-             "encoder_depth": card.encoder_depth, "arch_params": dict(card.arch_params), "bands": [b.name for b in card.bands],
+    model = {"digest": job.digest, **card.identity(), "bands": [b.name for b in card.bands],
              "provenance": card.provenance, "metrics": (card.training or {}).get("metrics")}
     run = {k: record[k] for k in ("finished", "parameters", "chunks", "polygons", "objects", "timings", "throughput_mpx_s")
            if k in record}
