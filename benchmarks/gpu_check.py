@@ -10,6 +10,8 @@ Prints, in well under 10 minutes on one GPU and ~16 cores:
       the network as stored) on 512x512 tiles, batch 8, bf16 autocast, channels_last, on cuda;
   (b2) geoseg's infer kernel on one default chunk's window (4352 px of uint16 bands) in this process:
       what an infer task computes, without dask;
+  (b3) a network's LightGBM companion (`geoseg train`'s default ensemble): LightGBM's predict on one core
+      against the same trees as tensors on the GPU (geoseg.methods.forest), and how far apart they are;
   (c) geoseg end to end on a generated --size scene (make_sample) on a dask cluster started here:
       a scheduler, N-1 CPU workers (`--nthreads 1`, no GPU visible) for reading and writing, and one
       GPU worker (`--resources GPU=1`, `--nthreads` each of --gpu-threads: one cluster each) for the model
@@ -149,6 +151,36 @@ class GpuSampler(threading.Thread):
             except (subprocess.SubprocessError, OSError, ValueError, IndexError):
                 pass  # one sample missed
             self.stopped.wait(self.period)
+
+
+def companion_trees(device: str = "cuda", rows: int = 4_000_000) -> None:
+    """(b3) a network's per-pixel LightGBM companion as geoseg runs it on a GPU worker (geoseg.methods.forest)
+    against LightGBM's own predict on one core (what a worker thread ran before): 7 classes, 45 rounds, 14 features,
+    as `geoseg train` fits for a 6-band scene with band roles."""
+    import lightgbm as lgb
+    import numpy as np
+
+    from geoseg.methods.forest import TorchForest
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60_000, 14)).astype(np.float32)
+    y = (np.abs(X[:, :4]).sum(1) * 1.7).astype(int) % 7
+    booster = lgb.train({"objective": "multiclass", "num_class": 7, "num_leaves": 31, "verbose": -1, "seed": 0},
+                        lgb.Dataset(X, y), num_boost_round=45)
+    R = rng.normal(size=(rows, 14)).astype(np.float32)
+    R[rng.random(R.shape) < 0.05] = np.nan
+    n_cpu = min(rows, 200_000)
+    t = time.perf_counter()
+    want = booster.predict(R[:n_cpu], num_threads=1)
+    cpu = n_cpu / (time.perf_counter() - t) / 1e6
+    forest = TorchForest(booster, device)
+    forest.predict(R[:50_000])  # warm-up
+    t = time.perf_counter()
+    got = forest.predict(R)
+    dev = rows / (time.perf_counter() - t) / 1e6
+    print(f"(b3) companion trees ({booster.num_trees()}): LightGBM on one core {cpu:.3f} Mpx/s; geoseg's tensor forest on "
+          f"{device} {dev:.3f} Mpx/s (host arrays in and out); max |probability difference| {np.abs(got[:n_cpu] - want).max():.1e}",
+          flush=True)
 
 
 def start_cluster(work: Path, cpu_workers: int, gpu_threads: int = 1) -> tuple[str, list[subprocess.Popen]]:
@@ -321,6 +353,7 @@ def main() -> int:
             model_only(model, args.model_seconds)
         if not args.rehearse:
             kernel_only(model, profile=args.profile_kernel)
+        companion_trees(*(("cpu", 20_000) if args.rehearse else ()))
         for threads in (int(t) for t in args.gpu_threads.split(",")):
             ok = end_to_end(args, model, work, threads) and ok
         if not args.skip_embedded:

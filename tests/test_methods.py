@@ -107,6 +107,101 @@ def test_brightness_of_a_pixel_with_no_band_is_nan_without_a_warning():
         warnings.simplefilter("error")
         b = brightness(x)
     assert b[0, 0] == 2.0 and np.isnan(b[0, 1])
+    rng = np.random.default_rng(0)  # and bit for bit numpy's nanmean, scaled or not
+    x = rng.normal(100, 30, (6, 64, 64)).astype(np.float32)
+    x[rng.random(x.shape) < 0.3] = np.nan
+    scale = rng.uniform(1, 50, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for sc in (None, scale):
+            want = np.nanmean(x if sc is None else x / np.asarray(sc, np.float32)[:, None, None], axis=0)
+            assert np.array_equal(brightness(x, sc), want, equal_nan=True)
+
+
+def _forest_inputs(booster, n: int, seed: int) -> np.ndarray:
+    """Feature rows that reach every kind of split: values on the thresholds and a float32 step either side,
+    NaNs, zeros and tiny values (LightGBM's zero-as-missing), and everything in between."""
+    import json as _json
+
+    rng = np.random.default_rng(seed)
+    thresholds: dict[int, list[float]] = {}
+
+    def walk(node):
+        if "leaf_value" not in node:
+            thresholds.setdefault(node["split_feature"], []).append(node["threshold"])
+            walk(node["left_child"])
+            walk(node["right_child"])
+
+    for tree in _json.loads(_json.dumps(booster.dump_model()))["tree_info"]:
+        walk(tree["tree_structure"])
+    X = rng.normal(0, 2, (n, booster.num_feature())).astype(np.float32)
+    for f, ts in thresholds.items():
+        with np.errstate(over="ignore"):  # LightGBM's 1e300 thresholds: inf
+            t = np.asarray(rng.choice(ts, n), np.float32)
+        step = rng.integers(-1, 2, n).astype(np.float32)
+        on = rng.random(n) < 0.5
+        X[on, f] = np.nextafter(t[on], t[on] + step[on])
+    X[rng.random(X.shape) < 0.05] = np.nan
+    X[rng.random(X.shape) < 0.03] = 0.0
+    X[rng.random(X.shape) < 0.01] = 1e-38
+    X[rng.random(X.shape) < 0.01] = -1e-35
+    return X
+
+
+def test_the_companion_s_trees_as_tensors_equal_lightgbm(pixel_model):
+    """On a GPU worker the network's LightGBM companion runs as tensors (geoseg.methods.forest): the same
+    probabilities as LightGBM's predict, on a geoseg pixel model and on one with every missing-value kind."""
+    import lightgbm as lgb
+    import torch
+
+    from geoseg.methods.forest import TorchForest
+    from geoseg.model.store import lightgbm_booster
+
+    out, _ = pixel_model
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(3000, 5))
+    X[rng.random(X.shape) < 0.2] = np.nan
+    X[rng.random(X.shape) < 0.2] = 0.0
+    y = (np.nan_to_num(X[:, 0]) > 0).astype(int) + (np.isnan(X[:, 1])) + (X[:, 2] == 0)
+    kinds = {}
+    for zero in (False, True):  # zero_as_missing: splits of missing type Zero; else NaN (and None)
+        b = lgb.train({"objective": "multiclass", "num_class": 4, "verbose": -1, "zero_as_missing": zero, "num_leaves": 7,
+                       "min_data_in_leaf": 5}, lgb.Dataset(X, y), num_boost_round=15)
+        kinds[zero] = b
+    types = {int(t) for b in kinds.values() for line in b.model_to_string().split("decision_type=")[1:]
+             for t in line.split("\n")[0].split()}
+    assert {4, 8} <= {t & 12 for t in types}  # splits of missing type Zero (4) and NaN (8) are both in there
+    for booster in (lightgbm_booster(out / "model.lgb.txt"), *kinds.values()):
+        rows = _forest_inputs(booster, 1500, seed=booster.num_trees())
+        want = booster.predict(rows, num_threads=1)
+        got = TorchForest(booster, "cpu", batch_elements=1 << 20).predict(rows)  # several batches
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-12
+        assert np.array_equal(got.argmax(1), want.argmax(1))
+        raw = TorchForest(booster).raw_scores(torch.from_numpy(rows[:200])).numpy()
+        np.testing.assert_allclose(raw, booster.predict(rows[:200], raw_score=True), rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_a_network_s_companion_runs_on_its_gpu(scene, pixel_model, tmp_path):
+    """Loaded on a CUDA device, a network's companion is the tensor forest on that device, and agrees with LightGBM."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from geoseg.methods.forest import TorchForest
+
+    out = tmp_path / "unet"
+    card = train(scene, out, "--epochs", "2", "--chip-size", "32", "--block-size", "32", "--encoder-depth", "3",
+                 "--steps-per-epoch", "4", "--no-ensemble")
+    px_out, px_card = pixel_model  # its trees as the network's companion (same scene, bands and classes)
+    (out / "pixel.lgb.txt").write_bytes((px_out / "model.lgb.txt").read_bytes())
+    ens = {"method": "pixel", "file": "pixel.lgb.txt", "features": list(px_card.method_params["features"]), "weight": 0.5}
+    params = {**card.method_params, "ensemble": ens, "files": ["pixel.lgb.txt"]}
+    (out / "model.json").write_text(ModelCard.model_validate({**card.model_dump(), "method_params": params}).to_json())
+    on_gpu, on_cpu = load_model(out, device="cuda"), load_model(out)
+    assert isinstance(on_gpu.companion, TorchForest) and on_gpu.companion.device.type == "cuda"
+    rows = _forest_inputs(on_cpu.companion, 100_000, seed=0)
+    assert np.abs(on_gpu.companion.predict(rows) - on_cpu.companion.predict(rows, num_threads=1)).max() < 1e-9
 
 
 def test_pixel_method_card_and_safe_format(pixel_model):

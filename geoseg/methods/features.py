@@ -204,14 +204,18 @@ def feature_radius(features: Sequence[str]) -> int:
 
 def brightness(data: np.ndarray, scale: Sequence[float] | None = None) -> np.ndarray:
     """Mean of the bands (each divided by ``scale``), over the bands that have a value."""
-    x = data.astype(np.float32)
+    x = data.astype(np.float32)  # a copy: filled in place below
     if scale is not None:
-        x = x / np.asarray(scale, np.float32)[:, None, None]
+        x /= np.asarray(scale, np.float32)[:, None, None]
     if x.shape[0] == 1:
         return x[0]
-    with warnings.catch_warnings():  # a pixel with no band is NaN, without "Mean of empty slice"
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(x, axis=0)
+    # np.nanmean's arithmetic (float32 sum over the bands, divided by the count in float64), without its copies;
+    # a pixel with no band is NaN (0 / 0), without "Mean of empty slice"
+    missing = np.isnan(x)
+    x[missing] = 0.0
+    count = x.shape[0] - missing.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (x.sum(axis=0) / count).astype(np.float32)
 
 
 def feature_stack(
@@ -223,6 +227,7 @@ def feature_stack(
 
     out = np.empty((len(features), *data.shape[1:]), np.float32)
     base: dict[str, np.ndarray] = {}
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # mean:x and std:x from one pass over x
 
     def plain(name: str) -> np.ndarray:
         if name not in base:
@@ -239,7 +244,9 @@ def feature_stack(
         for i, f in enumerate(features):
             if f.startswith(("mean:", "std:")):
                 kind, of = f.split(":", 1)
-                mean, std = local_stats(plain(of))
+                if of not in stats:
+                    stats[of] = local_stats(plain(of))
+                mean, std = stats[of]
                 out[i] = mean if kind == "mean" else std
             else:
                 out[i] = plain(f)

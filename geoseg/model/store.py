@@ -40,7 +40,7 @@ class ModelBundle:
     net: torch.nn.Module
     digest: str
     path: Path
-    companion: Any = None  # an smp card's per-pixel ensemble member (LightGBM booster), if any
+    companion: Any = None  # an smp card's per-pixel ensemble member (LightGBM booster; TorchForest on a GPU), if any
 
     @property
     def device(self) -> str:
@@ -255,6 +255,10 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     ens = card.method_params.get("ensemble")
     if ens:
         companion = lightgbm_booster(model_dir / ens["file"])
+        if str(device).startswith("cuda"):  # the trees beside the network on its GPU, not on one CPU core
+            from geoseg.methods.forest import TorchForest
+
+            companion = TorchForest(companion, device)
     return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
 
 
