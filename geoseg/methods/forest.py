@@ -86,8 +86,8 @@ class TorchForest:
         self.lefts = torch.from_numpy(lefts).to(dev)
         self.values = torch.from_numpy(values).to(dev)
         self.shape = (n_t, n_i, n_l)
-        if batch_elements is None:  # a batch's split counts, float32: 64 MB on a CPU, 1 GB on a GPU
-            batch_elements = 1 << (28 if dev.type == "cuda" else 24)
+        if batch_elements is None:  # a batch's leaf counts, float32: 64 MB on a CPU, 256 MB on a GPU (beside the network)
+            batch_elements = 1 << (26 if dev.type == "cuda" else 24)
         self.batch = max(1, batch_elements // (n_t * max(n_i, n_l)))
 
     def raw_scores(self, x: Any) -> Any:
