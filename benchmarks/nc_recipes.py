@@ -67,10 +67,15 @@ def main() -> None:
             for name, (config, update) in recipes().items():
                 if args.only and name not in args.only:
                     continue
-                key = name if (split, seed) == ("we", 0) else f"{name}@{split}-s{seed}"  # the earlier single-run names
+                key = run_key(name, split, seed)
                 rows[key] = {"recipe": name, "split": split, "seed": seed, **run_one(work, key, split, seed, config, update)}
                 (work / "results.json").write_text(json.dumps(rows, indent=1))
     summarize(rows, args)
+
+
+def run_key(name: str, split: str, seed: int) -> str:
+    """A run's folder and results key: the recipe's name alone for west->east seed 0 (the earlier single-run names)."""
+    return name if (split, seed) == ("we", 0) else f"{name}@{split}-s{seed}"
 
 
 def run_one(work: Path, key: str, split: str, seed: int, config, update: dict) -> dict:
@@ -88,9 +93,8 @@ def run_one(work: Path, key: str, split: str, seed: int, config, update: dict) -
 
         from geoseg.model.card import ModelCard
 
-        base = config if (split, seed) == ("we", 0) else f"{config}@{split}-s{seed}"
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(work / base, out)
+        shutil.copytree(work / run_key(config, split, seed), out)
         if update.get("method_params") == {}:
             (out / "pixel.lgb.txt").unlink(missing_ok=True)
         card = ModelCard.read(out / "model.json")

@@ -121,8 +121,6 @@ def test_brightness_of_a_pixel_with_no_band_is_nan_without_a_warning():
 def _forest_inputs(booster, n: int, seed: int) -> np.ndarray:
     """Feature rows that reach every kind of split: values on the thresholds and a float32 step either side,
     NaNs, zeros and tiny values (LightGBM's zero-as-missing), and everything in between."""
-    import json as _json
-
     rng = np.random.default_rng(seed)
     thresholds: dict[int, list[float]] = {}
 
@@ -132,7 +130,7 @@ def _forest_inputs(booster, n: int, seed: int) -> np.ndarray:
             walk(node["left_child"])
             walk(node["right_child"])
 
-    for tree in _json.loads(_json.dumps(booster.dump_model()))["tree_info"]:
+    for tree in booster.dump_model()["tree_info"]:
         walk(tree["tree_structure"])
     X = rng.normal(0, 2, (n, booster.num_feature())).astype(np.float32)
     for f, ts in thresholds.items():
