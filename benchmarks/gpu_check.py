@@ -10,8 +10,9 @@ Prints, in well under 10 minutes on one GPU and ~16 cores:
       the network as stored) on 512x512 tiles, batch 8, bf16 autocast, channels_last, on cuda;
   (b2) geoseg's infer kernel on one default chunk's window (4352 px of uint16 bands) in this process:
       what an infer task computes, without dask;
-  (b3) a network's LightGBM companion (`geoseg train`'s default ensemble): LightGBM's predict on one core
-      against the same trees as tensors on the GPU (geoseg.methods.forest), and how far apart they are;
+  (b3) a network's LightGBM companion (`geoseg train`'s default ensemble): numpy features and LightGBM's predict
+      on one core (a CPU worker's thread) against features and trees as tensors on the GPU (geoseg.methods.
+      device_features, geoseg.methods.forest), and how far apart they are;
   (c) geoseg end to end on a generated --size scene (make_sample) on a dask cluster started here:
       a scheduler, N-1 CPU workers (`--nthreads 1`, no GPU visible) for reading and writing, and one
       GPU worker (`--resources GPU=1`, `--nthreads` each of --gpu-threads: one cluster each) for the model
@@ -153,34 +154,59 @@ class GpuSampler(threading.Thread):
             self.stopped.wait(self.period)
 
 
-def companion_trees(device: str = "cuda", rows: int = 4_000_000) -> None:
-    """(b3) a network's per-pixel LightGBM companion as geoseg runs it on a GPU worker (geoseg.methods.forest)
-    against LightGBM's own predict on one core (what a worker thread ran before): 7 classes, 45 rounds, 14 features,
-    as `geoseg train` fits for a 6-band scene with band roles."""
+def companion_trees(device: str = "cuda", side: int = 4096) -> None:
+    """(b3) a network's per-pixel LightGBM companion as geoseg runs it on a GPU worker (geoseg.methods.pixel's
+    predict_pixels with a TorchForest: features with torch there, geoseg.methods.device_features, then the trees
+    as tensors) against what a CPU worker's thread runs (numpy features, LightGBM's predict on one core): 7 classes,
+    45 rounds, the 14 features `geoseg train` picks for a 6-band scene with band roles, on a ``side``² window."""
     import lightgbm as lgb
     import numpy as np
+    import torch
 
+    from geoseg.methods import device_features
+    from geoseg.methods.features import default_features, feature_stack
     from geoseg.methods.forest import TorchForest
 
+    roles = ("blue", "green", "red", "nir", "swir1", "swir2")
+    feats, scale = default_features(roles, 6), [400.0] * 6
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(60_000, 14)).astype(np.float32)
-    y = (np.abs(X[:, :4]).sum(1) * 1.7).astype(int) % 7
+    signatures = rng.uniform(200, 3000, size=(7, 6))
+
+    def scene(n: int) -> tuple[np.ndarray, np.ndarray]:
+        cover = np.kron(rng.integers(0, 7, size=(n // 32 + 1, n // 32 + 1)), np.ones((32, 32), int))[:n, :n]
+        img = (signatures[cover].transpose(2, 0, 1) + rng.normal(0, 300, size=(6, n, n))).astype(np.float32)
+        img[:, rng.random((n, n)) < 0.01] = np.nan
+        return img, cover
+
+    img, cover = scene(512)
+    f = feature_stack(img, roles, feats, scale)
     booster = lgb.train({"objective": "multiclass", "num_class": 7, "num_leaves": 31, "verbose": -1, "seed": 0},
-                        lgb.Dataset(X, y), num_boost_round=45)
-    R = rng.normal(size=(rows, 14)).astype(np.float32)
-    R[rng.random(R.shape) < 0.05] = np.nan
-    n_cpu = min(rows, 200_000)
+                        lgb.Dataset(f.reshape(len(feats), -1).T, cover.ravel()), num_boost_round=45)
+    test, _ = scene(512)
     t = time.perf_counter()
-    want = booster.predict(R[:n_cpu], num_threads=1)
-    cpu = n_cpu / (time.perf_counter() - t) / 1e6
+    want = booster.predict(feature_stack(test, roles, feats, scale).reshape(len(feats), -1).T, num_threads=1)
+    cpu = test[0].size / (time.perf_counter() - t) / 1e6
     forest = TorchForest(booster, device)
-    forest.predict(R[:50_000])  # warm-up
-    t = time.perf_counter()
-    got = forest.predict(R)
-    dev = rows / (time.perf_counter() - t) / 1e6
-    print(f"(b3) companion trees ({booster.num_trees()}): LightGBM on one core {cpu:.3f} Mpx/s; geoseg's tensor forest on "
-          f"{device} {dev:.3f} Mpx/s (host arrays in and out); max |probability difference| {np.abs(got[:n_cpu] - want).max():.1e}",
-          flush=True)
+
+    def on_device(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+        sync = torch.cuda.synchronize if forest.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            g = device_features.feature_stack(torch.from_numpy(x).to(forest.device), roles, feats, scale)
+            sync()
+            t1 = time.perf_counter()
+            p = forest.probabilities(g.reshape(len(feats), -1).T.contiguous()).cpu().numpy()
+        return p, t1 - t0, time.perf_counter() - t1
+
+    got, _, _ = on_device(test)  # warm-up, and the same 512² window as LightGBM's
+    big, _ = scene(side)
+    _, tf, tt = on_device(big)
+    mpx = big[0].size / 1e6
+    print(f"(b3) companion ({booster.num_trees()} trees, {len(feats)} features): a CPU worker's thread (numpy features, "
+          f"LightGBM on one core) {cpu:.3f} Mpx/s; geoseg on {device} {mpx / (tf + tt):.3g} Mpx/s ({side}² window from "
+          f"host memory: features {mpx / tf:.3g} Mpx/s, trees {mpx / tt:.3g} Mpx/s); on the same 512² window: "
+          f"max |probability difference| {np.abs(got - want).max():.1e}, classes differ at "
+          f"{np.count_nonzero(got.argmax(1) != want.argmax(1))} of {len(want)} px", flush=True)
 
 
 def start_cluster(work: Path, cpu_workers: int, gpu_threads: int = 1) -> tuple[str, list[subprocess.Popen]]:
@@ -353,7 +379,7 @@ def main() -> int:
             model_only(model, args.model_seconds)
         if not args.rehearse:
             kernel_only(model, profile=args.profile_kernel)
-        companion_trees(*(("cpu", 20_000) if args.rehearse else ()))
+        companion_trees(*(("cpu", 256) if args.rehearse else ()))
         for threads in (int(t) for t in args.gpu_threads.split(",")):
             ok = end_to_end(args, model, work, threads) and ok
         if not args.skip_embedded:

@@ -179,6 +179,63 @@ def test_the_companion_s_trees_as_tensors_equal_lightgbm(pixel_model):
         np.testing.assert_allclose(raw, booster.predict(rows[:200], raw_score=True), rtol=0, atol=1e-12)
 
 
+def _ops_ran(fn, *args):
+    """``fn(*args)`` and how many times torch's profiler saw each (op or kernel name, device type) run in it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        out = fn(*args)
+    return out, {(e.key, str(e.device_type).split(".")[-1]): e.count for e in prof.key_averages()}
+
+
+def test_a_companion_s_features_on_its_device_equal_numpy_s(scene, pixel_model):
+    """On a GPU worker the companion's features are computed with torch beside its trees (device_features): bit for
+    bit numpy's and scipy's, the 5 x 5 statistics of flat windows too (``**`` within a float32 step: each library's
+    pow); LightGBM's probabilities from them."""
+    import torch
+
+    from geoseg.methods import device_features
+    from geoseg.methods.features import feature_stack, nan_bands
+    from geoseg.methods.forest import TorchForest
+    from geoseg.methods.pixel import predict_pixels
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(800, 300, (4, 96, 80)).astype(np.float32)
+    x[:, 10:40, 10:40] = 500.0  # flat: a standard deviation of 0 from sums that cancel
+    x[3, 50:60] = np.nan  # nir missing: NaN indices
+    x[:, :6, :6] = np.nan  # nothing: NaN everywhere, texture too where the window holds no value
+    x[1, 70:, 70:] = -x[0, 70:, 70:]  # a + b == 0: the difference index is 0
+    roles = ("blue", "green", "red", "nir")
+    feats = ("band:0", "band:3", "brightness", "ndvi", "ndwi", "expr:(nir - red) / (nir + red + 0.5) * 2", "expr:green ** 0.5 - 2 ** (nir / 1000)",
+             "expr:3", "mean:brightness", "std:brightness", "std:ndvi", "mean:expr:nir / (red - red)")
+    units = ((0.0001, -0.1), (0.0001, -0.1), (1.0, 0.0), (0.0002, 0.0))
+    for scale, un in ((None, None), ([300.0, 200.0, 250.0, 400.0], units)):
+        want = feature_stack(x, roles, feats, scale, un)
+        got = device_features.feature_stack(torch.from_numpy(x), roles, feats, scale, un).numpy()
+        for i, f in enumerate(feats):
+            assert np.array_equal(np.isnan(got[i]), np.isnan(want[i])), f
+            if "**" in f:  # each library's own pow: within a float32 step
+                np.testing.assert_allclose(got[i], want[i], rtol=2.5e-7, atol=0, err_msg=f)
+            else:
+                assert np.array_equal(got[i], want[i], equal_nan=True), f"{f}: {np.count_nonzero(got[i] != want[i])} px differ"
+    # the pixel model's trees on the scene (a window of it: on a CPU the tensor forest is slow), as LightGBM has them
+    img, _, _, _ = scene
+    out, card = pixel_model
+    stack = open_stack([img])
+    data, bv = read_bands(stack, Box(0, 200, 24, 32).window)  # the strip without nir, the nodata corner's edge
+    data = nan_bands(data, bv)
+    valid = bv.any(axis=0)
+    booster = load_model(out).net.booster
+    features = card.method_params["features"]
+    want = predict_pixels(booster, card, features, data, valid)
+    got, ops = _ops_ran(predict_pixels, TorchForest(booster, "cpu"), card, features, data, valid)
+    assert ("aten::constant_pad_nd", "CPU") in ops and ("aten::bmm", "CPU") in ops  # features and trees as tensors
+    assert np.abs(got - want).max() < 1e-6 and np.array_equal(got.argmax(0), want.argmax(0))
+    assert np.count_nonzero(got.sum(0)) == np.count_nonzero(valid) < valid.size
+
+
 @pytest.mark.gpu
 def test_a_network_s_companion_runs_on_its_gpu(scene, pixel_model, tmp_path):
     """Loaded on a CUDA device, a network's companion is the tensor forest on that device, and agrees with LightGBM."""
@@ -200,6 +257,18 @@ def test_a_network_s_companion_runs_on_its_gpu(scene, pixel_model, tmp_path):
     assert isinstance(on_gpu.companion, TorchForest) and on_gpu.companion.device.type == "cuda"
     rows = _forest_inputs(on_cpu.companion, 100_000, seed=0)
     assert np.abs(on_gpu.companion.predict(rows) - on_cpu.companion.predict(rows, num_threads=1)).max() < 1e-9
+    # the features too are computed there: the whole scene's companion probabilities as a CPU worker has them
+    from geoseg.methods.features import nan_bands
+    from geoseg.methods.pixel import predict_pixels
+
+    stack = open_stack([scene[0]])
+    data, bv = read_bands(stack, Box(0, stack.shape[0], 0, stack.shape[1]).window)
+    data, valid = nan_bands(data, bv), bv.any(axis=0)
+    want = predict_pixels(on_cpu.companion, on_cpu.card, ens["features"], data, valid)
+    got, ops = _ops_ran(predict_pixels, on_gpu.companion, on_gpu.card, ens["features"], data, valid)
+    # on the GPU: its kernels ran at least once per line of the window (the 5 x 5 sums run along each line)
+    assert sum(n for (_, dev), n in ops.items() if dev == "CUDA") >= sum(valid.shape), sorted(ops)
+    assert np.abs(got - want).max() < 1e-5 and np.mean(got.argmax(0) == want.argmax(0)) > 0.9999
 
 
 def test_pixel_method_card_and_safe_format(pixel_model):

@@ -82,11 +82,15 @@ def band_units(bands: Sequence[Any]) -> tuple[tuple[float, float], ...] | None:
     return None if all(u == (1.0, 0.0) for u in units) else units
 
 
-def _band(data: np.ndarray, roles: Sequence[str | None], role: str, units: Units = None) -> np.ndarray:
+def role_index(roles: Sequence[str | None], role: str) -> int:
     try:
-        i = list(roles).index(role)
+        return list(roles).index(role)
     except ValueError:
         raise ConfigError(f"the band roles ({', '.join(str(r) for r in roles)}) have no {role!r} band; set them with --band-roles") from None
+
+
+def _band(data: np.ndarray, roles: Sequence[str | None], role: str, units: Units = None) -> np.ndarray:
+    i = role_index(roles, role)
     x = data[i].astype(np.float32)
     if units is not None and tuple(units[i]) != (1.0, 0.0):
         scale, offset = units[i]

@@ -107,17 +107,22 @@ class TorchForest:
         values = torch.gather(self.values, 1, leaf)
         return values.T.reshape(x.shape[0], -1, self.n_classes).sum(dim=1)
 
+    def probabilities(self, x: Any) -> Any:
+        """(N, classes) float64 probabilities of ``x`` (N, features) float32 on the device, in batches."""
+        import torch
+
+        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):  # float32 / float64 as written
+            out = torch.empty((x.shape[0], self.n_classes), dtype=torch.float64, device=self.device)
+            for s in range(0, x.shape[0], self.batch):
+                out[s:s + self.batch] = torch.softmax(self.raw_scores(x[s:s + self.batch]), dim=1)
+            return out
+
     def predict(self, X: np.ndarray, num_threads: int = 0) -> np.ndarray:  # noqa: ARG002 (the booster's signature)
         """Class probabilities (N, classes) float64, as ``lightgbm.Booster.predict`` gives them."""
         import torch
 
-        X = np.ascontiguousarray(X, np.float32)
-        out = np.empty((X.shape[0], self.n_classes), np.float64)
-        with torch.inference_mode(), torch.autocast(self.device.type, enabled=False):  # float32 / float64 as written
-            for s in range(0, X.shape[0], self.batch):
-                x = torch.from_numpy(X[s:s + self.batch]).to(self.device)
-                out[s:s + self.batch] = torch.softmax(self.raw_scores(x), dim=1).cpu().numpy()
-        return out
+        x = torch.from_numpy(np.ascontiguousarray(X, np.float32)).to(self.device)
+        return self.probabilities(x).cpu().numpy()
 
 
 def _flatten(root: dict[str, Any]) -> tuple[list[tuple[int, np.float32, bool, int]], list[tuple[float, list[tuple[int, bool]]]]]:

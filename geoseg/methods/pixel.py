@@ -60,12 +60,33 @@ class PixelPredictor:
 
 
 def predict_pixels(booster, card: ModelCard, features: Sequence[str], data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(classes, h, w) float32 probabilities of the ``valid`` pixels of ``data`` (float32, NaN = missing), 0 elsewhere.
+    ``booster``: LightGBM's, or a `TorchForest` (a network's companion on a GPU), which gets its features there too."""
+    from geoseg.methods.forest import TorchForest
+
+    if isinstance(booster, TorchForest):
+        return _predict_on_device(booster, card, features, data, valid)
     f = feature_stack(data, card.band_roles, features, card.normalization.std, card.index_band_units)
     out = np.zeros((card.n_classes, *valid.shape), np.float32)
     if valid.any():
         X = f[:, valid].T
         p = booster.predict(X, num_threads=_threads())
         out[:, valid] = np.asarray(p, np.float32).reshape(len(X), -1).T
+    return out
+
+
+def _predict_on_device(forest, card: ModelCard, features: Sequence[str], data: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    import torch
+
+    from geoseg.methods import device_features
+
+    out = np.zeros((card.n_classes, *valid.shape), np.float32)
+    if valid.any():
+        with torch.inference_mode(), torch.autocast(forest.device.type, enabled=False):
+            x = torch.from_numpy(np.ascontiguousarray(data, np.float32)).to(forest.device)
+            f = device_features.feature_stack(x, card.band_roles, features, card.normalization.std, card.index_band_units)
+            X = f[:, torch.from_numpy(np.ascontiguousarray(valid)).to(forest.device)].T.contiguous()
+            out[:, valid] = forest.probabilities(X).to(torch.float32).cpu().numpy().T
     return out
 
 
