@@ -191,14 +191,22 @@ def local_stats(x: np.ndarray, radius: int = TEXTURE_RADIUS) -> tuple[np.ndarray
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def default_features(roles: Sequence[str | None], n_bands: int, texture: bool = True) -> tuple[str, ...]:
-    """Bands, every index the roles allow, and local texture of brightness and the first index."""
-    feats = [f"band:{i}" for i in range(n_bands)] + list(available_indices(roles))
+def default_features(roles: Sequence[str | None], n_bands: int, texture: bool = True, context: bool = False) -> tuple[str, ...]:
+    """Bands, every index the roles allow, and local texture of brightness and the first index; ``context``: also
+    the 5 x 5 mean of every band and index and the standard deviation of every index (the ``pixel`` method's).
+
+    ``context`` measured on the four NC splits (pixel method, seeds 0 and 1): mIoU +0.010 to +0.031 on each (W->E
+    0.226 -> 0.249); as a network's companion it scored 0.003 lower on the four splits' mean (the mix chosen on
+    validation), so the companion keeps the few."""
+    idx = available_indices(roles)
+    feats = [f"band:{i}" for i in range(n_bands)] + list(idx)
     if texture:
         feats += ["mean:brightness", "std:brightness"]
-        idx = available_indices(roles)
         if idx:
             feats += [f"std:{idx[0]}"]
+        if context:
+            feats += [f"mean:{i}" for i in idx] + [f"std:{i}" for i in idx[1:]]
+            feats += [f"mean:band:{i}" for i in range(n_bands)] if n_bands > 1 else []  # one band: its brightness
     return tuple(feats)
 
 

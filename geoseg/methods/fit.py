@@ -203,7 +203,7 @@ def train_method(
     if method == "pixel":
         from geoseg.methods import pixel
 
-        features = default_features(roles, prep.stack.count)
+        features = default_features(roles, prep.stack.count, context=True)
         fitted = fit_pixel_on_split(prep, roles, features, config.seed)
         if fitted is None:
             raise InputError(f"{inputs.labels}: no labelled pixel in the training blocks")
