@@ -11,11 +11,9 @@ float32 step).
 
 from __future__ import annotations
 
-import ast
 from typing import Any, Sequence
 
-from geoseg.methods.features import (INDICES, TEXTURE_RADIUS, _OPS, Units, canonical_role, check_expression,
-                                     role_index)
+from geoseg.methods.features import INDICES, TEXTURE_RADIUS, Units, evaluate_expression, role_index
 
 
 def _band(x: Any, roles: Sequence[str | None], role: str, units: Units = None) -> Any:
@@ -40,22 +38,11 @@ def normalized_difference(a: Any, b: Any) -> Any:
 def expression(x: Any, roles: Sequence[str | None], expr: str, units: Units = None) -> Any:
     import torch
 
-    check_expression(expr, roles)
+    def number(value: float) -> Any:
+        return torch.tensor(float(value), dtype=torch.float32, device=x.device)
 
-    def ev(node: ast.AST) -> Any:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant):
-            return torch.tensor(float(node.value), dtype=torch.float32, device=x.device)
-        if isinstance(node, ast.Name):
-            return _band(x, roles, canonical_role(node.id), units)  # type: ignore[arg-type]
-        if isinstance(node, ast.BinOp):
-            return _OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp):
-            return _OPS[type(node.op)](ev(node.operand))
-        raise AssertionError(node)
-
-    out = ev(ast.parse(expr, mode="eval")).to(torch.float32).expand(x.shape[1:]).clone()
+    out = evaluate_expression(expr, roles, lambda r: _band(x, roles, r, units), number)
+    out = out.to(torch.float32).expand(x.shape[1:]).clone()
     return out.masked_fill(~torch.isfinite(out), float("nan"))
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import operator
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -139,25 +139,31 @@ def check_expression(expr: str, roles: Sequence[str | None] | None = None) -> No
             raise ConfigError(f"index expression {expr!r}: only + - * / ** on numbers and band roles are allowed")
 
 
-def expression(data: np.ndarray, roles: Sequence[str | None], expr: str, units: Units = None) -> np.ndarray:
-    """Evaluate an arithmetic expression of band roles, e.g. ``(nir - red) / (nir + red + 0.5)``."""
+def evaluate_expression(expr: str, roles: Sequence[str | None], band: Callable[[str], Any], number: Callable[[float], Any]) -> Any:
+    """The arithmetic of ``expr`` (checked first) with ``band(role)`` for each role's name and ``number(value)``
+    for each constant: numpy arrays here, tensors in `geoseg.methods.device_features`."""
     check_expression(expr, roles)
 
-    def ev(node: ast.AST) -> np.ndarray | float:
+    def ev(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant):
-            return np.float32(node.value)
+            return number(node.value)
         if isinstance(node, ast.Name):
-            return _band(data, roles, canonical_role(node.id), units)  # type: ignore[arg-type]
+            return band(canonical_role(node.id))  # type: ignore[arg-type]
         if isinstance(node, ast.BinOp):
             return _OPS[type(node.op)](ev(node.left), ev(node.right))
         if isinstance(node, ast.UnaryOp):
             return _OPS[type(node.op)](ev(node.operand))
         raise AssertionError(node)
 
+    return ev(ast.parse(expr, mode="eval"))
+
+
+def expression(data: np.ndarray, roles: Sequence[str | None], expr: str, units: Units = None) -> np.ndarray:
+    """Evaluate an arithmetic expression of band roles, e.g. ``(nir - red) / (nir + red + 0.5)``."""
     with np.errstate(all="ignore"):
-        out = np.asarray(ev(ast.parse(expr, mode="eval")), np.float32)
+        out = np.asarray(evaluate_expression(expr, roles, lambda r: _band(data, roles, r, units), np.float32), np.float32)
     out = np.broadcast_to(out, data.shape[1:]).astype(np.float32)
     out[~np.isfinite(out)] = np.nan
     return out
