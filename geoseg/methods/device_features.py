@@ -2,11 +2,11 @@
 
 The same features as `geoseg.methods.features` (bands, brightness, indices by name, expressions, local
 mean and standard deviation over 5 x 5 pixels), computed from a float32 ``(bands, h, w)`` tensor with
-NaN where a band has no value, bit for bit: every step is numpy's or scipy's in the same order (a GPU's
-IEEE + - * / round as a CPU's do), the local statistics with scipy's running sums along each axis (scipy 1.17's order; a
-direct 5 x 5 sum rounds otherwise: a flat window's standard deviation came out 0 against scipy's 1e-5,
-and a tree may split between the two). ``**`` is the exception: each library has its own pow (within a
-float32 step).
+NaN where a band has no value, bit for bit: every step is numpy's or scipy's, in the same order (a GPU's
+IEEE + - * / round as a CPU's do); the local statistics with scipy's running sums along each axis
+(scipy 1.17's order: a direct 5 x 5 sum rounds otherwise, and a flat window's standard deviation came
+out 0 against scipy's 1.3e-5, where a tree may split). ``**`` is the exception: each library has its
+own pow (within a float32 step).
 """
 
 from __future__ import annotations
