@@ -279,6 +279,12 @@ def test_a_network_s_companion_runs_on_its_gpu(scene, pixel_model, tmp_path):
     # on the GPU: its kernels ran at least once per line of the window (the 5 x 5 sums run along each line)
     assert sum(n for (_, dev), n in ops.items() if dev == "CUDA") >= sum(valid.shape), sorted(ops)
     assert np.abs(got - want).max() < 1e-5 and np.mean(got.argmax(0) == want.argmax(0)) > 0.9999
+    # the pixel method on a GPU worker runs there too, and classifies as on a CPU
+    pixel_gpu = load_model(px_out, device="cuda")
+    assert isinstance(pixel_gpu.net.booster, TorchForest) and pixel_gpu.net.booster.device.type == "cuda"
+    on_gpu_map, _ = segment_array(pixel_gpu.net, pixel_gpu.card, *read_bands(stack, Box(0, 200, 0, 260).window),
+                                  InferenceSettings())
+    assert np.array_equal(on_gpu_map, one_pass(px_out, scene[0])[0])
 
 
 def test_pixel_method_card_and_safe_format(pixel_model):
