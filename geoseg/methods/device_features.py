@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from geoseg.methods.features import INDICES, TEXTURE_RADIUS, Units, evaluate_expression, role_index
+from geoseg.methods.features import INDICES, TEXTURE_RADIUS, Units, assemble, evaluate_expression, role_index
 
 
 def _band(x: Any, roles: Sequence[str | None], role: str, units: Units = None) -> Any:
@@ -120,25 +120,5 @@ def feature_stack(x: Any, roles: Sequence[str | None], features: Sequence[str], 
     import torch
 
     out = torch.empty((len(features), *x.shape[1:]), dtype=torch.float32, device=x.device)
-    base: dict[str, Any] = {}
-    stats: dict[str, tuple[Any, Any]] = {}
-
-    def plain(name: str) -> Any:
-        if name not in base:
-            if name.startswith("band:"):
-                base[name] = x[int(name[5:])]
-            elif name == "brightness":
-                base[name] = brightness(x, scale)
-            else:
-                base[name] = spectral_index(x, roles, name, units)
-        return base[name]
-
-    for i, f in enumerate(features):
-        if f.startswith(("mean:", "std:")):
-            kind, of = f.split(":", 1)
-            if of not in stats:
-                stats[of] = local_stats(plain(of))
-            out[i] = stats[of][0 if kind == "mean" else 1]
-        else:
-            out[i] = plain(f)
-    return out
+    return assemble(features, out, lambda i: x[i], lambda: brightness(x, scale),
+                    lambda name: spectral_index(x, roles, name, units), local_stats)

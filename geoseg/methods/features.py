@@ -236,39 +236,40 @@ def brightness(data: np.ndarray, scale: Sequence[float] | None = None) -> np.nda
         return (x.sum(axis=0) / count).astype(np.float32)
 
 
+def assemble(features: Sequence[str], out: Any, band: Callable[[int], Any], brightness: Callable[[], Any],
+             index: Callable[[str], Any], stats: Callable[[Any], tuple[Any, Any]]) -> Any:
+    """``out[i]`` for each feature name: ``band:I``, ``brightness``, an index or ``expr:``, each computed once, and
+    ``mean:X`` / ``std:X`` from one ``stats`` pass over X. The names are read here only: numpy's kernels
+    (`feature_stack`) and torch's (`geoseg.methods.device_features`) are handed in."""
+    base: dict[str, Any] = {}
+    pairs: dict[str, tuple[Any, Any]] = {}  # mean:x and std:x from one pass over x
+
+    def plain(name: str) -> Any:
+        if name not in base:
+            base[name] = band(int(name[5:])) if name.startswith("band:") else brightness() if name == "brightness" else index(name)
+        return base[name]
+
+    for i, f in enumerate(features):
+        if f.startswith(("mean:", "std:")):
+            kind, of = f.split(":", 1)
+            if of not in pairs:
+                pairs[of] = stats(plain(of))
+            out[i] = pairs[of][0 if kind == "mean" else 1]
+        else:
+            out[i] = plain(f)
+    return out
+
+
 def feature_stack(
     data: np.ndarray, roles: Sequence[str | None], features: Sequence[str], scale: Sequence[float] | None = None,
     units: Units = None,
 ) -> np.ndarray:
     """``(len(features), h, w)`` float32; NaN where a feature's inputs are missing."""
-    import warnings
-
     out = np.empty((len(features), *data.shape[1:]), np.float32)
-    base: dict[str, np.ndarray] = {}
-    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # mean:x and std:x from one pass over x
-
-    def plain(name: str) -> np.ndarray:
-        if name not in base:
-            if name.startswith("band:"):
-                base[name] = data[int(name[5:])].astype(np.float32)
-            elif name == "brightness":
-                base[name] = brightness(data, scale)
-            else:
-                base[name] = spectral_index(data, roles, name, units)
-        return base[name]
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN is the answer
-        for i, f in enumerate(features):
-            if f.startswith(("mean:", "std:")):
-                kind, of = f.split(":", 1)
-                if of not in stats:
-                    stats[of] = local_stats(plain(of))
-                mean, std = stats[of]
-                out[i] = mean if kind == "mean" else std
-            else:
-                out[i] = plain(f)
-    return out
+        return assemble(features, out, lambda i: data[i].astype(np.float32), lambda: brightness(data, scale),
+                        lambda name: spectral_index(data, roles, name, units), local_stats)
 
 
 def nan_bands(data: np.ndarray, band_valid: np.ndarray) -> np.ndarray:

@@ -125,6 +125,13 @@ class TorchForest:
         return self.probabilities(x).cpu().numpy()
 
 
+def for_device(booster: Any, device: Any) -> Any:
+    """What predicts with ``booster``'s trees where a model runs: on a CUDA device its trees as tensors there (with
+    `geoseg.methods.pixel.predict_pixels`, the features too), elsewhere LightGBM's own predict (25-45x faster on a
+    CPU than the tensors)."""
+    return TorchForest(booster, device) if str(device).startswith("cuda") else booster
+
+
 def _flatten(root: dict[str, Any]) -> tuple[list[tuple[int, np.float32, bool, int]], list[tuple[float, list[tuple[int, bool]]]]]:
     """A tree of LightGBM's dump as its splits (feature, threshold as float32, default left, missing type) and
     its leaves (value, the path: split index and whether the leaf lies left of it)."""

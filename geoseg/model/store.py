@@ -242,10 +242,10 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
         except (KeyError, ValueError, OSError) as exc:  # a file that does not hold what the card's method reads
             raise ModelError(f"{model_dir}: its {card.method} model cannot be read ({type(exc).__name__}: {exc}); "
                              "the card and its files come from different models: re-export it") from None
-        if card.method == "pixel" and str(device).startswith("cuda"):  # features and trees on the GPU, as a companion's
-            from geoseg.methods.forest import TorchForest
+        if card.method == "pixel":  # on a GPU its features and trees run there, as a companion's
+            from geoseg.methods.forest import for_device
 
-            predictor.booster = TorchForest(predictor.booster, device)
+            predictor.booster = for_device(predictor.booster, device)
         return ModelBundle(card=card, net=predictor, digest=model_digest(model_dir), path=model_dir)
     net = _load_weights(build_card_network(card), model_dir)
     net = net.eval().to(device)
@@ -258,11 +258,9 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
     companion = None
     ens = card.method_params.get("ensemble")
     if ens:
-        companion = lightgbm_booster(model_dir / ens["file"])
-        if str(device).startswith("cuda"):  # the trees beside the network on its GPU, not on one CPU core
-            from geoseg.methods.forest import TorchForest
+        from geoseg.methods.forest import for_device
 
-            companion = TorchForest(companion, device)
+        companion = for_device(lightgbm_booster(model_dir / ens["file"]), device)  # on a GPU: beside the network
     return ModelBundle(card=card, net=net, digest=model_digest(model_dir), path=model_dir, companion=companion)
 
 
