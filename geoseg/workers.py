@@ -131,11 +131,14 @@ def _quiet_failed_tasks() -> None:
 
 
 class _NotComputeFailed:
-    """Also not each task cancelled mid-run when the command stops ("Async instruction ... ended with CancelledError")."""
+    """Also not each task cancelled mid-run when the command stops ("Async instruction ... ended with CancelledError"),
+    nor a heartbeat cut by the scheduler closing first as the command stops (its traceback reached the command's
+    terminal after a SIGTERM; a scheduler lost mid-job is said by the command, in one line)."""
 
     def filter(self, record: Any) -> bool:
         msg = str(record.msg)
-        return not (msg.startswith("Compute Failed") or msg.startswith("Async instruction") and "CancelledError" in str(record.getMessage()))
+        return not (msg.startswith("Compute Failed") or msg.startswith("Failed to communicate with scheduler during heartbeat")
+                    or msg.startswith("Async instruction") and "CancelledError" in str(record.getMessage()))
 
 
 def _ignore_interrupts() -> None:

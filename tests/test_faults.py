@@ -238,6 +238,35 @@ def test_ctrl_c_in_a_terminal_stops_predict_without_worker_tracebacks(random_mod
         assert [(sc["status"], sc["error"]) for sc in summary["scenes"]] == [("failed", "KeyboardInterrupt: stopped before it finished")] * 2
 
 
+def test_geoseg_s_own_workers_keep_a_heartbeat_cut_at_shutdown_off_the_terminal():
+    """A SIGTERM'd `geoseg run` printed an embedded worker's heartbeat traceback (the scheduler closed first; seen once
+    in the test above): geoseg's own workers leave it unsaid, as a failed task's, and say every other error."""
+    import logging
+
+    from geoseg.workers import _NotComputeFailed, _quiet_failed_tasks
+
+    worker_log = logging.getLogger("distributed.worker")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    worker_log.addHandler(handler)
+    before = list(worker_log.filters)
+    try:
+        _quiet_failed_tasks()
+        try:
+            raise OSError("Stream is closed")
+        except OSError:
+            worker_log.exception("Failed to communicate with scheduler during heartbeat.")
+            worker_log.exception("Unexpected exception during heartbeat. Closing worker.")
+        worker_log.error("Compute Failed\nKey: x")
+    finally:
+        worker_log.removeHandler(handler)
+        for f in worker_log.filters[:]:
+            if isinstance(f, _NotComputeFailed) and f not in before:
+                worker_log.removeFilter(f)
+    assert seen == ["Unexpected exception during heartbeat. Closing worker."]
+
+
 def test_a_full_disk_is_one_line_and_publishes_nothing(random_model, big_scene, tmp_path):
     """No space left on the output's file system (here a 300 KB tmpfs; raised in a worker): one error line and a
     non-zero exit, not three tracebacks; nothing looks finished."""
