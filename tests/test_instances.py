@@ -65,7 +65,7 @@ def objects_data(tmp_path_factory):
     # labels in another CRS: they are reprojected onto the image
     gpd.GeoDataFrame({"kind": ["building"] * len(polys)}, geometry=polys, crs="EPSG:32633").to_crs(4326).to_file(d / "objects.gpkg")
     model = d / "model"
-    run("-q", "train", image, "--task", "instance", "--labels", d / "objects.gpkg", "--label-field", "kind", "--out", model, "--epochs", 4,
+    run("-q", "train", image, "--task", "instance", "--labels", d / "objects.gpkg", "--label-field", "kind", "--out", model, "--epochs", 3,
         "--steps-per-epoch", 20, "--chip-size", 128, "--batch-size", 4)
     return {"dir": d, "image": image, "labels": d / "objects.gpkg", "model": model, "ids": ids, "boxes": boxes}
 
