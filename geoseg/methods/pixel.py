@@ -122,4 +122,5 @@ def fit(
     booster = lgb.train(params, train, num_boost_round=MAX_ROUNDS, **kw)
     rounds = booster.best_iteration or booster.current_iteration()
     return booster, {"rounds": int(rounds), "params": {k: v for k, v in params.items() if k != "num_threads"},
+                     "early_stopping": {"patience": EARLY_STOP, "min_delta": MIN_DELTA} if len(yv) else None,
                      "lightgbm": lgb.__version__, "training_pixels": int(len(y)), "validation_pixels": int(len(yv))}  # fmt: skip
