@@ -702,10 +702,10 @@ def test_a_band_missing_where_training_never_saw_it_missing_alone(method, tmp_pa
     # before: pixel 0.35 (confidence 0.99), kmeans 0.51, against 0.78-1.0 with every band
     assert acc > 0.75 and acc > base - 0.1, f"{method}: {acc:.3f} in the stripe, {base:.3f} with every band"
     if method == "pixel":  # a clean scene: the trees stop once the validation loss stops improving (it crept on to 600)
-        from geoseg.methods.pixel import MAX_ROUNDS, MIN_DELTA
+        from geoseg.methods.pixel import EARLY_STOP, MAX_ROUNDS, MIN_DELTA
 
         fit = ModelCard.read(out / "model.json").training["fit"]
-        assert fit["rounds"] < MAX_ROUNDS / 2 and fit["early_stopping"] == {"patience": 40, "min_delta": MIN_DELTA}  # in the card
+        assert fit["rounds"] < MAX_ROUNDS / 2 and fit["early_stopping"] == {"patience": EARLY_STOP, "min_delta": MIN_DELTA}  # in the card
 
 
 def test_labels_of_one_class(scene, tmp_path):

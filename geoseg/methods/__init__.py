@@ -27,7 +27,8 @@ class Predictor(Protocol):
         """``data`` float32 (bands, h, w), NaN where a band is missing; ``valid`` (h, w): pixels to classify."""
 
 
-def load_predictor(model_dir: Path, card: ModelCard) -> Predictor:
+def load_predictor(model_dir: Path, card: ModelCard, device: Any = "cpu") -> Predictor:
+    """The predictor of a method's model directory, for the device its worker runs models on."""
     if card.method == "threshold":
         from geoseg.methods.threshold import ThresholdPredictor
 
@@ -39,7 +40,7 @@ def load_predictor(model_dir: Path, card: ModelCard) -> Predictor:
     if card.method == "pixel":
         from geoseg.methods.pixel import PixelPredictor
 
-        return PixelPredictor.load(Path(model_dir), card)
+        return PixelPredictor.load(Path(model_dir), card, device)
     raise ValueError(f"no predictor for method {card.method!r}")
 
 

@@ -54,10 +54,12 @@ class PixelPredictor:
         self.features = tuple(card.method_params["features"])
 
     @classmethod
-    def load(cls, model_dir: Path, card: ModelCard) -> "PixelPredictor":
+    def load(cls, model_dir: Path, card: ModelCard, device: Any = "cpu") -> "PixelPredictor":
+        """On a GPU its features and trees run there (`forest.for_device`), as a network's companion does."""
+        from geoseg.methods.forest import for_device
         from geoseg.model.store import lightgbm_booster
 
-        return cls(card, lightgbm_booster(model_dir / PIXEL_WEIGHTS_NAME))
+        return cls(card, for_device(lightgbm_booster(model_dir / PIXEL_WEIGHTS_NAME), device))
 
     def probabilities(self, data: np.ndarray, valid: np.ndarray, params: dict[str, Any]) -> np.ndarray:
         return predict_pixels(self.booster, self.card, self.features, data, valid)

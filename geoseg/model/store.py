@@ -238,14 +238,10 @@ def load_model(model_dir: str | os.PathLike, device: str | torch.device = "cpu",
         from geoseg.methods import load_predictor
 
         try:
-            predictor = load_predictor(model_dir, card)
+            predictor = load_predictor(model_dir, card, device)
         except (KeyError, ValueError, OSError) as exc:  # a file that does not hold what the card's method reads
             raise ModelError(f"{model_dir}: its {card.method} model cannot be read ({type(exc).__name__}: {exc}); "
                              "the card and its files come from different models: re-export it") from None
-        if card.method == "pixel":  # on a GPU its features and trees run there, as a companion's
-            from geoseg.methods.forest import for_device
-
-            predictor.booster = for_device(predictor.booster, device)
         return ModelBundle(card=card, net=predictor, digest=model_digest(model_dir), path=model_dir)
     net = _load_weights(build_card_network(card), model_dir)
     net = net.eval().to(device)
