@@ -277,7 +277,7 @@ def _open_files(paths: list[str], chunks: int) -> tuple[xr.DataArray, list[int]]
     per_source = _bands_per_source(stack, paths)
     for p, used in zip(paths, per_source):
         bands = [stack.bands[i] for i in used]
-        if storage.is_url(p) or any(b.use_mask for b in bands):  # read as the pipeline reads (read_bands)
+        if storage.is_url(p) or any(b.use_mask for b in bands) or _mixed_dtypes(p):  # read as the pipeline reads (read_bands)
             parts.append(_read_part(stack, p, chunks, used))
             continue
         da_ = rioxarray.open_rasterio(p, chunks={"band": -1, "y": chunks, "x": chunks}, lock=False)
@@ -421,6 +421,15 @@ def _stack_block(stack: Any, dtype: str, block_info: Any = None) -> np.ndarray:
     if np.dtype(dtype).kind == "f":
         data[~valid] = np.nan  # masked (GDAL's mask) or nodata: no value
     return data
+
+
+def _mixed_dtypes(path: str) -> bool:
+    """Whether the bands of a local file differ in dtype (a VRT of uint16 reflectances and a float32 index):
+    rioxarray opens only files of one dtype; read_bands reads such a file a band at a time."""
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return len(set(ds.dtypes)) > 1
 
 
 def _read_part(stack: Any, path: str, chunks: int, positions: Sequence[int]) -> xr.DataArray:

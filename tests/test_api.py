@@ -640,3 +640,44 @@ def test_model_init_makes_a_plain_u_net_or_one_with_the_input_skip(tmp_path):
     assert plain.card.arch_params == {} and skip.card.arch_params == {"input_skip": True}
     assert "input skip" in skip.card.network and "input skip" not in plain.card.network
     assert not has_input_skip(load_model(tmp_path / "plain").net) and has_input_skip(load_model(tmp_path / "skip").net)
+
+
+def test_a_vrt_whose_bands_differ_in_dtype_is_read_band_by_band(tmp_path):
+    """A VRT of reflectance bands (uint16) and a float index band: rasterio reads one dtype per call, so the
+    bands of such a file are read one by one, each with its own nodata (it raised "more than one 'dtype'")."""
+    from rasterio.windows import Window
+
+    from geoseg.io.sources import open_stack, read_window
+
+    from conftest import write_raster
+
+    rng = np.random.default_rng(0)
+    refl = rng.integers(1, 3000, (2, 24, 32)).astype(np.uint16)
+    refl[:, :4, :4] = 0
+    index = rng.uniform(-1, 1, (1, 24, 32)).astype(np.float32)
+    index[0, -3:, -5:] = -9999.0
+    u = write_raster(tmp_path / "u.tif", refl, nodata=0, block=16)
+    g = write_raster(tmp_path / "g.tif", index, nodata=-9999.0, block=16)
+    with rasterio.open(u) as ds:
+        srs, gt = ds.crs.to_wkt(), ", ".join(repr(v) for v in ds.transform.to_gdal())
+
+    def band(n: int, kind: str, path: Path, src: int, nodata: float) -> str:
+        return (f'<VRTRasterBand dataType="{kind}" band="{n}"><NoDataValue>{nodata}</NoDataValue><SimpleSource>'
+                f'<SourceFilename relativeToVRT="1">{path.name}</SourceFilename><SourceBand>{src}</SourceBand>'
+                '</SimpleSource></VRTRasterBand>')
+
+    vrt = tmp_path / "stack.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="32" rasterYSize="24"><SRS>{srs}</SRS><GeoTransform>{gt}</GeoTransform>'
+                   + band(1, "UInt16", u, 1, 0) + band(2, "Float32", g, 1, -9999) + band(3, "UInt16", u, 2, 0)
+                   + "</VRTDataset>")
+    stack = open_stack([str(vrt)])
+    assert [b.dtype for b in stack.bands] == ["uint16", "float32", "uint16"] and stack.dtype == "float32"
+    data, valid = read_window(stack, Window(0, 0, 32, 24))
+    assert np.array_equal(data[[0, 2]], refl.astype(np.float32)) and np.array_equal(data[1], index[0])
+    expected = (refl[0] != 0) & (refl[1] != 0) & (index[0] != -9999.0)
+    assert np.array_equal(valid, expected)
+    scene = geoseg.open_scene(str(vrt))  # the lazy API reads it with the same reader (rioxarray takes one dtype)
+    assert scene.dtype == np.float32 and band_nodata(scene) == [0, -9999, 0]
+    stored = np.stack([refl[0], index[0], refl[1]]).astype(np.float32)
+    each = np.stack([refl[0] != 0, index[0] != -9999.0, refl[1] != 0])  # each band's own nodata, NaN as read_bands gives it
+    assert np.array_equal(scene.values, np.where(each, stored, np.nan), equal_nan=True)

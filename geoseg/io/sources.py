@@ -357,7 +357,10 @@ def read_bands(stack: RasterStack, window: Window, dtype: str = "float32") -> tu
                     data = out[p0:p0 + len(items)]
                     ds.read(indexes, window=window, out=data)
                 else:
-                    data = ds.read(indexes, window=window)
+                    # rasterio reads one dtype per call: a file whose bands differ (a VRT of uint16 reflectances
+                    # and a float32 index) is read a band at a time
+                    one_dtype = len({b.dtype for _, b in items}) == 1
+                    data = ds.read(indexes, window=window) if one_dtype else [ds.read(i, window=window) for i in indexes]
                     for k, (pos, _) in enumerate(items):
                         out[pos] = data[k]
                 masks: dict[tuple[str, int], np.ndarray] = {}  # a per-dataset mask or alpha read once for every band
