@@ -187,6 +187,17 @@ def test_scheduler_option_keeps_tls_files_of_the_profile():
     assert spec.profile.kind == "address" and spec.profile.tls is None
 
 
+def test_scheduler_option_keeps_resources_spelled_with_hyphens(tmp_path):
+    """Job files may spell settings with hyphens (model-resources); --scheduler keeps them too (it kept only
+    model_resources, so the model tasks lost their GPU annotation and ran on any worker)."""
+    job = tmp_path / "job.yaml"
+    job.write_text("name: j\nscenes: [a.tif]\nmodel: m\noutput: out\ncluster:\n  profile: gpu\n  profiles:\n"
+                   "    gpu: {kind: local, model-resources: {GPU: 1}, device: cuda}\n")
+    assert validate_spec(job, env={}, config_files=[]).profile.model_resources == {"GPU": 1}
+    spec = validate_spec(job, env={}, config_files=[], scheduler="tcp://127.0.0.1:8786")
+    assert spec.profile.kind == "address" and spec.profile.model_resources == {"GPU": 1} and spec.profile.device == "cuda"
+
+
 def test_a_wrong_port_is_a_clear_error_within_the_timeout_not_a_hang():
     """Something else on the port: a service that never answers (a dashboard's HTTP server waits for a request)
     or one that greets first (read as a frame length of exabytes); a tls:// address without certificates."""

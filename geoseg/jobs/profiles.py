@@ -408,6 +408,7 @@ AnyProfile = Annotated[Union[LocalProfile, AddressProfile, SlurmProfile, Kuberne
 def scheduler_profile(address: str, like: dict[str, Any] | None) -> dict[str, Any]:
     """``--scheduler ADDRESS`` as a profile: TLS files, resources and device kept from ``like`` where it has them."""
     like = like if isinstance(like, dict) else {}
+    like = {k.replace("-", "_") if isinstance(k, str) else k: v for k, v in like.items()}  # model-resources is model_resources
     out: dict[str, Any] = {"kind": "address", "address": address}
     for key in ("model_resources", "device", "timeout"):
         if like.get(key) is not None:
