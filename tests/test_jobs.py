@@ -482,6 +482,21 @@ def test_keep_going_runs_the_other_scenes_and_still_fails(client, scenes, random
     assert (tmp_path / "out" / "b" / "run.json").exists() and (tmp_path / "out" / "c" / "run.json").exists()
 
 
+def test_dry_run_with_keep_going_shows_the_plan_the_run_would_follow(scenes, random_model, tmp_path):
+    """--dry-run --keep-going plans as the run does: the scenes that can run, and the one left out with why
+    (it ignored --keep-going and stopped at the unreadable scene, which the real run would leave out)."""
+    shutil.copy(scenes / "data" / "field.tif", tmp_path / "a.tif")
+    (tmp_path / "d.tif").write_bytes((tmp_path / "a.tif").read_bytes()[:300])  # not a raster GDAL can read
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "d.tif"], model=str(random_model), output="out")
+    code, out = invoke("run", job, "--dry-run")
+    assert code != 0 and "scene d" in out
+    code, out = invoke("run", job, "--dry-run", "--keep-going")
+    assert code == 0, out
+    assert "plan: 1 of 1 scenes to compute" in out and "\na: compute" in out
+    assert "d: left out (--keep-going):" in out and "d.tif" in out
+    assert not (tmp_path / "out").exists()
+
+
 def test_scenes_run_concurrently(client, scenes, random_model, tmp_path):
     """Two scenes in flight: the job takes less than its scenes' wall times added up, and each equals a lone run."""
     from geoseg.jobs import execute

@@ -66,7 +66,7 @@ def _run(job_file, overwrite, resume, scheduler, profile, settings, dry_run, ver
 
     spec = resolve(job_file, profile=profile, scheduler=scheduler, settings=settings)
     if dry_run:
-        _print_dry_run(spec, overwrite, resume)
+        _print_dry_run(spec, overwrite, resume, keep_going)
         return
     if spec.profile.kind == "local":  # the workers' imports start now, while the job is planned (geoseg.forkserver)
         from geoseg import forkserver
@@ -106,7 +106,7 @@ def _yaml(data) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False).rstrip()
 
 
-def _print_dry_run(spec, overwrite: bool, resume: bool) -> None:
+def _print_dry_run(spec, overwrite: bool, resume: bool, keep_going: bool = False) -> None:
     from geoseg.jobs.runner import plan
 
     layers = " < ".join(layer.name for layer in spec.layers)
@@ -134,9 +134,11 @@ def _print_dry_run(spec, overwrite: bool, resume: bool) -> None:
             click.echo("# DaskCluster manifest " + ("(geoseg makes this cluster):" if profile.create else
                                                     "(kubectl apply -f -, or a DaskJob's spec.cluster.spec):"))
             click.echo(_yaml(profile.manifest()))
-    jp = plan(spec, overwrite=overwrite, resume=resume)
+    jp = plan(spec, overwrite=overwrite, resume=resume, keep_going=keep_going)  # as the run would plan it
     click.echo(f"\n# plan: {len(jp.todo)} of {len(jp.scenes)} scenes to compute")
     for sp in jp.scenes:
         p = sp.job.plan
         click.echo(f"{sp.scene.name}: {sp.action} ({sp.reason}); {p.shape[0]} x {p.shape[1]} px, {len(p)} chunks "
                    f"of {p.chunk_size} px, halo {p.halo} px -> {sp.scene.out_dir}")
+    for scene, why in jp.refused:  # --keep-going: left out of the run, which still fails for them
+        click.echo(f"{scene.name}: left out (--keep-going): {why}")
