@@ -482,6 +482,26 @@ def test_keep_going_runs_the_other_scenes_and_still_fails(client, scenes, random
     assert (tmp_path / "out" / "b" / "run.json").exists() and (tmp_path / "out" / "c" / "run.json").exists()
 
 
+def test_a_failed_scene_s_error_says_which_scene_it_was(client, scenes, random_model, tmp_path):
+    """Without --keep-going the job stops with the scene's own error, which now says which scene it was (the CLI's
+    line starts "scene a:"; a worker killed by a task, for one, names no file)."""
+    from geoseg.cli.main import _scene_of
+    from geoseg.jobs import execute
+
+    for name in ("a", "b"):
+        shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif"], model=str(random_model), output="out",
+                    chunking={"chunk_size": 256}, outputs={"cog": False, "vectors": False}, scenes_in_flight=1)
+    jp = plan(load_job(job, env=NO_ENV, config_files=[]))
+    (tmp_path / "a.tif").unlink()  # gone after the checks: the workers cannot read it
+    with pytest.raises(InputError) as err:
+        execute(jp, client=client)
+    assert _scene_of(err.value) == "scene a: " and "(while running scene a)" in getattr(err.value, "__notes__", [])
+    assert _scene_of(ValueError("not a scene's")) == ""
+    summary = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("a", "failed"), ("b", "skipped")]
+
+
 def test_dry_run_with_keep_going_shows_the_plan_the_run_would_follow(scenes, random_model, tmp_path):
     """--dry-run --keep-going plans as the run does: the scenes that can run, and the one left out with why
     (it ignored --keep-going and stopped at the unreadable scene, which the real run would leave out)."""

@@ -23,7 +23,7 @@ class GeosegGroup(click.Group):
         except GeosegError as exc:
             if ctx.obj and ctx.obj.get("verbosity", 0) > 1:
                 raise
-            click.echo(f"geoseg: error: {exc}", err=True)
+            click.echo(f"geoseg: error: {_scene_of(exc)}{exc}", err=True)
             sys.exit(2)
         except BaseException as exc:
             # the machine's, not geoseg's: a full disk, a read-only or forbidden place (from a worker too); or the
@@ -37,8 +37,14 @@ class GeosegGroup(click.Group):
                 said += f"{exc.strerror or exc}; {_STORAGE_ERRORS[exc.errno]}"
             if said is None or (ctx.obj and ctx.obj.get("verbosity", 0) > 1):
                 raise
-            click.echo(f"geoseg: error: {said}", err=True)
+            click.echo(f"geoseg: error: {_scene_of(exc)}{said}", err=True)
             sys.exit(2)
+
+
+def _scene_of(exc: BaseException) -> str:
+    """``scene NAME: `` where a job's scene raised ``exc`` (geoseg.jobs.runner.name_scene), else nothing."""
+    name = getattr(exc, "geoseg_scene", None)
+    return f"scene {name}: " if name else ""
 
 
 def _cluster_failure(exc: BaseException, command: str = "", options: set[str] = frozenset()) -> str | None:

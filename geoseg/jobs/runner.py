@@ -200,6 +200,19 @@ def _refused_entry(scene: Scene, error: str) -> dict[str, Any]:
             "out_dir": str(scene.out_dir), "job_key": None, "chunks": None, "timings": {}, "wall_s": None, "error": error}
 
 
+SCENE_ATTR = "geoseg_scene"
+
+
+def name_scene(exc: BaseException, name: str) -> None:
+    """Say which scene ``exc`` stopped: the CLI puts it before the message (with several scenes in flight, a
+    cluster's error such as a worker killed by a task names no file), a traceback shows it as a note."""
+    try:
+        setattr(exc, SCENE_ATTR, name)
+    except AttributeError:  # an exception type without a __dict__
+        return
+    exc.add_note(f"(while running scene {name})")
+
+
 class ScenesFailed(GeosegError):
     """Scenes of a job run with keep_going failed; the others ran (job.json says which)."""
 
@@ -280,6 +293,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                     if not stopping.is_set():
                         entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
                                                               f"{type(exc).__name__}: {exc}")
+                        name_scene(exc, sp.scene.name)
                     raise
                 if not stopping.is_set():
                     entries[sp.scene.name] = _scene_entry(sp, "computed", record, time.perf_counter() - s0)
