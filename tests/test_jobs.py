@@ -272,7 +272,12 @@ def test_glob_without_match_names_the_job_file(scenes, random_model):
 
 def test_scene_name_clashes_and_ambiguous_bands(scenes, random_model):
     job = write_job(scenes / "clash.yaml", **job_settings(random_model, scenes=["data/field.tif", {"path": "data/*.tif"}]))
-    with pytest.raises(ConfigError, match="two scenes are named 'field'"):
+    with pytest.raises(ConfigError, match="two scenes are named 'field' and 'field'"):
+        load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
+    # names that differ only in case are one folder on case-insensitive file systems (macOS, Windows, SMB)
+    job = write_job(scenes / "clash.yaml", **job_settings(random_model, scenes=[
+        {"name": "Tile", "path": "data/field.tif"}, {"name": "tile", "path": "data/field.tif"}]))
+    with pytest.raises(ConfigError, match="two scenes are named 'Tile' and 'tile'.*ignoring case"):
         load_job(job, check_inputs=True, env=NO_ENV, config_files=[])
     job = write_job(scenes / "clash.yaml", **job_settings(random_model, scenes=[{"name": "x", "bands": ["LC08_*/SR_B*.tif"]}]))
     with pytest.raises(ConfigError, match=r"band LC08_\*/SR_B\*\.tif matches 4 files"):

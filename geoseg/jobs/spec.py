@@ -221,11 +221,13 @@ class JobSpec(Settings):
                 raise ConfigError(f"{self._source}: a scene named {s.name!r} ({_short(s.inputs[0], base)}) would take the "
                                   f"name of the job's own {s.name} in the output root; give it another name: "
                                   "(write the scene as {name: ..., path: ...})")
-            if s.name in seen:
-                raise ConfigError(f"{self._source}: two scenes are named {s.name!r} ({_short(seen[s.name].inputs[0], base)} "
-                                  f"and {_short(s.inputs[0], base)}) and would share one output folder; give one a name: "
+            key = s.name.casefold()  # Tile and tile are one folder on case-insensitive file systems (macOS, Windows, SMB)
+            if key in seen:
+                raise ConfigError(f"{self._source}: two scenes are named {seen[key].name!r} and {s.name!r} "
+                                  f"({_short(seen[key].inputs[0], base)} and {_short(s.inputs[0], base)}) and would share "
+                                  "one output folder (names are compared ignoring case); give one a name: "
                                   "(write the scene as {name: ..., path: ...})")
-            seen[s.name] = s
+            seen[key] = s
         return scenes
 
 
