@@ -487,6 +487,44 @@ def test_keep_going_runs_the_other_scenes_and_still_fails(client, scenes, random
     assert (tmp_path / "out" / "b" / "run.json").exists() and (tmp_path / "out" / "c" / "run.json").exists()
 
 
+def test_a_job_stopped_on_a_given_client_stops_its_scenes_there(client, scenes, random_model, tmp_path):
+    """Ctrl-C in a notebook running a job on its own client: the scenes in flight stop on the cluster too (the job's
+    own connection closes, and the scheduler drops their tasks). They ran on to the end before, published run.json
+    under a job.json that says they were stopped, and held their output's lock, so a --resume refused them."""
+    import signal
+    import threading
+    import time
+
+    from geoseg.jobs import execute
+
+    for name in ("a", "b"):
+        shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif"], model=str(random_model), output="out",
+                    chunking={"chunk_size": 64}, outputs={"cog": True, "vectors": False}, scenes_in_flight=2)
+    main = threading.main_thread().ident
+    fired = []
+
+    def report(msg: str) -> None:  # Ctrl-C soon after the first scene starts
+        if not fired and msg.startswith("a:"):
+            fired.append(threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)))
+            fired[0].start()
+
+    with pytest.raises(KeyboardInterrupt):
+        execute(plan(load_job(job, env=NO_ENV, config_files=[])), client=client, report=report)
+    summary = json.loads((tmp_path / "out" / "job.json").read_text())
+    stopped = [s["name"] for s in summary["scenes"] if s["status"] == "failed"]
+    assert stopped and all("stopped before it finished" in s["error"] for s in summary["scenes"] if s["name"] in stopped)
+    deadline = time.monotonic() + 20
+    while any(client.processing().values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(client.processing().values())  # nothing of the job's runs on
+    time.sleep(1.0)
+    assert not any((tmp_path / "out" / name / "run.json").exists() for name in stopped)
+    assert client.submit(sum, [1, 2]).result() == 3  # the given client works on
+    done = execute(plan(load_job(job, env=NO_ENV, config_files=[]), resume=True), client=client)  # no lock left held
+    assert [s["status"] for s in done["scenes"]] == ["computed"] * 2
+
+
 def test_a_failed_scene_s_error_says_which_scene_it_was(client, scenes, random_model, tmp_path):
     """Without --keep-going the job stops with the scene's own error, which now says which scene it was (the CLI's
     line starts "scene a:"; a worker killed by a task, for one, names no file)."""

@@ -187,7 +187,16 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
     name, profile = spec.cluster.profile, spec.profile
     if client is not None:
         check_resources(client, profile.model_resources)
-        yield client, {**cluster_info(client), "profile": "(given client)"}
+        # the job's own connection to the given cluster: closed when the job ends or is stopped, and the scheduler
+        # then drops the tasks of the scenes in flight (the given client and its other work stay); on the given
+        # client itself they ran on to the end after a Ctrl-C, published run.json and held their output's lock
+        from distributed import Client
+
+        own = Client(client.scheduler.address, security=client.security, set_as_default=False, name="geoseg-job")
+        try:
+            yield own, {**cluster_info(own), "profile": "(given client)"}
+        finally:
+            own.close()
         return
     t0 = time.perf_counter()
     with connect_profile(profile, name) as c:
