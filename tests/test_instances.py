@@ -849,3 +849,22 @@ def test_instance_training_reads_the_objects_extent_not_the_scene(tmp_path):
     off = write_raster(tmp_path / "ids_off.tif", big_ids, crs="EPSG:32633", transform=from_origin(ORIGIN[0] + 20, ORIGIN[1], RES, RES))
     res = run("train", image, "--task", "instance", "--labels", off, "--out", tmp_path / "m3", code=2)
     assert "not on the image's grid" in res.output and not (tmp_path / "m3").exists()
+
+
+def test_resume_of_an_object_model_s_job_says_it_recomputes(objects_data, tiny_sam, client, tmp_path):
+    """An object model's run is made whole again (its objects are joined across the scene): --resume says it
+    recomputes, where it said it made the missing outputs "from its chunks" and then ran every detection again."""
+    import yaml
+
+    from geoseg.jobs import execute, load_job, plan
+
+    job = tmp_path / "job.yaml"
+    settings = {"name": "objects", "scenes": [str(objects_data["image"])], "model": str(tiny_sam / "model"),
+                "output": "out", "chunking": {"chunk_size": 256}, "outputs": {"cog": False, "vectors": False}}
+    job.write_text(yaml.safe_dump(settings))
+    done = execute(plan(load_job(job, env={}, config_files=[])), client=client)
+    assert [s["status"] for s in done["scenes"]] == ["computed"]
+    job.write_text(yaml.safe_dump({**settings, "outputs": {"cog": False, "vectors": True}}))
+    res = run("run", job, "--resume", "--dry-run")
+    assert "recomputing (--resume: an object model's run is not resumed)" in res.output
+    assert "from its chunks" not in res.output

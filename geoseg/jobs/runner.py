@@ -89,8 +89,13 @@ def _wanted(spec: JobSpec, job: Job | None = None) -> list[str]:
 
 def _decide(spec: JobSpec, job: Job, previous: dict[str, Any] | None, overwrite: bool, resume: bool) -> tuple[str, str, bool]:
     """(action, reason, replace finished outputs) for a planned scene, or OutputExistsError."""
+    # an object model's run is made whole again (geoseg.instances.outputs.run_instance_job): its objects are
+    # joined across the scene, and no chunk of an earlier run is reused
+    objects = job.card.finds_objects
     if previous is None:
         if resume and _interrupted(job.out_dir):
+            if objects:
+                return "compute", "interrupted; recomputing it (an object model's run is not resumed)", True
             return "compute", "resuming an interrupted run", False
         return "compute", "not run yet", False
     missing = [n for n in _wanted(spec, job) if n not in (previous.get("outputs") or [])]
@@ -103,11 +108,12 @@ def _decide(spec: JobSpec, job: Job, previous: dict[str, Any] | None, overwrite:
         detail = f" (job key {str(previous.get('job_key') or 'unknown')[:12]}, now {job.key[:12]})"
     else:
         why, detail = "without " + ", ".join(missing), ", which the job now asks for"
-    if resume and not overwrite and previous.get("job_key") == job.key:
+    if resume and not overwrite and previous.get("job_key") == job.key and not objects:
         # the same key: the finished store's chunks are this job's; only the outputs it lacks are made
         return "compute", f"finished {why}; making them from its chunks (--resume)", False
     if overwrite or resume:
-        return "compute", f"finished {why}; recomputing ({'--overwrite' if overwrite else '--resume'})", True
+        how = "--overwrite" if overwrite else "--resume: an object model's run is not resumed" if objects else "--resume"
+        return "compute", f"finished {why}; recomputing ({how})", True
     raise OutputExistsError(f"{job.out_dir}: holds a prediction finished {why}{detail}; pass --overwrite to "
                             "recompute it (or --resume)")
 
