@@ -71,6 +71,10 @@ class EvaluateOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ignore", tuple(int(v) for v in self.ignore))
+        if self.background is not None and self.background in self.ignore:
+            # the labels would fill every pixel no feature covers with it and score them (as geoseg train refuses it)
+            raise ConfigError(f"--background {self.background} labels the valid pixels no feature covers, and "
+                              f"--ignore-index {self.background} leaves that class out: give one of them")
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"--precision must be one of auto, {', '.join(PRECISIONS)}, not {self.precision!r}")
 

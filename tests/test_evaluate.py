@@ -281,3 +281,17 @@ def test_labels_on_a_part_of_the_scene_score_only_the_chunks_there(trained, refe
     with pytest.raises(InputError, match="no pixel where both"), dask.config.set(scheduler="threads"):
         evaluate(scene.bands, model_dir, str(tmp_path / "past.gpkg"), EvaluateOptions(chunk_size=64, window=(0, 0, 100, 100)))
     np.testing.assert_array_equal(result.metrics.confusion, numpy_scores(pred, lab, card.class_ids)["confusion"])
+
+
+def test_background_and_ignore_index_of_one_class_are_refused(tmp_path):
+    """--background B fills every pixel no feature covers with B, so --ignore-index B cannot leave B out: its
+    pixels were scored (in OA, and as false positives of whatever a model predicts there). Refused, as by train."""
+    from geoseg.cli.main import cli
+    from geoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--background 0 .* --ignore-index 0"):
+        EvaluateOptions(background=0, ignore=(0,))
+    assert EvaluateOptions(background=0, ignore=(3,)).background == 0
+    r = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "image.tif"), "--model", str(tmp_path / "m"), "--labels",
+                                 str(tmp_path / "l.gpkg"), "--background", "0", "--ignore-index", "0"])
+    assert r.exit_code == 2 and "--background 0" in r.output and "--ignore-index 0" in r.output
