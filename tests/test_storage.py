@@ -516,3 +516,33 @@ def test_public_buckets_are_read_without_signing(monkeypatch):
     assert storage.storage_options("s3://public/scene.tif")["anon"] is True
     monkeypatch.delenv("AWS_NO_SIGN_REQUEST")
     assert "anon" not in storage.storage_options("s3://private/scene.tif")
+
+
+def test_a_subdataset_or_archive_member_is_a_new_input_when_its_file_changes(tmp_path):
+    """Inputs GDAL names other than by a path (a GeoTIFF's subdataset GTIFF_DIR:1:f.tif, a member of a zip) are known
+    by the files GDAL reads for them: by their name alone, a file rewritten under them was the same input, and a
+    --resume reused the old chunks with the new data."""
+    import os
+    import zipfile
+
+    from geoseg.pipeline.plan import input_identity
+
+    from conftest import write_raster
+
+    tif, zipped = tmp_path / "a.tif", tmp_path / "a.zip"
+
+    def write(value: int, mtime: int) -> None:
+        write_raster(tif, np.full((1, 16, 16), value, np.uint16), block=16)
+        with zipfile.ZipFile(zipped, "w") as z:
+            z.write(tif, "a.tif")
+        for f in (tif, zipped):
+            os.utime(f, ns=(mtime, mtime))
+
+    names = [f"GTIFF_DIR:1:{tif}", f"/vsizip/{zipped}/a.tif", f"/vsizip/{{{zipped}}}/a.tif"]
+    write(1, 10**18)
+    before = [input_identity(n) for n in names]
+    assert all(len(b) > 1 for b in before)  # the name and the file behind it
+    write(2, 10**18 + 10**9)  # new pixels, a second later
+    after = [input_identity(n) for n in names]
+    assert all(a != b for a, b in zip(after, before))
+    assert [input_identity(n) for n in names] == after  # unchanged files: the same input

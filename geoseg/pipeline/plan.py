@@ -104,17 +104,17 @@ def input_identity(path: str) -> list:
     behind a VRT, a sidecar .ovr or .aux.xml): a band file rewritten behind an unchanged VRT is a
     new input, and a resumed job does not reuse chunks of the old one."""
     ident = storage.identity(path)
-    if not storage.is_url(path) and not os.path.isfile(path):
-        return ident
     import rasterio
 
     def location(f: str) -> str:  # GDAL's name of a file as geoseg names it (an object's ETag is then known)
         for vsi, sch in (("/vsis3/", "s3://"), ("/vsigs/", "gs://"), ("/vsicurl/", "")):
             if f.startswith(vsi):
                 return sch + f[len(vsi):]
-        return f if storage.is_url(f) else os.path.abspath(f)
+        return _archive(f) or (f if storage.is_url(f) else os.path.abspath(f))
 
-    me = location(str(path)) if storage.is_url(path) else os.path.abspath(path)
+    # a subdataset (GTIFF_DIR:1:f.tif, NETCDF:"f.nc":var) or a /vsizip/ member is known by the files GDAL reads
+    # for it: by its name alone, a file rewritten under it would be the same input, and --resume reuse old chunks
+    me = location(str(path)) if storage.is_url(path) or os.path.isfile(path) else str(path)
     try:
         with storage.gdal_env(path), rasterio.open(path) as ds:
             # under a URL too: a VRT on an object store whose source object was replaced is a new input
@@ -122,6 +122,24 @@ def input_identity(path: str) -> list:
     except Exception:  # unreadable here: open_stack has already said so, or the workers will
         return ident
     return [*ident, *(storage.identity(f) for f in sorted(files))]
+
+
+_ARCHIVES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
+
+
+def _archive(f: str) -> str | None:
+    """The local archive file of a GDAL archive path (/vsizip//d/a.zip/b.tif or /vsizip/{/d/a.zip}/b.tif), else None."""
+    prefix = next((a for a in _ARCHIVES if f.startswith(a)), None)
+    if prefix is None:
+        return None
+    rest = f[len(prefix):]
+    if rest.startswith("{") and "}" in rest:
+        rest = rest[1:rest.index("}")]
+    while rest and rest != os.path.dirname(rest):
+        if os.path.isfile(rest):
+            return os.path.abspath(rest)
+        rest = os.path.dirname(rest)
+    return None
 
 
 def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: PredictOptions, sieve: bool = False) -> str:
