@@ -111,6 +111,16 @@ def test_label_raster_on_another_grid_is_refused_or_reprojected_on_request(tmp_p
     assert np.array_equal(ids, big[3:-3, 3:-3])
 
 
+def test_a_label_raster_a_micrometre_off_the_grid_says_how(tmp_path, grid):
+    """Labels whose origin is 1e-6 m off the image's: refused (the grids must agree to 1e-9 of a pixel), and the
+    message says it is the transform; it said "label grid differs ... ()" with no reason."""
+    t = Affine(RES, 0.0, ORIGIN[0] + 1e-6, 0.0, -RES, ORIGIN[1])
+    path = write_tif(tmp_path / "off.tif", np.ones((H, W), np.uint8), transform_=t, nodata=0)
+    with pytest.raises(GridMismatchError, match=r"label grid differs from the grid of .* \(transform \(") as exc:
+        open_labels(path, grid)
+    assert "()" not in str(exc.value)
+
+
 def test_label_raster_in_another_crs_is_refused(tmp_path, grid):
     path = write_tif(tmp_path / "utm18.tif", np.ones((H, W), np.uint8), crs="EPSG:32618")
     with pytest.raises(GridMismatchError, match="CRS"):

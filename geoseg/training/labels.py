@@ -348,9 +348,8 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
         # a per-dataset mask, an alpha GDAL applies, or the band's own mask band (a VRT's <MaskBand>):
         # beside nodata (read by _to_ids), GDAL's mask of the band says where labels are
         use_mask = MaskFlags.all_valid not in flags and MaskFlags.nodata not in flags
-    same_frame = tuple(lgrid.shape) == tuple(grid.shape) and lgrid.affine.almost_equals(
-        grid.affine, precision=1e-9 * max(1.0, abs(grid.affine.a))
-    )
+    same_affine = lgrid.affine.almost_equals(grid.affine, precision=1e-9 * max(1.0, abs(grid.affine.a)))
+    same_frame = tuple(lgrid.shape) == tuple(grid.shape) and same_affine
     same_crs = lgrid.crs == grid.crs
     equivalent = same_crs or crs_equivalent(lgrid.crs, grid.crs)
     if same_frame and equivalent:
@@ -367,7 +366,7 @@ def _open_raster(path: str, grid: GeoBox, ignore: tuple[int, ...], reproject: bo
             what.append(f"CRS {_crs_name(lgrid.crs)} vs {_crs_name(grid.crs)}")
         if tuple(lgrid.shape) != tuple(grid.shape):
             what.append(f"shape {lgrid.shape[0]}x{lgrid.shape[1]} vs {grid.shape[0]}x{grid.shape[1]}")
-        if not lgrid.affine.almost_equals(grid.affine):
+        if not same_affine:  # at the tolerance of the test above (Affine's default, 1e-5, let 1e-6 m offsets through)
             what.append(f"transform {tuple(lgrid.affine)[:6]} vs {tuple(grid.affine)[:6]}")
         raise GridMismatchError(
             f"{path}: label grid differs from the grid of {image} ({'; '.join(what)}); give labels on the image grid, "
