@@ -727,6 +727,13 @@ def test_labels_of_one_class(scene, tmp_path):
     blank = write_raster(tmp_path / "blank.tif", np.zeros((4, *labels.shape), np.uint16), nodata=0)
     r = cli("train", blank, "--labels", lab, "--out", tmp_path / "b", "--method", "kmeans")
     assert r.exit_code == 2 and "blank.tif: no valid pixel" in r.output, r.output
+    # a stack of band files, the second nodata over the region: that one is named (the first was blamed)
+    with rasterio.open(img) as ds:
+        first = write_raster(tmp_path / "first.tif", ds.read([1, 2, 3]), nodata=0)
+    second = write_raster(tmp_path / "second.tif", np.zeros((1, *labels.shape), np.uint16), nodata=0)
+    r = cli("train", first, second, "--labels", lab, "--out", tmp_path / "b2", "--method", "kmeans")
+    assert r.exit_code == 2 and "second.tif: no valid pixel" in r.output and "band(s) 4 " in r.output, r.output
+    assert "first.tif" not in r.output
     r = cli("-q", "train", img, "--labels", one, "--out", tmp_path / "net", "--members", 1, "--epochs", 1, "--chip-size", 32,
             "--steps-per-epoch", 2, "--batch-size", 2, "--encoder-depth", 3)
     assert r.exit_code == 0, r.output

@@ -174,6 +174,22 @@ def _cell_sums(mask: np.ndarray) -> np.ndarray:
     return m.reshape(m.shape[0] // CELL, CELL, m.shape[1] // CELL, CELL).sum(axis=(1, 3), dtype=np.int64)
 
 
+def empty_bands(stack: RasterStack, region: Box) -> list[int]:
+    """The bands of ``stack`` with no valid pixel in ``region`` (read window by window, stopping once every band has
+    shown one): which files to name when no pixel of a training region has a value in every band."""
+    from geoseg.io.sources import read_bands
+
+    seen = np.zeros(stack.count, bool)
+    for wy in range(region.y0, region.y1, SURVEY_WINDOW):
+        for wx in range(region.x0, region.x1, SURVEY_WINDOW):
+            win = Box(wy, min(region.y1, wy + SURVEY_WINDOW), wx, min(region.x1, wx + SURVEY_WINDOW))
+            _, valid = read_bands(stack, win.window)
+            seen |= valid.reshape(stack.count, -1).any(axis=1)
+            if seen.all():
+                return []
+    return [i for i in range(stack.count) if not seen[i]]
+
+
 def survey(
     stack: RasterStack,
     labels: LabelSource,

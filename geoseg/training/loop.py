@@ -290,8 +290,16 @@ def prepare(inputs: TrainInputs, config: TrainConfig, stride: int, cache_bytes: 
     sv = survey(stack, labels, region, block, cache_bytes)
     counts = sv.id_counts
     if extent is not None and sv.valid_pixels.sum() == 0:
-        raise InputError(f"{inputs.images[0]}: no valid pixel in the training region (every band is nodata there); check the "
-                         "image's nodata value (gdalinfo) and the region (--window, --bbox)")
+        from geoseg.training.chips import empty_bands
+
+        empty = empty_bands(stack, region)  # the files to name: those of the bands with no value there
+        if empty:
+            files = sorted({stack.bands[i].path for i in empty})
+            raise InputError(f"{', '.join(files)}: no valid pixel in the training region (band(s) "
+                             f"{', '.join(str(i + 1) for i in empty)} of the stack are nodata there); check the nodata value "
+                             "(gdalinfo) and the region (--window, --bbox)")
+        raise InputError(f"{', '.join(stack.paths)}: no pixel of the training region has a value in every band (each band "
+                         "is nodata where another has one); check the nodata values (gdalinfo) and the region (--window, --bbox)")
     if counts.sum() == 0:
         raise InputError(
             f"{inputs.labels}: no labelled pixel on valid imagery in the training region; the labels are all "
