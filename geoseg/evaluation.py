@@ -34,6 +34,7 @@ from geoseg.bands import match_bands
 from geoseg.errors import ConfigError, InputError
 from geoseg.graph import build_segmentation
 from geoseg.infer import PRECISIONS, InferenceSettings
+from geoseg.io import storage
 from geoseg.io.sources import RasterStack, open_stack
 from geoseg.model.card import CARD_NAME, ClassInfo, ModelCard
 from geoseg.model.store import open_model
@@ -126,10 +127,10 @@ class Evaluation:
     def to_dict(self) -> dict[str, Any]:
         j = self.job
         return {
-            "model": os.path.abspath(j.model_dir),
+            "model": storage.absolute(j.model_dir),
             "model_digest": j.digest,
-            "images": [os.path.abspath(p) for p in j.images],
-            "labels": os.path.abspath(j.labels_path),
+            "images": [storage.absolute(p) for p in j.images],
+            "labels": storage.absolute(j.labels_path),
             "label_source": j.labels.describe(),
             "region": {"rows": [j.region.y0, j.region.y1], "cols": [j.region.x0, j.region.x1]},
             "plan": j.plan.describe(),
@@ -477,8 +478,8 @@ class Comparison:
     def to_dict(self) -> dict[str, Any]:
         r = self.region
         return {
-            "images": [os.path.abspath(p) for p in self.images],
-            "labels": os.path.abspath(self.labels_path),
+            "images": [storage.absolute(p) for p in self.images],
+            "labels": storage.absolute(self.labels_path),
             "label_source": self.label_source,
             "region": {"rows": [r.y0, r.y1], "cols": [r.x0, r.x1]},
             "precision": self.precision,
@@ -492,7 +493,7 @@ class Comparison:
             "models": [
                 {
                     "name": m.name,
-                    "model": os.path.abspath(m.model_dir),
+                    "model": storage.absolute(m.model_dir),
                     "model_digest": m.digest,
                     "model_class_ids": list(m.class_ids),
                     "plan": m.plan.describe(),
@@ -515,7 +516,7 @@ class Comparison:
             w.writerow([*rows[0].keys(), "path"])
             for row, m in zip(rows, self.models):
                 w.writerow([v if isinstance(v, (str, int)) else ("" if not np.isfinite(v) else f"{v:.6f}") for v in row.values()]
-                           + [os.path.abspath(m.model_dir)])  # fmt: skip
+                           + [storage.absolute(m.model_dir)])  # fmt: skip
         os.replace(tmp, path)
         return path
 

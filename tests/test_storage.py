@@ -546,3 +546,18 @@ def test_a_subdataset_or_archive_member_is_a_new_input_when_its_file_changes(tmp
     after = [input_identity(n) for n in names]
     assert all(a != b for a, b in zip(after, before))
     assert [input_identity(n) for n in names] == after  # unchanged files: the same input
+
+
+def test_evaluate_s_report_names_inputs_on_the_store_by_their_urls(s3, uploaded, local_run):
+    """A report of inputs on the object store names them by their URLs (os.path.abspath made s3://b/k a local
+    path under the working directory)."""
+    from geoseg.evaluation import EvaluateOptions, compare, evaluate
+
+    scene_url, model_url = uploaded
+    labels_url = f"s3://{BUCKET}/labels/classes.tif"
+    s3.boto.upload_file(str(local_run / "classes.tif"), BUCKET, "labels/classes.tif")
+    report = evaluate([scene_url], model_url, labels_url, EvaluateOptions(chunk_size=128)).to_dict()
+    assert report["images"] == [scene_url] and report["labels"] == labels_url and report["model"] == model_url
+    assert report["miou"] == 1.0  # the model's own map as labels
+    side = compare([scene_url], [model_url], labels_url, EvaluateOptions(chunk_size=128)).to_dict()
+    assert side["images"] == [scene_url] and side["labels"] == labels_url and side["models"][0]["model"] == model_url

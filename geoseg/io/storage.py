@@ -58,6 +58,11 @@ def is_url(location: str | os.PathLike) -> bool:
     return urlsplit(s).scheme.lower() not in _LOCAL_SCHEMES
 
 
+def absolute(location: str | os.PathLike) -> str:
+    """A URL as it is, a local path made absolute (os.path.abspath made s3://b/k a local s3:/b/k)."""
+    return str(location) if is_url(location) else os.path.abspath(location)
+
+
 def scheme(location: str | os.PathLike) -> str:
     return urlsplit(str(location)).scheme.lower() if is_url(location) else ""
 
