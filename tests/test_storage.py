@@ -561,3 +561,23 @@ def test_evaluate_s_report_names_inputs_on_the_store_by_their_urls(s3, uploaded,
     assert report["miou"] == 1.0  # the model's own map as labels
     side = compare([scene_url], [model_url], labels_url, EvaluateOptions(chunk_size=128)).to_dict()
     assert side["images"] == [scene_url] and side["labels"] == labels_url and side["models"][0]["model"] == model_url
+
+
+def test_a_vector_file_s_identity_follows_the_files_beside_it(tmp_path):
+    """SAM prompts in a Shapefile: a corrected .prj (or new attributes) makes another job, not a reused one."""
+    import os
+
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.pipeline.plan import vector_identity
+
+    shp = tmp_path / "prompts.shp"
+    gpd.GeoDataFrame({"kind": [1]}, geometry=[shapely.Point(500005.0, 3999995.0)], crs="EPSG:32617").to_file(shp)
+    before = vector_identity(str(shp))
+    assert len(before) >= 4  # the .shp and its .shx, .dbf, .prj
+    prj = tmp_path / "prompts.prj"
+    prj.write_text(gpd.GeoSeries([], crs="EPSG:32618").crs.to_wkt())  # the CRS corrected: the .shp is untouched
+    os.utime(prj, ns=(prj.stat().st_mtime_ns + 10**9,) * 2)
+    assert vector_identity(str(shp)) != before
+    assert vector_identity(str(shp)) == vector_identity(str(shp))

@@ -124,6 +124,26 @@ def input_identity(path: str) -> list:
     return [*ident, *(storage.identity(f) for f in sorted(files))]
 
 
+# files beside a vector file that its readers read too: a Shapefile's index, attributes, CRS and encoding, a
+# GeoPackage's write-ahead log (where QGIS keeps edits not yet written back)
+_VECTOR_SIDECARS = {".shp": (".shx", ".dbf", ".prj", ".cpg"), ".gpkg": ("-wal",)}
+
+
+def vector_identity(path: str) -> list:
+    """A vector file's identity with that of the files beside it that its readers read (a corrected .prj moves
+    every prompt: by the .shp alone, a job with it was the same job)."""
+    ident = storage.identity(path)
+    if storage.is_url(path):
+        return ident
+    root, ext = os.path.splitext(path)
+    sidecars = []
+    for suffix in _VECTOR_SIDECARS.get(ext.lower(), ()):
+        f = path + suffix if suffix.startswith("-") else root + suffix
+        if os.path.isfile(f):
+            sidecars.append(storage.identity(f))
+    return [*ident, *sidecars]
+
+
 _ARCHIVES = ("/vsizip/", "/vsitar/", "/vsigzip/", "/vsi7z/", "/vsirar/")
 
 
@@ -159,7 +179,7 @@ def job_key(inputs: Sequence[str], digest: str, plan: TilingPlan, options: Predi
             "tta": options.tta,
             "instance": options.instance_params(),
             "instance_model": options.instance_model and str(options.instance_model),
-            "prompts": options.prompts and storage.identity(str(options.prompts)),
+            "prompts": options.prompts and vector_identity(str(options.prompts)),
             **_postprocess_key(options, sieve),
         },
         sort_keys=True,
