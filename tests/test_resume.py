@@ -146,6 +146,28 @@ def test_markers_of_another_key_are_ignored(random_model, scene_path, tmp_path):
     assert reusable_chunks(store, "f" * 64, job.plan) == set()
 
 
+def test_a_store_is_removed_root_metadata_first(random_model, scene_path, tmp_path):
+    """A store being removed stops being reusable before any chunk goes: what a removal cut short leaves (its
+    chunks, without its root metadata) gives nothing to --resume; a whole delete in no set order (s3fs: sorted
+    keys in batches, the root zarr.json last) left a finalized store's attributes over missing chunks, taken as
+    written (nodata holes under a run.json)."""
+    from geoseg.io.zarr_store import finalize_store, remove_store
+
+    job = plan_job([scene_path], random_model, tmp_path / "out", PredictOptions(chunk_size=128, resume=True))
+    store = tmp_path / "store.zarr"
+    create_store(store, job.stack.grid, job.plan, {JOB_ATTR: job.key})
+    finalize_store(store)
+    every = {(ch.iy, ch.ix) for ch in job.plan}
+    assert reusable_chunks(store, job.key, job.plan) == every
+    (store / "zarr.json").unlink()  # what remove_store does first: the chunks and arrays are all still there
+    assert (store / "class_id" / "zarr.json").exists() and reusable_chunks(store, job.key, job.plan) == set()
+    create_store(store, job.stack.grid, job.plan, {JOB_ATTR: job.key})
+    finalize_store(store)
+    remove_store(store)
+    assert not store.exists()
+    remove_store(store)  # nothing there is fine
+
+
 def test_chunk_killed_mid_write_is_rewritten(client, random_model, scene_path, tmp_path):
     """A chunk whose marker is missing is computed again and written whole, even over garbage."""
     opts = PredictOptions(chunk_size=128, resume=True, cog=False, vectors=False)

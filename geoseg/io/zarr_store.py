@@ -158,6 +158,15 @@ def store_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def remove_store(path: str | os.PathLike) -> None:
+    """Remove a store so that at no moment does what is left look reusable: its root metadata (job key, completeness)
+    goes first, then the rest. A recursive delete runs in no set order (s3fs deletes sorted keys in batches, so the root
+    zarr.json, sorting last, outlived the chunks of a delete cut short, and --resume took the missing chunks as
+    written: nodata holes in a finished-looking output)."""
+    storage.remove(storage.join(path, "zarr.json"))
+    storage.remove(path, recursive=True)
+
+
 def reusable_chunks(path: str | os.PathLike, job_key: str, plan: TilingPlan) -> set[tuple[int, int]]:
     """Chunks of ``plan`` a store at ``path`` already holds for exactly this job.
 

@@ -171,8 +171,12 @@ def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, n
     # Step 2: OUT stops claiming to be finished before anything in it changes; outputs of an
     # earlier run go too (they are rebuilt from the store), the store itself only with --overwrite.
     storage.remove(storage.join(out, RUN_NAME))
-    for name in (COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME, INSTANCE_COG, OBJECTS_NAME) + ((ZARR_NAME,) if job.options.overwrite else ()):
+    for name in (COG_NAME, COG_STYLE, VECTOR_NAME, ITEM_NAME, INSTANCE_COG, OBJECTS_NAME):
         storage.remove(storage.join(out, name), recursive=True)
+    if job.options.overwrite:
+        from geoseg.io.zarr_store import remove_store
+
+        remove_store(storage.join(out, ZARR_NAME))
     if remote:
         store = storage.join(out, ZARR_NAME)  # no rename on object stores: the store is built in place
     else:

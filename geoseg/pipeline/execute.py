@@ -152,7 +152,7 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     """
     from distributed import as_completed
 
-    from geoseg.io.zarr_store import CLASSES_ATTR, JOB_ATTR, SEMANTIC_ARRAYS, create_store, reusable_chunks
+    from geoseg.io.zarr_store import CLASSES_ATTR, JOB_ATTR, SEMANTIC_ARRAYS, create_store, remove_store, reusable_chunks
 
     job = placed(job, client)  # model tasks on the GPU workers of an embedded cluster that has some
     if numerics is None:
@@ -161,7 +161,7 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
     key = chunk_key(job.key, numerics.precision, numerics.device)
     done = reusable_chunks(store, key, plan) if job.options.resume else set()
     if not done:
-        storage.remove(store, recursive=True)
+        remove_store(store)
         arrays = dict(SEMANTIC_ARRAYS)
         if sieve_joined(job.postprocess):
             arrays[RAW_ARRAY] = SEMANTIC_ARRAYS["class_id"]
