@@ -576,3 +576,13 @@ def test_members_resume_skips_finished_networks_with_the_same_result(scene, tmp_
         assert torch.equal(wa[k], wb[k]), k
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(a.history) == strip(b.history)
+
+
+def test_the_summary_says_when_validation_scored_a_sample_of_its_blocks():
+    """Validation blocks beyond val_max_pixels are sampled; the summary said every held-out block was scored."""
+    from geoseg.cli.train import _held_out
+
+    assert _held_out({"split": {"val": {"blocks": 305}}, "validation_blocks_used": 61}) == \
+        "61 of 305 held-out blocks, a seeded sample"
+    assert _held_out({"split": {"val": {"blocks": 4}}, "validation_blocks_used": 4}) == "4 held-out blocks"
+    assert _held_out({"split": {"val": {"blocks": 4}}}) == "4 held-out blocks"  # cards from before the record

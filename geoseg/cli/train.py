@@ -289,7 +289,7 @@ def _report(result, verbosity: int) -> None:
         raw = ", before the card's post-processing" if result.card.postprocess.active else ""
         if result.card.method != "smp":
             if tr.get("metrics"):
-                click.echo(f"\nvalidation ({tr['split']['val']['blocks']} held-out blocks{raw}):")
+                click.echo(f"\nvalidation ({_held_out(tr)}{raw}):")
                 click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
             mp = result.card.method_params
             if result.card.method == "threshold":
@@ -303,7 +303,7 @@ def _report(result, verbosity: int) -> None:
             return
         if tr.get("metrics"):
             kept = f"mean of {len(tr['members'])} networks" if tr.get("members") else f"epoch {tr['best_epoch']}"
-            click.echo(f"\nvalidation ({kept}, {tr['split']['val']['blocks']} held-out blocks{raw}):")
+            click.echo(f"\nvalidation ({kept}, {_held_out(tr)}{raw}):")
             click.echo(Metrics.from_dict(tr["metrics"]).table(confusion=False))
         ens = result.card.method_params.get("ensemble")
         if ens:
@@ -317,3 +317,10 @@ def _report(result, verbosity: int) -> None:
             f"{result.card.n_bands} bands, {result.card.n_classes} classes, {tr.get('epochs_run')} epochs in "
             f"{tr.get('seconds', 0):.0f} s on {tr.get('device')}"
         )
+
+
+def _held_out(training: dict) -> str:
+    """The validation blocks scored: a sample of them where they hold more than val_max_pixels."""
+    held = training["split"]["val"]["blocks"]
+    used = training.get("validation_blocks_used", held)
+    return f"{held} held-out blocks" if used == held else f"{used} of {held} held-out blocks, a seeded sample"
