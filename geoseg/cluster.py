@@ -205,6 +205,12 @@ def connect(
         return
     gpus = () if resources or device == "cpu" else tuple(local_gpus() if gpus is None else gpus)
     n_cpu = n_workers or (max(1, default_workers() - len(gpus)) if gpus else default_workers())
+    if memory_limit == "auto":
+        # the machine's memory shared by the workers this cluster has: dask's "auto" is memory x threads / cores for
+        # each worker whatever their number (a 16-core, 32 GiB machine's 4 workers got 2 GiB each; GPU workers more)
+        from distributed.system import MEMORY_LIMIT
+
+        memory_limit = MEMORY_LIMIT // (n_cpu + len(gpus))
     with dask.config.set(spawned_worker_config()):
         cluster = LocalCluster(
             n_workers=n_cpu,
@@ -224,15 +230,18 @@ def connect(
                            "env": {"CUDA_VISIBLE_DEVICES": gpu}}
                 cluster.worker_spec[f"gpu-{gpu}"] = {"cls": base["cls"], "options": options}
             cluster.scale(len(cluster.worker_spec))
+            # scale() only queues them on the cluster's loop: waited for here, the GPU workers are made under these
+            # settings too (made after, they were daemonic, unmarked as geoseg's own, and not forked from the server)
+            try:
+                cluster.wait_for_workers(len(cluster.worker_spec), timeout=120)
+            except TimeoutError:
+                cluster.close()
+                raise ConfigError(f"the local cluster's GPU workers (devices {','.join(gpus)}) did not start; "
+                                  f"set {GPU_ENV}=none to run on the CPU workers alone") from None
     address = cluster.scheduler_address
     try:
         with Client(cluster) as client:
             if gpus:
-                try:
-                    client.wait_for_workers(len(cluster.worker_spec), timeout=120)
-                except TimeoutError:
-                    raise ConfigError(f"the local cluster's GPU workers (devices {','.join(gpus)}) did not start; "
-                                      f"set {GPU_ENV}=none to run on the CPU workers alone") from None
                 _EMBEDDED_GPU.add(address)
             register(client)
             log.info("local cluster: %d workers (%d on GPUs), dashboard %s", len(cluster.workers), len(gpus),

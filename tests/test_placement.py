@@ -170,9 +170,14 @@ def test_embedded_workers_are_marked_as_geoseg_s_own():
 
     from geoseg.cluster import connect
 
+    from distributed.system import MEMORY_LIMIT
+
     with connect(n_workers=1) as client:
         assert set(client.run(_marker).values()) == {"1"}
         assert os.environ.get("GEOSEG_EMBEDDED_WORKER") is None
+        # the machine's memory shared by its workers (dask's "auto" gave each memory x threads / cores: a lone worker
+        # half of it on 2 cores, 4 workers of 16 cores 2 GiB of 32)
+        assert [w["memory_limit"] for w in client.scheduler_info(n_workers=-1)["workers"].values()] == [MEMORY_LIMIT]
 
 
 def _exit_hook(path: str) -> None:
@@ -384,10 +389,17 @@ def test_embedded_cluster_on_a_gpu_machine_runs_model_tasks_on_its_gpu_worker(ra
         return [t["worker"] for t in ts.data
                 if (t["key"][0] if isinstance(t["key"], tuple) else str(t["key"])).startswith(prefix)]
 
+    from distributed.system import MEMORY_LIMIT
+
     with connect(n_workers=1, gpus=("0",)) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         gpu = _worker_with_gpu(client)
         assert len(workers) == 2 and workers[gpu]["nthreads"] == 2 and workers[gpu]["resources"] == {"GPU": 1}
+        # the GPU worker is made with geoseg's worker settings, as the CPU workers are (it was made after they were
+        # lifted: daemonic, and not marked as geoseg's own)
+        assert set(client.run(_marker).values()) == {"1"}
+        assert set(client.run(lambda: __import__("multiprocessing").current_process().daemon).values()) == {False}
+        assert sorted(w["memory_limit"] for w in workers.values()) == [MEMORY_LIMIT // 2] * 2
         assert client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES")) == {
             a: ("0" if a == gpu else "") for a in workers}
         opts = PredictOptions(chunk_size=64, halo=16, cog=False, vectors=False)
