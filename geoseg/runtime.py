@@ -134,7 +134,8 @@ def fast_bf16(device: str) -> bool:
     import torch
 
     if device.startswith("cuda"):
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        # not emulated: a T4 or V100 holds bf16 tensors (torch's default says "supported") but computes them slowly
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         check = getattr(torch.cpu, probe, None)  # private probes: absent in some torch builds
         if check is not None and check():
