@@ -54,6 +54,7 @@ def infer_chunk(
     flip: tuple[bool, bool] = (False, False),
 ) -> tuple[np.ndarray, np.ndarray]:
     bundle = get_model(ref)
+    _single_stream()  # geoseg evaluate or predict without a client: dask's threads
     data, packed = block
     valid = unpack_valid(packed, (data.shape[0], *chunk.input.shape))
     return segment_chunk_north_up(bundle.net, bundle.card, plan, chunk, data, valid, on_device(settings, bundle.device),
@@ -169,15 +170,20 @@ def valid_mask(data: np.ndarray, nodata: Sequence[float | None]) -> np.ndarray:
 def infer_window(ref: ModelRef, plan: TilingPlan, chunk: Chunk, settings: InferenceSettings,
                  nodata: tuple[float | None, ...], boxes: Sequence[Box], blocks: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Segment one chunk whose input window is assembled from the blocks of an array (any dask collection)."""
-    _single_stream()
     bundle = get_model(ref)
+    _single_stream()
     data = assemble(boxes, blocks, chunk.input)
     return segment_chunk(bundle.net, bundle.card, plan, chunk, data, band_masks(data, nodata), on_device(settings, bundle.device),
                          bundle.companion)
 
 
 def _single_stream() -> None:
-    """Outside a distributed worker (dask's threaded scheduler), each dask thread runs one torch thread."""
+    """Outside a distributed worker (dask's threaded scheduler), each dask thread runs one torch thread (where torch
+    is loaded: methods without a network never import it)."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
     import torch
 
     from geoseg.runtime import _worker_threads

@@ -164,6 +164,32 @@ def test_threaded_scheduler_without_a_client(random_model, scene_path, monkeypat
         a = ds.class_id.values
     assert seen == [1] * 12  # every chunk, one torch thread
     assert a.shape == (300, 437) and (a != 255).any()
+    # geoseg evaluate without a client too (its chunks ran with torch's default: a thread per core in each dask thread)
+    from geoseg.evaluation import EvaluateOptions, evaluate
+
+    with rasterio.open(scene_path) as src:
+        profile = {**src.profile, "count": 1, "dtype": "uint8", "nodata": 255}
+    labels = scene_path.parent / "threads-labels.tif"
+    with rasterio.open(labels, "w", **profile) as dst:
+        dst.write(a[None])
+    seen.clear()
+    real_chunk = geoseg.graph.segment_chunk_north_up
+
+    def watched_chunk(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_chunk(*args, **kwargs)
+
+    monkeypatch.setattr(geoseg.graph, "segment_chunk_north_up", watched_chunk)
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what new threads start with (torch's default: a thread per core)
+    try:
+        with ThreadPoolExecutor(2) as pool, dask.config.set(scheduler="threads", pool=pool):  # threads new to chunks
+            result = evaluate([scene_path], random_model, labels, EvaluateOptions(chunk_size=128, precision="fp32"))
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1} and result.metrics.miou == 1.0
 
 
 def test_reprs_show_the_card_plan_and_metrics(random_model):
