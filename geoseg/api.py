@@ -252,8 +252,9 @@ def _declared_bands(scene: xr.DataArray, assets: Sequence[tuple[str, Any]], coun
         nd = d.get("nodata")
         if nd is not None:
             nd = float(nd)  # STAC writes "nan", "inf", "-inf" as strings
-            if nodata[i] is None and not (floating and np.isnan(nd)):
-                nodata[i] = nd
+            if nodata[i] is None:
+                if not (floating and np.isnan(nd)):  # NaN in a float file is nodata already
+                    nodata[i] = nd
             elif not (nd == nodata[i] or (np.isnan(nd) and np.isnan(nodata[i]))):
                 warnings.warn(f"STAC item {item}, asset {keys[i]}: raster:bands says nodata {nd:g}, the file {nodata[i]:g}; "
                               "the file's is used", stacklevel=3)
@@ -370,6 +371,9 @@ def band_scales(scene: xr.DataArray) -> list[tuple[float, float]] | None:
     return None
 
 
+_SCALE_ATTRS = ("scale_factor", "add_offset", "scales", "offsets")
+
+
 def physical(scene: Any) -> xr.DataArray:
     """A scene's values as physical quantities (float32: value x scale + offset of each band), its ``scale`` and
     ``offset`` coordinates set to 1 and 0 to say so, and each band's nodata as NaN: for a model trained on physical
@@ -382,7 +386,9 @@ def physical(scene: Any) -> xr.DataArray:
     missing = xr.DataArray(np.asarray([np.nan if v is None else v for v in nodata], np.float64), dims="band")
     values = scene.astype(np.float32)
     out = (values * s + o).where(values != missing)  # NaN where a band had its nodata
-    out = out.assign_attrs(scene.attrs).rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
+    # not the stored values' scale attributes (rioxarray's): written or reopened, they scaled the values a second time
+    out.attrs = {k: v for k, v in scene.attrs.items() if k not in _SCALE_ATTRS}  # xarray's arithmetic kept them all
+    out = out.rio.write_crs(scene.rio.crs).rio.write_transform(scene.rio.transform())
     n = scene.sizes["band"]
     return _with_scales(_with_nodata(out, [float("nan")] * n), [(1.0, 0.0)] * n)
 
