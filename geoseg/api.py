@@ -396,8 +396,9 @@ def physical(scene: Any) -> xr.DataArray:
 def band_nodata(scene: xr.DataArray) -> list[float | None]:
     """Each band's nodata: the ``nodata`` band coordinate (``open_scene``), else a per-band ``nodata`` attribute
     (a list, or an array as netCDF reads one back), else one value for every band (``rio.nodata``, ``_FillValue``)."""
-    if NODATA in scene.coords and scene.coords[NODATA].dims == ("band",):
-        return [None if np.isnan(v) else float(v) for v in np.asarray(scene.coords[NODATA].values, np.float64)]
+    if NODATA in scene.coords and scene.coords[NODATA].dims in (("band",), ()):  # per band, or one band selected
+        values = np.broadcast_to(np.asarray(scene.coords[NODATA].values, np.float64), (scene.sizes.get("band", 1),))
+        return [None if np.isnan(v) else float(v) for v in values]
     nd = scene.attrs.get("nodata")
     if nd is None:
         nd = scene.attrs.get("_FillValue")

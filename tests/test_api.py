@@ -305,6 +305,10 @@ def test_open_scene_stacks_what_the_pipeline_stacks(tmp_path):
     assert scene.shape == (2, 32, 40) and scene.dtype == np.uint16
     assert band_nodata(scene) == [b_.nodata for b_ in open_stack([a, b]).bands] == [0, 65535]
     assert scene.isel(band=[1, 0]).pipe(band_nodata) == [65535, 0]  # each band's nodata follows its band
+    # one band selected (a scalar coordinate): its own nodata, not none
+    one = scene.isel(band=1)
+    assert one.ndim == 2 and band_nodata(one.expand_dims(band=["b"])) == [65535]
+    assert geoseg.open_scene(one).pipe(band_nodata) == [65535]
     assert scene.rio.nodata is None  # the bands disagree: no one value for rioxarray
     rgba = tmp_path / "rgba.tif"
     with rasterio.open(rgba, "w", driver="GTiff", width=40, height=32, count=4, dtype="uint8", crs="EPSG:32617",
