@@ -203,6 +203,30 @@ def test_a_class_raster_s_own_colour_table_styles_its_polygons(client, tmp_path)
         assert f'value="{rgb},255"' in qml, rgb
 
 
+def test_every_class_a_raster_holds_gets_a_style_category(client, tmp_path):
+    """A class raster whose CLASS_NAMES name only some of its ids: the others get a category too (QGIS draws nothing
+    of a value its categorized style lacks), in the raster's own colours where its names give none. The .qml beside
+    a .fgb is in place before the file: a failed style write publishes no file."""
+    import json
+
+    a = np.zeros((40, 50), np.uint8)
+    a[5:20, 5:30], a[25:35, 10:45] = 1, 2
+    path = write_raster(tmp_path / "named.tif", a, nodata=255)
+    with rasterio.open(path, "r+") as ds:
+        ds.write_colormap(1, {0: (10, 20, 30, 255), 1: (200, 0, 0, 255), 2: (0, 150, 250, 255)})
+        ds.update_tags(CLASS_NAMES=json.dumps({"1": "water"}))
+    vectorize(path, [tmp_path / "p.fgb"], client=client, chunk_size=32)
+    qml = (tmp_path / "p.qml").read_text()
+    for value, label, rgb in (("0", "class_0", "10,20,30"), ("1", "water", "200,0,0"), ("2", "class_2", "0,150,250")):
+        assert f'value="{value}"' in qml and f'label="{label}"' in qml and f'value="{rgb},255"' in qml, value
+    (tmp_path / "q.fgb").write_bytes(b"")  # stand-in for nothing: it must not be replaced
+    (tmp_path / "q.qml").mkdir()  # the style cannot be written there
+    with pytest.raises(OSError):
+        vectorize(path, [tmp_path / "q.fgb"], client=client, chunk_size=32)
+    assert (tmp_path / "q.fgb").read_bytes() == b""  # no new file without its style
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
 def test_geopackage_carries_its_style_and_other_formats_a_qml(client, class_tif, tmp_path):
     outs = [tmp_path / "l.gpkg", tmp_path / "l.parquet", tmp_path / "l.fgb"]
     result = vectorize(class_tif, outs, client=client, chunk_size=128, classes=CLASSES)

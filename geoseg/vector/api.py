@@ -98,7 +98,8 @@ def classes_of(src: ClassRaster) -> list[ClassInfo]:
         return []
     names = json.loads(tags["CLASS_NAMES"])
     colors = json.loads(tags.get("CLASS_COLORS", "{}"))
-    return [ClassInfo(id=int(k), name=v, color=colors.get(k, "#888888")) for k, v in names.items()]
+    palette = palette_of(src)  # the raster's colour table where the tags give no colour (as QGIS shows the raster)
+    return [ClassInfo(id=int(k), name=v, color=colors.get(k) or palette.get(int(k), "#888888")) for k, v in names.items()]
 
 
 def classes_from_attrs(attrs: Any) -> list[ClassInfo]:
@@ -172,8 +173,11 @@ def vectorize(
             client = stack.enter_context(connect(gpus=()))  # no model tasks: no GPU workers
         parts = stack.enter_context(_parts_dir(near))
         stats = vectorize_parts(client, src, parts, opts, priority)
-        if not classes:
-            classes = _classes_from_parts(parts, palette_of(src))
+        # a class for every id the polygons hold: a categorized style without one draws nothing of that id in QGIS
+        # (a class raster whose CLASS_NAMES name some of its ids)
+        named = {c.id for c in classes}
+        classes = sorted([*classes, *(c for c in _classes_from_parts(parts, palette_of(src)) if c.id not in named)],
+                         key=lambda c: c.id)
         tolerance = simplify_tolerance(simplify, src)
         layer = (lambda: [_simplified(iter_parts(parts), tolerance, src)]) if tolerance else (lambda: iter_parts(parts))
         written = [write_layer(layer(), out, crs=to_pyproj(src.crs_wkt), classes=classes,

@@ -113,10 +113,15 @@ def add_gpkg_style(path: str | Path, layer: str, qml: str) -> None:
 
 def write_qml(path: str | Path, qml: str) -> Path:
     """``qml`` beside ``path`` (same name, .qml), which QGIS loads with the file."""
+    import uuid
+
     out = Path(path).with_suffix(".qml")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(qml)
-    tmp.replace(out)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")  # two writers of one stem (x.fgb, x.parquet) at once
+    try:
+        tmp.write_text(qml)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

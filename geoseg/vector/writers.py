@@ -78,9 +78,9 @@ def write_layer(parts: Iterable[gpd.GeoDataFrame], path: str | os.PathLike, *, c
             n = _parquet(parts, tmp, crs, multi, confidence)
         else:
             n = _fgb(parts, tmp, crs, multi, confidence)
-        os.replace(tmp, out)
-        if suffix != ".gpkg":
+        if suffix != ".gpkg":  # the style first: a file never stands at its path without its style
             write_qml(out, polygon_qml(classes))
+        os.replace(tmp, out)
     finally:
         # GeoPackage is SQLite: an interrupted write can leave -journal/-wal files beside it
         for leftover in (tmp, *out.parent.glob(f"{tmp.name}-*")):
