@@ -136,8 +136,15 @@ def open_scene(source: Any, *, chunks: int = 2048, assets: Sequence[str] | None 
         names = list(source.data_vars)
         if not names:
             raise InputError("the Dataset holds no variable; a scene is one variable per band, or a (band, y, x) DataArray")
-        nodata = [_scalar_nodata(source[v]) for v in names]
+        # each variable's nodata and scale as its own DataArray says them (attributes, or its encoding: values
+        # decoded on reading are physical, their stored fill value NaN); to_array keeps neither
+        one = [source[v].expand_dims(band=[str(v)]) for v in names]
+        nodata = [band_nodata(b)[0] for b in one]
+        scales = [band_scales(b) for b in one]
         scene = source.to_array("band").assign_coords(band=[str(v) for v in names])
+        scene.attrs = {}
+        if any(s is not None for s in scales):
+            scene = _with_scales(scene, [s[0] if s else (1.0, 0.0) for s in scales])
         return _as_scene(_with_nodata(scene, nodata))
     source = _stac_item(source)
     if _is_item(source):

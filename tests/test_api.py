@@ -398,6 +398,28 @@ def test_per_band_nodata_follows_band_selections_and_rioxarray_reads_the_scene(t
         ds_[v].attrs["_FillValue"] = nd
     from_dataset = geoseg.open_scene(ds_)  # odc-stac's load: one variable per band
     assert list(from_dataset["band"].values) == ["b1", "b2", "b3", "b4"] and band_nodata(from_dataset) == [0, 0, 0, 65535]
+    # a Dataset read decoded (xr.open_zarr of uint16 stored with a scale_factor): its values are physical and its
+    # stored fill value is NaN now; to_array dropped both, so the model's scale check passed values 1e4 times off
+    stored = xr.Dataset({v: ds_[v].astype(np.uint16) for v in ds_.data_vars})
+    for v in stored.data_vars:
+        stored[v].attrs = {}
+        stored[v].encoding = {"dtype": "uint16", "scale_factor": 1e-4, "_FillValue": 0}
+    stored.to_zarr(tmp_path / "scaled.zarr", mode="w")
+    decoded = geoseg.open_scene(xr.open_zarr(tmp_path / "scaled.zarr").rio.write_crs(scene.rio.crs))
+    assert list(decoded["scale"].values) == [1.0] * 4 and band_nodata(decoded) == [None] * 4
+    import json
+    import shutil
+
+    from geoseg.errors import InputError
+
+    model = tmp_path / "stored-values-model"  # a model trained on the values as stored (scale 1e-4 in its card)
+    shutil.copytree(random_model, model)
+    card = json.loads((model / "model.json").read_text())
+    for b in card["bands"]:
+        b["scale"], b["offset"] = 1e-4, 0.0
+    (model / "model.json").write_text(json.dumps(card))
+    with pytest.raises(InputError, match="scale"):
+        geoseg.predict(decoded, model, chunk_size=64)
 
 
 def test_the_api_refuses_bands_in_another_order_as_the_cli_does(tmp_path, random_model):
