@@ -35,7 +35,9 @@ GPU_ENV = "GEOSEG_GPUS"  # the CUDA devices the embedded cluster gives a GPU wor
 # with the next window's model (H200, 16384² scene, U-Net-resnet18: segment stage 24.1 Mpx/s with 1 thread, 31.1 with 2).
 GPU_WORKER_THREADS = 2
 GPU_RESOURCES = {"GPU": 1.0}
-TORCH_FREE_METHODS = ("threshold", "kmeans", "pixel")  # methods whose tasks run no torch model: any worker takes them
+# methods whose tasks run no torch model: any worker takes them (not pixel: on a GPU worker its features and trees
+# run as tensors there, geoseg.methods.forest; on any worker a job's chunks would take one path or the other)
+TORCH_FREE_METHODS = ("threshold", "kmeans")
 _EMBEDDED_GPU: set[str] = set()  # scheduler addresses of embedded clusters with GPU workers (GPU_RESOURCES each)
 
 

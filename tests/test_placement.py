@@ -391,6 +391,14 @@ def test_embedded_cluster_on_a_gpu_machine_runs_model_tasks_on_its_gpu_worker(ra
 
     from distributed.system import MEMORY_LIMIT
 
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+
+    pixel = tmp_path / "pixel"  # a pixel model: its trees run on a GPU worker's device, so its tasks go there too
+    r = CliRunner().invoke(cli, ["-q", "train", str(scene_path), "--labels", str(labels_path), "--out", str(pixel),
+                                 "--method", "pixel"])
+    assert r.exit_code == 0, r.output
     with connect(n_workers=1, gpus=("0",)) as client:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         gpu = _worker_with_gpu(client)
@@ -422,6 +430,11 @@ def test_embedded_cluster_on_a_gpu_machine_runs_model_tasks_on_its_gpu_worker(ra
         infers = ran_on(ts, "geoseg-infer")
         assert len(infers) == 35 and set(infers) == {gpu}
         assert lazy["class_id"].shape == (300, 437)
+
+        with get_task_stream(client) as ts:
+            record = predict([scene_path], pixel, tmp_path / "out-pixel", opts, client=client)
+        infers = ran_on(ts, "geoseg-infer")
+        assert len(infers) == record["chunks"]["chunks"] and set(infers) == {gpu}
 
 
 def test_geoseg_predict_makes_gpu_workers_unless_told_cpu(random_model, scene_path, tmp_path, monkeypatch):
