@@ -291,3 +291,17 @@ def test_two_runs_on_one_output_folder(client, random_model, scene_path, tmp_pat
     assert (out / ".geoseg.lock").exists()  # left by the killed run, held by no one
     record = predict([scene_path], random_model, out, PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
     assert record["chunks"]["computed"] == 12 and not (out / ".geoseg.lock").exists()
+
+
+def test_a_run_finished_in_out_after_planning_is_not_replaced(client, random_model, scene_path, tmp_path):
+    """A job planned, then another process finishes a run in its OUT (geoseg run plans every scene first): the job
+    refuses OUT once it holds the lock, as planning would have, and leaves the other run's outputs as they are (it
+    deleted them and wrote its own without --overwrite)."""
+    from geoseg.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    planned = plan_job([scene_path], random_model, out, PredictOptions(chunk_size=128, cog=False, vectors=False))
+    other = predict([scene_path], random_model, out, PredictOptions(chunk_size=256, cog=False, vectors=False), client=client)
+    with pytest.raises(OutputExistsError, match="finished prediction"):
+        run_job(planned, client)
+    assert json.loads((out / "run.json").read_text())["job_key"] == other["job_key"]

@@ -60,6 +60,7 @@ from geoseg.pipeline.plan import (
     VECTOR_NAME,
     ZARR_NAME,
     Job,
+    check_out_dir,
     chunk_key,
     _ours,
 )
@@ -146,6 +147,9 @@ def run_job(job: Job, client: Any, progress: bool = False, cluster_info: dict | 
     local OUT (``out_lock``).
     """
     with out_lock(job.out_dir):
+        # again under the lock: planned long before (geoseg run plans every scene first), OUT may hold a run another
+        # process finished since, which only --overwrite or --resume may replace
+        check_out_dir(job.out_dir, job.options.overwrite, job.options.resume)
         return _run_job(job, client, progress, cluster_info, numerics, priority)
 
 
