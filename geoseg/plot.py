@@ -1,7 +1,9 @@
 """Pictures of scenes, class maps, polygons and metrics (matplotlib), and an interactive map (folium).
 
 Large rasters are decimated to at most ``max_size`` pixels a side before anything is computed,
-so a plot of a 100k x 100k scene reads only what it draws.
+so a plot of a 100k x 100k scene reads only what it draws. A lazy prediction is not a raster on
+disk: every chunk's model runs to draw it (a decimated pixel still needs its chunk), and again at
+the next compute; ``ds = ds.persist()`` (or ``.compute()``) first draws and writes it from one run.
 """
 
 from __future__ import annotations
