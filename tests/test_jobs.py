@@ -452,8 +452,13 @@ def test_a_failing_scene_is_recorded_and_the_rest_skipped(client, scenes, random
     (tmp_path / "a.tif").unlink()  # gone after the checks: the workers cannot read it
     # (Exception, not InputError: distributed cannot unpickle rasterio's error kept in the InputError's
     # __context__ and sends a plain Exception; the message survives.)
-    with pytest.raises(Exception, match=r"a\.tif: read failed"):
+    with pytest.raises(Exception, match=r"a\.tif: read failed") as err:
         execute(jp, client=client)
+    # it says which scene it was: the CLI's line starts "scene a:" (a worker killed by a task, for one, names no file)
+    from geoseg.cli.main import _scene_of
+
+    assert _scene_of(err.value) == "scene a: " and "(while running scene a)" in getattr(err.value, "__notes__", [])
+    assert _scene_of(ValueError("not a scene's")) == ""
     summary = json.loads((tmp_path / "out" / "job.json").read_text())
     assert summary["status"] == "failed"
     assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("a", "failed"), ("b", "skipped")]
@@ -527,26 +532,6 @@ def test_a_job_stopped_on_a_given_client_stops_its_scenes_there(client, scenes, 
     assert client.submit(sum, [1, 2]).result() == 3  # the given client works on
     done = execute(plan(load_job(job, env=NO_ENV, config_files=[]), resume=True), client=client)  # no lock left held
     assert [s["status"] for s in done["scenes"]] == ["computed"] * 2
-
-
-def test_a_failed_scene_s_error_says_which_scene_it_was(client, scenes, random_model, tmp_path):
-    """Without --keep-going the job stops with the scene's own error, which now says which scene it was (the CLI's
-    line starts "scene a:"; a worker killed by a task, for one, names no file)."""
-    from geoseg.cli.main import _scene_of
-    from geoseg.jobs import execute
-
-    for name in ("a", "b"):
-        shutil.copy(scenes / "data" / "field.tif", tmp_path / f"{name}.tif")
-    job = write_job(tmp_path / "job.yaml", scenes=["a.tif", "b.tif"], model=str(random_model), output="out",
-                    chunking={"chunk_size": 256}, outputs={"cog": False, "vectors": False}, scenes_in_flight=1)
-    jp = plan(load_job(job, env=NO_ENV, config_files=[]))
-    (tmp_path / "a.tif").unlink()  # gone after the checks: the workers cannot read it
-    with pytest.raises(InputError) as err:
-        execute(jp, client=client)
-    assert _scene_of(err.value) == "scene a: " and "(while running scene a)" in getattr(err.value, "__notes__", [])
-    assert _scene_of(ValueError("not a scene's")) == ""
-    summary = json.loads((tmp_path / "out" / "job.json").read_text())
-    assert [(s["name"], s["status"]) for s in summary["scenes"]] == [("a", "failed"), ("b", "skipped")]
 
 
 def test_dry_run_with_keep_going_shows_the_plan_the_run_would_follow(scenes, random_model, tmp_path):
