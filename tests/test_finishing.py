@@ -8,6 +8,7 @@ import sqlite3
 import numpy as np
 import pytest
 import rasterio
+import rasterio.transform
 import zarr
 from click.testing import CliRunner
 from odc.geo.geobox import GeoBox
@@ -210,6 +211,20 @@ def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp
                        (tmp_path, "a model directory (model.json)")):
         res = CliRunner().invoke(cli, ["info", str(path)])
         assert res.exit_code != 0 and hint in res.output and "not a raster" not in res.output, res.output
+    # without the COG the item names no class: the store's names, not class_0, class_1, ...
+    bare = predict([scene_path], random_model, tmp_path / "bare", PredictOptions(chunk_size=128, cog=False, vectors=False),
+                   client=client)
+    res = CliRunner().invoke(cli, ["info", str(tmp_path / "bare"), "--json"])
+    assert res.exit_code == 0 and bare["class_pixels"], res.output
+    (summary,) = json.loads(res.output)
+    assert {c["id"]: c["name"] for c in summary["classes_table"]} == {c["id"]: c["name"] for c in table}
+    # a GeoTIFF of square strips (a small file written with defaults) is not tiled
+    strips = tmp_path / "strips.tif"
+    with rasterio.open(strips, "w", driver="GTiff", width=16, height=16, count=1, dtype="uint8", crs="EPSG:32617",
+                       transform=rasterio.transform.from_origin(500000, 4000000, 10, 10)) as ds:
+        ds.write(np.zeros((1, 16, 16), np.uint8))
+    res = CliRunner().invoke(cli, ["info", str(strips), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)[0]["layout"]["tiled"] is False, res.output
 
 
 def test_info_of_a_job_root_and_of_a_nan_nodata_scaled_raster_in_strict_json(tmp_path):

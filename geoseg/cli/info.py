@@ -165,7 +165,8 @@ def raster_summary(p: str) -> dict:
         with dataset(stack.bands[0].path) as ds:
             structure = ds.tags(ns="IMAGE_STRUCTURE")
             bh, bw = ds.block_shapes[0]
-            out["layout"] = {"driver": ds.driver, "tiled": bw != ds.width or (bh == bw and bh > 1),
+            tiled = ds.profile.get("tiled")  # GDAL's answer where the driver gives one (a square strip is no tile)
+            out["layout"] = {"driver": ds.driver, "tiled": bool(tiled) if tiled is not None else bw != ds.width,
                              "compression": ds.compression.name.upper() if ds.compression else None,
                              "overviews": len(ds.overviews(1)), "cog": structure.get("LAYOUT") == "COG"}
             names = ds.tags().get("CLASS_NAMES")
@@ -220,6 +221,11 @@ def output_summary(folder: str | Path) -> dict:
         for c in item.get("assets", {}).get("classes", item.get("assets", {}).get("prediction", {})).get("classification:classes", []):
             if not c.get("nodata"):
                 names[int(c["value"])] = c.get("title") or c.get("name")
+    if not names:  # no classes.tif (--no-cog): the item names no class, the store does
+        from geoseg.io.zarr_store import store_attrs
+
+        for c in (store_attrs(storage.join(folder, "prediction.zarr")) or {}).get("geoseg_classes") or []:
+            names[int(c["id"])] = c["name"]
     pixels = {int(k): int(v) for k, v in (run.get("class_pixels") or {}).items()}
     total = sum(pixels.values()) or 1
     areas: dict[int, tuple[float, int]] = {}
