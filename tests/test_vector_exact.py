@@ -606,3 +606,21 @@ def test_min_area_on_the_ground_where_pixels_shrink_with_latitude(client, tmp_pa
     kept = got[64][got[64]["class_id"] != 0]
     assert sorted(kept["class_id"].astype(int)) == [1, 3] and (kept["area_m2"] >= 2.2e8).all()
     assert canonical(zip(got[64]["class_id"], got[64].geometry)) == canonical(zip(got[1000]["class_id"], got[1000].geometry))
+
+
+def test_bad_options_are_refused_before_any_cluster_work(class_tif, tmp_path):
+    """A bad --simplify was refused only after the whole map was polygonized on the cluster; class ids to keep
+    outside 0-254 gave "0 polygons" and exit 0. Both stop before anything runs: no cluster is needed to refuse them
+    (none is given, and none is started: the refusal comes first)."""
+    from click.testing import CliRunner
+
+    from geoseg.cli.main import cli
+    from geoseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--simplify"):
+        vectorize(class_tif, [tmp_path / "a.gpkg"], client="not a client: never used", simplify="abc")
+    with pytest.raises(ConfigError, match="0-254"):
+        vectorize(class_tif, [tmp_path / "b.gpkg"], client="not a client: never used", keep_classes=[300, -4])
+    r = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(tmp_path / "c.gpkg"), "--classes", "300,-4"])
+    assert r.exit_code == 2 and "0-254" in r.output, r.output
+    assert not list(tmp_path.glob("*.gpkg"))

@@ -23,7 +23,7 @@ import geopandas as gpd
 import numpy as np
 from affine import Affine
 
-from geoseg.errors import InputError
+from geoseg.errors import ConfigError, InputError
 from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS, ClassInfo
 from geoseg.vector.measure import Measurer, to_pyproj
@@ -162,6 +162,9 @@ def vectorize(
     src = source if isinstance(source, ClassRaster) else open_class_raster(source)
     classes = list(classes) if classes is not None else classes_of(src)
     min_pixels, min_area_m2 = min_area_limit(min_area, src)
+    tolerance = simplify_tolerance(simplify, src)  # a bad tolerance stops here, before any cluster work
+    if keep_classes is not None and any(not 0 <= int(k) <= 254 for k in keep_classes):
+        raise ConfigError(f"classes to keep must be class ids 0-254, not {', '.join(map(str, keep_classes))}")
     opts = VectorizeOptions(chunk_size=chunk_size, connectivity=check_connectivity(connectivity),
                             keep_classes=None if keep_classes is None else tuple(int(k) for k in keep_classes),
                             names={c.id: c.name for c in classes}, min_pixels=min_pixels, min_area_m2=min_area_m2)
@@ -178,7 +181,6 @@ def vectorize(
         named = {c.id for c in classes}
         classes = sorted([*classes, *(c for c in _classes_from_parts(parts, palette_of(src)) if c.id not in named)],
                          key=lambda c: c.id)
-        tolerance = simplify_tolerance(simplify, src)
         layer = (lambda: [_simplified(iter_parts(parts), tolerance, src)]) if tolerance else (lambda: iter_parts(parts))
         written = [write_layer(layer(), out, crs=to_pyproj(src.crs_wkt), classes=classes,
                                multi=connectivity == 8, confidence=src.has_confidence) for out in outputs]
