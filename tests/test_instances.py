@@ -868,3 +868,42 @@ def test_resume_of_an_object_model_s_job_says_it_recomputes(objects_data, tiny_s
     res = run("run", job, "--resume", "--dry-run")
     assert "recomputing (--resume: an object model's run is not resumed)" in res.output
     assert "from its chunks" not in res.output
+
+
+def test_a_panoptic_object_over_semantic_nodata_is_drawn_as_the_raster_shows_it(tmp_path):
+    """An object across a chunk line over the semantic map's nodata: its polygon and pixel count are those of the
+    raster (no object where the class map is nodata); the chunk that owns it counted the pixels beyond its core that
+    its neighbour leaves empty (160 px for 80 in the raster)."""
+    import shapely
+    import zarr
+    from affine import Affine
+
+    from geoseg.instances import merge
+    from geoseg.instances.net import detections
+    from geoseg.instances.run import paint_plan
+    from geoseg.instances.tasks import paint_chunk
+    from geoseg.tiling import Box, TilingPlan
+
+    h = w = 64
+    plan = TilingPlan.make((h, w), stride=4, chunk_size=32, halo=16)
+    dets = {}
+    for ch in plan:  # one object, rows 10-20, cols 24-40: its box centre (col 32) in chunk (0, 1)
+        win = ch.input
+        b = Box(10, 20, 24, 40).intersect(win)
+        d = detections([(np.ones(b.shape, bool), b.y0 - win.y0, b.x0 - win.x0)], np.array([0.9]), np.ones(1, int),
+                       np.ones(win.shape, bool), (0, 1), {"min_object_px": 1}, (win.y0, win.x0))
+        dets[(ch.iy, ch.ix)] = {**d, "window": win, "core": ch.core, "valid": np.ones(ch.core.shape, bool)}
+    objects = merge.resolve(dets, [], (h, w))
+    store = tmp_path / "store.zarr"
+    g = zarr.open_group(store, mode="w")
+    g.create_array("instance_id", shape=(h, w), chunks=(32, 32), dtype="uint32", fill_value=0)
+    sem = np.full((h, w), 3, np.uint8)
+    sem[:, :32] = 255  # the semantic model saw nothing on the west half
+    g.create_array("class_id", shape=(h, w), chunks=(32, 32), dtype="uint8", fill_value=0)[:] = sem
+    records = []
+    for ch, region, owned, needed in paint_plan(plan, objects):
+        records += paint_chunk(str(store), ch, region, needed, [o.id for o in owned], dets, Affine.identity(), None, False, {1: 7})
+    raster = np.asarray(g["instance_id"][:]) == 1
+    assert raster.sum() == 80 and [r["pixels"] for r in records] == [80]
+    assert shapely.from_wkb(records[0]["wkb"]).area == 80
+    assert (np.asarray(g["class_id"][:])[raster] == 7).all() and (np.asarray(g["class_id"][:, :32]) == 255).all()

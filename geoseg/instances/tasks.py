@@ -84,16 +84,22 @@ def paint_chunk(store: str, chunk: Chunk, region: Box, objects: list[merge.Scene
     owned = set(owned)
     class_map = class_map or {}
     canvas = merge.paint(objects, dets, region)
+    group = zarr.open_group(store, mode="r+", **storage.zarr_kwargs(store))
+    around = None
+    if background is None:
+        # panoptic: no object where the semantic map is nodata, in the core or beyond it (an owned object's polygon
+        # reaches into its neighbours' cores, which paint nothing there: it counted pixels the raster leaves empty)
+        around = np.asarray(group["class_id"][region.y0:region.y1, region.x0:region.x1])
+        canvas[around == NODATA_CLASS] = 0
     ids = canvas[chunk.core.relative_to(region)]
     valid = dets[(chunk.iy, chunk.ix)]["valid"]
     ids = np.where(valid, ids, 0).astype(np.uint32)
     lut = np.zeros(max([o.id for o in objects], default=0) + 1, np.uint8)
     for o in objects:
         lut[o.id] = class_map.get(o.class_id, o.class_id)
-    group = zarr.open_group(store, mode="r+", **storage.zarr_kwargs(store))
     sl = (slice(chunk.core.y0, chunk.core.y1), slice(chunk.core.x0, chunk.core.x1))
-    if background is None:
-        classes = np.asarray(group["class_id"][sl])
+    if around is not None:
+        classes = around[chunk.core.relative_to(region)].copy()  # nodata never changes: objects paint none there
         ids[classes == NODATA_CLASS] = 0
     else:
         classes = np.full(ids.shape, background, np.uint8)
