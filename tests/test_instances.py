@@ -907,3 +907,13 @@ def test_a_panoptic_object_over_semantic_nodata_is_drawn_as_the_raster_shows_it(
     assert raster.sum() == 80 and [r["pixels"] for r in records] == [80]
     assert shapely.from_wkb(records[0]["wkb"]).area == 80
     assert (np.asarray(g["class_id"][:])[raster] == 7).all() and (np.asarray(g["class_id"][:, :32]) == 255).all()
+
+
+def test_predict_options_an_object_model_has_no_use_for_are_refused(objects_data, tiny_sam, tmp_path):
+    """--exact, --tile-size, --precision bf16 and --halo beside --max-object-size were accepted and dropped (run.json
+    said fp32): refused before anything runs, naming them."""
+    for extra, named in ((["--exact"], "--exact"), (["--tile-size", 128], "--tile-size"), (["--precision", "bf16"], "--precision bf16"),
+                         (["--halo", 16, "--max-object-size", 40], "--halo with --max-object-size")):
+        res = run("predict", objects_data["image"], "--model", tiny_sam / "model", "--out", tmp_path / "o", *extra, code=2)
+        assert named in res.output and "do not apply to a sam model" in res.output, res.output
+        assert not (tmp_path / "o").exists()

@@ -256,6 +256,14 @@ def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, 
     if options.tta == "d4" and card.method != "smp":
         raise ConfigError(f"{model_dir}: --tta d4 augments a network's passes, and this is a {card.method} model; drop --tta")
     if card.finds_objects:
+        # options an object model's run has no use for: refused, not dropped without a word (run.json said fp32)
+        ignored = [flag for flag, given in (("--exact", options.exact), ("--tile-size", options.tile_size is not None),
+                                            (f"--precision {options.precision}", options.precision not in ("auto", "fp32")),
+                                            ("--halo with --max-object-size",
+                                             options.halo is not None and options.max_object_size is not None)) if given]
+        if ignored:
+            raise ConfigError(f"{model_dir}: {', '.join(ignored)} do not apply to a {card.method} model, which finds objects "
+                              "in fp32, one pass per chunk whose halo is the largest object (--max-object-size): drop them")
         plan = instance_plan(card, stack, options)
     else:
         # with an instance model, its windows are the chunks': never the 4096 px a stage-wise U-Net may get
