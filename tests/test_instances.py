@@ -917,3 +917,30 @@ def test_predict_options_an_object_model_has_no_use_for_are_refused(objects_data
         res = run("predict", objects_data["image"], "--model", tiny_sam / "model", "--out", tmp_path / "o", *extra, code=2)
         assert named in res.output and "do not apply to a sam model" in res.output, res.output
         assert not (tmp_path / "o").exists()
+
+
+def test_sam_s_stretch_leaves_out_what_an_alpha_band_hides_on_scenes_of_any_size(tmp_path):
+    """Above 1024 px a side the stretch is read decimated; it counted the pixels an alpha band hides (a black collar:
+    [0, 200] at 1100 px against [150, 200] at 1000 px), which squashed the contrast SAM sees."""
+    import types
+
+    from rasterio.transform import from_origin
+
+    from geoseg.instances.sam import scene_stretch
+    from geoseg.io.sources import open_stack
+
+    card = types.SimpleNamespace(band_roles=("red", "green", "blue"), n_bands=3)
+    stretches = []
+    for n in (1000, 1100):
+        rgb = np.full((3, n, n), 150, np.uint8)
+        rgb[:, :, : n // 2] = 0  # the collar, hidden by alpha
+        rgb[:, n // 2:, n // 2:] = 200
+        alpha = np.zeros((n, n), np.uint8)
+        alpha[:, n // 2:] = 255
+        path = tmp_path / f"rgba{n}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=n, height=n, count=4, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(500000, 6000000, 1, 1), photometric="RGB", alpha="YES") as ds:
+            ds.write(rgb, [1, 2, 3])
+            ds.write(alpha, 4)
+        stretches.append(scene_stretch(open_stack([str(path)]), card))
+    assert stretches[0] == stretches[1] == [[150.0, 200.0]] * 3

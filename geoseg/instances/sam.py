@@ -155,6 +155,10 @@ def _decimated(band: Any, h: int, w: int, step: int) -> tuple[np.ndarray, np.nda
         shape = (max(1, h // step), max(1, w // step))
         data = ds.read(b.band, out_shape=shape).astype(np.float32)
         valid = np.isfinite(data) & ((data != b.nodata) if b.nodata is not None else True)
+        if b.mask is not None:  # what GDAL's mask or an alpha band hides, as the whole-scene read (read_bands) leaves out
+            kind, band = b.mask
+            hidden = ds.read_masks(band, out_shape=shape) if kind == "gdal" else ds.read(band, out_shape=shape)
+            valid = valid & (hidden > 0)
     return data[None], np.broadcast_to(valid, data.shape)[None]
 
 
