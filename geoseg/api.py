@@ -324,11 +324,6 @@ def _bands_per_source(stack: Any, paths: Sequence[str]) -> list[list[int]]:
 NODATA = "nodata"  # the band coordinate that holds each band's nodata (NaN: none), so it follows band selections
 
 
-def _scalar_nodata(var: xr.DataArray) -> float | None:
-    nd = var.attrs.get("nodata", var.attrs.get("_FillValue", var.encoding.get("_FillValue")))
-    return None if nd is None or np.ndim(nd) else float(nd)
-
-
 def _with_nodata(da_: xr.DataArray, nodata: Sequence[float | None]) -> xr.DataArray:
     """``da_`` with each band's nodata as the ``nodata`` coordinate of its band dimension, and as rioxarray's
     scalar nodata where every band has the same (rioxarray's ``.rio.nodata``, ``to_raster``, ``reproject`` read that)."""

@@ -34,6 +34,24 @@ class ConfigError(GeosegError, ValueError):
     """A job file, cluster profile or option is invalid."""
 
 
+SCENE_ATTR = "geoseg_scene"
+
+
+def name_scene(exc: BaseException, name: str) -> None:
+    """Say which scene of a job ``exc`` stopped: the CLI puts it before the message (with several scenes in flight, a
+    cluster's error such as a worker killed by a task names no file), a traceback shows it as a note."""
+    try:
+        setattr(exc, SCENE_ATTR, name)
+    except AttributeError:  # an exception type without a __dict__
+        return
+    exc.add_note(f"(while running scene {name})")
+
+
+def scene_of(exc: BaseException) -> str | None:
+    """The scene ``name_scene`` gave ``exc``, else None."""
+    return getattr(exc, SCENE_ATTR, None)
+
+
 def detached(fn):
     """Wrap a task run on dask workers so that geoseg's errors reach the client as themselves.
 

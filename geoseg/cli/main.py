@@ -11,7 +11,7 @@ import sys
 import click
 
 from geoseg import __version__
-from geoseg.errors import GeosegError
+from geoseg.errors import GeosegError, scene_of
 
 
 class GeosegGroup(click.Group):
@@ -42,8 +42,8 @@ class GeosegGroup(click.Group):
 
 
 def _scene_of(exc: BaseException) -> str:
-    """``scene NAME: `` where a job's scene raised ``exc`` (geoseg.jobs.runner.name_scene), else nothing."""
-    name = getattr(exc, "geoseg_scene", None)
+    """``scene NAME: `` where a job's scene raised ``exc`` (geoseg.errors.name_scene), else nothing."""
+    name = scene_of(exc)
     return f"scene {name}: " if name else ""
 
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from geoseg.errors import ConfigError, GeosegError, OutputExistsError
+from geoseg.errors import ConfigError, GeosegError, OutputExistsError, name_scene
 from geoseg.io import storage
 from geoseg.jobs.spec import JobSpec, Scene, resolve
 from geoseg.pipeline import COG_NAME, PARTIAL, RUN_NAME, VECTOR_NAME, ZARR_NAME, Job, plan_job
@@ -213,19 +213,6 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
 def _refused_entry(scene: Scene, error: str) -> dict[str, Any]:
     return {"name": scene.name, "status": "failed", "reason": "cannot run", "inputs": list(scene.inputs),
             "out_dir": str(scene.out_dir), "job_key": None, "chunks": None, "timings": {}, "wall_s": None, "error": error}
-
-
-SCENE_ATTR = "geoseg_scene"
-
-
-def name_scene(exc: BaseException, name: str) -> None:
-    """Say which scene ``exc`` stopped: the CLI puts it before the message (with several scenes in flight, a
-    cluster's error such as a worker killed by a task names no file), a traceback shows it as a note."""
-    try:
-        setattr(exc, SCENE_ATTR, name)
-    except AttributeError:  # an exception type without a __dict__
-        return
-    exc.add_note(f"(while running scene {name})")
 
 
 class ScenesFailed(GeosegError):

@@ -270,8 +270,8 @@ def _classes_from_parts(parts: str, palette: dict[int, str] | None = None) -> li
     from geoseg.model.card import DEFAULT_COLORS
 
     ids: set[int] = set()
-    for gdf in iter_parts(parts):
-        ids |= set(int(i) for i in gdf["class_id"].unique())
+    for frame in iter_parts(parts, columns=["class_id"]):  # the ids alone: no polygon is read for them
+        ids |= set(int(i) for i in frame["class_id"].unique())
     # a map whose nodata is another value may hold 255 as a class: polygons, but no class to style (ids 0-254)
     palette = palette or {}
     return [ClassInfo(id=i, name=f"class_{i}", color=palette.get(i, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]))

@@ -344,17 +344,17 @@ def vectorize_parts(client: Any, src: ClassRaster, parts: str, opts: VectorizeOp
             "merged": merged, "border_labels": len(join.keys), "connectivity": opts.connectivity}
 
 
-def iter_parts(parts: str) -> Iterator[Any]:
-    """The part files' GeoDataFrames, one at a time, in a fixed order."""
+def iter_parts(parts: str, columns: list[str] | None = None) -> Iterator[Any]:
+    """The part files' GeoDataFrames, one at a time, in a fixed order; with ``columns``, DataFrames of those
+    attribute columns alone (Parquet reads no geometry then)."""
     import geopandas as gpd
+    import pandas as pd
 
+    read = gpd.read_parquet if columns is None else (lambda f: pd.read_parquet(f, columns=columns))
     names = sorted(n for n in storage.list_names(parts) if n.endswith(".parquet"))
     for name in names:
         path = storage.join(parts, name)
-        if storage.is_url(path):
-            yield gpd.read_parquet(io.BytesIO(storage.read_bytes(path)))
-        else:
-            yield gpd.read_parquet(path)
+        yield read(io.BytesIO(storage.read_bytes(path)) if storage.is_url(path) else path)
 
 
 def store_transform(ds: Any) -> Any:

@@ -113,15 +113,10 @@ def add_gpkg_style(path: str | Path, layer: str, qml: str) -> None:
 
 def write_qml(path: str | Path, qml: str) -> Path:
     """``qml`` beside ``path`` (same name, .qml), which QGIS loads with the file."""
-    import uuid
+    from geoseg.io.storage import write_atomic
 
     out = Path(path).with_suffix(".qml")
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:12]}.tmp")  # two writers of one stem (x.fgb, x.parquet) at once
-    try:
-        tmp.write_text(qml)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(out, qml.encode())  # a temporary of its own: two writers of one stem (x.fgb, x.parquet) at once
     return out
 
 
