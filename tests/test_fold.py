@@ -312,3 +312,28 @@ def test_a_global_reach_is_recorded_and_exact_tiling_refused():
     with pytest.raises(ConfigError, match="no halo makes tiles equal one pass"):
         plan_for(card, (4096, 4096), exact=True)
     assert plan_for(card, (4096, 4096)).overhead <= 1.15  # the default plan still runs, with a bounded halo
+
+
+@pytest.mark.parametrize("batch_stride", ["numpy", "canonical"])
+def test_input_skip_in_bf16_takes_a_window_made_from_numpy(batch_stride):
+    """The input skip's convolution adds the upsampled map as it writes. On a CPU with bf16 instructions a window
+    made from numpy (``a[None]``: its batch stride is 0, which torch calls channels-last and oneDNN does not) sent
+    oneDNN to its unfused fallback, whose add_relu has no bf16 kernel: an internal assert on every small window."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = _random_statistics(build_network("unet", "resnet18", 4, 5, 4, {"input_skip": True}))
+    plain = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    fast = optimize_for_inference(net).to(memory_format=torch.channels_last)
+    hwc = np.random.default_rng(0).standard_normal((96, 128, 4), dtype=np.float32)
+    x = torch.from_numpy(hwc.transpose(2, 0, 1)[None])  # how geoseg's windows reach the network
+    if batch_stride == "canonical":
+        x = x.clone(memory_format=torch.channels_last)
+    assert x.is_contiguous(memory_format=torch.channels_last) and (x.stride()[0] == 0) is (batch_stride == "numpy")
+    with torch.inference_mode():
+        ref = plain(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            b = fast(x)
+    assert b.dtype == torch.bfloat16 and b.shape == ref.shape
+    assert (b.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    assert (ref.argmax(1) == b.argmax(1)).float().mean() > 0.97
