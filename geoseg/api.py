@@ -562,7 +562,7 @@ def predict(
     from geoseg.cluster import model_resources
 
     resources = model_resources(card.method, None, _current_client())  # the GPU workers of an embedded cluster
-    numerics = resolve_current(precision, device, exact, resources)
+    numerics = resolve_current(precision, device, exact, resources, method=card.method)
     import dask.array as da
 
     data = scene.data if isinstance(scene.data, da.Array) else da.from_array(scene.data, chunks=(-1, plan.chunk_size, plan.chunk_size))

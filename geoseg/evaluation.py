@@ -287,7 +287,8 @@ def plan_evaluation(
     from geoseg.methods import current_client, scene_settings
 
     resources = model_resources(card.method, None, current_client())  # the GPU workers of an embedded cluster
-    precision = resolve_current(options.precision, options.device, options.exact, resources).precision if resolve else "fp32"
+    precision = (resolve_current(options.precision, options.device, options.exact, resources, method=card.method).precision
+                 if resolve else "fp32")
     options = replace(options, precision=precision)
     base = InferenceSettings(precision, options.batch_size, tta=options.tta, postprocess=card.postprocess)
     settings = scene_settings(card, stack, plan, base) if resolve else base
@@ -648,8 +649,10 @@ def plan_comparison(
 
     client = current_client()
     resources = [model_resources(card.method, None, client) for card in cards]  # the GPU workers of an embedded cluster
+    # the networks' precision where there is one among them (the other methods compute in fp32 whatever it is)
+    method = "smp" if any(card.method == "smp" for card in cards) else cards[0].method
     precision = resolve_current(options.precision, options.device, options.exact,
-                                next((r for r in resources if r), None)).precision if resolve else "fp32"
+                                next((r for r in resources if r), None), method=method).precision if resolve else "fp32"
     options = replace(options, precision=precision)
     ys, xs = slice(region.y0, region.y1), slice(region.x0, region.x1)
     settings = [InferenceSettings(precision, options.batch_size, tta=options.tta, postprocess=card.postprocess) for card in cards]

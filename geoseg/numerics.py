@@ -75,10 +75,14 @@ def wait_for_model_workers(client: Any, resources: dict[str, float] | None, time
                       "workers a batch scheduler starts later")
 
 
-def decide(requested: str, exact: bool, caps: dict[str, dict[str, Any]]) -> tuple[str, str]:
-    """(precision, reason) for ``requested`` given what each model worker said of itself."""
+def decide(requested: str, exact: bool, caps: dict[str, dict[str, Any]], method: str = "smp") -> tuple[str, str]:
+    """(precision, reason) for ``requested`` given what each model worker said of itself. ``method``: the model's
+    (geoseg.model.card): only a network ("smp") computes in bf16; the others compute in fp32 wherever they run."""
     if requested not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {requested!r}")
+    if method != "smp":  # threshold, kmeans, pixel: numpy, LightGBM, or the trees as tensors with autocast off
+        said = "" if requested == "auto" else f"asked for {requested}; "
+        return "fp32", f"{said}a {method} model has no network and computes in fp32"
     native = [c.get("bf16_native", False) for c in caps.values()]
     if requested != "auto":
         if exact and requested == "bf16":  # said in run.json: --exact is then exact to a bf16 pass only
@@ -121,7 +125,7 @@ def check_versions(caps: dict[str, dict[str, Any]]) -> None:
 
 
 def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact: bool = False,
-                       resources: dict[str, float] | None = None, timeout: float = 30.0) -> Numerics:
+                       resources: dict[str, float] | None = None, timeout: float = 30.0, method: str = "smp") -> Numerics:
     """Ask the model workers what they compute in and decide the job's precision there."""
     addrs = wait_for_model_workers(client, resources, timeout)
     caps = client.run(capabilities, device, resources, workers=addrs, on_error="return")
@@ -131,7 +135,7 @@ def resolve_on_cluster(client: Any, requested: str, device: str = "auto", exact:
         raise ConfigError(f"{len(failed)} of {len(caps)} model worker(s) ({', '.join(sorted(failed))}): "
                           + next(iter(failed.values())))
     check_versions(caps)
-    precision, reason = decide(requested, exact, caps)
+    precision, reason = decide(requested, exact, caps, method)
     slowdown = None
     if precision == "bf16":
         emulated = [a for a, c in caps.items() if not c.get("bf16_native")]
@@ -169,12 +173,12 @@ def with_joined(client: Any, numerics: Numerics, digest: str, device: str = "aut
     return replace(numerics, workers={**numerics.workers, **caps})
 
 
-def resolve_here(requested: str, device: str = "auto", exact: bool = False) -> Numerics:
+def resolve_here(requested: str, device: str = "auto", exact: bool = False, method: str = "smp") -> Numerics:
     """The same decision for a process that runs the model itself (no distributed client)."""
     caps = {"local": capabilities(device)}
     if caps["local"].get("error"):
         raise ConfigError(caps["local"]["error"])
-    precision, reason = decide(requested, exact, caps)
+    precision, reason = decide(requested, exact, caps, method)
     slowdown = None
     if precision == "bf16" and not caps["local"]["bf16_native"]:
         slowdown = bf16_slowdown(caps["local"]["device"])
@@ -183,15 +187,15 @@ def resolve_here(requested: str, device: str = "auto", exact: bool = False) -> N
 
 
 def resolve_current(requested: str, device: str = "auto", exact: bool = False,
-                    resources: dict[str, float] | None = None) -> Numerics:
+                    resources: dict[str, float] | None = None, method: str = "smp") -> Numerics:
     """Decided on the current distributed client's model workers if there is one, else here."""
     try:
         from distributed import default_client
 
         client = default_client()
     except (ImportError, ValueError):
-        return resolve_here(requested, device, exact)
+        return resolve_here(requested, device, exact, method)
     from geoseg.workers import register
 
     register(client)
-    return resolve_on_cluster(client, requested, device, exact, resources)
+    return resolve_on_cluster(client, requested, device, exact, resources, method=method)

@@ -339,6 +339,19 @@ def test_threshold_otsu_on_the_cluster_equals_skimage(client, scene, tmp_path):
     got = tiled(client, tmp_path / "th", img, tmp_path / "out")
     ref, _ = one_pass(tmp_path / "th", img, [("threshold", float(expected))])
     assert np.array_equal(got, ref)
+    # no network: bf16 (asked for, or 'auto' on a bf16 CPU) was recorded, keyed the chunks (a --resume on another CPU
+    # recomputed them) and warned of a slowdown on CPUs without it, for a map computed in fp32 all along
+    import warnings
+
+    from geoseg.numerics import SlowPrecisionWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SlowPrecisionWarning)
+        rec = predict([img], tmp_path / "th", tmp_path / "bf16", PredictOptions(chunk_size=64, precision="bf16", cog=False,
+                                                                              vectors=False), client=client)
+    assert rec["parameters"]["precision"] == "fp32", rec["numerics"]
+    assert rec["numerics"]["reason"] == "asked for bf16; a threshold model has no network and computes in fp32"
+    assert np.array_equal(open_prediction(tmp_path / "bf16" / "prediction.zarr")["class_id"].values, got)
     water = card.method_params["above"]
     v = got != 255
     assert np.mean((got == water)[v & (truth == 1)]) > 0.95 and np.mean((got == water)[v & (truth != 1)]) < 0.05

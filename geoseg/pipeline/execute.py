@@ -39,7 +39,8 @@ def prepare_cluster(client: Any, job: Job, timeout: float | None = None) -> Nume
     register(client)
     job = placed(job, client)
     return resolve_on_cluster(client, job.options.precision, job.options.device, job.options.exact,
-                              job.options.model_resources, job.options.worker_timeout if timeout is None else timeout)
+                              job.options.model_resources, job.options.worker_timeout if timeout is None else timeout,
+                              method=job.card.method)
 
 
 def _progress(total_px: int, enabled: bool):
