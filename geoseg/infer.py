@@ -154,7 +154,9 @@ def _batch_tensor(x: np.ndarray, stride: int, device: str) -> torch.Tensor:
     t = torch.from_numpy(x)
     if ph or pw:
         t = torch.nn.functional.pad(t, (0, pw, 0, ph))
-    return t.to(device).contiguous(memory_format=torch.channels_last)
+    from geoseg.model.fuse import channels_last
+
+    return channels_last(t.to(device))  # canonical strides: a numpy batch of one has a batch stride of 0
 
 
 class InputWindow:
@@ -210,7 +212,10 @@ def _window_rows_class() -> type:
             if min(y1, h) > y0:
                 bv = None if window.band_valid is None else window.band_valid[:, y0:y1]
                 _normalized_into(out[: min(y1, h) - y0, :w], window.data[:, y0:y1], window.valid[y0:y1], window.card, bv)
-            return torch.from_numpy(out).permute(2, 0, 1)[None].to(self.device)  # channels-last memory
+            from geoseg.model.fuse import channels_last
+
+            # channels-last memory with canonical strides (torch takes a batch stride of the channels for NCHW)
+            return channels_last(torch.from_numpy(out).permute(2, 0, 1)[None]).to(self.device)
 
         def whole(self) -> torch.Tensor:  # several networks, or one that runs as one pass: the array, made once
             if self.on_device:

@@ -61,9 +61,30 @@ def test_tiled_execution_equals_one_pass(encoder, depth, fold, skip):
     assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.999
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_tiled_execution_in_bf16_equals_one_bf16_pass(batch):
+    """The same in bf16 (autocast; on CPUs with bf16 instructions, AVX512-BF16 or AMX, oneDNN's fused convolutions),
+    the input skip read a strip at a time, from windows made as geoseg makes them: from numpy, channels-last, a
+    single window's batch stride 0."""
+    torch.manual_seed(0)
+    net = optimize_for_inference(_random_statistics(build_network("unet", "resnet18", 4, 5, 4, {"input_skip": True})))
+    runner = TiledUnet.plan(net, strip_bytes=1 << 16)
+    hwc = np.random.default_rng(0).random((batch, 256, 224, 4), dtype=np.float32)
+    x = torch.from_numpy(hwc[0][None] if batch == 1 else hwc).permute(0, 3, 1, 2)
+    assert x.is_contiguous(memory_format=torch.channels_last) and (x.stride()[0] == 0) is (batch == 1)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = tiled_forward(net, x), runner(x)  # a small window: one pass
+    assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape == (batch, 5, 256, 224)
+    diff, top = (a.float() - b.float()).abs(), max(1.0, a.float().abs().max().item())
+    # bf16 rounding where oneDNN blocks a strip's kernels otherwise (none on Zen 4: equal to the bit); the stem in NCHW
+    # on a numpy batch's strides was 2.7e-3 x the largest logit off on average
+    assert diff.max() <= 5e-2 * top and diff.mean() <= 1e-3 * top
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.995
+
+
 def test_small_windows_run_as_one_pass():
     net = build_network("unet", "resnet18", 4, 3, 3, {}).eval()
-    x = torch.randn(1, 4, 64, 64)
+    x = torch.randn(1, 4, 64, 64).contiguous(memory_format=torch.channels_last)  # as geoseg's windows reach it
     with torch.inference_mode():
         assert torch.equal(tiled_forward(net, x), net(x))
     assert "_geoseg_tiled" not in net.__dict__  # never planned for a small window
@@ -159,7 +180,7 @@ def test_a_window_off_the_stride_runs_as_one_pass():
     torch.manual_seed(2)
     net = _random_statistics(build_network("unet", "resnet18", 4, 3, 3, {}))
     runner = TiledUnet.plan(net, strip_bytes=1 << 20)
-    x = torch.randn(1, 4, 100, 84)  # 100 is no multiple of 8: stage sizes would not halve exactly
+    x = torch.randn(1, 4, 100, 84).contiguous(memory_format=torch.channels_last)  # 100 is no multiple of 8: stage sizes would not halve exactly
     with torch.inference_mode():
         assert torch.equal(runner(x), net(x))
 
@@ -208,6 +229,34 @@ def test_channels_last_input_is_made_in_strips_with_the_same_values(monkeypatch)
         assert np.isfinite(got).all() and (got[:, ~valid] == 0).all()
         if bv is not None:
             assert (got[:4][~band_valid] == 0).all() and (got[:4][band_valid & valid] != 0).any()
+
+
+def test_the_first_convolution_reads_and_writes_channels_last():
+    """A window's input reaches the network in channels-last memory with canonical strides, whole (a small window,
+    one pass) or a strip at a time (a large one, stage by stage). Made from numpy, a batch of one had a batch stride
+    of 0 or of the channels: with weights that are not channels-last (these), torch took it for NCHW and computed the
+    first convolution in NCHW, writing NCHW (geoseg's workers make their weights channels-last, where it did not; the
+    input skip's derived weights are not, where bf16 then crashed: test_fold)."""
+    from geoseg.infer import InputWindow, _batch_tensor
+
+    torch.manual_seed(0)
+    net = optimize_for_inference(_random_statistics(build_network("unet", "resnet18", 4, 3, 3, {"input_skip": True})))
+    net = net.to(memory_format=torch.channels_last)
+    seen = []
+    hook = net.encoder.conv1.register_forward_hook(lambda m, i, o: seen.append((i[0].stride(), i[0].shape, o)))
+    card = _card(depth=3, arch_params={"input_skip": True})
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 3000, (4, 96, 80)).astype(np.uint16)
+    window = InputWindow(data, np.ones((96, 80), bool), card)
+    rows = window.rows(8, "cpu")
+    with torch.inference_mode():
+        for x in (_batch_tensor(window.array()[None], 8, "cpu"), rows.rows(0, 48), rows.whole()):
+            net.encoder.conv1(x)
+    hook.remove()
+    assert len(seen) == 3
+    for stride, (n, c, h, w), out in seen:
+        assert stride == (c * h * w, 1, w * c, c), stride
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous(), out.stride()
 
 
 @pytest.mark.parametrize("dtype", ["uint16", "int16", "float32", "float64"])

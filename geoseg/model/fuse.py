@@ -68,9 +68,11 @@ def _onednn_dtype(dtype: torch.dtype) -> bool:
     return bool(check is not None and check())
 
 
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
+def channels_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` channels-last with the canonical strides, size-1 dimensions' included (torch's contiguity checks
-    ignore those, oneDNN's do not); a view where the memory is channels-last already, else a copy."""
+    ignore those; its convolutions do not: a batch of one made from numpy, ``a[None]`` or ``permute(...)[None]``,
+    has a batch stride of 0 or of the channels, and with weights that are not channels-last either oneDNN then
+    computes in NCHW and writes NCHW); a view where the memory is channels-last already, else a copy."""
     t = t.contiguous(memory_format=torch.channels_last)
     n, c, h, w = t.shape
     want = (c * h * w, 1, w * c, c)
@@ -90,7 +92,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, padding: Se
             # the fused sum needs both maps channels-last in their strides: otherwise oneDNN falls back to a
             # convolution and aten's add_relu, which has no bf16 kernel on CPUs (an internal assert on bf16 CPUs,
             # AMX and Zen 4, where a U-Net's input skip read a window made from numpy: its batch stride is 0)
-            x, add = _channels_last(x), _channels_last(add)
+            x, add = channels_last(x), channels_last(add)
             return torch.ops.mkldnn._convolution_pointwise.binary(x, add, w, b, *geo, "add", None,
                                                                   "relu" if relu else None, [None], "")
         return torch.ops.mkldnn._convolution_pointwise(x, w, b, *geo, "relu" if relu else "none", [None], "")

@@ -77,7 +77,9 @@ class RowSource:
 
 
 def _whole(x: "torch.Tensor | RowSource") -> torch.Tensor:
-    return x.whole() if isinstance(x, RowSource) else x
+    from geoseg.model.fuse import channels_last
+
+    return channels_last(x.whole() if isinstance(x, RowSource) else x)  # canonical strides: see channels_last
 
 
 class Stage:
@@ -200,6 +202,10 @@ class TiledUnet:
         return cls(net, stages, blocks, input_skip)
 
     def __call__(self, x: "torch.Tensor | RowSource") -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            from geoseg.model.fuse import channels_last
+
+            x = channels_last(x)  # its strips are read as slices: canonical strides, or the stem runs in NCHW
         h, w = x.shape[-2:]
         if h % (1 << len(self.encoder_stages)) or w % (1 << len(self.encoder_stages)):
             return self.net(_whole(x))  # a window off the network's own stride: one pass
