@@ -371,3 +371,11 @@ def test_stac_item_names_dates_and_the_store_asset(tmp_path):
     plain = make_item("y", grid, classes, {"classes": "classes.tif"}, when=made).to_dict()
     assert plain["properties"]["datetime"] == plain["properties"]["created"] == "2026-12-05T10:00:00Z"
     assert plain["properties"]["geoseg:datetime"] == "created"
+    # an acquisition time with its local offset, as a GeoTIFF's IMAGERY/ACQUISITIONDATETIME may give it: in UTC, as
+    # STAC's core schema requires ('Z' or +00:00; the item was refused with +02:00)
+    from datetime import timedelta
+
+    local = make_item("z", grid, classes, {"classes": "classes.tif"}, when=made,
+                      acquired=datetime(2020, 6, 15, 10, 30, tzinfo=timezone(timedelta(hours=2)))).to_dict()
+    assert local["properties"]["datetime"] == "2020-06-15T08:30:00Z"
+    assert re.search(r"(\+00:00|Z)$", local["properties"]["datetime"])

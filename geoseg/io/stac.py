@@ -143,7 +143,9 @@ def make_item(
     made = when or datetime.now(timezone.utc)
     props["created"] = made.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     props["geoseg:datetime"] = "acquired" if acquired else "created"
-    item = pystac.Item(item_id, geom, bbox_of(geom), acquired or made, props)
+    # STAC's datetime is UTC ('Z' or +00:00: the core schema's pattern); an acquisition time given with its local
+    # offset made an item that catalogues refuse
+    item = pystac.Item(item_id, geom, bbox_of(geom), (acquired or made).astimezone(timezone.utc), props)
     proj = ProjectionExtension.ext(item, add_if_missing=True)
     epsg = grid.crs.epsg
     proj.apply(code=f"EPSG:{epsg}" if epsg else None, wkt2=None if epsg else grid.crs.to_wkt(),
