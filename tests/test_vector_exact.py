@@ -151,6 +151,28 @@ def test_square_has_the_same_area_in_every_crs():
     assert planar_3857 > 1.19 * areas["EPSG:3857"]  # what a planar area in Web Mercator would have said
 
 
+@pytest.mark.parametrize("crs,x0,y0", [("EPSG:27572", 600000.0, 2400000.0), ("EPSG:27561", 600000.0, 200000.0),
+                                       ("EPSG:2154", 650000.0, 6860000.0)])
+def test_a_projection_on_a_base_in_grads_from_paris_measures_in_metres(crs, x0, y0):
+    """NTF's Lambert zones (EPSG:27561-27574, still on much French data) are projections of a base CRS that counts
+    in grads from the Paris meridian: read as degrees, every area was 10% too large (a 30 m square 988 m²). Small
+    squares (the projection's scale) and large ones (edge by edge) against the same squares taken to EPSG:4326."""
+    from pyproj import Geod, Transformer
+
+    from geoseg.vector.measure import Measurer
+
+    to_wgs84 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    geod = Geod(ellps="WGS84")
+    for side in (30.0, 5000.0):
+        square = shapely.box(x0, y0, x0 + side, y0 + side)
+        lon, lat = to_wgs84.transform(*np.asarray(shapely.segmentize(square, side / 100).exterior.xy))
+        true_area, true_perim = geod.polygon_area_perimeter(lon[:-1], lat[:-1])
+        area, perim = Measurer(crs)(np.array([square]))
+        # two datums' ellipsoids (Clarke 1880 IGN against WGS 84): within a few parts in 1e5
+        assert area[0] == pytest.approx(abs(true_area), rel=2e-4), side
+        assert perim[0] == pytest.approx(true_perim, rel=2e-4), side
+
+
 def test_a_global_grid_whose_pixels_are_centred_on_the_poles_measures_the_earth():
     """ERA5/CMIP-style lon/lat grids put pixel centres on ±90: their first and last rows reach half a pixel past the
     poles, where the geodesic measure was NaN (102 of 1149 polygons of a 0.25° map, with no word) and --min-area

@@ -69,6 +69,11 @@ class Measurer:
         else:
             geographic = self.crs.geodetic_crs
             self.transformer = Transformer.from_crs(self.crs, geographic, always_xy=True)
+            # to Greenwich degrees, which GeographicLib and PROJ's factors take: the base CRS may count in grads from
+            # Paris (NTF, EPSG:27572: every area was 10% too large, read as degrees)
+            self._unit = geographic.axis_info[0].unit_conversion_factor / (math.pi / 180.0)
+            pm = geographic.prime_meridian
+            self._pm = pm.longitude * pm.unit_conversion_factor / (math.pi / 180.0)
             from pyproj import Proj
 
             self._proj = Proj(self.crs)
@@ -91,7 +96,7 @@ class Measurer:
         small = diag < SMALL_M
         if small.any():
             centre = shapely.get_coordinates(shapely.centroid(geoms[small]))
-            lon, lat = self.transformer.transform(centre[:, 0], centre[:, 1])
+            lon, lat = self._lonlat(centre)
             try:
                 f = self._proj.get_factors(lon, lat)
             except Exception:  # a projection PROJ gives no factors for: every polygon the long way
@@ -110,6 +115,12 @@ class Measurer:
             area[rest], perim[rest] = self._geodesic(geoms[rest])
         return area, perim
 
+    def _lonlat(self, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map coordinates (n, 2) to longitude and latitude in degrees from Greenwich, on the CRS's own datum."""
+        assert self.transformer is not None
+        lon, lat = self.transformer.transform(xy[:, 0], xy[:, 1])
+        return np.asarray(lon) * self._unit + self._pm, np.asarray(lat) * self._unit
+
     def _fast_checked(self, geoms: np.ndarray, area: np.ndarray, perim: np.ndarray) -> bool:
         """Whether the scale factors give the ellipsoidal measures in this CRS, checked once on a few
         polygons: EPSG:3857, say, applies spherical Mercator to ellipsoidal coordinates, so PROJ's
@@ -123,8 +134,7 @@ class Measurer:
         n = len(geoms)
         if self.transformer is not None:
             geoms = shapely.segmentize(geoms, self.densify)
-            t = self.transformer
-            geoms = shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+            geoms = shapely.transform(geoms, lambda xy: np.column_stack(self._lonlat(xy)))
         else:
             # degrees; latitudes held to the poles (a global grid's pixels centred on ±90 reach 0.125° past them,
             # where GeographicLib gives NaN: the part past a pole holds no ground)
