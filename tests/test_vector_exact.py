@@ -646,3 +646,35 @@ def test_bad_options_are_refused_before_any_cluster_work(class_tif, tmp_path):
     r = CliRunner().invoke(cli, ["vectorize", str(class_tif), "--out", str(tmp_path / "c.gpkg"), "--classes", "300,-4"])
     assert r.exit_code == 2 and "0-254" in r.output, r.output
     assert not list(tmp_path.glob("*.gpkg"))
+
+
+def test_mean_confidence_is_over_the_pixels_that_have_one(client, tmp_path):
+    """A region's mean confidence is over its pixels that have a confidence: pixels without one (NaN in a store
+    made elsewhere) counted as 0, so half of them missing halved the mean, and a region with none said 0 (sure
+    of nothing) where it has no value. The same whole (polygonize) and chunk by chunk across chunk lines."""
+    import zarr
+    from pyproj import CRS
+
+    from geoseg.vector.api import polygonize
+    from geoseg.vector.run import ClassRaster, VectorizeOptions, iter_parts, vectorize_parts
+
+    a = np.zeros((6, 8), np.uint8)
+    a[:, 4:] = 1
+    a[:, 7] = 2
+    conf = np.full(a.shape, 0.9, np.float32)
+    conf[:, :4] = 0.6
+    conf[:3, 4:7] = np.nan  # half of class 1's pixels have no confidence
+    conf[:, 7] = np.nan  # none of class 2's
+    transform = Affine(10, 0, 500000, 0, -10, 4000000)
+    whole = polygonize(a, transform, "EPSG:32617", [], confidence=conf).set_index("class_id")
+    store = str(tmp_path / "map.zarr")
+    g = zarr.open_group(store, mode="w")
+    g.create_array("class_id", data=a, chunks=(4, 4))
+    g.create_array("confidence", data=conf, chunks=(4, 4))
+    src = ClassRaster(store, "zarr", a.shape, transform, CRS("EPSG:32617").to_wkt(), 255, (4, 4), has_confidence=True)
+    vectorize_parts(client, src, str(tmp_path / "parts"), VectorizeOptions(chunk_size=4))
+    chunked = pd.concat(list(iter_parts(str(tmp_path / "parts")))).set_index("class_id")
+    for got in (whole, chunked):
+        assert got.loc[0, "pixels"] == 24 and got.loc[0, "mean_confidence"] == pytest.approx(0.6)
+        assert got.loc[1, "pixels"] == 18 and got.loc[1, "mean_confidence"] == pytest.approx(0.9)
+        assert got.loc[2, "pixels"] == 6 and np.isnan(got.loc[2, "mean_confidence"])

@@ -244,7 +244,7 @@ def merge_phase(owner: int, region_ids: np.ndarray, region_class: np.ndarray, me
         rid_all.append(rids)
         wkb_all.append(sel["wkb"])
         px_all.append(sel["pixels"])
-        conf_all.append(sel["conf_sum"] if sel["conf_sum"] is not None else np.zeros(len(rids)))
+        conf_all.append(sel["conf_sum"] if sel["conf_sum"] is not None else np.zeros((len(rids), 2)))
     rid = np.concatenate(rid_all)
     geoms = shapely.from_wkb(np.concatenate(wkb_all))
     px, conf = np.concatenate(px_all), np.concatenate(conf_all)
