@@ -206,6 +206,24 @@ def test_settings_that_would_be_taken_otherwise_than_written_are_refused(tmp_pat
     assert spec.outputs.cog is False and spec.predict_options().worker_timeout == 120.0
 
 
+def test_yaml_merge_keys_are_read_as_yaml_reads_them(tmp_path):
+    """Anchors with merge keys (``<<: *base``, a common way to share a profile's settings) were refused as "not
+    valid YAML" (the duplicate-key check built the merge key itself); the mapping's own keys override the merged
+    ones, and a key given twice in the mapping itself is still refused."""
+    job = tmp_path / "merge.yaml"
+    job.write_text(
+        "scenes: [a.tif]\nmodel: m\noutput: o\n"
+        "cluster:\n  profile: big\n  profiles:\n"
+        "    base: &base {kind: address, address: 'tcp://h:8786', timeout: 1 minute}\n"
+        "    big:\n      <<: *base\n      timeout: 2 minutes\n")
+    spec = validate_spec(job, env=NO_ENV, config_files=[])
+    assert spec.predict_options().worker_timeout == 120.0
+    assert yaml.safe_load(job.read_text())["cluster"]["profiles"]["big"]["timeout"] == "2 minutes"
+    job.write_text(job.read_text() + "      timeout: 3 minutes\n")
+    with pytest.raises(ConfigError, match=r"'timeout' is given twice in one mapping"):
+        validate_spec(job, env=NO_ENV, config_files=[])
+
+
 def test_scene_entries_are_checked(tmp_path):
     job = write_job(tmp_path / "job.yaml", scenes=[{"name": "a", "path": "x.tif", "bands": ["y.tif"]}, 5, {"name": "../up", "path": "z.tif"}],
                     model="m", output="o")

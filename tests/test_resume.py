@@ -305,3 +305,31 @@ def test_a_run_finished_in_out_after_planning_is_not_replaced(client, random_mod
     with pytest.raises(OutputExistsError, match="finished prediction"):
         run_job(planned, client)
     assert json.loads((out / "run.json").read_text())["job_key"] == other["job_key"]
+
+
+def test_a_filesystem_that_cannot_lock_is_named_not_taken_for_another_run(tmp_path, monkeypatch):
+    """flock failing for a reason other than a lock held (ENOLCK: NFS without its lock daemon) was reported as
+    "another geoseg run is writing it now": on such a filesystem every run was refused, with a message that sends
+    the user looking for a run that does not exist. (flock is made to fail as that filesystem's does.)"""
+    import errno
+    import fcntl
+
+    from geoseg.errors import ConfigError, OutputExistsError
+    from geoseg.pipeline.commit import out_lock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match=r"out: its filesystem cannot lock files \(No locks available\)") as exc:
+        with out_lock(tmp_path / "out"):
+            pass
+    assert not isinstance(exc.value, OutputExistsError)
+
+    def held(fd, op):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(OutputExistsError, match="another geoseg run is writing it now"):
+        with out_lock(tmp_path / "out"):
+            pass

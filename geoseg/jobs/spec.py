@@ -300,13 +300,20 @@ class UniqueKeyLoader(config._Yaml12):
     a key given twice in one mapping refused (plain YAML keeps the last without a word)."""
 
     def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        merged = 0
+        if isinstance(node, yaml.MappingNode):  # merge keys (<<: *base) first: the keys they bring come first
+            own = sum(1 for key_node, _ in node.value if key_node.tag != "tag:yaml.org,2002:merge")
+            self.flatten_mapping(node)
+            merged = len(node.value) - own
         seen: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
+        for i, (key_node, value_node) in enumerate(node.value):
             key = self.construct_object(key_node, deep=deep)
             if (isinstance(key, str) and key.replace("-", "_") in config._TEXT_KEYS
                     and isinstance(value_node, yaml.ScalarNode) and value_node.style is None
                     and value_node.tag != "tag:yaml.org,2002:null"):
                 value_node.tag = "tag:yaml.org,2002:str"
+            if i < merged:  # brought in by a merge key: the mapping's own keys override it, as YAML has them
+                continue
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice in one mapping (lines {seen[key].line + 1} and "

@@ -117,12 +117,19 @@ def out_lock(out: str | os.PathLike) -> Iterator[None]:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(fd)
-            from geoseg.errors import OutputExistsError
+            import errno
 
-            raise OutputExistsError(f"{out}: another geoseg run is writing it now; wait for it to finish (or stop it), "
-                                    "then run again (--resume reuses what it finished)") from None
+            from geoseg.errors import ConfigError, OutputExistsError
+
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # held: another run
+                raise OutputExistsError(f"{out}: another geoseg run is writing it now; wait for it to finish (or stop "
+                                        "it), then run again (--resume reuses what it finished)") from None
+            # ENOLCK (NFS without its lock daemon), ENOTSUP...: no run holds it, the filesystem cannot lock
+            raise ConfigError(f"{out}: its filesystem cannot lock files ({exc.strerror or exc}), and geoseg locks OUT so "
+                              "that two runs never write it at once; give an OUT on a filesystem with locks (a local "
+                              "disk, NFS with its lock service) or an object store URL (s3://...)") from None
         try:  # the file we locked is still the one at the path (a run that just ended removes it)
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
