@@ -273,3 +273,23 @@ def test_workers_keep_the_last_models_and_see_a_model_rewritten_in_place(tmp_pat
         get_model(ModelRef(str(tmp_path / f"m{seed}"), model_digest(tmp_path / f"m{seed}"), "cpu"))
     assert len(runtime._CACHE) == runtime.CACHE_SIZE and (digest, "cpu") not in runtime._CACHE
     runtime._CACHE.clear()
+
+
+def test_relative_paths_reach_workers_that_run_elsewhere(client, random_model, scene_path, tmp_path, monkeypatch):
+    """Inputs and OUT given relative to this process's directory: the cluster's workers run in another one (as
+    workers of --scheduler do), and read the scene and wrote the store relative to theirs."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from geoseg.pipeline import PredictOptions, predict
+
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copy(scene_path, here / "scene.tif")
+    monkeypatch.chdir(here)
+    assert client.run(os.getcwd) and all(d != str(here) for d in client.run(os.getcwd).values())
+    rec = predict(["scene.tif"], random_model, "out", PredictOptions(chunk_size=128, cog=False, vectors=False), client=client)
+    assert rec["inputs"] == [str(here / "scene.tif")]
+    assert (here / "out" / "run.json").exists() and not any(Path(d, "out").exists() for d in client.run(os.getcwd).values())
+    assert open_prediction(here / "out" / "prediction.zarr")["class_id"].shape == rasterio.open(scene_path).shape
