@@ -237,15 +237,15 @@ def check_out_dir(out_dir: Path | str, overwrite: bool, resume: bool) -> None:
 
 def plan_job(inputs: Sequence[str | os.PathLike], model_dir: str | os.PathLike, out_dir: str | os.PathLike, options: PredictOptions) -> Job:
     """Check inputs, model and output directory and plan the tiling. Starts nothing."""
-    # local files and OUT absolute: workers (--scheduler) may run in another directory, and read and wrote relative
-    # paths there; a GDAL name that is no file (a subdataset, /vsizip/...) as given
-    inputs = tuple(os.path.abspath(p) if not storage.is_url(p) and os.path.isfile(p) else p for p in map(str, inputs))
+    # local inputs and OUT absolute: workers (--scheduler) may run in another directory, and read and wrote relative
+    # paths there; a URL, or a GDAL name that is no path here (a subdataset, /vsizip/...), as given
+    inputs = tuple(storage.absolute(p) if os.path.exists(p) else p for p in map(str, inputs))
     stack = open_stack(inputs)
     model_dir = str(model_dir).rstrip("/") if storage.is_url(model_dir) else model_dir
     model = open_model(model_dir)  # a URL's model is fetched once into the local cache
     card = model.card
     stack = match_bands(stack, card, str(model_dir))
-    out: Path | str = str(out_dir).rstrip("/") if storage.is_url(out_dir) else Path(os.path.abspath(out_dir))
+    out: Path | str = str(out_dir).rstrip("/") if storage.is_url(out_dir) else Path(storage.absolute(out_dir))
     check_out_dir(out, options.overwrite, options.resume)
     if options.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"--precision must be auto, fp32 or bf16, not {options.precision!r}")
