@@ -277,7 +277,6 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     running["totals"] = {"scenes": len(running["scenes"]), **{k: sum(e["status"] == k for e in running["scenes"])
                                                               for k in ("computed", "reused", "skipped", "failed", "running")}}
     write_summary(spec.output_root, running)
-    stopped: set[Any] = set()  # scenes in flight when the job stopped: they unwind once its client is closed
     try:
         with _client(spec, client) as (c, info):
             say(f"cluster: {info['workers']} workers, {info['threads']} threads at {info['scheduler']}"
@@ -329,15 +328,11 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 for _, rest in queue:
                     entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
                 pool.shutdown(wait=False, cancel_futures=True)
-                stopped.update(f for f in running if not f.done())
                 raise
             pool.shutdown(wait=True)
             if errors and not (keep_going and all(isinstance(e, Exception) for e in errors)):
                 raise errors[0]
     except BaseException:
-        # the job's own connection is closed now, so its stopped scenes fail fast: waited for (bounded), so that none
-        # still holds its OUT's lock when the job returns (a --resume right after, in a notebook, was refused)
-        wait(stopped, timeout=60)
         try:  # also when it stopped before any scene began (Ctrl-C while the cluster started)
             write_summary(spec.output_root, summary("failed", info))
         except OSError as exc:  # the error being raised says more than this one would
