@@ -510,10 +510,13 @@ def test_keep_going_runs_the_other_scenes_and_still_fails(client, scenes, random
     assert (tmp_path / "out" / "b" / "run.json").exists() and (tmp_path / "out" / "c" / "run.json").exists()
 
 
-def test_a_job_stopped_on_a_given_client_stops_its_scenes_there(client, scenes, random_model, tmp_path):
+@pytest.mark.parametrize("delay", [0.15, 0.3])
+def test_a_job_stopped_on_a_given_client_stops_its_scenes_there(client, scenes, random_model, tmp_path, delay):
     """Ctrl-C in a notebook running a job on its own client: the scenes in flight stop on the cluster too (the job's
     own connection closes, and the scheduler drops their tasks). They ran on to the end before, published run.json
-    under a job.json that says they were stopped, and held their output's lock, so a --resume refused them."""
+    under a job.json that says they were stopped, and held their output's lock, so a --resume refused them. Later,
+    a scene's thread that called the client (fut.result()) just as the connection closed waited for ever, still
+    holding its lock (the connection's event loop stopped under it): one stop in a few, at 0.15-0.25 s."""
     import signal
     import threading
     import time
@@ -529,7 +532,7 @@ def test_a_job_stopped_on_a_given_client_stops_its_scenes_there(client, scenes, 
 
     def report(msg: str) -> None:  # Ctrl-C soon after the first scene starts
         if not fired and msg.startswith("a:"):
-            fired.append(threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)))
+            fired.append(threading.Timer(delay, signal.pthread_kill, (main, signal.SIGINT)))
             fired[0].start()
 
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as a terminal's (another import may

@@ -198,7 +198,11 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
         # client itself they ran on to the end after a Ctrl-C, published run.json and held their output's lock
         from distributed import Client
 
-        own = Client(client.scheduler.address, security=client.security, set_as_default=False, name="geoseg-job")
+        # on the given client's event loop, which runs on after this connection closes: on a loop of its own, which
+        # closing it stops, a scene's thread that called the client just then (fut.result(), cancel) waited for ever
+        # and held its OUT's lock (a --resume was refused)
+        own = Client(client.scheduler.address, security=client.security, set_as_default=False, name="geoseg-job",
+                     loop=client.loop)
         try:
             yield own, {**cluster_info(own), "profile": "(given client)"}
         finally:
@@ -328,6 +332,15 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 for _, rest in queue:
                     entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
                 pool.shutdown(wait=False, cancel_futures=True)
+                stopped = [f for f in running if not f.done()]
+                if stopped:
+                    # the job's connection closed first (the scheduler drops its tasks, and the scenes' waits on them
+                    # end), on an event loop that runs on (the given client's, the embedded cluster's); then their
+                    # threads unwind, waited for (bounded) so that none still holds its OUT's lock when the job
+                    # returns: a --resume right after, in a notebook, was refused
+                    with contextlib.suppress(Exception):
+                        c.close()
+                    wait(stopped, timeout=30)
                 raise
             pool.shutdown(wait=True)
             if errors and not (keep_going and all(isinstance(e, Exception) for e in errors)):

@@ -19,6 +19,20 @@ from geoseg.pipeline.sieve import RAW_ARRAY, sieve_joined
 log = logging.getLogger(__name__)
 
 
+def cancel_soon(client: Any, futures: list) -> None:
+    """Cancel ``futures`` on ``client`` without waiting for it. A blocking ``client.cancel`` from a scene's thread
+    while the job's own client closes (Ctrl-C) could wait for ever: it hands its work to the client's event loop,
+    which stopped before running it. The thread then held its OUT's lock, and a --resume was refused. A closing
+    client needs none: the scheduler lets go of what a closed client wanted."""
+    if client.status not in ("running", "connecting", "newly-created"):
+        return
+    try:
+        # made and run on the event loop (tornado awaits what a callback returns); never made if it never runs
+        client.loop.add_callback(lambda: client.cancel(futures, asynchronous=True))
+    except RuntimeError:  # the event loop closed meanwhile
+        pass
+
+
 def placed(job: Job, client: Any) -> Job:
     """``job`` with its model tasks' resources decided for ``client``'s cluster: its own ``model_resources``,
     else the GPU workers' of an embedded cluster that has some (geoseg.cluster.model_resources)."""
@@ -130,7 +144,7 @@ class WorkerWatch(threading.Thread):
                         + f"for {self.timeout:g} s, and the model tasks need one: the job stopped with its chunks not yet "
                         f"written left to do; start {start} and run it again with --resume"
                     )
-                self.client.cancel(self.futures)
+                cancel_soon(self.client, self.futures)
                 return
 
     def __enter__(self) -> "WorkerWatch":
@@ -193,7 +207,7 @@ def run_segmentation(job: Job, client: Any, store: Path | str, numerics: Numeric
                 pending.pop(fut.key, None)
                 bar.update(round(sizes[(res["iy"], res["ix"])] / 1e6, 4))
     except BaseException:
-        client.cancel(list(pending.values()))
+        cancel_soon(client, list(pending.values()))
         raise
     finally:
         bar.close()
