@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -236,7 +237,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     ``keep_going``: a scene that fails (or was refused when planned: ``plan(keep_going=True)``) does not stop the
     others; the job then ends with ``ScenesFailed`` naming every failed scene.
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     import geoseg.io.zarr_store  # noqa: F401  (zarr, imported here before the scene threads: geoseg.io.zarr_store)
     from geoseg.pipeline import prepare_cluster, run_job
@@ -306,13 +307,12 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 say(f"{sp.scene.name}: finished in {time.perf_counter() - s0:.1f} s")
 
             queue = list(enumerate(todo))
-            pool = ThreadPoolExecutor(max_workers=min(spec.scenes_in_flight, len(todo)), thread_name_prefix="geoseg-scene")
             running: dict[Any, tuple[ScenePlan, float]] = {}
             try:
                 while queue or running:
                     while queue and (keep_going or not errors) and len(running) < spec.scenes_in_flight:
                         i, sp = queue.pop(0)
-                        running[pool.submit(one, i, sp)] = (sp, time.perf_counter())
+                        running[_in_thread(one, i, sp, name=f"geoseg-scene-{i}")] = (sp, time.perf_counter())
                     finished, _ = wait(set(running), return_when=FIRST_COMPLETED)
                     for f in finished:
                         running.pop(f)
@@ -323,15 +323,14 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                             entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
                         queue = []
             except BaseException as exc:
-                # Ctrl-C (or anything else here): the scenes in flight stop with the client, which closing the
-                # cluster next cancels; not run to their end first, as leaving the pool's block would wait for
+                # Ctrl-C (or anything else here): the scenes in flight stop with the job's client (closed below),
+                # not run to their end first
                 stopping.set()
                 for sp, s0 in (v for f, v in running.items() if not f.done()):  # a scene done says itself
                     entries[sp.scene.name] = _scene_entry(sp, "failed", None, time.perf_counter() - s0,
                                                           f"{type(exc).__name__}: stopped before it finished")
                 for _, rest in queue:
                     entries[rest.scene.name] = _scene_entry(rest, "skipped", None, None)
-                pool.shutdown(wait=False, cancel_futures=True)
                 stopped = [f for f in running if not f.done()]
                 if stopped:
                     # the job's connection closed first (the scheduler drops its tasks, and the scenes' waits on them
@@ -342,7 +341,6 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                         c.close()
                     wait(stopped, timeout=30)
                 raise
-            pool.shutdown(wait=True)
             if errors and not (keep_going and all(isinstance(e, Exception) for e in errors)):
                 raise errors[0]
     except BaseException:
@@ -356,6 +354,23 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     if errors or jp.refused:
         raise _failed(spec, result)
     return result
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any, name: str) -> Future:
+    """``fn(*args)`` in a daemon thread of its own; its future. A scene's thread that still waits on a cluster when
+    the command exits (stopped, and its client's event loop gone under a call it made) does not keep the process
+    from exiting, as a pool's threads, which the interpreter joins at exit, did; the kernel then releases its lock."""
+    fut: Future = Future()
+    fut.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - the caller reads it from the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut
 
 
 def _failed(spec: JobSpec, result: dict[str, Any]) -> ScenesFailed:
