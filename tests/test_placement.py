@@ -477,3 +477,16 @@ def test_cuda_asked_for_on_workers_without_a_gpu_is_refused(gpu_and_cpu_workers,
     with pytest.raises(ConfigError, match="no CUDA GPU on this process"):  # training and one-process runs too
         pick_device("cuda")
     assert pick_device("auto") == "cpu"
+
+
+def test_the_modules_of_a_segment_task_leave_dask_array_to_the_client():
+    """A worker's first read, infer and write tasks import geoseg.graph, geoseg.io.zarr_store and the sieve: with
+    dask.array (0.6 s of one core, every worker, every job, on the segment stage's first task) only the client's
+    graph building needs it. Checked in a fresh interpreter after what the fork server preloads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, geoseg._preload, geoseg.graph, geoseg.io.zarr_store, geoseg.pipeline.sieve, geoseg.infer\n"
+            "print('dask.array' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split()[-1] == "False"

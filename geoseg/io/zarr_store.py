@@ -19,7 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import dask.array as da
 # zarr imported here, before any thread of geoseg's: its modules import each other, and two threads importing
 # it first at once (geoseg run's scenes, each opening its store) met a partially initialised module
 import numcodecs  # noqa: F401
@@ -66,6 +65,8 @@ SEMANTIC_ARRAYS: dict[str, tuple[Any, Any, dict[str, Any]]] = {
 def create_store(path: str | os.PathLike, grid: GeoBox, plan: TilingPlan, attrs: dict[str, Any],
                  arrays: dict[str, tuple[Any, Any, dict[str, Any]]] = SEMANTIC_ARRAYS) -> None:
     """Write the store's metadata and coordinates; the data chunks come from the write tasks."""
+    import dask.array as da  # here: the workers' write tasks never need it (0.6 s to import)
+
     y, x = pixel_centres(grid)
     shape, chunks = tuple(grid.shape), plan.chunks
     ds = xr.Dataset({name: (("y", "x"), da.full(shape, fill, dtype=dtype, chunks=chunks)) for name, (dtype, fill, _) in arrays.items()},

@@ -239,6 +239,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     """
     from concurrent.futures import FIRST_COMPLETED, wait
 
+    import dask.array  # noqa: F401  (as zarr: imported once here, not by two scene threads at once)
     import geoseg.io.zarr_store  # noqa: F401  (zarr, imported here before the scene threads: geoseg.io.zarr_store)
     from geoseg.pipeline import prepare_cluster, run_job
 
