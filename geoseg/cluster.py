@@ -198,12 +198,21 @@ def connect(
     from geoseg.workers import register
 
     if scheduler:
-        client = _client(scheduler, security, timeout)
+        from distributed.utils import LoopRunner
+
+        # the connection's event loop, held here and stopped only after the client closed: a client's own loop
+        # stops as the client closes, and a thread in a call on it just then (a job's scene, stopped) waited for ever
+        runner = LoopRunner()
+        runner.start()
         try:
-            register(client)
-            yield client
+            client = _client(scheduler, security, timeout, loop=runner.loop)
+            try:
+                register(client)
+                yield client
+            finally:
+                client.close()
         finally:
-            client.close()
+            runner.stop()
         return
     gpus = () if resources or device == "cpu" else tuple(local_gpus() if gpus is None else gpus)
     n_cpu = n_workers or (max(1, default_workers() - len(gpus)) if gpus else default_workers())
@@ -257,7 +266,7 @@ def connect(
         cluster.close()
 
 
-def _client(scheduler: str, security: Any, timeout: str) -> Any:
+def _client(scheduler: str, security: Any, timeout: str, loop: Any = None) -> Any:
     """A client on the scheduler at ``scheduler``, or a clear error within about ``timeout``: distributed's own
     timeout does not cover a handshake with something else on that port (an HTTP dashboard never answers;
     a service that greets with a banner is read as a message length of exabytes)."""
@@ -274,7 +283,7 @@ def _client(scheduler: str, security: Any, timeout: str) -> Any:
     seconds = float(parse_timedelta(timeout, default="s"))
     _probe(scheduler, security, seconds)
     try:
-        return Client(scheduler, security=security, timeout=timeout)
+        return Client(scheduler, security=security, timeout=timeout, loop=loop)
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); check the address and that it runs") from None
 

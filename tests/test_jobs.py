@@ -555,6 +555,60 @@ def test_a_job_stopped_on_a_given_client_stops_its_scenes_there(client, scenes, 
     assert [s["status"] for s in done["scenes"]] == ["computed"] * 2
 
 
+def test_a_connection_to_a_scheduler_s_address_closed_under_calls_leaves_none_waiting(client):
+    """A job on a scheduler's address (--scheduler, an address profile) that is stopped closes its client while its
+    scenes' threads may be in a call on it. On a client's own event loop, which closing it stops, such a call
+    waited for ever (and its scene held its OUT's lock); geoseg.cluster.connect holds the loop until after."""
+    import threading
+    import time
+
+    from geoseg.cluster import connect
+
+    for _ in range(3):
+        with connect(client.scheduler.address) as c:
+            go = threading.Event()
+
+            def calls() -> None:
+                while not go.is_set():
+                    try:
+                        c.scheduler_info(n_workers=-1)
+                    except Exception:  # noqa: BLE001 - closed: what a call says then is not the point
+                        pass
+
+            threads = [threading.Thread(target=calls, daemon=True) for _ in range(2)]
+            for t in threads:
+                t.start()
+            time.sleep(0.05)
+            c.close()  # as the job does when stopped, inside the connection
+            go.set()
+            for t in threads:
+                t.join(10)
+            assert not any(t.is_alive() for t in threads)
+
+
+def test_a_job_given_an_asynchronous_client_is_refused_at_once(client, scenes, random_model, tmp_path):
+    """A notebook's asynchronous client (await Client(..., asynchronous=True)), and a job run from the cell (its
+    loop's thread): the job blocks that loop while it waits for its scenes, and it waited for ever. Refused, saying
+    what to give instead; no scene output is written."""
+    import asyncio
+
+    from distributed import Client
+
+    from geoseg.jobs import execute
+
+    shutil.copy(scenes / "data" / "field.tif", tmp_path / "a.tif")
+    job = write_job(tmp_path / "job.yaml", scenes=["a.tif"], model=str(random_model), output="out",
+                    chunking={"chunk_size": 128}, outputs={"cog": False, "vectors": False})
+
+    async def cell() -> dict:
+        async with Client(client.scheduler.address, asynchronous=True) as given:
+            return execute(plan(load_job(job, env=NO_ENV, config_files=[])), client=given)
+
+    with pytest.raises(ConfigError, match="asynchronous=True.*give a client made without"):
+        asyncio.run(asyncio.wait_for(cell(), 120))
+    assert not (tmp_path / "out" / "a" / "run.json").exists()
+
+
 def test_dry_run_with_keep_going_shows_the_plan_the_run_would_follow(scenes, random_model, tmp_path):
     """--dry-run --keep-going plans as the run does: the scenes that can run, and the one left out with why
     (it ignored --keep-going and stopped at the unreadable scene, which the real run would leave out)."""
