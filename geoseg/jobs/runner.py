@@ -192,14 +192,15 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
     from geoseg.pipeline import cluster_info
 
     name, profile = spec.cluster.profile, spec.profile
-    if client is not None and (getattr(client, "asynchronous", False) or getattr(client, "_asynchronous", False)):
-        # its event loop runs in the caller's thread, which the job blocks while it waits: it waited for ever
-        raise ConfigError(f"{spec.source}: the client given is asynchronous (Client(..., asynchronous=True)), and a job "
-                          "waits for its scenes in the caller's thread, which runs that client's event loop; give a "
-                          "client made without asynchronous=True on the same scheduler, or none (geoseg connects itself)")
-    if client is not None and client.status != "running":
-        raise ConfigError(f"{spec.source}: the client given is {client.status}; give a running one, or none")
     if client is not None:
+        if getattr(client, "_asynchronous", False):  # Client(..., asynchronous=True)
+            # its event loop runs in the caller's thread, which the job blocks while it waits: it waited for ever
+            raise ConfigError(f"{spec.source}: the client given is asynchronous (Client(..., asynchronous=True)), and a "
+                              "job waits for its scenes in the caller's thread, which runs that client's event loop; give "
+                              "a client made without asynchronous=True on the same scheduler, or none (geoseg connects "
+                              "itself)")
+        if client.status != "running":
+            raise ConfigError(f"{spec.source}: the client given is {client.status}; give a running one, or none")
         check_resources(client, profile.model_resources)
         # the job's own connection to the given cluster: closed when the job ends or is stopped, and the scheduler
         # then drops the tasks of the scenes in flight (the given client and its other work stay); on the given
@@ -343,9 +344,9 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                 if stopped:
                     # the job's connection closed first (the scheduler drops its tasks, and the scenes' waits on them
                     # end), on an event loop that runs on (the given client's, the embedded cluster's, the one
-                    # geoseg.cluster.connect holds for a scheduler's address); then their
-                    # threads unwind, waited for (bounded) so that none still holds its OUT's lock when the job
-                    # returns: a --resume right after, in a notebook, was refused
+                    # geoseg.cluster.connect holds for a scheduler's address); then their threads unwind, waited for
+                    # (bounded) so that none still holds its OUT's lock when the job returns: a --resume right after,
+                    # in a notebook, was refused
                     with contextlib.suppress(Exception):
                         c.close()
                     wait(stopped, timeout=30)
