@@ -17,13 +17,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # zarr imported here, before any thread of geoseg's: its modules import each other, and two threads importing
 # it first at once (geoseg run's scenes, each opening its store) met a partially initialised module
 import numcodecs  # noqa: F401
 import numpy as np
-import xarray as xr
 import zarr
 import zarr.codecs  # noqa: F401
 from odc.geo.geobox import GeoBox
@@ -32,6 +31,9 @@ from geoseg.errors import detached
 from geoseg.io import storage
 from geoseg.model.card import NODATA_CLASS
 from geoseg.tiling import Chunk, TilingPlan
+
+if TYPE_CHECKING:  # xarray is the client's: the workers' write tasks never import it (0.4 s)
+    import xarray as xr
 
 MARKERS = ".geoseg/done"
 JOB_ATTR, COMPLETE_ATTR, CLASSES_ATTR = "geoseg_job", "geoseg_complete", "geoseg_classes"
@@ -66,6 +68,7 @@ def create_store(path: str | os.PathLike, grid: GeoBox, plan: TilingPlan, attrs:
                  arrays: dict[str, tuple[Any, Any, dict[str, Any]]] = SEMANTIC_ARRAYS) -> None:
     """Write the store's metadata and coordinates; the data chunks come from the write tasks."""
     import dask.array as da  # here: the workers' write tasks never need it (0.6 s to import)
+    import xarray as xr
 
     y, x = pixel_centres(grid)
     shape, chunks = tuple(grid.shape), plan.chunks
@@ -211,6 +214,7 @@ def finalize_store(path: str | os.PathLike) -> None:
 def open_prediction(path: str | os.PathLike) -> xr.Dataset:
     """The prediction store as an xarray Dataset, CRS and transform decoded, class ids as uint8."""
     import rioxarray  # noqa: F401  (the .rio accessor its callers read the CRS and transform through)
+    import xarray as xr
 
     return xr.open_zarr(str(path), decode_coords="all", consolidated=False, **storage.zarr_kwargs(path))
 

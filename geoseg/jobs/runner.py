@@ -247,9 +247,10 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
     """
     from concurrent.futures import FIRST_COMPLETED, wait
 
-    import dask.array  # noqa: F401  (as zarr: imported once here, not by two scene threads at once)
-    import geoseg.io.zarr_store  # noqa: F401  (zarr, imported here before the scene threads: geoseg.io.zarr_store)
-    from geoseg.pipeline import prepare_cluster, run_job
+    from geoseg.pipeline import import_client_modules, prepare_cluster, run_job
+
+    # dask.array, zarr, xarray...: imported here, while the workers start, and once, not by two scene threads at once
+    import_client_modules()
 
     say = report or (lambda _msg: None)
     spec, started, t0 = jp.spec, _now(), time.perf_counter()

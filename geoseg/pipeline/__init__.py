@@ -11,7 +11,7 @@ import time
 from typing import Any, Sequence
 
 from geoseg.pipeline.commit import cluster_info, run_job
-from geoseg.pipeline.execute import prepare_cluster, run_segmentation, segmentation_graph
+from geoseg.pipeline.execute import import_client_modules, prepare_cluster, run_segmentation, segmentation_graph
 from geoseg.pipeline.plan import (
     COG_NAME,
     DEFAULT_PRECISION,
@@ -47,6 +47,7 @@ def predict(
         return run_job(job, client, progress, cluster_info(client))
     from geoseg.cluster import connect
 
+    import_client_modules(options.cog, options.vectors)  # while the workers start, not after
     t0 = time.perf_counter()
     # --device cpu: no GPU workers on a machine with CUDA devices (geoseg.cluster.connect)
     with connect(scheduler, n_workers, device=options.device) as c:
@@ -56,6 +57,7 @@ def predict(
 
 __all__ = [
     "COG_NAME", "DEFAULT_PRECISION", "OUTPUTS", "PARTIAL", "RUN_NAME", "STAGING", "VECTOR_NAME", "ZARR_NAME",
-    "Job", "PredictOptions", "check_out_dir", "chunk_key", "cluster_info", "job_key", "plan_job", "predict",
+    "Job", "PredictOptions", "check_out_dir", "chunk_key", "cluster_info", "import_client_modules", "job_key", "plan_job",
+    "predict",
     "prepare_cluster", "run_job", "run_segmentation", "segmentation_graph",
 ]
