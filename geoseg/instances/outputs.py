@@ -145,7 +145,7 @@ def run_instance_job(job: Any, client: Any, cluster: dict[str, Any] | None = Non
         timings["cog_s"] = st.seconds
         from geoseg.io.stac import class_counts
 
-        pixels = class_counts(group["class_id"])
+        pixels = class_counts(group["class_id"], client)
         h, w = job.stack.shape
         p = {**DEFAULTS, **job.card.method_params, **(params or {})}
         record = {

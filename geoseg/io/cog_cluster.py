@@ -96,7 +96,7 @@ def block_pyramid(block: np.ndarray, n: int, downsample: bool) -> tuple[list[lis
 class Round:
     """One task per block over one level's mosaic, making the tiles of levels ``first .. first + n - 1``."""
 
-    blocks: np.ndarray  # (block rows, block columns): delayed results, then futures
+    blocks: np.ndarray  # (block rows, block columns): futures of each block's tiles
     first: int
     n: int
     side: int  # a block's side at level ``first``
@@ -106,34 +106,72 @@ class Round:
         return self.side >> (level - self.first)
 
 
-def pyramid_tasks(full: Any, n_levels: int, block: int) -> list[Round]:
-    """The rounds of block tasks that make every level's tiles. One task per ``block`` px block makes its tiles at
-    several levels (``block`` = TILE x 2^k: k + 1 levels from full resolution, then k per round on the mosaic of the
-    previous round's last level), so the graph has a few tasks per block instead of several per tile, and memory
-    stays one block per task."""
-    import dask
-    import dask.array as da
+def block_pyramid_read(array: Any, y0: int, y1: int, x0: int, x1: int, n: int) -> tuple[list[list[bytes]], np.ndarray]:
+    """A first round's block, read from a zarr array by the task itself."""
+    return block_pyramid(np.asarray(array[y0:y1, x0:x1]), n, False)
 
+
+def block_pyramid_mosaic(lasts: list[list[np.ndarray]], n: int) -> tuple[list[list[bytes]], np.ndarray]:
+    """A later round's block: the last levels of the previous round's blocks it covers, side by side."""
+    return block_pyramid(np.block(lasts), n, True)
+
+
+def block_pyramid_tiles(result: tuple[list[list[bytes]], np.ndarray]) -> list[list[bytes]]:
+    return result[0]
+
+
+def block_pyramid_last(result: tuple[list[list[bytes]], np.ndarray]) -> np.ndarray:
+    return result[1]
+
+
+def pyramid_futures(client: Any, full: Any, n_levels: int, block: int, priority: int = 0) -> tuple[list[Round], list[Any]]:
+    """The rounds of block tasks that make every level's tiles, submitted to ``client``, and the futures of their
+    tiles (the futures of their last levels are let go once the next round's tasks hold them).
+
+    One task per ``block`` px block makes its tiles at several levels (``block`` = TILE x 2^k: k + 1 levels from
+    full resolution, then k per round on the mosaic of the previous round's last level), so there are a few tasks
+    per block instead of several per tile, and memory stays one block per task. ``full``: a zarr array, which the
+    first round's tasks read themselves (plain tasks: no worker imports dask.array, and with it xarray and pandas,
+    0.55 s of one core), or a dask array, computed block by block. Only a block's last level (1/64 of it) moves to
+    the next round's task; its tiles stay where they were made until the client fetches them."""
     k = (block // TILE).bit_length() - 1
     if k < 1 or block != TILE << k:
         raise ValueError(f"block must be {TILE} px times a power of two, at least 2; got {block}")
+    h, w = full.shape
+    rows, cols = range(0, h, block), range(0, w, block)
+    n = min(k + 1, n_levels)
+    if hasattr(full, "to_delayed"):  # a dask array: its own graph gives the blocks
+        import dask
+
+        parts = full.rechunk(block).to_delayed(optimize_graph=False).ravel()
+        pairs = client.compute([dask.delayed(block_pyramid, pure=True)(p, n, False) for p in parts], priority=priority)
+    else:
+        pairs = [client.submit(block_pyramid_read, full, y, min(y + block, h), x, min(x + block, w), n, pure=False,
+                               priority=priority) for y in rows for x in cols]
+    shape = (len(rows), len(cols))
     rounds: list[Round] = []
-    arr, level = full.rechunk(block), 0
-    while level < n_levels:
-        downsample = level > 0  # a later round's blocks are the level before its first
-        n = min(k + (0 if downsample else 1), n_levels - level)
-        parts = arr.to_delayed(optimize_graph=False)
-        results = np.empty(parts.shape, object)
-        lasts = np.empty(parts.shape, object)
-        steps = n - 1 + downsample
-        for iy, ix in np.ndindex(parts.shape):
-            results[iy, ix], last = dask.delayed(block_pyramid, nout=2, pure=True)(parts[iy, ix], n, downsample)
-            # each step pads to even sides and halves: ceil(side / 2^steps)
-            shape = (-(-arr.chunks[0][iy] >> steps), -(-arr.chunks[1][ix] >> steps))
-            lasts[iy, ix] = da.from_delayed(last, shape, dtype=np.uint8)
-        rounds.append(Round(results, level, n, block >> downsample))
-        arr, level = da.block(lasts.tolist()).rechunk(block), level + n
-    return rounds
+    made: list[Any] = []
+    level, steps = 0, n - 1  # each step pads to even sides and halves
+    while True:
+        tiles = client.map(block_pyramid_tiles, pairs, pure=False, priority=priority)
+        made += tiles
+        rounds.append(Round(_grid(tiles, shape), level, n, block >> (1 if level else 0)))
+        level += n
+        if level >= n_levels:
+            for fu in pairs:
+                fu.release()
+            return rounds, made
+        lasts = _grid(client.map(block_pyramid_last, pairs, pure=False, priority=priority), shape)
+        for fu in pairs:  # the tiles and the last level have futures of their own: a block's pair goes with them
+            fu.release()
+        per = 1 << steps  # previous blocks a block of this round covers each way: their last levels are block >> steps
+        n = min(k, n_levels - level)
+        shape = (-(-shape[0] // per), -(-shape[1] // per))
+        pairs = [client.submit(block_pyramid_mosaic, lasts[y * per:(y + 1) * per, x * per:(x + 1) * per].tolist(), n,
+                               pure=False, priority=priority) for y in range(shape[0]) for x in range(shape[1])]
+        for fu in lasts.ravel():  # held by the tasks just submitted, until they ran
+            fu.release()
+        steps = n
 
 
 def _file_order(per_block: np.ndarray, i: int, widths: list[int]) -> list[Any]:
@@ -297,25 +335,19 @@ def write_cog_cluster(
     The file appears at ``out_path`` complete or not at all. Returns the levels and tile counts.
     The client fetches tiles a few rows at a time, at most ``batch_bytes`` of them compressed (or one row).
     """
-    import dask
-    import dask.array as da
-
     out = Path(out_path)
-    full = class_id if isinstance(class_id, da.Array) else da.from_zarr(class_id)
+    full = class_id
     if tuple(full.shape) != tuple(grid.shape) or full.dtype != np.uint8:
         from geoseg.errors import InputError
 
         raise InputError(f"{out_path}: the class map of shape {tuple(full.shape)} ({full.dtype}) does not fit the grid "
                          f"{tuple(grid.shape)} (uint8)")
     shapes = level_shapes(full.shape)
-    rounds = pyramid_tasks(full, len(shapes), block)
+    # every block task of every round submitted at once; the results stay on the workers until written
+    rounds, all_futures = pyramid_futures(client, full, len(shapes), block, priority)
     round_of = [r for r in rounds for _ in range(r.n)]  # each level's round
-    # every block result of every round computed on the workers in one graph; the futures stay there until written
-    all_futures = client.compute([d for r in rounds for d in r.blocks.ravel()], priority=priority)
     try:  # the tiles stay on the workers until written, and go whatever happens
-        flat = list(all_futures)
         for r in rounds:
-            r.blocks, flat = _grid(flat[: r.blocks.size], r.blocks.shape), flat[r.blocks.size:]
             r.sizes = _grid(client.gather(client.map(_tile_sizes, list(r.blocks.ravel()), pure=False, priority=priority)),
                             r.blocks.shape)
         widths = [_widths(r.level_side(i), w, r.blocks.shape[1]) for i, (r, (_, w)) in enumerate(zip(round_of, shapes))]

@@ -267,10 +267,7 @@ def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, n
         with Stage("item") as st:
             from geoseg.io.stac import class_counts
 
-            import dask
-
-            with dask.annotate(priority=priority):
-                pixels = class_counts(_class_array(store))
+            pixels = class_counts(_class_array(store), client, priority=priority)
         timings["item_s"] = st.seconds
         h, w = job.stack.shape
         record = {
