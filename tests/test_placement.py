@@ -495,11 +495,13 @@ def test_the_modules_of_a_segment_task_leave_dask_array_and_xarray_to_the_client
 
 def test_the_accessor_is_there_whichever_of_geoseg_and_xarray_is_imported_first():
     """``import geoseg`` leaves xarray unimported (the CLI starts its workers 0.3 s sooner); the ``.geoseg``
-    accessor is registered the moment xarray is imported, before or after geoseg, and ``geoseg`` alone runs."""
+    accessor is registered the moment xarray is imported, before or after geoseg, also when something only looked
+    for xarray first (torch._dynamo and odc-geo do, at import), and ``geoseg`` alone runs."""
     import subprocess
     import sys
 
-    after = ("import sys, geoseg\nprint('xarray' in sys.modules)\nimport xarray as xr\n"
+    after = ("import importlib.util, sys, geoseg\nprint('xarray' in sys.modules)\nimportlib.util.find_spec('xarray')\n"
+             "import xarray as xr\n"
              "print(type(xr.DataArray([1.0]).geoseg).__name__, type(xr.Dataset().geoseg).__name__)")
     before = "import xarray as xr, geoseg\nprint(type(xr.DataArray([1.0]).geoseg).__name__)"
     cli = "import sys, geoseg.cli.main\nprint('xarray' in sys.modules)"
