@@ -2,7 +2,8 @@
 
 The Python API (geoseg.api), imported on first use (it pulls in dask, xarray and torch):
 ``open_scene``, ``predict``, ``vectorize``, ``train``, ``evaluate``, ``cluster``, ``Model``,
-``open_prediction``, ``to_cog``, ``physical``; ``import geoseg`` also registers the ``.geoseg`` xarray accessor.
+``open_prediction``, ``to_cog``, ``physical``; ``import geoseg`` also registers the ``.geoseg`` xarray accessor
+(when xarray is imported, before or after geoseg).
 """
 
 import warnings
