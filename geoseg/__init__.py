@@ -48,11 +48,6 @@ def __dir__():
 # The accessor is registered when xarray is imported, here if it already is, else right after it is: importing
 # xarray takes 0.3-0.4 s, which the CLI would pay before it starts its workers' fork server and every worker
 # again (their tasks never use xarray)
-import sys as _sys  # noqa: E402
+from geoseg._after_import import call_after_import as _call_after_import  # noqa: E402
 
-if "xarray" in _sys.modules:
-    from geoseg import accessor as _accessor  # noqa: F401
-else:
-    from geoseg._after_import import call_after_import as _call_after_import  # noqa: E402
-
-    _call_after_import("xarray", "geoseg.accessor")
+_call_after_import("xarray", "geoseg.accessor")

@@ -124,9 +124,9 @@ def block_pyramid_last(result: tuple[list[list[bytes]], np.ndarray]) -> np.ndarr
     return result[1]
 
 
-def pyramid_futures(client: Any, full: Any, n_levels: int, block: int, priority: int = 0) -> tuple[list[Round], list[Any]]:
-    """The rounds of block tasks that make every level's tiles, submitted to ``client``, and the futures of their
-    tiles (the futures of their last levels are let go once the next round's tasks hold them).
+def pyramid_futures(client: Any, full: Any, n_levels: int, block: int, priority: int = 0) -> list[Round]:
+    """The rounds of block tasks that make every level's tiles, submitted to ``client`` (the futures of their last
+    levels are let go once the next round's tasks hold them).
 
     One task per ``block`` px block makes its tiles at several levels (``block`` = TILE x 2^k: k + 1 levels from
     full resolution, then k per round on the mosaic of the previous round's last level), so there are a few tasks
@@ -150,20 +150,17 @@ def pyramid_futures(client: Any, full: Any, n_levels: int, block: int, priority:
                                priority=priority) for y in rows for x in cols]
     shape = (len(rows), len(cols))
     rounds: list[Round] = []
-    made: list[Any] = []
     level, steps = 0, n - 1  # each step pads to even sides and halves
     while True:
         tiles = client.map(block_pyramid_tiles, pairs, pure=False, priority=priority)
-        made += tiles
-        rounds.append(Round(_grid(tiles, shape), level, n, block >> (1 if level else 0)))
+        rounds.append(Round(_grid(tiles, shape), level, n, block >> (level > 0)))
         level += n
-        if level >= n_levels:
-            for fu in pairs:
-                fu.release()
-            return rounds, made
-        lasts = _grid(client.map(block_pyramid_last, pairs, pure=False, priority=priority), shape)
+        lasts = None if level >= n_levels else _grid(client.map(block_pyramid_last, pairs, pure=False, priority=priority),
+                                                      shape)
         for fu in pairs:  # the tiles and the last level have futures of their own: a block's pair goes with them
             fu.release()
+        if lasts is None:
+            return rounds
         per = 1 << steps  # previous blocks a block of this round covers each way: their last levels are block >> steps
         n = min(k, n_levels - level)
         shape = (-(-shape[0] // per), -(-shape[1] // per))
@@ -336,15 +333,15 @@ def write_cog_cluster(
     The client fetches tiles a few rows at a time, at most ``batch_bytes`` of them compressed (or one row).
     """
     out = Path(out_path)
-    full = class_id
-    if tuple(full.shape) != tuple(grid.shape) or full.dtype != np.uint8:
+    if tuple(class_id.shape) != tuple(grid.shape) or class_id.dtype != np.uint8:
         from geoseg.errors import InputError
 
-        raise InputError(f"{out_path}: the class map of shape {tuple(full.shape)} ({full.dtype}) does not fit the grid "
-                         f"{tuple(grid.shape)} (uint8)")
-    shapes = level_shapes(full.shape)
+        raise InputError(f"{out_path}: the class map of shape {tuple(class_id.shape)} ({class_id.dtype}) does not fit the "
+                         f"grid {tuple(grid.shape)} (uint8)")
+    shapes = level_shapes(class_id.shape)
     # every block task of every round submitted at once; the results stay on the workers until written
-    rounds, all_futures = pyramid_futures(client, full, len(shapes), block, priority)
+    rounds = pyramid_futures(client, class_id, len(shapes), block, priority)
+    all_futures = [fu for r in rounds for fu in r.blocks.ravel()]
     round_of = [r for r in rounds for _ in range(r.n)]  # each level's round
     try:  # the tiles stay on the workers until written, and go whatever happens
         for r in rounds:
