@@ -210,7 +210,7 @@ def connect(
                 register(client)
                 yield client
             finally:
-                client.close()
+                close_client(client)
         finally:
             runner.stop()
         return
@@ -264,6 +264,23 @@ def connect(
     finally:
         _EMBEDDED_GPU.discard(address)
         cluster.close()
+
+
+def close_client(client: Any) -> None:
+    """Close ``client``, and end the futures it still holds: a thread that submitted while it closed (a job's scene,
+    stopped) made a future after the client had cancelled its own, and before it said it was closed; that future was
+    never cancelled nor finished, and a wait on it (the scene's, holding its OUT's lock) lasted for ever. They are
+    cancelled on the client's event loop, which its owner keeps running after (geoseg.cluster.connect, a job's
+    connection on a given client's loop, an embedded cluster's)."""
+    try:
+        client.close()
+    finally:
+        def cancel() -> None:
+            for state in list(client.futures.values()):
+                state.cancel(reason="its client closed")
+
+        with contextlib.suppress(RuntimeError, AttributeError):  # a loop already gone: nothing waits on it
+            client.loop.add_callback(cancel)
 
 
 def _client(scheduler: str, security: Any, timeout: str, loop: Any = None) -> Any:

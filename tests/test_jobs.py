@@ -586,6 +586,42 @@ def test_a_connection_to_a_scheduler_s_address_closed_under_calls_leaves_none_wa
             assert not any(t.is_alive() for t in threads)
 
 
+def _short_task(i: float) -> float:
+    return i
+
+
+def test_a_connection_closed_while_threads_submit_to_it_leaves_none_waiting(client):
+    """A stopped job closes its connection while its scenes' threads submit and wait. A future made while the client
+    closed, after it had cancelled its own and before it said it was closed, was never cancelled nor finished: the
+    wait on it lasted for ever, and the scene held its OUT's lock (a --resume right after was refused, one full run
+    of the suite in a few). geoseg.cluster.close_client ends them: every thread is out within seconds."""
+    import threading
+    import time
+
+    from geoseg.cluster import close_client, connect
+
+    stuck = 0
+    for _ in range(30):
+        with connect(client.scheduler.address) as c:
+            def calls() -> None:
+                try:
+                    while True:
+                        c.submit(_short_task, time.time(), pure=False).result()
+                except BaseException:  # noqa: BLE001 - closed: cancelled, or refused; either ends the wait
+                    pass
+
+            threads = [threading.Thread(target=calls, daemon=True) for _ in range(12)]
+            for t in threads:
+                t.start()
+            time.sleep(0.1)
+            close_client(c)  # as the job does when stopped, inside the connection
+            deadline = time.monotonic() + 5
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            stuck += sum(t.is_alive() for t in threads)
+    assert stuck == 0
+
+
 def test_a_job_given_an_asynchronous_client_is_refused_at_once(client, scenes, random_model, tmp_path):
     """A notebook's asynchronous client (await Client(..., asynchronous=True)), and a job run from the cell (its
     loop's thread): the job blocks that loop while it waits for its scenes, and it waited for ever. Refused, saying

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from geoseg.cluster import close_client
 from geoseg.errors import ConfigError, GeosegError, OutputExistsError, name_scene
 from geoseg.io import storage
 from geoseg.jobs.spec import JobSpec, Scene, resolve
@@ -215,7 +216,7 @@ def _client(spec: JobSpec, client: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
         try:
             yield own, {**cluster_info(own), "profile": "(given client)"}
         finally:
-            own.close()
+            close_client(own)
         return
     t0 = time.perf_counter()
     with connect_profile(profile, name) as c:
@@ -349,7 +350,7 @@ def execute(jp: JobPlan, *, client: Any = None, progress: bool = False, report: 
                     # (bounded) so that none still holds its OUT's lock when the job returns: a --resume right after,
                     # in a notebook, was refused
                     with contextlib.suppress(Exception):
-                        c.close()
+                        close_client(c)
                     wait(stopped, timeout=30)
                 raise
             if errors and not (keep_going and all(isinstance(e, Exception) for e in errors)):
