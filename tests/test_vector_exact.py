@@ -344,6 +344,28 @@ def test_predict_polygons_equal_gdal_on_its_class_map(client, random_model, scen
     assert done.stdout.split() == ["True", *map(str, transform[:6])]
 
 
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_one_pass_labelling_of_a_class_map_equals_one_label_per_class(connectivity):
+    """A class map (uint8, nodata 255) is labelled in one pass over all its classes (cc3d); any other map one class
+    at a time (ndimage.label). Both give the same regions, each label one class, nodata 0: on the hard map and on a
+    speckled one (one region per pixel, regions touching at corners everywhere)."""
+    from geoseg.vector.regions import label_regions
+
+    speckle = np.random.default_rng(3).integers(0, 4, size=(97, 131)).astype(np.uint8)
+    speckle[np.random.default_rng(4).random(speckle.shape) < 0.1] = 255
+    for a in (hard_map(), speckle):
+        one, one_classes = label_regions(a, 255, connectivity)
+        each, each_classes = label_regions(a.astype(np.uint16), 255, connectivity)  # the per-class way
+        assert one.dtype == each.dtype == np.int32
+        np.testing.assert_array_equal(one == 0, a == 255)
+        # the same partition: labels pair one to one
+        pairs = np.unique(np.stack([one.ravel(), each.ravel()]), axis=1)
+        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == one.max() + 1
+        assert len(one_classes) == one.max() + 1
+        np.testing.assert_array_equal(one_classes[one][a != 255], a[a != 255])
+        np.testing.assert_array_equal(each_classes[each][a != 255], a[a != 255])
+
+
 def test_sieve_kernel():
     from geoseg.vector.sieve import sieve
 

@@ -31,19 +31,37 @@ def label_regions(values: np.ndarray, nodata: int | None, connectivity: int = 4)
     """Labels (int32, 0 = nodata) of the connected same-value regions of ``values`` and each label's value.
 
     ``classes[k]`` is the value of label ``k`` (``classes[0]`` is meaningless).
+
+    A class map (uint8, nodata 255: geoseg's) is labelled in one pass over all its classes by cc3d
+    (connected-components-3d): 0.09 s for a 4096 px chunk of six classes, against 0.4-0.55 s for one
+    ``ndimage.label`` per class (the way any other map goes). Labels then follow the raster order of
+    the regions' first pixels, not the classes.
     """
+    if values.dtype == np.uint8 and nodata == 255 and values.ndim == 2 and values.size:
+        import cc3d
+
+        # 255 + 1 wraps to 0, cc3d's background; the classes 0-254 become 1-255
+        lab = cc3d.connected_components(np.ascontiguousarray(values) + np.uint8(1), connectivity=connectivity,
+                                        out_dtype=np.uint32)
+        labels = lab.view(np.int32)  # fewer labels than pixels: 2**31 is never reached
+        classes = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int64)
+        classes[labels.ravel()] = values.ravel()
+        classes[0] = 0
+        return labels, classes
     labels = np.zeros(values.shape, np.int32)
     classes = [0]
-    present = np.unique(values)
+    # the values present: a byte map's by counting (np.unique sorts the whole chunk)
+    present = np.flatnonzero(np.bincount(values.ravel(), minlength=256)) if values.dtype == np.uint8 else np.unique(values)
+    lab = np.empty(values.shape, np.int32)  # one value's labels, reused
     n = 0
     for v in present:
         if nodata is not None and v == nodata:
             continue
-        lab, k = ndimage.label(values == v, structure=STRUCTURE[connectivity])
+        mask = values == v
+        k = ndimage.label(mask, structure=STRUCTURE[connectivity], output=lab)
         if k:
-            # regions of different values never overlap: offset this value's labels and add them in (no boolean gathers)
-            np.add(lab, n, out=lab, where=lab > 0)
-            labels += lab
+            # regions of different values never overlap: this value's labels, offset, go where it is
+            np.add(lab, n, out=labels, where=mask)
             classes.extend([int(v)] * k)
             n += k
     return labels, np.asarray(classes, np.int64)
