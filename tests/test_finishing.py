@@ -201,6 +201,32 @@ def test_predict_finishes_with_cog_style_and_stac_item(client, random_model, sce
     validate_dict(core)
 
 
+def test_the_cog_s_tiles_are_made_beside_the_polygons_and_the_file_written_after(client, random_model, scene_path,
+                                                                                 tmp_path):
+    """The COG's block tasks go out before the polygons' and below their priority: the workers make its tiles
+    while they would wait on the client (its join of the borders, its GeoPackage). The COG stage came first before,
+    its tiles all fetched and written before the polygons' first chunk task started. The file equals the map."""
+    from distributed import get_task_stream
+
+    from geoseg.io.zarr_store import open_prediction
+    from geoseg.pipeline import PredictOptions, predict
+
+    out = tmp_path / "out"
+    with get_task_stream(client) as ts:
+        predict([scene_path], random_model, out, PredictOptions(chunk_size=128), client=client)
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for task in ts.data:
+        name = str(task["key"]).split("-")[0]
+        for ss in task["startstops"]:
+            if ss["action"] == "compute":
+                spans.setdefault(name, []).append((ss["start"], ss["stop"]))
+    blocks, chunks, fetched = spans["block_pyramid_read"], spans["chunk_phase"], spans["_tile_rows"]
+    assert min(s for s, _ in blocks) < max(e for _, e in chunks)  # tiles made before the polygons were done
+    assert max(s for s, _ in chunks) < min(s for s, _ in fetched)  # the file laid out after
+    with rasterio.open(out / "classes.tif") as ds:
+        np.testing.assert_array_equal(ds.read(1), open_prediction(out / "prediction.zarr")["class_id"].values)
+
+
 def test_info_summarises_a_finished_output(client, random_model, scene_path, tmp_path):
     from geoseg.pipeline import PredictOptions, predict
 

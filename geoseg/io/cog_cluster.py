@@ -124,7 +124,7 @@ def block_pyramid_last(result: tuple[list[list[bytes]], np.ndarray]) -> np.ndarr
     return result[1]
 
 
-def pyramid_futures(client: Any, full: Any, n_levels: int, block: int, priority: int = 0) -> list[Round]:
+def pyramid_futures(client: Any, full: Any, n_levels: int, block: int, priority: float = 0) -> list[Round]:
     """The rounds of block tasks that make every level's tiles, submitted to ``client`` (the futures of their last
     levels are let go once the next round's tasks hold them).
 
@@ -314,6 +314,13 @@ class _Ifd:
         return head + entries + nxt + blobs
 
 
+def start_cog_cluster(client: Any, class_id: Any, *, block: int = BLOCK, priority: float = 0) -> list[Round]:
+    """The block tasks of ``class_id``'s COG, submitted now (every round at once), for ``write_cog_cluster(...,
+    rounds=)`` to lay the file out from later. Given a priority below other work's, the workers make the tiles
+    when that work leaves them idle (``geoseg predict``: while the client joins and writes the polygons)."""
+    return pyramid_futures(client, class_id, len(level_shapes(class_id.shape)), block, priority)
+
+
 def write_cog_cluster(
     client: Any,
     class_id: Any,
@@ -325,22 +332,31 @@ def write_cog_cluster(
     block: int = BLOCK,
     batch_bytes: int = 64 << 20,
     bigtiff: bool | None = None,
-    priority: int = 0,
+    priority: float = 0,
+    rounds: list[Round] | None = None,
 ) -> dict[str, Any]:
     """Write ``class_id`` (a zarr array or dask array, uint8, ``grid.shape``) as a COG built on ``client``'s workers.
 
     The file appears at ``out_path`` complete or not at all. Returns the levels and tile counts.
     The client fetches tiles a few rows at a time, at most ``batch_bytes`` of them compressed (or one row).
+    ``rounds``: the block tasks ``start_cog_cluster`` submitted for ``class_id`` and ``block`` (let go here, written
+    or not).
     """
     out = Path(out_path)
-    if tuple(class_id.shape) != tuple(grid.shape) or class_id.dtype != np.uint8:
-        from geoseg.errors import InputError
-
-        raise InputError(f"{out_path}: the class map of shape {tuple(class_id.shape)} ({class_id.dtype}) does not fit the "
-                         f"grid {tuple(grid.shape)} (uint8)")
     shapes = level_shapes(class_id.shape)
-    # every block task of every round submitted at once; the results stay on the workers until written
-    rounds = pyramid_futures(client, class_id, len(shapes), block, priority)
+    try:
+        if tuple(class_id.shape) != tuple(grid.shape) or class_id.dtype != np.uint8:
+            from geoseg.errors import InputError
+
+            raise InputError(f"{out_path}: the class map of shape {tuple(class_id.shape)} ({class_id.dtype}) does not fit "
+                             f"the grid {tuple(grid.shape)} (uint8)")
+        # every block task of every round submitted at once; the results stay on the workers until written
+        if rounds is None:
+            rounds = pyramid_futures(client, class_id, len(shapes), block, priority)
+    except BaseException:
+        for fu in (fu for r in rounds or () for fu in r.blocks.ravel()):
+            fu.release()
+        raise
     all_futures = [fu for r in rounds for fu in r.blocks.ravel()]
     round_of = [r for r in rounds for _ in range(r.n)]  # each level's round
     try:  # the tiles stay on the workers until written, and go whatever happens

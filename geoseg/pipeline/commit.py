@@ -234,6 +234,28 @@ def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, n
     polygons = None
     staging_parent = None if remote else Path(out)
     with _staging(staging_parent) as staging:
+        cog_rounds = None
+        if job.options.cog and job.options.vectors:
+            from geoseg.io.cog_cluster import start_cog_cluster
+
+            # the COG's tiles first in line, below the polygons: the workers make them while they would wait on the
+            # client (its join of the chunks' borders, its GeoPackage), and the COG is written after the polygons
+            cog_rounds = start_cog_cluster(client, _class_array(store), priority=priority - 0.5)
+        try:
+            if job.options.vectors:
+                from geoseg.vector.api import vectorize
+
+                with Stage("vectorize") as st:
+                    # chunk-parallel on the cluster; workers leave part files beside the staging folder
+                    # (under OUT's prefix for a URL, where remote workers reach it too)
+                    vec = vectorize(str(store), [staging / VECTOR_NAME], client=client, chunk_size=job.plan.chunk_size,
+                                    classes=classes, parts_near=out if remote else staging, priority=priority)
+                timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
+                polygons = vec["polygons"]
+        except BaseException:
+            for fu in (fu for r in cog_rounds or () for fu in r.blocks.ravel()):
+                fu.release()
+            raise
         if job.options.cog:
             from geoseg.io.cog_cluster import write_cog_cluster
 
@@ -241,22 +263,13 @@ def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, n
                 # tiles and overviews made by the workers; this process lays out a few tiles at a time
                 write_cog_cluster(client, _class_array(store), staging / COG_NAME,
                                   grid=job.stack.grid, classes=classes, tags={"GEOSEG_MODEL": job.digest},
-                                  priority=priority)
+                                  priority=priority, rounds=cog_rounds)
             timings["cog_s"], memory["cog_peak_rss"] = st.seconds, st.peak_rss
             from geoseg.vector.style import raster_qml, write_qml
 
             write_qml(staging / COG_NAME, raster_qml(classes))  # QGIS loads classes.qml with classes.tif
             outputs += [COG_NAME, COG_STYLE]
         if job.options.vectors:
-            from geoseg.vector.api import vectorize
-
-            with Stage("vectorize") as st:
-                # chunk-parallel on the cluster; workers leave part files beside the staging folder
-                # (under OUT's prefix for a URL, where remote workers reach it too)
-                vec = vectorize(str(store), [staging / VECTOR_NAME], client=client, chunk_size=job.plan.chunk_size,
-                                classes=classes, parts_near=out if remote else staging, priority=priority)
-            timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
-            polygons = vec["polygons"]
             outputs.append(VECTOR_NAME)
         if found is not None:
             from geoseg.instances.outputs import write_object_files

@@ -12,8 +12,10 @@ The file appears at its path complete or not at all.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,6 +29,9 @@ from geoseg.model.card import ClassInfo
 from geoseg.vector.style import add_gpkg_style, polygon_qml, write_qml
 
 LAYER = "landuse"
+# a write that fails with less than this left on the file system failed for want of space: GDAL's GeoPackage driver
+# does not say so (SQLite's table creation fails unseen, then an insert reports "no such table: gpkg_contents")
+FULL_BYTES = 1 << 20
 FORMATS = {".gpkg": "GeoPackage", ".parquet": "GeoParquet", ".fgb": "FlatGeobuf"}
 COLUMNS = {"class_id": "uint8", "class_name": "object", "area_m2": "float64", "perimeter_m": "float64", "pixels": "int64"}
 
@@ -81,6 +86,10 @@ def write_layer(parts: Iterable[gpd.GeoDataFrame], path: str | os.PathLike, *, c
         if suffix != ".gpkg":  # the style first: a file never stands at its path without its style
             write_qml(out, polygon_qml(classes))
         os.replace(tmp, out)
+    except Exception as exc:
+        if not isinstance(exc, OSError) and shutil.disk_usage(out.parent).free < FULL_BYTES:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out)) from exc
+        raise
     finally:
         # GeoPackage is SQLite: an interrupted write can leave -journal/-wal files beside it
         for leftover in (tmp, *out.parent.glob(f"{tmp.name}-*")):
