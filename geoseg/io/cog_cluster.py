@@ -321,6 +321,12 @@ def start_cog_cluster(client: Any, class_id: Any, *, block: int = BLOCK, priorit
     return pyramid_futures(client, class_id, len(level_shapes(class_id.shape)), block, priority)
 
 
+def release(rounds: list[Round]) -> None:
+    """Let the block tasks of ``rounds`` go (their tiles leave the workers), written or not."""
+    for fu in (fu for r in rounds for fu in r.blocks.ravel()):
+        fu.release()
+
+
 def write_cog_cluster(
     client: Any,
     class_id: Any,
@@ -343,21 +349,16 @@ def write_cog_cluster(
     or not).
     """
     out = Path(out_path)
-    shapes = level_shapes(class_id.shape)
-    try:
-        if tuple(class_id.shape) != tuple(grid.shape) or class_id.dtype != np.uint8:
-            from geoseg.errors import InputError
+    if tuple(class_id.shape) != tuple(grid.shape) or class_id.dtype != np.uint8:
+        from geoseg.errors import InputError
 
-            raise InputError(f"{out_path}: the class map of shape {tuple(class_id.shape)} ({class_id.dtype}) does not fit "
-                             f"the grid {tuple(grid.shape)} (uint8)")
-        # every block task of every round submitted at once; the results stay on the workers until written
-        if rounds is None:
-            rounds = pyramid_futures(client, class_id, len(shapes), block, priority)
-    except BaseException:
-        for fu in (fu for r in rounds or () for fu in r.blocks.ravel()):
-            fu.release()
-        raise
-    all_futures = [fu for r in rounds for fu in r.blocks.ravel()]
+        release(rounds or [])
+        raise InputError(f"{out_path}: the class map of shape {tuple(class_id.shape)} ({class_id.dtype}) does not fit the "
+                         f"grid {tuple(grid.shape)} (uint8)")
+    shapes = level_shapes(class_id.shape)
+    # every block task of every round submitted at once; the results stay on the workers until written
+    if rounds is None:
+        rounds = pyramid_futures(client, class_id, len(shapes), block, priority)
     round_of = [r for r in rounds for _ in range(r.n)]  # each level's round
     try:  # the tiles stay on the workers until written, and go whatever happens
         for r in rounds:
@@ -437,14 +438,12 @@ def write_cog_cluster(
                                 f.write(struct.pack("<I", len(blob)) + blob + blob[-4:])
                         del parts
                     if i == r.first:  # every level of this round written: its tiles can go
-                        for fu in r.blocks.ravel():
-                            fu.release()
+                        release([r])
                 assert f.tell() == cursor, (f.tell(), cursor)
             os.replace(tmp, out)
         finally:
             tmp.unlink(missing_ok=True)
     finally:
-        for fu in all_futures:
-            fu.release()
+        release(rounds)
     return {"levels": [list(s) for s in shapes], "tiles": n_tiles, "blocks": sum(r.blocks.size for r in rounds),
             "bytes": cursor, "bigtiff": big}

@@ -253,8 +253,10 @@ def _run_job(job: Job, client: Any, progress: bool, cluster_info: dict | None, n
                 timings["vectorize_s"], memory["vectorize_peak_rss"] = st.seconds, st.peak_rss
                 polygons = vec["polygons"]
         except BaseException:
-            for fu in (fu for r in cog_rounds or () for fu in r.blocks.ravel()):
-                fu.release()
+            if cog_rounds is not None:
+                from geoseg.io.cog_cluster import release
+
+                release(cog_rounds)
             raise
         if job.options.cog:
             from geoseg.io.cog_cluster import write_cog_cluster
